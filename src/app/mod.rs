@@ -1,0 +1,94 @@
+//! The commands of the `passflow` binary and their command line.
+
+mod replay;
+mod run;
+mod simulate;
+
+pub use replay::{replay, ReplayInput, ReplayOptions, ReplaySummary};
+pub use run::{run, RunHandle};
+pub use simulate::simulate;
+
+use crate::config::Config;
+use crate::model::parse_event_time;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "passflow", version, about = "Event-time streaming for road-traffic checkpoint (ANPR) data")]
+pub struct Cli {
+    /// TOML configuration file (defaults → this file → PASSFLOW__SECTION__KEY variables).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: source → pipelines → stores, with the API on `api.listen`.
+    Run,
+    /// Write a simulated city folder, a day of passes (passes.jsonl) and its labels (labels.json).
+    Simulate {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 20_000)]
+        vehicles: u32,
+        /// Local day to simulate, YYYY-MM-DD.
+        #[arg(long, default_value = "2026-03-02")]
+        day: chrono::NaiveDate,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Replay a JSON-lines pass file through decoding, validation and deduplication.
+    Replay {
+        /// City folder (default: city.dir of the configuration).
+        #[arg(long)]
+        city: Option<PathBuf>,
+        /// Pass file, or `-` for standard input.
+        #[arg(long)]
+        input: String,
+        /// sqlite://PATH, mysql://URL or null:// (default: store.url of the configuration).
+        #[arg(long)]
+        store: Option<String>,
+        /// Judge `future_timestamp` against this time (epoch ms, RFC 3339 or local time).
+        #[arg(long)]
+        now: Option<String>,
+    },
+}
+
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let mut config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Run => run(config).await?.wait().await,
+        Command::Simulate { out, vehicles, day, seed } => {
+            let labels = simulate(&config, &out, vehicles, day, seed)?;
+            println!(
+                "wrote {} ({} records, {} vehicles, {} valid passes)",
+                out.display(),
+                labels.records,
+                labels.vehicles,
+                labels.valid_passes
+            );
+            Ok(())
+        }
+        Command::Replay { city, input, store, now } => {
+            if let Some(city) = city {
+                config.city.dir = city;
+            }
+            let tz = config.city.tz()?;
+            let now_ms = now
+                .map(|t| parse_event_time(&t, tz).map(|t| t.ms()).map_err(|r| anyhow::anyhow!("--now `{t}`: {r}")))
+                .transpose()?;
+            let input = if input == "-" { ReplayInput::Stdin } else { ReplayInput::File(input.into()) };
+            let store = store.unwrap_or_else(|| config.store.url.clone());
+            let summary = replay(ReplayOptions { config, input, store_url: store, now_ms }).await?;
+            print!("{summary}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Typed, layered configuration. Precedence, lowest first: built-in defaults → the TOML file
+//! given with `--config` → environment variables `PASSFLOW__SECTION__KEY` (for example
+//! `PASSFLOW__API__LISTEN=0.0.0.0:8080`). Unknown keys are rejected. Every key is documented in
+//! `config/passflow.example.toml`.
+
+mod duration;
+
+pub use duration::HumanDuration;
+
+use crate::model::PlateColorScheme;
+use anyhow::Context;
+use chrono_tz::Tz;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub city: CityConfig,
+    pub input: InputConfig,
+    pub source: SourceConfig,
+    pub core: CoreConfig,
+    pub state: StateConfig,
+    pub store: StoreConfig,
+    pub api: ApiConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CityConfig {
+    /// The city folder (checkpoints.csv, segments.csv, regions.csv, …).
+    pub dir: PathBuf,
+    /// IANA time zone of the city: local times and days are read in it.
+    pub time_zone: String,
+    /// The city's own plate prefixes ("local" vehicles).
+    pub local_prefixes: Vec<String>,
+}
+
+impl Default for CityConfig {
+    fn default() -> Self {
+        CityConfig {
+            dir: "config/city".into(),
+            time_zone: "Asia/Shanghai".into(),
+            local_prefixes: vec!["赣A".into(), "赣M".into()],
+        }
+    }
+}
+
+impl CityConfig {
+    pub fn tz(&self) -> anyhow::Result<Tz> {
+        self.time_zone.parse::<Tz>().map_err(|e| anyhow::anyhow!("city.time_zone `{}`: {e}", self.time_zone))
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InputConfig {
+    /// How the source numbers plate colours: `police` (default), `etc` or `vendor`.
+    pub plate_color_scheme: PlateColorScheme,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// The built-in city simulator, paced by the wall clock.
+    #[default]
+    Simulator,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    pub simulator: SimulatorSourceConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulatorSourceConfig {
+    pub vehicles: u32,
+    pub seed: u64,
+    /// Simulated seconds per wall-clock second (1 = real time).
+    pub speed: f64,
+}
+
+impl Default for SimulatorSourceConfig {
+    fn default() -> Self {
+        SimulatorSourceConfig { vehicles: 20_000, seed: 1, speed: 1.0 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoreConfig {
+    /// Bounded out-of-orderness of the watermark.
+    pub out_of_orderness: HumanDuration,
+    /// A source partition silent this long stops holding the watermark back.
+    pub idle_timeout: HumanDuration,
+    /// How long after a window closes a late pass still corrects it.
+    pub allowed_lateness: HumanDuration,
+    /// Live mode: passes further than this ahead of the wall clock are `future_timestamp`.
+    pub max_clock_skew: HumanDuration,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            out_of_orderness: HumanDuration::from_secs(10),
+            idle_timeout: HumanDuration::from_secs(60),
+            allowed_lateness: HumanDuration::from_secs(6 * 3600),
+            max_clock_skew: HumanDuration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateBackendKind {
+    #[default]
+    Rocksdb,
+    Memory,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    pub backend: StateBackendKind,
+    /// Where RocksDB keeps operator state and checkpoints.
+    pub dir: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig { backend: StateBackendKind::Rocksdb, dir: "data/state".into() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite://PATH`, `mysql://USER:PASSWORD@HOST:PORT/DB` or `null://`.
+    pub url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { url: "sqlite://data/passflow.db".into() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub listen: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { listen: "127.0.0.1:8080".into() }
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` (when given), then `PASSFLOW__…` variables of the process.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let env = Env::prefixed("PASSFLOW__").split("__");
+        let config: Config = figment.merge(env).extract().context("invalid configuration")?;
+        config.city.tz()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in(jail: &mut Jail, file: Option<&str>, vars: &[(&str, &str)]) -> anyhow::Result<Config> {
+        for (k, v) in vars {
+            jail.set_env(k, v);
+        }
+        Config::load(file.map(Path::new))
+    }
+
+    #[test]
+    fn defaults_match_the_specification() {
+        let c = Config::default();
+        assert_eq!(c.core.out_of_orderness.as_millis(), 10_000);
+        assert_eq!(c.core.allowed_lateness.as_millis(), 6 * 3_600_000);
+        assert_eq!(c.core.idle_timeout.as_millis(), 60_000);
+        assert_eq!(c.core.max_clock_skew.as_millis(), 300_000);
+        assert_eq!(c.city.time_zone, "Asia/Shanghai");
+        assert_eq!(c.api.listen, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn the_file_overrides_defaults_and_the_environment_overrides_the_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file("p.toml", "[api]\nlisten = \"127.0.0.1:9000\"\n[core]\nallowed_lateness = \"2h\"\n")?;
+            let c = load_in(jail, Some("p.toml"), &[]).unwrap();
+            assert_eq!(c.api.listen, "127.0.0.1:9000");
+            assert_eq!(c.core.allowed_lateness.as_millis(), 7_200_000);
+            let c = load_in(jail, Some("p.toml"), &[("PASSFLOW__API__LISTEN", "0.0.0.0:1")]).unwrap();
+            assert_eq!(c.api.listen, "0.0.0.0:1");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        Jail::expect_with(|jail| {
+            assert!(load_in(jail, None, &[("PASSFLOW__API__LISTN", "x")]).is_err());
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            let err = load_in(jail, None, &[("PASSFLOW__CITY__TIME_ZONE", "Mars/Olympus")]).unwrap_err();
+            assert!(err.to_string().contains("Mars/Olympus"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            assert!(load_in(jail, None, &[("PASSFLOW__CORE__ALLOWED_LATENESS", "soon")]).is_err());
+            assert!(load_in(jail, Some("missing.toml"), &[]).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_example_file_is_the_defaults() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/passflow.example.toml");
+        Jail::expect_with(|jail| {
+            let c = load_in(jail, Some(example.to_str().unwrap()), &[]).unwrap();
+            assert_eq!(c, Config::default());
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,23 @@
+//! passflow: an event-time streaming service for road-traffic checkpoint data (卡口过车数据).
+//!
+//! # Layout
+//! - [`model`]: the domain — pass records, plates, vehicles, event time, reject reasons.
+//! - [`reference`]: a city's reference data — checkpoints, segments, regions, plate prefixes,
+//!   restriction rules.
+//! - [`ingest`]: decode → validate → deduplicate; everything rejected becomes a dead letter.
+//! - [`simulator`]: a realistic, labelled city-day of passes, also a live source.
+//! - [`store`]: result stores (SQLite, MySQL, `null://`), upserted by key.
+//! - [`api`]: the HTTP API (`/healthz`, `/metrics`).
+//! - [`metrics`]: every Prometheus metric, in one place.
+//! - [`config`]: typed, layered configuration.
+//! - [`app`]: the commands — `run`, `replay`, `simulate`.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod ingest;
+pub mod metrics;
+pub mod model;
+pub mod reference;
+pub mod simulator;
+pub mod store;

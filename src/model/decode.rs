@@ -1,0 +1,305 @@
+//! Decoding one JSON pass record: canonical names and platform aliases, scalar codes given as
+//! numbers or strings, the three time formats. Checks that need reference data or a clock come
+//! later, in `crate::ingest`.
+
+use super::time::event_time_from_ms;
+use super::{parse_event_time, Direction, EventTime, PlateColor, PlateColorScheme, PlateRead, RejectReason};
+use chrono_tz::Tz;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::fmt;
+use std::hash::Hasher;
+use std::sync::Arc;
+
+/// Highest spot speed accepted as a reading, km/h.
+const MAX_SPEED_KMH: f64 = 400.0;
+
+/// A decoded pass record: every field typed, the checkpoint not yet looked up.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassRecord {
+    pub pass_id: Arc<str>,
+    pub plate: PlateRead,
+    pub plate_color: PlateColor,
+    pub plate_type: Arc<str>,
+    pub checkpoint_id: Arc<str>,
+    pub device_id: Option<Arc<str>>,
+    pub direction: Direction,
+    pub lane: u8,
+    pub ts: EventTime,
+    pub speed_kmh: Option<f32>,
+    pub vehicle_type: Option<Arc<str>>,
+}
+
+impl PassRecord {
+    /// A stable 64-bit digest of the record's content (not its spelling): a resend that decodes
+    /// to the same record has the same digest, whatever aliases or time format it used.
+    pub fn content_digest(&self) -> u64 {
+        let mut h = Fnv1a::default();
+        for part in [&*self.pass_id, self.plate.as_str(), &*self.plate_type, &*self.checkpoint_id] {
+            h.write(part.as_bytes());
+            h.write_u8(0xff);
+        }
+        h.write(self.device_id.as_deref().unwrap_or("").as_bytes());
+        h.write_u8(0xff);
+        h.write(self.vehicle_type.as_deref().unwrap_or("").as_bytes());
+        h.write_u8(0xff);
+        h.write_u8(self.plate_color.code());
+        h.write_u8(self.direction.code());
+        h.write_u8(self.lane);
+        h.write_i64(self.ts.ms());
+        h.write_u32(self.speed_kmh.map_or(u32::MAX, f32::to_bits));
+        h.finish()
+    }
+
+    /// The canonical JSON form (canonical field names, `ts` in epoch milliseconds).
+    pub fn to_canonical_json(&self) -> String {
+        let out = CanonicalPass {
+            pass_id: &self.pass_id,
+            plate: self.plate.as_str(),
+            plate_color: self.plate_color.code(),
+            plate_type: &self.plate_type,
+            checkpoint_id: &self.checkpoint_id,
+            device_id: self.device_id.as_deref(),
+            direction: self.direction.code(),
+            lane: self.lane,
+            ts: self.ts.ms(),
+            speed_kmh: self.speed_kmh,
+            vehicle_type: self.vehicle_type.as_deref(),
+        };
+        // Serialising plain strings and numbers into a String cannot fail.
+        serde_json::to_string(&out).expect("canonical pass serialises")
+    }
+}
+
+#[derive(Serialize)]
+struct CanonicalPass<'a> {
+    pass_id: &'a str,
+    plate: &'a str,
+    plate_color: u8,
+    plate_type: &'a str,
+    checkpoint_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_id: Option<&'a str>,
+    direction: u8,
+    lane: u8,
+    ts: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    speed_kmh: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vehicle_type: Option<&'a str>,
+}
+
+/// Decodes one record. `tz` reads local times; `colors` maps the source's colour codes.
+pub fn decode_record(json: &[u8], tz: Tz, colors: PlateColorScheme) -> Result<PassRecord, RejectReason> {
+    if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(RejectReason::MalformedJson);
+    }
+    let raw: RawPass<'_> = serde_json::from_slice(json).map_err(|_| RejectReason::MalformedJson)?;
+    Ok(PassRecord {
+        pass_id: raw.pass_id.text("pass_id")?.into(),
+        plate: match raw.plate {
+            Scalar::Null => PlateRead::Unreadable,
+            Scalar::Str(s) => PlateRead::parse(&s),
+            Scalar::Absent => return Err(RejectReason::MissingField("plate")),
+            _ => return Err(RejectReason::BadField("plate")),
+        },
+        plate_color: match raw.plate_color {
+            Scalar::Absent | Scalar::Null => PlateColor::Other,
+            code => code
+                .integer("plate_color")
+                .ok()
+                .and_then(|c| colors.map(c))
+                .ok_or(RejectReason::BadField("plate_color"))?,
+        },
+        plate_type: raw.plate_type.code("plate_type")?.into(),
+        checkpoint_id: raw.checkpoint_id.text("checkpoint_id")?.into(),
+        device_id: raw.device_id.optional_text("device_id")?.map(Into::into),
+        direction: match raw.direction {
+            Scalar::Absent | Scalar::Null => return Err(RejectReason::MissingField("direction")),
+            code => code.integer("direction").ok().and_then(Direction::new).ok_or(RejectReason::BadDirection)?,
+        },
+        lane: raw.lane.integer("lane").and_then(|l| {
+            u8::try_from(l).ok().filter(|l| (1..100).contains(l)).ok_or(RejectReason::BadField("lane"))
+        })?,
+        ts: decode_ts(raw.ts, tz)?,
+        speed_kmh: decode_speed(raw.speed_kmh)?,
+        vehicle_type: raw.vehicle_type.optional_text("vehicle_type")?.map(Into::into),
+    })
+}
+
+fn decode_ts(ts: Scalar<'_>, tz: Tz) -> Result<EventTime, RejectReason> {
+    match ts {
+        Scalar::Absent | Scalar::Null => Err(RejectReason::MissingField("ts")),
+        Scalar::Int(ms) => event_time_from_ms(ms),
+        Scalar::Float(ms) if ms.fract() == 0.0 && ms.abs() < 1e17 => event_time_from_ms(ms as i64),
+        Scalar::Str(text) => parse_event_time(&text, tz),
+        _ => Err(RejectReason::BadTimestamp),
+    }
+}
+
+/// Spot speed: 0 means the device has no radar, so it reads as missing.
+fn decode_speed(speed: Scalar<'_>) -> Result<Option<f32>, RejectReason> {
+    let kmh = match speed {
+        Scalar::Absent | Scalar::Null => return Ok(None),
+        Scalar::Int(v) => v as f64,
+        Scalar::Float(v) => v,
+        Scalar::Str(s) if s.trim().is_empty() => return Ok(None),
+        Scalar::Str(s) => s.trim().parse::<f64>().map_err(|_| RejectReason::BadField("speed_kmh"))?,
+        _ => return Err(RejectReason::BadField("speed_kmh")),
+    };
+    match kmh {
+        v if v == 0.0 => Ok(None),
+        v if v > 0.0 && v <= MAX_SPEED_KMH => Ok(Some(v as f32)),
+        _ => Err(RejectReason::BadField("speed_kmh")),
+    }
+}
+
+#[derive(Deserialize)]
+struct RawPass<'a> {
+    #[serde(default, borrow, alias = "GCXH")]
+    pass_id: Scalar<'a>,
+    #[serde(default, borrow, alias = "HPHM")]
+    plate: Scalar<'a>,
+    #[serde(default, borrow, alias = "HPYS")]
+    plate_color: Scalar<'a>,
+    #[serde(default, borrow, alias = "HPZL")]
+    plate_type: Scalar<'a>,
+    #[serde(default, borrow, alias = "KKBH")]
+    checkpoint_id: Scalar<'a>,
+    #[serde(default, borrow, alias = "SBBH")]
+    device_id: Scalar<'a>,
+    #[serde(default, borrow, alias = "FXBH")]
+    direction: Scalar<'a>,
+    #[serde(default, borrow, alias = "CDH")]
+    lane: Scalar<'a>,
+    #[serde(default, borrow, alias = "GCSJ")]
+    ts: Scalar<'a>,
+    #[serde(default, borrow, alias = "CLSD")]
+    speed_kmh: Scalar<'a>,
+    #[serde(default, borrow, alias = "CLLX")]
+    vehicle_type: Scalar<'a>,
+}
+
+/// Any JSON value of a field, kept as it came so each field can give its own reason.
+#[derive(Default, Debug)]
+enum Scalar<'a> {
+    #[default]
+    Absent,
+    Null,
+    Bool,
+    Int(i64),
+    Float(f64),
+    Str(Cow<'a, str>),
+    Compound,
+}
+
+impl<'a> Scalar<'a> {
+    /// A required identifier: a non-empty string, or an integer written out.
+    fn text(self, field: &'static str) -> Result<Cow<'a, str>, RejectReason> {
+        self.optional_text(field)?.ok_or(RejectReason::MissingField(field))
+    }
+
+    fn optional_text(self, field: &'static str) -> Result<Option<Cow<'a, str>>, RejectReason> {
+        match self {
+            Scalar::Absent | Scalar::Null => Ok(None),
+            Scalar::Str(s) if s.trim().is_empty() => Ok(None),
+            Scalar::Str(s) if s.len() == s.trim().len() => Ok(Some(s)),
+            Scalar::Str(s) => Ok(Some(Cow::Owned(s.trim().to_owned()))),
+            Scalar::Int(i) => Ok(Some(Cow::Owned(i.to_string()))),
+            _ => Err(RejectReason::BadField(field)),
+        }
+    }
+
+    /// A two-digit code such as a plate type: `"02"`, `"2"` and `2` are all `02`.
+    fn code(self, field: &'static str) -> Result<Cow<'a, str>, RejectReason> {
+        match self {
+            Scalar::Int(i) if (0..100).contains(&i) => Ok(Cow::Owned(format!("{i:02}"))),
+            Scalar::Str(s) if s.len() == 1 && s.as_bytes()[0].is_ascii_digit() => Ok(Cow::Owned(format!("0{s}"))),
+            other => other.text(field),
+        }
+    }
+
+    /// An integer code given as a number or a numeric string.
+    fn integer(self, field: &'static str) -> Result<i64, RejectReason> {
+        match self {
+            Scalar::Absent | Scalar::Null => Err(RejectReason::MissingField(field)),
+            Scalar::Int(i) => Ok(i),
+            Scalar::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => Ok(f as i64),
+            Scalar::Str(s) => s.trim().parse().map_err(|_| RejectReason::BadField(field)),
+            _ => Err(RejectReason::BadField(field)),
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Scalar<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ScalarVisitor)
+    }
+}
+
+struct ScalarVisitor;
+
+impl<'de> Visitor<'de> for ScalarVisitor {
+    type Value = Scalar<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Scalar::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Scalar::Null)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Scalar::Bool)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Scalar::Int(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(i64::try_from(v).map_or(Scalar::Float(v as f64), Scalar::Int))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Scalar::Float(v))
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Scalar::Compound)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Scalar::Compound)
+    }
+}
+
+/// FNV-1a, 64 bit: a digest that never changes between builds (it is stored in state).
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv1a {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "decode_tests.rs"]
+mod tests;

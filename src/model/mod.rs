@@ -1,0 +1,51 @@
+//! The domain model: what a vehicle pass is, parsed once at the boundary.
+//!
+//! Raw JSON becomes a [`PassRecord`] (decoding: field names, aliases, time formats, codes); a
+//! record checked against the city's reference data and the clock becomes a [`Pass`]
+//! (validation, in `crate::ingest`). Pipelines only ever see `Pass`: plates are [`Plate`]s,
+//! vehicles are [`VehicleKey`]s, times are [`EventTime`]s. Every record that cannot become a
+//! `Pass` carries a [`RejectReason`].
+
+mod codes;
+mod decode;
+mod plate;
+mod reject;
+mod time;
+
+pub use codes::{Direction, PlateColor, PlateColorScheme};
+pub use decode::{decode_record, PassRecord};
+pub use plate::{Plate, PlateKind, PlateRead, VehicleKey, PROVINCES};
+pub use reject::RejectReason;
+pub use time::{parse_event_time, EventTime, DAY_MS, MIN_VALID_TS_MS};
+
+use std::sync::Arc;
+
+/// A checkpoint, by its position in the city's checkpoint table (resolved during validation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CheckpointIdx(pub u32);
+
+/// A valid, deduplicated vehicle pass as the pipelines see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pass {
+    pub pass_id: Arc<str>,
+    pub plate: PlateRead,
+    pub plate_color: PlateColor,
+    pub plate_type: Arc<str>,
+    pub checkpoint: CheckpointIdx,
+    pub device_id: Option<Arc<str>>,
+    pub direction: Direction,
+    pub lane: u8,
+    pub ts: EventTime,
+    pub speed_kmh: Option<f32>,
+    pub vehicle_type: Option<Arc<str>>,
+}
+
+impl Pass {
+    /// The vehicle this pass belongs to; `None` when the plate was unreadable.
+    pub fn vehicle(&self) -> Option<VehicleKey> {
+        match &self.plate {
+            PlateRead::Readable(plate) => Some(VehicleKey::new(plate.clone(), self.plate_color)),
+            PlateRead::Unreadable => None,
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the real binary and the real service, against the real MariaDB on this
+//! machine. One test binary, so the release build links once.
+
+mod support;
+
+mod cli;
+mod mysql_store;
+mod service;

@@ -1,0 +1,41 @@
+//! `passflow run` on embedded defaults: serves /healthz and /metrics and counts simulated passes.
+
+use crate::support::http_get;
+use passflow::app::run;
+use passflow::config::Config;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_service_serves_health_and_counts_simulated_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.city.dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/city").into();
+    config.api.listen = "127.0.0.1:0".into();
+    config.store.url = format!("sqlite://{}", dir.path().join("passflow.db").display());
+    config.state.dir = dir.path().join("state");
+    config.source.simulator.vehicles = 2_000;
+    config.source.simulator.speed = 600.0;
+    let handle = run(config).await.unwrap();
+    let (status, body) = http_get(handle.api_addr, "/healthz").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("ok"));
+    let mut received = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, metrics) = http_get(handle.api_addr, "/metrics").await;
+        received = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("passflow_passes_received_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if received > 0 {
+            assert!(metrics.contains("passflow_passes_valid_total"));
+            break;
+        }
+    }
+    assert!(received > 0, "no simulated pass counted within 10 s");
+    let (status, _) = http_get(handle.api_addr, "/nope").await;
+    assert_eq!(status, 404);
+    handle.stop();
+    tokio::time::timeout(Duration::from_secs(10), handle.wait()).await.expect("stops promptly").unwrap();
+}

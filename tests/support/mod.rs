@@ -1,0 +1,87 @@
+//! Helpers shared by the integration tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The `passflow` binary built for these tests.
+pub fn passflow() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_passflow"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("PASSFLOW__")) {
+        cmd.env_remove(key);
+    }
+    cmd
+}
+
+/// A small simulated day (city folder, passes.jsonl, labels.json), made once per test run.
+pub fn small_day() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("passflow-it-day-{}", std::process::id()));
+        let out = passflow()
+            .args(["simulate", "--out"])
+            .arg(&dir)
+            .args(["--vehicles", "1500", "--seed", "11"])
+            .output()
+            .expect("passflow runs");
+        assert!(out.status.success(), "simulate failed: {}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+}
+
+pub fn labels(dir: &Path) -> passflow::simulator::Labels {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("labels.json")).expect("labels.json")).expect("labels parse")
+}
+
+/// The MariaDB server URL for tests (no database); CI fails loudly when it is unreachable.
+pub fn mysql_server_url() -> String {
+    std::env::var("PASSFLOW_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
+
+/// A fresh database of its own for one test; dropped by the returned guard.
+pub struct TestDatabase {
+    pub url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    pub async fn create(tag: &str) -> TestDatabase {
+        use sqlx::Connection;
+        let server = mysql_server_url();
+        let name = format!("passflow_{tag}_{}_{}", std::process::id(), rand_suffix());
+        let mut conn = sqlx::MySqlConnection::connect(&server)
+            .await
+            .unwrap_or_else(|e| panic!("MariaDB at {server} is required for this test: {e}"));
+        sqlx::query(&format!("CREATE DATABASE `{name}`")).execute(&mut conn).await.expect("create database");
+        TestDatabase { url: format!("{server}/{name}"), name }
+    }
+
+    pub async fn drop_now(self) {
+        use sqlx::Connection;
+        if let Ok(mut conn) = sqlx::MySqlConnection::connect(&mysql_server_url()).await {
+            let _ = sqlx::query(&format!("DROP DATABASE `{}`", self.name)).execute(&mut conn).await;
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as u64)
+}
+
+/// A plain HTTP/1.1 GET against the service; returns status and body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the API");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("send request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read response");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
