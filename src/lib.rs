@@ -4,6 +4,10 @@
 //! - [`model`]: the domain — pass records, plates, vehicles, event time, reject reasons.
 //! - [`reference`]: a city's reference data — checkpoints, segments, regions, plate prefixes,
 //!   restriction rules.
+//! - [`core`]: the streaming core — event time, watermarks, windows, lateness, operator
+//!   state, checkpoints, savepoints, the sink hand-over.
+//! - [`pipelines`]: the pipelines, one file each, on the core's operator contract.
+//! - [`results`]: the result rows.
 //! - [`ingest`]: decode → validate → deduplicate; everything rejected becomes a dead letter.
 //! - [`simulator`]: a realistic, labelled city-day of passes, also a live source.
 //! - [`store`]: result stores (SQLite, MySQL, `null://`), upserted by key.
@@ -15,9 +19,12 @@
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod core;
 pub mod ingest;
 pub mod metrics;
 pub mod model;
+pub mod pipelines;
 pub mod reference;
+pub mod results;
 pub mod simulator;
 pub mod store;

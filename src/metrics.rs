@@ -11,6 +11,11 @@ pub struct Metrics {
     pub passes_invalid: IntCounterVec,
     pub passes_duplicate: IntCounter,
     pub passes_unreadable: IntCounter,
+    pub sink_rows: IntCounter,
+    pub sink_errors: IntCounter,
+    pub late_passes: IntCounter,
+    pub checkpoints: IntCounter,
+    pub watermark_lag_seconds: prometheus::Gauge,
     /// The sum of `passes_invalid` over reasons (not exported; for the progress line).
     pub passes_invalid_sum: IntCounter,
 }
@@ -35,6 +40,13 @@ impl Metrics {
         .expect("valid metric");
         registry.register(Box::new(passes_invalid.clone())).expect("metric registered once");
         let passes_invalid_sum = IntCounter::new("passes_invalid_sum", "unexported").expect("valid metric name");
+        let sink_rows = counter("passflow_sink_rows_total", "Result rows written to the store.");
+        let sink_errors = counter("passflow_sink_errors_total", "Failed store writes (each is retried).");
+        let late_passes = counter("passflow_passes_late_total", "Passes late for at least one window.");
+        let checkpoints = counter("passflow_checkpoints_total", "Completed checkpoints.");
+        let watermark_lag_seconds =
+            prometheus::Gauge::new("passflow_watermark_lag_seconds", "Wall clock minus the watermark.").expect("valid metric name");
+        registry.register(Box::new(watermark_lag_seconds.clone())).expect("metric registered once");
         Metrics {
             registry,
             passes_received,
@@ -42,6 +54,11 @@ impl Metrics {
             passes_invalid,
             passes_duplicate,
             passes_unreadable,
+            sink_rows,
+            sink_errors,
+            late_passes,
+            checkpoints,
+            watermark_lag_seconds,
             passes_invalid_sum,
         }
     }

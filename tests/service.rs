@@ -15,7 +15,7 @@ async fn the_service_serves_health_and_counts_simulated_passes() {
     config.state.dir = dir.path().join("state");
     config.source.simulator.vehicles = 2_000;
     config.source.simulator.speed = 600.0;
-    let handle = run(config).await.unwrap();
+    let handle = run(config, None).await.unwrap();
     let (status, body) = http_get(handle.api_addr, "/healthz").await;
     assert_eq!(status, 200);
     assert!(body.contains("ok"));

@@ -1,21 +1,33 @@
-//! The HTTP API: health and Prometheus metrics now; the REST API under `/api/v1` grows here.
+//! The HTTP API: health, Prometheus metrics and the admin savepoint call; the REST API under
+//! `/api/v1` grows here.
+
+mod admin;
+
+pub use admin::{request_savepoint, AdminCommand, SavepointRequestError};
 
 use crate::metrics::Metrics;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
 #[derive(Clone)]
 pub struct AppState {
     pub metrics: Arc<Metrics>,
+    /// Commands for the pipeline task.
+    pub admin: mpsc::Sender<AdminCommand>,
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new().route("/healthz", get(healthz)).route("/metrics", get(metrics)).with_state(state)
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/admin/savepoint", post(admin::savepoint))
+        .with_state(state)
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -4,8 +4,8 @@ mod replay;
 mod run;
 mod simulate;
 
-pub use replay::{replay, ReplayInput, ReplayOptions, ReplaySummary};
-pub use run::{run, RunHandle};
+pub use replay::{build_engine, replay, ReplayInput, ReplayOptions, ReplaySummary};
+pub use run::{create_savepoint, run, RunHandle};
 pub use simulate::simulate;
 
 use crate::config::Config;
@@ -25,8 +25,18 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the service: source → pipelines → stores, with the API on `api.listen`.
-    Run,
+    /// Run the service: source → pipelines → stores, with the API on `api.listen`. It resumes
+    /// from the newest checkpoint in `state.dir`.
+    Run {
+        /// Start from this savepoint instead (it becomes the newest checkpoint).
+        #[arg(long)]
+        from_savepoint: Option<PathBuf>,
+    },
+    /// Savepoints: consistent state exported to a directory, to restore after an upgrade.
+    Savepoint {
+        #[command(subcommand)]
+        command: SavepointCommand,
+    },
     /// Write a simulated city folder, a day of passes (passes.jsonl) and its labels (labels.json).
     Simulate {
         #[arg(long)]
@@ -53,6 +63,19 @@ pub enum Command {
         /// Judge `future_timestamp` against this time (epoch ms, RFC 3339 or local time).
         #[arg(long)]
         now: Option<String>,
+        /// Checkpoint into this directory as the replay goes, and resume from it when started
+        /// again.
+        #[arg(long)]
+        checkpoint_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SavepointCommand {
+    /// Take a savepoint of the running service (or, when it is down, export its newest checkpoint).
+    Create {
+        #[arg(long)]
+        to: PathBuf,
     },
 }
 
@@ -64,7 +87,12 @@ pub fn init_tracing() {
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let mut config = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Run => run(config).await?.wait().await,
+        Command::Run { from_savepoint } => run(config, from_savepoint).await?.wait().await,
+        Command::Savepoint { command: SavepointCommand::Create { to } } => {
+            let id = create_savepoint(&config, &to).await?;
+            println!("savepoint of checkpoint {id} written to {}", to.display());
+            Ok(())
+        }
         Command::Simulate { out, vehicles, day, seed } => {
             let labels = simulate(&config, &out, vehicles, day, seed)?;
             println!(
@@ -76,7 +104,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Replay { city, input, store, now } => {
+        Command::Replay { city, input, store, now, checkpoint_dir } => {
             if let Some(city) = city {
                 config.city.dir = city;
             }
@@ -86,7 +114,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 .transpose()?;
             let input = if input == "-" { ReplayInput::Stdin } else { ReplayInput::File(input.into()) };
             let store = store.unwrap_or_else(|| config.store.url.clone());
-            let summary = replay(ReplayOptions { config, input, store_url: store, now_ms }).await?;
+            let summary = replay(ReplayOptions { config, input, store_url: store, now_ms, checkpoint_dir }).await?;
             print!("{summary}");
             Ok(())
         }

@@ -1,24 +1,30 @@
-//! `passflow replay`: a pass file through the same ingestion as the live service, with dead
-//! letters written to the store and a summary at the end.
+//! `passflow replay`: a pass file through the same engine as the live service, in event time,
+//! with every window flushed at the end of input and the results in the store. With a
+//! checkpoint directory it checkpoints as it goes and, started again, resumes where the last
+//! checkpoint was taken.
 
 use crate::config::Config;
-use crate::ingest::{DeadLetter, Deduplicator, Ingest, IngestStats, Outcome, Validator};
+use crate::core::checkpoint::CheckpointStore;
+use crate::core::driver::{Checkpointing, Driver};
+use crate::core::sink::spawn_writer;
+use crate::core::{Clocks, Engine, EngineSettings, Record};
+use crate::ingest::{Deduplicator, Ingest, IngestStats, Validator};
+use crate::metrics::Metrics;
+use crate::pipelines;
 use crate::reference::City;
 use crate::store::Store;
 use anyhow::Context;
 use std::fmt;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// Lines handed from the reader thread to ingestion at a time.
+/// Lines handed from the reader thread to the engine at a time.
 const LINES_PER_BATCH: usize = 4_096;
-/// Batches in flight between the reader and ingestion (backpressure beyond that).
+/// Batches in flight between the reader and the engine (backpressure beyond that).
 const BATCHES_IN_FLIGHT: usize = 8;
-/// Dead letters written to the store at a time.
-const DEAD_LETTERS_PER_WRITE: usize = 5_000;
 
 pub enum ReplayInput {
     File(PathBuf),
@@ -31,17 +37,21 @@ pub struct ReplayOptions {
     pub store_url: String,
     /// The clock for `future_timestamp`; `None` checks nothing.
     pub now_ms: Option<i64>,
+    /// Checkpoint here and resume from here (files only).
+    pub checkpoint_dir: Option<PathBuf>,
 }
 
 #[derive(Debug)]
 pub struct ReplaySummary {
     pub stats: IngestStats,
     pub elapsed: Duration,
+    /// Records read in this run (after a resume, only those after the checkpoint).
+    pub records_this_run: u64,
 }
 
 impl ReplaySummary {
     pub fn passes_per_second(&self) -> f64 {
-        self.stats.records as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        self.records_this_run as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 }
 
@@ -51,6 +61,7 @@ impl fmt::Display for ReplaySummary {
         writeln!(f, "records            {:>12}", s.records)?;
         writeln!(f, "valid              {:>12}", s.valid)?;
         writeln!(f, "  unreadable plate {:>12}", s.unreadable_plates)?;
+        writeln!(f, "  late             {:>12}", s.late)?;
         writeln!(f, "duplicates         {:>12}", s.duplicates)?;
         writeln!(f, "dead letters       {:>12}", s.invalid())?;
         for (reason, n) in &s.dead_letters {
@@ -61,97 +72,123 @@ impl fmt::Display for ReplaySummary {
     }
 }
 
-/// A run of lines read from the input: `first_line` is the 1-based number of the first.
+/// A run of consecutive lines: `first_line` is the 1-based number of the first; `end` the byte
+/// offset just after the last.
 struct LineBatch {
     first_line: u64,
     lines: Vec<Vec<u8>>,
+    end: u64,
+    /// Number of the line that ends at `end` (blank lines count).
+    end_line: u64,
+}
+
+/// Where a replay is in its input: the checkpointed source position.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+struct FilePosition {
+    offset: u64,
+    line: u64,
+}
+
+/// Builds the engine with every pipeline for `config`.
+pub fn build_engine(config: &Config, city: &Arc<City>, live: bool) -> anyhow::Result<Engine> {
+    let core = &config.core;
+    let validator = Validator::new(city.clone(), config.city.tz()?, config.input.plate_color_scheme, core.max_clock_skew.as_millis());
+    let ingest = Ingest::new(validator, Deduplicator::new(core.allowed_lateness.as_millis() + core.out_of_orderness.as_millis()));
+    let settings = EngineSettings {
+        out_of_orderness_ms: core.out_of_orderness.as_millis(),
+        idle_timeout_ms: core.idle_timeout.as_millis(),
+        allowed_lateness_ms: core.allowed_lateness.as_millis(),
+        live,
+    };
+    Ok(Engine::new(city.clone(), ingest, pipelines::all(city), settings))
 }
 
 pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
     let config = &options.config;
-    let city =
-        Arc::new(City::load(&config.city.dir).with_context(|| format!("loading city {}", config.city.dir.display()))?);
-    let tz = config.city.tz()?;
+    let city = Arc::new(City::load(&config.city.dir).with_context(|| format!("loading city {}", config.city.dir.display()))?);
     let store = Store::open(&options.store_url).await?;
-    let validator = Validator::new(city, tz, config.input.plate_color_scheme, config.core.max_clock_skew.as_millis());
-    let horizon = config.core.allowed_lateness.as_millis() + config.core.out_of_orderness.as_millis();
-    let mut ingest = Ingest::new(validator, Deduplicator::new(horizon));
-    let (source_name, reader) = open_input(&options.input)?;
+    let metrics = Arc::new(Metrics::new());
+    let (sink, writer) = spawn_writer(store, metrics.clone());
+    let checkpointing = match &options.checkpoint_dir {
+        Some(dir) => {
+            anyhow::ensure!(matches!(options.input, ReplayInput::File(_)), "--checkpoint-dir needs a file input (standard input cannot be resumed)");
+            Some(Checkpointing { store: CheckpointStore::open(dir)?, interval: config.core.checkpoint_interval.0 })
+        }
+        None => None,
+    };
+    let mut engine = build_engine(config, &city, false)?;
+    engine.assign(0, wall_ms());
+    let (mut driver, resumed) = Driver::start(engine, sink, checkpointing, metrics)?;
+    let start: FilePosition = resumed.map(serde_json::from_value).transpose().context("the checkpoint's source position is not a file position")?.unwrap_or_default();
+    let (source_name, reader) = open_input(&options.input, start.offset)?;
     let (tx, mut rx) = mpsc::channel::<LineBatch>(BATCHES_IN_FLIGHT);
-    let reader_thread = std::thread::spawn(move || read_lines(reader, tx));
+    let reader_thread = std::thread::spawn(move || read_lines(reader, start, tx));
     let started = Instant::now();
-    let mut dead = Vec::new();
+    let mut position = start;
+    let mut records_this_run = 0;
     while let Some(batch) = rx.recv().await {
-        for (i, line) in batch.lines.iter().enumerate() {
-            if let Outcome::Rejected(reason) = ingest.accept(line, options.now_ms) {
-                let id = format!("{source_name}:{}", batch.first_line + i as u64);
-                dead.push(DeadLetter {
-                    id,
-                    reason,
-                    record: String::from_utf8_lossy(line).into_owned(),
-                    received_at: chrono::Utc::now().timestamp_millis(),
-                });
-            }
-        }
-        if dead.len() >= DEAD_LETTERS_PER_WRITE {
-            store.write_dead_letters(&std::mem::take(&mut dead)).await?;
-        }
+        let records = batch.lines.iter().enumerate().map(|(i, line)| Record { partition: 0, seq: batch.first_line + i as u64, bytes: line });
+        driver.engine.process(&source_name, records, Clocks { future_now: options.now_ms, processing_now: wall_ms() });
+        records_this_run += batch.lines.len() as u64;
+        position = FilePosition { offset: batch.end, line: batch.end_line };
+        driver.after_batch(|| serde_json::json!(position)).await?;
     }
-    store.write_dead_letters(&dead).await?;
     reader_thread.join().map_err(|_| anyhow::anyhow!("the input reader panicked"))??;
-    Ok(ReplaySummary { stats: ingest.stats, elapsed: started.elapsed() })
+    driver.engine.finish();
+    driver.flush().await?;
+    driver.checkpoint(serde_json::json!(position)).await?;
+    let stats = driver.engine.stats().clone();
+    drop(driver);
+    writer.await??;
+    Ok(ReplaySummary { stats, elapsed: started.elapsed(), records_this_run })
 }
 
-fn open_input(input: &ReplayInput) -> anyhow::Result<(String, Box<dyn Read + Send>)> {
+fn wall_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn open_input(input: &ReplayInput, offset: u64) -> anyhow::Result<(String, Box<dyn Read + Send>)> {
     match input {
         ReplayInput::Stdin => Ok(("stdin".into(), Box::new(std::io::stdin()))),
         ReplayInput::File(path) => {
-            let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-            let name =
-                path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+            let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            file.seek(SeekFrom::Start(offset)).with_context(|| format!("seeking {} to {offset}", path.display()))?;
+            let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
             Ok((name, Box::new(file)))
         }
     }
 }
 
-/// Reads non-empty lines in batches until the input ends or ingestion stops listening.
-fn read_lines(reader: Box<dyn Read + Send>, tx: mpsc::Sender<LineBatch>) -> anyhow::Result<()> {
+/// Reads non-empty lines in batches of consecutive lines until the input ends or the engine
+/// stops listening.
+fn read_lines(reader: Box<dyn Read + Send>, start: FilePosition, tx: mpsc::Sender<LineBatch>) -> anyhow::Result<()> {
     let mut reader = BufReader::with_capacity(1 << 20, reader);
-    let mut line_no = 0u64;
-    let mut batch = LineBatch { first_line: 1, lines: Vec::with_capacity(LINES_PER_BATCH) };
+    let (mut offset, mut line_no) = (start.offset, start.line);
+    let empty = |line_no: u64, offset: u64| LineBatch { first_line: line_no + 1, lines: Vec::with_capacity(LINES_PER_BATCH), end: offset, end_line: line_no };
+    let mut batch = empty(line_no, offset);
     loop {
         let mut line = Vec::with_capacity(256);
         let n = reader.read_until(b'\n', &mut line).context("reading the input")?;
         if n == 0 {
             break;
         }
+        offset += n as u64;
         line_no += 1;
         while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
             line.pop();
         }
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        if batch.lines.is_empty() {
-            batch.first_line = line_no;
-        }
-        // Lines of a batch are consecutive non-empty lines; a blank line starts a new batch so
-        // that line numbers stay exact.
-        if !batch.lines.is_empty() && batch.first_line + batch.lines.len() as u64 != line_no {
-            let full = std::mem::replace(
-                &mut batch,
-                LineBatch { first_line: line_no, lines: Vec::with_capacity(LINES_PER_BATCH) },
-            );
-            if tx.blocking_send(full).is_err() {
-                return Ok(());
+        let blank = line.iter().all(u8::is_ascii_whitespace);
+        if !blank {
+            if batch.lines.is_empty() {
+                batch.first_line = line_no;
             }
+            batch.lines.push(line);
         }
-        batch.lines.push(line);
-        if batch.lines.len() == LINES_PER_BATCH {
-            let full = std::mem::replace(
-                &mut batch,
-                LineBatch { first_line: line_no + 1, lines: Vec::with_capacity(LINES_PER_BATCH) },
-            );
+        batch.end = offset;
+        batch.end_line = line_no;
+        // A blank line ends a batch too, so that the lines of a batch are consecutive.
+        if batch.lines.len() == LINES_PER_BATCH || (blank && !batch.lines.is_empty()) {
+            let full = std::mem::replace(&mut batch, empty(line_no, offset));
             if tx.blocking_send(full).is_err() {
                 return Ok(());
             }

@@ -1,20 +1,25 @@
-//! `passflow run`: the service. The source and ingestion, the API and the progress line are
-//! sibling tasks; when one stops, or on Ctrl-C / SIGTERM, everything stops and the reason is
-//! reported.
+//! `passflow run`: the service. The pipeline (source → engine → stores, with checkpoints), the
+//! API and the progress line are sibling tasks; when one stops, or on Ctrl-C / SIGTERM,
+//! everything stops (the pipeline with a last checkpoint) and the reason is reported.
 
-use crate::api::{self, AppState};
+use super::replay::build_engine;
+use crate::api::{self, AdminCommand, AppState};
 use crate::config::{Config, SourceKind};
-use crate::ingest::{DeadLetter, Deduplicator, Ingest, Outcome, Validator};
+use crate::core::checkpoint::{read_savepoint, write_savepoint, CheckpointStore};
+use crate::core::driver::{Checkpointing, Driver};
+use crate::core::sink::spawn_writer;
+use crate::core::{Clocks, Record};
 use crate::metrics::Metrics;
 use crate::reference::City;
-use crate::simulator::{LiveSimulator, SimParams};
+use crate::simulator::{LiveSimulator, SimParams, SimPosition};
 use crate::store::Store;
 use anyhow::Context;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 /// Records taken from the source per step.
@@ -46,106 +51,122 @@ impl RunHandle {
             },
         };
         self.stop();
-        while tokio::time::timeout(Duration::from_secs(10), self.tasks.join_next()).await.ok().flatten().is_some() {}
+        while let Ok(Some(done)) = tokio::time::timeout(Duration::from_secs(30), self.tasks.join_next()).await {
+            if let Ok((name, Err(e))) = done {
+                tracing::error!(task = name, error = %format!("{e:#}"), "task failed while stopping");
+            }
+        }
         eprintln!();
         outcome
     }
 }
 
 async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler installs");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }
 
-/// Starts the service on `config` and returns once it is serving.
-pub async fn run(config: Config) -> anyhow::Result<RunHandle> {
-    let city =
-        Arc::new(City::load(&config.city.dir).with_context(|| format!("loading city {}", config.city.dir.display()))?);
-    let tz = config.city.tz()?;
+fn wall_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Starts the service on `config` (resuming from a savepoint when given) and returns once it
+/// is serving.
+pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Result<RunHandle> {
+    let city = Arc::new(City::load(&config.city.dir).with_context(|| format!("loading city {}", config.city.dir.display()))?);
     let store = Store::open(&config.store.url).await?;
     let metrics = Arc::new(Metrics::new());
+    let checkpoints = CheckpointStore::open(&config.state.dir)?;
+    if let Some(dir) = from_savepoint {
+        let mut savepoint = read_savepoint(&dir)?;
+        savepoint.id = checkpoints.ids()?.last().map_or(savepoint.id, |last| last + 1).max(savepoint.id);
+        build_engine(&config, &city, true)?.restore(&savepoint.engine).with_context(|| format!("savepoint {} does not fit this build", dir.display()))?;
+        checkpoints.save(&savepoint)?;
+        tracing::info!(savepoint = %dir.display(), "restoring from savepoint");
+    }
     let listener = api::bind(&config.api.listen).await?;
     let api_addr = listener.local_addr()?;
     tracing::info!(%api_addr, store = store.kind(), city = %config.city.dir.display(), "passflow serving");
     let (stop, stopped) = watch::channel(false);
+    let (admin_tx, admin_rx) = mpsc::channel(4);
     let mut tasks = JoinSet::new();
-    let state = AppState { metrics: metrics.clone() };
+    let state = AppState { metrics: metrics.clone(), admin: admin_tx };
     let mut api_stop = stopped.clone();
     tasks.spawn(async move {
-        let serve = api::serve(listener, state);
-        tokio::select! { r = serve => ("api", r), _ = api_stop.wait_for(|s| *s) => ("api", Ok(())) }
+        tokio::select! { r = api::serve(listener, state) => ("api", r), _ = api_stop.wait_for(|s| *s) => ("api", Ok(())) }
     });
-    let validator =
-        Validator::new(city.clone(), tz, config.input.plate_color_scheme, config.core.max_clock_skew.as_millis());
-    let ingest = Ingest::new(
-        validator,
-        Deduplicator::new(config.core.allowed_lateness.as_millis() + config.core.out_of_orderness.as_millis()),
-    );
+    let (sink, writer) = spawn_writer(store, metrics.clone());
+    let engine = build_engine(&config, &city, true)?;
+    let checkpointing = Checkpointing { store: checkpoints, interval: config.core.checkpoint_interval.0 };
+    let (mut driver, resumed) = Driver::start(engine, sink, Some(checkpointing), metrics.clone())?;
+    driver.engine.assign(0, wall_ms());
+    let resume: Option<SimPosition> = resumed.map(serde_json::from_value).transpose().context("the checkpoint's source position is not a simulator position")?;
     let source = match config.source.kind {
         SourceKind::Simulator => {
             let s = &config.source.simulator;
-            let params = SimParams {
-                day: chrono::NaiveDate::default(),
-                vehicles: s.vehicles,
-                seed: s.seed,
-                time_zone: tz,
-                local_prefixes: config.city.local_prefixes.clone(),
-            };
+            let params = SimParams { day: chrono::NaiveDate::default(), vehicles: s.vehicles, seed: s.seed, time_zone: config.city.tz()?, local_prefixes: config.city.local_prefixes.clone() };
             let (speed, city) = (s.speed, city.clone());
-            tokio::task::spawn_blocking(move || {
-                LiveSimulator::start(city, params, speed, chrono::Utc::now().timestamp_millis())
-            })
-            .await?
+            tokio::task::spawn_blocking(move || LiveSimulator::start(city, params, speed, wall_ms(), resume)).await?
         }
     };
-    tasks.spawn(pipeline(source, ingest, store, metrics.clone(), stopped.clone()));
+    let (pipeline_metrics, pipeline_stop) = (metrics.clone(), stopped.clone());
+    tasks.spawn(async move {
+        let result = pipeline(source, driver, admin_rx, pipeline_metrics, pipeline_stop).await;
+        // The writer ends once the driver, which holds the last sink handle, is gone.
+        let written = match writer.await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("the store writer panicked: {e}")),
+        };
+        ("pipeline", result.and(written))
+    });
     tasks.spawn(progress(metrics.clone(), stopped));
     Ok(RunHandle { api_addr, metrics, stop, tasks })
 }
 
-async fn pipeline(
-    mut source: LiveSimulator,
-    mut ingest: Ingest,
-    store: Store,
-    metrics: Arc<Metrics>,
-    mut stopped: watch::Receiver<bool>,
-) -> (&'static str, anyhow::Result<()>) {
-    let result = async {
-        while !*stopped.borrow() {
-            let batch = tokio::task::block_in_place(|| source.poll(MAX_BATCH));
-            if batch.is_empty() {
-                tokio::select! { _ = tokio::time::sleep(IDLE_POLL) => {}, _ = stopped.changed() => {} }
-                continue;
+async fn pipeline(mut source: LiveSimulator, mut driver: Driver, mut admin: mpsc::Receiver<AdminCommand>, metrics: Arc<Metrics>, mut stopped: watch::Receiver<bool>) -> anyhow::Result<()> {
+    while !*stopped.borrow() {
+        let batch = tokio::task::block_in_place(|| source.poll(MAX_BATCH));
+        // The simulated clock is the wall clock of this source (faster when accelerated).
+        let now = source.now_ms();
+        if batch.is_empty() {
+            driver.engine.tick(now);
+            driver.after_batch(|| serde_json::json!(source.position())).await?;
+            tokio::select! {
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = stopped.changed() => {}
+                Some(command) = admin.recv() => handle_admin(command, &mut driver, &source).await,
             }
-            let before = ingest.stats.clone();
-            let now = source.now_ms();
-            let mut dead = Vec::new();
-            for (seq, line) in batch {
-                if let Outcome::Rejected(reason) = ingest.accept(line.as_bytes(), Some(now)) {
-                    dead.push(DeadLetter {
-                        id: format!("sim:{seq}"),
-                        reason,
-                        record: line,
-                        received_at: chrono::Utc::now().timestamp_millis(),
-                    });
-                }
-            }
-            metrics.observe_ingest(&before, &ingest.stats);
-            store.write_dead_letters(&dead).await?;
+            continue;
         }
-        Ok(())
+        let before = driver.engine.stats().clone();
+        let records = batch.iter().map(|(seq, line)| Record { partition: 0, seq: *seq, bytes: line.as_bytes() });
+        driver.engine.process("sim", records, Clocks { future_now: Some(now), processing_now: now });
+        metrics.observe_ingest(&before, driver.engine.stats());
+        metrics.watermark_lag_seconds.set((now - driver.engine.watermark()).max(0) as f64 / 1000.0);
+        driver.after_batch(|| serde_json::json!(source.position())).await?;
+        while let Ok(command) = admin.try_recv() {
+            handle_admin(command, &mut driver, &source).await;
+        }
     }
-    .await;
-    ("pipeline", result)
+    driver.checkpoint(serde_json::json!(source.position())).await?;
+    Ok(())
+}
+
+async fn handle_admin(command: AdminCommand, driver: &mut Driver, source: &LiveSimulator) {
+    match command {
+        AdminCommand::Savepoint { to, reply } => {
+            let result = async {
+                let checkpoint = driver.checkpoint(serde_json::json!(source.position())).await?.ok_or_else(|| anyhow::anyhow!("checkpointing is off"))?;
+                write_savepoint(&checkpoint, &to)?;
+                Ok::<u64, anyhow::Error>(checkpoint.id)
+            }
+            .await;
+            let _ = reply.send(result.map_err(|e| format!("{e:#}")));
+        }
+    }
 }
 
 /// One line on the terminal, rewritten every second (a plain line every 10 s when not a TTY).
@@ -156,12 +177,15 @@ async fn progress(metrics: Arc<Metrics>, mut stopped: watch::Receiver<bool>) -> 
     loop {
         tokio::select! { _ = tokio::time::sleep(every) => {}, _ = stopped.wait_for(|s| *s) => return ("progress", Ok(())) }
         let received = metrics.passes_received.get();
-        let invalid = metrics.passes_invalid_sum.get();
         let line = format!(
-            "passes {received} | {:.0}/s | valid {} | invalid {invalid} | duplicates {}",
+            "passes {received} | {:.0}/s | valid {} | invalid {} | duplicates {} | late {} | watermark lag {:.0} s | checkpoints {}",
             (received - last) as f64 / every.as_secs_f64(),
             metrics.passes_valid.get(),
-            metrics.passes_duplicate.get()
+            metrics.passes_invalid_sum.get(),
+            metrics.passes_duplicate.get(),
+            metrics.late_passes.get(),
+            metrics.watermark_lag_seconds.get(),
+            metrics.checkpoints.get(),
         );
         last = received;
         if tty {
@@ -169,5 +193,21 @@ async fn progress(metrics: Arc<Metrics>, mut stopped: watch::Receiver<bool>) -> 
         } else {
             eprintln!("{line}");
         }
+    }
+}
+
+/// Exports a savepoint of the service in `config`: through the running service's API when it
+/// is up, else from the newest checkpoint in the state directory.
+pub async fn create_savepoint(config: &Config, to: &std::path::Path) -> anyhow::Result<u64> {
+    let to = std::path::absolute(to)?;
+    match api::request_savepoint(&config.api.listen, &to).await {
+        Ok(id) => Ok(id),
+        Err(api::SavepointRequestError::Unreachable) => {
+            let store = CheckpointStore::open(&config.state.dir)?;
+            let latest = store.latest()?.ok_or_else(|| anyhow::anyhow!("no service at {} and no checkpoint in {}", config.api.listen, config.state.dir.display()))?;
+            write_savepoint(&latest, &to)?;
+            Ok(latest.id)
+        }
+        Err(api::SavepointRequestError::Failed(e)) => Err(anyhow::anyhow!("the service refused the savepoint: {e}")),
     }
 }

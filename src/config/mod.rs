@@ -102,6 +102,8 @@ pub struct CoreConfig {
     pub allowed_lateness: HumanDuration,
     /// Live mode: passes further than this ahead of the wall clock are `future_timestamp`.
     pub max_clock_skew: HumanDuration,
+    /// How often a checkpoint is taken.
+    pub checkpoint_interval: HumanDuration,
 }
 
 impl Default for CoreConfig {
@@ -111,6 +113,7 @@ impl Default for CoreConfig {
             idle_timeout: HumanDuration::from_secs(60),
             allowed_lateness: HumanDuration::from_secs(6 * 3600),
             max_clock_skew: HumanDuration::from_secs(300),
+            checkpoint_interval: HumanDuration::from_secs(10),
         }
     }
 }
@@ -127,7 +130,7 @@ pub enum StateBackendKind {
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
     pub backend: StateBackendKind,
-    /// Where RocksDB keeps operator state and checkpoints.
+    /// Where RocksDB keeps checkpoints of the operator state.
     pub dir: PathBuf,
 }
 

@@ -52,6 +52,44 @@ impl Deduplicator {
         self.seen.is_empty()
     }
 
+    /// The remembered ids as bytes: per minute bucket, its ids with their content digests.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.seen.len() * 32);
+        out.extend_from_slice(&self.max_ts.to_le_bytes());
+        for (bucket, ids) in &self.by_minute {
+            out.extend_from_slice(&bucket.to_le_bytes());
+            out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+            for id in ids {
+                let digest = self.seen.get(id).copied().unwrap_or_default();
+                out.extend_from_slice(&(id.len() as u32).to_le_bytes());
+                out.extend_from_slice(id.as_bytes());
+                out.extend_from_slice(&digest.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Restores what [`Deduplicator::snapshot`] wrote.
+    pub fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let mut r = Reader { bytes, at: 0 };
+        self.seen.clear();
+        self.by_minute.clear();
+        self.max_ts = r.i64()?;
+        while !r.done() {
+            let bucket = r.i64()?;
+            let n = r.u32()?;
+            let ids = self.by_minute.entry(bucket).or_default();
+            for _ in 0..n {
+                let len = r.u32()? as usize;
+                let id: Arc<str> = std::str::from_utf8(r.take(len)?)?.into();
+                let digest = r.u64()?;
+                self.seen.insert(id.clone(), digest);
+                ids.push(id);
+            }
+        }
+        Ok(())
+    }
+
     fn expire(&mut self) {
         let oldest_kept = (self.max_ts - self.horizon_ms).div_euclid(BUCKET_MS);
         while let Some(entry) = self.by_minute.first_entry() {
@@ -62,6 +100,36 @@ impl Deduplicator {
                 self.seen.remove(&id);
             }
         }
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn done(&self) -> bool {
+        self.at >= self.bytes.len()
+    }
+
+    fn take(&mut self, n: usize) -> anyhow::Result<&'a [u8]> {
+        let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len()).ok_or_else(|| anyhow::anyhow!("deduplication state is truncated"))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u32(&mut self) -> anyhow::Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into()?))
+    }
+
+    fn u64(&mut self) -> anyhow::Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into()?))
+    }
+
+    fn i64(&mut self) -> anyhow::Result<i64> {
+        Ok(i64::from_le_bytes(self.take(8)?.try_into()?))
     }
 }
 
@@ -77,6 +145,21 @@ mod tests {
         assert_eq!(d.check(&id, 7, 1_000), DedupVerdict::Identical);
         assert_eq!(d.check(&id, 8, 1_000), DedupVerdict::Conflicting);
         assert_eq!(d.check(&id, 7, 1_000), DedupVerdict::Identical);
+    }
+
+    #[test]
+    fn a_snapshot_restores_every_remembered_id() {
+        let mut d = Deduplicator::new(3_600_000);
+        for (i, id) in ["a", "b", "长ID"].iter().enumerate() {
+            d.check(&Arc::from(*id), i as u64, i as i64 * 70_000);
+        }
+        let mut e = Deduplicator::new(3_600_000);
+        e.restore(&d.snapshot()).unwrap();
+        assert_eq!(e.len(), 3);
+        assert_eq!(e.check(&"长ID".into(), 2, 140_000), DedupVerdict::Identical);
+        assert_eq!(e.check(&"a".into(), 9, 0), DedupVerdict::Conflicting);
+        assert_eq!(e.snapshot(), { let mut d2 = d; d2.check(&"长ID".into(), 2, 140_000); d2.check(&"a".into(), 9, 0); d2.snapshot() });
+        assert!(e.restore(&[1, 2, 3]).is_err());
     }
 
     #[test]

@@ -31,13 +31,16 @@ pub enum Outcome {
 }
 
 /// Counts of what ingestion saw.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IngestStats {
     pub records: u64,
     pub valid: u64,
     pub duplicates: u64,
     pub unreadable_plates: u64,
     pub dead_letters: BTreeMap<String, u64>,
+    /// Valid passes late for at least one window (counted by the engine).
+    #[serde(default)]
+    pub late: u64,
 }
 
 impl IngestStats {
@@ -68,6 +71,14 @@ pub struct Ingest {
 impl Ingest {
     pub fn new(validator: Validator, dedup: Deduplicator) -> Ingest {
         Ingest { validator, dedup, stats: IngestStats::default() }
+    }
+
+    pub fn dedup(&self) -> &Deduplicator {
+        &self.dedup
+    }
+
+    pub fn dedup_mut(&mut self) -> &mut Deduplicator {
+        &mut self.dedup
     }
 
     /// Takes one raw record. `now_ms` is the clock that `future_timestamp` is judged against

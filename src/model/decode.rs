@@ -280,6 +280,13 @@ impl<'de> Visitor<'de> for ScalarVisitor {
     }
 }
 
+/// FNV-1a, 64 bit, of some bytes: a digest that never changes between builds (it is stored).
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h = Fnv1a::default();
+    h.write(bytes);
+    h.finish()
+}
+
 /// FNV-1a, 64 bit: a digest that never changes between builds (it is stored in state).
 struct Fnv1a(u64);
 

@@ -13,7 +13,7 @@ mod reject;
 mod time;
 
 pub use codes::{Direction, PlateColor, PlateColorScheme};
-pub use decode::{decode_record, PassRecord};
+pub use decode::{decode_record, fnv1a64, PassRecord};
 pub use plate::{Plate, PlateKind, PlateRead, VehicleKey, PROVINCES};
 pub use reject::RejectReason;
 pub use time::{parse_event_time, EventTime, DAY_MS, MIN_VALID_TS_MS};

@@ -20,7 +20,7 @@ mod traffic;
 
 pub use dirt::Emission;
 pub use labels::*;
-pub use live::LiveSimulator;
+pub use live::{LiveSimulator, SimPosition};
 pub use output::{write_city, write_day};
 
 use crate::model::{PassRecord, PlateRead, DAY_MS};

@@ -1,11 +1,12 @@
 //! Result stores: where result rows go, upserted by key so that a replay or a corrected
-//! re-emission never duplicates a row. One interface, three places: SQLite (the embedded
-//! default), MySQL (migrations under `migrations/`), and `null://`, which discards everything.
+//! re-emission never duplicates a row, and a stored higher revision is never overwritten. One
+//! interface, three places: SQLite (the embedded default), MySQL (migrations under
+//! `migrations/`), and `null://`, which discards everything.
 
 mod mysql;
 mod sqlite;
 
-use crate::ingest::DeadLetter;
+use crate::results::ResultBatch;
 use anyhow::Context;
 
 /// Rows per multi-row INSERT.
@@ -17,14 +18,15 @@ pub enum Store {
     Null,
 }
 
+/// A stored flow count: (level, key_id, window_s, window_start, passes, revision).
+pub type StoredFlowCount = (String, String, i64, i64, i64, i64);
+
 impl Store {
     /// Opens a store from its URL (`sqlite://PATH`, `mysql://…`, `null://`), creating the
     /// tables when they are missing.
     pub async fn open(url: &str) -> anyhow::Result<Store> {
         if let Some(path) = url.strip_prefix("sqlite://") {
-            return Ok(Store::Sqlite(
-                sqlite::SqliteStore::open(path).await.with_context(|| format!("opening SQLite store {path}"))?,
-            ));
+            return Ok(Store::Sqlite(sqlite::SqliteStore::open(path).await.with_context(|| format!("opening SQLite store {path}"))?));
         }
         if url.starts_with("mysql://") {
             return Ok(Store::MySql(mysql::MySqlStore::open(url).await.context("opening MySQL store")?));
@@ -43,11 +45,11 @@ impl Store {
         }
     }
 
-    /// Writes dead letters; a row whose id is already stored is left as it is.
-    pub async fn write_dead_letters(&self, rows: &[DeadLetter]) -> anyhow::Result<()> {
+    /// Writes a batch of results in one transaction.
+    pub async fn write(&self, batch: &ResultBatch) -> anyhow::Result<()> {
         match self {
-            Store::Sqlite(s) => s.write_dead_letters(rows).await,
-            Store::MySql(s) => s.write_dead_letters(rows).await,
+            Store::Sqlite(s) => s.write(batch).await,
+            Store::MySql(s) => s.write(batch).await,
             Store::Null => Ok(()),
         }
     }
@@ -55,11 +57,35 @@ impl Store {
     /// Dead letters stored, by reason (for summaries and tests).
     pub async fn dead_letter_counts(&self) -> anyhow::Result<Vec<(String, i64)>> {
         // CAST: sqlx reads utf8mb4_bin columns as binary.
-        let sql = "SELECT CAST(reason AS CHAR), COUNT(*) FROM dead_letters GROUP BY reason ORDER BY reason";
-        match self {
-            Store::Sqlite(s) => Ok(sqlx::query_as(sql).fetch_all(&s.pool).await?),
-            Store::MySql(s) => Ok(sqlx::query_as(sql).fetch_all(&s.pool).await?),
-            Store::Null => Ok(Vec::new()),
-        }
+        self.fetch("SELECT CAST(reason AS CHAR), COUNT(*) FROM dead_letters GROUP BY reason ORDER BY reason").await
     }
+
+    /// Every stored flow count, in key order.
+    pub async fn flow_counts(&self) -> anyhow::Result<Vec<StoredFlowCount>> {
+        self.fetch(
+            "SELECT CAST(level AS CHAR), CAST(key_id AS CHAR), window_s, window_start, passes, revision FROM flow_counts \
+             ORDER BY level, key_id, window_s, window_start",
+        )
+        .await
+    }
+
+    /// Pass ids in `late_passes` with the pipelines they missed (a JSON array).
+    pub async fn late_passes(&self) -> anyhow::Result<Vec<(String, String)>> {
+        self.fetch("SELECT CAST(pass_id AS CHAR), CAST(pipelines AS CHAR) FROM late_passes ORDER BY pass_id").await
+    }
+
+    async fn fetch<T>(&self, sql: &str) -> anyhow::Result<Vec<T>>
+    where
+        T: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + for<'r> sqlx::FromRow<'r, sqlx::mysql::MySqlRow>,
+    {
+        Ok(match self {
+            Store::Sqlite(s) => sqlx::query_as(sql).fetch_all(&s.pool).await?,
+            Store::MySql(s) => sqlx::query_as(sql).fetch_all(&s.pool).await?,
+            Store::Null => Vec::new(),
+        })
+    }
+}
+
+fn pipelines_json(pipelines: &[&str]) -> String {
+    serde_json::to_string(pipelines).unwrap_or_else(|_| "[]".into())
 }

@@ -1,7 +1,7 @@
 //! The MySQL store; its tables come from the migrations under `migrations/`, applied on open.
 
 use super::CHUNK_ROWS;
-use crate::ingest::DeadLetter;
+use crate::results::ResultBatch;
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::{MySql, MySqlPool, QueryBuilder};
 
@@ -11,20 +11,36 @@ pub struct MySqlStore {
 
 impl MySqlStore {
     pub async fn open(url: &str) -> anyhow::Result<MySqlStore> {
-        let pool = MySqlPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect(url)
-            .await?;
+        let pool = MySqlPoolOptions::new().max_connections(4).acquire_timeout(std::time::Duration::from_secs(10)).connect(url).await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(MySqlStore { pool })
     }
 
-    pub async fn write_dead_letters(&self, rows: &[DeadLetter]) -> anyhow::Result<()> {
+    /// Writes a batch in one transaction: rows upserted by key, a stored higher revision kept.
+    pub async fn write(&self, batch: &ResultBatch) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
-        for chunk in rows.chunks(CHUNK_ROWS) {
-            let mut q: QueryBuilder<MySql> =
-                QueryBuilder::new("INSERT INTO dead_letters (id, reason, record, received_at) ");
+        for chunk in batch.flow_counts.chunks(CHUNK_ROWS) {
+            let mut q: QueryBuilder<MySql> = QueryBuilder::new("INSERT INTO flow_counts (level, key_id, window_s, window_start, passes, revision) ");
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(r.level).push_bind(&*r.key_id).push_bind(r.window_s).push_bind(r.window_start).push_bind(r.passes).push_bind(r.revision);
+            });
+            // `passes` first: it must compare against the stored revision before that changes.
+            q.push(
+                " ON DUPLICATE KEY UPDATE passes = IF(VALUES(revision) >= revision, VALUES(passes), passes), \
+                 revision = GREATEST(revision, VALUES(revision))",
+            );
+            q.build().execute(&mut *tx).await?;
+        }
+        for chunk in batch.late_passes.chunks(CHUNK_ROWS) {
+            let mut q: QueryBuilder<MySql> = QueryBuilder::new("INSERT INTO late_passes (pass_id, pipelines, checkpoint_id, ts, arrived_at, record) ");
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(&*r.pass_id).push_bind(super::pipelines_json(&r.pipelines)).push_bind(&*r.checkpoint_id).push_bind(r.ts).push_bind(r.arrived_at).push_bind(&r.record);
+            });
+            q.push(" ON DUPLICATE KEY UPDATE pass_id = pass_id");
+            q.build().execute(&mut *tx).await?;
+        }
+        for chunk in batch.dead_letters.chunks(CHUNK_ROWS) {
+            let mut q: QueryBuilder<MySql> = QueryBuilder::new("INSERT INTO dead_letters (id, reason, record, received_at) ");
             q.push_values(chunk, |mut b, r| {
                 b.push_bind(&r.id).push_bind(r.reason.code()).push_bind(&r.record).push_bind(r.received_at);
             });

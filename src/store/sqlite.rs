@@ -1,9 +1,9 @@
 //! The embedded SQLite store (one file, WAL mode).
 
 use super::CHUNK_ROWS;
-use crate::ingest::DeadLetter;
+use crate::results::ResultBatch;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+use sqlx::{QueryBuilder, Sqlite, SqlitePool, Transaction};
 use std::path::Path;
 use std::str::FromStr;
 
@@ -13,6 +13,23 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason TEXT NOT NULL,
     record TEXT NOT NULL,
     received_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flow_counts (
+    level TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    window_s INTEGER NOT NULL,
+    window_start INTEGER NOT NULL,
+    passes INTEGER NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (level, key_id, window_s, window_start)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS late_passes (
+    pass_id TEXT PRIMARY KEY,
+    pipelines TEXT NOT NULL,
+    checkpoint_id TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    arrived_at INTEGER NOT NULL,
+    record TEXT NOT NULL
 );
 ";
 
@@ -34,18 +51,42 @@ impl SqliteStore {
         Ok(SqliteStore { pool })
     }
 
-    pub async fn write_dead_letters(&self, rows: &[DeadLetter]) -> anyhow::Result<()> {
+    /// Writes a batch in one transaction: rows upserted by key, a stored higher revision kept.
+    pub async fn write(&self, batch: &ResultBatch) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
-        for chunk in rows.chunks(CHUNK_ROWS) {
-            let mut q: QueryBuilder<Sqlite> =
-                QueryBuilder::new("INSERT INTO dead_letters (id, reason, record, received_at) ");
-            q.push_values(chunk, |mut b, r| {
-                b.push_bind(&r.id).push_bind(r.reason.code()).push_bind(&r.record).push_bind(r.received_at);
-            });
-            q.push(" ON CONFLICT (id) DO NOTHING");
-            q.build().execute(&mut *tx).await?;
-        }
+        write_rows(&mut tx, batch).await?;
         tx.commit().await?;
         Ok(())
     }
+}
+
+async fn write_rows(tx: &mut Transaction<'_, Sqlite>, batch: &ResultBatch) -> anyhow::Result<()> {
+    for chunk in batch.flow_counts.chunks(CHUNK_ROWS) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO flow_counts (level, key_id, window_s, window_start, passes, revision) ");
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(r.level).push_bind(&*r.key_id).push_bind(r.window_s).push_bind(r.window_start).push_bind(r.passes as i64).push_bind(r.revision);
+        });
+        q.push(
+            " ON CONFLICT (level, key_id, window_s, window_start) DO UPDATE SET passes = excluded.passes, revision = excluded.revision \
+             WHERE excluded.revision >= flow_counts.revision",
+        );
+        q.build().execute(&mut **tx).await?;
+    }
+    for chunk in batch.late_passes.chunks(CHUNK_ROWS) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO late_passes (pass_id, pipelines, checkpoint_id, ts, arrived_at, record) ");
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(&*r.pass_id).push_bind(super::pipelines_json(&r.pipelines)).push_bind(&*r.checkpoint_id).push_bind(r.ts).push_bind(r.arrived_at).push_bind(&r.record);
+        });
+        q.push(" ON CONFLICT (pass_id) DO NOTHING");
+        q.build().execute(&mut **tx).await?;
+    }
+    for chunk in batch.dead_letters.chunks(CHUNK_ROWS) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO dead_letters (id, reason, record, received_at) ");
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(&r.id).push_bind(r.reason.code()).push_bind(&r.record).push_bind(r.received_at);
+        });
+        q.push(" ON CONFLICT (id) DO NOTHING");
+        q.build().execute(&mut **tx).await?;
+    }
+    Ok(())
 }

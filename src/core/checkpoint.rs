@@ -1,0 +1,236 @@
+//! Checkpoints and savepoints.
+//!
+//! A checkpoint is a consistent snapshot of all operator state plus the source positions,
+//! written to RocksDB in one atomic, synced write once the sinks have accepted every result
+//! emitted before its barrier. The last few are kept; each part carries a digest, so a torn or
+//! corrupt checkpoint is detected and the one before it is used. A savepoint is a checkpoint
+//! exported to a directory (`manifest.json` + one file per part) to restore after an upgrade.
+
+use super::{EngineSnapshot, StateBlob};
+use crate::model::fnv1a64;
+use anyhow::Context as _;
+use rocksdb::{Options, WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Checkpoints kept in the store.
+pub const RETAINED: usize = 3;
+const SAVEPOINT_FORMAT: &str = "passflow-savepoint";
+const SAVEPOINT_FORMAT_VERSION: u32 = 1;
+
+/// A complete checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    pub id: u64,
+    pub created_at: i64,
+    /// The source positions, in the source's own terms.
+    pub source: serde_json::Value,
+    pub engine: EngineSnapshot,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    id: u64,
+    created_at: i64,
+    source: serde_json::Value,
+    parts: Vec<PartMeta>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PartMeta {
+    name: String,
+    version: u32,
+    len: u64,
+    digest: String,
+}
+
+impl PartMeta {
+    fn of(name: &str, blob: &StateBlob) -> PartMeta {
+        PartMeta { name: name.to_owned(), version: blob.version, len: blob.bytes.len() as u64, digest: format!("{:016x}", fnv1a64(&blob.bytes)) }
+    }
+
+    fn verify(&self, bytes: &[u8]) -> anyhow::Result<()> {
+        anyhow::ensure!(bytes.len() as u64 == self.len && format!("{:016x}", fnv1a64(bytes)) == self.digest, "part `{}` is corrupt (length or digest mismatch)", self.name);
+        Ok(())
+    }
+}
+
+fn meta_key(id: u64) -> String {
+    format!("ckpt/{id:020}/meta")
+}
+
+fn part_key(id: u64, name: &str) -> String {
+    format!("ckpt/{id:020}/part/{name}")
+}
+
+pub struct CheckpointStore {
+    db: DB,
+}
+
+impl CheckpointStore {
+    /// Opens (or creates) the checkpoint store in `dir`.
+    pub fn open(dir: &Path) -> anyhow::Result<CheckpointStore> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.set_keep_log_file_num(2);
+        let db = DB::open(&options, dir.join("checkpoints")).with_context(|| format!("opening the checkpoint store in {}", dir.display()))?;
+        Ok(CheckpointStore { db })
+    }
+
+    /// Writes a checkpoint atomically (synced), then drops all but the last [`RETAINED`].
+    pub fn save(&self, checkpoint: &Checkpoint) -> anyhow::Result<()> {
+        let id = checkpoint.id;
+        let mut batch = WriteBatch::default();
+        let parts: Vec<PartMeta> = checkpoint.engine.parts.iter().map(|(n, b)| PartMeta::of(n, b)).collect();
+        for (name, blob) in &checkpoint.engine.parts {
+            batch.put(part_key(id, name), &blob.bytes);
+        }
+        let meta = Meta { id, created_at: checkpoint.created_at, source: checkpoint.source.clone(), parts };
+        batch.put(meta_key(id), serde_json::to_vec(&meta)?);
+        for old in self.ids()?.into_iter().filter(|old| *old + RETAINED as u64 <= id) {
+            batch.delete_range(format!("ckpt/{old:020}/"), format!("ckpt/{old:020}0"));
+        }
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        self.db.write_opt(batch, &sync).context("writing a checkpoint")?;
+        Ok(())
+    }
+
+    /// Ids of the stored checkpoints, oldest first.
+    pub fn ids(&self) -> anyhow::Result<Vec<u64>> {
+        let mut ids = Vec::new();
+        for item in self.db.prefix_iterator(b"ckpt/") {
+            let (key, _) = item?;
+            let key = String::from_utf8_lossy(&key);
+            if let Some(id) = key.strip_prefix("ckpt/").and_then(|k| k.strip_suffix("/meta")) {
+                ids.push(id.parse()?);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The newest checkpoint that reads back intact; corrupt ones are reported and skipped.
+    pub fn latest(&self) -> anyhow::Result<Option<Checkpoint>> {
+        for id in self.ids()?.into_iter().rev() {
+            match self.load(id) {
+                Ok(checkpoint) => return Ok(Some(checkpoint)),
+                Err(e) => tracing::warn!(checkpoint = id, error = %format!("{e:#}"), "skipping a corrupt checkpoint"),
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn load(&self, id: u64) -> anyhow::Result<Checkpoint> {
+        let meta = self.db.get(meta_key(id))?.ok_or_else(|| anyhow::anyhow!("checkpoint {id} has no metadata"))?;
+        let meta: Meta = serde_json::from_slice(&meta).with_context(|| format!("checkpoint {id}: unreadable metadata"))?;
+        let mut parts = Vec::new();
+        for p in &meta.parts {
+            let bytes = self.db.get(part_key(id, &p.name))?.ok_or_else(|| anyhow::anyhow!("checkpoint {id}: part `{}` is missing", p.name))?;
+            p.verify(&bytes).with_context(|| format!("checkpoint {id}"))?;
+            parts.push((p.name.clone(), StateBlob { version: p.version, bytes }));
+        }
+        Ok(Checkpoint { id, created_at: meta.created_at, source: meta.source, engine: EngineSnapshot { parts } })
+    }
+
+    /// Overwrites part of a stored checkpoint (tests use it to corrupt one).
+    pub fn put_raw_part(&self, id: u64, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        Ok(self.db.put(part_key(id, name), bytes)?)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavepointManifest {
+    format: String,
+    format_version: u32,
+    checkpoint_id: u64,
+    created_at: i64,
+    source: serde_json::Value,
+    parts: Vec<PartMeta>,
+}
+
+/// Exports a checkpoint as a savepoint directory.
+pub fn write_savepoint(checkpoint: &Checkpoint, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join("parts")).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, blob) in &checkpoint.engine.parts {
+        std::fs::write(part_file(dir, name), &blob.bytes)?;
+    }
+    let manifest = SavepointManifest {
+        format: SAVEPOINT_FORMAT.into(),
+        format_version: SAVEPOINT_FORMAT_VERSION,
+        checkpoint_id: checkpoint.id,
+        created_at: checkpoint.created_at,
+        source: checkpoint.source.clone(),
+        parts: checkpoint.engine.parts.iter().map(|(n, b)| PartMeta::of(n, b)).collect(),
+    };
+    // The manifest goes last: a directory without one is not a savepoint.
+    std::fs::write(dir.join("manifest.json"), serde_json::to_vec_pretty(&manifest)?)?;
+    Ok(())
+}
+
+/// Reads a savepoint directory back, checking every part.
+pub fn read_savepoint(dir: &Path) -> anyhow::Result<Checkpoint> {
+    let text = std::fs::read(dir.join("manifest.json")).with_context(|| format!("{} is not a savepoint (no manifest.json)", dir.display()))?;
+    let m: SavepointManifest = serde_json::from_slice(&text).with_context(|| format!("{}/manifest.json is unreadable", dir.display()))?;
+    anyhow::ensure!(m.format == SAVEPOINT_FORMAT, "{}: not a passflow savepoint", dir.display());
+    anyhow::ensure!(m.format_version == SAVEPOINT_FORMAT_VERSION, "savepoint format version {} is not supported (this build reads {})", m.format_version, SAVEPOINT_FORMAT_VERSION);
+    let mut parts = Vec::new();
+    for p in &m.parts {
+        let bytes = std::fs::read(part_file(dir, &p.name)).with_context(|| format!("savepoint part `{}`", p.name))?;
+        p.verify(&bytes).with_context(|| format!("savepoint {}", dir.display()))?;
+        parts.push((p.name.clone(), StateBlob { version: p.version, bytes }));
+    }
+    Ok(Checkpoint { id: m.checkpoint_id, created_at: m.created_at, source: m.source, engine: EngineSnapshot { parts } })
+}
+
+fn part_file(dir: &Path, name: &str) -> PathBuf {
+    dir.join("parts").join(format!("{name}.bin"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint(id: u64) -> Checkpoint {
+        let parts = vec![("a".to_owned(), StateBlob { version: 1, bytes: vec![id as u8; 10] }), ("b".to_owned(), StateBlob { version: 2, bytes: b"state".to_vec() })];
+        Checkpoint { id, created_at: 5, source: serde_json::json!({ "offset": id * 100 }), engine: EngineSnapshot { parts } }
+    }
+
+    #[test]
+    fn the_latest_checkpoint_reads_back_and_only_the_last_few_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path()).unwrap();
+        assert_eq!(store.latest().unwrap(), None);
+        for id in 1..=5 {
+            store.save(&checkpoint(id)).unwrap();
+        }
+        assert_eq!(store.ids().unwrap(), vec![3, 4, 5]);
+        assert_eq!(store.latest().unwrap(), Some(checkpoint(5)));
+        drop(store);
+        let reopened = CheckpointStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.latest().unwrap(), Some(checkpoint(5)));
+    }
+
+    #[test]
+    fn a_corrupt_checkpoint_is_skipped_for_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path()).unwrap();
+        store.save(&checkpoint(1)).unwrap();
+        store.save(&checkpoint(2)).unwrap();
+        store.put_raw_part(2, "b", b"stale").unwrap();
+        assert!(store.load(2).is_err());
+        assert_eq!(store.latest().unwrap(), Some(checkpoint(1)));
+    }
+
+    #[test]
+    fn a_savepoint_round_trips_and_a_damaged_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_savepoint(&checkpoint(7), dir.path()).unwrap();
+        assert_eq!(read_savepoint(dir.path()).unwrap(), checkpoint(7));
+        std::fs::write(dir.path().join("parts/a.bin"), b"xx").unwrap();
+        let err = format!("{:#}", read_savepoint(dir.path()).unwrap_err());
+        assert!(err.contains("part `a` is corrupt"), "{err}");
+        let err = format!("{:#}", read_savepoint(Path::new("/nonexistent")).unwrap_err());
+        assert!(err.contains("not a savepoint"), "{err}");
+    }
+}

@@ -1,0 +1,81 @@
+//! Drives an engine between a source and the stores: hands each batch's results to the sink
+//! queue and, on schedule, takes a checkpoint that completes only after the sink has written
+//! everything emitted before its barrier.
+
+use super::checkpoint::{Checkpoint, CheckpointStore};
+use super::sink::SinkHandle;
+use super::Engine;
+use crate::metrics::Metrics;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct Checkpointing {
+    pub store: CheckpointStore,
+    pub interval: Duration,
+}
+
+pub struct Driver {
+    pub engine: Engine,
+    sink: SinkHandle,
+    checkpoints: Option<Checkpointing>,
+    metrics: Arc<Metrics>,
+    next_id: u64,
+    last_checkpoint: Instant,
+}
+
+impl Driver {
+    /// Restores the engine from the newest intact checkpoint, if there is one, and returns its
+    /// source position.
+    pub fn start(mut engine: Engine, sink: SinkHandle, checkpoints: Option<Checkpointing>, metrics: Arc<Metrics>) -> anyhow::Result<(Driver, Option<serde_json::Value>)> {
+        let mut next_id = 1;
+        let mut position = None;
+        if let Some(c) = &checkpoints {
+            if let Some(latest) = c.store.latest()? {
+                engine.restore(&latest.engine)?;
+                tracing::info!(checkpoint = latest.id, "resumed from checkpoint");
+                next_id = latest.id + 1;
+                position = Some(latest.source);
+            }
+            next_id = next_id.max(c.store.ids()?.last().map_or(1, |id| id + 1));
+        }
+        Ok((Driver { engine, sink, checkpoints, metrics, next_id, last_checkpoint: Instant::now() }, position))
+    }
+
+    /// Hands the results so far to the sink; checkpoints when one is due.
+    pub async fn after_batch(&mut self, position: impl FnOnce() -> serde_json::Value) -> anyhow::Result<()> {
+        self.flush().await?;
+        let due = self.checkpoints.as_ref().is_some_and(|c| self.last_checkpoint.elapsed() >= c.interval);
+        if due {
+            self.checkpoint(position()).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        let out = self.engine.take_output();
+        self.metrics.late_passes.inc_by(out.late_passes.len() as u64);
+        self.sink.send(out).await
+    }
+
+    /// Takes a checkpoint now (when checkpointing is on) and returns it.
+    pub async fn checkpoint(&mut self, position: serde_json::Value) -> anyhow::Result<Option<Checkpoint>> {
+        if self.checkpoints.is_none() {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let id = self.next_id;
+        self.engine.barrier(id);
+        self.flush().await?;
+        let engine = self.engine.snapshot()?;
+        self.sink.barrier().await?;
+        let checkpoint = Checkpoint { id, created_at: chrono::Utc::now().timestamp_millis(), source: position, engine };
+        if let Some(c) = &self.checkpoints {
+            c.store.save(&checkpoint)?;
+        }
+        self.next_id += 1;
+        self.last_checkpoint = Instant::now();
+        self.metrics.checkpoints.inc();
+        tracing::debug!(checkpoint = id, took_ms = started.elapsed().as_millis() as u64, "checkpoint complete");
+        Ok(Some(checkpoint))
+    }
+}

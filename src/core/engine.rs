@@ -1,0 +1,204 @@
+//! The engine: records in, results out. It runs ingestion, judges lateness against the
+//! watermark, drives every operator through its lifecycle and snapshots the lot.
+
+use super::operator::{Context, Operator, StateBlob};
+use super::watermark::WatermarkTracker;
+use crate::ingest::{DeadLetter, Ingest, IngestStats, Outcome};
+use crate::model::Pass;
+use crate::reference::City;
+use crate::results::{LatePassRow, ResultBatch};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// One raw record from a source.
+pub struct Record<'a> {
+    pub partition: u32,
+    /// The record's place in its source (a line number, a sequence number, an offset): with
+    /// the source's name it is the stable id of a dead letter.
+    pub seq: u64,
+    pub bytes: &'a [u8],
+}
+
+/// The clocks a batch is judged by.
+#[derive(Clone, Copy, Debug)]
+pub struct Clocks {
+    /// `future_timestamp` is judged against this (`None`: no check, as in a replay).
+    pub future_now: Option<i64>,
+    /// Processing time: idle partitions, `arrived_at` and `received_at`.
+    pub processing_now: i64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct EngineSettings {
+    pub out_of_orderness_ms: i64,
+    pub idle_timeout_ms: i64,
+    pub allowed_lateness_ms: i64,
+    /// Live mode: the wall clock moves the watermark when no data comes.
+    pub live: bool,
+}
+
+/// Everything the engine needs to resume: the input to a checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineSnapshot {
+    pub parts: Vec<(String, StateBlob)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CoreState {
+    watermarks: WatermarkTracker,
+    stats: IngestStats,
+}
+
+const CORE_STATE_VERSION: u32 = 1;
+const DEDUP_STATE_VERSION: u32 = 1;
+
+pub struct Engine {
+    city: Arc<City>,
+    ingest: Ingest,
+    watermarks: WatermarkTracker,
+    operators: Vec<Box<dyn Operator>>,
+    settings: EngineSettings,
+    out: ResultBatch,
+}
+
+impl Engine {
+    pub fn new(city: Arc<City>, ingest: Ingest, operators: Vec<Box<dyn Operator>>, settings: EngineSettings) -> Engine {
+        let watermarks = WatermarkTracker::new(settings.out_of_orderness_ms, settings.idle_timeout_ms);
+        Engine { city, ingest, watermarks, operators, settings, out: ResultBatch::default() }
+    }
+
+    pub fn stats(&self) -> &IngestStats {
+        &self.ingest.stats
+    }
+
+    pub fn watermark(&self) -> i64 {
+        self.watermarks.current()
+    }
+
+    /// A partition the source now reads.
+    pub fn assign(&mut self, partition: u32, processing_now: i64) {
+        self.watermarks.assign(partition, processing_now);
+    }
+
+    /// Takes a batch of records from the source named `source`.
+    pub fn process<'a>(&mut self, source: &str, records: impl IntoIterator<Item = Record<'a>>, clocks: Clocks) {
+        let watermark = self.watermarks.current();
+        let mut passes: Vec<Pass> = Vec::new();
+        let mut raw: Vec<&'a [u8]> = Vec::new();
+        for record in records {
+            match self.ingest.accept(record.bytes, clocks.future_now) {
+                Outcome::Valid(pass) => {
+                    self.watermarks.observe(record.partition, pass.ts.ms(), clocks.processing_now);
+                    passes.push(pass);
+                    raw.push(record.bytes);
+                }
+                Outcome::Duplicate => {}
+                Outcome::Rejected(reason) => self.out.dead_letters.push(DeadLetter {
+                    id: format!("{source}:{}", record.seq),
+                    reason,
+                    record: String::from_utf8_lossy(record.bytes).into_owned(),
+                    received_at: clocks.processing_now,
+                }),
+            }
+        }
+        let mut late = Vec::new();
+        let mut ctx = Context { watermark, allowed_lateness_ms: self.settings.allowed_lateness_ms, out: &mut self.out, late: &mut late };
+        for op in &mut self.operators {
+            op.process_batch(&passes, &mut ctx);
+        }
+        self.record_late(late, &passes, &raw, clocks.processing_now);
+        self.advance(clocks.processing_now);
+    }
+
+    /// Moves the watermark without data (live: the wall clock).
+    pub fn tick(&mut self, processing_now: i64) {
+        self.advance(processing_now);
+    }
+
+    /// End of input: the watermark goes to the end of time and every window is emitted.
+    pub fn finish(&mut self) {
+        let watermark = self.watermarks.finish();
+        let mut late = Vec::new();
+        let mut ctx = Context { watermark, allowed_lateness_ms: self.settings.allowed_lateness_ms, out: &mut self.out, late: &mut late };
+        for op in &mut self.operators {
+            op.on_watermark(&mut ctx);
+            op.on_close(&mut ctx);
+        }
+    }
+
+    /// The rows emitted since the last call.
+    pub fn take_output(&mut self) -> ResultBatch {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Tells the operators a checkpoint barrier passes.
+    pub fn barrier(&mut self, id: u64) {
+        for op in &mut self.operators {
+            op.on_checkpoint(id);
+        }
+    }
+
+    pub fn snapshot(&self) -> anyhow::Result<EngineSnapshot> {
+        let core = CoreState { watermarks: self.watermarks.clone(), stats: self.ingest.stats.clone() };
+        let mut parts = vec![
+            ("core".to_owned(), StateBlob { version: CORE_STATE_VERSION, bytes: serde_json::to_vec(&core)? }),
+            ("dedup".to_owned(), StateBlob { version: DEDUP_STATE_VERSION, bytes: self.ingest.dedup().snapshot() }),
+        ];
+        for op in &self.operators {
+            parts.push((op.name().to_owned(), op.snapshot()?));
+        }
+        Ok(EngineSnapshot { parts })
+    }
+
+    pub fn restore(&mut self, snapshot: &EngineSnapshot) -> anyhow::Result<()> {
+        let part = |name: &str| snapshot.parts.iter().find(|(n, _)| n == name).map(|(_, b)| b).ok_or_else(|| anyhow::anyhow!("the snapshot has no state for `{name}`"));
+        let core = part("core")?;
+        super::check_version("core", core.version, CORE_STATE_VERSION)?;
+        let core: CoreState = serde_json::from_slice(&core.bytes)?;
+        let dedup = part("dedup")?;
+        super::check_version("dedup", dedup.version, DEDUP_STATE_VERSION)?;
+        self.ingest.dedup_mut().restore(&dedup.bytes)?;
+        for op in &mut self.operators {
+            op.restore(part(op.name())?)?;
+        }
+        self.watermarks = core.watermarks;
+        self.ingest.stats = core.stats;
+        Ok(())
+    }
+
+    fn advance(&mut self, processing_now: i64) {
+        let before = self.watermarks.current();
+        let watermark = self.watermarks.advance(processing_now, self.settings.live);
+        if watermark > before {
+            let mut late = Vec::new();
+            let mut ctx = Context { watermark, allowed_lateness_ms: self.settings.allowed_lateness_ms, out: &mut self.out, late: &mut late };
+            for op in &mut self.operators {
+                op.on_watermark(&mut ctx);
+            }
+        }
+    }
+
+    /// One `late_passes` row per late pass, naming everything it missed.
+    fn record_late(&mut self, mut late: Vec<(usize, &'static str)>, passes: &[Pass], raw: &[&[u8]], arrived_at: i64) {
+        late.sort_unstable();
+        let mut i = 0;
+        while i < late.len() {
+            let idx = late[i].0;
+            let mut pipelines = Vec::new();
+            while i < late.len() && late[i].0 == idx {
+                pipelines.push(late[i].1);
+                i += 1;
+            }
+            let pass = &passes[idx];
+            self.ingest.stats.late += 1;
+            self.out.late_passes.push(LatePassRow {
+                pass_id: pass.pass_id.clone(),
+                pipelines,
+                checkpoint_id: self.city.checkpoint(pass.checkpoint).id.clone(),
+                ts: pass.ts.ms(),
+                arrived_at,
+                record: String::from_utf8_lossy(raw[idx]).into_owned(),
+            });
+        }
+    }
+}

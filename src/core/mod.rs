@@ -1,0 +1,22 @@
+//! The streaming core: event time, watermarks, windows, lateness, operator state, checkpoints
+//! and savepoints. Its contract: for any input in which no record is later than the allowed
+//! lateness, the final result tables equal a batch computation over the same deduplicated
+//! records, whatever the arrival order, batch boundaries or restarts in between.
+//!
+//! - `window.rs`, `watermark.rs`: pure functions of event time, unit-tested.
+//! - `operator.rs`: the [`Operator`] contract every pipeline implements.
+//! - `engine.rs`: ingestion, lateness, operators and snapshots for one stream.
+//! - `checkpoint.rs`: checkpoints in RocksDB, savepoints in a directory.
+//! - `sink.rs`: the bounded hand-over to the stores, with checkpoint barriers.
+//! - `driver.rs`: an engine between a source and the sink, checkpointing on schedule.
+
+pub mod checkpoint;
+pub mod driver;
+mod engine;
+mod operator;
+pub mod sink;
+pub mod watermark;
+pub mod window;
+
+pub use engine::{Clocks, Engine, EngineSettings, EngineSnapshot, Record};
+pub use operator::{check_version, Context, Operator, StateBlob};

@@ -1,0 +1,114 @@
+//! The hand-over from the engine to the stores: a bounded queue (a slow store slows the
+//! source, memory stays bounded), per-key coalescing, retries while the store is down, and
+//! checkpoint barriers that complete only when everything before them has been written.
+
+use crate::metrics::Metrics;
+use crate::results::{FlowCountRow, ResultBatch};
+use crate::store::Store;
+use rustc_hash::FxHashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// Batches queued between the engine and the store writer.
+pub const QUEUE_BATCHES: usize = 8;
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+enum SinkMsg {
+    Rows(ResultBatch),
+    Barrier(oneshot::Sender<()>),
+}
+
+#[derive(Clone)]
+pub struct SinkHandle {
+    tx: mpsc::Sender<SinkMsg>,
+}
+
+impl SinkHandle {
+    /// Queues rows for the store; waits while the queue is full.
+    pub async fn send(&self, batch: ResultBatch) -> anyhow::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.tx.send(SinkMsg::Rows(batch)).await.map_err(|_| anyhow::anyhow!("the store writer has stopped"))
+    }
+
+    /// Returns once every row queued before it has been written.
+    pub async fn barrier(&self) -> anyhow::Result<()> {
+        let (ack, done) = oneshot::channel();
+        self.tx.send(SinkMsg::Barrier(ack)).await.map_err(|_| anyhow::anyhow!("the store writer has stopped"))?;
+        done.await.map_err(|_| anyhow::anyhow!("the store writer stopped before the barrier"))
+    }
+}
+
+/// Starts the store writer; it ends when every handle is dropped.
+pub fn spawn_writer(store: Store, metrics: Arc<Metrics>) -> (SinkHandle, JoinHandle<anyhow::Result<()>>) {
+    let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
+    (SinkHandle { tx }, tokio::spawn(write_loop(store, rx, metrics)))
+}
+
+async fn write_loop(store: Store, mut rx: mpsc::Receiver<SinkMsg>, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            SinkMsg::Rows(mut batch) => {
+                batch.flow_counts = coalesce(std::mem::take(&mut batch.flow_counts));
+                write_with_retry(&store, &batch, &metrics).await;
+            }
+            SinkMsg::Barrier(ack) => {
+                let _ = ack.send(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes a batch, retrying with back-off until the store takes it: results are never dropped.
+async fn write_with_retry(store: &Store, batch: &ResultBatch, metrics: &Metrics) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match store.write(batch).await {
+            Ok(()) => {
+                metrics.sink_rows.inc_by(batch.len() as u64);
+                return;
+            }
+            Err(e) => {
+                metrics.sink_errors.inc();
+                tracing::warn!(store = store.kind(), error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "store write failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Keeps one row per key: the one with the highest revision.
+pub fn coalesce(rows: Vec<FlowCountRow>) -> Vec<FlowCountRow> {
+    let mut best: FxHashMap<(&'static str, Arc<str>, u32, i64), FlowCountRow> = FxHashMap::default();
+    for row in rows {
+        let key = (row.level, row.key_id.clone(), row.window_s, row.window_start);
+        match best.get(&key) {
+            Some(kept) if kept.revision > row.revision => {}
+            _ => {
+                best.insert(key, row);
+            }
+        }
+    }
+    best.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: &str, passes: u64, revision: u32) -> FlowCountRow {
+        FlowCountRow { level: "checkpoint", key_id: key.into(), window_s: 30, window_start: 0, passes, revision }
+    }
+
+    #[test]
+    fn coalescing_keeps_the_highest_revision_of_each_key() {
+        let mut rows = coalesce(vec![row("a", 1, 0), row("a", 3, 2), row("a", 2, 1), row("b", 5, 0)]);
+        rows.sort();
+        assert_eq!(rows, vec![row("a", 3, 2), row("b", 5, 0)]);
+    }
+}

@@ -1,0 +1,82 @@
+//! Window assignment and lateness: pure functions of event time.
+//!
+//! Windows are epoch-aligned: a window of `size` ms starts at a multiple of `size`. Sliding
+//! windows of `size` every `slide` start at multiples of `slide`. Day windows follow the city's
+//! local calendar.
+
+use chrono::NaiveDate;
+use chrono_tz::Tz;
+
+use crate::model::EventTime;
+
+/// The start of the tumbling window of `size_ms` that contains `ts`.
+pub fn tumbling_start(ts: i64, size_ms: i64) -> i64 {
+    ts.div_euclid(size_ms) * size_ms
+}
+
+/// The starts of every sliding window (`size_ms` long, every `slide_ms`) that contains `ts`,
+/// earliest first.
+pub fn sliding_starts(ts: i64, size_ms: i64, slide_ms: i64) -> impl Iterator<Item = i64> {
+    let last = tumbling_start(ts, slide_ms);
+    let first = last - (size_ms - slide_ms).div_euclid(slide_ms) * slide_ms;
+    (0..).map(move |k| first + k * slide_ms).take_while(move |s| *s <= last).filter(move |s| ts < s + size_ms)
+}
+
+/// The local day of `ts` in the city's time zone.
+pub fn local_day(ts: i64, tz: Tz) -> NaiveDate {
+    EventTime(ts).local_date(tz)
+}
+
+/// A pass is late for a window when, on its arrival, the watermark has already reached the
+/// window's end plus the allowed lateness (Flink's rule).
+pub fn is_late(window_end: i64, watermark: i64, allowed_lateness_ms: i64) -> bool {
+    watermark >= window_end.saturating_add(allowed_lateness_ms)
+}
+
+/// A window is emitted once the watermark has passed its end.
+pub fn is_complete(window_end: i64, watermark: i64) -> bool {
+    watermark >= window_end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tumbling_windows_are_epoch_aligned_and_half_open() {
+        assert_eq!(tumbling_start(0, 30_000), 0);
+        assert_eq!(tumbling_start(29_999, 30_000), 0);
+        assert_eq!(tumbling_start(30_000, 30_000), 30_000);
+        assert_eq!(tumbling_start(1_772_409_612_345, 300_000), 1_772_409_600_000);
+        assert_eq!(tumbling_start(-1, 30_000), -30_000);
+    }
+
+    #[test]
+    fn a_time_falls_in_size_over_slide_sliding_windows() {
+        let starts: Vec<i64> = sliding_starts(62_000, 60_000, 5_000).collect();
+        assert_eq!(starts.len(), 12);
+        assert_eq!(starts.first(), Some(&5_000));
+        assert_eq!(starts.last(), Some(&60_000));
+        assert!(starts.iter().all(|s| *s <= 62_000 && 62_000 < s + 60_000));
+        let on_boundary: Vec<i64> = sliding_starts(60_000, 60_000, 5_000).collect();
+        assert_eq!(on_boundary.first(), Some(&5_000));
+        assert_eq!(on_boundary.last(), Some(&60_000));
+    }
+
+    #[test]
+    fn lateness_is_judged_against_window_end_plus_allowed_lateness() {
+        assert!(!is_late(60_000, 59_999, 0));
+        assert!(is_late(60_000, 60_000, 0));
+        assert!(!is_late(60_000, 60_000 + 3_599_999, 3_600_000));
+        assert!(is_late(60_000, 60_000 + 3_600_000, 3_600_000));
+        assert!(is_complete(60_000, 60_000) && !is_complete(60_000, 59_999));
+    }
+
+    #[test]
+    fn local_days_turn_at_midnight_in_the_city() {
+        let tz = chrono_tz::Asia::Shanghai;
+        // 2026-03-01T15:59:59.999Z is 23:59:59.999 on 1 March in Shanghai.
+        assert_eq!(local_day(1_772_380_799_999, tz), NaiveDate::from_ymd_opt(2026, 3, 1).unwrap());
+        assert_eq!(local_day(1_772_380_800_000, tz), NaiveDate::from_ymd_opt(2026, 3, 2).unwrap());
+    }
+}

@@ -1,0 +1,52 @@
+//! Result rows, one type per result table of ARCHITECTURE.md, and the batch that carries them
+//! from the operators to the stores.
+
+use crate::ingest::DeadLetter;
+use std::sync::Arc;
+
+/// `flow_counts`(level, key_id, window_s, window_start, passes, revision).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowCountRow {
+    pub level: &'static str,
+    pub key_id: Arc<str>,
+    pub window_s: u32,
+    pub window_start: i64,
+    pub passes: u64,
+    pub revision: u32,
+}
+
+/// `late_passes`(pass_id, pipelines, checkpoint_id, ts, arrived_at, record).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LatePassRow {
+    pub pass_id: Arc<str>,
+    /// What the pass missed, e.g. `["flow_counts/30s"]`.
+    pub pipelines: Vec<&'static str>,
+    pub checkpoint_id: Arc<str>,
+    pub ts: i64,
+    pub arrived_at: i64,
+    pub record: String,
+}
+
+/// Everything emitted between two hand-overs to the stores.
+#[derive(Clone, Debug, Default)]
+pub struct ResultBatch {
+    pub flow_counts: Vec<FlowCountRow>,
+    pub late_passes: Vec<LatePassRow>,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+impl ResultBatch {
+    pub fn len(&self) -> usize {
+        self.flow_counts.len() + self.late_passes.len() + self.dead_letters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn append(&mut self, other: &mut ResultBatch) {
+        self.flow_counts.append(&mut other.flow_counts);
+        self.late_passes.append(&mut other.late_passes);
+        self.dead_letters.append(&mut other.dead_letters);
+    }
+}
