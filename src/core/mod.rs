@@ -20,3 +20,6 @@ pub mod window;
 
 pub use engine::{Clocks, Engine, EngineSettings, EngineSnapshot, Record};
 pub use operator::{check_version, Context, Operator, StateBlob};
+
+#[cfg(test)]
+mod convergence_tests;

@@ -17,8 +17,6 @@ use std::sync::Arc;
 pub const FLOW_WINDOWS_S: [u32; 3] = [30, 60, 300];
 const LATE_LABELS: [&str; 3] = ["flow_counts/30s", "flow_counts/1m", "flow_counts/5m"];
 const STATE_VERSION: u32 = 1;
-/// A revision not yet emitted.
-const NEVER: u32 = u32::MAX;
 
 /// Slot layout: checkpoints, then 8 directions per checkpoint, regions, the city, boundary in
 /// and out, then bus lanes per checkpoint.
@@ -77,10 +75,13 @@ impl KeySpace {
     }
 }
 
+/// One window's counts. A row's `revision` is the number of passes it reflects beyond the
+/// first (count − 1): it grows with every correction, and, unlike a count of emissions, it
+/// does not depend on how the input was batched, so a re-emission after a restart never loses
+/// to a stale row in the store.
 #[derive(Clone, Debug, Default)]
 struct Window {
     counts: Vec<u32>,
-    revisions: Vec<u32>,
     /// Slots changed since the window was last emitted.
     dirty: Vec<u32>,
     emitted: bool,
@@ -97,24 +98,23 @@ struct WindowSet {
 struct StoredWindow {
     start: i64,
     emitted: bool,
-    /// (slot, count, revision or `NEVER`)
-    slots: Vec<(u32, u32, u32)>,
+    /// (slot, count)
+    slots: Vec<(u32, u32)>,
     dirty: Vec<u32>,
 }
 
 impl StoredWindow {
     fn from_window(start: i64, w: &Window) -> StoredWindow {
-        let slots = (0..w.counts.len()).filter(|s| w.counts[*s] > 0 || w.revisions[*s] != NEVER).map(|s| (s as u32, w.counts[s], w.revisions[s])).collect();
+        let slots = (0..w.counts.len()).filter(|s| w.counts[*s] > 0).map(|s| (s as u32, w.counts[s])).collect();
         StoredWindow { start, emitted: w.emitted, slots, dirty: w.dirty.clone() }
     }
 
     fn into_window(self, width: usize) -> anyhow::Result<(i64, Window)> {
-        let mut w = Window { counts: vec![0; width], revisions: vec![NEVER; width], dirty: self.dirty, emitted: self.emitted };
-        for (slot, count, revision) in self.slots {
+        let mut w = Window { counts: vec![0; width], dirty: self.dirty, emitted: self.emitted };
+        for (slot, count) in self.slots {
             let s = slot as usize;
             anyhow::ensure!(s < width, "flow_counts state names slot {s} of {width}: the city changed since the snapshot");
             w.counts[s] = count;
-            w.revisions[s] = revision;
         }
         Ok((self.start, w))
     }
@@ -135,9 +135,8 @@ impl FlowCounts {
         let window_s = (size_ms / 1000) as u32;
         let mut row = |slot: u32, w: &mut Window| {
             let s = slot as usize;
-            w.revisions[s] = if w.revisions[s] == NEVER { 0 } else { w.revisions[s] + 1 };
             let (level, key_id) = &self.keys.keys[s];
-            out.push(FlowCountRow { level, key_id: key_id.clone(), window_s, window_start: start, passes: u64::from(w.counts[s]), revision: w.revisions[s] });
+            out.push(FlowCountRow { level, key_id: key_id.clone(), window_s, window_start: start, passes: u64::from(w.counts[s]), revision: w.counts[s].saturating_sub(1) });
         };
         if !w.emitted {
             for slot in 0..w.counts.len() as u32 {
@@ -177,7 +176,7 @@ impl Operator for FlowCounts {
                 }
                 let w = match current.take() {
                     Some((s, w)) if s == start => w,
-                    _ => set.open.entry(start).or_insert_with(|| Window { counts: vec![0; width], revisions: vec![NEVER; width], ..Window::default() }),
+                    _ => set.open.entry(start).or_insert_with(|| Window { counts: vec![0; width], ..Window::default() }),
                 };
                 let n = self.keys.slots(pass, &mut slots);
                 for &slot in &slots[..n] {

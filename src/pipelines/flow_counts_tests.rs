@@ -74,6 +74,7 @@ fn a_window_is_emitted_once_the_watermark_passes_its_end() {
     let w = find(&rows, "checkpoint", "A", 30);
     assert_eq!(w.len(), 1);
     assert_eq!((w[0].window_start, w[0].passes, w[0].revision), (0, 1, 0));
+    assert_eq!(find(&h.watermark(30_000), "checkpoint", "A", 30).len(), 0, "emitted once");
     let rows = h.watermark(60_000);
     assert_eq!(find(&rows, "checkpoint", "A", 30)[0].window_start, 30_000);
     assert_eq!(find(&rows, "checkpoint", "A", 60)[0].passes, 2);

@@ -1,0 +1,176 @@
+//! The core's contract as properties: shuffled, duplicated, re-batched input with restores from
+//! earlier snapshots in between converges to the batch computation; passes later than the
+//! allowed lateness all reach the late output.
+
+use super::{Clocks, Engine, EngineSettings, Record};
+use crate::ingest::{Deduplicator, Ingest, Validator};
+use crate::model::{decode_record, Pass, PlateColorScheme};
+use crate::pipelines::{all, batch_flow_counts};
+use crate::reference::City;
+use crate::simulator::{sample_city, simulate_day, SimParams};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+const TZ: chrono_tz::Tz = chrono_tz::Asia::Shanghai;
+const LATENESS: i64 = 30 * 60_000;
+
+/// A small simulated day: the city, every distinct valid record (line, pass), first copies.
+fn day() -> &'static (Arc<City>, Vec<(String, Pass)>) {
+    static DAY: OnceLock<(Arc<City>, Vec<(String, Pass)>)> = OnceLock::new();
+    DAY.get_or_init(|| {
+        let city = Arc::new(sample_city());
+        let params = SimParams { day: chrono::NaiveDate::from_ymd_opt(2026, 3, 2).unwrap(), vehicles: 250, seed: 5, time_zone: TZ, local_prefixes: vec!["赣A".into()] };
+        let validator = Validator::new(city.clone(), TZ, PlateColorScheme::Police, 300_000);
+        let mut seen = std::collections::HashSet::new();
+        let records = simulate_day(&city, &params)
+            .emissions
+            .into_iter()
+            .filter_map(|e| {
+                let record = decode_record(e.line.as_bytes(), TZ, PlateColorScheme::Police).ok()?;
+                let pass = validator.validate(record, None).ok()?;
+                seen.insert(pass.pass_id.clone()).then_some((e.line, pass))
+            })
+            .collect();
+        (city, records)
+    })
+}
+
+fn engine(city: &Arc<City>) -> Engine {
+    let ingest = Ingest::new(Validator::new(city.clone(), TZ, PlateColorScheme::Police, 300_000), Deduplicator::new(LATENESS + 10_000));
+    Engine::new(city.clone(), ingest, all(city), EngineSettings { out_of_orderness_ms: 10_000, idle_timeout_ms: 60_000, allowed_lateness_ms: LATENESS, live: false })
+}
+
+type Table = BTreeMap<(String, String, u32, i64), (u32, u64)>;
+
+/// Upserts rows as a store does: a stored higher revision is never overwritten.
+fn upsert(table: &mut Table, engine: &mut Engine, late: &mut Vec<(String, Vec<&'static str>)>) {
+    let out = engine.take_output();
+    for r in out.flow_counts {
+        let key = (r.level.to_owned(), r.key_id.to_string(), r.window_s, r.window_start);
+        match table.get(&key) {
+            Some((rev, _)) if *rev > r.revision => {}
+            _ => {
+                table.insert(key, (r.revision, r.passes));
+            }
+        }
+    }
+    late.extend(out.late_passes.into_iter().map(|l| (l.pass_id.to_string(), l.pipelines)));
+}
+
+/// Feeds `lines` in batches of random sizes; at random points it snapshots, and at others it
+/// restores the last snapshot into a new engine and rewinds to it (a crash and restart).
+fn run(city: &Arc<City>, lines: &[String], rng: &mut ChaCha8Rng) -> (Table, Vec<(String, Vec<&'static str>)>) {
+    let mut e = engine(city);
+    let (mut table, mut late) = (Table::new(), Vec::new());
+    let mut at = 0;
+    let mut saved = (e.snapshot().unwrap(), 0usize);
+    let clocks = Clocks { future_now: None, processing_now: 0 };
+    while at < lines.len() {
+        let n = rng.gen_range(1..=400).min(lines.len() - at);
+        let records = lines[at..at + n].iter().enumerate().map(|(i, l)| Record { partition: 0, seq: (at + i) as u64, bytes: l.as_bytes() });
+        e.process("test", records, clocks);
+        upsert(&mut table, &mut e, &mut late);
+        at += n;
+        match rng.gen_range(0..20) {
+            0 => saved = (e.snapshot().unwrap(), at),
+            1 => {
+                e = engine(city);
+                e.restore(&saved.0).unwrap();
+                at = saved.1;
+                late.retain(|_| true);
+            }
+            _ => {}
+        }
+    }
+    e.finish();
+    upsert(&mut table, &mut e, &mut late);
+    (table, late)
+}
+
+fn expected(city: &City, passes: &[&Pass]) -> BTreeMap<(String, String, u32, i64), u64> {
+    let owned: Vec<Pass> = passes.iter().map(|p| (*p).clone()).collect();
+    batch_flow_counts(city, &owned)
+}
+
+/// Keys whose counts differ: (key, got, want).
+fn differences(got: &BTreeMap<(String, String, u32, i64), u64>, want: &BTreeMap<(String, String, u32, i64), u64>) -> Vec<(String, Option<u64>, Option<u64>)> {
+    let keys: std::collections::BTreeSet<_> = got.keys().chain(want.keys()).collect();
+    keys.into_iter().filter(|k| got.get(*k) != want.get(*k)).map(|k| (format!("{k:?}"), got.get(k).copied(), want.get(k).copied())).collect()
+}
+
+fn counts(table: &Table) -> BTreeMap<(String, String, u32, i64), u64> {
+    table.iter().map(|(k, (_, passes))| (k.clone(), *passes)).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(12), ..ProptestConfig::default() })]
+
+    #[test]
+    fn shuffled_duplicated_rebatched_restarted_input_converges_to_the_batch_result(seed in any::<u64>()) {
+        let (city, records) = day();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // Arrival = event time + a delay within the allowed lateness; 3 % are sent twice.
+        let mut arrivals: Vec<(i64, &String)> = Vec::new();
+        for (line, pass) in records {
+            arrivals.push((pass.ts.ms() + rng.gen_range(0..LATENESS), line));
+            if rng.gen_bool(0.03) {
+                arrivals.push((pass.ts.ms() + rng.gen_range(0..LATENESS), line));
+            }
+        }
+        arrivals.sort_by_key(|(a, _)| *a);
+        let lines: Vec<String> = arrivals.into_iter().map(|(_, l)| l.clone()).collect();
+        let (table, late) = run(city, &lines, &mut rng);
+        prop_assert!(late.is_empty(), "{} passes late", late.len());
+        let all: Vec<&Pass> = records.iter().map(|(_, p)| p).collect();
+        let diff = differences(&counts(&table), &expected(city, &all));
+        prop_assert!(diff.is_empty(), "{} keys differ, e.g. {:?}", diff.len(), &diff[..diff.len().min(5)]);
+    }
+
+    #[test]
+    fn passes_beyond_the_allowed_lateness_all_reach_the_late_output(seed in any::<u64>()) {
+        let (city, records) = day();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut arrivals: Vec<(i64, &String, bool)> = Vec::new();
+        for (line, pass) in records {
+            let very_late = rng.gen_bool(0.02);
+            let delay = if very_late { LATENESS + 40 * 60_000 } else { rng.gen_range(0..60_000) };
+            arrivals.push((pass.ts.ms() + delay, line, very_late));
+        }
+        arrivals.sort_by_key(|(a, _, _)| *a);
+        let lines: Vec<String> = arrivals.iter().map(|(_, l, _)| (*l).clone()).collect();
+        let (table, late) = run(city, &lines, &mut rng);
+        let late_ids: std::collections::HashSet<&str> = late.iter().map(|(id, _)| id.as_str()).collect();
+        let by_line: std::collections::HashMap<&String, &Pass> = records.iter().map(|(l, p)| (l, p)).collect();
+        // A pass is surely late when records seen a whole batch (400) before it already put the
+        // watermark past its 5 min window's end plus the lateness.
+        let mut on_time = Vec::new();
+        let mut max_before: Vec<i64> = Vec::with_capacity(arrivals.len());
+        let mut running = i64::MIN;
+        for (_, line, _) in &arrivals {
+            max_before.push(running);
+            running = running.max(by_line[line].ts.ms());
+        }
+        for (i, (_, line, very_late)) in arrivals.iter().enumerate() {
+            let pass = by_line[line];
+            let seen = if i >= 400 { max_before[i - 400] } else { i64::MIN };
+            let end_5m = pass.ts.ms() - pass.ts.ms().rem_euclid(300_000) + 300_000;
+            if *very_late && seen.saturating_sub(10_000) >= end_5m + LATENESS {
+                prop_assert!(late_ids.contains(&*pass.pass_id), "{} is missing from the late output", pass.pass_id);
+            } else if !*very_late {
+                on_time.push(pass);
+            }
+        }
+        prop_assert!(!late.is_empty());
+        for (_, pipelines) in &late {
+            prop_assert!(pipelines.contains(&"flow_counts/30s"));
+        }
+        // Every pass that was not late is counted exactly once in each of its windows.
+        let got = counts(&table);
+        for (key, n) in expected(city, &on_time) {
+            prop_assert!(got.get(&key).copied().unwrap_or(0) >= n, "{key:?}: {n} on-time passes, table has {:?}", got.get(&key));
+        }
+    }
+}
