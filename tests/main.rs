@@ -4,5 +4,6 @@
 mod support;
 
 mod cli;
+mod core;
 mod mysql_store;
 mod service;

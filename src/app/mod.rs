@@ -1,9 +1,11 @@
 //! The commands of the `passflow` binary and their command line.
 
+mod bench;
 mod replay;
 mod run;
 mod simulate;
 
+pub use bench::{bench_core, peak_rss_mb, CoreBenchResult};
 pub use replay::{build_engine, replay, ReplayInput, ReplayOptions, ReplaySummary};
 pub use run::{create_savepoint, run, RunHandle};
 pub use simulate::simulate;
@@ -31,6 +33,11 @@ pub enum Command {
         /// Start from this savepoint instead (it becomes the newest checkpoint).
         #[arg(long)]
         from_savepoint: Option<PathBuf>,
+    },
+    /// Print throughput figures.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
     },
     /// Savepoints: consistent state exported to a directory, to restore after an upgrade.
     Savepoint {
@@ -71,6 +78,18 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// The streaming core with flow counts on a pre-decoded simulated stream (one core).
+    Core {
+        #[arg(long, default_value_t = 20_000)]
+        vehicles: u32,
+        /// Copies of the day, each a day later.
+        #[arg(long, default_value_t = 5)]
+        repeat: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum SavepointCommand {
     /// Take a savepoint of the running service (or, when it is down, export its newest checkpoint).
     Create {
@@ -88,6 +107,19 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let mut config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Run { from_savepoint } => run(config, from_savepoint).await?.wait().await,
+        Command::Bench { command: BenchCommand::Core { vehicles, repeat } } => {
+            let r = bench_core(&config, vehicles, repeat)?;
+            println!(
+                "core + flow_counts, state {:?}: {} passes in {:.3} s = {:.0} passes/s on one core; {} result rows; peak RSS {:.0} MiB",
+                config.state.backend,
+                r.passes,
+                r.seconds,
+                r.passes as f64 / r.seconds,
+                r.rows,
+                r.peak_rss_mb
+            );
+            Ok(())
+        }
         Command::Savepoint { command: SavepointCommand::Create { to } } => {
             let id = create_savepoint(&config, &to).await?;
             println!("savepoint of checkpoint {id} written to {}", to.display());

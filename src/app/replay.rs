@@ -3,12 +3,12 @@
 //! checkpoint directory it checkpoints as it goes and, started again, resumes where the last
 //! checkpoint was taken.
 
-use crate::config::Config;
+use crate::config::{Config, StateBackendKind};
 use crate::core::checkpoint::CheckpointStore;
 use crate::core::driver::{Checkpointing, Driver};
 use crate::core::sink::spawn_writer;
 use crate::core::{Clocks, Engine, EngineSettings, Record};
-use crate::ingest::{Deduplicator, Ingest, IngestStats, Validator};
+use crate::ingest::{Deduplicator, Ingest, IngestStats, RocksDedup, Validator};
 use crate::metrics::Metrics;
 use crate::pipelines;
 use crate::reference::City;
@@ -89,11 +89,17 @@ struct FilePosition {
     line: u64,
 }
 
-/// Builds the engine with every pipeline for `config`.
-pub fn build_engine(config: &Config, city: &Arc<City>, live: bool) -> anyhow::Result<Engine> {
+/// Builds the engine with every pipeline for `config`. With the RocksDB state backend, state
+/// lives in `db` (the checkpoint store's), or in a scratch database when there is none.
+pub fn build_engine(config: &Config, city: &Arc<City>, live: bool, db: Option<Arc<rocksdb::DB>>) -> anyhow::Result<Engine> {
     let core = &config.core;
     let validator = Validator::new(city.clone(), config.city.tz()?, config.input.plate_color_scheme, core.max_clock_skew.as_millis());
-    let ingest = Ingest::new(validator, Deduplicator::new(core.allowed_lateness.as_millis() + core.out_of_orderness.as_millis()));
+    let horizon = core.allowed_lateness.as_millis() + core.out_of_orderness.as_millis();
+    let ingest = match (config.state.backend, db) {
+        (StateBackendKind::Memory, _) => Ingest::new(validator, Deduplicator::new(horizon)),
+        (StateBackendKind::Rocksdb, Some(db)) => Ingest::new(validator, RocksDedup::new(db, horizon, None)),
+        (StateBackendKind::Rocksdb, None) => Ingest::new(validator, RocksDedup::scratch(horizon)?),
+    };
     let settings = EngineSettings {
         out_of_orderness_ms: core.out_of_orderness.as_millis(),
         idle_timeout_ms: core.idle_timeout.as_millis(),
@@ -116,7 +122,7 @@ pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
         }
         None => None,
     };
-    let mut engine = build_engine(config, &city, false)?;
+    let mut engine = build_engine(config, &city, false, checkpointing.as_ref().map(|c| c.store.db()))?;
     engine.assign(0, wall_ms());
     let (mut driver, resumed) = Driver::start(engine, sink, checkpointing, metrics)?;
     let start: FilePosition = resumed.map(serde_json::from_value).transpose().context("the checkpoint's source position is not a file position")?.unwrap_or_default();

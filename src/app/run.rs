@@ -83,7 +83,10 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
     if let Some(dir) = from_savepoint {
         let mut savepoint = read_savepoint(&dir)?;
         savepoint.id = checkpoints.ids()?.last().map_or(savepoint.id, |last| last + 1).max(savepoint.id);
-        build_engine(&config, &city, true)?.restore(&savepoint.engine).with_context(|| format!("savepoint {} does not fit this build", dir.display()))?;
+        let mut engine = build_engine(&config, &city, true, Some(checkpoints.db()))?;
+        engine.restore(&savepoint.engine).with_context(|| format!("savepoint {} does not fit this build", dir.display()))?;
+        // Re-snapshot: state kept in RocksDB is written with the checkpoint it belongs to.
+        savepoint.engine = engine.snapshot(savepoint.id)?;
         checkpoints.save(&savepoint)?;
         tracing::info!(savepoint = %dir.display(), "restoring from savepoint");
     }
@@ -99,7 +102,7 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
         tokio::select! { r = api::serve(listener, state) => ("api", r), _ = api_stop.wait_for(|s| *s) => ("api", Ok(())) }
     });
     let (sink, writer) = spawn_writer(store, metrics.clone());
-    let engine = build_engine(&config, &city, true)?;
+    let engine = build_engine(&config, &city, true, Some(checkpoints.db()))?;
     let checkpointing = Checkpointing { store: checkpoints, interval: config.core.checkpoint_interval.0 };
     let (mut driver, resumed) = Driver::start(engine, sink, Some(checkpointing), metrics.clone())?;
     driver.engine.assign(0, wall_ms());
@@ -159,7 +162,7 @@ async fn handle_admin(command: AdminCommand, driver: &mut Driver, source: &LiveS
     match command {
         AdminCommand::Savepoint { to, reply } => {
             let result = async {
-                let checkpoint = driver.checkpoint(serde_json::json!(source.position())).await?.ok_or_else(|| anyhow::anyhow!("checkpointing is off"))?;
+                let checkpoint = driver.savepoint(serde_json::json!(source.position())).await?;
                 write_savepoint(&checkpoint, &to)?;
                 Ok::<u64, anyhow::Error>(checkpoint.id)
             }
@@ -205,8 +208,12 @@ pub async fn create_savepoint(config: &Config, to: &std::path::Path) -> anyhow::
         Err(api::SavepointRequestError::Unreachable) => {
             let store = CheckpointStore::open(&config.state.dir)?;
             let latest = store.latest()?.ok_or_else(|| anyhow::anyhow!("no service at {} and no checkpoint in {}", config.api.listen, config.state.dir.display()))?;
-            write_savepoint(&latest, &to)?;
-            Ok(latest.id)
+            let city = Arc::new(City::load(&config.city.dir)?);
+            let mut engine = build_engine(config, &city, true, Some(store.db()))?;
+            engine.restore(&latest.engine)?;
+            let portable = crate::core::checkpoint::Checkpoint { engine: engine.export()?, ..latest };
+            write_savepoint(&portable, &to)?;
+            Ok(portable.id)
         }
         Err(api::SavepointRequestError::Failed(e)) => Err(anyhow::anyhow!("the service refused the savepoint: {e}")),
     }

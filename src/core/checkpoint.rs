@@ -9,9 +9,10 @@
 use super::{EngineSnapshot, StateBlob};
 use crate::model::fnv1a64;
 use anyhow::Context as _;
-use rocksdb::{Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Checkpoints kept in the store.
 pub const RETAINED: usize = 3;
@@ -64,18 +65,20 @@ fn part_key(id: u64, name: &str) -> String {
 }
 
 pub struct CheckpointStore {
-    db: DB,
+    db: Arc<DB>,
 }
 
 impl CheckpointStore {
     /// Opens (or creates) the checkpoint store in `dir`.
     pub fn open(dir: &Path) -> anyhow::Result<CheckpointStore> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut options = Options::default();
-        options.create_if_missing(true);
-        options.set_keep_log_file_num(2);
-        let db = DB::open(&options, dir.join("checkpoints")).with_context(|| format!("opening the checkpoint store in {}", dir.display()))?;
-        Ok(CheckpointStore { db })
+        let db = DB::open(&state_options(), dir.join("checkpoints")).with_context(|| format!("opening the checkpoint store in {}", dir.display()))?;
+        Ok(CheckpointStore { db: Arc::new(db) })
+    }
+
+    /// The RocksDB instance, shared with state kept in RocksDB (written with the checkpoints).
+    pub fn db(&self) -> Arc<DB> {
+        self.db.clone()
     }
 
     /// Writes a checkpoint atomically (synced), then drops all but the last [`RETAINED`].
@@ -91,10 +94,7 @@ impl CheckpointStore {
         for old in self.ids()?.into_iter().filter(|old| *old + RETAINED as u64 <= id) {
             batch.delete_range(format!("ckpt/{old:020}/"), format!("ckpt/{old:020}0"));
         }
-        let mut sync = WriteOptions::default();
-        sync.set_sync(true);
-        self.db.write_opt(batch, &sync).context("writing a checkpoint")?;
-        Ok(())
+        super::apply_writes(&self.db, &checkpoint.engine.writes, Some(batch)).context("writing a checkpoint")
     }
 
     /// Ids of the stored checkpoints, oldest first.
@@ -130,7 +130,7 @@ impl CheckpointStore {
             p.verify(&bytes).with_context(|| format!("checkpoint {id}"))?;
             parts.push((p.name.clone(), StateBlob { version: p.version, bytes }));
         }
-        Ok(Checkpoint { id, created_at: meta.created_at, source: meta.source, engine: EngineSnapshot { parts } })
+        Ok(Checkpoint { id, created_at: meta.created_at, source: meta.source, engine: EngineSnapshot { parts, writes: Vec::new() } })
     }
 
     /// Overwrites part of a stored checkpoint (tests use it to corrupt one).
@@ -180,7 +180,22 @@ pub fn read_savepoint(dir: &Path) -> anyhow::Result<Checkpoint> {
         p.verify(&bytes).with_context(|| format!("savepoint {}", dir.display()))?;
         parts.push((p.name.clone(), StateBlob { version: p.version, bytes }));
     }
-    Ok(Checkpoint { id: m.checkpoint_id, created_at: m.created_at, source: m.source, engine: EngineSnapshot { parts } })
+    Ok(Checkpoint { id: m.checkpoint_id, created_at: m.created_at, source: m.source, engine: EngineSnapshot { parts, writes: Vec::new() } })
+}
+
+/// RocksDB options for passflow's state: bloom filters for fast misses, a block cache for hot
+/// keys, LZ4 for the data.
+pub fn state_options() -> Options {
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.set_keep_log_file_num(2);
+    options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    table.set_block_cache(&rocksdb::Cache::new_lru_cache(64 << 20));
+    table.set_cache_index_and_filter_blocks(true);
+    options.set_block_based_table_factory(&table);
+    options
 }
 
 fn part_file(dir: &Path, name: &str) -> PathBuf {
@@ -193,7 +208,7 @@ mod tests {
 
     fn checkpoint(id: u64) -> Checkpoint {
         let parts = vec![("a".to_owned(), StateBlob { version: 1, bytes: vec![id as u8; 10] }), ("b".to_owned(), StateBlob { version: 2, bytes: b"state".to_vec() })];
-        Checkpoint { id, created_at: 5, source: serde_json::json!({ "offset": id * 100 }), engine: EngineSnapshot { parts } }
+        Checkpoint { id, created_at: 5, source: serde_json::json!({ "offset": id * 100 }), engine: EngineSnapshot { parts, writes: Vec::new() } }
     }
 
     #[test]

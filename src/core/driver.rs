@@ -9,6 +9,9 @@ use crate::metrics::Metrics;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// State entries held in memory before a checkpoint is taken early to write them out.
+const MAX_PENDING_STATE: usize = 1_000_000;
+
 pub struct Checkpointing {
     pub store: CheckpointStore,
     pub interval: Duration,
@@ -44,7 +47,7 @@ impl Driver {
     /// Hands the results so far to the sink; checkpoints when one is due.
     pub async fn after_batch(&mut self, position: impl FnOnce() -> serde_json::Value) -> anyhow::Result<()> {
         self.flush().await?;
-        let due = self.checkpoints.as_ref().is_some_and(|c| self.last_checkpoint.elapsed() >= c.interval);
+        let due = self.checkpoints.as_ref().is_some_and(|c| self.last_checkpoint.elapsed() >= c.interval || self.engine.pending_state() >= MAX_PENDING_STATE);
         if due {
             self.checkpoint(position()).await?;
         }
@@ -66,7 +69,7 @@ impl Driver {
         let id = self.next_id;
         self.engine.barrier(id);
         self.flush().await?;
-        let engine = self.engine.snapshot()?;
+        let engine = self.engine.snapshot(id)?;
         self.sink.barrier().await?;
         let checkpoint = Checkpoint { id, created_at: chrono::Utc::now().timestamp_millis(), source: position, engine };
         if let Some(c) = &self.checkpoints {
@@ -77,5 +80,12 @@ impl Driver {
         self.metrics.checkpoints.inc();
         tracing::debug!(checkpoint = id, took_ms = started.elapsed().as_millis() as u64, "checkpoint complete");
         Ok(Some(checkpoint))
+    }
+
+    /// Takes a checkpoint and returns it with the whole state in portable form (a savepoint).
+    pub async fn savepoint(&mut self, position: serde_json::Value) -> anyhow::Result<Checkpoint> {
+        let mut checkpoint = self.checkpoint(position).await?.ok_or_else(|| anyhow::anyhow!("checkpointing is off"))?;
+        checkpoint.engine = self.engine.export()?;
+        Ok(checkpoint)
     }
 }

@@ -37,10 +37,37 @@ pub struct EngineSettings {
     pub live: bool,
 }
 
-/// Everything the engine needs to resume: the input to a checkpoint.
-#[derive(Clone, Debug, PartialEq)]
+/// Everything the engine needs to resume: the input to a checkpoint. `writes` go to RocksDB in
+/// the same atomic write as the checkpoint (state kept there rather than in the parts).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct EngineSnapshot {
     pub parts: Vec<(String, StateBlob)>,
+    pub writes: Vec<StateWrite>,
+}
+
+/// One write to keyed state in RocksDB.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StateWrite {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+    /// Keys in `[from, to)`.
+    DeleteRange(Vec<u8>, Vec<u8>),
+}
+
+/// Applies writes (and `more`, when given) to RocksDB in one atomic, synced write.
+pub fn apply_writes(db: &rocksdb::DB, writes: &[StateWrite], more: Option<rocksdb::WriteBatch>) -> anyhow::Result<()> {
+    let mut batch = more.unwrap_or_default();
+    for w in writes {
+        match w {
+            StateWrite::Put(k, v) => batch.put(k, v),
+            StateWrite::Delete(k) => batch.delete(k),
+            StateWrite::DeleteRange(from, to) => batch.delete_range(from, to),
+        }
+    }
+    let mut sync = rocksdb::WriteOptions::default();
+    sync.set_sync(true);
+    db.write_opt(batch, &sync)?;
+    Ok(())
 }
 
 #[derive(Serialize, Deserialize)]
@@ -83,10 +110,13 @@ impl Engine {
     /// Takes a batch of records from the source named `source`.
     pub fn process<'a>(&mut self, source: &str, records: impl IntoIterator<Item = Record<'a>>, clocks: Clocks) {
         let watermark = self.watermarks.current();
+        let records: Vec<Record<'a>> = records.into_iter().collect();
+        let bytes: Vec<&[u8]> = records.iter().map(|r| r.bytes).collect();
+        let outcomes = self.ingest.accept_batch(&bytes, clocks.future_now);
         let mut passes: Vec<Pass> = Vec::new();
         let mut raw: Vec<&'a [u8]> = Vec::new();
-        for record in records {
-            match self.ingest.accept(record.bytes, clocks.future_now) {
+        for (record, outcome) in records.into_iter().zip(outcomes) {
+            match outcome {
                 Outcome::Valid(pass) => {
                     self.watermarks.observe(record.partition, pass.ts.ms(), clocks.processing_now);
                     passes.push(pass);
@@ -101,13 +131,34 @@ impl Engine {
                 }),
             }
         }
+        self.run_operators(watermark, &passes, &raw, clocks.processing_now);
+    }
+
+    /// Takes passes decoded and validated elsewhere, each with its content digest (benchmarks
+    /// measure the core without decoding this way). They are deduplicated like any record.
+    pub fn process_decoded(&mut self, partition: u32, decoded: &[(Pass, u64)], clocks: Clocks) {
+        let watermark = self.watermarks.current();
+        let keys: Vec<(Arc<str>, u64, i64)> = decoded.iter().map(|(p, d)| (p.pass_id.clone(), *d, p.ts.ms())).collect();
+        let verdicts = self.ingest.dedup_mut().check_batch(&keys);
+        let mut passes = Vec::with_capacity(decoded.len());
+        for ((pass, _), verdict) in decoded.iter().zip(verdicts) {
+            if verdict == crate::ingest::DedupVerdict::First {
+                self.watermarks.observe(partition, pass.ts.ms(), clocks.processing_now);
+                passes.push(pass.clone());
+            }
+        }
+        let raw = vec![&b""[..]; passes.len()];
+        self.run_operators(watermark, &passes, &raw, clocks.processing_now);
+    }
+
+    fn run_operators(&mut self, watermark: i64, passes: &[Pass], raw: &[&[u8]], processing_now: i64) {
         let mut late = Vec::new();
         let mut ctx = Context { watermark, allowed_lateness_ms: self.settings.allowed_lateness_ms, out: &mut self.out, late: &mut late };
         for op in &mut self.operators {
-            op.process_batch(&passes, &mut ctx);
+            op.process_batch(passes, &mut ctx);
         }
-        self.record_late(late, &passes, &raw, clocks.processing_now);
-        self.advance(clocks.processing_now);
+        self.record_late(late, passes, raw, processing_now);
+        self.advance(processing_now);
     }
 
     /// Moves the watermark without data (live: the wall clock).
@@ -138,16 +189,36 @@ impl Engine {
         }
     }
 
-    pub fn snapshot(&self) -> anyhow::Result<EngineSnapshot> {
+    /// The state for checkpoint `id` (state kept in RocksDB comes as writes to apply with it).
+    pub fn snapshot(&mut self, id: u64) -> anyhow::Result<EngineSnapshot> {
+        let (dedup, writes) = self.ingest.dedup_mut().checkpoint(id)?;
+        let mut snapshot = self.snapshot_with(dedup)?;
+        snapshot.writes = writes;
+        Ok(snapshot)
+    }
+
+    /// The whole state in portable form, for a savepoint (call right after a checkpoint).
+    pub fn export(&mut self) -> anyhow::Result<EngineSnapshot> {
+        let dedup = self.ingest.dedup_mut().export()?;
+        self.snapshot_with(dedup)
+    }
+
+    /// Ids held in memory until the next checkpoint (RocksDB state): the driver checkpoints
+    /// early when there are many, to keep memory bounded.
+    pub fn pending_state(&self) -> usize {
+        self.ingest.dedup_pending()
+    }
+
+    fn snapshot_with(&self, dedup: Vec<u8>) -> anyhow::Result<EngineSnapshot> {
         let core = CoreState { watermarks: self.watermarks.clone(), stats: self.ingest.stats.clone() };
         let mut parts = vec![
             ("core".to_owned(), StateBlob { version: CORE_STATE_VERSION, bytes: serde_json::to_vec(&core)? }),
-            ("dedup".to_owned(), StateBlob { version: DEDUP_STATE_VERSION, bytes: self.ingest.dedup().snapshot() }),
+            ("dedup".to_owned(), StateBlob { version: DEDUP_STATE_VERSION, bytes: dedup }),
         ];
         for op in &self.operators {
             parts.push((op.name().to_owned(), op.snapshot()?));
         }
-        Ok(EngineSnapshot { parts })
+        Ok(EngineSnapshot { parts, writes: Vec::new() })
     }
 
     pub fn restore(&mut self, snapshot: &EngineSnapshot) -> anyhow::Result<()> {

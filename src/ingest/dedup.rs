@@ -15,6 +15,28 @@ pub enum DedupVerdict {
     Conflicting,
 }
 
+/// The deduplication state behind one interface, in memory ([`Deduplicator`]) or in RocksDB
+/// (`RocksDedup`), chosen by `state.backend`.
+pub trait DedupBackend: Send {
+    /// Judges a batch of (pass id, content digest, event time), in order.
+    fn check_batch(&mut self, items: &[(Arc<str>, u64, i64)]) -> Vec<DedupVerdict>;
+
+    /// The state's part of checkpoint `id`: bytes for the checkpoint, and writes to apply
+    /// atomically with it.
+    fn checkpoint(&mut self, id: u64) -> anyhow::Result<(Vec<u8>, Vec<crate::core::StateWrite>)>;
+
+    fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()>;
+
+    /// Every remembered id, in the portable form savepoints carry.
+    fn export(&mut self) -> anyhow::Result<Vec<u8>>;
+
+    /// Ids held in memory waiting for the next checkpoint.
+    fn pending(&self) -> usize;
+}
+
+/// Tag of the portable form: every id listed.
+const FULL: u8 = 0;
+
 /// Remembers the pass ids seen within the horizon behind the latest event time.
 pub struct Deduplicator {
     horizon_ms: i64,
@@ -54,7 +76,8 @@ impl Deduplicator {
 
     /// The remembered ids as bytes: per minute bucket, its ids with their content digests.
     pub fn snapshot(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16 + self.seen.len() * 32);
+        let mut out = Vec::with_capacity(17 + self.seen.len() * 32);
+        out.push(FULL);
         out.extend_from_slice(&self.max_ts.to_le_bytes());
         for (bucket, ids) in &self.by_minute {
             out.extend_from_slice(&bucket.to_le_bytes());
@@ -71,7 +94,12 @@ impl Deduplicator {
 
     /// Restores what [`Deduplicator::snapshot`] wrote.
     pub fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
-        let mut r = Reader { bytes, at: 0 };
+        match bytes.first() {
+            Some(&FULL) => {}
+            Some(1) => anyhow::bail!("this checkpoint keeps its deduplication state in RocksDB: run with state.backend = \"rocksdb\""),
+            _ => anyhow::bail!("deduplication state is unreadable"),
+        }
+        let mut r = Reader { bytes, at: 1 };
         self.seen.clear();
         self.by_minute.clear();
         self.max_ts = r.i64()?;
@@ -90,6 +118,15 @@ impl Deduplicator {
         Ok(())
     }
 
+    /// Every remembered id with its digest and minute bucket start.
+    pub fn entries(&self) -> impl Iterator<Item = (Arc<str>, u64, i64)> + '_ {
+        self.by_minute.iter().flat_map(move |(bucket, ids)| ids.iter().map(move |id| (id.clone(), self.seen.get(id).copied().unwrap_or_default(), bucket * BUCKET_MS)))
+    }
+
+    pub fn max_ts(&self) -> i64 {
+        self.max_ts
+    }
+
     fn expire(&mut self) {
         let oldest_kept = (self.max_ts - self.horizon_ms).div_euclid(BUCKET_MS);
         while let Some(entry) = self.by_minute.first_entry() {
@@ -100,6 +137,28 @@ impl Deduplicator {
                 self.seen.remove(&id);
             }
         }
+    }
+}
+
+impl DedupBackend for Deduplicator {
+    fn check_batch(&mut self, items: &[(Arc<str>, u64, i64)]) -> Vec<DedupVerdict> {
+        items.iter().map(|(id, digest, ts)| self.check(id, *digest, *ts)).collect()
+    }
+
+    fn checkpoint(&mut self, _id: u64) -> anyhow::Result<(Vec<u8>, Vec<crate::core::StateWrite>)> {
+        Ok((self.snapshot(), Vec::new()))
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        Deduplicator::restore(self, bytes)
+    }
+
+    fn export(&mut self) -> anyhow::Result<Vec<u8>> {
+        Ok(self.snapshot())
+    }
+
+    fn pending(&self) -> usize {
+        0
     }
 }
 

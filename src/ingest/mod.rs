@@ -3,9 +3,11 @@
 //! the stream.
 
 mod dedup;
+mod rocks_dedup;
 mod validate;
 
-pub use dedup::{DedupVerdict, Deduplicator};
+pub use dedup::{DedupBackend, DedupVerdict, Deduplicator};
+pub use rocks_dedup::RocksDedup;
 pub use validate::Validator;
 
 use crate::model::{decode_record, Pass, RejectReason};
@@ -64,44 +66,57 @@ impl IngestStats {
 /// Decode → validate → deduplicate, with counts.
 pub struct Ingest {
     validator: Validator,
-    dedup: Deduplicator,
+    dedup: Box<dyn DedupBackend>,
     pub stats: IngestStats,
 }
 
 impl Ingest {
-    pub fn new(validator: Validator, dedup: Deduplicator) -> Ingest {
-        Ingest { validator, dedup, stats: IngestStats::default() }
+    pub fn new(validator: Validator, dedup: impl DedupBackend + 'static) -> Ingest {
+        Ingest { validator, dedup: Box::new(dedup), stats: IngestStats::default() }
     }
 
-    pub fn dedup(&self) -> &Deduplicator {
-        &self.dedup
+    pub fn dedup_mut(&mut self) -> &mut dyn DedupBackend {
+        &mut *self.dedup
     }
 
-    pub fn dedup_mut(&mut self) -> &mut Deduplicator {
-        &mut self.dedup
+    pub fn dedup_pending(&self) -> usize {
+        self.dedup.pending()
     }
 
     /// Takes one raw record. `now_ms` is the clock that `future_timestamp` is judged against
     /// (the wall clock live, `--now` in a replay, `None` for no check).
     pub fn accept(&mut self, raw: &[u8], now_ms: Option<i64>) -> Outcome {
-        let outcome = self.judge(raw, now_ms);
-        self.stats.count(&outcome);
-        outcome
+        self.accept_batch(&[raw], now_ms).pop().expect("one outcome per record")
     }
 
-    fn judge(&mut self, raw: &[u8], now_ms: Option<i64>) -> Outcome {
-        let record = match decode_record(raw, self.validator.tz(), self.validator.colors()) {
-            Ok(record) => record,
-            Err(reason) => return Outcome::Rejected(reason),
-        };
-        let pass = match self.validator.validate(record.clone(), now_ms) {
-            Ok(pass) => pass,
-            Err(reason) => return Outcome::Rejected(reason),
-        };
-        match self.dedup.check(&pass.pass_id, record.content_digest(), pass.ts.ms()) {
-            DedupVerdict::First => Outcome::Valid(pass),
-            DedupVerdict::Identical => Outcome::Duplicate,
-            DedupVerdict::Conflicting => Outcome::Rejected(RejectReason::ConflictingDuplicate),
+    /// Takes a batch of raw records; the deduplication state is consulted once for all.
+    pub fn accept_batch(&mut self, raws: &[&[u8]], now_ms: Option<i64>) -> Vec<Outcome> {
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(raws.len());
+        let mut keys = Vec::with_capacity(raws.len());
+        for raw in raws {
+            let judged = decode_record(raw, self.validator.tz(), self.validator.colors()).and_then(|record| {
+                let digest = record.content_digest();
+                self.validator.validate(record, now_ms).map(|pass| (pass, digest))
+            });
+            outcomes.push(match judged {
+                Ok((pass, digest)) => {
+                    keys.push((pass.pass_id.clone(), digest, pass.ts.ms()));
+                    Outcome::Valid(pass)
+                }
+                Err(reason) => Outcome::Rejected(reason),
+            });
         }
+        let mut verdicts = self.dedup.check_batch(&keys).into_iter();
+        for outcome in &mut outcomes {
+            if matches!(outcome, Outcome::Valid(_)) {
+                match verdicts.next() {
+                    Some(DedupVerdict::Identical) => *outcome = Outcome::Duplicate,
+                    Some(DedupVerdict::Conflicting) => *outcome = Outcome::Rejected(RejectReason::ConflictingDuplicate),
+                    _ => {}
+                }
+            }
+            self.stats.count(outcome);
+        }
+        outcomes
     }
 }
