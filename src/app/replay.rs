@@ -90,14 +90,14 @@ struct FilePosition {
 }
 
 /// Builds the engine with every pipeline for `config`. With the RocksDB state backend, state
-/// lives in `db` (the checkpoint store's), or in a scratch database when there is none.
-pub fn build_engine(config: &Config, city: &Arc<City>, live: bool, db: Option<Arc<rocksdb::DB>>) -> anyhow::Result<Engine> {
+/// lives in the checkpoint store's database, or in a scratch database when there is none.
+pub fn build_engine(config: &Config, city: &Arc<City>, live: bool, store: Option<&CheckpointStore>) -> anyhow::Result<Engine> {
     let core = &config.core;
     let validator = Validator::new(city.clone(), config.city.tz()?, config.input.plate_color_scheme, core.max_clock_skew.as_millis());
     let horizon = core.allowed_lateness.as_millis() + core.out_of_orderness.as_millis();
-    let ingest = match (config.state.backend, db) {
+    let ingest = match (config.state.backend, store) {
         (StateBackendKind::Memory, _) => Ingest::new(validator, Deduplicator::new(horizon)),
-        (StateBackendKind::Rocksdb, Some(db)) => Ingest::new(validator, RocksDedup::new(db, horizon, None)),
+        (StateBackendKind::Rocksdb, Some(store)) => Ingest::new(validator, RocksDedup::new(store.db(), store.dedup_cutoff(), horizon, None)),
         (StateBackendKind::Rocksdb, None) => Ingest::new(validator, RocksDedup::scratch(horizon)?),
     };
     let settings = EngineSettings {
@@ -122,7 +122,7 @@ pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
         }
         None => None,
     };
-    let mut engine = build_engine(config, &city, false, checkpointing.as_ref().map(|c| c.store.db()))?;
+    let mut engine = build_engine(config, &city, false, checkpointing.as_ref().map(|c| &c.store))?;
     engine.assign(0, wall_ms());
     let (mut driver, resumed) = Driver::start(engine, sink, checkpointing, metrics)?;
     let start: FilePosition = resumed.map(serde_json::from_value).transpose().context("the checkpoint's source position is not a file position")?.unwrap_or_default();

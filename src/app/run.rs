@@ -83,7 +83,7 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
     if let Some(dir) = from_savepoint {
         let mut savepoint = read_savepoint(&dir)?;
         savepoint.id = checkpoints.ids()?.last().map_or(savepoint.id, |last| last + 1).max(savepoint.id);
-        let mut engine = build_engine(&config, &city, true, Some(checkpoints.db()))?;
+        let mut engine = build_engine(&config, &city, true, Some(&checkpoints))?;
         engine.restore(&savepoint.engine).with_context(|| format!("savepoint {} does not fit this build", dir.display()))?;
         // Re-snapshot: state kept in RocksDB is written with the checkpoint it belongs to.
         savepoint.engine = engine.snapshot(savepoint.id)?;
@@ -102,7 +102,7 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
         tokio::select! { r = api::serve(listener, state) => ("api", r), _ = api_stop.wait_for(|s| *s) => ("api", Ok(())) }
     });
     let (sink, writer) = spawn_writer(store, metrics.clone());
-    let engine = build_engine(&config, &city, true, Some(checkpoints.db()))?;
+    let engine = build_engine(&config, &city, true, Some(&checkpoints))?;
     let checkpointing = Checkpointing { store: checkpoints, interval: config.core.checkpoint_interval.0 };
     let (mut driver, resumed) = Driver::start(engine, sink, Some(checkpointing), metrics.clone())?;
     driver.engine.assign(0, wall_ms());
@@ -209,7 +209,7 @@ pub async fn create_savepoint(config: &Config, to: &std::path::Path) -> anyhow::
             let store = CheckpointStore::open(&config.state.dir)?;
             let latest = store.latest()?.ok_or_else(|| anyhow::anyhow!("no service at {} and no checkpoint in {}", config.api.listen, config.state.dir.display()))?;
             let city = Arc::new(City::load(&config.city.dir)?);
-            let mut engine = build_engine(config, &city, true, Some(store.db()))?;
+            let mut engine = build_engine(config, &city, true, Some(&store))?;
             engine.restore(&latest.engine)?;
             let portable = crate::core::checkpoint::Checkpoint { engine: engine.export()?, ..latest };
             write_savepoint(&portable, &to)?;

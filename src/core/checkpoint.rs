@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use rocksdb::{Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 /// Checkpoints kept in the store.
@@ -66,14 +67,21 @@ fn part_key(id: u64, name: &str) -> String {
 
 pub struct CheckpointStore {
     db: Arc<DB>,
+    cutoff: Arc<AtomicI64>,
 }
 
 impl CheckpointStore {
     /// Opens (or creates) the checkpoint store in `dir`.
     pub fn open(dir: &Path) -> anyhow::Result<CheckpointStore> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let db = DB::open(&state_options(), dir.join("checkpoints")).with_context(|| format!("opening the checkpoint store in {}", dir.display()))?;
-        Ok(CheckpointStore { db: Arc::new(db) })
+        let cutoff = Arc::new(AtomicI64::new(i64::MIN));
+        let db = open_state_db(&dir.join("checkpoints"), cutoff.clone()).with_context(|| format!("opening the checkpoint store in {}", dir.display()))?;
+        Ok(CheckpointStore { db: Arc::new(db), cutoff })
+    }
+
+    /// The expiry cutoff of deduplication state in this store's database.
+    pub fn dedup_cutoff(&self) -> Arc<AtomicI64> {
+        self.cutoff.clone()
     }
 
     /// The RocksDB instance, shared with state kept in RocksDB (written with the checkpoints).
@@ -183,10 +191,25 @@ pub fn read_savepoint(dir: &Path) -> anyhow::Result<Checkpoint> {
     Ok(Checkpoint { id: m.checkpoint_id, created_at: m.created_at, source: m.source, engine: EngineSnapshot { parts, writes: Vec::new() } })
 }
 
+/// Opens a RocksDB for passflow's state (with a handle on its default column family, for
+/// batched reads).
+pub fn open_state_db(path: &Path, dedup_cutoff: Arc<AtomicI64>) -> anyhow::Result<DB> {
+    Ok(DB::open_cf(&state_options(dedup_cutoff), path, [rocksdb::DEFAULT_COLUMN_FAMILY_NAME])?)
+}
+
 /// RocksDB options for passflow's state: bloom filters for fast misses, a block cache for hot
-/// keys, LZ4 for the data.
-pub fn state_options() -> Options {
+/// keys, LZ4, and a compaction filter that drops deduplication ids older than `dedup_cutoff`.
+fn state_options(dedup_cutoff: Arc<AtomicI64>) -> Options {
+    use crate::ingest::{parse_dedup_value, DEDUP_ID_PREFIX};
     let mut options = Options::default();
+    options.set_compaction_filter("passflow-dedup-expiry", move |_level: u32, key: &[u8], value: &[u8]| {
+        let cutoff = dedup_cutoff.load(Ordering::Relaxed);
+        match parse_dedup_value(value) {
+            Some((_, ts)) if key.starts_with(DEDUP_ID_PREFIX) && ts < cutoff => rocksdb::CompactionDecision::Remove,
+            _ => rocksdb::CompactionDecision::Keep,
+        }
+    });
+    options.set_write_buffer_size(64 << 20);
     options.create_if_missing(true);
     options.set_keep_log_file_num(2);
     options.set_compression_type(rocksdb::DBCompressionType::Lz4);

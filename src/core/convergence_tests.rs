@@ -42,20 +42,21 @@ fn day() -> &'static (Arc<City>, Vec<(String, Pass)>) {
 #[derive(Clone)]
 enum Backend {
     Memory,
-    RocksDb(Arc<rocksdb::DB>),
+    RocksDb(Arc<rocksdb::DB>, Arc<std::sync::atomic::AtomicI64>),
 }
 
 fn backends() -> (Vec<Backend>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let db = rocksdb::DB::open(&super::checkpoint::state_options(), dir.path()).unwrap();
-    (vec![Backend::Memory, Backend::RocksDb(Arc::new(db))], dir)
+    let cutoff = Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
+    let db = super::checkpoint::open_state_db(dir.path(), cutoff.clone()).unwrap();
+    (vec![Backend::Memory, Backend::RocksDb(Arc::new(db), cutoff)], dir)
 }
 
 fn engine(city: &Arc<City>, backend: &Backend) -> Engine {
     let validator = Validator::new(city.clone(), TZ, PlateColorScheme::Police, 300_000);
     let ingest = match backend {
         Backend::Memory => Ingest::new(validator, Deduplicator::new(LATENESS + 10_000)),
-        Backend::RocksDb(db) => Ingest::new(validator, RocksDedup::new(db.clone(), LATENESS + 10_000, None)),
+        Backend::RocksDb(db, cutoff) => Ingest::new(validator, RocksDedup::new(db.clone(), cutoff.clone(), LATENESS + 10_000, None)),
     };
     Engine::new(city.clone(), ingest, all(city), EngineSettings { out_of_orderness_ms: 10_000, idle_timeout_ms: 60_000, allowed_lateness_ms: LATENESS, live: false })
 }
@@ -80,7 +81,7 @@ fn upsert(table: &mut Table, engine: &mut Engine, late: &mut Vec<(String, Vec<&'
 /// Takes checkpoint `id`: state kept in RocksDB is committed with it.
 fn checkpoint(e: &mut Engine, backend: &Backend, id: u64) -> super::EngineSnapshot {
     let snapshot = e.snapshot(id).unwrap();
-    if let Backend::RocksDb(db) = backend {
+    if let Backend::RocksDb(db, _) = backend {
         super::apply_writes(db, &snapshot.writes, None).unwrap();
     }
     snapshot

@@ -56,6 +56,11 @@ pub enum StateWrite {
 
 /// Applies writes (and `more`, when given) to RocksDB in one atomic, synced write.
 pub fn apply_writes(db: &rocksdb::DB, writes: &[StateWrite], more: Option<rocksdb::WriteBatch>) -> anyhow::Result<()> {
+    write_batch(db, writes, more, true)
+}
+
+/// Applies writes in one atomic write; `durable`: through the write-ahead log, synced.
+pub fn write_batch(db: &rocksdb::DB, writes: &[StateWrite], more: Option<rocksdb::WriteBatch>, durable: bool) -> anyhow::Result<()> {
     let mut batch = more.unwrap_or_default();
     for w in writes {
         match w {
@@ -64,9 +69,10 @@ pub fn apply_writes(db: &rocksdb::DB, writes: &[StateWrite], more: Option<rocksd
             StateWrite::DeleteRange(from, to) => batch.delete_range(from, to),
         }
     }
-    let mut sync = rocksdb::WriteOptions::default();
-    sync.set_sync(true);
-    db.write_opt(batch, &sync)?;
+    let mut options = rocksdb::WriteOptions::default();
+    options.set_sync(durable);
+    options.disable_wal(!durable);
+    db.write_opt(batch, &options)?;
     Ok(())
 }
 

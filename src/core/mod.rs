@@ -18,7 +18,7 @@ pub mod sink;
 pub mod watermark;
 pub mod window;
 
-pub use engine::{apply_writes, Clocks, Engine, EngineSettings, EngineSnapshot, Record, StateWrite};
+pub use engine::{apply_writes, write_batch, Clocks, Engine, EngineSettings, EngineSnapshot, Record, StateWrite};
 pub use operator::{check_version, Context, Operator, StateBlob};
 
 #[cfg(test)]

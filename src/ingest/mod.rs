@@ -7,7 +7,7 @@ mod rocks_dedup;
 mod validate;
 
 pub use dedup::{DedupBackend, DedupVerdict, Deduplicator};
-pub use rocks_dedup::RocksDedup;
+pub use rocks_dedup::{parse_value as parse_dedup_value, RocksDedup, ID_PREFIX as DEDUP_ID_PREFIX};
 pub use validate::Validator;
 
 use crate::model::{decode_record, Pass, RejectReason};

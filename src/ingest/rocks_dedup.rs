@@ -2,22 +2,26 @@
 //! the last checkpoint stay in memory (the hot set), the rest are read from RocksDB in batches
 //! (bloom filters answer most misses). Pending ids reach RocksDB in the same atomic write as
 //! the checkpoint they belong to, so the stored set always matches the newest checkpoint.
+//! Each stored id carries its event time: one older than the horizon reads as absent, and
+//! compaction drops it (`crate::core::checkpoint::state_options` installs the filter), so the
+//! set stays bounded without an index to maintain.
 
 use super::dedup::{DedupBackend, DedupVerdict, Deduplicator};
 use crate::core::StateWrite;
-use rocksdb::{IteratorMode, DB};
+use rocksdb::DB;
 use rustc_hash::FxHashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-const BUCKET_MS: i64 = 60_000;
-const ID_PREFIX: &[u8] = b"dedup/id/";
-const INDEX_PREFIX: &[u8] = b"dedup/ix/";
+pub const ID_PREFIX: &[u8] = b"dedup/id/";
 const COMMITTED_KEY: &[u8] = b"dedup/committed";
 /// Ids a scratch database takes at a time.
 const AUTOFLUSH: usize = 200_000;
 
 pub struct RocksDedup {
     db: Arc<DB>,
+    /// Event time before which stored ids are expired (shared with the compaction filter).
+    cutoff: Arc<AtomicI64>,
     /// A scratch database's folder, removed with it.
     _scratch: Option<tempfile::TempDir>,
     horizon_ms: i64,
@@ -32,56 +36,58 @@ fn id_key(id: &str) -> Vec<u8> {
     [ID_PREFIX, id.as_bytes()].concat()
 }
 
-fn index_key(bucket: i64, id: &str) -> Vec<u8> {
-    // Sign-flipped big-endian buckets sort in time order.
-    [INDEX_PREFIX, &((bucket as u64) ^ (1 << 63)).to_be_bytes(), id.as_bytes()].concat()
+fn value(digest: u64, ts: i64) -> Vec<u8> {
+    [digest.to_le_bytes(), ts.to_le_bytes()].concat()
+}
+
+/// (digest, ts) of a stored value.
+pub fn parse_value(v: &[u8]) -> Option<(u64, i64)> {
+    Some((u64::from_le_bytes(v.get(..8)?.try_into().ok()?), i64::from_le_bytes(v.get(8..16)?.try_into().ok()?)))
 }
 
 impl RocksDedup {
     /// `autoflush`: for runs without checkpoints, write ids through after this many.
-    pub fn new(db: Arc<DB>, horizon_ms: i64, autoflush: Option<usize>) -> RocksDedup {
-        RocksDedup { db, _scratch: None, horizon_ms, pending: FxHashMap::default(), max_ts: i64::MIN, autoflush }
+    pub fn new(db: Arc<DB>, cutoff: Arc<AtomicI64>, horizon_ms: i64, autoflush: Option<usize>) -> RocksDedup {
+        RocksDedup { db, cutoff, _scratch: None, horizon_ms, pending: FxHashMap::default(), max_ts: i64::MIN, autoflush }
+    }
+
+    /// Ids with an event time before this are expired.
+    fn oldest_kept(&self) -> i64 {
+        self.max_ts.saturating_sub(self.horizon_ms)
     }
 
     /// A throw-away database for runs without checkpoints; ids are written through in batches.
     pub fn scratch(horizon_ms: i64) -> anyhow::Result<RocksDedup> {
         let dir = tempfile::Builder::new().prefix("passflow-state-").tempdir()?;
-        let db = DB::open(&crate::core::checkpoint::state_options(), dir.path())?;
-        let mut dedup = RocksDedup::new(Arc::new(db), horizon_ms, Some(AUTOFLUSH));
+        let cutoff = Arc::new(AtomicI64::new(i64::MIN));
+        let db = crate::core::checkpoint::open_state_db(dir.path(), cutoff.clone())?;
+        let mut dedup = RocksDedup::new(Arc::new(db), cutoff, horizon_ms, Some(AUTOFLUSH));
         dedup._scratch = Some(dir);
         Ok(dedup)
     }
 
-    /// The writes that persist the pending ids and expire old ones; pending is emptied.
-    fn drain_writes(&mut self) -> anyhow::Result<Vec<StateWrite>> {
-        let oldest_kept = self.max_ts.saturating_sub(self.horizon_ms).div_euclid(BUCKET_MS);
-        let mut writes = Vec::with_capacity(self.pending.len() * 2);
-        for (id, (digest, ts)) in self.pending.drain() {
-            let bucket = ts.div_euclid(BUCKET_MS);
-            if bucket < oldest_kept {
-                continue;
-            }
-            let mut value = digest.to_le_bytes().to_vec();
-            value.extend_from_slice(&ts.to_le_bytes());
-            writes.push(StateWrite::Put(id_key(&id), value));
-            writes.push(StateWrite::Put(index_key(bucket, &id), Vec::new()));
-        }
-        let end = index_key(oldest_kept, "");
-        for item in self.db.iterator(IteratorMode::From(INDEX_PREFIX, rocksdb::Direction::Forward)) {
-            let (key, _) = item?;
-            if !key.starts_with(INDEX_PREFIX) || key.as_ref() >= end.as_slice() {
-                break;
-            }
-            writes.push(StateWrite::Delete([ID_PREFIX, &key[INDEX_PREFIX.len() + 8..]].concat()));
-            writes.push(StateWrite::Delete(key.to_vec()));
-        }
-        Ok(writes)
+    /// The writes that persist the pending ids; pending is emptied and the expiry moves on.
+    fn drain_writes(&mut self) -> Vec<StateWrite> {
+        let oldest_kept = self.oldest_kept();
+        self.cutoff.fetch_max(oldest_kept, Ordering::Relaxed);
+        self.pending.drain().filter(|(_, (_, ts))| *ts >= oldest_kept).map(|(id, (digest, ts))| StateWrite::Put(id_key(&id), value(digest, ts))).collect()
     }
 
+    /// Digests of stored ids that are still within the horizon.
     fn lookup(&self, ids: &[&Arc<str>]) -> Vec<Option<u64>> {
-        let keys: Vec<Vec<u8>> = ids.iter().map(|id| id_key(id)).collect();
+        let mut keys: Vec<(usize, Vec<u8>)> = ids.iter().map(|id| id_key(id)).enumerate().collect();
+        keys.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+        let oldest_kept = self.oldest_kept();
+        let found: Vec<Result<Option<Vec<u8>>, rocksdb::Error>> = match self.db.cf_handle(rocksdb::DEFAULT_COLUMN_FAMILY_NAME) {
+            Some(cf) => self.db.batched_multi_get_cf(cf, keys.iter().map(|(_, k)| k), true).into_iter().map(|r| r.map(|v| v.map(|v| v.to_vec()))).collect(),
+            None => self.db.multi_get(keys.iter().map(|(_, k)| k)),
+        };
+        let mut out = vec![None; ids.len()];
         // A read error is treated as "not seen": the pass is kept rather than lost.
-        self.db.multi_get(keys).into_iter().map(|r| r.ok().flatten().and_then(|v| v.get(..8).map(|d| u64::from_le_bytes(d.try_into().expect("8 bytes"))))).collect()
+        for ((i, _), r) in keys.iter().zip(found) {
+            out[*i] = r.ok().flatten().and_then(|v| parse_value(&v)).filter(|(_, ts)| *ts >= oldest_kept).map(|(d, _)| d);
+        }
+        out
     }
 }
 
@@ -103,15 +109,17 @@ impl DedupBackend for RocksDedup {
             });
         }
         if self.autoflush.is_some_and(|n| self.pending.len() >= n) {
-            if let Ok(writes) = self.drain_writes() {
-                let _ = crate::core::apply_writes(&self.db, &writes, None);
+            let writes = self.drain_writes();
+            // A scratch database needs no durability.
+            if let Err(e) = crate::core::write_batch(&self.db, &writes, None, false) {
+                tracing::error!(error = %e, "writing deduplication state to the scratch database failed");
             }
         }
         verdicts
     }
 
     fn checkpoint(&mut self, checkpoint_id: u64) -> anyhow::Result<(Vec<u8>, Vec<StateWrite>)> {
-        let mut writes = self.drain_writes()?;
+        let mut writes = self.drain_writes();
         writes.push(StateWrite::Put(COMMITTED_KEY.to_vec(), checkpoint_id.to_le_bytes().to_vec()));
         let mut marker = vec![1u8];
         marker.extend_from_slice(&checkpoint_id.to_le_bytes());
@@ -136,13 +144,8 @@ impl DedupBackend for RocksDedup {
             _ => {
                 let mut memory = Deduplicator::new(self.horizon_ms);
                 memory.restore(bytes)?;
-                let mut writes = vec![StateWrite::DeleteRange(ID_PREFIX.to_vec(), b"dedup/id0".to_vec()), StateWrite::DeleteRange(INDEX_PREFIX.to_vec(), b"dedup/ix0".to_vec())];
-                for (id, digest, ts) in memory.entries() {
-                    let mut value = digest.to_le_bytes().to_vec();
-                    value.extend_from_slice(&ts.to_le_bytes());
-                    writes.push(StateWrite::Put(index_key(ts.div_euclid(BUCKET_MS), &id), Vec::new()));
-                    writes.push(StateWrite::Put(id_key(&id), value));
-                }
+                let mut writes = vec![StateWrite::DeleteRange(ID_PREFIX.to_vec(), b"dedup/id0".to_vec())];
+                writes.extend(memory.entries().map(|(id, digest, ts)| StateWrite::Put(id_key(&id), value(digest, ts))));
                 self.max_ts = memory.max_ts();
                 crate::core::apply_writes(&self.db, &writes, None)
             }
@@ -151,16 +154,14 @@ impl DedupBackend for RocksDedup {
 
     fn export(&mut self) -> anyhow::Result<Vec<u8>> {
         let mut memory = Deduplicator::new(self.horizon_ms);
-        for item in self.db.prefix_iterator(INDEX_PREFIX) {
-            let (key, _) = item?;
-            if !key.starts_with(INDEX_PREFIX) {
+        let oldest_kept = self.oldest_kept();
+        for item in self.db.prefix_iterator(ID_PREFIX) {
+            let (key, v) = item?;
+            if !key.starts_with(ID_PREFIX) {
                 break;
             }
-            let id: Arc<str> = std::str::from_utf8(&key[INDEX_PREFIX.len() + 8..])?.into();
-            if let Some(value) = self.db.get(id_key(&id))? {
-                let digest = u64::from_le_bytes(value[..8].try_into()?);
-                let ts = i64::from_le_bytes(value[8..16].try_into()?);
-                memory.check(&id, digest, ts);
+            if let Some((digest, ts)) = parse_value(&v).filter(|(_, ts)| *ts >= oldest_kept) {
+                memory.check(&std::str::from_utf8(&key[ID_PREFIX.len()..])?.into(), digest, ts);
             }
         }
         for (id, (digest, ts)) in &self.pending {
