@@ -105,6 +105,23 @@ mod tests {
         FlowCountRow { level: "checkpoint", key_id: key.into(), window_s: 30, window_start: 0, passes, revision }
     }
 
+    fn batch() -> ResultBatch {
+        ResultBatch { flow_counts: vec![row("a", 1, 0)], ..ResultBatch::default() }
+    }
+
+    #[tokio::test]
+    async fn a_stalled_store_writer_stops_the_engine_at_a_bounded_queue() {
+        use futures::FutureExt;
+        let (tx, mut rx) = mpsc::channel(QUEUE_BATCHES);
+        let sink = SinkHandle { tx };
+        for _ in 0..QUEUE_BATCHES {
+            sink.send(batch()).now_or_never().expect("room in the queue").unwrap();
+        }
+        assert!(sink.send(batch()).now_or_never().is_none(), "the engine waits once the queue is full");
+        let _ = rx.recv().await;
+        sink.send(batch()).now_or_never().expect("room again").unwrap();
+    }
+
     #[test]
     fn coalescing_keeps_the_highest_revision_of_each_key() {
         let mut rows = coalesce(vec![row("a", 1, 0), row("a", 3, 2), row("a", 2, 1), row("b", 5, 0)]);
