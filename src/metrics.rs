@@ -45,7 +45,8 @@ impl Metrics {
         let late_passes = counter("passflow_passes_late_total", "Passes late for at least one window.");
         let checkpoints = counter("passflow_checkpoints_total", "Completed checkpoints.");
         let watermark_lag_seconds =
-            prometheus::Gauge::new("passflow_watermark_lag_seconds", "Wall clock minus the watermark.").expect("valid metric name");
+            prometheus::Gauge::new("passflow_watermark_lag_seconds", "Wall clock minus the watermark.")
+                .expect("valid metric name");
         registry.register(Box::new(watermark_lag_seconds.clone())).expect("metric registered once");
         Metrics {
             registry,

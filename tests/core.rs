@@ -18,9 +18,15 @@ const TZ: chrono_tz::Tz = chrono_tz::Asia::Shanghai;
 /// The batch computation over the deduplicated valid passes of a pass file.
 fn oracle(dir: &Path) -> Vec<(String, String, i64, i64, i64)> {
     let city = Arc::new(City::load(dir).unwrap());
-    let mut ingest = Ingest::new(Validator::new(city.clone(), TZ, PlateColorScheme::Police, 300_000), Deduplicator::new(i64::MAX / 4));
+    let mut ingest = Ingest::new(
+        Validator::new(city.clone(), TZ, PlateColorScheme::Police, 300_000),
+        Deduplicator::new(i64::MAX / 4),
+    );
     let text = std::fs::read_to_string(dir.join("passes.jsonl")).unwrap();
-    let passes: Vec<_> = text.lines().filter_map(|l| if let Outcome::Valid(p) = ingest.accept(l.as_bytes(), None) { Some(p) } else { None }).collect();
+    let passes: Vec<_> = text
+        .lines()
+        .filter_map(|l| if let Outcome::Valid(p) = ingest.accept(l.as_bytes(), None) { Some(p) } else { None })
+        .collect();
     batch_flow_counts(&city, &passes).into_iter().map(|((l, k, w, s), n)| (l, k, i64::from(w), s, n as i64)).collect()
 }
 
@@ -56,7 +62,12 @@ async fn a_replayed_day_gives_exactly_the_batch_flow_counts_and_no_late_pass() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replay_killed_at_random_points_and_resumed_ends_with_the_uninterrupted_tables() {
     let day = tempfile::tempdir().unwrap();
-    let made = passflow().args(["simulate", "--out"]).arg(day.path()).args(["--vehicles", "6000", "--seed", "3"]).status().unwrap();
+    let made = passflow()
+        .args(["simulate", "--out"])
+        .arg(day.path())
+        .args(["--vehicles", "6000", "--seed", "3"])
+        .status()
+        .unwrap();
     assert!(made.success());
     let work = tempfile::tempdir().unwrap();
     let clean = format!("sqlite://{}", work.path().join("clean.db").display());
@@ -117,7 +128,8 @@ fn service_config(state: &Path) -> passflow::config::Config {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_savepoint_restores_into_a_new_service_and_a_wrong_state_version_is_refused() {
-    let (first, second, savepoint) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (first, second, savepoint) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let handle = passflow::app::run(service_config(first.path()), None).await.unwrap();
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -9,7 +9,13 @@ fn options(store_url: &str) -> ReplayOptions {
     let dir = small_day();
     let mut config = Config::default();
     config.city.dir = dir.to_path_buf();
-    ReplayOptions { config, input: ReplayInput::File(dir.join("passes.jsonl")), store_url: store_url.to_owned(), now_ms: None, checkpoint_dir: None }
+    ReplayOptions {
+        config,
+        input: ReplayInput::File(dir.join("passes.jsonl")),
+        store_url: store_url.to_owned(),
+        now_ms: None,
+        checkpoint_dir: None,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -24,9 +30,12 @@ async fn mysql_and_sqlite_hold_the_same_tables_and_a_second_replay_adds_no_row()
     let sqlite = Store::open(&sqlite_url).await.unwrap();
     let (m, s) = (mysql.flow_counts().await.unwrap(), sqlite.flow_counts().await.unwrap());
     assert!(m.len() > 1_000, "{} flow rows", m.len());
-    let without_revision = |rows: &[passflow::store::StoredFlowCount]| rows.iter().map(|r| (r.0.clone(), r.1.clone(), r.2, r.3, r.4)).collect::<Vec<_>>();
+    let without_revision = |rows: &[passflow::store::StoredFlowCount]| {
+        rows.iter().map(|r| (r.0.clone(), r.1.clone(), r.2, r.3, r.4)).collect::<Vec<_>>()
+    };
     assert_eq!(without_revision(&m), without_revision(&s));
-    let expected: Vec<(String, i64)> = labels(small_day()).dead_letters.into_iter().map(|(k, v)| (k, v as i64)).collect();
+    let expected: Vec<(String, i64)> =
+        labels(small_day()).dead_letters.into_iter().map(|(k, v)| (k, v as i64)).collect();
     assert_eq!(mysql.dead_letter_counts().await.unwrap(), expected);
     assert_eq!(sqlite.dead_letter_counts().await.unwrap(), expected);
     db.drop_now().await;

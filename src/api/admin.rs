@@ -23,16 +23,28 @@ pub struct SavepointRequest {
 
 pub async fn savepoint(State(state): State<AppState>, Json(request): Json<SavepointRequest>) -> impl IntoResponse {
     if !request.to.is_absolute() {
-        return (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": "bad_request", "message": "`to` must be an absolute path" })));
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": "bad_request", "message": "`to` must be an absolute path" })),
+        );
     }
     let (reply, answer) = oneshot::channel();
     if state.admin.send(AdminCommand::Savepoint { to: request.to.clone(), reply }).await.is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "error": "unavailable", "message": "the pipeline is not running" })));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "error": "unavailable", "message": "the pipeline is not running" })),
+        );
     }
     match answer.await {
         Ok(Ok(id)) => (StatusCode::OK, Json(serde_json::json!({ "checkpoint_id": id, "to": request.to }))),
-        Ok(Err(message)) => (StatusCode::INTERNAL_SERVER_ERROR, Json(serde_json::json!({ "error": "savepoint_failed", "message": message }))),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({ "error": "unavailable", "message": "the pipeline stopped" }))),
+        Ok(Err(message)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({ "error": "savepoint_failed", "message": message })),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "error": "unavailable", "message": "the pipeline stopped" })),
+        ),
     }
 }
 
@@ -56,6 +68,8 @@ pub async fn request_savepoint(listen: &str, to: &Path) -> Result<u64, Savepoint
     let json: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
     match json.get("checkpoint_id").and_then(serde_json::Value::as_u64) {
         Some(id) if head.starts_with("HTTP/1.1 200") => Ok(id),
-        _ => Err(SavepointRequestError::Failed(json.get("message").and_then(|m| m.as_str()).unwrap_or(head).to_owned())),
+        _ => {
+            Err(SavepointRequestError::Failed(json.get("message").and_then(|m| m.as_str()).unwrap_or(head).to_owned()))
+        }
     }
 }

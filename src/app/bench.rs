@@ -26,9 +26,16 @@ pub struct CoreBenchResult {
 pub fn bench_core(config: &Config, vehicles: u32, repeat: u32) -> anyhow::Result<CoreBenchResult> {
     let tz = config.city.tz()?;
     let city = Arc::new(sample_city());
-    let params = SimParams { day: chrono::NaiveDate::from_ymd_opt(2026, 3, 2).expect("valid date"), vehicles, seed: 1, time_zone: tz, local_prefixes: config.city.local_prefixes.clone() };
+    let params = SimParams {
+        day: chrono::NaiveDate::from_ymd_opt(2026, 3, 2).expect("valid date"),
+        vehicles,
+        seed: 1,
+        time_zone: tz,
+        local_prefixes: config.city.local_prefixes.clone(),
+    };
     let day = simulate_day(&city, &params);
-    let validator = Validator::new(city.clone(), tz, config.input.plate_color_scheme, config.core.max_clock_skew.as_millis());
+    let validator =
+        Validator::new(city.clone(), tz, config.input.plate_color_scheme, config.core.max_clock_skew.as_millis());
     let base: Vec<(Pass, u64)> = day
         .emissions
         .iter()
@@ -58,11 +65,20 @@ pub fn bench_core(config: &Config, vehicles: u32, repeat: u32) -> anyhow::Result
     }
     engine.finish();
     rows += engine.take_output().flow_counts.len() as u64;
-    Ok(CoreBenchResult { passes: stream.len() as u64, seconds: started.elapsed().as_secs_f64(), peak_rss_mb: peak_rss_mb(), rows })
+    Ok(CoreBenchResult {
+        passes: stream.len() as u64,
+        seconds: started.elapsed().as_secs_f64(),
+        peak_rss_mb: peak_rss_mb(),
+        rows,
+    })
 }
 
 /// Peak resident memory of this process (VmHWM), MiB.
 pub fn peak_rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).map_or(0.0, |kb| kb / 1024.0)
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
 }

@@ -91,13 +91,25 @@ struct FilePosition {
 
 /// Builds the engine with every pipeline for `config`. With the RocksDB state backend, state
 /// lives in the checkpoint store's database, or in a scratch database when there is none.
-pub fn build_engine(config: &Config, city: &Arc<City>, live: bool, store: Option<&CheckpointStore>) -> anyhow::Result<Engine> {
+pub fn build_engine(
+    config: &Config,
+    city: &Arc<City>,
+    live: bool,
+    store: Option<&CheckpointStore>,
+) -> anyhow::Result<Engine> {
     let core = &config.core;
-    let validator = Validator::new(city.clone(), config.city.tz()?, config.input.plate_color_scheme, core.max_clock_skew.as_millis());
+    let validator = Validator::new(
+        city.clone(),
+        config.city.tz()?,
+        config.input.plate_color_scheme,
+        core.max_clock_skew.as_millis(),
+    );
     let horizon = core.allowed_lateness.as_millis() + core.out_of_orderness.as_millis();
     let ingest = match (config.state.backend, store) {
         (StateBackendKind::Memory, _) => Ingest::new(validator, Deduplicator::new(horizon)),
-        (StateBackendKind::Rocksdb, Some(store)) => Ingest::new(validator, RocksDedup::new(store.db(), store.dedup_cutoff(), horizon, None)),
+        (StateBackendKind::Rocksdb, Some(store)) => {
+            Ingest::new(validator, RocksDedup::new(store.db(), store.dedup_cutoff(), horizon, None))
+        }
         (StateBackendKind::Rocksdb, None) => Ingest::new(validator, RocksDedup::scratch(horizon)?),
     };
     let settings = EngineSettings {
@@ -111,13 +123,17 @@ pub fn build_engine(config: &Config, city: &Arc<City>, live: bool, store: Option
 
 pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
     let config = &options.config;
-    let city = Arc::new(City::load(&config.city.dir).with_context(|| format!("loading city {}", config.city.dir.display()))?);
+    let city =
+        Arc::new(City::load(&config.city.dir).with_context(|| format!("loading city {}", config.city.dir.display()))?);
     let store = Store::open(&options.store_url).await?;
     let metrics = Arc::new(Metrics::new());
     let (sink, writer) = spawn_writer(store, metrics.clone());
     let checkpointing = match &options.checkpoint_dir {
         Some(dir) => {
-            anyhow::ensure!(matches!(options.input, ReplayInput::File(_)), "--checkpoint-dir needs a file input (standard input cannot be resumed)");
+            anyhow::ensure!(
+                matches!(options.input, ReplayInput::File(_)),
+                "--checkpoint-dir needs a file input (standard input cannot be resumed)"
+            );
             Some(Checkpointing { store: CheckpointStore::open(dir)?, interval: config.core.checkpoint_interval.0 })
         }
         None => None,
@@ -125,7 +141,11 @@ pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
     let mut engine = build_engine(config, &city, false, checkpointing.as_ref().map(|c| &c.store))?;
     engine.assign(0, wall_ms());
     let (mut driver, resumed) = Driver::start(engine, sink, checkpointing, metrics)?;
-    let start: FilePosition = resumed.map(serde_json::from_value).transpose().context("the checkpoint's source position is not a file position")?.unwrap_or_default();
+    let start: FilePosition = resumed
+        .map(serde_json::from_value)
+        .transpose()
+        .context("the checkpoint's source position is not a file position")?
+        .unwrap_or_default();
     let (source_name, reader) = open_input(&options.input, start.offset)?;
     let (tx, mut rx) = mpsc::channel::<LineBatch>(BATCHES_IN_FLIGHT);
     let reader_thread = std::thread::spawn(move || read_lines(reader, start, tx));
@@ -133,7 +153,11 @@ pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
     let mut position = start;
     let mut records_this_run = 0;
     while let Some(batch) = rx.recv().await {
-        let records = batch.lines.iter().enumerate().map(|(i, line)| Record { partition: 0, seq: batch.first_line + i as u64, bytes: line });
+        let records = batch.lines.iter().enumerate().map(|(i, line)| Record {
+            partition: 0,
+            seq: batch.first_line + i as u64,
+            bytes: line,
+        });
         driver.engine.process(&source_name, records, Clocks { future_now: options.now_ms, processing_now: wall_ms() });
         records_this_run += batch.lines.len() as u64;
         position = FilePosition { offset: batch.end, line: batch.end_line };
@@ -159,7 +183,8 @@ fn open_input(input: &ReplayInput, offset: u64) -> anyhow::Result<(String, Box<d
         ReplayInput::File(path) => {
             let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
             file.seek(SeekFrom::Start(offset)).with_context(|| format!("seeking {} to {offset}", path.display()))?;
-            let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+            let name =
+                path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
             Ok((name, Box::new(file)))
         }
     }
@@ -170,7 +195,12 @@ fn open_input(input: &ReplayInput, offset: u64) -> anyhow::Result<(String, Box<d
 fn read_lines(reader: Box<dyn Read + Send>, start: FilePosition, tx: mpsc::Sender<LineBatch>) -> anyhow::Result<()> {
     let mut reader = BufReader::with_capacity(1 << 20, reader);
     let (mut offset, mut line_no) = (start.offset, start.line);
-    let empty = |line_no: u64, offset: u64| LineBatch { first_line: line_no + 1, lines: Vec::with_capacity(LINES_PER_BATCH), end: offset, end_line: line_no };
+    let empty = |line_no: u64, offset: u64| LineBatch {
+        first_line: line_no + 1,
+        lines: Vec::with_capacity(LINES_PER_BATCH),
+        end: offset,
+        end_line: line_no,
+    };
     let mut batch = empty(line_no, offset);
     loop {
         let mut line = Vec::with_capacity(256);

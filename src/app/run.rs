@@ -62,7 +62,8 @@ impl RunHandle {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -76,7 +77,8 @@ fn wall_ms() -> i64 {
 /// Starts the service on `config` (resuming from a savepoint when given) and returns once it
 /// is serving.
 pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Result<RunHandle> {
-    let city = Arc::new(City::load(&config.city.dir).with_context(|| format!("loading city {}", config.city.dir.display()))?);
+    let city =
+        Arc::new(City::load(&config.city.dir).with_context(|| format!("loading city {}", config.city.dir.display()))?);
     let store = Store::open(&config.store.url).await?;
     let metrics = Arc::new(Metrics::new());
     let checkpoints = CheckpointStore::open(&config.state.dir)?;
@@ -84,7 +86,9 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
         let mut savepoint = read_savepoint(&dir)?;
         savepoint.id = checkpoints.ids()?.last().map_or(savepoint.id, |last| last + 1).max(savepoint.id);
         let mut engine = build_engine(&config, &city, true, Some(&checkpoints))?;
-        engine.restore(&savepoint.engine).with_context(|| format!("savepoint {} does not fit this build", dir.display()))?;
+        engine
+            .restore(&savepoint.engine)
+            .with_context(|| format!("savepoint {} does not fit this build", dir.display()))?;
         // Re-snapshot: state kept in RocksDB is written with the checkpoint it belongs to.
         savepoint.engine = engine.snapshot(savepoint.id)?;
         checkpoints.save(&savepoint)?;
@@ -106,11 +110,20 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
     let checkpointing = Checkpointing { store: checkpoints, interval: config.core.checkpoint_interval.0 };
     let (mut driver, resumed) = Driver::start(engine, sink, Some(checkpointing), metrics.clone())?;
     driver.engine.assign(0, wall_ms());
-    let resume: Option<SimPosition> = resumed.map(serde_json::from_value).transpose().context("the checkpoint's source position is not a simulator position")?;
+    let resume: Option<SimPosition> = resumed
+        .map(serde_json::from_value)
+        .transpose()
+        .context("the checkpoint's source position is not a simulator position")?;
     let source = match config.source.kind {
         SourceKind::Simulator => {
             let s = &config.source.simulator;
-            let params = SimParams { day: chrono::NaiveDate::default(), vehicles: s.vehicles, seed: s.seed, time_zone: config.city.tz()?, local_prefixes: config.city.local_prefixes.clone() };
+            let params = SimParams {
+                day: chrono::NaiveDate::default(),
+                vehicles: s.vehicles,
+                seed: s.seed,
+                time_zone: config.city.tz()?,
+                local_prefixes: config.city.local_prefixes.clone(),
+            };
             let (speed, city) = (s.speed, city.clone());
             tokio::task::spawn_blocking(move || LiveSimulator::start(city, params, speed, wall_ms(), resume)).await?
         }
@@ -129,7 +142,13 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
     Ok(RunHandle { api_addr, metrics, stop, tasks })
 }
 
-async fn pipeline(mut source: LiveSimulator, mut driver: Driver, mut admin: mpsc::Receiver<AdminCommand>, metrics: Arc<Metrics>, mut stopped: watch::Receiver<bool>) -> anyhow::Result<()> {
+async fn pipeline(
+    mut source: LiveSimulator,
+    mut driver: Driver,
+    mut admin: mpsc::Receiver<AdminCommand>,
+    metrics: Arc<Metrics>,
+    mut stopped: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     while !*stopped.borrow() {
         let batch = tokio::task::block_in_place(|| source.poll(MAX_BATCH));
         // The simulated clock is the wall clock of this source (faster when accelerated).
@@ -207,7 +226,13 @@ pub async fn create_savepoint(config: &Config, to: &std::path::Path) -> anyhow::
         Ok(id) => Ok(id),
         Err(api::SavepointRequestError::Unreachable) => {
             let store = CheckpointStore::open(&config.state.dir)?;
-            let latest = store.latest()?.ok_or_else(|| anyhow::anyhow!("no service at {} and no checkpoint in {}", config.api.listen, config.state.dir.display()))?;
+            let latest = store.latest()?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no service at {} and no checkpoint in {}",
+                    config.api.listen,
+                    config.state.dir.display()
+                )
+            })?;
             let city = Arc::new(City::load(&config.city.dir)?);
             let mut engine = build_engine(config, &city, true, Some(&store))?;
             engine.restore(&latest.engine)?;

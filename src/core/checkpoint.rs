@@ -48,11 +48,20 @@ struct PartMeta {
 
 impl PartMeta {
     fn of(name: &str, blob: &StateBlob) -> PartMeta {
-        PartMeta { name: name.to_owned(), version: blob.version, len: blob.bytes.len() as u64, digest: format!("{:016x}", fnv1a64(&blob.bytes)) }
+        PartMeta {
+            name: name.to_owned(),
+            version: blob.version,
+            len: blob.bytes.len() as u64,
+            digest: format!("{:016x}", fnv1a64(&blob.bytes)),
+        }
     }
 
     fn verify(&self, bytes: &[u8]) -> anyhow::Result<()> {
-        anyhow::ensure!(bytes.len() as u64 == self.len && format!("{:016x}", fnv1a64(bytes)) == self.digest, "part `{}` is corrupt (length or digest mismatch)", self.name);
+        anyhow::ensure!(
+            bytes.len() as u64 == self.len && format!("{:016x}", fnv1a64(bytes)) == self.digest,
+            "part `{}` is corrupt (length or digest mismatch)",
+            self.name
+        );
         Ok(())
     }
 }
@@ -75,7 +84,8 @@ impl CheckpointStore {
     pub fn open(dir: &Path) -> anyhow::Result<CheckpointStore> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let cutoff = Arc::new(AtomicI64::new(i64::MIN));
-        let db = open_state_db(&dir.join("checkpoints"), cutoff.clone()).with_context(|| format!("opening the checkpoint store in {}", dir.display()))?;
+        let db = open_state_db(&dir.join("checkpoints"), cutoff.clone())
+            .with_context(|| format!("opening the checkpoint store in {}", dir.display()))?;
         Ok(CheckpointStore { db: Arc::new(db), cutoff })
     }
 
@@ -131,14 +141,23 @@ impl CheckpointStore {
 
     pub fn load(&self, id: u64) -> anyhow::Result<Checkpoint> {
         let meta = self.db.get(meta_key(id))?.ok_or_else(|| anyhow::anyhow!("checkpoint {id} has no metadata"))?;
-        let meta: Meta = serde_json::from_slice(&meta).with_context(|| format!("checkpoint {id}: unreadable metadata"))?;
+        let meta: Meta =
+            serde_json::from_slice(&meta).with_context(|| format!("checkpoint {id}: unreadable metadata"))?;
         let mut parts = Vec::new();
         for p in &meta.parts {
-            let bytes = self.db.get(part_key(id, &p.name))?.ok_or_else(|| anyhow::anyhow!("checkpoint {id}: part `{}` is missing", p.name))?;
+            let bytes = self
+                .db
+                .get(part_key(id, &p.name))?
+                .ok_or_else(|| anyhow::anyhow!("checkpoint {id}: part `{}` is missing", p.name))?;
             p.verify(&bytes).with_context(|| format!("checkpoint {id}"))?;
             parts.push((p.name.clone(), StateBlob { version: p.version, bytes }));
         }
-        Ok(Checkpoint { id, created_at: meta.created_at, source: meta.source, engine: EngineSnapshot { parts, writes: Vec::new() } })
+        Ok(Checkpoint {
+            id,
+            created_at: meta.created_at,
+            source: meta.source,
+            engine: EngineSnapshot { parts, writes: Vec::new() },
+        })
     }
 
     /// Overwrites part of a stored checkpoint (tests use it to corrupt one).
@@ -178,17 +197,29 @@ pub fn write_savepoint(checkpoint: &Checkpoint, dir: &Path) -> anyhow::Result<()
 
 /// Reads a savepoint directory back, checking every part.
 pub fn read_savepoint(dir: &Path) -> anyhow::Result<Checkpoint> {
-    let text = std::fs::read(dir.join("manifest.json")).with_context(|| format!("{} is not a savepoint (no manifest.json)", dir.display()))?;
-    let m: SavepointManifest = serde_json::from_slice(&text).with_context(|| format!("{}/manifest.json is unreadable", dir.display()))?;
+    let text = std::fs::read(dir.join("manifest.json"))
+        .with_context(|| format!("{} is not a savepoint (no manifest.json)", dir.display()))?;
+    let m: SavepointManifest =
+        serde_json::from_slice(&text).with_context(|| format!("{}/manifest.json is unreadable", dir.display()))?;
     anyhow::ensure!(m.format == SAVEPOINT_FORMAT, "{}: not a passflow savepoint", dir.display());
-    anyhow::ensure!(m.format_version == SAVEPOINT_FORMAT_VERSION, "savepoint format version {} is not supported (this build reads {})", m.format_version, SAVEPOINT_FORMAT_VERSION);
+    anyhow::ensure!(
+        m.format_version == SAVEPOINT_FORMAT_VERSION,
+        "savepoint format version {} is not supported (this build reads {})",
+        m.format_version,
+        SAVEPOINT_FORMAT_VERSION
+    );
     let mut parts = Vec::new();
     for p in &m.parts {
         let bytes = std::fs::read(part_file(dir, &p.name)).with_context(|| format!("savepoint part `{}`", p.name))?;
         p.verify(&bytes).with_context(|| format!("savepoint {}", dir.display()))?;
         parts.push((p.name.clone(), StateBlob { version: p.version, bytes }));
     }
-    Ok(Checkpoint { id: m.checkpoint_id, created_at: m.created_at, source: m.source, engine: EngineSnapshot { parts, writes: Vec::new() } })
+    Ok(Checkpoint {
+        id: m.checkpoint_id,
+        created_at: m.created_at,
+        source: m.source,
+        engine: EngineSnapshot { parts, writes: Vec::new() },
+    })
 }
 
 /// Opens a RocksDB for passflow's state (with a handle on its default column family, for
@@ -230,8 +261,16 @@ mod tests {
     use super::*;
 
     fn checkpoint(id: u64) -> Checkpoint {
-        let parts = vec![("a".to_owned(), StateBlob { version: 1, bytes: vec![id as u8; 10] }), ("b".to_owned(), StateBlob { version: 2, bytes: b"state".to_vec() })];
-        Checkpoint { id, created_at: 5, source: serde_json::json!({ "offset": id * 100 }), engine: EngineSnapshot { parts, writes: Vec::new() } }
+        let parts = vec![
+            ("a".to_owned(), StateBlob { version: 1, bytes: vec![id as u8; 10] }),
+            ("b".to_owned(), StateBlob { version: 2, bytes: b"state".to_vec() }),
+        ];
+        Checkpoint {
+            id,
+            created_at: 5,
+            source: serde_json::json!({ "offset": id * 100 }),
+            engine: EngineSnapshot { parts, writes: Vec::new() },
+        }
     }
 
     #[test]

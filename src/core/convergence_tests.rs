@@ -22,7 +22,13 @@ fn day() -> &'static (Arc<City>, Vec<(String, Pass)>) {
     static DAY: OnceLock<(Arc<City>, Vec<(String, Pass)>)> = OnceLock::new();
     DAY.get_or_init(|| {
         let city = Arc::new(sample_city());
-        let params = SimParams { day: chrono::NaiveDate::from_ymd_opt(2026, 3, 2).unwrap(), vehicles: 250, seed: 5, time_zone: TZ, local_prefixes: vec!["赣A".into()] };
+        let params = SimParams {
+            day: chrono::NaiveDate::from_ymd_opt(2026, 3, 2).unwrap(),
+            vehicles: 250,
+            seed: 5,
+            time_zone: TZ,
+            local_prefixes: vec!["赣A".into()],
+        };
         let validator = Validator::new(city.clone(), TZ, PlateColorScheme::Police, 300_000);
         let mut seen = std::collections::HashSet::new();
         let records = simulate_day(&city, &params)
@@ -56,9 +62,21 @@ fn engine(city: &Arc<City>, backend: &Backend) -> Engine {
     let validator = Validator::new(city.clone(), TZ, PlateColorScheme::Police, 300_000);
     let ingest = match backend {
         Backend::Memory => Ingest::new(validator, Deduplicator::new(LATENESS + 10_000)),
-        Backend::RocksDb(db, cutoff) => Ingest::new(validator, RocksDedup::new(db.clone(), cutoff.clone(), LATENESS + 10_000, None)),
+        Backend::RocksDb(db, cutoff) => {
+            Ingest::new(validator, RocksDedup::new(db.clone(), cutoff.clone(), LATENESS + 10_000, None))
+        }
     };
-    Engine::new(city.clone(), ingest, all(city), EngineSettings { out_of_orderness_ms: 10_000, idle_timeout_ms: 60_000, allowed_lateness_ms: LATENESS, live: false })
+    Engine::new(
+        city.clone(),
+        ingest,
+        all(city),
+        EngineSettings {
+            out_of_orderness_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            allowed_lateness_ms: LATENESS,
+            live: false,
+        },
+    )
 }
 
 type Table = BTreeMap<(String, String, u32, i64), (u32, u64)>;
@@ -89,7 +107,12 @@ fn checkpoint(e: &mut Engine, backend: &Backend, id: u64) -> super::EngineSnapsh
 
 /// Feeds `lines` in batches of random sizes; at random points it checkpoints, and at others it
 /// restores the last checkpoint into a new engine and rewinds to it (a crash and restart).
-fn run(city: &Arc<City>, backend: &Backend, lines: &[String], rng: &mut ChaCha8Rng) -> (Table, Vec<(String, Vec<&'static str>)>) {
+fn run(
+    city: &Arc<City>,
+    backend: &Backend,
+    lines: &[String],
+    rng: &mut ChaCha8Rng,
+) -> (Table, Vec<(String, Vec<&'static str>)>) {
     let mut e = engine(city, backend);
     let (mut table, mut late) = (Table::new(), Vec::new());
     let mut at = 0;
@@ -98,7 +121,11 @@ fn run(city: &Arc<City>, backend: &Backend, lines: &[String], rng: &mut ChaCha8R
     let clocks = Clocks { future_now: None, processing_now: 0 };
     while at < lines.len() {
         let n = rng.gen_range(1..=400).min(lines.len() - at);
-        let records = lines[at..at + n].iter().enumerate().map(|(i, l)| Record { partition: 0, seq: (at + i) as u64, bytes: l.as_bytes() });
+        let records = lines[at..at + n].iter().enumerate().map(|(i, l)| Record {
+            partition: 0,
+            seq: (at + i) as u64,
+            bytes: l.as_bytes(),
+        });
         e.process("test", records, clocks);
         upsert(&mut table, &mut e, &mut late);
         at += n;
@@ -126,9 +153,15 @@ fn expected(city: &City, passes: &[&Pass]) -> BTreeMap<(String, String, u32, i64
 }
 
 /// Keys whose counts differ: (key, got, want).
-fn differences(got: &BTreeMap<(String, String, u32, i64), u64>, want: &BTreeMap<(String, String, u32, i64), u64>) -> Vec<(String, Option<u64>, Option<u64>)> {
+fn differences(
+    got: &BTreeMap<(String, String, u32, i64), u64>,
+    want: &BTreeMap<(String, String, u32, i64), u64>,
+) -> Vec<(String, Option<u64>, Option<u64>)> {
     let keys: std::collections::BTreeSet<_> = got.keys().chain(want.keys()).collect();
-    keys.into_iter().filter(|k| got.get(*k) != want.get(*k)).map(|k| (format!("{k:?}"), got.get(k).copied(), want.get(k).copied())).collect()
+    keys.into_iter()
+        .filter(|k| got.get(*k) != want.get(*k))
+        .map(|k| (format!("{k:?}"), got.get(k).copied(), want.get(k).copied()))
+        .collect()
 }
 
 fn counts(table: &Table) -> BTreeMap<(String, String, u32, i64), u64> {

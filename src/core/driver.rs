@@ -29,7 +29,12 @@ pub struct Driver {
 impl Driver {
     /// Restores the engine from the newest intact checkpoint, if there is one, and returns its
     /// source position.
-    pub fn start(mut engine: Engine, sink: SinkHandle, checkpoints: Option<Checkpointing>, metrics: Arc<Metrics>) -> anyhow::Result<(Driver, Option<serde_json::Value>)> {
+    pub fn start(
+        mut engine: Engine,
+        sink: SinkHandle,
+        checkpoints: Option<Checkpointing>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<(Driver, Option<serde_json::Value>)> {
         let mut next_id = 1;
         let mut position = None;
         if let Some(c) = &checkpoints {
@@ -47,7 +52,9 @@ impl Driver {
     /// Hands the results so far to the sink; checkpoints when one is due.
     pub async fn after_batch(&mut self, position: impl FnOnce() -> serde_json::Value) -> anyhow::Result<()> {
         self.flush().await?;
-        let due = self.checkpoints.as_ref().is_some_and(|c| self.last_checkpoint.elapsed() >= c.interval || self.engine.pending_state() >= MAX_PENDING_STATE);
+        let due = self.checkpoints.as_ref().is_some_and(|c| {
+            self.last_checkpoint.elapsed() >= c.interval || self.engine.pending_state() >= MAX_PENDING_STATE
+        });
         if due {
             self.checkpoint(position()).await?;
         }

@@ -60,7 +60,12 @@ pub fn apply_writes(db: &rocksdb::DB, writes: &[StateWrite], more: Option<rocksd
 }
 
 /// Applies writes in one atomic write; `durable`: through the write-ahead log, synced.
-pub fn write_batch(db: &rocksdb::DB, writes: &[StateWrite], more: Option<rocksdb::WriteBatch>, durable: bool) -> anyhow::Result<()> {
+pub fn write_batch(
+    db: &rocksdb::DB,
+    writes: &[StateWrite],
+    more: Option<rocksdb::WriteBatch>,
+    durable: bool,
+) -> anyhow::Result<()> {
     let mut batch = more.unwrap_or_default();
     for w in writes {
         match w {
@@ -158,13 +163,29 @@ impl Engine {
     }
 
     fn run_operators(&mut self, watermark: i64, passes: &[Pass], raw: &[&[u8]], processing_now: i64) {
-        let mut late = Vec::new();
-        let mut ctx = Context { watermark, allowed_lateness_ms: self.settings.allowed_lateness_ms, out: &mut self.out, late: &mut late };
-        for op in &mut self.operators {
-            op.process_batch(passes, &mut ctx);
-        }
+        let late = self.with_operators(watermark, |op, ctx| op.process_batch(passes, ctx));
         self.record_late(late, passes, raw, processing_now);
         self.advance(processing_now);
+    }
+
+    /// Runs `f` on every operator with a context at `watermark`; returns the passes they
+    /// marked late.
+    fn with_operators(
+        &mut self,
+        watermark: i64,
+        mut f: impl FnMut(&mut dyn Operator, &mut Context<'_>),
+    ) -> Vec<(usize, &'static str)> {
+        let mut late = Vec::new();
+        let mut ctx = Context {
+            watermark,
+            allowed_lateness_ms: self.settings.allowed_lateness_ms,
+            out: &mut self.out,
+            late: &mut late,
+        };
+        for op in &mut self.operators {
+            f(op.as_mut(), &mut ctx);
+        }
+        late
     }
 
     /// Moves the watermark without data (live: the wall clock).
@@ -175,12 +196,10 @@ impl Engine {
     /// End of input: the watermark goes to the end of time and every window is emitted.
     pub fn finish(&mut self) {
         let watermark = self.watermarks.finish();
-        let mut late = Vec::new();
-        let mut ctx = Context { watermark, allowed_lateness_ms: self.settings.allowed_lateness_ms, out: &mut self.out, late: &mut late };
-        for op in &mut self.operators {
-            op.on_watermark(&mut ctx);
-            op.on_close(&mut ctx);
-        }
+        self.with_operators(watermark, |op, ctx| {
+            op.on_watermark(ctx);
+            op.on_close(ctx);
+        });
     }
 
     /// The rows emitted since the last call.
@@ -228,7 +247,14 @@ impl Engine {
     }
 
     pub fn restore(&mut self, snapshot: &EngineSnapshot) -> anyhow::Result<()> {
-        let part = |name: &str| snapshot.parts.iter().find(|(n, _)| n == name).map(|(_, b)| b).ok_or_else(|| anyhow::anyhow!("the snapshot has no state for `{name}`"));
+        let part = |name: &str| {
+            snapshot
+                .parts
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, b)| b)
+                .ok_or_else(|| anyhow::anyhow!("the snapshot has no state for `{name}`"))
+        };
         let core = part("core")?;
         super::check_version("core", core.version, CORE_STATE_VERSION)?;
         let core: CoreState = serde_json::from_slice(&core.bytes)?;
@@ -247,11 +273,7 @@ impl Engine {
         let before = self.watermarks.current();
         let watermark = self.watermarks.advance(processing_now, self.settings.live);
         if watermark > before {
-            let mut late = Vec::new();
-            let mut ctx = Context { watermark, allowed_lateness_ms: self.settings.allowed_lateness_ms, out: &mut self.out, late: &mut late };
-            for op in &mut self.operators {
-                op.on_watermark(&mut ctx);
-            }
+            self.with_operators(watermark, |op, ctx| op.on_watermark(ctx));
         }
     }
 

@@ -96,7 +96,9 @@ impl Deduplicator {
     pub fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         match bytes.first() {
             Some(&FULL) => {}
-            Some(1) => anyhow::bail!("this checkpoint keeps its deduplication state in RocksDB: run with state.backend = \"rocksdb\""),
+            Some(1) => anyhow::bail!(
+                "this checkpoint keeps its deduplication state in RocksDB: run with state.backend = \"rocksdb\""
+            ),
             _ => anyhow::bail!("deduplication state is unreadable"),
         }
         let mut r = Reader { bytes, at: 1 };
@@ -120,7 +122,9 @@ impl Deduplicator {
 
     /// Every remembered id with its digest and minute bucket start.
     pub fn entries(&self) -> impl Iterator<Item = (Arc<str>, u64, i64)> + '_ {
-        self.by_minute.iter().flat_map(move |(bucket, ids)| ids.iter().map(move |id| (id.clone(), self.seen.get(id).copied().unwrap_or_default(), bucket * BUCKET_MS)))
+        self.by_minute.iter().flat_map(move |(bucket, ids)| {
+            ids.iter().map(move |id| (id.clone(), self.seen.get(id).copied().unwrap_or_default(), bucket * BUCKET_MS))
+        })
     }
 
     pub fn max_ts(&self) -> i64 {
@@ -173,7 +177,11 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, n: usize) -> anyhow::Result<&'a [u8]> {
-        let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len()).ok_or_else(|| anyhow::anyhow!("deduplication state is truncated"))?;
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|e| *e <= self.bytes.len())
+            .ok_or_else(|| anyhow::anyhow!("deduplication state is truncated"))?;
         let out = &self.bytes[self.at..end];
         self.at = end;
         Ok(out)
@@ -217,7 +225,12 @@ mod tests {
         assert_eq!(e.len(), 3);
         assert_eq!(e.check(&"长ID".into(), 2, 140_000), DedupVerdict::Identical);
         assert_eq!(e.check(&"a".into(), 9, 0), DedupVerdict::Conflicting);
-        assert_eq!(e.snapshot(), { let mut d2 = d; d2.check(&"长ID".into(), 2, 140_000); d2.check(&"a".into(), 9, 0); d2.snapshot() });
+        assert_eq!(e.snapshot(), {
+            let mut d2 = d;
+            d2.check(&"长ID".into(), 2, 140_000);
+            d2.check(&"a".into(), 9, 0);
+            d2.snapshot()
+        });
         assert!(e.restore(&[1, 2, 3]).is_err());
     }
 

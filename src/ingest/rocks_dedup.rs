@@ -48,7 +48,15 @@ pub fn parse_value(v: &[u8]) -> Option<(u64, i64)> {
 impl RocksDedup {
     /// `autoflush`: for runs without checkpoints, write ids through after this many.
     pub fn new(db: Arc<DB>, cutoff: Arc<AtomicI64>, horizon_ms: i64, autoflush: Option<usize>) -> RocksDedup {
-        RocksDedup { db, cutoff, _scratch: None, horizon_ms, pending: FxHashMap::default(), max_ts: i64::MIN, autoflush }
+        RocksDedup {
+            db,
+            cutoff,
+            _scratch: None,
+            horizon_ms,
+            pending: FxHashMap::default(),
+            max_ts: i64::MIN,
+            autoflush,
+        }
     }
 
     /// Ids with an event time before this are expired.
@@ -70,7 +78,11 @@ impl RocksDedup {
     fn drain_writes(&mut self) -> Vec<StateWrite> {
         let oldest_kept = self.oldest_kept();
         self.cutoff.fetch_max(oldest_kept, Ordering::Relaxed);
-        self.pending.drain().filter(|(_, (_, ts))| *ts >= oldest_kept).map(|(id, (digest, ts))| StateWrite::Put(id_key(&id), value(digest, ts))).collect()
+        self.pending
+            .drain()
+            .filter(|(_, (_, ts))| *ts >= oldest_kept)
+            .map(|(id, (digest, ts))| StateWrite::Put(id_key(&id), value(digest, ts)))
+            .collect()
     }
 
     /// Digests of stored ids that are still within the horizon.
@@ -78,14 +90,21 @@ impl RocksDedup {
         let mut keys: Vec<(usize, Vec<u8>)> = ids.iter().map(|id| id_key(id)).enumerate().collect();
         keys.sort_unstable_by(|a, b| a.1.cmp(&b.1));
         let oldest_kept = self.oldest_kept();
-        let found: Vec<Result<Option<Vec<u8>>, rocksdb::Error>> = match self.db.cf_handle(rocksdb::DEFAULT_COLUMN_FAMILY_NAME) {
-            Some(cf) => self.db.batched_multi_get_cf(cf, keys.iter().map(|(_, k)| k), true).into_iter().map(|r| r.map(|v| v.map(|v| v.to_vec()))).collect(),
-            None => self.db.multi_get(keys.iter().map(|(_, k)| k)),
-        };
+        let found: Vec<Result<Option<Vec<u8>>, rocksdb::Error>> =
+            match self.db.cf_handle(rocksdb::DEFAULT_COLUMN_FAMILY_NAME) {
+                Some(cf) => self
+                    .db
+                    .batched_multi_get_cf(cf, keys.iter().map(|(_, k)| k), true)
+                    .into_iter()
+                    .map(|r| r.map(|v| v.map(|v| v.to_vec())))
+                    .collect(),
+                None => self.db.multi_get(keys.iter().map(|(_, k)| k)),
+            };
         let mut out = vec![None; ids.len()];
         // A read error is treated as "not seen": the pass is kept rather than lost.
         for ((i, _), r) in keys.iter().zip(found) {
-            out[*i] = r.ok().flatten().and_then(|v| parse_value(&v)).filter(|(_, ts)| *ts >= oldest_kept).map(|(d, _)| d);
+            out[*i] =
+                r.ok().flatten().and_then(|v| parse_value(&v)).filter(|(_, ts)| *ts >= oldest_kept).map(|(d, _)| d);
         }
         out
     }
@@ -93,8 +112,14 @@ impl RocksDedup {
 
 impl DedupBackend for RocksDedup {
     fn check_batch(&mut self, items: &[(Arc<str>, u64, i64)]) -> Vec<DedupVerdict> {
-        let unknown: Vec<&Arc<str>> = items.iter().map(|(id, _, _)| id).filter(|id| !self.pending.contains_key(*id)).collect();
-        let stored: FxHashMap<&str, u64> = unknown.iter().map(|id| &***id).zip(self.lookup(&unknown)).filter_map(|(id, d)| d.map(|d| (id, d))).collect();
+        let unknown: Vec<&Arc<str>> =
+            items.iter().map(|(id, _, _)| id).filter(|id| !self.pending.contains_key(*id)).collect();
+        let stored: FxHashMap<&str, u64> = unknown
+            .iter()
+            .map(|id| &***id)
+            .zip(self.lookup(&unknown))
+            .filter_map(|(id, d)| d.map(|d| (id, d)))
+            .collect();
         let mut verdicts = Vec::with_capacity(items.len());
         for (id, digest, ts) in items {
             let first = self.pending.get(id).map(|(d, _)| *d).or_else(|| stored.get(&**id).copied());

@@ -27,22 +27,10 @@ impl Validator {
 
     /// Resolves the checkpoint and checks the time against `now_ms` (when there is a clock).
     pub fn validate(&self, record: PassRecord, now_ms: Option<i64>) -> Result<Pass, RejectReason> {
-        let checkpoint = self.city.checkpoint_idx(&record.checkpoint_id).ok_or(RejectReason::UnknownCheckpoint)?;
+        let checkpoint = self.city.checkpoint_idx(&record.checkpoint).ok_or(RejectReason::UnknownCheckpoint)?;
         if now_ms.is_some_and(|now| record.ts.ms() > now + self.max_clock_skew_ms) {
             return Err(RejectReason::FutureTimestamp);
         }
-        Ok(Pass {
-            pass_id: record.pass_id,
-            plate: record.plate,
-            plate_color: record.plate_color,
-            plate_type: record.plate_type,
-            checkpoint,
-            device_id: record.device_id,
-            direction: record.direction,
-            lane: record.lane,
-            ts: record.ts,
-            speed_kmh: record.speed_kmh,
-            vehicle_type: record.vehicle_type,
-        })
+        Ok(record.at(checkpoint))
     }
 }

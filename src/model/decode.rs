@@ -15,14 +15,15 @@ use std::sync::Arc;
 /// Highest spot speed accepted as a reading, km/h.
 const MAX_SPEED_KMH: f64 = 400.0;
 
-/// A decoded pass record: every field typed, the checkpoint not yet looked up.
+/// A vehicle pass, every field typed. `C` is how its checkpoint is known: by id as decoded
+/// ([`PassRecord`]), or by its place in the city's table once validated (`Pass`).
 #[derive(Clone, Debug, PartialEq)]
-pub struct PassRecord {
+pub struct PassOf<C> {
     pub pass_id: Arc<str>,
     pub plate: PlateRead,
     pub plate_color: PlateColor,
     pub plate_type: Arc<str>,
-    pub checkpoint_id: Arc<str>,
+    pub checkpoint: C,
     pub device_id: Option<Arc<str>>,
     pub direction: Direction,
     pub lane: u8,
@@ -31,12 +32,34 @@ pub struct PassRecord {
     pub vehicle_type: Option<Arc<str>>,
 }
 
+/// A decoded pass record, its checkpoint not yet looked up.
+pub type PassRecord = PassOf<Arc<str>>;
+
+impl<C> PassOf<C> {
+    /// The same pass with its checkpoint known another way.
+    pub fn at<D>(self, checkpoint: D) -> PassOf<D> {
+        PassOf {
+            pass_id: self.pass_id,
+            plate: self.plate,
+            plate_color: self.plate_color,
+            plate_type: self.plate_type,
+            checkpoint,
+            device_id: self.device_id,
+            direction: self.direction,
+            lane: self.lane,
+            ts: self.ts,
+            speed_kmh: self.speed_kmh,
+            vehicle_type: self.vehicle_type,
+        }
+    }
+}
+
 impl PassRecord {
     /// A stable 64-bit digest of the record's content (not its spelling): a resend that decodes
     /// to the same record has the same digest, whatever aliases or time format it used.
     pub fn content_digest(&self) -> u64 {
         let mut h = Fnv1a::default();
-        for part in [&*self.pass_id, self.plate.as_str(), &*self.plate_type, &*self.checkpoint_id] {
+        for part in [&*self.pass_id, self.plate.as_str(), &*self.plate_type, &*self.checkpoint] {
             h.write(part.as_bytes());
             h.write_u8(0xff);
         }
@@ -59,7 +82,7 @@ impl PassRecord {
             plate: self.plate.as_str(),
             plate_color: self.plate_color.code(),
             plate_type: &self.plate_type,
-            checkpoint_id: &self.checkpoint_id,
+            checkpoint_id: &self.checkpoint,
             device_id: self.device_id.as_deref(),
             direction: self.direction.code(),
             lane: self.lane,
@@ -113,7 +136,7 @@ pub fn decode_record(json: &[u8], tz: Tz, colors: PlateColorScheme) -> Result<Pa
                 .ok_or(RejectReason::BadField("plate_color"))?,
         },
         plate_type: raw.plate_type.code("plate_type")?.into(),
-        checkpoint_id: raw.checkpoint_id.text("checkpoint_id")?.into(),
+        checkpoint: raw.checkpoint_id.text("checkpoint_id")?.into(),
         device_id: raw.device_id.optional_text("device_id")?.map(Into::into),
         direction: match raw.direction {
             Scalar::Absent | Scalar::Null => return Err(RejectReason::MissingField("direction")),

@@ -35,7 +35,7 @@ fn a_canonical_record_decodes_every_field() {
     assert_eq!(r.plate.as_str(), "赣A12345");
     assert_eq!(r.plate_color, PlateColor::Blue);
     assert_eq!(&*r.plate_type, "02");
-    assert_eq!(&*r.checkpoint_id, "KK0001");
+    assert_eq!(&*r.checkpoint, "KK0001");
     assert_eq!(r.device_id.as_deref(), Some("D1"));
     assert_eq!(r.direction, Direction::WEST_TO_EAST);
     assert_eq!(r.lane, 1);

@@ -13,32 +13,17 @@ mod reject;
 mod time;
 
 pub use codes::{Direction, PlateColor, PlateColorScheme};
-pub use decode::{decode_record, fnv1a64, PassRecord};
+pub use decode::{decode_record, fnv1a64, PassOf, PassRecord};
 pub use plate::{Plate, PlateKind, PlateRead, VehicleKey, PROVINCES};
 pub use reject::RejectReason;
 pub use time::{parse_event_time, EventTime, DAY_MS, MIN_VALID_TS_MS};
-
-use std::sync::Arc;
 
 /// A checkpoint, by its position in the city's checkpoint table (resolved during validation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CheckpointIdx(pub u32);
 
-/// A valid, deduplicated vehicle pass as the pipelines see it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Pass {
-    pub pass_id: Arc<str>,
-    pub plate: PlateRead,
-    pub plate_color: PlateColor,
-    pub plate_type: Arc<str>,
-    pub checkpoint: CheckpointIdx,
-    pub device_id: Option<Arc<str>>,
-    pub direction: Direction,
-    pub lane: u8,
-    pub ts: EventTime,
-    pub speed_kmh: Option<f32>,
-    pub vehicle_type: Option<Arc<str>>,
-}
+/// A valid vehicle pass as the pipelines see it: its checkpoint resolved.
+pub type Pass = PassOf<CheckpointIdx>;
 
 impl Pass {
     /// The vehicle this pass belongs to; `None` when the plate was unreadable.

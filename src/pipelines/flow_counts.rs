@@ -33,7 +33,8 @@ struct KeySpace {
 impl KeySpace {
     fn new(city: &City) -> KeySpace {
         let n = city.checkpoints.len() as u32;
-        let mut keys: Vec<(&'static str, Arc<str>)> = city.checkpoints.iter().map(|c| ("checkpoint", c.id.clone())).collect();
+        let mut keys: Vec<(&'static str, Arc<str>)> =
+            city.checkpoints.iter().map(|c| ("checkpoint", c.id.clone())).collect();
         for c in &city.checkpoints {
             keys.extend((1..=8).map(|d| ("checkpoint_direction", Arc::from(format!("{}:{d}", c.id)))));
         }
@@ -43,12 +44,20 @@ impl KeySpace {
         keys.push(("boundary", "in".into()));
         keys.push(("boundary", "out".into()));
         keys.extend(city.checkpoints.iter().map(|c| ("bus_lane", c.id.clone())));
-        let region_slot = city.checkpoints.iter().map(|c| 9 * n + city.regions.iter().position(|r| r.id == c.region_id).unwrap_or(0) as u32).collect();
+        let region_slot = city
+            .checkpoints
+            .iter()
+            .map(|c| 9 * n + city.regions.iter().position(|r| r.id == c.region_id).unwrap_or(0) as u32)
+            .collect();
         KeySpace {
             keys,
             region_slot,
             bus_lanes: city.checkpoints.iter().map(|c| c.bus_lanes.clone()).collect(),
-            boundary: city.checkpoints.iter().map(|c| if c.boundary { c.inbound_direction.map(|d| d.code()) } else { None }).collect(),
+            boundary: city
+                .checkpoints
+                .iter()
+                .map(|c| if c.boundary { c.inbound_direction.map(|d| d.code()) } else { None })
+                .collect(),
             n,
             city_slot,
         }
@@ -113,7 +122,10 @@ impl StoredWindow {
         let mut w = Window { counts: vec![0; width], dirty: self.dirty, emitted: self.emitted };
         for (slot, count) in self.slots {
             let s = slot as usize;
-            anyhow::ensure!(s < width, "flow_counts state names slot {s} of {width}: the city changed since the snapshot");
+            anyhow::ensure!(
+                s < width,
+                "flow_counts state names slot {s} of {width}: the city changed since the snapshot"
+            );
             w.counts[s] = count;
         }
         Ok((self.start, w))
@@ -127,7 +139,8 @@ pub struct FlowCounts {
 
 impl FlowCounts {
     pub fn new(city: &Arc<City>) -> FlowCounts {
-        let sets = FLOW_WINDOWS_S.iter().map(|s| WindowSet { size_ms: i64::from(*s) * 1000, open: BTreeMap::new() }).collect();
+        let sets =
+            FLOW_WINDOWS_S.iter().map(|s| WindowSet { size_ms: i64::from(*s) * 1000, open: BTreeMap::new() }).collect();
         FlowCounts { keys: KeySpace::new(city), sets }
     }
 
@@ -136,7 +149,14 @@ impl FlowCounts {
         let mut row = |slot: u32, w: &mut Window| {
             let s = slot as usize;
             let (level, key_id) = &self.keys.keys[s];
-            out.push(FlowCountRow { level, key_id: key_id.clone(), window_s, window_start: start, passes: u64::from(w.counts[s]), revision: w.counts[s].saturating_sub(1) });
+            out.push(FlowCountRow {
+                level,
+                key_id: key_id.clone(),
+                window_s,
+                window_start: start,
+                passes: u64::from(w.counts[s]),
+                revision: w.counts[s].saturating_sub(1),
+            });
         };
         if !w.emitted {
             for slot in 0..w.counts.len() as u32 {
@@ -176,7 +196,9 @@ impl Operator for FlowCounts {
                 }
                 let w = match current.take() {
                     Some((s, w)) if s == start => w,
-                    _ => set.open.entry(start).or_insert_with(|| Window { counts: vec![0; width], ..Window::default() }),
+                    _ => {
+                        set.open.entry(start).or_insert_with(|| Window { counts: vec![0; width], ..Window::default() })
+                    }
                 };
                 let n = self.keys.slots(pass, &mut slots);
                 for &slot in &slots[..n] {
@@ -215,14 +237,23 @@ impl Operator for FlowCounts {
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
-        let sets: Vec<Vec<StoredWindow>> = self.sets.iter().map(|set| set.open.iter().map(|(start, w)| StoredWindow::from_window(*start, w)).collect()).collect();
+        let sets: Vec<Vec<StoredWindow>> = self
+            .sets
+            .iter()
+            .map(|set| set.open.iter().map(|(start, w)| StoredWindow::from_window(*start, w)).collect())
+            .collect();
         Ok(StateBlob { version: STATE_VERSION, bytes: serde_json::to_vec(&sets)? })
     }
 
     fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
         check_version(self.name(), blob.version, STATE_VERSION)?;
         let stored: Vec<Vec<StoredWindow>> = serde_json::from_slice(&blob.bytes)?;
-        anyhow::ensure!(stored.len() == self.sets.len(), "flow_counts state has {} window sizes, expected {}", stored.len(), self.sets.len());
+        anyhow::ensure!(
+            stored.len() == self.sets.len(),
+            "flow_counts state has {} window sizes, expected {}",
+            stored.len(),
+            self.sets.len()
+        );
         let width = self.keys.keys.len();
         for (set, windows) in self.sets.iter_mut().zip(stored) {
             set.open = windows.into_iter().map(|w| w.into_window(width)).collect::<anyhow::Result<_>>()?;

@@ -163,7 +163,7 @@ impl Spoiler<'_> {
             plate,
             plate_color: if unreadable { PlateColor::Other } else { v.color },
             plate_type: Arc::from(v.plate_type),
-            checkpoint_id: cp.id.clone(),
+            checkpoint: cp.id.clone(),
             device_id: Some(format!("{}-{}", cp.id, p.direction.code()).into()),
             direction: p.direction,
             lane,

@@ -42,12 +42,27 @@ pub struct LiveSimulator {
 impl LiveSimulator {
     /// Starts at `now_ms` on the simulated clock, which then runs `speed` times as fast as the
     /// wall clock. Fresh, it releases the current day from `now_ms` on; resumed, from `resume`.
-    pub fn start(city: Arc<City>, mut params: SimParams, speed: f64, now_ms: i64, resume: Option<SimPosition>) -> LiveSimulator {
+    pub fn start(
+        city: Arc<City>,
+        mut params: SimParams,
+        speed: f64,
+        now_ms: i64,
+        resume: Option<SimPosition>,
+    ) -> LiveSimulator {
         let today = EventTime(now_ms).local_date(params.time_zone);
         params.day = resume.as_ref().and_then(|r| r.next.keys().next().copied()).map_or(today, |d| d.min(today));
         let day_start = day_start_ms(params.day, params.time_zone);
         let position = resume.clone().unwrap_or_default();
-        let mut sim = LiveSimulator { city, params, speed, wall_origin: Instant::now(), sim_origin_ms: now_ms, next_day_start: day_start, pending: VecDeque::new(), position };
+        let mut sim = LiveSimulator {
+            city,
+            params,
+            speed,
+            wall_origin: Instant::now(),
+            sim_origin_ms: now_ms,
+            next_day_start: day_start,
+            pending: VecDeque::new(),
+            position,
+        };
         sim.generate_due_days();
         match resume {
             Some(r) => sim.pending.retain(|(day, n, _)| !r.released(*day, *n)),

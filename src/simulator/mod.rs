@@ -155,7 +155,7 @@ fn label_anomalies(
             .filter(|r| {
                 r.plate.as_str() == key.plate
                     && r.plate_color.code() == key.plate_color
-                    && *r.checkpoint_id == *city.checkpoint(cp).id
+                    && *r.checkpoint == *city.checkpoint(cp).id
             })
             .count() as u64;
         labels.high_frequency.push(HighFrequencyLabel {
@@ -193,7 +193,7 @@ fn label_violators(
         let pass_ids: Vec<String> = records
             .iter()
             .filter(|r| r.plate.as_str() == vehicle.plate && r.plate_color == vehicle.color)
-            .filter(|r| city.checkpoint_idx(&r.checkpoint_id).is_some_and(|c| rule.covers(city.checkpoint(c))))
+            .filter(|r| city.checkpoint_idx(&r.checkpoint).is_some_and(|c| rule.covers(city.checkpoint(c))))
             .filter(|r| rule.in_hours((r.ts.ms() - day_start) as f64 / 3_600_000.0))
             .map(|r| r.pass_id.to_string())
             .collect();
@@ -220,7 +220,7 @@ pub fn implausible_pairs(city: &City, records: &[PassRecord]) -> FxHashMap<Vehic
                 .push(r);
         }
     }
-    let position = |r: &PassRecord| city.checkpoint_idx(&r.checkpoint_id).map(|c| city.checkpoint(c).position());
+    let position = |r: &PassRecord| city.checkpoint_idx(&r.checkpoint).map(|c| city.checkpoint(c).position());
     let mut out = FxHashMap::default();
     for (key, passes) in by_vehicle {
         let mut pairs = Vec::new();

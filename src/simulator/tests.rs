@@ -34,7 +34,7 @@ fn fixture() -> &'static Fixture {
             .emissions
             .iter()
             .filter_map(|e| decode_record(e.line.as_bytes(), TZ, PlateColorScheme::Police).ok().map(|r| (r, e.arrival)))
-            .filter(|(r, _)| city.checkpoint_idx(&r.checkpoint_id).is_some())
+            .filter(|(r, _)| city.checkpoint_idx(&r.checkpoint).is_some())
             .filter(|(r, _)| seen.insert(r.pass_id.clone()))
             .collect();
         Fixture { city, day, records }
@@ -89,10 +89,8 @@ fn segment_speeds(f: &Fixture, skip: &FxHashSet<String>) -> Vec<(String, f64, i6
         }
         passes.sort_by_key(|r| (r.ts, r.pass_id.clone()));
         for w in passes.windows(2) {
-            let (a, b) = (
-                f.city.checkpoint_idx(&w[0].checkpoint_id).unwrap(),
-                f.city.checkpoint_idx(&w[1].checkpoint_id).unwrap(),
-            );
+            let (a, b) =
+                (f.city.checkpoint_idx(&w[0].checkpoint).unwrap(), f.city.checkpoint_idx(&w[1].checkpoint).unwrap());
             if let Some(seg) = f.city.segments.iter().find(|s| s.from == a && s.to == b) {
                 let dt = (w[1].ts.ms() - w[0].ts.ms()) as f64 / 1000.0;
                 out.push((seg.id.to_string(), seg.length_m / dt * 3.6, w[1].ts.ms()));
@@ -121,11 +119,11 @@ fn normal_vehicles_drive_at_plausible_speeds_between_every_consecutive_pass() {
         }
         passes.sort_by_key(|r| (r.ts, r.pass_id.clone()));
         for w in passes.windows(2) {
-            if *w[0].checkpoint_id == *skew.checkpoint_id || *w[1].checkpoint_id == *skew.checkpoint_id {
+            if *w[0].checkpoint == *skew.checkpoint_id || *w[1].checkpoint == *skew.checkpoint_id {
                 continue;
             }
-            let pa = f.city.checkpoint(f.city.checkpoint_idx(&w[0].checkpoint_id).unwrap()).position();
-            let pb = f.city.checkpoint(f.city.checkpoint_idx(&w[1].checkpoint_id).unwrap()).position();
+            let pa = f.city.checkpoint(f.city.checkpoint_idx(&w[0].checkpoint).unwrap()).position();
+            let pb = f.city.checkpoint(f.city.checkpoint_idx(&w[1].checkpoint).unwrap()).position();
             let d = haversine_m(pa, pb);
             let dt = (w[1].ts.ms() - w[0].ts.ms()) as f64 / 1000.0;
             if d > 0.0 {
@@ -133,8 +131,8 @@ fn normal_vehicles_drive_at_plausible_speeds_between_every_consecutive_pass() {
                 assert!(
                     dt > 0.0 && d / dt * 3.6 <= 110.0,
                     "{plate}: {d:.0} m in {dt} s between {} and {}",
-                    w[0].checkpoint_id,
-                    w[1].checkpoint_id
+                    w[0].checkpoint,
+                    w[1].checkpoint
                 );
             }
         }
@@ -172,7 +170,7 @@ fn central_roads_are_congested_at_peak_and_free_at_midday() {
 fn the_outage_is_delivered_hours_late_and_nothing_else_there_is() {
     let f = fixture();
     let o = f.day.labels.outage.as_ref().unwrap();
-    let at: Vec<&(PassRecord, i64)> = f.records.iter().filter(|(r, _)| *r.checkpoint_id == *o.checkpoint_id).collect();
+    let at: Vec<&(PassRecord, i64)> = f.records.iter().filter(|(r, _)| *r.checkpoint == *o.checkpoint_id).collect();
     let (inside, outside): (Vec<&(PassRecord, i64)>, Vec<&(PassRecord, i64)>) =
         at.into_iter().partition(|(r, _)| (o.from_ts..o.to_ts).contains(&r.ts.ms()));
     assert_eq!(inside.len() as u64, o.passes);
@@ -199,7 +197,7 @@ fn every_planted_clone_conflicts_and_only_the_skewed_clock_fakes_a_conflict() {
         assert!(skew.affected_vehicles.contains(vehicle), "{vehicle:?} flagged but not labelled");
         for [a, b] in pairs {
             assert!(
-                [a, b].iter().any(|id| *by_id[id.as_str()].checkpoint_id == *skew.checkpoint_id),
+                [a, b].iter().any(|id| *by_id[id.as_str()].checkpoint == *skew.checkpoint_id),
                 "{vehicle:?}: {a} {b} not at the skewed camera"
             );
         }
@@ -211,7 +209,7 @@ fn the_surge_checkpoint_doubles_its_flow_for_consecutive_windows() {
     let f = fixture();
     let s = f.day.labels.traffic_surge.as_ref().unwrap();
     let mut windows: BTreeMap<i64, u64> = BTreeMap::new();
-    for (r, _) in f.records.iter().filter(|(r, _)| *r.checkpoint_id == *s.checkpoint_id) {
+    for (r, _) in f.records.iter().filter(|(r, _)| *r.checkpoint == *s.checkpoint_id) {
         *windows.entry(r.ts.ms() / 300_000 * 300_000).or_default() += 1;
     }
     let count = |w: i64| windows.get(&w).copied().unwrap_or(0);
@@ -259,7 +257,7 @@ fn high_frequency_vehicles_and_restriction_violators_are_labelled_with_their_pas
         let rule = rules.rules.iter().find(|r| r.id == v.rule_id).unwrap();
         for id in &v.pass_ids {
             let (r, _) = f.records.iter().find(|(r, _)| &*r.pass_id == id).unwrap();
-            assert!(rule.covers(f.city.checkpoint(f.city.checkpoint_idx(&r.checkpoint_id).unwrap())));
+            assert!(rule.covers(f.city.checkpoint(f.city.checkpoint_idx(&r.checkpoint).unwrap())));
         }
     }
 }
@@ -273,7 +271,7 @@ fn compliant_restricted_vehicles_stay_out_of_the_zone_in_restricted_hours() {
     let mut violations = 0;
     for (r, _) in &f.records {
         let PlateRead::Readable(plate) = &r.plate else { continue };
-        let cp = f.city.checkpoint(f.city.checkpoint_idx(&r.checkpoint_id).unwrap());
+        let cp = f.city.checkpoint(f.city.checkpoint_idx(&r.checkpoint).unwrap());
         let local = ["赣A", "赣M"].contains(&plate.prefix().unwrap_or(""));
         let rv = RestrictedVehicle { plate, color: r.plate_color, plate_type: &r.plate_type, local };
         let hour = (r.ts.ms() - start()) as f64 / HOUR as f64;

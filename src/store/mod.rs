@@ -26,7 +26,9 @@ impl Store {
     /// tables when they are missing.
     pub async fn open(url: &str) -> anyhow::Result<Store> {
         if let Some(path) = url.strip_prefix("sqlite://") {
-            return Ok(Store::Sqlite(sqlite::SqliteStore::open(path).await.with_context(|| format!("opening SQLite store {path}"))?));
+            return Ok(Store::Sqlite(
+                sqlite::SqliteStore::open(path).await.with_context(|| format!("opening SQLite store {path}"))?,
+            ));
         }
         if url.starts_with("mysql://") {
             return Ok(Store::MySql(mysql::MySqlStore::open(url).await.context("opening MySQL store")?));
@@ -76,7 +78,10 @@ impl Store {
 
     async fn fetch<T>(&self, sql: &str) -> anyhow::Result<Vec<T>>
     where
-        T: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + for<'r> sqlx::FromRow<'r, sqlx::mysql::MySqlRow>,
+        T: Send
+            + Unpin
+            + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::mysql::MySqlRow>,
     {
         Ok(match self {
             Store::Sqlite(s) => sqlx::query_as(sql).fetch_all(&s.pool).await?,

@@ -11,7 +11,11 @@ pub struct MySqlStore {
 
 impl MySqlStore {
     pub async fn open(url: &str) -> anyhow::Result<MySqlStore> {
-        let pool = MySqlPoolOptions::new().max_connections(4).acquire_timeout(std::time::Duration::from_secs(10)).connect(url).await?;
+        let pool = MySqlPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(MySqlStore { pool })
     }
@@ -20,9 +24,15 @@ impl MySqlStore {
     pub async fn write(&self, batch: &ResultBatch) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         for chunk in batch.flow_counts.chunks(CHUNK_ROWS) {
-            let mut q: QueryBuilder<MySql> = QueryBuilder::new("INSERT INTO flow_counts (level, key_id, window_s, window_start, passes, revision) ");
+            let mut q: QueryBuilder<MySql> =
+                QueryBuilder::new("INSERT INTO flow_counts (level, key_id, window_s, window_start, passes, revision) ");
             q.push_values(chunk, |mut b, r| {
-                b.push_bind(r.level).push_bind(&*r.key_id).push_bind(r.window_s).push_bind(r.window_start).push_bind(r.passes).push_bind(r.revision);
+                b.push_bind(r.level)
+                    .push_bind(&*r.key_id)
+                    .push_bind(r.window_s)
+                    .push_bind(r.window_start)
+                    .push_bind(r.passes)
+                    .push_bind(r.revision);
             });
             // `passes` first: it must compare against the stored revision before that changes.
             q.push(
@@ -32,15 +42,23 @@ impl MySqlStore {
             q.build().execute(&mut *tx).await?;
         }
         for chunk in batch.late_passes.chunks(CHUNK_ROWS) {
-            let mut q: QueryBuilder<MySql> = QueryBuilder::new("INSERT INTO late_passes (pass_id, pipelines, checkpoint_id, ts, arrived_at, record) ");
+            let mut q: QueryBuilder<MySql> = QueryBuilder::new(
+                "INSERT INTO late_passes (pass_id, pipelines, checkpoint_id, ts, arrived_at, record) ",
+            );
             q.push_values(chunk, |mut b, r| {
-                b.push_bind(&*r.pass_id).push_bind(super::pipelines_json(&r.pipelines)).push_bind(&*r.checkpoint_id).push_bind(r.ts).push_bind(r.arrived_at).push_bind(&r.record);
+                b.push_bind(&*r.pass_id)
+                    .push_bind(super::pipelines_json(&r.pipelines))
+                    .push_bind(&*r.checkpoint_id)
+                    .push_bind(r.ts)
+                    .push_bind(r.arrived_at)
+                    .push_bind(&r.record);
             });
             q.push(" ON DUPLICATE KEY UPDATE pass_id = pass_id");
             q.build().execute(&mut *tx).await?;
         }
         for chunk in batch.dead_letters.chunks(CHUNK_ROWS) {
-            let mut q: QueryBuilder<MySql> = QueryBuilder::new("INSERT INTO dead_letters (id, reason, record, received_at) ");
+            let mut q: QueryBuilder<MySql> =
+                QueryBuilder::new("INSERT INTO dead_letters (id, reason, record, received_at) ");
             q.push_values(chunk, |mut b, r| {
                 b.push_bind(&r.id).push_bind(r.reason.code()).push_bind(&r.record).push_bind(r.received_at);
             });

@@ -66,9 +66,15 @@ impl SqliteStore {
 
 async fn write_rows(tx: &mut Transaction<'_, Sqlite>, batch: &ResultBatch) -> anyhow::Result<()> {
     for chunk in batch.flow_counts.chunks(CHUNK_ROWS) {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO flow_counts (level, key_id, window_s, window_start, passes, revision) ");
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new("INSERT INTO flow_counts (level, key_id, window_s, window_start, passes, revision) ");
         q.push_values(chunk, |mut b, r| {
-            b.push_bind(r.level).push_bind(&*r.key_id).push_bind(r.window_s).push_bind(r.window_start).push_bind(r.passes as i64).push_bind(r.revision);
+            b.push_bind(r.level)
+                .push_bind(&*r.key_id)
+                .push_bind(r.window_s)
+                .push_bind(r.window_start)
+                .push_bind(r.passes as i64)
+                .push_bind(r.revision);
         });
         q.push(
             " ON CONFLICT (level, key_id, window_s, window_start) DO UPDATE SET passes = excluded.passes, revision = excluded.revision \
@@ -77,15 +83,22 @@ async fn write_rows(tx: &mut Transaction<'_, Sqlite>, batch: &ResultBatch) -> an
         q.build().execute(&mut **tx).await?;
     }
     for chunk in batch.late_passes.chunks(CHUNK_ROWS) {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO late_passes (pass_id, pipelines, checkpoint_id, ts, arrived_at, record) ");
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new("INSERT INTO late_passes (pass_id, pipelines, checkpoint_id, ts, arrived_at, record) ");
         q.push_values(chunk, |mut b, r| {
-            b.push_bind(&*r.pass_id).push_bind(super::pipelines_json(&r.pipelines)).push_bind(&*r.checkpoint_id).push_bind(r.ts).push_bind(r.arrived_at).push_bind(&r.record);
+            b.push_bind(&*r.pass_id)
+                .push_bind(super::pipelines_json(&r.pipelines))
+                .push_bind(&*r.checkpoint_id)
+                .push_bind(r.ts)
+                .push_bind(r.arrived_at)
+                .push_bind(&r.record);
         });
         q.push(" ON CONFLICT (pass_id) DO NOTHING");
         q.build().execute(&mut **tx).await?;
     }
     for chunk in batch.dead_letters.chunks(CHUNK_ROWS) {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO dead_letters (id, reason, record, received_at) ");
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new("INSERT INTO dead_letters (id, reason, record, received_at) ");
         q.push_values(chunk, |mut b, r| {
             b.push_bind(&r.id).push_bind(r.reason.code()).push_bind(&r.record).push_bind(r.received_at);
         });
