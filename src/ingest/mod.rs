@@ -120,3 +120,50 @@ impl Ingest {
         outcomes
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PlateColorScheme;
+    use crate::simulator::sample_city;
+    use std::sync::Arc;
+
+    const LINE: &str = r#"{"pass_id":"p1","plate":"赣A12345","plate_color":2,"plate_type":"02","checkpoint_id":"KK0001","direction":2,"lane":1,"ts":1772409600000}"#;
+
+    fn ingest() -> Ingest {
+        let validator =
+            Validator::new(Arc::new(sample_city()), chrono_tz::Asia::Shanghai, PlateColorScheme::Police, 300_000);
+        Ingest::new(validator, Deduplicator::new(3_600_000))
+    }
+
+    fn reason(outcome: Outcome) -> String {
+        match outcome {
+            Outcome::Rejected(r) => r.code(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_checkpoint_is_rejected() {
+        assert_eq!(reason(ingest().accept(LINE.replace("KK0001", "KK9999").as_bytes(), None)), "unknown_checkpoint");
+    }
+
+    #[test]
+    fn a_time_beyond_the_allowed_skew_is_in_the_future_only_with_a_clock() {
+        let now = 1_772_409_600_000 - 300_001;
+        assert_eq!(reason(ingest().accept(LINE.as_bytes(), Some(now))), "future_timestamp");
+        assert!(matches!(ingest().accept(LINE.as_bytes(), Some(now + 1)), Outcome::Valid(_)));
+        assert!(matches!(ingest().accept(LINE.as_bytes(), None), Outcome::Valid(_)));
+    }
+
+    #[test]
+    fn resends_are_dropped_when_identical_and_dead_lettered_when_different() {
+        let mut i = ingest();
+        assert!(matches!(i.accept(LINE.as_bytes(), None), Outcome::Valid(_)));
+        let aliased =
+            LINE.replace("\"pass_id\"", "\"GCXH\"").replace("\"ts\":1772409600000", "\"ts\":\"2026-03-02 08:00:00\"");
+        assert!(matches!(i.accept(aliased.as_bytes(), None), Outcome::Duplicate), "same content, other spelling");
+        assert_eq!(reason(i.accept(LINE.replace("12345", "12845").as_bytes(), None)), "conflicting_duplicate");
+        assert_eq!((i.stats.records, i.stats.valid, i.stats.duplicates, i.stats.invalid()), (3, 1, 1, 1));
+    }
+}

@@ -36,6 +36,9 @@ pub struct City {
     pub regions: Vec<Region>,
     pub prefixes: PrefixTable,
     pub restrictions: Option<RestrictionRules>,
+    /// Why `restrictions.toml` could not be used, when it could not: the restriction pipeline
+    /// reports it; everything else runs.
+    pub restrictions_error: Option<String>,
     by_id: FxHashMap<Arc<str>, CheckpointIdx>,
 }
 
@@ -50,11 +53,17 @@ impl City {
         let prefix_file = dir.join("plate_prefixes.csv");
         let prefixes = if prefix_file.exists() { PrefixTable::read(&prefix_file)? } else { PrefixTable::shipped() };
         let restriction_file = dir.join("restrictions.toml");
-        let restrictions = match restriction_file.exists() {
-            true => Some(RestrictionRules::read(&restriction_file, &regions, &by_id)?),
-            false => None,
+        let (restrictions, restrictions_error) = match restriction_file.exists() {
+            false => (None, None),
+            true => match RestrictionRules::read(&restriction_file, &regions, &by_id) {
+                Ok(rules) => (Some(rules), None),
+                Err(e) => {
+                    tracing::error!(error = %e, "restriction rules not loaded; every other pipeline runs");
+                    (None, Some(e.to_string()))
+                }
+            },
         };
-        Ok(City { checkpoints, segments, regions, prefixes, restrictions, by_id })
+        Ok(City { checkpoints, segments, regions, prefixes, restrictions, restrictions_error, by_id })
     }
 
     /// Builds a city from tables already in memory (the simulator does this).
@@ -65,7 +74,15 @@ impl City {
         restrictions: Option<RestrictionRules>,
     ) -> City {
         let by_id = index(&checkpoints);
-        City { checkpoints, segments, regions, prefixes: PrefixTable::shipped(), restrictions, by_id }
+        City {
+            checkpoints,
+            segments,
+            regions,
+            prefixes: PrefixTable::shipped(),
+            restrictions,
+            restrictions_error: None,
+            by_id,
+        }
     }
 
     pub fn checkpoint_idx(&self, id: &str) -> Option<CheckpointIdx> {

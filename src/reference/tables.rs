@@ -142,7 +142,8 @@ pub(super) fn read_checkpoints(file: &Path, regions: &[Region]) -> Result<Vec<Ch
             boundary,
             inbound_direction,
             bus_lanes: row.parse_with("bus_lanes", parse_lanes)?,
-            speed_limit_kmh: row.parse("speed_limit_kmh")?,
+            speed_limit_kmh: row
+                .parse_with("speed_limit_kmh", |s| parse_range(s, 0.0, 300.0).map(|v| v.round() as u16))?,
         })
     })
 }
@@ -188,14 +189,16 @@ fn read_rows<T>(
     let mut reader =
         csv::ReaderBuilder::new().trim(csv::Trim::All).from_path(file).map_err(|e| file_error(e.to_string()))?;
     let headers = reader.headers().map_err(|e| file_error(e.to_string()))?.clone();
-    let found: Vec<&str> = headers.iter().collect();
-    if found != columns {
-        return Err(ReferenceError::Line {
-            file: file.to_owned(),
-            line: 1,
-            message: format!("header must be `{}`, found `{}`", columns.join(","), found.join(",")),
-        });
-    }
+    let found: Vec<String> = headers.iter().map(|h| h.trim_start_matches('\u{feff}').to_owned()).collect();
+    // Columns may come in any order, and extra columns are ignored.
+    let positions: Vec<usize> =
+        columns.iter().map(|c| found.iter().position(|f| f == c)).collect::<Option<_>>().ok_or_else(|| {
+            ReferenceError::Line {
+                file: file.to_owned(),
+                line: 1,
+                message: format!("header must have the columns `{}`, found `{}`", columns.join(","), found.join(",")),
+            }
+        })?;
     let mut out = Vec::new();
     for record in reader.records() {
         let record = record.map_err(|e| ReferenceError::Line {
@@ -204,7 +207,7 @@ fn read_rows<T>(
             message: e.to_string(),
         })?;
         let line = record.position().map_or(0, |p| p.line());
-        out.push(each(&Row { file: file.to_owned(), line, columns, record })?);
+        out.push(each(&Row { file: file.to_owned(), line, columns, positions: &positions, record })?);
     }
     Ok(out)
 }
@@ -213,6 +216,8 @@ struct Row<'a> {
     file: PathBuf,
     line: u64,
     columns: &'a [&'a str],
+    /// Where each of `columns` is in the file's rows.
+    positions: &'a [usize],
     record: csv::StringRecord,
 }
 
@@ -224,7 +229,7 @@ impl Row<'_> {
     fn get(&self, field: &str) -> &str {
         // Callers name only columns of this table, whose presence the header check ensured.
         let i = self.columns.iter().position(|c| *c == field).expect("known column");
-        self.record.get(i).unwrap_or("")
+        self.record.get(self.positions[i]).unwrap_or("")
     }
 
     fn text(&self, field: &str) -> Result<&str, ReferenceError> {
@@ -256,9 +261,9 @@ impl Row<'_> {
 }
 
 fn parse_bool(s: &str) -> Result<bool, String> {
-    match s {
-        "true" | "1" => Ok(true),
-        "false" | "0" => Ok(false),
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" | "" => Ok(false),
         _ => Err("must be true or false".into()),
     }
 }
@@ -345,7 +350,17 @@ mod tests {
             "regions.csv:4: field `region_id`: duplicate region `R1`"
         );
         let header = SEGMENTS.replace("length_m", "length");
-        assert!(city_with("segments.csv", &header).unwrap_err().starts_with("segments.csv:1: header must be"));
+        assert!(city_with("segments.csv", &header)
+            .unwrap_err()
+            .starts_with("segments.csv:1: header must have the columns"));
+    }
+
+    #[test]
+    fn columns_may_come_in_any_order_with_extras() {
+        let reordered = "name,region_id,extra\n北区,R1,x\n南区,R2,y\n";
+        let city = city_with("regions.csv", reordered).unwrap();
+        assert_eq!(city.regions[1].id.as_ref(), "R2");
+        assert_eq!(city.regions[1].name, "南区");
     }
 
     #[test]
