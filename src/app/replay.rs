@@ -8,7 +8,7 @@ use crate::core::checkpoint::CheckpointStore;
 use crate::core::driver::{Checkpointing, Driver};
 use crate::core::sink::spawn_writer;
 use crate::core::{Clocks, Engine, EngineSettings, Record};
-use crate::ingest::{Deduplicator, Ingest, IngestStats, RocksDedup, Validator};
+use crate::ingest::{Deduplicator, Ingest, IngestStats, Judged, RocksDedup, Validator};
 use crate::metrics::Metrics;
 use crate::pipelines;
 use crate::reference::City;
@@ -77,6 +77,8 @@ impl fmt::Display for ReplaySummary {
 struct LineBatch {
     first_line: u64,
     lines: Vec<Vec<u8>>,
+    /// Each line decoded and validated on the reader thread.
+    judged: Vec<Judged>,
     end: u64,
     /// Number of the line that ends at `end` (blank lines count).
     end_line: u64,
@@ -148,7 +150,8 @@ pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
         .unwrap_or_default();
     let (source_name, reader) = open_input(&options.input, start.offset)?;
     let (tx, mut rx) = mpsc::channel::<LineBatch>(BATCHES_IN_FLIGHT);
-    let reader_thread = std::thread::spawn(move || read_lines(reader, start, tx));
+    let (validator, now_ms) = (driver.engine.validator(), options.now_ms);
+    let reader_thread = std::thread::spawn(move || read_lines(reader, start, validator, now_ms, tx));
     let started = Instant::now();
     let mut position = start;
     let mut records_this_run = 0;
@@ -190,14 +193,22 @@ fn open_input(input: &ReplayInput, offset: u64) -> anyhow::Result<(String, Box<d
     }
 }
 
-/// Reads non-empty lines in batches of consecutive lines until the input ends or the engine
-/// stops listening.
-fn read_lines(reader: Box<dyn Read + Send>, start: FilePosition, tx: mpsc::Sender<LineBatch>) -> anyhow::Result<()> {
+/// Reads non-empty lines in batches of consecutive lines, decoding and validating them here (so
+/// that the engine's thread only deduplicates and runs the pipelines), until the input ends or
+/// the engine stops listening.
+fn read_lines(
+    reader: Box<dyn Read + Send>,
+    start: FilePosition,
+    validator: Validator,
+    now_ms: Option<i64>,
+    tx: mpsc::Sender<LineBatch>,
+) -> anyhow::Result<()> {
     let mut reader = BufReader::with_capacity(1 << 20, reader);
     let (mut offset, mut line_no) = (start.offset, start.line);
     let empty = |line_no: u64, offset: u64| LineBatch {
         first_line: line_no + 1,
         lines: Vec::with_capacity(LINES_PER_BATCH),
+        judged: Vec::new(),
         end: offset,
         end_line: line_no,
     };
@@ -224,13 +235,15 @@ fn read_lines(reader: Box<dyn Read + Send>, start: FilePosition, tx: mpsc::Sende
         batch.end_line = line_no;
         // A blank line ends a batch too, so that the lines of a batch are consecutive.
         if batch.lines.len() == LINES_PER_BATCH || (blank && !batch.lines.is_empty()) {
-            let full = std::mem::replace(&mut batch, empty(line_no, offset));
+            let mut full = std::mem::replace(&mut batch, empty(line_no, offset));
+            full.judged = full.lines.iter().map(|l| validator.judge(l, now_ms)).collect();
             if tx.blocking_send(full).is_err() {
                 return Ok(());
             }
         }
     }
     if !batch.lines.is_empty() {
+        batch.judged = batch.lines.iter().map(|l| validator.judge(l, now_ms)).collect();
         let _ = tx.blocking_send(batch);
     }
     Ok(())

@@ -3,7 +3,7 @@
 
 use super::operator::{Context, Operator, StateBlob};
 use super::watermark::WatermarkTracker;
-use crate::ingest::{DeadLetter, Ingest, IngestStats, Outcome};
+use crate::ingest::{DeadLetter, Ingest, IngestStats, Judged, Outcome, Validator};
 use crate::model::Pass;
 use crate::reference::City;
 use crate::results::{LatePassRow, ResultBatch};
@@ -105,6 +105,11 @@ impl Engine {
         Engine { city, ingest, watermarks, operators, settings, out: ResultBatch::default() }
     }
 
+    /// A validator to judge records with before [`Engine::process_judged`].
+    pub fn validator(&self) -> Validator {
+        self.ingest.validator().clone()
+    }
+
     pub fn stats(&self) -> &IngestStats {
         &self.ingest.stats
     }
@@ -120,10 +125,16 @@ impl Engine {
 
     /// Takes a batch of records from the source named `source`.
     pub fn process<'a>(&mut self, source: &str, records: impl IntoIterator<Item = Record<'a>>, clocks: Clocks) {
-        let watermark = self.watermarks.current();
         let records: Vec<Record<'a>> = records.into_iter().collect();
-        let bytes: Vec<&[u8]> = records.iter().map(|r| r.bytes).collect();
-        let outcomes = self.ingest.accept_batch(&bytes, clocks.future_now);
+        let judged = records.iter().map(|r| self.ingest.validator().judge(r.bytes, clocks.future_now)).collect();
+        self.process_judged(source, records, judged, clocks);
+    }
+
+    /// Takes a batch of records already judged (decoded and validated, e.g. on a reader thread
+    /// with [`Engine::validator`]); `judged[i]` belongs to `records[i]`.
+    pub fn process_judged<'a>(&mut self, source: &str, records: Vec<Record<'a>>, judged: Vec<Judged>, clocks: Clocks) {
+        let watermark = self.watermarks.current();
+        let outcomes = self.ingest.admit(judged);
         let mut passes: Vec<Pass> = Vec::new();
         let mut raw: Vec<&'a [u8]> = Vec::new();
         for (record, outcome) in records.into_iter().zip(outcomes) {

@@ -51,6 +51,8 @@ pub fn spawn_writer(store: Store, metrics: Arc<Metrics>) -> (SinkHandle, JoinHan
 async fn write_loop(store: Store, mut rx: mpsc::Receiver<SinkMsg>, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     while let Some(msg) = rx.recv().await {
         match msg {
+            // `null://` discards results: nothing to coalesce or write.
+            SinkMsg::Rows(_) if matches!(store, Store::Null) => {}
             SinkMsg::Rows(mut batch) => {
                 batch.flow_counts = coalesce(std::mem::take(&mut batch.flow_counts));
                 write_with_retry(&store, &batch, &metrics).await;

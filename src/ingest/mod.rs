@@ -8,10 +8,11 @@ mod validate;
 
 pub use dedup::{DedupBackend, DedupVerdict, Deduplicator};
 pub use rocks_dedup::{parse_value as parse_dedup_value, RocksDedup, ID_PREFIX as DEDUP_ID_PREFIX};
-pub use validate::Validator;
+pub use validate::{Judged, Validator};
 
-use crate::model::{decode_record, Pass, RejectReason};
+use crate::model::{Pass, RejectReason};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// A record that could not be accepted, with the reason and the record as it came.
 #[derive(Clone, Debug, PartialEq)]
@@ -91,31 +92,32 @@ impl Ingest {
 
     /// Takes a batch of raw records; the deduplication state is consulted once for all.
     pub fn accept_batch(&mut self, raws: &[&[u8]], now_ms: Option<i64>) -> Vec<Outcome> {
-        let mut outcomes: Vec<Outcome> = Vec::with_capacity(raws.len());
-        let mut keys = Vec::with_capacity(raws.len());
-        for raw in raws {
-            let judged = decode_record(raw, self.validator.tz(), self.validator.colors()).and_then(|record| {
-                let digest = record.content_digest();
-                self.validator.validate(record, now_ms).map(|pass| (pass, digest))
-            });
-            outcomes.push(match judged {
-                Ok((pass, digest)) => {
-                    keys.push((pass.pass_id.clone(), digest, pass.ts.ms()));
-                    Outcome::Valid(pass)
-                }
-                Err(reason) => Outcome::Rejected(reason),
-            });
-        }
+        let judged = raws.iter().map(|raw| self.validator.judge(raw, now_ms)).collect();
+        self.admit(judged)
+    }
+
+    /// A validator for judging records elsewhere (another thread) before [`Ingest::admit`].
+    pub fn validator(&self) -> &Validator {
+        &self.validator
+    }
+
+    /// Deduplicates records already judged, in order, and counts them.
+    pub fn admit(&mut self, judged: Vec<Judged>) -> Vec<Outcome> {
+        let keys: Vec<(Arc<str>, u64, i64)> =
+            judged.iter().filter_map(|j| j.as_ref().ok()).map(|(p, d)| (p.pass_id.clone(), *d, p.ts.ms())).collect();
         let mut verdicts = self.dedup.check_batch(&keys).into_iter();
-        for outcome in &mut outcomes {
-            if matches!(outcome, Outcome::Valid(_)) {
-                match verdicts.next() {
-                    Some(DedupVerdict::Identical) => *outcome = Outcome::Duplicate,
-                    Some(DedupVerdict::Conflicting) => *outcome = Outcome::Rejected(RejectReason::ConflictingDuplicate),
-                    _ => {}
-                }
-            }
-            self.stats.count(outcome);
+        let mut outcomes = Vec::with_capacity(judged.len());
+        for j in judged {
+            let outcome = match j {
+                Err(reason) => Outcome::Rejected(reason),
+                Ok((pass, _)) => match verdicts.next() {
+                    Some(DedupVerdict::Identical) => Outcome::Duplicate,
+                    Some(DedupVerdict::Conflicting) => Outcome::Rejected(RejectReason::ConflictingDuplicate),
+                    _ => Outcome::Valid(pass),
+                },
+            };
+            self.stats.count(&outcome);
+            outcomes.push(outcome);
         }
         outcomes
     }
@@ -126,7 +128,6 @@ mod tests {
     use super::*;
     use crate::model::PlateColorScheme;
     use crate::simulator::sample_city;
-    use std::sync::Arc;
 
     const LINE: &str = r#"{"pass_id":"p1","plate":"赣A12345","plate_color":2,"plate_type":"02","checkpoint_id":"KK0001","direction":2,"lane":1,"ts":1772409600000}"#;
 

@@ -5,6 +5,10 @@ use crate::reference::City;
 use chrono_tz::Tz;
 use std::sync::Arc;
 
+/// A record decoded and validated: the pass and its content digest, or why it is not one.
+pub type Judged = Result<(Pass, u64), RejectReason>;
+
+#[derive(Clone)]
 pub struct Validator {
     city: Arc<City>,
     tz: Tz,
@@ -23,6 +27,14 @@ impl Validator {
 
     pub fn colors(&self) -> PlateColorScheme {
         self.colors
+    }
+
+    /// Decodes and validates one raw record: a pass with its content digest, or the reason it
+    /// is not one. Stateless, so it can run on another thread than the engine.
+    pub fn judge(&self, raw: &[u8], now_ms: Option<i64>) -> Judged {
+        let record = crate::model::decode_record(raw, self.tz, self.colors)?;
+        let digest = record.content_digest();
+        self.validate(record, now_ms).map(|pass| (pass, digest))
     }
 
     /// Resolves the checkpoint and checks the time against `now_ms` (when there is a clock).
