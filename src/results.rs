@@ -15,6 +15,20 @@ pub struct FlowCountRow {
     pub revision: u32,
 }
 
+/// `origin_counts`(region_id, window_s, window_start, origin_province, origin_city, scope,
+/// vehicles, revision).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OriginCountRow {
+    pub region_id: Arc<str>,
+    pub window_s: u32,
+    pub window_start: i64,
+    pub origin_province: Arc<str>,
+    pub origin_city: Arc<str>,
+    pub scope: &'static str,
+    pub vehicles: u64,
+    pub revision: u32,
+}
+
 /// `late_passes`(pass_id, pipelines, checkpoint_id, ts, arrived_at, record).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LatePassRow {
@@ -31,13 +45,14 @@ pub struct LatePassRow {
 #[derive(Clone, Debug, Default)]
 pub struct ResultBatch {
     pub flow_counts: Vec<FlowCountRow>,
+    pub origin_counts: Vec<OriginCountRow>,
     pub late_passes: Vec<LatePassRow>,
     pub dead_letters: Vec<DeadLetter>,
 }
 
 impl ResultBatch {
     pub fn len(&self) -> usize {
-        self.flow_counts.len() + self.late_passes.len() + self.dead_letters.len()
+        self.flow_counts.len() + self.origin_counts.len() + self.late_passes.len() + self.dead_letters.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -46,6 +61,7 @@ impl ResultBatch {
 
     pub fn append(&mut self, other: &mut ResultBatch) {
         self.flow_counts.append(&mut other.flow_counts);
+        self.origin_counts.append(&mut other.origin_counts);
         self.late_passes.append(&mut other.late_passes);
         self.dead_letters.append(&mut other.dead_letters);
     }

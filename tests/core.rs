@@ -6,7 +6,7 @@ use crate::support::{http_get, labels, passflow, small_day};
 use passflow::core::checkpoint::{read_savepoint, CheckpointStore};
 use passflow::ingest::{Deduplicator, Ingest, Outcome, Validator};
 use passflow::model::PlateColorScheme;
-use passflow::pipelines::batch_flow_counts;
+use passflow::pipelines::{batch_flow_counts, batch_origin_counts};
 use passflow::reference::City;
 use passflow::store::Store;
 use std::path::Path;
@@ -15,18 +15,20 @@ use std::time::Duration;
 
 const TZ: chrono_tz::Tz = chrono_tz::Asia::Shanghai;
 
-/// The batch computation over the deduplicated valid passes of a pass file.
-fn oracle(dir: &Path) -> Vec<(String, String, i64, i64, i64)> {
+/// The deduplicated valid passes of a pass file, and its city.
+fn passes(dir: &Path) -> (City, Vec<passflow::model::Pass>) {
     let city = Arc::new(City::load(dir).unwrap());
-    let mut ingest = Ingest::new(
-        Validator::new(city.clone(), TZ, PlateColorScheme::Police, 300_000),
-        Deduplicator::new(i64::MAX / 4),
-    );
+    let validator = Validator::new(city.clone(), TZ, PlateColorScheme::Police, 300_000);
+    let mut ingest = Ingest::new(validator, Deduplicator::new(i64::MAX / 4));
     let text = std::fs::read_to_string(dir.join("passes.jsonl")).unwrap();
-    let passes: Vec<_> = text
-        .lines()
-        .filter_map(|l| if let Outcome::Valid(p) = ingest.accept(l.as_bytes(), None) { Some(p) } else { None })
-        .collect();
+    let valid = |l: &str| if let Outcome::Valid(p) = ingest.accept(l.as_bytes(), None) { Some(p) } else { None };
+    let passes = text.lines().filter_map(valid).collect();
+    ((*city).clone(), passes)
+}
+
+/// The batch computation of the flow counts over a pass file.
+fn oracle(dir: &Path) -> Vec<(String, String, i64, i64, i64)> {
+    let (city, passes) = passes(dir);
     batch_flow_counts(&city, &passes).into_iter().map(|((l, k, w, s), n)| (l, k, i64::from(w), s, n as i64)).collect()
 }
 
@@ -55,6 +57,19 @@ async fn a_replayed_day_gives_exactly_the_batch_flow_counts_and_no_late_pass() {
     assert!(got == want, "flow_counts differ from the batch computation");
     let store = Store::open(&url).await.unwrap();
     assert!(store.late_passes().await.unwrap().is_empty(), "the outage is within the allowed lateness");
+    let (city, all) = passes(dir);
+    let want: Vec<(String, i64, String, String, String, i64)> =
+        batch_origin_counts(&city, &["赣A".to_string(), "赣M".to_string()], &all)
+            .into_iter()
+            .map(|((r, s, p, c, scope), n)| (r, s, p, c, scope, n as i64))
+            .collect();
+    let got = store.origin_counts().await.unwrap();
+    assert!(
+        want.len() > 1_000 && got == want,
+        "origin_counts differ from the batch computation ({} vs {} rows)",
+        got.len(),
+        want.len()
+    );
     let dead: i64 = store.dead_letter_counts().await.unwrap().iter().map(|(_, n)| n).sum();
     assert_eq!(dead as u64, labels(dir).dead_letters.values().sum::<u64>());
 }

@@ -120,7 +120,7 @@ pub fn build_engine(
         allowed_lateness_ms: core.allowed_lateness.as_millis(),
         live,
     };
-    Ok(Engine::new(city.clone(), ingest, pipelines::all(city), settings))
+    Ok(Engine::new(city.clone(), ingest, pipelines::all(city, &config.city.local_prefixes), settings))
 }
 
 pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {

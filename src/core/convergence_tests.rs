@@ -5,7 +5,7 @@
 use super::{Clocks, Engine, EngineSettings, Record};
 use crate::ingest::{Deduplicator, Ingest, RocksDedup, Validator};
 use crate::model::{decode_record, Pass, PlateColorScheme};
-use crate::pipelines::{all, batch_flow_counts};
+use crate::pipelines::{all, batch_flow_counts, batch_origin_counts};
 use crate::reference::City;
 use crate::simulator::{sample_city, simulate_day, SimParams};
 use proptest::prelude::*;
@@ -69,7 +69,7 @@ fn engine(city: &Arc<City>, backend: &Backend) -> Engine {
     Engine::new(
         city.clone(),
         ingest,
-        all(city),
+        all(city, &["赣A".to_string()]),
         EngineSettings {
             out_of_orderness_ms: 10_000,
             idle_timeout_ms: 60_000,
@@ -80,10 +80,21 @@ fn engine(city: &Arc<City>, backend: &Backend) -> Engine {
 }
 
 type Table = BTreeMap<(String, String, u32, i64), (u32, u64)>;
+/// Origin counts as stored: (region, window start, province, city) → (revision, scope, vehicles).
+type Origins = BTreeMap<(String, i64, String, String), (u32, String, u64)>;
 
 /// Upserts rows as a store does: a stored higher revision is never overwritten.
-fn upsert(table: &mut Table, engine: &mut Engine, late: &mut Vec<(String, Vec<&'static str>)>) {
+fn upsert(table: &mut Table, origins: &mut Origins, engine: &mut Engine, late: &mut Vec<(String, Vec<&'static str>)>) {
     let out = engine.take_output();
+    for r in out.origin_counts {
+        let key = (r.region_id.to_string(), r.window_start, r.origin_province.to_string(), r.origin_city.to_string());
+        match origins.get(&key) {
+            Some((rev, _, _)) if *rev > r.revision => {}
+            _ => {
+                origins.insert(key, (r.revision, r.scope.to_owned(), r.vehicles));
+            }
+        }
+    }
     for r in out.flow_counts {
         let key = (r.level.to_owned(), r.key_id.to_string(), r.window_s, r.window_start);
         match table.get(&key) {
@@ -112,9 +123,9 @@ fn run(
     backend: &Backend,
     lines: &[String],
     rng: &mut ChaCha8Rng,
-) -> (Table, Vec<(String, Vec<&'static str>)>) {
+) -> (Table, Origins, Vec<(String, Vec<&'static str>)>) {
     let mut e = engine(city, backend);
-    let (mut table, mut late) = (Table::new(), Vec::new());
+    let (mut table, mut origins, mut late) = (Table::new(), Origins::new(), Vec::new());
     let mut at = 0;
     let mut id = 1;
     let mut saved = (checkpoint(&mut e, backend, id), 0usize);
@@ -127,7 +138,7 @@ fn run(
             bytes: l.as_bytes(),
         });
         e.process("test", records, clocks);
-        upsert(&mut table, &mut e, &mut late);
+        upsert(&mut table, &mut origins, &mut e, &mut late);
         at += n;
         match rng.gen_range(0..20) {
             0 => {
@@ -143,8 +154,8 @@ fn run(
         }
     }
     e.finish();
-    upsert(&mut table, &mut e, &mut late);
-    (table, late)
+    upsert(&mut table, &mut origins, &mut e, &mut late);
+    (table, origins, late)
 }
 
 fn expected(city: &City, passes: &[&Pass]) -> BTreeMap<(String, String, u32, i64), u64> {
@@ -187,12 +198,17 @@ proptest! {
         let lines: Vec<String> = arrivals.into_iter().map(|(_, l)| l.clone()).collect();
         let all: Vec<&Pass> = records.iter().map(|(_, p)| p).collect();
         let want = expected(city, &all);
+        let owned: Vec<Pass> = all.iter().map(|p| (*p).clone()).collect();
+        let want_origins = batch_origin_counts(city, &["赣A".to_string()], &owned);
         let (backends, _dir) = backends();
         for backend in &backends {
-            let (table, late) = run(city, backend, &lines, &mut rng.clone());
+            let (table, origins, late) = run(city, backend, &lines, &mut rng.clone());
             prop_assert!(late.is_empty(), "{} passes late", late.len());
             let diff = differences(&counts(&table), &want);
             prop_assert!(diff.is_empty(), "{} keys differ, e.g. {:?}", diff.len(), &diff[..diff.len().min(5)]);
+            let got: BTreeMap<(String, i64, String, String, String), u64> = origins.into_iter().map(|((r, s, p, c), (_, scope, n))| ((r, s, p, c, scope), n)).collect();
+            let diff: Vec<_> = got.keys().chain(want_origins.keys()).filter(|k| got.get(*k) != want_origins.get(*k)).take(5).map(|k| (k.clone(), got.get(k).copied(), want_origins.get(k).copied())).collect();
+            prop_assert!(diff.is_empty(), "origin counts differ from the batch computation: {diff:?}");
         }
     }
 
@@ -210,7 +226,7 @@ proptest! {
         let lines: Vec<String> = arrivals.iter().map(|(_, l, _)| (*l).clone()).collect();
         let (backends, _dir) = backends();
         let backend = &backends[(seed % 2) as usize];
-        let (table, late) = run(city, backend, &lines, &mut rng);
+        let (table, _, late) = run(city, backend, &lines, &mut rng);
         let late_ids: std::collections::HashSet<&str> = late.iter().map(|(id, _)| id.as_str()).collect();
         let by_line: std::collections::HashMap<&String, &Pass> = records.iter().map(|(l, p)| (l, p)).collect();
         // A pass is surely late when records seen a whole batch (400) before it already put the

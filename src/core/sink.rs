@@ -55,6 +55,12 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<SinkMsg>, metrics: Arc<
             SinkMsg::Rows(_) if matches!(store, Store::Null) => {}
             SinkMsg::Rows(mut batch) => {
                 batch.flow_counts = coalesce(std::mem::take(&mut batch.flow_counts));
+                batch.origin_counts = coalesce_by(std::mem::take(&mut batch.origin_counts), |r| {
+                    (
+                        (r.region_id.clone(), r.window_start, r.origin_province.clone(), r.origin_city.clone()),
+                        r.revision,
+                    )
+                });
                 write_with_retry(&store, &batch, &metrics).await;
             }
             SinkMsg::Barrier(ack) => {
@@ -84,19 +90,24 @@ async fn write_with_retry(store: &Store, batch: &ResultBatch, metrics: &Metrics)
     }
 }
 
-/// Keeps one row per key: the one with the highest revision.
+/// Keeps one flow-count row per key: the one with the highest revision.
 pub fn coalesce(rows: Vec<FlowCountRow>) -> Vec<FlowCountRow> {
-    let mut best: FxHashMap<(&'static str, Arc<str>, u32, i64), FlowCountRow> = FxHashMap::default();
+    coalesce_by(rows, |r| ((r.level, r.key_id.clone(), r.window_s, r.window_start), r.revision))
+}
+
+/// Keeps one row per key (`key_of` gives the key and the revision): the highest revision.
+pub fn coalesce_by<R, K: std::hash::Hash + Eq>(rows: Vec<R>, key_of: impl Fn(&R) -> (K, u32)) -> Vec<R> {
+    let mut best: FxHashMap<K, (u32, R)> = FxHashMap::default();
     for row in rows {
-        let key = (row.level, row.key_id.clone(), row.window_s, row.window_start);
+        let (key, revision) = key_of(&row);
         match best.get(&key) {
-            Some(kept) if kept.revision > row.revision => {}
+            Some((kept, _)) if *kept > revision => {}
             _ => {
-                best.insert(key, row);
+                best.insert(key, (revision, row));
             }
         }
     }
-    best.into_values().collect()
+    best.into_values().map(|(_, r)| r).collect()
 }
 
 #[cfg(test)]

@@ -15,8 +15,8 @@ pub struct Origin {
     pub city: Arc<str>,
 }
 
-/// A vehicle's origin relative to the city: its own prefixes, another city of the same province,
-/// or another province.
+/// A vehicle's origin relative to the city: the city itself, another city of its province, or
+/// another province (see `crate::pipelines::plate_origin`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OriginScope {
     Local,
@@ -103,18 +103,6 @@ impl PrefixTable {
         out.sort_unstable();
         out
     }
-
-    /// The scope of a prefix relative to the city's own prefixes.
-    pub fn scope(&self, prefix: &str, local_prefixes: &[String]) -> OriginScope {
-        if local_prefixes.iter().any(|p| p == prefix) {
-            return OriginScope::Local;
-        }
-        let local_province = local_prefixes.first().and_then(|p| self.origin(p)).map(|o| &o.province);
-        match (self.origin(prefix), local_province) {
-            (Some(o), Some(local)) if &o.province == local => OriginScope::Province,
-            _ => OriginScope::Other,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -154,15 +142,6 @@ mod tests {
     fn no_prefix_uses_the_letters_i_or_o() {
         let table = PrefixTable::shipped();
         assert!(table.by_prefix.keys().all(|k| !k.ends_with('I') && !k.ends_with('O')));
-    }
-
-    #[test]
-    fn scope_tells_local_province_and_other() {
-        let table = PrefixTable::shipped();
-        let local = vec!["赣A".to_string(), "赣M".to_string()];
-        assert_eq!(table.scope("赣M", &local), OriginScope::Local);
-        assert_eq!(table.scope("赣B", &local), OriginScope::Province);
-        assert_eq!(table.scope("粤B", &local), OriginScope::Other);
     }
 
     #[test]

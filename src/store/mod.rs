@@ -71,6 +71,15 @@ impl Store {
         .await
     }
 
+    /// Every stored origin count: (region_id, window_start, province, city, scope, vehicles).
+    pub async fn origin_counts(&self) -> anyhow::Result<Vec<(String, i64, String, String, String, i64)>> {
+        self.fetch(
+            "SELECT CAST(region_id AS CHAR), window_start, CAST(origin_province AS CHAR), CAST(origin_city AS CHAR), \
+             CAST(scope AS CHAR), vehicles FROM origin_counts ORDER BY region_id, window_start, origin_province, origin_city",
+        )
+        .await
+    }
+
     /// Pass ids in `late_passes` with the pipelines they missed (a JSON array).
     pub async fn late_passes(&self) -> anyhow::Result<Vec<(String, String)>> {
         self.fetch("SELECT CAST(pass_id AS CHAR), CAST(pipelines AS CHAR) FROM late_passes ORDER BY pass_id").await

@@ -41,6 +41,27 @@ impl MySqlStore {
             );
             q.build().execute(&mut *tx).await?;
         }
+        for chunk in batch.origin_counts.chunks(CHUNK_ROWS) {
+            let mut q: QueryBuilder<MySql> = QueryBuilder::new(
+                "INSERT INTO origin_counts (region_id, window_s, window_start, origin_province, origin_city, scope, vehicles, revision) ",
+            );
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(&*r.region_id)
+                    .push_bind(r.window_s)
+                    .push_bind(r.window_start)
+                    .push_bind(&*r.origin_province)
+                    .push_bind(&*r.origin_city)
+                    .push_bind(r.scope)
+                    .push_bind(r.vehicles)
+                    .push_bind(r.revision);
+            });
+            q.push(
+                " ON DUPLICATE KEY UPDATE scope = IF(VALUES(revision) >= revision, VALUES(scope), scope), \
+                 vehicles = IF(VALUES(revision) >= revision, VALUES(vehicles), vehicles), \
+                 revision = GREATEST(revision, VALUES(revision))",
+            );
+            q.build().execute(&mut *tx).await?;
+        }
         for chunk in batch.late_passes.chunks(CHUNK_ROWS) {
             let mut q: QueryBuilder<MySql> = QueryBuilder::new(
                 "INSERT INTO late_passes (pass_id, pipelines, checkpoint_id, ts, arrived_at, record) ",

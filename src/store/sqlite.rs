@@ -23,6 +23,17 @@ CREATE TABLE IF NOT EXISTS flow_counts (
     revision INTEGER NOT NULL,
     PRIMARY KEY (level, key_id, window_s, window_start)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS origin_counts (
+    region_id TEXT NOT NULL,
+    window_s INTEGER NOT NULL,
+    window_start INTEGER NOT NULL,
+    origin_province TEXT NOT NULL,
+    origin_city TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    vehicles INTEGER NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (region_id, window_s, window_start, origin_province, origin_city)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS late_passes (
     pass_id TEXT PRIMARY KEY,
     pipelines TEXT NOT NULL,
@@ -79,6 +90,27 @@ async fn write_rows(tx: &mut Transaction<'_, Sqlite>, batch: &ResultBatch) -> an
         q.push(
             " ON CONFLICT (level, key_id, window_s, window_start) DO UPDATE SET passes = excluded.passes, revision = excluded.revision \
              WHERE excluded.revision >= flow_counts.revision",
+        );
+        q.build().execute(&mut **tx).await?;
+    }
+    for chunk in batch.origin_counts.chunks(CHUNK_ROWS) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO origin_counts (region_id, window_s, window_start, origin_province, origin_city, scope, vehicles, revision) ",
+        );
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(&*r.region_id)
+                .push_bind(r.window_s)
+                .push_bind(r.window_start)
+                .push_bind(&*r.origin_province)
+                .push_bind(&*r.origin_city)
+                .push_bind(r.scope)
+                .push_bind(r.vehicles as i64)
+                .push_bind(r.revision);
+        });
+        q.push(
+            " ON CONFLICT (region_id, window_s, window_start, origin_province, origin_city) DO UPDATE SET \
+             scope = excluded.scope, vehicles = excluded.vehicles, revision = excluded.revision \
+             WHERE excluded.revision >= origin_counts.revision",
         );
         q.build().execute(&mut **tx).await?;
     }
