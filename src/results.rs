@@ -29,6 +29,17 @@ pub struct OriginCountRow {
     pub revision: u32,
 }
 
+/// One window of `top_n`(metric, window_s, slide_s, window_end, rank, key_id, value): its
+/// entries, best first (rank = position + 1). A window is always written whole.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopNWindow {
+    pub metric: &'static str,
+    pub window_s: u32,
+    pub slide_s: u32,
+    pub window_end: i64,
+    pub entries: Vec<(Arc<str>, u64)>,
+}
+
 /// `late_passes`(pass_id, pipelines, checkpoint_id, ts, arrived_at, record).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LatePassRow {
@@ -46,13 +57,18 @@ pub struct LatePassRow {
 pub struct ResultBatch {
     pub flow_counts: Vec<FlowCountRow>,
     pub origin_counts: Vec<OriginCountRow>,
+    pub top_n: Vec<TopNWindow>,
     pub late_passes: Vec<LatePassRow>,
     pub dead_letters: Vec<DeadLetter>,
 }
 
 impl ResultBatch {
     pub fn len(&self) -> usize {
-        self.flow_counts.len() + self.origin_counts.len() + self.late_passes.len() + self.dead_letters.len()
+        self.flow_counts.len()
+            + self.origin_counts.len()
+            + self.top_n.len()
+            + self.late_passes.len()
+            + self.dead_letters.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -62,6 +78,7 @@ impl ResultBatch {
     pub fn append(&mut self, other: &mut ResultBatch) {
         self.flow_counts.append(&mut other.flow_counts);
         self.origin_counts.append(&mut other.origin_counts);
+        self.top_n.append(&mut other.top_n);
         self.late_passes.append(&mut other.late_passes);
         self.dead_letters.append(&mut other.dead_letters);
     }

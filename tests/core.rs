@@ -6,7 +6,7 @@ use crate::support::{http_get, labels, passflow, small_day};
 use passflow::core::checkpoint::{read_savepoint, CheckpointStore};
 use passflow::ingest::{Deduplicator, Ingest, Outcome, Validator};
 use passflow::model::PlateColorScheme;
-use passflow::pipelines::{batch_flow_counts, batch_origin_counts};
+use passflow::pipelines::{batch_flow_counts, batch_origin_counts, batch_top_n};
 use passflow::reference::City;
 use passflow::store::Store;
 use std::path::Path;
@@ -63,6 +63,22 @@ async fn a_replayed_day_gives_exactly_the_batch_flow_counts_and_no_late_pass() {
             .into_iter()
             .map(|((r, s, p, c, scope), n)| (r, s, p, c, scope, n as i64))
             .collect();
+    let want_top: Vec<(String, i64, i64, String, i64)> = batch_top_n(&city, &all, 10)
+        .into_iter()
+        .flat_map(|(end, entries)| {
+            entries
+                .into_iter()
+                .enumerate()
+                .map(move |(i, (k, v))| ("checkpoint_flow".to_string(), end, i as i64 + 1, k.to_string(), v as i64))
+        })
+        .collect();
+    let top = store.top_n().await.unwrap();
+    assert!(
+        want_top.len() > 1_000 && top == want_top,
+        "top_n differs from the batch ranking ({} vs {} rows)",
+        top.len(),
+        want_top.len()
+    );
     let got = store.origin_counts().await.unwrap();
     assert!(
         want.len() > 1_000 && got == want,

@@ -120,7 +120,14 @@ pub fn build_engine(
         allowed_lateness_ms: core.allowed_lateness.as_millis(),
         live,
     };
-    Ok(Engine::new(city.clone(), ingest, pipelines::all(city, &config.city.local_prefixes), settings))
+    let pipelines = pipelines::all(
+        city,
+        &pipelines::PipelineSettings {
+            local_prefixes: config.city.local_prefixes.clone(),
+            top_n: config.pipelines.top_n,
+        },
+    );
+    Ok(Engine::new(city.clone(), ingest, pipelines, settings))
 }
 
 pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {

@@ -25,6 +25,20 @@ pub struct Config {
     pub state: StateConfig,
     pub store: StoreConfig,
     pub api: ApiConfig,
+    pub pipelines: PipelinesConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelinesConfig {
+    /// How many checkpoints the Top-N ranking keeps.
+    pub top_n: usize,
+}
+
+impl Default for PipelinesConfig {
+    fn default() -> Self {
+        PipelinesConfig { top_n: 10 }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -5,7 +5,7 @@
 use super::{Clocks, Engine, EngineSettings, Record};
 use crate::ingest::{Deduplicator, Ingest, RocksDedup, Validator};
 use crate::model::{decode_record, Pass, PlateColorScheme};
-use crate::pipelines::{all, batch_flow_counts, batch_origin_counts};
+use crate::pipelines::{all, batch_flow_counts, batch_origin_counts, batch_top_n};
 use crate::reference::City;
 use crate::simulator::{sample_city, simulate_day, SimParams};
 use proptest::prelude::*;
@@ -69,7 +69,7 @@ fn engine(city: &Arc<City>, backend: &Backend) -> Engine {
     Engine::new(
         city.clone(),
         ingest,
-        all(city, &["赣A".to_string()]),
+        all(city, &crate::pipelines::PipelineSettings { local_prefixes: vec!["赣A".to_string()], top_n: 10 }),
         EngineSettings {
             out_of_orderness_ms: 10_000,
             idle_timeout_ms: 60_000,
@@ -80,20 +80,28 @@ fn engine(city: &Arc<City>, backend: &Backend) -> Engine {
 }
 
 type Table = BTreeMap<(String, String, u32, i64), (u32, u64)>;
-/// Origin counts as stored: (region, window start, province, city) → (revision, scope, vehicles).
-type Origins = BTreeMap<(String, i64, String, String), (u32, String, u64)>;
+/// Origin counts as stored: (region, window start, province, city) → (revision, scope, vehicles),
+/// and Top-N windows by end (each emission replaces the window whole).
+#[derive(Default)]
+struct Origins {
+    counts: BTreeMap<(String, i64, String, String), (u32, String, u64)>,
+    top_n: BTreeMap<i64, Vec<(Arc<str>, u64)>>,
+}
 
 /// Upserts rows as a store does: a stored higher revision is never overwritten.
 fn upsert(table: &mut Table, origins: &mut Origins, engine: &mut Engine, late: &mut Vec<(String, Vec<&'static str>)>) {
     let out = engine.take_output();
     for r in out.origin_counts {
         let key = (r.region_id.to_string(), r.window_start, r.origin_province.to_string(), r.origin_city.to_string());
-        match origins.get(&key) {
+        match origins.counts.get(&key) {
             Some((rev, _, _)) if *rev > r.revision => {}
             _ => {
-                origins.insert(key, (r.revision, r.scope.to_owned(), r.vehicles));
+                origins.counts.insert(key, (r.revision, r.scope.to_owned(), r.vehicles));
             }
         }
+    }
+    for w in out.top_n {
+        origins.top_n.insert(w.window_end, w.entries);
     }
     for r in out.flow_counts {
         let key = (r.level.to_owned(), r.key_id.to_string(), r.window_s, r.window_start);
@@ -125,7 +133,7 @@ fn run(
     rng: &mut ChaCha8Rng,
 ) -> (Table, Origins, Vec<(String, Vec<&'static str>)>) {
     let mut e = engine(city, backend);
-    let (mut table, mut origins, mut late) = (Table::new(), Origins::new(), Vec::new());
+    let (mut table, mut origins, mut late) = (Table::new(), Origins::default(), Vec::new());
     let mut at = 0;
     let mut id = 1;
     let mut saved = (checkpoint(&mut e, backend, id), 0usize);
@@ -200,13 +208,15 @@ proptest! {
         let want = expected(city, &all);
         let owned: Vec<Pass> = all.iter().map(|p| (*p).clone()).collect();
         let want_origins = batch_origin_counts(city, &["赣A".to_string()], &owned);
+        let want_top_n = batch_top_n(city, &owned, 10);
         let (backends, _dir) = backends();
         for backend in &backends {
             let (table, origins, late) = run(city, backend, &lines, &mut rng.clone());
             prop_assert!(late.is_empty(), "{} passes late", late.len());
             let diff = differences(&counts(&table), &want);
             prop_assert!(diff.is_empty(), "{} keys differ, e.g. {:?}", diff.len(), &diff[..diff.len().min(5)]);
-            let got: BTreeMap<(String, i64, String, String, String), u64> = origins.into_iter().map(|((r, s, p, c), (_, scope, n))| ((r, s, p, c, scope), n)).collect();
+            prop_assert!(origins.top_n == want_top_n, "Top-N windows differ from the batch ranking");
+            let got: BTreeMap<(String, i64, String, String, String), u64> = origins.counts.into_iter().map(|((r, s, p, c), (_, scope, n))| ((r, s, p, c, scope), n)).collect();
             let diff: Vec<_> = got.keys().chain(want_origins.keys()).filter(|k| got.get(*k) != want_origins.get(*k)).take(5).map(|k| (k.clone(), got.get(k).copied(), want_origins.get(k).copied())).collect();
             prop_assert!(diff.is_empty(), "origin counts differ from the batch computation: {diff:?}");
         }
@@ -250,7 +260,8 @@ proptest! {
         }
         prop_assert!(!late.is_empty());
         for (_, pipelines) in &late {
-            prop_assert!(pipelines.contains(&"flow_counts/30s"));
+            prop_assert!(!pipelines.is_empty());
+            prop_assert!(pipelines.iter().all(|p| ["flow_counts/30s", "flow_counts/1m", "flow_counts/5m", "origin_counts/5m", "top_n/1m"].contains(p)), "{pipelines:?}");
         }
         // Every pass that was not late is counted exactly once in each of its windows.
         let got = counts(&table);

@@ -55,6 +55,7 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<SinkMsg>, metrics: Arc<
             SinkMsg::Rows(_) if matches!(store, Store::Null) => {}
             SinkMsg::Rows(mut batch) => {
                 batch.flow_counts = coalesce(std::mem::take(&mut batch.flow_counts));
+                batch.top_n = latest_windows(std::mem::take(&mut batch.top_n));
                 batch.origin_counts = coalesce_by(std::mem::take(&mut batch.origin_counts), |r| {
                     (
                         (r.region_id.clone(), r.window_start, r.origin_province.clone(), r.origin_city.clone()),
@@ -88,6 +89,15 @@ async fn write_with_retry(store: &Store, batch: &ResultBatch, metrics: &Metrics)
             }
         }
     }
+}
+
+/// Keeps the last emission of each Top-N window (each replaces the one before it whole).
+fn latest_windows(windows: Vec<crate::results::TopNWindow>) -> Vec<crate::results::TopNWindow> {
+    let mut last: FxHashMap<(&'static str, i64), crate::results::TopNWindow> = FxHashMap::default();
+    for w in windows {
+        last.insert((w.metric, w.window_end), w);
+    }
+    last.into_values().collect()
 }
 
 /// Keeps one flow-count row per key: the one with the highest revision.

@@ -3,19 +3,34 @@
 //! - `flow_counts.rs`: passes per checkpoint, direction, region, city, boundary and bus lane,
 //!   in 30 s / 1 min / 5 min windows.
 //! - `origin_counts.rs`: distinct vehicles per region and 5 min window by plate origin.
+//! - `top_n.rs`: the N busiest checkpoints in a 1 min window sliding every 5 s.
 
 mod flow_counts;
 mod origin_counts;
+mod top_n;
 
 pub use flow_counts::{batch_flow_counts, FlowCounts, FLOW_WINDOWS_S};
 pub use origin_counts::{batch_origin_counts, plate_origin, OriginCounts, PlateOrigin, ORIGIN_WINDOW_S};
+pub use top_n::{batch_top_n, TopN, CHECKPOINT_METRIC, TOP_N_SLIDE_S, TOP_N_WINDOW_S};
 
 use crate::core::Operator;
 use crate::reference::City;
 use std::sync::Arc;
 
-/// Every pipeline of the service, in the order they run. `local_prefixes`: the city's own
-/// plate prefixes.
-pub fn all(city: &Arc<City>, local_prefixes: &[String]) -> Vec<Box<dyn Operator>> {
-    vec![Box::new(FlowCounts::new(city)), Box::new(OriginCounts::new(city, local_prefixes))]
+/// Every pipeline of the service, in the order they run.
+pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> Vec<Box<dyn Operator>> {
+    vec![
+        Box::new(FlowCounts::new(city)),
+        Box::new(OriginCounts::new(city, &settings.local_prefixes)),
+        Box::new(TopN::new(city, settings.top_n)),
+    ]
+}
+
+/// What the pipelines take from the configuration.
+#[derive(Clone, Debug)]
+pub struct PipelineSettings {
+    /// The city's own plate prefixes.
+    pub local_prefixes: Vec<String>,
+    /// How many checkpoints Top-N ranks.
+    pub top_n: usize,
 }

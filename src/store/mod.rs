@@ -80,6 +80,15 @@ impl Store {
         .await
     }
 
+    /// Every stored Top-N row: (metric, window_end, rank, key_id, value).
+    pub async fn top_n(&self) -> anyhow::Result<Vec<(String, i64, i64, String, i64)>> {
+        self.fetch(
+            "SELECT CAST(metric AS CHAR), window_end, `rank`, CAST(key_id AS CHAR), value FROM top_n \
+             ORDER BY metric, window_end, `rank`",
+        )
+        .await
+    }
+
     /// Pass ids in `late_passes` with the pipelines they missed (a JSON array).
     pub async fn late_passes(&self) -> anyhow::Result<Vec<(String, String)>> {
         self.fetch("SELECT CAST(pass_id AS CHAR), CAST(pipelines AS CHAR) FROM late_passes ORDER BY pass_id").await

@@ -1,7 +1,7 @@
 //! The MySQL store; its tables come from the migrations under `migrations/`, applied on open.
 
 use super::CHUNK_ROWS;
-use crate::results::ResultBatch;
+use crate::results::{ResultBatch, TopNWindow};
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::{MySql, MySqlPool, QueryBuilder};
 
@@ -60,6 +60,32 @@ impl MySqlStore {
                  vehicles = IF(VALUES(revision) >= revision, VALUES(vehicles), vehicles), \
                  revision = GREATEST(revision, VALUES(revision))",
             );
+            q.build().execute(&mut *tx).await?;
+        }
+        for w in &batch.top_n {
+            sqlx::query("DELETE FROM top_n WHERE metric = ? AND window_s = ? AND slide_s = ? AND window_end = ?")
+                .bind(w.metric)
+                .bind(w.window_s)
+                .bind(w.slide_s)
+                .bind(w.window_end)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let ranked: Vec<(&TopNWindow, usize)> =
+            batch.top_n.iter().flat_map(|w| (0..w.entries.len()).map(move |i| (w, i))).collect();
+        for chunk in ranked.chunks(CHUNK_ROWS) {
+            let mut q: QueryBuilder<MySql> =
+                QueryBuilder::new("INSERT INTO top_n (metric, window_s, slide_s, window_end, `rank`, key_id, value) ");
+            q.push_values(chunk, |mut b, (w, i)| {
+                let (key, value) = &w.entries[*i];
+                b.push_bind(w.metric)
+                    .push_bind(w.window_s)
+                    .push_bind(w.slide_s)
+                    .push_bind(w.window_end)
+                    .push_bind(*i as i64 + 1)
+                    .push_bind(&**key)
+                    .push_bind(*value);
+            });
             q.build().execute(&mut *tx).await?;
         }
         for chunk in batch.late_passes.chunks(CHUNK_ROWS) {

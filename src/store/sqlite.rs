@@ -1,7 +1,7 @@
 //! The embedded SQLite store (one file, WAL mode).
 
 use super::CHUNK_ROWS;
-use crate::results::ResultBatch;
+use crate::results::{ResultBatch, TopNWindow};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool, Transaction};
 use std::path::Path;
@@ -33,6 +33,16 @@ CREATE TABLE IF NOT EXISTS origin_counts (
     vehicles INTEGER NOT NULL,
     revision INTEGER NOT NULL,
     PRIMARY KEY (region_id, window_s, window_start, origin_province, origin_city)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS top_n (
+    metric TEXT NOT NULL,
+    window_s INTEGER NOT NULL,
+    slide_s INTEGER NOT NULL,
+    window_end INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    key_id TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (metric, window_s, slide_s, window_end, rank)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS late_passes (
     pass_id TEXT PRIMARY KEY,
@@ -112,6 +122,32 @@ async fn write_rows(tx: &mut Transaction<'_, Sqlite>, batch: &ResultBatch) -> an
              scope = excluded.scope, vehicles = excluded.vehicles, revision = excluded.revision \
              WHERE excluded.revision >= origin_counts.revision",
         );
+        q.build().execute(&mut **tx).await?;
+    }
+    for w in &batch.top_n {
+        sqlx::query("DELETE FROM top_n WHERE metric = ? AND window_s = ? AND slide_s = ? AND window_end = ?")
+            .bind(w.metric)
+            .bind(w.window_s)
+            .bind(w.slide_s)
+            .bind(w.window_end)
+            .execute(&mut **tx)
+            .await?;
+    }
+    let ranked: Vec<(&TopNWindow, usize)> =
+        batch.top_n.iter().flat_map(|w| (0..w.entries.len()).map(move |i| (w, i))).collect();
+    for chunk in ranked.chunks(CHUNK_ROWS) {
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new("INSERT INTO top_n (metric, window_s, slide_s, window_end, rank, key_id, value) ");
+        q.push_values(chunk, |mut b, (w, i)| {
+            let (key, value) = &w.entries[*i];
+            b.push_bind(w.metric)
+                .push_bind(w.window_s)
+                .push_bind(w.slide_s)
+                .push_bind(w.window_end)
+                .push_bind(*i as i64 + 1)
+                .push_bind(&**key)
+                .push_bind(*value as i64);
+        });
         q.build().execute(&mut **tx).await?;
     }
     for chunk in batch.late_passes.chunks(CHUNK_ROWS) {

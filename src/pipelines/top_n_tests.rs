@@ -1,0 +1,87 @@
+use super::*;
+use crate::model::{CheckpointIdx, Direction, EventTime, PlateColor, PlateRead};
+use crate::reference::{Checkpoint, Region, RoadClass};
+use crate::results::ResultBatch;
+
+fn city() -> Arc<City> {
+    let cp = |id: &str| Checkpoint {
+        id: id.into(),
+        name: id.into(),
+        lon: 115.9,
+        lat: 28.7,
+        region_id: "R1".into(),
+        road_class: RoadClass::Arterial,
+        boundary: false,
+        inbound_direction: None,
+        bus_lanes: vec![],
+        speed_limit_kmh: 60,
+    };
+    let regions = vec![Region { id: "R1".into(), name: "a".into() }];
+    Arc::new(City::from_parts(vec![cp("B"), cp("A"), cp("C")], vec![], regions, None))
+}
+
+fn pass(cp: u32, ts: i64) -> Pass {
+    Pass {
+        pass_id: format!("{cp}-{ts}").into(),
+        plate: PlateRead::parse("赣A12345"),
+        plate_color: PlateColor::Blue,
+        plate_type: "02".into(),
+        checkpoint: CheckpointIdx(cp),
+        device_id: None,
+        direction: Direction::WEST_TO_EAST,
+        lane: 1,
+        ts: EventTime(ts),
+        speed_kmh: None,
+        vehicle_type: None,
+    }
+}
+
+fn step(op: &mut TopN, passes: &[Pass], watermark: i64, then: i64) -> (Vec<TopNWindow>, Vec<(usize, &'static str)>) {
+    let (mut out, mut late) = (ResultBatch::default(), Vec::new());
+    let mut ctx = Context { watermark, allowed_lateness_ms: 600_000, out: &mut out, late: &mut late };
+    op.process_batch(passes, &mut ctx);
+    ctx.watermark = then;
+    op.on_watermark(&mut ctx);
+    (out.top_n, late)
+}
+
+fn names(w: &TopNWindow) -> Vec<(&str, u64)> {
+    w.entries.iter().map(|(k, v)| (&**k, *v)).collect()
+}
+
+#[test]
+fn windows_rank_by_count_then_id_and_leave_out_zeros() {
+    let mut op = TopN::new(&city(), 2);
+    // B (idx 0) and A (idx 1) tie at 2, C has 1: A wins the tie, C is cut by N = 2.
+    let passes = [pass(0, 1_000), pass(0, 2_000), pass(1, 3_000), pass(1, 4_000), pass(2, 5_000)];
+    let (windows, _) = step(&mut op, &passes, i64::MIN, 10_000);
+    let first = windows.iter().find(|w| w.window_end == 5_000).unwrap();
+    assert_eq!(names(first), vec![("A", 2), ("B", 2)]);
+    let second = windows.iter().find(|w| w.window_end == 10_000).unwrap();
+    assert_eq!(names(second), vec![("A", 2), ("B", 2)]);
+    assert_eq!(windows.len(), 2);
+}
+
+#[test]
+fn a_late_pass_replaces_every_open_window_it_falls_in() {
+    let mut op = TopN::new(&city(), 3);
+    step(&mut op, &[pass(0, 1_000), pass(1, 61_000)], i64::MIN, 70_000);
+    let (windows, late) = step(&mut op, &[pass(2, 2_000), pass(2, 2_500)], 70_000, 70_001);
+    assert!(late.is_empty());
+    let ends: Vec<i64> = windows.iter().map(|w| w.window_end).collect();
+    assert_eq!(ends, (1..=12).map(|k| k * 5_000).collect::<Vec<_>>(), "every emitted window holding the 0-5 s bucket");
+    assert_eq!(names(&windows[0]), vec![("C", 2), ("B", 1)]);
+}
+
+#[test]
+fn the_streaming_result_equals_the_batch_ranking() {
+    let passes: Vec<Pass> = (0..400).map(|i| pass((i * 7 % 3) as u32, i64::from(i) * 1_300)).collect();
+    let mut op = TopN::new(&city(), 2);
+    let (mut got, _) = step(&mut op, &passes, i64::MIN, i64::MAX);
+    got.sort_by_key(|w| w.window_end);
+    let want = batch_top_n(&city(), &passes, 2);
+    assert_eq!(got.len(), want.len());
+    for w in &got {
+        assert_eq!(&w.entries, &want[&w.window_end], "window ending {}", w.window_end);
+    }
+}
