@@ -23,7 +23,8 @@ pub struct CoreBenchResult {
     pub rows: u64,
 }
 
-pub fn bench_core(config: &Config, vehicles: u32, repeat: u32) -> anyhow::Result<CoreBenchResult> {
+/// `all_pipelines`: every pipeline instead of flow counts alone.
+pub fn bench_core(config: &Config, vehicles: u32, repeat: u32, all_pipelines: bool) -> anyhow::Result<CoreBenchResult> {
     let tz = config.city.tz()?;
     let city = Arc::new(sample_city());
     let params = SimParams {
@@ -56,15 +57,18 @@ pub fn bench_core(config: &Config, vehicles: u32, repeat: u32) -> anyhow::Result
         })
         .collect();
     let mut engine = build_engine(config, &city, false, None)?;
+    if !all_pipelines {
+        engine.keep_operators(&["flow_counts"]);
+    }
     let clocks = Clocks { future_now: None, processing_now: 0 };
     let started = Instant::now();
     let mut rows = 0;
     for chunk in stream.chunks(BATCH) {
         engine.process_decoded(0, chunk, clocks);
-        rows += engine.take_output().flow_counts.len() as u64;
+        rows += engine.take_output().len() as u64;
     }
     engine.finish();
-    rows += engine.take_output().flow_counts.len() as u64;
+    rows += engine.take_output().len() as u64;
     Ok(CoreBenchResult {
         passes: stream.len() as u64,
         seconds: started.elapsed().as_secs_f64(),

@@ -86,6 +86,9 @@ pub enum BenchCommand {
         /// Copies of the day, each a day later.
         #[arg(long, default_value_t = 5)]
         repeat: u32,
+        /// Run every pipeline, not only flow counts.
+        #[arg(long)]
+        all_pipelines: bool,
     },
 }
 
@@ -107,10 +110,11 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let mut config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Run { from_savepoint } => run(config, from_savepoint).await?.wait().await,
-        Command::Bench { command: BenchCommand::Core { vehicles, repeat } } => {
-            let r = bench_core(&config, vehicles, repeat)?;
+        Command::Bench { command: BenchCommand::Core { vehicles, repeat, all_pipelines } } => {
+            let r = bench_core(&config, vehicles, repeat, all_pipelines)?;
             println!(
-                "core + flow_counts, state {:?}: {} passes in {:.3} s = {:.0} passes/s on one core; {} result rows; peak RSS {:.0} MiB",
+                "core + {}, state {:?}: {} passes in {:.3} s = {:.0} passes/s on one core; {} result rows; peak RSS {:.0} MiB",
+                if all_pipelines { "every pipeline" } else { "flow_counts" },
                 config.state.backend,
                 r.passes,
                 r.seconds,

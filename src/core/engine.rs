@@ -105,6 +105,11 @@ impl Engine {
         Engine { city, ingest, watermarks, operators, settings, out: ResultBatch::default() }
     }
 
+    /// Keeps only the named operators (benchmarks measure one pipeline this way).
+    pub fn keep_operators(&mut self, names: &[&str]) {
+        self.operators.retain(|op| names.contains(&op.name()));
+    }
+
     /// A validator to judge records with before [`Engine::process_judged`].
     pub fn validator(&self) -> Validator {
         self.ingest.validator().clone()
