@@ -12,6 +12,7 @@ pub struct Metrics {
     pub passes_duplicate: IntCounter,
     pub passes_unreadable: IntCounter,
     pub sink_rows: IntCounter,
+    pub sink_backlog: prometheus::IntGauge,
     pub sink_errors: IntCounter,
     pub late_passes: IntCounter,
     pub checkpoints: IntCounter,
@@ -41,6 +42,10 @@ impl Metrics {
         registry.register(Box::new(passes_invalid.clone())).expect("metric registered once");
         let passes_invalid_sum = IntCounter::new("passes_invalid_sum", "unexported").expect("valid metric name");
         let sink_rows = counter("passflow_sink_rows_total", "Result rows written to the store.");
+        let sink_backlog =
+            prometheus::IntGauge::new("passflow_sink_backlog_batches", "Result batches waiting for the store.")
+                .expect("valid metric name");
+        registry.register(Box::new(sink_backlog.clone())).expect("metric registered once");
         let sink_errors = counter("passflow_sink_errors_total", "Failed store writes (each is retried).");
         let late_passes = counter("passflow_passes_late_total", "Passes late for at least one window.");
         let checkpoints = counter("passflow_checkpoints_total", "Completed checkpoints.");
@@ -56,6 +61,7 @@ impl Metrics {
             passes_duplicate,
             passes_unreadable,
             sink_rows,
+            sink_backlog,
             sink_errors,
             late_passes,
             checkpoints,

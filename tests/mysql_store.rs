@@ -6,7 +6,10 @@ use passflow::config::Config;
 use passflow::store::Store;
 
 fn options(store_url: &str) -> ReplayOptions {
-    let dir = small_day();
+    options_for(small_day(), store_url)
+}
+
+fn options_for(dir: &std::path::Path, store_url: &str) -> ReplayOptions {
     let mut config = Config::default();
     config.city.dir = dir.to_path_buf();
     ReplayOptions {
@@ -38,5 +41,52 @@ async fn mysql_and_sqlite_hold_the_same_tables_and_a_second_replay_adds_no_row()
         labels(small_day()).dead_letters.into_iter().map(|(k, v)| (k, v as i64)).collect();
     assert_eq!(mysql.dead_letter_counts().await.unwrap(), expected);
     assert_eq!(sqlite.dead_letter_counts().await.unwrap(), expected);
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mysql_going_away_mid_replay_pauses_the_replay_and_loses_nothing() {
+    let db = TestDatabase::create("outage").await;
+    // Create the tables first, straight to the server.
+    drop(Store::open(&db.url).await.unwrap());
+    let server = db.url.trim_start_matches("mysql://").split_once('@').map(|(_, rest)| rest).unwrap();
+    let (host_port, database) = server.split_once('/').unwrap();
+    let proxy = crate::support::Proxy::start(host_port).await;
+    let via_proxy = format!("mysql://root@{}/{database}", proxy.addr);
+    let day = tempfile::tempdir().unwrap();
+    let made = crate::support::passflow()
+        .args(["simulate", "--out"])
+        .arg(day.path())
+        .args(["--vehicles", "3000", "--seed", "4"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let sqlite_url = format!("sqlite://{}", day.path().join("r.db").display());
+    replay(options_for(day.path(), &sqlite_url)).await.unwrap();
+
+    let direct = Store::open(&db.url).await.unwrap();
+    let replaying = tokio::spawn(replay(options_for(day.path(), &via_proxy)));
+    while direct.flow_counts().await.unwrap().is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    proxy.cut();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(!replaying.is_finished(), "the replay waits while MySQL is away");
+    proxy.restore();
+    let summary = tokio::time::timeout(std::time::Duration::from_secs(120), replaying)
+        .await
+        .expect("the replay finishes once MySQL is back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.stats.records, labels(day.path()).records);
+
+    let (mysql, sqlite) = (Store::open(&db.url).await.unwrap(), Store::open(&sqlite_url).await.unwrap());
+    let strip = |rows: Vec<passflow::store::StoredFlowCount>| {
+        rows.into_iter().map(|r| (r.0, r.1, r.2, r.3, r.4)).collect::<Vec<_>>()
+    };
+    assert_eq!(strip(mysql.flow_counts().await.unwrap()), strip(sqlite.flow_counts().await.unwrap()));
+    assert_eq!(mysql.origin_counts().await.unwrap(), sqlite.origin_counts().await.unwrap());
+    assert_eq!(mysql.top_n().await.unwrap(), sqlite.top_n().await.unwrap());
+    assert_eq!(mysql.dead_letter_counts().await.unwrap(), sqlite.dead_letter_counts().await.unwrap());
     db.drop_now().await;
 }

@@ -23,6 +23,8 @@ enum SinkMsg {
 #[derive(Clone)]
 pub struct SinkHandle {
     tx: mpsc::Sender<SinkMsg>,
+    /// Batches queued or being written (`passflow_sink_backlog_batches`).
+    backlog: prometheus::IntGauge,
 }
 
 impl SinkHandle {
@@ -31,6 +33,7 @@ impl SinkHandle {
         if batch.is_empty() {
             return Ok(());
         }
+        self.backlog.inc();
         self.tx.send(SinkMsg::Rows(batch)).await.map_err(|_| anyhow::anyhow!("the store writer has stopped"))
     }
 
@@ -45,14 +48,14 @@ impl SinkHandle {
 /// Starts the store writer; it ends when every handle is dropped.
 pub fn spawn_writer(store: Store, metrics: Arc<Metrics>) -> (SinkHandle, JoinHandle<anyhow::Result<()>>) {
     let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
-    (SinkHandle { tx }, tokio::spawn(write_loop(store, rx, metrics)))
+    (SinkHandle { tx, backlog: metrics.sink_backlog.clone() }, tokio::spawn(write_loop(store, rx, metrics)))
 }
 
 async fn write_loop(store: Store, mut rx: mpsc::Receiver<SinkMsg>, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     while let Some(msg) = rx.recv().await {
         match msg {
             // `null://` discards results: nothing to coalesce or write.
-            SinkMsg::Rows(_) if matches!(store, Store::Null) => {}
+            SinkMsg::Rows(_) if matches!(store, Store::Null) => metrics.sink_backlog.dec(),
             SinkMsg::Rows(mut batch) => {
                 batch.flow_counts = coalesce(std::mem::take(&mut batch.flow_counts));
                 batch.top_n = latest_windows(std::mem::take(&mut batch.top_n));
@@ -63,6 +66,7 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<SinkMsg>, metrics: Arc<
                     )
                 });
                 write_with_retry(&store, &batch, &metrics).await;
+                metrics.sink_backlog.dec();
             }
             SinkMsg::Barrier(ack) => {
                 let _ = ack.send(());
@@ -136,7 +140,7 @@ mod tests {
     async fn a_stalled_store_writer_stops_the_engine_at_a_bounded_queue() {
         use futures::FutureExt;
         let (tx, mut rx) = mpsc::channel(QUEUE_BATCHES);
-        let sink = SinkHandle { tx };
+        let sink = SinkHandle { tx, backlog: prometheus::IntGauge::new("backlog", "test").unwrap() };
         for _ in 0..QUEUE_BATCHES {
             sink.send(batch()).now_or_never().expect("room in the queue").unwrap();
         }
