@@ -14,6 +14,8 @@ use tokio::task::JoinHandle;
 /// Batches queued between the engine and the store writer.
 pub const QUEUE_BATCHES: usize = 8;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Rows merged into one store transaction at most.
+const MERGE_ROWS: usize = 200_000;
 
 enum SinkMsg {
     Rows(ResultBatch),
@@ -52,28 +54,50 @@ pub fn spawn_writer(store: Store, metrics: Arc<Metrics>) -> (SinkHandle, JoinHan
 }
 
 async fn write_loop(store: Store, mut rx: mpsc::Receiver<SinkMsg>, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    while let Some(msg) = rx.recv().await {
+    let mut next = rx.recv().await;
+    while let Some(msg) = next.take() {
         match msg {
-            // `null://` discards results: nothing to coalesce or write.
-            SinkMsg::Rows(_) if matches!(store, Store::Null) => metrics.sink_backlog.dec(),
-            SinkMsg::Rows(mut batch) => {
-                batch.flow_counts = coalesce(std::mem::take(&mut batch.flow_counts));
-                batch.top_n = latest_windows(std::mem::take(&mut batch.top_n));
-                batch.origin_counts = coalesce_by(std::mem::take(&mut batch.origin_counts), |r| {
-                    (
-                        (r.region_id.clone(), r.window_start, r.origin_province.clone(), r.origin_city.clone()),
-                        r.revision,
-                    )
-                });
-                write_with_retry(&store, &batch, &metrics).await;
-                metrics.sink_backlog.dec();
-            }
             SinkMsg::Barrier(ack) => {
                 let _ = ack.send(());
             }
+            SinkMsg::Rows(mut batch) => {
+                // Whatever else is already queued goes into the same transaction (up to a
+                // barrier): fewer commits, and re-emissions of a key collapse into one row.
+                let mut merged = 1;
+                while batch.len() < MERGE_ROWS {
+                    match rx.try_recv() {
+                        Ok(SinkMsg::Rows(mut more)) => {
+                            batch.append(&mut more);
+                            merged += 1;
+                        }
+                        Ok(barrier) => {
+                            next = Some(barrier);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if !matches!(store, Store::Null) {
+                    coalesce_batch(&mut batch);
+                    write_with_retry(&store, &batch, &metrics).await;
+                }
+                metrics.sink_backlog.sub(merged);
+            }
+        }
+        if next.is_none() {
+            next = rx.recv().await;
         }
     }
     Ok(())
+}
+
+/// One row per key in every table of a batch: the newest.
+fn coalesce_batch(batch: &mut ResultBatch) {
+    batch.flow_counts = coalesce(std::mem::take(&mut batch.flow_counts));
+    batch.top_n = latest_windows(std::mem::take(&mut batch.top_n));
+    batch.origin_counts = coalesce_by(std::mem::take(&mut batch.origin_counts), |r| {
+        ((r.region_id.clone(), r.window_start, r.origin_province.clone(), r.origin_city.clone()), r.revision)
+    });
 }
 
 /// Writes a batch, retrying with back-off until the store takes it: results are never dropped.
