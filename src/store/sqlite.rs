@@ -124,14 +124,21 @@ async fn write_rows(tx: &mut Transaction<'_, Sqlite>, batch: &ResultBatch) -> an
         );
         q.build().execute(&mut **tx).await?;
     }
-    for w in &batch.top_n {
-        sqlx::query("DELETE FROM top_n WHERE metric = ? AND window_s = ? AND slide_s = ? AND window_end = ?")
-            .bind(w.metric)
-            .bind(w.window_s)
-            .bind(w.slide_s)
-            .bind(w.window_end)
-            .execute(&mut **tx)
-            .await?;
+    for chunk in batch.top_n.chunks(CHUNK_ROWS) {
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new("DELETE FROM top_n WHERE (metric, window_s, slide_s, window_end) IN (");
+        let mut windows = q.separated(", ");
+        for w in chunk {
+            windows.push("(").push_bind_unseparated(w.metric).push_unseparated(", ").push_bind_unseparated(w.window_s);
+            windows
+                .push_unseparated(", ")
+                .push_bind_unseparated(w.slide_s)
+                .push_unseparated(", ")
+                .push_bind_unseparated(w.window_end)
+                .push_unseparated(")");
+        }
+        q.push(")");
+        q.build().execute(&mut **tx).await?;
     }
     let ranked: Vec<(&TopNWindow, usize)> =
         batch.top_n.iter().flat_map(|w| (0..w.entries.len()).map(move |i| (w, i))).collect();
