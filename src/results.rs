@@ -40,6 +40,18 @@ pub struct TopNWindow {
     pub entries: Vec<(Arc<str>, u64)>,
 }
 
+/// `high_frequency`(day, checkpoint_id, plate, plate_color, passes, first_ts, last_ts).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HighFrequencyRow {
+    pub day: String,
+    pub checkpoint_id: Arc<str>,
+    pub plate: Arc<str>,
+    pub plate_color: u8,
+    pub passes: u32,
+    pub first_ts: i64,
+    pub last_ts: i64,
+}
+
 /// `late_passes`(pass_id, pipelines, checkpoint_id, ts, arrived_at, record).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LatePassRow {
@@ -58,6 +70,7 @@ pub struct ResultBatch {
     pub flow_counts: Vec<FlowCountRow>,
     pub origin_counts: Vec<OriginCountRow>,
     pub top_n: Vec<TopNWindow>,
+    pub high_frequency: Vec<HighFrequencyRow>,
     pub late_passes: Vec<LatePassRow>,
     pub dead_letters: Vec<DeadLetter>,
 }
@@ -79,6 +92,7 @@ impl ResultBatch {
         self.flow_counts.append(&mut other.flow_counts);
         self.origin_counts.append(&mut other.origin_counts);
         self.top_n.append(&mut other.top_n);
+        self.high_frequency.append(&mut other.high_frequency);
         self.late_passes.append(&mut other.late_passes);
         self.dead_letters.append(&mut other.dead_letters);
     }

@@ -6,7 +6,7 @@ use crate::support::{http_get, labels, passflow, small_day};
 use passflow::core::checkpoint::{read_savepoint, CheckpointStore};
 use passflow::ingest::{Deduplicator, Ingest, Outcome, Validator};
 use passflow::model::PlateColorScheme;
-use passflow::pipelines::{batch_flow_counts, batch_origin_counts, batch_top_n};
+use passflow::pipelines::{batch_flow_counts, batch_high_frequency, batch_origin_counts, batch_top_n};
 use passflow::reference::City;
 use passflow::store::Store;
 use std::path::Path;
@@ -79,6 +79,23 @@ async fn a_replayed_day_gives_exactly_the_batch_flow_counts_and_no_late_pass() {
         top.len(),
         want_top.len()
     );
+    let want_hf: Vec<(String, String, String, i64, i64, i64, i64)> = batch_high_frequency(&city, TZ, &all, 8)
+        .into_iter()
+        .map(|((d, c, p, col), (n, f, l))| (d, c, p, i64::from(col), i64::from(n), f, l))
+        .collect();
+    let hf = store.high_frequency().await.unwrap();
+    assert!(
+        hf == want_hf,
+        "high_frequency differs from the batch computation ({} vs {} rows)",
+        hf.len(),
+        want_hf.len()
+    );
+    for planted in labels(dir).high_frequency {
+        assert!(
+            hf.iter().any(|r| r.1 == planted.checkpoint_id && r.2 == planted.plate && r.4 >= 8),
+            "{planted:?} not found"
+        );
+    }
     let got = store.origin_counts().await.unwrap();
     assert!(
         want.len() > 1_000 && got == want,

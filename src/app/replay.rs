@@ -120,13 +120,13 @@ pub fn build_engine(
         allowed_lateness_ms: core.allowed_lateness.as_millis(),
         live,
     };
-    let pipelines = pipelines::all(
-        city,
-        &pipelines::PipelineSettings {
-            local_prefixes: config.city.local_prefixes.clone(),
-            top_n: config.pipelines.top_n,
-        },
-    );
+    let pipeline_settings = pipelines::PipelineSettings {
+        local_prefixes: config.city.local_prefixes.clone(),
+        top_n: config.pipelines.top_n,
+        high_frequency_passes: config.pipelines.high_frequency_passes,
+        time_zone: config.city.tz()?,
+    };
+    let pipelines = pipelines::all(city, &pipeline_settings);
     Ok(Engine::new(city.clone(), ingest, pipelines, settings))
 }
 

@@ -33,11 +33,13 @@ pub struct Config {
 pub struct PipelinesConfig {
     /// How many checkpoints the Top-N ranking keeps.
     pub top_n: usize,
+    /// Passes at one checkpoint in one local day that make a vehicle high-frequency.
+    pub high_frequency_passes: u32,
 }
 
 impl Default for PipelinesConfig {
     fn default() -> Self {
-        PipelinesConfig { top_n: 10 }
+        PipelinesConfig { top_n: 10, high_frequency_passes: 8 }
     }
 }
 

@@ -5,7 +5,7 @@
 use super::{Clocks, Engine, EngineSettings, Record};
 use crate::ingest::{Deduplicator, Ingest, RocksDedup, Validator};
 use crate::model::{decode_record, Pass, PlateColorScheme};
-use crate::pipelines::{all, batch_flow_counts, batch_origin_counts, batch_top_n};
+use crate::pipelines::{all, batch_flow_counts, batch_high_frequency, batch_origin_counts, batch_top_n};
 use crate::reference::City;
 use crate::simulator::{sample_city, simulate_day, SimParams};
 use proptest::prelude::*;
@@ -69,7 +69,15 @@ fn engine(city: &Arc<City>, backend: &Backend) -> Engine {
     Engine::new(
         city.clone(),
         ingest,
-        all(city, &crate::pipelines::PipelineSettings { local_prefixes: vec!["赣A".to_string()], top_n: 10 }),
+        all(
+            city,
+            &crate::pipelines::PipelineSettings {
+                local_prefixes: vec!["赣A".to_string()],
+                top_n: 10,
+                high_frequency_passes: 3,
+                time_zone: TZ,
+            },
+        ),
         EngineSettings {
             out_of_orderness_ms: 10_000,
             idle_timeout_ms: 60_000,
@@ -86,6 +94,7 @@ type Table = BTreeMap<(String, String, u32, i64), (u32, u64)>;
 struct Origins {
     counts: BTreeMap<(String, i64, String, String), (u32, String, u64)>,
     top_n: BTreeMap<i64, Vec<(Arc<str>, u64)>>,
+    high_frequency: BTreeMap<(String, String, String, u8), (u32, i64, i64)>,
 }
 
 /// Upserts rows as a store does: a stored higher revision is never overwritten.
@@ -102,6 +111,12 @@ fn upsert(table: &mut Table, origins: &mut Origins, engine: &mut Engine, late: &
     }
     for w in out.top_n {
         origins.top_n.insert(w.window_end, w.entries);
+    }
+    for r in out.high_frequency {
+        let key = (r.day, r.checkpoint_id.to_string(), r.plate.to_string(), r.plate_color);
+        if origins.high_frequency.get(&key).is_none_or(|(n, _, _)| *n <= r.passes) {
+            origins.high_frequency.insert(key, (r.passes, r.first_ts, r.last_ts));
+        }
     }
     for r in out.flow_counts {
         let key = (r.level.to_owned(), r.key_id.to_string(), r.window_s, r.window_start);
@@ -209,6 +224,8 @@ proptest! {
         let owned: Vec<Pass> = all.iter().map(|p| (*p).clone()).collect();
         let want_origins = batch_origin_counts(city, &["赣A".to_string()], &owned);
         let want_top_n = batch_top_n(city, &owned, 10);
+        let want_high_frequency = batch_high_frequency(city, TZ, &owned, 3);
+        prop_assert!(!want_high_frequency.is_empty());
         let (backends, _dir) = backends();
         for backend in &backends {
             let (table, origins, late) = run(city, backend, &lines, &mut rng.clone());
@@ -216,6 +233,7 @@ proptest! {
             let diff = differences(&counts(&table), &want);
             prop_assert!(diff.is_empty(), "{} keys differ, e.g. {:?}", diff.len(), &diff[..diff.len().min(5)]);
             prop_assert!(origins.top_n == want_top_n, "Top-N windows differ from the batch ranking");
+            prop_assert!(origins.high_frequency == want_high_frequency, "high-frequency rows differ from the batch computation");
             let got: BTreeMap<(String, i64, String, String, String), u64> = origins.counts.into_iter().map(|((r, s, p, c), (_, scope, n))| ((r, s, p, c, scope), n)).collect();
             let diff: Vec<_> = got.keys().chain(want_origins.keys()).filter(|k| got.get(*k) != want_origins.get(*k)).take(5).map(|k| (k.clone(), got.get(k).copied(), want_origins.get(k).copied())).collect();
             prop_assert!(diff.is_empty(), "origin counts differ from the batch computation: {diff:?}");

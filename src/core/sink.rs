@@ -95,6 +95,9 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<SinkMsg>, metrics: Arc<
 fn coalesce_batch(batch: &mut ResultBatch) {
     batch.flow_counts = coalesce(std::mem::take(&mut batch.flow_counts));
     batch.top_n = latest_windows(std::mem::take(&mut batch.top_n));
+    batch.high_frequency = coalesce_by(std::mem::take(&mut batch.high_frequency), |r| {
+        ((r.day.clone(), r.checkpoint_id.clone(), r.plate.clone(), r.plate_color), r.passes)
+    });
     batch.origin_counts = coalesce_by(std::mem::take(&mut batch.origin_counts), |r| {
         ((r.region_id.clone(), r.window_start, r.origin_province.clone(), r.origin_city.clone()), r.revision)
     });

@@ -89,6 +89,15 @@ impl Store {
         .await
     }
 
+    /// Every stored high-frequency row: (day, checkpoint, plate, colour, passes, first, last).
+    pub async fn high_frequency(&self) -> anyhow::Result<Vec<(String, String, String, i64, i64, i64, i64)>> {
+        self.fetch(
+            "SELECT CAST(day AS CHAR), CAST(checkpoint_id AS CHAR), CAST(plate AS CHAR), plate_color, passes, first_ts, last_ts \
+             FROM high_frequency ORDER BY day, checkpoint_id, plate, plate_color",
+        )
+        .await
+    }
+
     /// Pass ids in `late_passes` with the pipelines they missed (a JSON array).
     pub async fn late_passes(&self) -> anyhow::Result<Vec<(String, String)>> {
         self.fetch("SELECT CAST(pass_id AS CHAR), CAST(pipelines AS CHAR) FROM late_passes ORDER BY pass_id").await

@@ -99,6 +99,26 @@ impl MySqlStore {
             });
             q.build().execute(&mut *tx).await?;
         }
+        for chunk in batch.high_frequency.chunks(CHUNK_ROWS) {
+            let mut q: QueryBuilder<MySql> = QueryBuilder::new(
+                "INSERT INTO high_frequency (day, checkpoint_id, plate, plate_color, passes, first_ts, last_ts) ",
+            );
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(&r.day)
+                    .push_bind(&*r.checkpoint_id)
+                    .push_bind(&*r.plate)
+                    .push_bind(r.plate_color)
+                    .push_bind(r.passes)
+                    .push_bind(r.first_ts)
+                    .push_bind(r.last_ts);
+            });
+            // `passes` last: the others compare against the stored count before it changes.
+            q.push(
+                " ON DUPLICATE KEY UPDATE first_ts = IF(VALUES(passes) >= passes, VALUES(first_ts), first_ts), \
+                 last_ts = IF(VALUES(passes) >= passes, VALUES(last_ts), last_ts), passes = GREATEST(passes, VALUES(passes))",
+            );
+            q.build().execute(&mut *tx).await?;
+        }
         for chunk in batch.late_passes.chunks(CHUNK_ROWS) {
             let mut q: QueryBuilder<MySql> = QueryBuilder::new(
                 "INSERT INTO late_passes (pass_id, pipelines, checkpoint_id, ts, arrived_at, record) ",

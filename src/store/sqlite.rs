@@ -44,6 +44,16 @@ CREATE TABLE IF NOT EXISTS top_n (
     value INTEGER NOT NULL,
     PRIMARY KEY (metric, window_s, slide_s, window_end, rank)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS high_frequency (
+    day TEXT NOT NULL,
+    checkpoint_id TEXT NOT NULL,
+    plate TEXT NOT NULL,
+    plate_color INTEGER NOT NULL,
+    passes INTEGER NOT NULL,
+    first_ts INTEGER NOT NULL,
+    last_ts INTEGER NOT NULL,
+    PRIMARY KEY (day, checkpoint_id, plate, plate_color)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS late_passes (
     pass_id TEXT PRIMARY KEY,
     pipelines TEXT NOT NULL,
@@ -155,6 +165,25 @@ async fn write_rows(tx: &mut Transaction<'_, Sqlite>, batch: &ResultBatch) -> an
                 .push_bind(&**key)
                 .push_bind(*value as i64);
         });
+        q.build().execute(&mut **tx).await?;
+    }
+    for chunk in batch.high_frequency.chunks(CHUNK_ROWS) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO high_frequency (day, checkpoint_id, plate, plate_color, passes, first_ts, last_ts) ",
+        );
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(&r.day)
+                .push_bind(&*r.checkpoint_id)
+                .push_bind(&*r.plate)
+                .push_bind(r.plate_color)
+                .push_bind(r.passes)
+                .push_bind(r.first_ts)
+                .push_bind(r.last_ts);
+        });
+        q.push(
+            " ON CONFLICT (day, checkpoint_id, plate, plate_color) DO UPDATE SET passes = excluded.passes, \
+             first_ts = excluded.first_ts, last_ts = excluded.last_ts WHERE excluded.passes >= high_frequency.passes",
+        );
         q.build().execute(&mut **tx).await?;
     }
     for chunk in batch.late_passes.chunks(CHUNK_ROWS) {

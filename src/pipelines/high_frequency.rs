@@ -1,0 +1,192 @@
+//! High-frequency vehicles (高频车): per checkpoint and local day, the vehicles with at least N
+//! passes (default 8), with their count and first and last time. A row appears as soon as the
+//! count reaches N and is updated with every further pass until the day closes (its end plus
+//! the allowed lateness). `passes` only grows, so it orders a row's updates in the store.
+
+use crate::core::window::is_late;
+use crate::core::{check_version, Context, Operator, StateBlob};
+use crate::model::{Pass, PlateColor, PlateRead, VehicleKey};
+use crate::reference::City;
+use crate::results::HighFrequencyRow;
+use crate::simulator::day_start_ms;
+use chrono::NaiveDate;
+use chrono_tz::Tz;
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+const LATE_LABEL: &str = "high_frequency/day";
+const STATE_VERSION: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Tally {
+    passes: u32,
+    first_ts: i64,
+    last_ts: i64,
+}
+
+#[derive(Default)]
+struct Day {
+    /// Midnight that ends the day, epoch ms.
+    end: i64,
+    tallies: FxHashMap<(u32, VehicleKey), Tally>,
+    /// Entries at or over the threshold changed since they were last written.
+    dirty: FxHashSet<(u32, VehicleKey)>,
+}
+
+pub struct HighFrequency {
+    city: Arc<City>,
+    tz: Tz,
+    threshold: u32,
+    days: BTreeMap<NaiveDate, Day>,
+}
+
+impl HighFrequency {
+    pub fn new(city: &Arc<City>, tz: Tz, threshold: u32) -> HighFrequency {
+        HighFrequency { city: city.clone(), tz, threshold: threshold.max(1), days: BTreeMap::new() }
+    }
+
+    fn day_end(&self, day: NaiveDate) -> i64 {
+        day.succ_opt().map_or(i64::MAX, |next| day_start_ms(next, self.tz))
+    }
+
+    fn tally(&mut self, day: NaiveDate, checkpoint: u32, vehicle: VehicleKey, ts: i64) {
+        let end = self.day_end(day);
+        let d = self.days.entry(day).or_insert_with(|| Day { end, ..Day::default() });
+        let t =
+            d.tallies.entry((checkpoint, vehicle.clone())).or_insert(Tally { passes: 0, first_ts: ts, last_ts: ts });
+        t.passes += 1;
+        t.first_ts = t.first_ts.min(ts);
+        t.last_ts = t.last_ts.max(ts);
+        if t.passes >= self.threshold {
+            d.dirty.insert((checkpoint, vehicle));
+        }
+    }
+
+    fn emit(&mut self, out: &mut Vec<HighFrequencyRow>) {
+        for (day, d) in &mut self.days {
+            for key in d.dirty.drain() {
+                let t = d.tallies[&key];
+                out.push(HighFrequencyRow {
+                    day: day.to_string(),
+                    checkpoint_id: self.city.checkpoints[key.0 as usize].id.clone(),
+                    plate: key.1.plate.as_str().into(),
+                    plate_color: key.1.color.code(),
+                    passes: t.passes,
+                    first_ts: t.first_ts,
+                    last_ts: t.last_ts,
+                });
+            }
+        }
+    }
+}
+
+impl Operator for HighFrequency {
+    fn name(&self) -> &'static str {
+        "high_frequency"
+    }
+
+    fn state_version(&self) -> u32 {
+        STATE_VERSION
+    }
+
+    fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
+        for (i, pass) in passes.iter().enumerate() {
+            let Some(vehicle) = pass.vehicle() else { continue };
+            let day = pass.ts.local_date(self.tz);
+            if is_late(self.day_end(day), ctx.watermark, ctx.allowed_lateness_ms) {
+                ctx.late.push((i, LATE_LABEL));
+                continue;
+            }
+            self.tally(day, pass.checkpoint.0, vehicle, pass.ts.ms());
+        }
+        self.emit(&mut ctx.out.high_frequency);
+    }
+
+    fn on_watermark(&mut self, ctx: &mut Context<'_>) {
+        self.emit(&mut ctx.out.high_frequency);
+        let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
+        self.days.retain(|_, d| !is_late(d.end, watermark, lateness));
+    }
+
+    fn snapshot(&self) -> anyhow::Result<StateBlob> {
+        let stored: Vec<StoredDay> = self
+            .days
+            .iter()
+            .map(|(day, d)| StoredDay {
+                day: *day,
+                tallies: d
+                    .tallies
+                    .iter()
+                    .map(|((cp, v), t)| {
+                        (*cp, v.plate.as_str().to_owned(), v.color.code(), *t, d.dirty.contains(&(*cp, v.clone())))
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(StateBlob { version: STATE_VERSION, bytes: serde_json::to_vec(&stored)? })
+    }
+
+    fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
+        check_version(self.name(), blob.version, STATE_VERSION)?;
+        let stored: Vec<StoredDay> = serde_json::from_slice(&blob.bytes)?;
+        self.days.clear();
+        for s in stored {
+            let end = self.day_end(s.day);
+            let d = self.days.entry(s.day).or_insert_with(|| Day { end, ..Day::default() });
+            for (cp, plate, color, tally, dirty) in s.tallies {
+                anyhow::ensure!(
+                    (cp as usize) < self.city.checkpoints.len(),
+                    "high_frequency state names a checkpoint this city does not have"
+                );
+                let (PlateRead::Readable(plate), Some(color)) =
+                    (PlateRead::parse(&plate), PlateColor::from_code(color))
+                else {
+                    continue;
+                };
+                let key = (cp, VehicleKey::new(plate, color));
+                if dirty {
+                    d.dirty.insert(key.clone());
+                }
+                d.tallies.insert(key, tally);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredDay {
+    day: NaiveDate,
+    /// (checkpoint, plate, colour, tally, not yet written)
+    tallies: Vec<(u32, String, u8, Tally, bool)>,
+}
+
+/// The batch computation: (day, checkpoint, plate, colour) → (passes, first, last) of every
+/// vehicle with at least `threshold` passes.
+pub fn batch_high_frequency(
+    city: &City,
+    tz: Tz,
+    passes: &[Pass],
+    threshold: u32,
+) -> BTreeMap<(String, String, String, u8), (u32, i64, i64)> {
+    let mut all: BTreeMap<(String, String, String, u8), (u32, i64, i64)> = BTreeMap::new();
+    for p in passes {
+        let Some(v) = p.vehicle() else { continue };
+        let key = (
+            p.ts.local_date(tz).to_string(),
+            city.checkpoint(p.checkpoint).id.to_string(),
+            v.plate.as_str().to_owned(),
+            v.color.code(),
+        );
+        let e = all.entry(key).or_insert((0, i64::MAX, i64::MIN));
+        *e = (e.0 + 1, e.1.min(p.ts.ms()), e.2.max(p.ts.ms()));
+    }
+    all.retain(|_, (n, _, _)| *n >= threshold);
+    all
+}
+
+#[cfg(test)]
+#[path = "high_frequency_tests.rs"]
+mod tests;

@@ -1,0 +1,104 @@
+use super::*;
+use crate::model::{CheckpointIdx, Direction, EventTime};
+use crate::reference::{Checkpoint, Region, RoadClass};
+use crate::results::ResultBatch;
+
+const TZ: Tz = chrono_tz::Asia::Shanghai;
+/// 2026-03-02 00:00 in Shanghai.
+const DAY: i64 = 1_772_380_800_000;
+const H: i64 = 3_600_000;
+
+fn city() -> Arc<City> {
+    let cp = |id: &str| Checkpoint {
+        id: id.into(),
+        name: id.into(),
+        lon: 115.9,
+        lat: 28.7,
+        region_id: "R1".into(),
+        road_class: RoadClass::Arterial,
+        boundary: false,
+        inbound_direction: None,
+        bus_lanes: vec![],
+        speed_limit_kmh: 60,
+    };
+    Arc::new(City::from_parts(vec![cp("A"), cp("B")], vec![], vec![Region { id: "R1".into(), name: "a".into() }], None))
+}
+
+fn pass(plate: &str, cp: u32, ts: i64) -> Pass {
+    Pass {
+        pass_id: format!("{plate}-{cp}-{ts}").into(),
+        plate: PlateRead::parse(plate),
+        plate_color: PlateColor::Blue,
+        plate_type: "02".into(),
+        checkpoint: CheckpointIdx(cp),
+        device_id: None,
+        direction: Direction::WEST_TO_EAST,
+        lane: 1,
+        ts: EventTime(ts),
+        speed_kmh: None,
+        vehicle_type: None,
+    }
+}
+
+fn step(
+    op: &mut HighFrequency,
+    passes: &[Pass],
+    watermark: i64,
+) -> (Vec<HighFrequencyRow>, Vec<(usize, &'static str)>) {
+    let (mut out, mut late) = (ResultBatch::default(), Vec::new());
+    let mut ctx = Context { watermark, allowed_lateness_ms: 6 * H, out: &mut out, late: &mut late };
+    op.process_batch(passes, &mut ctx);
+    op.on_watermark(&mut ctx);
+    (out.high_frequency, late)
+}
+
+#[test]
+fn a_row_appears_when_the_count_reaches_n_and_follows_every_further_pass() {
+    let mut op = HighFrequency::new(&city(), TZ, 3);
+    let (rows, _) = step(&mut op, &[pass("赣A1", 0, DAY + H), pass("赣A1", 0, DAY + 2 * H)], i64::MIN);
+    assert!(rows.is_empty());
+    let (rows, _) = step(&mut op, &[pass("赣A1", 0, DAY + 3 * H), pass("赣A1", 1, DAY + 3 * H)], i64::MIN);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].passes, rows[0].first_ts, rows[0].last_ts, &*rows[0].checkpoint_id),
+        (3, DAY + H, DAY + 3 * H, "A")
+    );
+    assert_eq!(rows[0].day, "2026-03-02");
+    let (rows, _) = step(&mut op, &[pass("赣A1", 0, DAY + 30 * 60_000)], i64::MIN);
+    assert_eq!(
+        (rows[0].passes, rows[0].first_ts),
+        (4, DAY + 30 * 60_000),
+        "an earlier pass arriving later moves the first time"
+    );
+}
+
+#[test]
+fn days_follow_the_city_calendar_and_close_after_the_lateness() {
+    let mut op = HighFrequency::new(&city(), TZ, 2);
+    // 23:30 and 00:30 local are two days.
+    let (rows, _) = step(&mut op, &[pass("赣A1", 0, DAY - 30 * 60_000), pass("赣A1", 0, DAY + 30 * 60_000)], i64::MIN);
+    assert!(rows.is_empty());
+    let closed = DAY + 24 * H + 6 * H;
+    let (_, late) = step(&mut op, &[pass("赣A1", 0, DAY + H)], closed);
+    assert_eq!(late, vec![(0, "high_frequency/day")]);
+}
+
+#[test]
+fn state_survives_a_snapshot_and_matches_the_batch_result() {
+    let passes: Vec<Pass> =
+        (0..60).map(|i| pass(["赣A1", "赣A2", "粤B3"][i % 3], (i % 2) as u32, DAY + i as i64 * 600_000)).collect();
+    let mut a = HighFrequency::new(&city(), TZ, 4);
+    step(&mut a, &passes[..30], i64::MIN);
+    let mut b = HighFrequency::new(&city(), TZ, 4);
+    b.restore(&a.snapshot().unwrap()).unwrap();
+    let (rows, _) = step(&mut b, &passes[30..], i64::MIN);
+    let want = batch_high_frequency(&city(), TZ, &passes, 4);
+    let mut got: BTreeMap<(String, String, String, u8), (u32, i64, i64)> = BTreeMap::new();
+    for r in rows {
+        got.insert(
+            (r.day, r.checkpoint_id.to_string(), r.plate.to_string(), r.plate_color),
+            (r.passes, r.first_ts, r.last_ts),
+        );
+    }
+    assert_eq!(got, want);
+}
