@@ -52,6 +52,17 @@ pub struct HighFrequencyRow {
     pub last_ts: i64,
 }
 
+/// `checkpoint_speed`(checkpoint_id, window_s, window_start, samples, mean_speed_kmh, revision).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointSpeedRow {
+    pub checkpoint_id: Arc<str>,
+    pub window_s: u32,
+    pub window_start: i64,
+    pub samples: u32,
+    pub mean_speed_kmh: f64,
+    pub revision: u32,
+}
+
 /// `late_passes`(pass_id, pipelines, checkpoint_id, ts, arrived_at, record).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LatePassRow {
@@ -71,6 +82,7 @@ pub struct ResultBatch {
     pub origin_counts: Vec<OriginCountRow>,
     pub top_n: Vec<TopNWindow>,
     pub high_frequency: Vec<HighFrequencyRow>,
+    pub checkpoint_speed: Vec<CheckpointSpeedRow>,
     pub late_passes: Vec<LatePassRow>,
     pub dead_letters: Vec<DeadLetter>,
 }
@@ -93,6 +105,7 @@ impl ResultBatch {
         self.origin_counts.append(&mut other.origin_counts);
         self.top_n.append(&mut other.top_n);
         self.high_frequency.append(&mut other.high_frequency);
+        self.checkpoint_speed.append(&mut other.checkpoint_speed);
         self.late_passes.append(&mut other.late_passes);
         self.dead_letters.append(&mut other.dead_letters);
     }

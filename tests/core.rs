@@ -6,7 +6,9 @@ use crate::support::{http_get, labels, passflow, small_day};
 use passflow::core::checkpoint::{read_savepoint, CheckpointStore};
 use passflow::ingest::{Deduplicator, Ingest, Outcome, Validator};
 use passflow::model::PlateColorScheme;
-use passflow::pipelines::{batch_flow_counts, batch_high_frequency, batch_origin_counts, batch_top_n};
+use passflow::pipelines::{
+    batch_checkpoint_speed, batch_flow_counts, batch_high_frequency, batch_origin_counts, batch_top_n,
+};
 use passflow::reference::City;
 use passflow::store::Store;
 use std::path::Path;
@@ -96,6 +98,17 @@ async fn a_replayed_day_gives_exactly_the_batch_flow_counts_and_no_late_pass() {
             "{planted:?} not found"
         );
     }
+    let want_speed: Vec<(String, i64, i64, i64, f64)> = batch_checkpoint_speed(&city, &all)
+        .into_iter()
+        .map(|((c, w, s), (n, v))| (c, i64::from(w), s, i64::from(n), v))
+        .collect();
+    let speed = store.checkpoint_speed().await.unwrap();
+    assert!(
+        speed.len() > 1_000 && speed == want_speed,
+        "checkpoint_speed differs ({} vs {} rows)",
+        speed.len(),
+        want_speed.len()
+    );
     let got = store.origin_counts().await.unwrap();
     assert!(
         want.len() > 1_000 && got == want,

@@ -5,7 +5,9 @@
 use super::{Clocks, Engine, EngineSettings, Record};
 use crate::ingest::{Deduplicator, Ingest, RocksDedup, Validator};
 use crate::model::{decode_record, Pass, PlateColorScheme};
-use crate::pipelines::{all, batch_flow_counts, batch_high_frequency, batch_origin_counts, batch_top_n};
+use crate::pipelines::{
+    all, batch_checkpoint_speed, batch_flow_counts, batch_high_frequency, batch_origin_counts, batch_top_n,
+};
 use crate::reference::City;
 use crate::simulator::{sample_city, simulate_day, SimParams};
 use proptest::prelude::*;
@@ -95,6 +97,7 @@ struct Origins {
     counts: BTreeMap<(String, i64, String, String), (u32, String, u64)>,
     top_n: BTreeMap<i64, Vec<(Arc<str>, u64)>>,
     high_frequency: BTreeMap<(String, String, String, u8), (u32, i64, i64)>,
+    speeds: BTreeMap<(String, u32, i64), (u32, u32, f64)>,
 }
 
 /// Upserts rows as a store does: a stored higher revision is never overwritten.
@@ -111,6 +114,12 @@ fn upsert(table: &mut Table, origins: &mut Origins, engine: &mut Engine, late: &
     }
     for w in out.top_n {
         origins.top_n.insert(w.window_end, w.entries);
+    }
+    for r in out.checkpoint_speed {
+        let key = (r.checkpoint_id.to_string(), r.window_s, r.window_start);
+        if origins.speeds.get(&key).is_none_or(|(rev, _, _)| *rev <= r.revision) {
+            origins.speeds.insert(key, (r.revision, r.samples, r.mean_speed_kmh));
+        }
     }
     for r in out.high_frequency {
         let key = (r.day, r.checkpoint_id.to_string(), r.plate.to_string(), r.plate_color);
@@ -225,6 +234,7 @@ proptest! {
         let want_origins = batch_origin_counts(city, &["赣A".to_string()], &owned);
         let want_top_n = batch_top_n(city, &owned, 10);
         let want_high_frequency = batch_high_frequency(city, TZ, &owned, 3);
+        let want_speeds = batch_checkpoint_speed(city, &owned);
         prop_assert!(!want_high_frequency.is_empty());
         let (backends, _dir) = backends();
         for backend in &backends {
@@ -234,6 +244,8 @@ proptest! {
             prop_assert!(diff.is_empty(), "{} keys differ, e.g. {:?}", diff.len(), &diff[..diff.len().min(5)]);
             prop_assert!(origins.top_n == want_top_n, "Top-N windows differ from the batch ranking");
             prop_assert!(origins.high_frequency == want_high_frequency, "high-frequency rows differ from the batch computation");
+            let speeds: BTreeMap<(String, u32, i64), (u32, f64)> = origins.speeds.iter().map(|(k, (_, n, v))| (k.clone(), (*n, *v))).collect();
+            prop_assert!(speeds == want_speeds, "spot speeds differ from the batch computation");
             let got: BTreeMap<(String, i64, String, String, String), u64> = origins.counts.into_iter().map(|((r, s, p, c), (_, scope, n))| ((r, s, p, c, scope), n)).collect();
             let diff: Vec<_> = got.keys().chain(want_origins.keys()).filter(|k| got.get(*k) != want_origins.get(*k)).take(5).map(|k| (k.clone(), got.get(k).copied(), want_origins.get(k).copied())).collect();
             prop_assert!(diff.is_empty(), "origin counts differ from the batch computation: {diff:?}");
@@ -279,7 +291,7 @@ proptest! {
         prop_assert!(!late.is_empty());
         for (_, pipelines) in &late {
             prop_assert!(!pipelines.is_empty());
-            prop_assert!(pipelines.iter().all(|p| ["flow_counts/30s", "flow_counts/1m", "flow_counts/5m", "origin_counts/5m", "top_n/1m"].contains(p)), "{pipelines:?}");
+            prop_assert!(pipelines.iter().all(|p| ["flow_counts/30s", "flow_counts/1m", "flow_counts/5m", "origin_counts/5m", "top_n/1m", "high_frequency/day", "checkpoint_speed/1m", "checkpoint_speed/5m"].contains(p)), "{pipelines:?}");
         }
         // Every pass that was not late is counted exactly once in each of its windows.
         let got = counts(&table);

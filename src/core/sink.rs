@@ -95,6 +95,9 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<SinkMsg>, metrics: Arc<
 fn coalesce_batch(batch: &mut ResultBatch) {
     batch.flow_counts = coalesce(std::mem::take(&mut batch.flow_counts));
     batch.top_n = latest_windows(std::mem::take(&mut batch.top_n));
+    batch.checkpoint_speed = coalesce_by(std::mem::take(&mut batch.checkpoint_speed), |r| {
+        ((r.checkpoint_id.clone(), r.window_s, r.window_start), r.revision)
+    });
     batch.high_frequency = coalesce_by(std::mem::take(&mut batch.high_frequency), |r| {
         ((r.day.clone(), r.checkpoint_id.clone(), r.plate.clone(), r.plate_color), r.passes)
     });

@@ -5,12 +5,15 @@
 //! - `origin_counts.rs`: distinct vehicles per region and 5 min window by plate origin.
 //! - `top_n.rs`: the N busiest checkpoints in a 1 min window sliding every 5 s.
 //! - `high_frequency.rs`: vehicles with at least N passes at one checkpoint in one local day.
+//! - `checkpoint_speed.rs`: radar spot speeds per checkpoint in 1 min and 5 min windows.
 
+mod checkpoint_speed;
 mod flow_counts;
 mod high_frequency;
 mod origin_counts;
 mod top_n;
 
+pub use checkpoint_speed::{batch_checkpoint_speed, CheckpointSpeed, SPEED_WINDOWS_S};
 pub use flow_counts::{batch_flow_counts, FlowCounts, FLOW_WINDOWS_S};
 pub use high_frequency::{batch_high_frequency, HighFrequency};
 pub use origin_counts::{batch_origin_counts, plate_origin, OriginCounts, PlateOrigin, ORIGIN_WINDOW_S};
@@ -27,6 +30,7 @@ pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> Vec<Box<dyn Operato
         Box::new(OriginCounts::new(city, &settings.local_prefixes)),
         Box::new(TopN::new(city, settings.top_n)),
         Box::new(HighFrequency::new(city, settings.time_zone, settings.high_frequency_passes)),
+        Box::new(CheckpointSpeed::new(city)),
     ]
 }
 

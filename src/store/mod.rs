@@ -98,6 +98,15 @@ impl Store {
         .await
     }
 
+    /// Every stored spot-speed row: (checkpoint, window_s, window_start, samples, mean km/h).
+    pub async fn checkpoint_speed(&self) -> anyhow::Result<Vec<(String, i64, i64, i64, f64)>> {
+        self.fetch(
+            "SELECT CAST(checkpoint_id AS CHAR), window_s, window_start, samples, mean_speed_kmh FROM checkpoint_speed \
+             ORDER BY checkpoint_id, window_s, window_start",
+        )
+        .await
+    }
+
     /// Pass ids in `late_passes` with the pipelines they missed (a JSON array).
     pub async fn late_passes(&self) -> anyhow::Result<Vec<(String, String)>> {
         self.fetch("SELECT CAST(pass_id AS CHAR), CAST(pipelines AS CHAR) FROM late_passes ORDER BY pass_id").await

@@ -119,6 +119,24 @@ impl MySqlStore {
             );
             q.build().execute(&mut *tx).await?;
         }
+        for chunk in batch.checkpoint_speed.chunks(CHUNK_ROWS) {
+            let mut q: QueryBuilder<MySql> =
+                QueryBuilder::new("INSERT INTO checkpoint_speed (checkpoint_id, window_s, window_start, samples, mean_speed_kmh, revision) ");
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(&*r.checkpoint_id)
+                    .push_bind(r.window_s)
+                    .push_bind(r.window_start)
+                    .push_bind(r.samples)
+                    .push_bind(r.mean_speed_kmh)
+                    .push_bind(r.revision);
+            });
+            q.push(
+                " ON DUPLICATE KEY UPDATE samples = IF(VALUES(revision) >= revision, VALUES(samples), samples), \
+                 mean_speed_kmh = IF(VALUES(revision) >= revision, VALUES(mean_speed_kmh), mean_speed_kmh), \
+                 revision = GREATEST(revision, VALUES(revision))",
+            );
+            q.build().execute(&mut *tx).await?;
+        }
         for chunk in batch.late_passes.chunks(CHUNK_ROWS) {
             let mut q: QueryBuilder<MySql> = QueryBuilder::new(
                 "INSERT INTO late_passes (pass_id, pipelines, checkpoint_id, ts, arrived_at, record) ",

@@ -54,6 +54,15 @@ CREATE TABLE IF NOT EXISTS high_frequency (
     last_ts INTEGER NOT NULL,
     PRIMARY KEY (day, checkpoint_id, plate, plate_color)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoint_speed (
+    checkpoint_id TEXT NOT NULL,
+    window_s INTEGER NOT NULL,
+    window_start INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    mean_speed_kmh REAL NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (checkpoint_id, window_s, window_start)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS late_passes (
     pass_id TEXT PRIMARY KEY,
     pipelines TEXT NOT NULL,
@@ -183,6 +192,24 @@ async fn write_rows(tx: &mut Transaction<'_, Sqlite>, batch: &ResultBatch) -> an
         q.push(
             " ON CONFLICT (day, checkpoint_id, plate, plate_color) DO UPDATE SET passes = excluded.passes, \
              first_ts = excluded.first_ts, last_ts = excluded.last_ts WHERE excluded.passes >= high_frequency.passes",
+        );
+        q.build().execute(&mut **tx).await?;
+    }
+    for chunk in batch.checkpoint_speed.chunks(CHUNK_ROWS) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO checkpoint_speed (checkpoint_id, window_s, window_start, samples, mean_speed_kmh, revision) ",
+        );
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(&*r.checkpoint_id)
+                .push_bind(r.window_s)
+                .push_bind(r.window_start)
+                .push_bind(r.samples)
+                .push_bind(r.mean_speed_kmh)
+                .push_bind(r.revision);
+        });
+        q.push(
+            " ON CONFLICT (checkpoint_id, window_s, window_start) DO UPDATE SET samples = excluded.samples, \
+             mean_speed_kmh = excluded.mean_speed_kmh, revision = excluded.revision WHERE excluded.revision >= checkpoint_speed.revision",
         );
         q.build().execute(&mut **tx).await?;
     }
