@@ -89,11 +89,24 @@ pub struct ResultBatch {
 
 impl ResultBatch {
     pub fn len(&self) -> usize {
-        self.flow_counts.len()
-            + self.origin_counts.len()
-            + self.top_n.len()
-            + self.late_passes.len()
-            + self.dead_letters.len()
+        // Destructured, so that a new table cannot be left out of the count (an "empty" batch
+        // is not sent to the store).
+        let ResultBatch {
+            flow_counts,
+            origin_counts,
+            top_n,
+            high_frequency,
+            checkpoint_speed,
+            late_passes,
+            dead_letters,
+        } = self;
+        flow_counts.len()
+            + origin_counts.len()
+            + top_n.len()
+            + high_frequency.len()
+            + checkpoint_speed.len()
+            + late_passes.len()
+            + dead_letters.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -101,12 +114,53 @@ impl ResultBatch {
     }
 
     pub fn append(&mut self, other: &mut ResultBatch) {
-        self.flow_counts.append(&mut other.flow_counts);
-        self.origin_counts.append(&mut other.origin_counts);
-        self.top_n.append(&mut other.top_n);
-        self.high_frequency.append(&mut other.high_frequency);
-        self.checkpoint_speed.append(&mut other.checkpoint_speed);
-        self.late_passes.append(&mut other.late_passes);
-        self.dead_letters.append(&mut other.dead_letters);
+        let ResultBatch {
+            flow_counts,
+            origin_counts,
+            top_n,
+            high_frequency,
+            checkpoint_speed,
+            late_passes,
+            dead_letters,
+        } = other;
+        self.flow_counts.append(flow_counts);
+        self.origin_counts.append(origin_counts);
+        self.top_n.append(top_n);
+        self.high_frequency.append(high_frequency);
+        self.checkpoint_speed.append(checkpoint_speed);
+        self.late_passes.append(late_passes);
+        self.dead_letters.append(dead_letters);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_with_rows_of_any_one_table_is_not_empty() {
+        let mut b = ResultBatch::default();
+        assert!(b.is_empty());
+        b.checkpoint_speed.push(CheckpointSpeedRow {
+            checkpoint_id: "A".into(),
+            window_s: 60,
+            window_start: 0,
+            samples: 1,
+            mean_speed_kmh: 1.0,
+            revision: 0,
+        });
+        assert_eq!(b.len(), 1);
+        let mut c = ResultBatch::default();
+        c.high_frequency.push(HighFrequencyRow {
+            day: "2026-03-02".into(),
+            checkpoint_id: "A".into(),
+            plate: "赣A1".into(),
+            plate_color: 2,
+            passes: 8,
+            first_ts: 0,
+            last_ts: 1,
+        });
+        b.append(&mut c);
+        assert_eq!((b.len(), c.len()), (2, 0));
     }
 }
