@@ -40,19 +40,31 @@ pub struct HighFrequency {
     tz: Tz,
     threshold: u32,
     days: BTreeMap<NaiveDate, Day>,
+    /// The last local day looked up: [start, end) and its date (time-zone math is slow).
+    recent: Option<(i64, i64, NaiveDate)>,
 }
 
 impl HighFrequency {
     pub fn new(city: &Arc<City>, tz: Tz, threshold: u32) -> HighFrequency {
-        HighFrequency { city: city.clone(), tz, threshold: threshold.max(1), days: BTreeMap::new() }
+        HighFrequency { city: city.clone(), tz, threshold: threshold.max(1), days: BTreeMap::new(), recent: None }
+    }
+
+    /// The local day of `ts` and the instant it ends.
+    fn day_of(&mut self, ts: i64) -> (NaiveDate, i64) {
+        if let Some((_, end, day)) = self.recent.filter(|(start, end, _)| (*start..*end).contains(&ts)) {
+            return (day, end);
+        }
+        let day = crate::model::EventTime(ts).local_date(self.tz);
+        let (start, end) = (day_start_ms(day, self.tz), self.day_end(day));
+        self.recent = Some((start, end, day));
+        (day, end)
     }
 
     fn day_end(&self, day: NaiveDate) -> i64 {
         day.succ_opt().map_or(i64::MAX, |next| day_start_ms(next, self.tz))
     }
 
-    fn tally(&mut self, day: NaiveDate, checkpoint: u32, vehicle: VehicleKey, ts: i64) {
-        let end = self.day_end(day);
+    fn tally(&mut self, day: NaiveDate, end: i64, checkpoint: u32, vehicle: VehicleKey, ts: i64) {
         let d = self.days.entry(day).or_insert_with(|| Day { end, ..Day::default() });
         let t =
             d.tallies.entry((checkpoint, vehicle.clone())).or_insert(Tally { passes: 0, first_ts: ts, last_ts: ts });
@@ -94,12 +106,12 @@ impl Operator for HighFrequency {
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         for (i, pass) in passes.iter().enumerate() {
             let Some(vehicle) = pass.vehicle() else { continue };
-            let day = pass.ts.local_date(self.tz);
-            if is_late(self.day_end(day), ctx.watermark, ctx.allowed_lateness_ms) {
+            let (day, end) = self.day_of(pass.ts.ms());
+            if is_late(end, ctx.watermark, ctx.allowed_lateness_ms) {
                 ctx.late.push((i, LATE_LABEL));
                 continue;
             }
-            self.tally(day, pass.checkpoint.0, vehicle, pass.ts.ms());
+            self.tally(day, end, pass.checkpoint.0, vehicle, pass.ts.ms());
         }
         self.emit(&mut ctx.out.high_frequency);
     }
