@@ -1,40 +1,23 @@
 use super::*;
-use crate::model::{CheckpointIdx, Direction, EventTime, PlateColor, PlateRead};
-use crate::reference::{Checkpoint, Region, RoadClass};
+use crate::model::Direction;
+use crate::pipelines::test_support::{self as support, checkpoint};
+use crate::reference::Checkpoint;
 use crate::results::ResultBatch;
 
 const H: i64 = 3_600_000;
 
 fn city() -> Arc<City> {
-    let cp = |id: &str, boundary: bool, bus: Vec<u8>| Checkpoint {
-        id: id.into(),
-        name: id.into(),
-        lon: 115.9,
-        lat: 28.7,
-        region_id: "R1".into(),
-        road_class: RoadClass::Arterial,
-        boundary,
-        inbound_direction: boundary.then_some(Direction::WEST_TO_EAST),
-        bus_lanes: bus,
-        speed_limit_kmh: 60,
-    };
-    let regions = vec![Region { id: "R1".into(), name: "r".into() }];
-    Arc::new(City::from_parts(vec![cp("A", false, vec![3]), cp("B", true, vec![])], vec![], regions, None))
+    let boundary =
+        Checkpoint { boundary: true, inbound_direction: Some(Direction::WEST_TO_EAST), ..checkpoint("B", "R1") };
+    support::city(vec![Checkpoint { bus_lanes: vec![3], ..checkpoint("A", "R1") }, boundary], &["R1"])
 }
 
 fn pass(id: &str, cp: u32, ts: i64, direction: u8, lane: u8) -> Pass {
     Pass {
         pass_id: id.into(),
-        plate: PlateRead::parse("赣A12345"),
-        plate_color: PlateColor::Blue,
-        plate_type: "02".into(),
-        checkpoint: CheckpointIdx(cp),
-        device_id: None,
         direction: Direction::new(direction.into()).unwrap(),
         lane,
-        ts: EventTime(ts),
-        speed_kmh: None,
-        vehicle_type: None,
+        ..support::pass("赣A12345", cp, ts)
     }
 }
 

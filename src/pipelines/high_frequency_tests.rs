@@ -1,6 +1,5 @@
 use super::*;
-use crate::model::{CheckpointIdx, Direction, EventTime};
-use crate::reference::{Checkpoint, Region, RoadClass};
+use crate::pipelines::test_support::{self as support, checkpoint, pass};
 use crate::results::ResultBatch;
 
 const TZ: Tz = chrono_tz::Asia::Shanghai;
@@ -9,35 +8,7 @@ const DAY: i64 = 1_772_380_800_000;
 const H: i64 = 3_600_000;
 
 fn city() -> Arc<City> {
-    let cp = |id: &str| Checkpoint {
-        id: id.into(),
-        name: id.into(),
-        lon: 115.9,
-        lat: 28.7,
-        region_id: "R1".into(),
-        road_class: RoadClass::Arterial,
-        boundary: false,
-        inbound_direction: None,
-        bus_lanes: vec![],
-        speed_limit_kmh: 60,
-    };
-    Arc::new(City::from_parts(vec![cp("A"), cp("B")], vec![], vec![Region { id: "R1".into(), name: "a".into() }], None))
-}
-
-fn pass(plate: &str, cp: u32, ts: i64) -> Pass {
-    Pass {
-        pass_id: format!("{plate}-{cp}-{ts}").into(),
-        plate: PlateRead::parse(plate),
-        plate_color: PlateColor::Blue,
-        plate_type: "02".into(),
-        checkpoint: CheckpointIdx(cp),
-        device_id: None,
-        direction: Direction::WEST_TO_EAST,
-        lane: 1,
-        ts: EventTime(ts),
-        speed_kmh: None,
-        vehicle_type: None,
-    }
+    support::city(vec![checkpoint("A", "R1"), checkpoint("B", "R1")], &["R1"])
 }
 
 fn step(

@@ -11,6 +11,8 @@ mod checkpoint_speed;
 mod flow_counts;
 mod high_frequency;
 mod origin_counts;
+#[cfg(test)]
+mod test_support;
 mod top_n;
 
 pub use checkpoint_speed::{batch_checkpoint_speed, CheckpointSpeed, SPEED_WINDOWS_S};

@@ -1,39 +1,13 @@
 use super::*;
-use crate::model::{CheckpointIdx, Direction, EventTime};
-use crate::reference::{Checkpoint, Region, RoadClass};
+use crate::pipelines::test_support::{self as support, checkpoint};
 use crate::results::ResultBatch;
 
 fn city() -> Arc<City> {
-    let cp = |id: &str, region: &str| Checkpoint {
-        id: id.into(),
-        name: id.into(),
-        lon: 115.9,
-        lat: 28.7,
-        region_id: region.into(),
-        road_class: RoadClass::Arterial,
-        boundary: false,
-        inbound_direction: None,
-        bus_lanes: vec![],
-        speed_limit_kmh: 60,
-    };
-    let regions = vec![Region { id: "R1".into(), name: "a".into() }, Region { id: "R2".into(), name: "b".into() }];
-    Arc::new(City::from_parts(vec![cp("A", "R1"), cp("B", "R2")], vec![], regions, None))
+    support::city(vec![checkpoint("A", "R1"), checkpoint("B", "R2")], &["R1", "R2"])
 }
 
 fn pass(id: &str, plate: &str, cp: u32, ts: i64) -> Pass {
-    Pass {
-        pass_id: id.into(),
-        plate: PlateRead::parse(plate),
-        plate_color: PlateColor::Blue,
-        plate_type: "02".into(),
-        checkpoint: CheckpointIdx(cp),
-        device_id: None,
-        direction: Direction::WEST_TO_EAST,
-        lane: 1,
-        ts: EventTime(ts),
-        speed_kmh: None,
-        vehicle_type: None,
-    }
+    Pass { pass_id: id.into(), ..support::pass(plate, cp, ts) }
 }
 
 fn run(

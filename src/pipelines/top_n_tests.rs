@@ -1,39 +1,13 @@
 use super::*;
-use crate::model::{CheckpointIdx, Direction, EventTime, PlateColor, PlateRead};
-use crate::reference::{Checkpoint, Region, RoadClass};
+use crate::pipelines::test_support::{self as support, checkpoint};
 use crate::results::ResultBatch;
 
 fn city() -> Arc<City> {
-    let cp = |id: &str| Checkpoint {
-        id: id.into(),
-        name: id.into(),
-        lon: 115.9,
-        lat: 28.7,
-        region_id: "R1".into(),
-        road_class: RoadClass::Arterial,
-        boundary: false,
-        inbound_direction: None,
-        bus_lanes: vec![],
-        speed_limit_kmh: 60,
-    };
-    let regions = vec![Region { id: "R1".into(), name: "a".into() }];
-    Arc::new(City::from_parts(vec![cp("B"), cp("A"), cp("C")], vec![], regions, None))
+    support::city(vec![checkpoint("B", "R1"), checkpoint("A", "R1"), checkpoint("C", "R1")], &["R1"])
 }
 
 fn pass(cp: u32, ts: i64) -> Pass {
-    Pass {
-        pass_id: format!("{cp}-{ts}").into(),
-        plate: PlateRead::parse("赣A12345"),
-        plate_color: PlateColor::Blue,
-        plate_type: "02".into(),
-        checkpoint: CheckpointIdx(cp),
-        device_id: None,
-        direction: Direction::WEST_TO_EAST,
-        lane: 1,
-        ts: EventTime(ts),
-        speed_kmh: None,
-        vehicle_type: None,
-    }
+    support::pass("赣A12345", cp, ts)
 }
 
 fn step(op: &mut TopN, passes: &[Pass], watermark: i64, then: i64) -> (Vec<TopNWindow>, Vec<(usize, &'static str)>) {

@@ -1,0 +1,43 @@
+//! Small hand-made cities and passes for the pipelines' unit tests.
+
+use crate::model::{CheckpointIdx, Direction, EventTime, Pass, PlateColor, PlateRead};
+use crate::reference::{Checkpoint, City, Region, RoadClass};
+use std::sync::Arc;
+
+/// An arterial checkpoint in `region`, not on the boundary, without bus lanes.
+pub fn checkpoint(id: &str, region: &str) -> Checkpoint {
+    Checkpoint {
+        id: id.into(),
+        name: id.into(),
+        lon: 115.9,
+        lat: 28.7,
+        region_id: region.into(),
+        road_class: RoadClass::Arterial,
+        boundary: false,
+        inbound_direction: None,
+        bus_lanes: vec![],
+        speed_limit_kmh: 60,
+    }
+}
+
+pub fn city(checkpoints: Vec<Checkpoint>, regions: &[&str]) -> Arc<City> {
+    let regions = regions.iter().map(|r| Region { id: (*r).into(), name: (*r).into() }).collect();
+    Arc::new(City::from_parts(checkpoints, vec![], regions, None))
+}
+
+/// A blue-plate pass at checkpoint `cp`, west to east in lane 1, its id made of the rest.
+pub fn pass(plate: &str, cp: u32, ts: i64) -> Pass {
+    Pass {
+        pass_id: format!("{plate}-{cp}-{ts}").into(),
+        plate: PlateRead::parse(plate),
+        plate_color: PlateColor::Blue,
+        plate_type: "02".into(),
+        checkpoint: CheckpointIdx(cp),
+        device_id: None,
+        direction: Direction::WEST_TO_EAST,
+        lane: 1,
+        ts: EventTime(ts),
+        speed_kmh: None,
+        vehicle_type: None,
+    }
+}
