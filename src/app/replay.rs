@@ -21,6 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// The longest window any pipeline keeps open: a local day, 25 h when the clocks go back.
+const LONGEST_WINDOW_MS: i64 = 25 * 3_600_000;
 /// Lines handed from the reader thread to the engine at a time.
 const LINES_PER_BATCH: usize = 4_096;
 /// Batches in flight between the reader and the engine (backpressure beyond that).
@@ -106,7 +108,9 @@ pub fn build_engine(
         config.input.plate_color_scheme,
         core.max_clock_skew.as_millis(),
     );
-    let horizon = core.allowed_lateness.as_millis() + core.out_of_orderness.as_millis();
+    // A resend must be recognised as long as any window holding the first copy can still take
+    // it: the longest window is a local day (up to 25 h with a clock change).
+    let horizon = core.allowed_lateness.as_millis() + core.out_of_orderness.as_millis() + LONGEST_WINDOW_MS;
     let ingest = match (config.state.backend, store) {
         (StateBackendKind::Memory, _) => Ingest::new(validator, Deduplicator::new(horizon)),
         (StateBackendKind::Rocksdb, Some(store)) => {
@@ -163,12 +167,14 @@ pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
     let mut position = start;
     let mut records_this_run = 0;
     while let Some(batch) = rx.recv().await {
-        let records = batch.lines.iter().enumerate().map(|(i, line)| Record {
-            partition: 0,
-            seq: batch.first_line + i as u64,
-            bytes: line,
-        });
-        driver.engine.process(&source_name, records, Clocks { future_now: options.now_ms, processing_now: wall_ms() });
+        let records = batch
+            .lines
+            .iter()
+            .enumerate()
+            .map(|(i, line)| Record { partition: 0, seq: batch.first_line + i as u64, bytes: line })
+            .collect();
+        let clocks = Clocks { future_now: options.now_ms, processing_now: wall_ms() };
+        driver.engine.process_judged(&source_name, records, batch.judged, clocks);
         records_this_run += batch.lines.len() as u64;
         position = FilePosition { offset: batch.end, line: batch.end_line };
         driver.after_batch(|| serde_json::json!(position)).await?;

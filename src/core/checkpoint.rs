@@ -120,6 +120,10 @@ impl CheckpointStore {
         let mut ids = Vec::new();
         for item in self.db.prefix_iterator(b"ckpt/") {
             let (key, _) = item?;
+            // Without a prefix extractor the iterator runs past the prefix.
+            if !key.starts_with(b"ckpt/") {
+                break;
+            }
             let key = String::from_utf8_lossy(&key);
             if let Some(id) = key.strip_prefix("ckpt/").and_then(|k| k.strip_suffix("/meta")) {
                 ids.push(id.parse()?);

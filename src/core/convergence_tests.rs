@@ -145,6 +145,7 @@ fn checkpoint(e: &mut Engine, backend: &Backend, id: u64) -> super::EngineSnapsh
     if let Backend::RocksDb(db, _) = backend {
         super::apply_writes(db, &snapshot.writes, None).unwrap();
     }
+    e.committed(id);
     snapshot
 }
 

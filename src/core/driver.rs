@@ -81,6 +81,7 @@ impl Driver {
         let checkpoint = Checkpoint { id, created_at: chrono::Utc::now().timestamp_millis(), source: position, engine };
         if let Some(c) = &self.checkpoints {
             c.store.save(&checkpoint)?;
+            self.engine.committed(id);
         }
         self.next_id += 1;
         self.last_checkpoint = Instant::now();

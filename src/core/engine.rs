@@ -10,6 +10,19 @@ use crate::results::{LatePassRow, ResultBatch};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
+/// Raw records longer than this are stored cut, with a marker (result tables bound them).
+const MAX_STORED_RECORD_BYTES: usize = 64 * 1024;
+
+/// A raw record as it is kept in `dead_letters` and `late_passes`.
+fn stored_record(bytes: &[u8]) -> String {
+    let cut = bytes.len() > MAX_STORED_RECORD_BYTES;
+    let mut text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_STORED_RECORD_BYTES)]).into_owned();
+    if cut {
+        text.push_str(&format!("…[{} bytes in all]", bytes.len()));
+    }
+    text
+}
+
 /// One raw record from a source.
 pub struct Record<'a> {
     pub partition: u32,
@@ -153,7 +166,7 @@ impl Engine {
                 Outcome::Rejected(reason) => self.out.dead_letters.push(DeadLetter {
                     id: format!("{source}:{}", record.seq),
                     reason,
-                    record: String::from_utf8_lossy(record.bytes).into_owned(),
+                    record: stored_record(record.bytes),
                     received_at: clocks.processing_now,
                 }),
             }
@@ -238,6 +251,11 @@ impl Engine {
         Ok(snapshot)
     }
 
+    /// Checkpoint `id` has been saved: state held for it can be let go.
+    pub fn committed(&mut self, id: u64) {
+        self.ingest.dedup_mut().committed(id);
+    }
+
     /// The whole state in portable form, for a savepoint (call right after a checkpoint).
     pub fn export(&mut self) -> anyhow::Result<EngineSnapshot> {
         let dedup = self.ingest.dedup_mut().export()?;
@@ -280,7 +298,8 @@ impl Engine {
         for op in &mut self.operators {
             op.restore(part(op.name())?)?;
         }
-        self.watermarks = core.watermarks;
+        self.watermarks =
+            core.watermarks.with_settings(self.settings.out_of_orderness_ms, self.settings.idle_timeout_ms);
         self.ingest.stats = core.stats;
         Ok(())
     }
@@ -312,7 +331,7 @@ impl Engine {
                 checkpoint_id: self.city.checkpoint(pass.checkpoint).id.clone(),
                 ts: pass.ts.ms(),
                 arrived_at,
-                record: String::from_utf8_lossy(raw[idx]).into_owned(),
+                record: stored_record(raw[idx]),
             });
         }
     }

@@ -73,6 +73,14 @@ impl WatermarkTracker {
         self.current
     }
 
+    /// The same partitions and watermark under other settings (a restore keeps the
+    /// configuration's bound and timeout, not the snapshot's).
+    pub fn with_settings(mut self, out_of_orderness_ms: i64, idle_timeout_ms: i64) -> WatermarkTracker {
+        self.out_of_orderness_ms = out_of_orderness_ms;
+        self.idle_timeout_ms = idle_timeout_ms;
+        self
+    }
+
     pub fn current(&self) -> i64 {
         self.current
     }

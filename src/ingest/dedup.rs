@@ -27,6 +27,9 @@ pub trait DedupBackend: Send {
 
     fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()>;
 
+    /// Checkpoint `id` is durable: what it wrote no longer needs holding in memory.
+    fn committed(&mut self, _id: u64) {}
+
     /// Every remembered id, in the portable form savepoints carry.
     fn export(&mut self) -> anyhow::Result<Vec<u8>>;
 

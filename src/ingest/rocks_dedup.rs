@@ -144,7 +144,15 @@ impl DedupBackend for RocksDedup {
     }
 
     fn checkpoint(&mut self, checkpoint_id: u64) -> anyhow::Result<(Vec<u8>, Vec<StateWrite>)> {
-        let mut writes = self.drain_writes();
+        // Pending ids stay in memory, and the expiry stays where it is, until the checkpoint is
+        // durable (`committed`): a failed or abandoned checkpoint loses nothing.
+        let oldest_kept = self.oldest_kept();
+        let mut writes: Vec<StateWrite> = self
+            .pending
+            .iter()
+            .filter(|(_, (_, ts))| *ts >= oldest_kept)
+            .map(|(id, (digest, ts))| StateWrite::Put(id_key(id), value(*digest, *ts)))
+            .collect();
         writes.push(StateWrite::Put(COMMITTED_KEY.to_vec(), checkpoint_id.to_le_bytes().to_vec()));
         let mut marker = vec![1u8];
         marker.extend_from_slice(&checkpoint_id.to_le_bytes());
@@ -193,6 +201,11 @@ impl DedupBackend for RocksDedup {
             memory.check(id, *digest, *ts);
         }
         memory.export()
+    }
+
+    fn committed(&mut self, _checkpoint_id: u64) {
+        self.pending.clear();
+        self.cutoff.fetch_max(self.oldest_kept(), Ordering::Relaxed);
     }
 
     fn pending(&self) -> usize {

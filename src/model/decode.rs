@@ -14,6 +14,11 @@ use std::sync::Arc;
 
 /// Highest spot speed accepted as a reading, km/h.
 const MAX_SPEED_KMH: f64 = 400.0;
+/// Longest identifier accepted (pass, checkpoint, device ids, codes), bytes: result tables
+/// hold them in bounded columns.
+const MAX_ID_BYTES: usize = 128;
+/// Longest plate accepted, characters.
+const MAX_PLATE_CHARS: usize = 16;
 
 /// A vehicle pass, every field typed. `C` is how its checkpoint is known: by id as decoded
 /// ([`PassRecord`]), or by its place in the city's table once validated (`Pass`).
@@ -123,6 +128,7 @@ pub fn decode_record(json: &[u8], tz: Tz, colors: PlateColorScheme) -> Result<Pa
         pass_id: raw.pass_id.text("pass_id")?.into(),
         plate: match raw.plate {
             Scalar::Null => PlateRead::Unreadable,
+            Scalar::Str(s) if s.chars().count() > MAX_PLATE_CHARS => return Err(RejectReason::BadField("plate")),
             Scalar::Str(s) => PlateRead::parse(&s),
             Scalar::Absent => return Err(RejectReason::MissingField("plate")),
             _ => return Err(RejectReason::BadField("plate")),
@@ -224,6 +230,14 @@ impl<'a> Scalar<'a> {
     }
 
     fn optional_text(self, field: &'static str) -> Result<Option<Cow<'a, str>>, RejectReason> {
+        let text = self.unbounded_text(field)?;
+        match text {
+            Some(t) if t.len() > MAX_ID_BYTES => Err(RejectReason::BadField(field)),
+            other => Ok(other),
+        }
+    }
+
+    fn unbounded_text(self, field: &'static str) -> Result<Option<Cow<'a, str>>, RejectReason> {
         match self {
             Scalar::Absent | Scalar::Null => Ok(None),
             Scalar::Str(s) if s.trim().is_empty() => Ok(None),

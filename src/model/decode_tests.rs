@@ -151,6 +151,8 @@ fn wrong_types_and_ranges_are_bad_fields() {
         ("speed_kmh", serde_json::json!(-3), "bad_field:speed_kmh"),
         ("speed_kmh", serde_json::json!("fast"), "bad_field:speed_kmh"),
         ("device_id", serde_json::json!([1]), "bad_field:device_id"),
+        ("pass_id", serde_json::json!("x".repeat(200)), "bad_field:pass_id"),
+        ("plate", serde_json::json!("赣A".repeat(10)), "bad_field:plate"),
     ];
     for (field, value, reason) in cases {
         assert_eq!(decode(&with(field, value.clone())).unwrap_err().code(), reason, "{field}={value}");

@@ -60,8 +60,8 @@ pub(crate) fn event_time_from_ms(ms: i64) -> Result<EventTime, RejectReason> {
 }
 
 fn check_range(ms: i64) -> Result<EventTime, RejectReason> {
-    // The upper bound keeps every accepted time representable as a calendar date.
-    const MAX_VALID_TS_MS: i64 = 8_000_000_000_000_000;
+    // Up to the end of year 9999: every accepted time is a four-digit-year calendar date.
+    const MAX_VALID_TS_MS: i64 = 253_402_300_800_000;
     if (MIN_VALID_TS_MS..MAX_VALID_TS_MS).contains(&ms) {
         Ok(EventTime(ms))
     } else {

@@ -58,10 +58,16 @@ pub fn sample_city() -> City {
     city_gen::grid_city(Some(rules))
 }
 
-/// Local midnight that starts `day` in `tz`, epoch milliseconds.
+/// The first instant of `day` in `tz`, epoch milliseconds: local midnight, or, where a clock
+/// change skips midnight, the first local time that exists.
 pub fn day_start_ms(day: NaiveDate, tz: Tz) -> i64 {
-    let midnight = day.and_hms_opt(0, 0, 0).expect("midnight exists");
-    tz.from_local_datetime(&midnight).earliest().map_or(0, |t| t.timestamp_millis())
+    (0..24 * 60)
+        .filter_map(|minute| day.and_hms_opt(minute / 60, minute % 60, 0))
+        .find_map(|t| tz.from_local_datetime(&t).earliest())
+        .map_or_else(
+            || day.and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp_millis()),
+            |t| t.timestamp_millis(),
+        )
 }
 
 /// Simulates one day of traffic on `city`.
@@ -255,3 +261,22 @@ pub fn simulate_to(dir: &Path, city: &City, params: &SimParams) -> anyhow::Resul
 #[cfg(test)]
 #[path = "tests.rs"]
 mod tests;
+
+#[cfg(test)]
+mod day_tests {
+    use super::*;
+
+    #[test]
+    fn a_day_whose_midnight_is_skipped_starts_at_its_first_real_minute() {
+        // Santiago moved its clocks from 00:00 to 01:00 on 2022-09-11.
+        let tz: Tz = "America/Santiago".parse().unwrap();
+        let day = NaiveDate::from_ymd_opt(2022, 9, 11).unwrap();
+        let start = day_start_ms(day, tz);
+        assert_eq!(crate::model::EventTime(start).local_date(tz), day);
+        assert!(start > day_start_ms(day.pred_opt().unwrap(), tz));
+        assert_eq!(
+            day_start_ms(NaiveDate::from_ymd_opt(2026, 3, 2).unwrap(), chrono_tz::Asia::Shanghai),
+            1_772_380_800_000
+        );
+    }
+}
