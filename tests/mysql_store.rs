@@ -90,3 +90,64 @@ async fn mysql_going_away_mid_replay_pauses_the_replay_and_loses_nothing() {
     assert_eq!(mysql.dead_letter_counts().await.unwrap(), sqlite.dead_letter_counts().await.unwrap());
     db.drop_now().await;
 }
+
+/// Rows at `old` and `new` times in every table with a retention.
+fn rows_at(old: i64, new: i64) -> passflow::results::ResultBatch {
+    use passflow::results::*;
+    let mut b = ResultBatch::default();
+    for t in [old, new] {
+        b.flow_counts.push(FlowCountRow {
+            level: "city",
+            key_id: "all".into(),
+            window_s: 30,
+            window_start: t,
+            passes: 1,
+            revision: 0,
+        });
+        b.top_n.push(TopNWindow {
+            metric: "checkpoint_flow",
+            window_s: 60,
+            slide_s: 5,
+            window_end: t,
+            entries: vec![("A".into(), 3)],
+        });
+        let day = chrono::DateTime::from_timestamp_millis(t).unwrap().format("%Y-%m-%d").to_string();
+        b.high_frequency.push(HighFrequencyRow {
+            day,
+            checkpoint_id: "A".into(),
+            plate: "赣A1".into(),
+            plate_color: 2,
+            passes: 8,
+            first_ts: t,
+            last_ts: t,
+        });
+        b.dead_letters.push(passflow::ingest::DeadLetter {
+            id: format!("f:{t}"),
+            reason: passflow::model::RejectReason::MalformedJson,
+            record: "{".into(),
+            received_at: t,
+        });
+    }
+    b
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_purges_old_rows_and_keeps_new_ones_in_both_stores() {
+    let db = TestDatabase::create("retention").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (1_700_000_000_000_i64, 1_700_000_000_000_i64 + 10 * 86_400_000);
+    for url in [db.url.clone(), format!("sqlite://{}", dir.path().join("r.db").display())] {
+        let store = Store::open(&url).await.unwrap();
+        store.write(&rows_at(old, new)).await.unwrap();
+        let cutoff = old + 5 * 86_400_000;
+        for table in ["flow_counts", "top_n", "high_frequency", "dead_letters"] {
+            assert_eq!(store.purge(table, cutoff).await.unwrap(), 1, "{table} in {}", store.kind());
+            assert_eq!(store.purge(table, cutoff).await.unwrap(), 0);
+        }
+        assert_eq!(store.flow_counts().await.unwrap().len(), 1);
+        assert_eq!(store.top_n().await.unwrap()[0].1, new);
+        assert_eq!(store.high_frequency().await.unwrap()[0].5, new);
+        assert!(store.purge("passes", cutoff).await.is_err());
+    }
+    db.drop_now().await;
+}

@@ -138,6 +138,8 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
         };
         ("pipeline", result.and(written))
     });
+    let purger = Store::open(&config.store.url).await?;
+    tasks.spawn(purge(purger, config.store.clone(), stopped.clone()));
     tasks.spawn(progress(metrics.clone(), stopped));
     Ok(RunHandle { api_addr, metrics, stop, tasks })
 }
@@ -188,6 +190,25 @@ async fn handle_admin(command: AdminCommand, driver: &mut Driver, source: &LiveS
             .await;
             let _ = reply.send(result.map_err(|e| format!("{e:#}")));
         }
+    }
+}
+
+/// Deletes rows older than their table's retention, now and every `store.purge_interval`. A
+/// failed purge is logged and tried again next time.
+async fn purge(
+    store: Store,
+    config: crate::config::StoreConfig,
+    mut stopped: watch::Receiver<bool>,
+) -> (&'static str, anyhow::Result<()>) {
+    loop {
+        for (table, keep) in config.retention.tables() {
+            match store.purge(table, wall_ms() - keep.as_millis()).await {
+                Ok(0) => {}
+                Ok(rows) => tracing::info!(table, rows, "purged rows past their retention"),
+                Err(e) => tracing::warn!(table, error = %format!("{e:#}"), "purge failed; trying again later"),
+            }
+        }
+        tokio::select! { _ = tokio::time::sleep(config.purge_interval.0) => {}, _ = stopped.wait_for(|s| *s) => return ("purge", Ok(())) }
     }
 }
 

@@ -161,11 +161,61 @@ impl Default for StateConfig {
 pub struct StoreConfig {
     /// `sqlite://PATH`, `mysql://USER:PASSWORD@HOST:PORT/DB` or `null://`.
     pub url: String,
+    /// How long rows are kept, per table (by their time: window start or end, day, arrival).
+    pub retention: RetentionConfig,
+    /// How often the service purges rows older than their retention.
+    pub purge_interval: HumanDuration,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { url: "sqlite://data/passflow.db".into() }
+        StoreConfig {
+            url: "sqlite://data/passflow.db".into(),
+            retention: RetentionConfig::default(),
+            purge_interval: HumanDuration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    pub flow_counts: HumanDuration,
+    pub origin_counts: HumanDuration,
+    pub top_n: HumanDuration,
+    pub checkpoint_speed: HumanDuration,
+    pub high_frequency: HumanDuration,
+    pub late_passes: HumanDuration,
+    pub dead_letters: HumanDuration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        let days = |d: u64| HumanDuration::from_secs(d * 86_400);
+        RetentionConfig {
+            flow_counts: days(90),
+            origin_counts: days(90),
+            top_n: days(7),
+            checkpoint_speed: days(90),
+            high_frequency: days(365),
+            late_passes: days(30),
+            dead_letters: days(30),
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// (table, retention) for every table with a retention.
+    pub fn tables(&self) -> [(&'static str, HumanDuration); 7] {
+        [
+            ("flow_counts", self.flow_counts),
+            ("origin_counts", self.origin_counts),
+            ("top_n", self.top_n),
+            ("checkpoint_speed", self.checkpoint_speed),
+            ("high_frequency", self.high_frequency),
+            ("late_passes", self.late_passes),
+            ("dead_letters", self.dead_letters),
+        ]
     }
 }
 

@@ -56,6 +56,38 @@ impl Store {
         }
     }
 
+    /// Deletes the rows of `table` older than `before_ms` (by the table's time column);
+    /// returns how many went.
+    pub async fn purge(&self, table: &str, before_ms: i64) -> anyhow::Result<u64> {
+        let column = match table {
+            "flow_counts" | "origin_counts" | "checkpoint_speed" => "window_start",
+            "top_n" => "window_end",
+            "late_passes" => "arrived_at",
+            "dead_letters" => "received_at",
+            "high_frequency" => {
+                // Days are `YYYY-MM-DD` strings, which sort as dates.
+                let day = chrono::DateTime::from_timestamp_millis(before_ms)
+                    .map_or_else(String::new, |t| t.format("%Y-%m-%d").to_string());
+                return self.delete_before("DELETE FROM high_frequency WHERE day < ?", day).await;
+            }
+            _ => anyhow::bail!("no retention for table `{table}`"),
+        };
+        self.delete_before(&format!("DELETE FROM {table} WHERE {column} < ?"), before_ms).await
+    }
+
+    async fn delete_before<T>(&self, sql: &str, bound: T) -> anyhow::Result<u64>
+    where
+        T: Send + 'static,
+        T: for<'q> sqlx::Encode<'q, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+        T: for<'q> sqlx::Encode<'q, sqlx::MySql> + sqlx::Type<sqlx::MySql>,
+    {
+        Ok(match self {
+            Store::Sqlite(s) => sqlx::query(sql).bind(bound).execute(&s.pool).await?.rows_affected(),
+            Store::MySql(s) => sqlx::query(sql).bind(bound).execute(&s.pool).await?.rows_affected(),
+            Store::Null => 0,
+        })
+    }
+
     /// Dead letters stored, by reason (for summaries and tests).
     pub async fn dead_letter_counts(&self) -> anyhow::Result<Vec<(String, i64)>> {
         // CAST: sqlx reads utf8mb4_bin columns as binary.
