@@ -49,6 +49,8 @@ pub struct ReplaySummary {
     pub elapsed: Duration,
     /// Records read in this run (after a resume, only those after the checkpoint).
     pub records_this_run: u64,
+    /// Result rows written to the store in this run (after coalescing per key).
+    pub rows_written: u64,
 }
 
 impl ReplaySummary {
@@ -70,7 +72,9 @@ impl fmt::Display for ReplaySummary {
             writeln!(f, "  {reason:<16} {n:>12}")?;
         }
         writeln!(f, "elapsed            {:>12.3} s", self.elapsed.as_secs_f64())?;
-        writeln!(f, "passes/s           {:>12.0}", self.passes_per_second())
+        writeln!(f, "passes/s           {:>12.0}", self.passes_per_second())?;
+        writeln!(f, "rows written       {:>12}", self.rows_written)?;
+        writeln!(f, "rows/s             {:>12.0}", self.rows_written as f64 / self.elapsed.as_secs_f64().max(1e-9))
     }
 }
 
@@ -141,6 +145,7 @@ pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
     let store = Store::open(&options.store_url).await?;
     let metrics = Arc::new(Metrics::new());
     let (sink, writer) = spawn_writer(store, metrics.clone());
+    let metrics_for_summary = metrics.clone();
     let checkpointing = match &options.checkpoint_dir {
         Some(dir) => {
             anyhow::ensure!(
@@ -186,7 +191,12 @@ pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
     let stats = driver.engine.stats().clone();
     drop(driver);
     writer.await??;
-    Ok(ReplaySummary { stats, elapsed: started.elapsed(), records_this_run })
+    Ok(ReplaySummary {
+        stats,
+        elapsed: started.elapsed(),
+        records_this_run,
+        rows_written: metrics_for_summary.sink_rows.get(),
+    })
 }
 
 fn wall_ms() -> i64 {
