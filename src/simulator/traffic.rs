@@ -145,10 +145,11 @@ impl Sim<'_> {
     }
 
     /// Drives from where the cursor is to `to`, leaving no earlier than `depart`. Trips that
-    /// would start in the last hour of the day are not made.
+    /// would start in the last ten minutes of the day are not made.
     fn go(&mut self, c: &mut Cursor, depart: i64, to: CheckpointIdx) -> bool {
         let depart = depart.max(c.free_at + 2 * MIN).max(self.day_start);
-        if depart > self.day_start + 23 * HOUR || to == c.at {
+        // Trips may end after midnight, but none starts in the day's last minutes.
+        if depart > self.day_start + 24 * HOUR - 10 * MIN || to == c.at {
             return false;
         }
         let route = self.roads.route(c.at, to, &mut self.rng);
@@ -172,10 +173,11 @@ impl Sim<'_> {
         match r.gen_range(0..100) {
             0..=19 => normal(r, 8.0, 1.0),
             20..=44 => normal(r, 18.0, 1.2),
-            45..=94 => r.gen_range(7.0..22.0),
-            _ => r.gen_range(0.0..6.0),
+            45..=89 => r.gen_range(7.0..22.0),
+            90..=93 => r.gen_range(22.0..24.0),
+            _ => r.gen_range(0.0..7.0),
         }
-        .clamp(0.0, 23.0)
+        .clamp(0.0, 23.8)
     }
 
     /// A normal vehicle's day. `avoid`: the hours `[from, to)` it keeps off the road (a
