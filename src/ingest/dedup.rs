@@ -2,6 +2,7 @@
 //! resend is dropped, a resend with other content is a `conflicting_duplicate`.
 
 use rustc_hash::FxHashMap;
+use std::collections::hash_map::Entry;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -56,10 +57,13 @@ impl Deduplicator {
     }
 
     pub fn check(&mut self, pass_id: &Arc<str>, digest: u64, ts: i64) -> DedupVerdict {
-        if let Some(first) = self.seen.get(pass_id) {
-            return if *first == digest { DedupVerdict::Identical } else { DedupVerdict::Conflicting };
+        match self.seen.entry(pass_id.clone()) {
+            Entry::Occupied(first) if *first.get() == digest => return DedupVerdict::Identical,
+            Entry::Occupied(_) => return DedupVerdict::Conflicting,
+            Entry::Vacant(slot) => {
+                slot.insert(digest);
+            }
         }
-        self.seen.insert(pass_id.clone(), digest);
         self.by_minute.entry(ts.div_euclid(BUCKET_MS)).or_default().push(pass_id.clone());
         if ts > self.max_ts {
             self.max_ts = ts;
