@@ -5,6 +5,7 @@
 
 mod mysql;
 mod sqlite;
+mod tables;
 
 use crate::results::ResultBatch;
 use anyhow::Context;
