@@ -11,6 +11,7 @@
 //! - [`ingest`]: decode → validate → deduplicate; everything rejected becomes a dead letter.
 //! - [`simulator`]: a realistic, labelled city-day of passes, also a live source.
 //! - [`store`]: result stores (SQLite, MySQL, `null://`), upserted by key.
+//! - [`webhooks`]: alert webhooks with a durable, signed, retried delivery queue.
 //! - [`api`]: the HTTP API (`/healthz`, `/metrics`).
 //! - [`metrics`]: every Prometheus metric, in one place.
 //! - [`config`]: typed, layered configuration.
@@ -28,3 +29,4 @@ pub mod reference;
 pub mod results;
 pub mod simulator;
 pub mod store;
+pub mod webhooks;

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub late_passes: IntCounter,
     pub checkpoints: IntCounter,
     pub watermark_lag_seconds: prometheus::Gauge,
+    /// Webhook delivery attempts by outcome: delivered, failed (retried), dead (given up).
+    pub webhook_deliveries: IntCounterVec,
     /// The sum of `passes_invalid` over reasons (not exported; for the progress line).
     pub passes_invalid_sum: IntCounter,
 }
@@ -53,6 +55,12 @@ impl Metrics {
             prometheus::Gauge::new("passflow_watermark_lag_seconds", "Wall clock minus the watermark.")
                 .expect("valid metric name");
         registry.register(Box::new(watermark_lag_seconds.clone())).expect("metric registered once");
+        let webhook_deliveries = IntCounterVec::new(
+            Opts::new("passflow_webhook_deliveries_total", "Webhook delivery attempts, by outcome."),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(webhook_deliveries.clone())).expect("metric registered once");
         Metrics {
             registry,
             passes_received,
@@ -66,6 +74,7 @@ impl Metrics {
             late_passes,
             checkpoints,
             watermark_lag_seconds,
+            webhook_deliveries,
             passes_invalid_sum,
         }
     }

@@ -63,6 +63,122 @@ pub struct CheckpointSpeedRow {
     pub revision: u32,
 }
 
+/// `segment_congestion`(segment_id, window_s, window_start, traversals, mean_speed_kmh,
+/// travel_time_index, congestion_level, revision). A row with no traversals is a retraction:
+/// the stored row is deleted (a late pass took the window's only traversal away).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SegmentCongestionRow {
+    pub segment_id: Arc<str>,
+    pub window_s: u32,
+    pub window_start: i64,
+    pub traversals: u32,
+    pub mean_speed_kmh: f64,
+    pub travel_time_index: f64,
+    pub congestion_level: u8,
+    pub revision: u32,
+}
+
+impl SegmentCongestionRow {
+    pub fn is_retraction(&self) -> bool {
+        self.traversals == 0
+    }
+}
+
+/// `area_congestion`(level, key_id, window_s, window_start, mean_speed_kmh, travel_time_index,
+/// congestion_level, revision), level `region` or `city`. A retraction deletes the stored row
+/// (no segment of the area has a traversal in the window any more).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AreaCongestionRow {
+    pub level: &'static str,
+    pub key_id: Arc<str>,
+    pub window_s: u32,
+    pub window_start: i64,
+    pub mean_speed_kmh: f64,
+    pub travel_time_index: f64,
+    pub congestion_level: u8,
+    pub revision: u32,
+    pub retracted: bool,
+}
+
+impl AreaCongestionRow {
+    pub fn is_retraction(&self) -> bool {
+        self.retracted
+    }
+}
+
+/// `alerts`(alert_id, kind, ts, plate, plate_color, checkpoint_id, segment_id, severity,
+/// details, status, revision). The id is derived from what caused the alert, so a replay
+/// upserts the same row; `status` is `active`, or `retracted` when a correction removed the
+/// condition (the row is never deleted).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AlertRow {
+    pub alert_id: String,
+    pub kind: &'static str,
+    pub ts: i64,
+    pub plate: Option<Arc<str>>,
+    pub plate_color: Option<u8>,
+    pub checkpoint_id: Option<Arc<str>>,
+    pub segment_id: Option<Arc<str>>,
+    pub severity: &'static str,
+    /// A compact JSON object explaining the alert's numbers.
+    pub details: String,
+    pub status: &'static str,
+    pub revision: u32,
+}
+
+/// `trajectories`(plate, plate_color, day, passes, times, checkpoints, intervals_s, revision):
+/// a vehicle's passes of one local day in time order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrajectoryRow {
+    pub plate: Arc<str>,
+    pub plate_color: u8,
+    pub day: String,
+    pub times: Vec<i64>,
+    pub checkpoints: Vec<Arc<str>>,
+    pub revision: u32,
+}
+
+impl TrajectoryRow {
+    /// Seconds between consecutive passes (ms precision, so three decimals at most).
+    pub fn intervals_s(&self) -> Vec<f64> {
+        self.times.windows(2).map(|w| (w[1] - w[0]) as f64 / 1000.0).collect()
+    }
+}
+
+/// `restriction_violations`(pass_id, rule_id, plate, plate_color, checkpoint_id, ts, day).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RestrictionViolationRow {
+    pub pass_id: Arc<str>,
+    pub rule_id: Arc<str>,
+    pub plate: Arc<str>,
+    pub plate_color: u8,
+    pub checkpoint_id: Arc<str>,
+    pub ts: i64,
+    pub day: String,
+}
+
+/// `restriction_summary`(day, checkpoint_id, rule_id, violations, vehicles).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RestrictionSummaryRow {
+    pub day: String,
+    pub checkpoint_id: Arc<str>,
+    pub rule_id: Arc<str>,
+    pub violations: u32,
+    pub vehicles: u32,
+}
+
+/// `first_entry`(plate, plate_color, ts, checkpoint_id, pass_id, revision): a vehicle's
+/// earliest inbound pass at a boundary checkpoint; also the `first_entry` event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FirstEntryRow {
+    pub plate: Arc<str>,
+    pub plate_color: u8,
+    pub ts: i64,
+    pub checkpoint_id: Arc<str>,
+    pub pass_id: Arc<str>,
+    pub revision: u32,
+}
+
 /// `late_passes`(pass_id, pipelines, checkpoint_id, ts, arrived_at, record).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LatePassRow {
@@ -83,6 +199,13 @@ pub struct ResultBatch {
     pub top_n: Vec<TopNWindow>,
     pub high_frequency: Vec<HighFrequencyRow>,
     pub checkpoint_speed: Vec<CheckpointSpeedRow>,
+    pub segment_congestion: Vec<SegmentCongestionRow>,
+    pub area_congestion: Vec<AreaCongestionRow>,
+    pub alerts: Vec<AlertRow>,
+    pub trajectories: Vec<TrajectoryRow>,
+    pub restriction_violations: Vec<RestrictionViolationRow>,
+    pub restriction_summary: Vec<RestrictionSummaryRow>,
+    pub first_entry: Vec<FirstEntryRow>,
     pub late_passes: Vec<LatePassRow>,
     pub dead_letters: Vec<DeadLetter>,
 }
@@ -97,6 +220,13 @@ impl ResultBatch {
             top_n,
             high_frequency,
             checkpoint_speed,
+            segment_congestion,
+            area_congestion,
+            alerts,
+            trajectories,
+            restriction_violations,
+            restriction_summary,
+            first_entry,
             late_passes,
             dead_letters,
         } = self;
@@ -105,6 +235,13 @@ impl ResultBatch {
             + top_n.len()
             + high_frequency.len()
             + checkpoint_speed.len()
+            + segment_congestion.len()
+            + area_congestion.len()
+            + alerts.len()
+            + trajectories.len()
+            + restriction_violations.len()
+            + restriction_summary.len()
+            + first_entry.len()
             + late_passes.len()
             + dead_letters.len()
     }
@@ -120,6 +257,13 @@ impl ResultBatch {
             top_n,
             high_frequency,
             checkpoint_speed,
+            segment_congestion,
+            area_congestion,
+            alerts,
+            trajectories,
+            restriction_violations,
+            restriction_summary,
+            first_entry,
             late_passes,
             dead_letters,
         } = other;
@@ -128,6 +272,13 @@ impl ResultBatch {
         self.top_n.append(top_n);
         self.high_frequency.append(high_frequency);
         self.checkpoint_speed.append(checkpoint_speed);
+        self.segment_congestion.append(segment_congestion);
+        self.area_congestion.append(area_congestion);
+        self.alerts.append(alerts);
+        self.trajectories.append(trajectories);
+        self.restriction_violations.append(restriction_violations);
+        self.restriction_summary.append(restriction_summary);
+        self.first_entry.append(first_entry);
         self.late_passes.append(late_passes);
         self.dead_letters.append(dead_letters);
     }

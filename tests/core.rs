@@ -7,7 +7,7 @@ use passflow::core::checkpoint::{read_savepoint, CheckpointStore};
 use passflow::ingest::{Deduplicator, Ingest, Outcome, Validator};
 use passflow::model::PlateColorScheme;
 use passflow::pipelines::{
-    batch_checkpoint_speed, batch_flow_counts, batch_high_frequency, batch_origin_counts, batch_top_n,
+    batch_checkpoint_speed, batch_congestion, batch_flow_counts, batch_high_frequency, batch_origin_counts, batch_top_n,
 };
 use passflow::reference::City;
 use passflow::store::Store;
@@ -65,15 +65,48 @@ async fn a_replayed_day_gives_exactly_the_batch_flow_counts_and_no_late_pass() {
             .into_iter()
             .map(|((r, s, p, c, scope), n)| (r, s, p, c, scope, n as i64))
             .collect();
-    let want_top: Vec<(String, i64, i64, String, i64)> = batch_top_n(&city, &all, 10)
+    let (want_segments, want_areas, segment_ranking) = batch_congestion(&city, &all, 10);
+    let want_top: Vec<(String, i64, i64, String, i64)> =
+        [("checkpoint_flow", batch_top_n(&city, &all, 10)), ("segment_flow", segment_ranking)]
+            .into_iter()
+            .flat_map(|(metric, windows)| windows.into_iter().map(move |w| (metric, w)))
+            .flat_map(|(metric, (end, entries))| {
+                entries
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(i, (k, v))| (metric.to_string(), end, i as i64 + 1, k.to_string(), v as i64))
+            })
+            .collect();
+    let segments: Vec<(String, u32, i64, (u32, f64, f64, u8))> = store
+        .segment_congestion()
+        .await
+        .unwrap()
         .into_iter()
-        .flat_map(|(end, entries)| {
-            entries
-                .into_iter()
-                .enumerate()
-                .map(move |(i, (k, v))| ("checkpoint_flow".to_string(), end, i as i64 + 1, k.to_string(), v as i64))
-        })
+        .map(|r| (r.0, r.1 as u32, r.2, (r.3 as u32, r.4, r.5, r.6 as u8)))
         .collect();
+    let want_segments: Vec<(String, u32, i64, (u32, f64, f64, u8))> =
+        want_segments.into_iter().map(|((s, w, t), v)| (s, w, t, v)).collect();
+    assert!(
+        want_segments.len() > 1_000 && segments == want_segments,
+        "segment_congestion differs ({} vs {} rows)",
+        segments.len(),
+        want_segments.len()
+    );
+    let areas: Vec<(String, String, u32, i64, (f64, f64, u8))> = store
+        .area_congestion()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.0, r.1, r.2 as u32, r.3, (r.4, r.5, r.6 as u8)))
+        .collect();
+    let want_areas: Vec<(String, String, u32, i64, (f64, f64, u8))> =
+        want_areas.into_iter().map(|((l, k, w, t), v)| (l, k, w, t, v)).collect();
+    assert!(
+        want_areas.len() > 100 && areas == want_areas,
+        "area_congestion differs ({} vs {} rows)",
+        areas.len(),
+        want_areas.len()
+    );
     let top = store.top_n().await.unwrap();
     assert!(
         want_top.len() > 1_000 && top == want_top,
@@ -116,6 +149,63 @@ async fn a_replayed_day_gives_exactly_the_batch_flow_counts_and_no_late_pass() {
         got.len(),
         want.len()
     );
+    // Every vehicle-day's trajectory equals the batch one.
+    let want_trajectories: Vec<(String, i64, String, String, String)> =
+        passflow::pipelines::batch_trajectories(&city, TZ, &all)
+            .into_iter()
+            .map(|((plate, color, day), (times, cps))| {
+                let cps: Vec<&str> = cps.iter().map(|c| &**c).collect();
+                (plate, i64::from(color), day, serde_json::json!(times).to_string(), serde_json::json!(cps).to_string())
+            })
+            .collect();
+    let trajectories: Vec<(String, i64, String, String, String)> =
+        store.trajectories().await.unwrap().into_iter().map(|t| (t.0, t.1, t.2, t.3, t.4)).collect();
+    assert!(
+        want_trajectories.len() > 1_000 && trajectories == want_trajectories,
+        "trajectories differ from the batch computation ({} vs {} rows)",
+        trajectories.len(),
+        want_trajectories.len()
+    );
+    // Restriction violations and summaries equal the batch ones, and hold every planted violator.
+    let locals = ["赣A".to_string(), "赣M".to_string()];
+    let (want_violations, want_summaries) = passflow::pipelines::batch_restrictions(&city, TZ, &locals, &all);
+    let (violations, summaries) = store.restrictions().await.unwrap();
+    assert!(!want_violations.is_empty());
+    assert_eq!(violations, want_violations.iter().cloned().collect::<Vec<_>>());
+    let want_summaries: Vec<(String, String, String, i64, i64)> =
+        want_summaries.into_iter().map(|((d, c, r), (n, v))| (d, c, r, i64::from(n), i64::from(v))).collect();
+    assert_eq!(summaries, want_summaries);
+    for violator in labels(dir).restriction_violators {
+        for id in &violator.pass_ids {
+            assert!(
+                want_violations.contains(&(id.clone(), violator.rule_id.clone())),
+                "{id} of {} not found",
+                violator.plate
+            );
+        }
+    }
+    // Every planted clone is found, pair by pair, and nothing else is flagged.
+    let want_clones: Vec<String> = {
+        let mut ids: Vec<String> = labels(dir)
+            .cloned_plates
+            .iter()
+            .flat_map(|c| c.conflicting_pairs.iter().map(|[a, b]| passflow::pipelines::pair_id(a, b)))
+            .collect();
+        ids.sort();
+        ids
+    };
+    // The rule is exact, so vehicles that only look fast through the camera whose clock is
+    // skewed are flagged too (the simulator labels them); no vehicle beyond those.
+    let stored = store.alerts("cloned_plate").await.unwrap();
+    assert!(!want_clones.is_empty());
+    for id in &want_clones {
+        assert!(stored.iter().any(|a| &a.0 == id), "planted pair {id} not flagged");
+    }
+    let skewed: Vec<String> =
+        labels(dir).clock_skew.map(|s| s.affected_vehicles.into_iter().map(|v| v.plate).collect()).unwrap_or_default();
+    for a in stored.iter().filter(|a| !want_clones.contains(&a.0)) {
+        assert!(skewed.contains(a.2.as_ref().unwrap()), "{a:?} flagged, neither planted nor behind the skewed clock");
+    }
     let dead: i64 = store.dead_letter_counts().await.unwrap().iter().map(|(_, n)| n).sum();
     assert_eq!(dead as u64, labels(dir).dead_letters.values().sum::<u64>());
 }
@@ -233,4 +323,188 @@ async fn a_savepoint_restores_into_a_new_service_and_a_wrong_state_version_is_re
         Err(e) => format!("{e:#}"),
     };
     assert!(err.contains("version 99") && err.contains("flow_counts"), "{err}");
+}
+
+/// The Redis server URL for tests; CI fails loudly when it is unreachable.
+fn redis_url() -> String {
+    let url = std::env::var("PASSFLOW_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let client = redis::Client::open(url.as_str()).unwrap();
+    client
+        .get_connection_with_timeout(Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("Redis at {url} is unreachable ({e}): scripts/test starts it"));
+    url
+}
+
+/// Feeds passes to a first-entry operator in chunks; returns the rows it emitted.
+fn offer_all(
+    op: &mut passflow::pipelines::FirstEntry,
+    passes: &[passflow::model::Pass],
+) -> Vec<passflow::results::FirstEntryRow> {
+    use passflow::core::{Context, Operator};
+    let mut rows = Vec::new();
+    for chunk in passes.chunks(97) {
+        let (mut out, mut late) = (passflow::results::ResultBatch::default(), Vec::new());
+        let mut ctx = Context { watermark: i64::MAX, allowed_lateness_ms: 0, out: &mut out, late: &mut late };
+        op.process_batch(chunk, &mut ctx);
+        assert!(late.is_empty(), "first entry is exempt from lateness");
+        rows.extend(out.first_entry);
+    }
+    rows
+}
+
+#[test]
+fn first_entries_in_redis_are_the_earliest_inbound_pass_once_whatever_the_order_and_replays() {
+    use passflow::pipelines::{batch_first_entry, FirstEntry, RedisFirstEntries};
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let url = redis_url();
+    let prefix = format!("passflow-test:{}:{}:", std::process::id(), chrono::Utc::now().timestamp_millis());
+    let (city, mut all) = passes(small_day());
+    let city = Arc::new(city);
+    let want = batch_first_entry(&city, &all);
+    assert!(want.len() > 100, "{} vehicles entered", want.len());
+    all.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(9));
+    let open = || FirstEntry::new(&city, Box::new(RedisFirstEntries::open(&url, &prefix).unwrap()));
+    // Upserted as a store does: the highest revision per vehicle stands.
+    let mut table: std::collections::BTreeMap<String, (u32, i64, String, String)> = Default::default();
+    let upsert = |table: &mut std::collections::BTreeMap<String, (u32, i64, String, String)>,
+                  rows: Vec<passflow::results::FirstEntryRow>| {
+        for r in rows {
+            let key = format!("{}:{}", r.plate, r.plate_color);
+            let e = table.entry(key).or_insert((r.revision, r.ts, r.pass_id.to_string(), r.checkpoint_id.to_string()));
+            assert!(
+                r.revision != e.0 || (r.ts, &*r.pass_id) == (e.1, e.2.as_str()),
+                "one revision, two contents: {r:?}"
+            );
+            if r.revision >= e.0 {
+                *e = (r.revision, r.ts, r.pass_id.to_string(), r.checkpoint_id.to_string());
+            }
+        }
+    };
+    upsert(&mut table, offer_all(&mut open(), &all));
+    let after_first_run = table.clone();
+    // A replay (a new operator over the same Redis, as after a restart) emits no second first.
+    let replayed = offer_all(&mut open(), &all);
+    assert_eq!(replayed.len(), want.len(), "a replay re-emits each stored first entry once, unchanged");
+    upsert(&mut table, replayed);
+    assert_eq!(table, after_first_run);
+    let got: std::collections::BTreeMap<String, (i64, String, String)> =
+        table.into_iter().map(|(k, (_, ts, id, cp))| (k, (ts, id, cp))).collect();
+    assert_eq!(got, want);
+    let mut connection = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut connection).unwrap();
+    assert_eq!(keys.len(), want.len());
+    let _: () = redis::cmd("DEL").arg(&keys).query(&mut connection).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backfill_of_a_day_whose_passes_came_after_the_lateness_gives_the_on_time_tables() {
+    use passflow::app::{backfill, replay, BackfillOptions, ReplayInput, ReplayOptions};
+    use passflow::config::{Config, HumanDuration};
+    use passflow::core::{Context, Operator};
+    let dir = small_day();
+    let out = tempfile::tempdir().unwrap();
+    let (late_url, on_time_url) = (
+        format!("sqlite://{}", out.path().join("late.db").display()),
+        format!("sqlite://{}", out.path().join("on_time.db").display()),
+    );
+    let options = |url: &str, lateness_s: u64| {
+        let mut config = Config::default();
+        config.city.dir = dir.to_path_buf();
+        config.core.allowed_lateness = HumanDuration::from_secs(lateness_s);
+        ReplayOptions {
+            config,
+            input: ReplayInput::File(dir.join("passes.jsonl")),
+            store_url: url.to_owned(),
+            now_ms: None,
+            checkpoint_dir: None,
+        }
+    };
+    // With one minute of lateness the outage's passes (hours late) miss their windows.
+    replay(options(&late_url, 60)).await.unwrap();
+    replay(options(&on_time_url, 6 * 3600)).await.unwrap();
+    let (late, on_time) = (Store::open(&late_url).await.unwrap(), Store::open(&on_time_url).await.unwrap());
+    let late_ids: std::collections::HashSet<String> =
+        late.late_passes().await.unwrap().into_iter().map(|(id, _)| id).collect();
+    assert!(!late_ids.is_empty());
+
+    // The archive holds what arrived in time; the late passes are in the store.
+    let (city, all) = passes(dir);
+    let city = Arc::new(city);
+    let archive = out.path().join("archive");
+    let mut op = passflow::pipelines::Archive::new(&city, TZ, &archive);
+    let in_time: Vec<passflow::model::Pass> = all.iter().filter(|p| !late_ids.contains(&*p.pass_id)).cloned().collect();
+    let (mut sink, mut missed) = (passflow::results::ResultBatch::default(), Vec::new());
+    op.process_batch(
+        &in_time,
+        &mut Context { watermark: 0, allowed_lateness_ms: 0, out: &mut sink, late: &mut missed },
+    );
+    op.on_checkpoint(1);
+
+    let day = chrono::NaiveDate::from_ymd_opt(2026, 3, 2).unwrap();
+    let start = passflow::simulator::day_start_ms(day, TZ);
+    let end = start + 86_400_000;
+    let in_day = |t: i64| (start..end).contains(&t);
+    let flows = |rows: Vec<passflow::store::StoredFlowCount>| -> Vec<_> {
+        rows.into_iter().filter(|r| in_day(r.3)).map(|r| (r.0, r.1, r.2, r.3, r.4)).collect()
+    };
+    let before = flows(late.flow_counts().await.unwrap());
+    assert!(before != flows(on_time.flow_counts().await.unwrap()), "the late replay misses passes");
+    let mut config = Config::default();
+    config.city.dir = dir.to_path_buf();
+    let summary =
+        backfill(BackfillOptions { config, day, store_url: late_url.clone(), archive_dir: archive }).await.unwrap();
+    assert_eq!(summary.late_passes, late_ids.len());
+    assert!(summary.rows_written > 10_000, "{summary:?}");
+
+    assert!(
+        flows(late.flow_counts().await.unwrap()) == flows(on_time.flow_counts().await.unwrap()),
+        "flow_counts differ"
+    );
+    let origins = |rows: Vec<(String, i64, String, String, String, i64)>| -> Vec<_> {
+        rows.into_iter().filter(|r| in_day(r.1)).collect()
+    };
+    assert!(
+        origins(late.origin_counts().await.unwrap()) == origins(on_time.origin_counts().await.unwrap()),
+        "origin_counts differ"
+    );
+    let top = |rows: Vec<(String, i64, i64, String, i64)>| -> Vec<_> {
+        rows.into_iter().filter(|r| r.1 > start && r.1 <= end).collect()
+    };
+    assert!(top(late.top_n().await.unwrap()) == top(on_time.top_n().await.unwrap()), "top_n differs");
+    let segments = |rows: Vec<(String, i64, i64, i64, f64, f64, i64)>| -> Vec<_> {
+        rows.into_iter().filter(|r| in_day(r.2)).collect()
+    };
+    assert!(
+        segments(late.segment_congestion().await.unwrap()) == segments(on_time.segment_congestion().await.unwrap()),
+        "segment_congestion differs"
+    );
+    let areas = |rows: Vec<(String, String, i64, i64, f64, f64, i64)>| -> Vec<_> {
+        rows.into_iter().filter(|r| in_day(r.3)).collect()
+    };
+    assert!(
+        areas(late.area_congestion().await.unwrap()) == areas(on_time.area_congestion().await.unwrap()),
+        "area_congestion differs"
+    );
+    let speeds =
+        |rows: Vec<(String, i64, i64, i64, f64)>| -> Vec<_> { rows.into_iter().filter(|r| in_day(r.2)).collect() };
+    assert!(
+        speeds(late.checkpoint_speed().await.unwrap()) == speeds(on_time.checkpoint_speed().await.unwrap()),
+        "checkpoint_speed differs"
+    );
+    let the_day = |rows: Vec<(String, i64, String, String, String, String)>| -> Vec<_> {
+        rows.into_iter().filter(|r| r.2 == "2026-03-02").collect()
+    };
+    assert!(
+        the_day(late.trajectories().await.unwrap()) == the_day(on_time.trajectories().await.unwrap()),
+        "trajectories differ"
+    );
+    let hf = |rows: Vec<(String, String, String, i64, i64, i64, i64)>| -> Vec<_> {
+        rows.into_iter().filter(|r| r.0 == "2026-03-02").collect()
+    };
+    assert!(
+        hf(late.high_frequency().await.unwrap()) == hf(on_time.high_frequency().await.unwrap()),
+        "high_frequency differs"
+    );
+    assert_eq!(late.restrictions().await.unwrap(), on_time.restrictions().await.unwrap());
 }

@@ -7,3 +7,4 @@ mod cli;
 mod core;
 mod mysql_store;
 mod service;
+mod webhooks;

@@ -37,6 +37,13 @@ async fn mysql_and_sqlite_hold_the_same_tables_and_a_second_replay_adds_no_row()
         rows.iter().map(|r| (r.0.clone(), r.1.clone(), r.2, r.3, r.4)).collect::<Vec<_>>()
     };
     assert_eq!(without_revision(&m), without_revision(&s));
+    let segments = mysql.segment_congestion().await.unwrap();
+    assert!(segments.len() > 1_000, "{} segment rows", segments.len());
+    assert_eq!(segments, sqlite.segment_congestion().await.unwrap());
+    assert_eq!(mysql.area_congestion().await.unwrap(), sqlite.area_congestion().await.unwrap());
+    assert_eq!(mysql.high_frequency().await.unwrap(), sqlite.high_frequency().await.unwrap());
+    assert_eq!(mysql.checkpoint_speed().await.unwrap(), sqlite.checkpoint_speed().await.unwrap());
+    assert_eq!(mysql.top_n().await.unwrap(), sqlite.top_n().await.unwrap());
     let expected: Vec<(String, i64)> =
         labels(small_day()).dead_letters.into_iter().map(|(k, v)| (k, v as i64)).collect();
     assert_eq!(mysql.dead_letter_counts().await.unwrap(), expected);
@@ -121,6 +128,8 @@ fn rows_at(old: i64, new: i64) -> passflow::results::ResultBatch {
             first_ts: t,
             last_ts: t,
         });
+        b.segment_congestion.push(segment_row(t, 1, 0));
+        b.area_congestion.push(area_row(t, 0, false));
         b.dead_letters.push(passflow::ingest::DeadLetter {
             id: format!("f:{t}"),
             reason: passflow::model::RejectReason::MalformedJson,
@@ -140,7 +149,8 @@ async fn retention_purges_old_rows_and_keeps_new_ones_in_both_stores() {
         let store = Store::open(&url).await.unwrap();
         store.write(&rows_at(old, new)).await.unwrap();
         let cutoff = old + 5 * 86_400_000;
-        for table in ["flow_counts", "top_n", "high_frequency", "dead_letters"] {
+        for table in ["flow_counts", "top_n", "high_frequency", "segment_congestion", "area_congestion", "dead_letters"]
+        {
             assert_eq!(store.purge(table, cutoff).await.unwrap(), 1, "{table} in {}", store.kind());
             assert_eq!(store.purge(table, cutoff).await.unwrap(), 0);
         }
@@ -148,6 +158,55 @@ async fn retention_purges_old_rows_and_keeps_new_ones_in_both_stores() {
         assert_eq!(store.top_n().await.unwrap()[0].1, new);
         assert_eq!(store.high_frequency().await.unwrap()[0].5, new);
         assert!(store.purge("passes", cutoff).await.is_err());
+    }
+    db.drop_now().await;
+}
+
+fn segment_row(window_start: i64, traversals: u32, revision: u32) -> passflow::results::SegmentCongestionRow {
+    passflow::results::SegmentCongestionRow {
+        segment_id: "SG1".into(),
+        window_s: 60,
+        window_start,
+        traversals,
+        mean_speed_kmh: 42.5,
+        travel_time_index: 1.25,
+        congestion_level: 1,
+        revision,
+    }
+}
+
+fn area_row(window_start: i64, revision: u32, retracted: bool) -> passflow::results::AreaCongestionRow {
+    passflow::results::AreaCongestionRow {
+        level: "region",
+        key_id: "R1".into(),
+        window_s: 60,
+        window_start,
+        mean_speed_kmh: 42.5,
+        travel_time_index: 1.25,
+        congestion_level: 1,
+        revision,
+        retracted,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retraction_deletes_the_stored_row_unless_a_newer_one_is_stored_in_both_stores() {
+    let db = TestDatabase::create("retraction").await;
+    let dir = tempfile::tempdir().unwrap();
+    for url in [db.url.clone(), format!("sqlite://{}", dir.path().join("r.db").display())] {
+        let store = Store::open(&url).await.unwrap();
+        let mut batch = passflow::results::ResultBatch::default();
+        batch.segment_congestion = vec![segment_row(0, 2, 3), segment_row(60_000, 1, 0)];
+        batch.area_congestion = vec![area_row(0, 3, false), area_row(60_000, 0, false)];
+        store.write(&batch).await.unwrap();
+        // A stale retraction (revision 2 < 3) leaves the row; a current one deletes it.
+        batch.segment_congestion = vec![segment_row(0, 0, 2), segment_row(60_000, 0, 1)];
+        batch.area_congestion = vec![area_row(0, 2, true), area_row(60_000, 1, true)];
+        store.write(&batch).await.unwrap();
+        let segments = store.segment_congestion().await.unwrap();
+        assert_eq!(segments.iter().map(|r| (r.2, r.3)).collect::<Vec<_>>(), vec![(0, 2)], "{}", store.kind());
+        let areas = store.area_congestion().await.unwrap();
+        assert_eq!(areas.iter().map(|r| r.3).collect::<Vec<_>>(), vec![0], "{}", store.kind());
     }
     db.drop_now().await;
 }

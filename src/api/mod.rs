@@ -2,6 +2,7 @@
 //! `/api/v1` grows here.
 
 mod admin;
+mod watchlist;
 
 pub use admin::{request_savepoint, AdminCommand, SavepointRequestError};
 
@@ -9,7 +10,7 @@ use crate::metrics::Metrics;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -20,6 +21,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Commands for the pipeline task.
     pub admin: mpsc::Sender<AdminCommand>,
+    pub watchlist: Arc<crate::pipelines::WatchList>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -27,6 +29,8 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/v1/admin/savepoint", post(admin::savepoint))
+        .route("/api/v1/admin/watchlist", get(watchlist::list).post(watchlist::put))
+        .route("/api/v1/admin/watchlist/{plate}", delete(watchlist::remove))
         .with_state(state)
 }
 

@@ -56,7 +56,7 @@ pub fn bench_core(config: &Config, vehicles: u32, repeat: u32, all_pipelines: bo
             })
         })
         .collect();
-    let mut engine = build_engine(config, &city, false, None)?;
+    let mut engine = build_engine(config, &city, false, None, &crate::pipelines::WatchList::in_memory())?;
     if !all_pipelines {
         engine.keep_operators(&["flow_counts"]);
     }

@@ -1,10 +1,12 @@
 //! The commands of the `passflow` binary and their command line.
 
+mod backfill;
 mod bench;
 mod replay;
 mod run;
 mod simulate;
 
+pub use backfill::{backfill, BackfillOptions, BackfillSummary};
 pub use bench::{bench_core, peak_rss_mb, CoreBenchResult};
 pub use replay::{build_engine, replay, ReplayInput, ReplayOptions, ReplaySummary};
 pub use run::{create_savepoint, run, RunHandle};
@@ -55,6 +57,22 @@ pub enum Command {
         day: chrono::NaiveDate,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+    /// Recompute one local day from the pass archive (plus the late passes the store holds)
+    /// and replace that day's rows in the store.
+    Backfill {
+        /// Local day, YYYY-MM-DD.
+        #[arg(long)]
+        day: chrono::NaiveDate,
+        /// sqlite://PATH or mysql://URL (default: store.url of the configuration).
+        #[arg(long)]
+        store: Option<String>,
+        /// The archive (default: archive.dir of the configuration).
+        #[arg(long)]
+        archive: Option<PathBuf>,
+        /// City folder (default: city.dir of the configuration).
+        #[arg(long)]
+        city: Option<PathBuf>,
     },
     /// Replay a JSON-lines pass file through decoding, validation and deduplication.
     Replay {
@@ -137,6 +155,19 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 labels.records,
                 labels.vehicles,
                 labels.valid_passes
+            );
+            Ok(())
+        }
+        Command::Backfill { day, store, archive, city } => {
+            if let Some(city) = city {
+                config.city.dir = city;
+            }
+            let store_url = store.unwrap_or_else(|| config.store.url.clone());
+            let archive_dir = archive.unwrap_or_else(|| config.archive.dir.clone());
+            let s = backfill(BackfillOptions { config, day, store_url, archive_dir }).await?;
+            println!(
+                "backfilled {day}: {} archived and {} late passes, {} rows written",
+                s.archived_passes, s.late_passes, s.rows_written
             );
             Ok(())
         }

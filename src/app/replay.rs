@@ -97,6 +97,12 @@ struct FilePosition {
     line: u64,
 }
 
+/// Loads the configured watch list.
+pub fn load_watchlist(config: &Config) -> anyhow::Result<Arc<pipelines::WatchList>> {
+    let file = &config.pipelines.watchlist_file;
+    pipelines::WatchList::load(file).with_context(|| format!("loading the watch list {}", file.display()))
+}
+
 /// Builds the engine with every pipeline for `config`. With the RocksDB state backend, state
 /// lives in the checkpoint store's database, or in a scratch database when there is none.
 pub fn build_engine(
@@ -104,6 +110,7 @@ pub fn build_engine(
     city: &Arc<City>,
     live: bool,
     store: Option<&CheckpointStore>,
+    watchlist: &Arc<pipelines::WatchList>,
 ) -> anyhow::Result<Engine> {
     let core = &config.core;
     let validator = Validator::new(
@@ -132,9 +139,16 @@ pub fn build_engine(
         local_prefixes: config.city.local_prefixes.clone(),
         top_n: config.pipelines.top_n,
         high_frequency_passes: config.pipelines.high_frequency_passes,
+        cloned_plates: config.pipelines.cloned_plates,
+        surge: config.pipelines.traffic_surge,
+        watchlist: watchlist.clone(),
+        // The live service archives what it receives; a replay's input is its own archive.
+        archive_dir: (live && !config.archive.dir.as_os_str().is_empty()).then(|| config.archive.dir.clone()),
+        first_entry_store: config.pipelines.first_entry.store.clone(),
+        first_entry_key_prefix: config.pipelines.first_entry.key_prefix.clone(),
         time_zone: config.city.tz()?,
     };
-    let pipelines = pipelines::all(city, &pipeline_settings);
+    let pipelines = pipelines::all(city, &pipeline_settings)?;
     Ok(Engine::new(city.clone(), ingest, pipelines, settings))
 }
 
@@ -144,7 +158,7 @@ pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
         Arc::new(City::load(&config.city.dir).with_context(|| format!("loading city {}", config.city.dir.display()))?);
     let store = Store::open(&options.store_url).await?;
     let metrics = Arc::new(Metrics::new());
-    let (sink, writer) = spawn_writer(store, metrics.clone());
+    let (sink, writer) = spawn_writer(store, None, metrics.clone());
     let metrics_for_summary = metrics.clone();
     let checkpointing = match &options.checkpoint_dir {
         Some(dir) => {
@@ -156,7 +170,8 @@ pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
         }
         None => None,
     };
-    let mut engine = build_engine(config, &city, false, checkpointing.as_ref().map(|c| &c.store))?;
+    let mut engine =
+        build_engine(config, &city, false, checkpointing.as_ref().map(|c| &c.store), &load_watchlist(config)?)?;
     engine.assign(0, wall_ms());
     let (mut driver, resumed) = Driver::start(engine, sink, checkpointing, metrics)?;
     let start: FilePosition = resumed

@@ -81,11 +81,12 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
         Arc::new(City::load(&config.city.dir).with_context(|| format!("loading city {}", config.city.dir.display()))?);
     let store = Store::open(&config.store.url).await?;
     let metrics = Arc::new(Metrics::new());
+    let watchlist = super::replay::load_watchlist(&config)?;
     let checkpoints = CheckpointStore::open(&config.state.dir)?;
     if let Some(dir) = from_savepoint {
         let mut savepoint = read_savepoint(&dir)?;
         savepoint.id = checkpoints.ids()?.last().map_or(savepoint.id, |last| last + 1).max(savepoint.id);
-        let mut engine = build_engine(&config, &city, true, Some(&checkpoints))?;
+        let mut engine = build_engine(&config, &city, true, Some(&checkpoints), &watchlist)?;
         engine
             .restore(&savepoint.engine)
             .with_context(|| format!("savepoint {} does not fit this build", dir.display()))?;
@@ -100,13 +101,21 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
     let (stop, stopped) = watch::channel(false);
     let (admin_tx, admin_rx) = mpsc::channel(4);
     let mut tasks = JoinSet::new();
-    let state = AppState { metrics: metrics.clone(), admin: admin_tx };
+    let state = AppState { metrics: metrics.clone(), admin: admin_tx, watchlist: watchlist.clone() };
     let mut api_stop = stopped.clone();
     tasks.spawn(async move {
         tokio::select! { r = api::serve(listener, state) => ("api", r), _ = api_stop.wait_for(|s| *s) => ("api", Ok(())) }
     });
-    let (sink, writer) = spawn_writer(store, metrics.clone());
-    let engine = build_engine(&config, &city, true, Some(&checkpoints))?;
+    let webhooks = match config.webhooks.endpoints.is_empty() {
+        true => None,
+        false => Some(crate::webhooks::Webhooks::open(&config.webhooks, &metrics).await?),
+    };
+    if let Some(webhooks) = &webhooks {
+        let (webhooks, stopped) = (webhooks.clone(), stopped.clone());
+        tasks.spawn(async move { ("webhooks", webhooks.run(stopped).await) });
+    }
+    let (sink, writer) = spawn_writer(store, webhooks, metrics.clone());
+    let engine = build_engine(&config, &city, true, Some(&checkpoints), &watchlist)?;
     let checkpointing = Checkpointing { store: checkpoints, interval: config.core.checkpoint_interval.0 };
     let (mut driver, resumed) = Driver::start(engine, sink, Some(checkpointing), metrics.clone())?;
     driver.engine.assign(0, wall_ms());
@@ -255,7 +264,7 @@ pub async fn create_savepoint(config: &Config, to: &std::path::Path) -> anyhow::
                 )
             })?;
             let city = Arc::new(City::load(&config.city.dir)?);
-            let mut engine = build_engine(config, &city, true, Some(&store))?;
+            let mut engine = build_engine(config, &city, true, Some(&store), &super::replay::load_watchlist(config)?)?;
             engine.restore(&latest.engine)?;
             let portable = crate::core::checkpoint::Checkpoint { engine: engine.export()?, ..latest };
             write_savepoint(&portable, &to)?;

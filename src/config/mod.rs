@@ -26,6 +26,22 @@ pub struct Config {
     pub store: StoreConfig,
     pub api: ApiConfig,
     pub pipelines: PipelinesConfig,
+    pub webhooks: crate::webhooks::WebhookConfig,
+    pub archive: ArchiveConfig,
+}
+
+/// The daily archive of clean passes (written by `run`, read by `backfill`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    /// Where the archive lives; empty: no archive.
+    pub dir: PathBuf,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig { dir: "data/archive".into() }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -35,11 +51,42 @@ pub struct PipelinesConfig {
     pub top_n: usize,
     /// Passes at one checkpoint in one local day that make a vehicle high-frequency.
     pub high_frequency_passes: u32,
+    /// The cloned-plate rule's thresholds.
+    pub cloned_plates: crate::pipelines::ClonedPlateRule,
+    /// The traffic-surge rule's thresholds.
+    pub traffic_surge: crate::pipelines::SurgeRule,
+    /// The watch list (CSV: plate,plate_color,reason,severity); the admin API writes it back.
+    pub watchlist_file: PathBuf,
+    pub first_entry: FirstEntryConfig,
 }
 
 impl Default for PipelinesConfig {
     fn default() -> Self {
-        PipelinesConfig { top_n: 10, high_frequency_passes: 8 }
+        PipelinesConfig {
+            top_n: 10,
+            high_frequency_passes: 8,
+            cloned_plates: Default::default(),
+            traffic_surge: Default::default(),
+            watchlist_file: "data/watchlist.csv".into(),
+            first_entry: FirstEntryConfig::default(),
+        }
+    }
+}
+
+/// Where first entries into the city are kept.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FirstEntryConfig {
+    /// `embedded` (in passflow's own checkpointed state) or a Redis URL (`redis://host:port`),
+    /// shared by every instance.
+    pub store: String,
+    /// Prefix of the Redis keys (`<prefix>first_entry:<plate>:<colour>`).
+    pub key_prefix: String,
+}
+
+impl Default for FirstEntryConfig {
+    fn default() -> Self {
+        FirstEntryConfig { store: "embedded".into(), key_prefix: "passflow:".into() }
     }
 }
 
@@ -184,7 +231,13 @@ pub struct RetentionConfig {
     pub origin_counts: HumanDuration,
     pub top_n: HumanDuration,
     pub checkpoint_speed: HumanDuration,
+    pub segment_congestion: HumanDuration,
+    pub area_congestion: HumanDuration,
     pub high_frequency: HumanDuration,
+    pub alerts: HumanDuration,
+    pub trajectories: HumanDuration,
+    pub restriction_violations: HumanDuration,
+    pub restriction_summary: HumanDuration,
     pub late_passes: HumanDuration,
     pub dead_letters: HumanDuration,
 }
@@ -197,7 +250,13 @@ impl Default for RetentionConfig {
             origin_counts: days(90),
             top_n: days(7),
             checkpoint_speed: days(90),
+            segment_congestion: days(90),
+            area_congestion: days(90),
             high_frequency: days(365),
+            alerts: days(365),
+            trajectories: days(90),
+            restriction_violations: days(365),
+            restriction_summary: days(365),
             late_passes: days(30),
             dead_letters: days(30),
         }
@@ -206,13 +265,19 @@ impl Default for RetentionConfig {
 
 impl RetentionConfig {
     /// (table, retention) for every table with a retention.
-    pub fn tables(&self) -> [(&'static str, HumanDuration); 7] {
+    pub fn tables(&self) -> [(&'static str, HumanDuration); 13] {
         [
             ("flow_counts", self.flow_counts),
             ("origin_counts", self.origin_counts),
             ("top_n", self.top_n),
             ("checkpoint_speed", self.checkpoint_speed),
+            ("segment_congestion", self.segment_congestion),
+            ("area_congestion", self.area_congestion),
             ("high_frequency", self.high_frequency),
+            ("alerts", self.alerts),
+            ("trajectories", self.trajectories),
+            ("restriction_violations", self.restriction_violations),
+            ("restriction_summary", self.restriction_summary),
             ("late_passes", self.late_passes),
             ("dead_letters", self.dead_letters),
         ]

@@ -6,7 +6,8 @@ use super::{Clocks, Engine, EngineSettings, Record};
 use crate::ingest::{Deduplicator, Ingest, RocksDedup, Validator};
 use crate::model::{decode_record, Pass, PlateColorScheme};
 use crate::pipelines::{
-    all, batch_checkpoint_speed, batch_flow_counts, batch_high_frequency, batch_origin_counts, batch_top_n,
+    all, batch_checkpoint_speed, batch_congestion, batch_flow_counts, batch_high_frequency, batch_origin_counts,
+    batch_top_n, AreaTable, SegmentTable, CHECKPOINT_METRIC, SEGMENT_METRIC,
 };
 use crate::reference::City;
 use crate::simulator::{sample_city, simulate_day, SimParams};
@@ -77,9 +78,16 @@ fn engine(city: &Arc<City>, backend: &Backend) -> Engine {
                 local_prefixes: vec!["赣A".to_string()],
                 top_n: 10,
                 high_frequency_passes: 3,
+                cloned_plates: Default::default(),
+                surge: Default::default(),
+                watchlist: crate::pipelines::WatchList::in_memory(),
+                archive_dir: None,
+                first_entry_store: "embedded".into(),
+                first_entry_key_prefix: String::new(),
                 time_zone: TZ,
             },
-        ),
+        )
+        .unwrap(),
         EngineSettings {
             out_of_orderness_ms: 10_000,
             idle_timeout_ms: 60_000,
@@ -95,7 +103,13 @@ type Table = BTreeMap<(String, String, u32, i64), (u32, u64)>;
 #[derive(Default)]
 struct Origins {
     counts: BTreeMap<(String, i64, String, String), (u32, String, u64)>,
-    top_n: BTreeMap<i64, Vec<(Arc<str>, u64)>>,
+    top_n: BTreeMap<(&'static str, i64), Vec<(Arc<str>, u64)>>,
+    segments: BTreeMap<(String, u32, i64), (u32, (u32, f64, f64, u8))>,
+    areas: BTreeMap<(String, String, u32, i64), (u32, (f64, f64, u8))>,
+    /// Alerts by id: (kind, revision, status).
+    alerts: BTreeMap<String, (&'static str, u32, &'static str)>,
+    trajectories: BTreeMap<(String, u8, String), (u32, Vec<i64>)>,
+    first_entry: BTreeMap<String, (u32, (i64, String, String))>,
     high_frequency: BTreeMap<(String, String, String, u8), (u32, i64, i64)>,
     speeds: BTreeMap<(String, u32, i64), (u32, u32, f64)>,
 }
@@ -113,7 +127,50 @@ fn upsert(table: &mut Table, origins: &mut Origins, engine: &mut Engine, late: &
         }
     }
     for w in out.top_n {
-        origins.top_n.insert(w.window_end, w.entries);
+        match w.entries.is_empty() {
+            true => origins.top_n.remove(&(w.metric, w.window_end)),
+            false => origins.top_n.insert((w.metric, w.window_end), w.entries),
+        };
+    }
+    for r in out.segment_congestion {
+        let key = (r.segment_id.to_string(), r.window_s, r.window_start);
+        if origins.segments.get(&key).is_none_or(|(rev, _)| *rev <= r.revision) {
+            match r.is_retraction() {
+                true => origins.segments.remove(&key),
+                false => origins.segments.insert(
+                    key,
+                    (r.revision, (r.traversals, r.mean_speed_kmh, r.travel_time_index, r.congestion_level)),
+                ),
+            };
+        }
+    }
+    for a in out.alerts {
+        if origins.alerts.get(&a.alert_id).is_none_or(|(_, rev, _)| *rev <= a.revision) {
+            origins.alerts.insert(a.alert_id, (a.kind, a.revision, a.status));
+        }
+    }
+    for r in out.first_entry {
+        let key = format!("{}:{}", r.plate, r.plate_color);
+        if origins.first_entry.get(&key).is_none_or(|(rev, _)| *rev <= r.revision) {
+            origins.first_entry.insert(key, (r.revision, (r.ts, r.pass_id.to_string(), r.checkpoint_id.to_string())));
+        }
+    }
+    for r in out.trajectories {
+        let key = (r.plate.to_string(), r.plate_color, r.day.clone());
+        if origins.trajectories.get(&key).is_none_or(|(rev, _)| *rev <= r.revision) {
+            origins.trajectories.insert(key, (r.revision, r.times));
+        }
+    }
+    for r in out.area_congestion {
+        let key = (r.level.to_owned(), r.key_id.to_string(), r.window_s, r.window_start);
+        if origins.areas.get(&key).is_none_or(|(rev, _)| *rev <= r.revision) {
+            match r.is_retraction() {
+                true => origins.areas.remove(&key),
+                false => {
+                    origins.areas.insert(key, (r.revision, (r.mean_speed_kmh, r.travel_time_index, r.congestion_level)))
+                }
+            };
+        }
     }
     for r in out.checkpoint_speed {
         let key = (r.checkpoint_id.to_string(), r.window_s, r.window_start);
@@ -233,7 +290,20 @@ proptest! {
         let want = expected(city, &all);
         let owned: Vec<Pass> = all.iter().map(|p| (*p).clone()).collect();
         let want_origins = batch_origin_counts(city, &["赣A".to_string()], &owned);
-        let want_top_n = batch_top_n(city, &owned, 10);
+        let (want_segments, want_areas, segment_ranking) = batch_congestion(city, &owned, 10);
+        let want_top_n: BTreeMap<(&'static str, i64), Vec<(Arc<str>, u64)>> = batch_top_n(city, &owned, 10)
+            .into_iter()
+            .map(|(end, w)| ((CHECKPOINT_METRIC, end), w))
+            .chain(segment_ranking.into_iter().map(|(end, w)| ((SEGMENT_METRIC, end), w)))
+            .collect();
+        prop_assert!(want_segments.len() > 100);
+        let want_clones = crate::pipelines::batch_cloned_plates(city, &owned, Default::default());
+        let want_first = crate::pipelines::batch_first_entry(city, &owned);
+        let want_surges = crate::pipelines::batch_traffic_surge(city, &owned, Default::default());
+        let want_sudden = crate::pipelines::batch_sudden_congestion(&want_segments);
+        prop_assert!(!want_first.is_empty());
+        let want_trajectories: BTreeMap<(String, u8, String), Vec<i64>> =
+            crate::pipelines::batch_trajectories(city, TZ, &owned).into_iter().map(|(k, (t, _))| (k, t)).collect();
         let want_high_frequency = batch_high_frequency(city, TZ, &owned, 3);
         let want_speeds = batch_checkpoint_speed(city, &owned);
         prop_assert!(!want_high_frequency.is_empty());
@@ -244,6 +314,25 @@ proptest! {
             let diff = differences(&counts(&table), &want);
             prop_assert!(diff.is_empty(), "{} keys differ, e.g. {:?}", diff.len(), &diff[..diff.len().min(5)]);
             prop_assert!(origins.top_n == want_top_n, "Top-N windows differ from the batch ranking");
+            let segments: SegmentTable = origins.segments.iter().map(|(k, (_, v))| (k.clone(), *v)).collect();
+            let diff: Vec<_> = segments.keys().chain(want_segments.keys()).filter(|k| segments.get(*k) != want_segments.get(*k)).take(5).map(|k| (k.clone(), segments.get(k).copied(), want_segments.get(k).copied())).collect();
+            prop_assert!(diff.is_empty(), "segment congestion differs from the batch computation: {diff:?}");
+            let areas: AreaTable = origins.areas.iter().map(|(k, (_, v))| (k.clone(), *v)).collect();
+            prop_assert!(areas == want_areas, "area congestion differs from the batch computation");
+            let active = |kind: &str| -> Vec<String> {
+                origins.alerts.iter().filter(|(_, (k, _, s))| *k == kind && *s == "active").map(|(id, _)| id.clone()).collect()
+            };
+            prop_assert!(active("cloned_plate") == want_clones.keys().cloned().collect::<Vec<_>>(), "cloned-plate alerts differ from the batch pairs");
+            // Surge and sudden-congestion alerts judged before a crash and not again after it can
+            // stay active (their retraction needs the state the crash lost): every batch alert
+            // is active, and without restarts exactly those (the unit tests check that).
+            let (surges, sudden) = (active("traffic_surge"), active("sudden_congestion"));
+            prop_assert!(want_surges.iter().all(|id| surges.contains(id)), "a traffic surge of the batch computation is missing");
+            prop_assert!(want_sudden.iter().all(|id| sudden.contains(id)), "a sudden congestion of the batch computation is missing");
+            let trajectories: BTreeMap<_, _> = origins.trajectories.into_iter().map(|(k, (_, t))| (k, t)).collect();
+            prop_assert!(trajectories == want_trajectories, "trajectories differ from the batch computation");
+            let first: BTreeMap<_, _> = origins.first_entry.into_iter().map(|(k, (_, v))| (k, v)).collect();
+            prop_assert!(first == want_first, "first entries differ from the batch computation");
             prop_assert!(origins.high_frequency == want_high_frequency, "high-frequency rows differ from the batch computation");
             let speeds: BTreeMap<(String, u32, i64), (u32, f64)> = origins.speeds.iter().map(|(k, (_, n, v))| (k.clone(), (*n, *v))).collect();
             prop_assert!(speeds == want_speeds, "spot speeds differ from the batch computation");
@@ -292,7 +381,7 @@ proptest! {
         prop_assert!(!late.is_empty());
         for (_, pipelines) in &late {
             prop_assert!(!pipelines.is_empty());
-            prop_assert!(pipelines.iter().all(|p| ["flow_counts/30s", "flow_counts/1m", "flow_counts/5m", "origin_counts/5m", "top_n/1m", "high_frequency/day", "checkpoint_speed/1m", "checkpoint_speed/5m"].contains(p)), "{pipelines:?}");
+            prop_assert!(pipelines.iter().all(|p| ["flow_counts/30s", "flow_counts/1m", "flow_counts/5m", "origin_counts/5m", "top_n/1m", "high_frequency/day", "checkpoint_speed/1m", "checkpoint_speed/5m", "segment_congestion/1m", "segment_congestion/5m", "top_n_segments/1m", "cloned_plate", "trajectories/day", "traffic_surge/5m", "restriction_summary/day"].contains(p)), "{pipelines:?}");
         }
         // Every pass that was not late is counted exactly once in each of its windows.
         let got = counts(&table);

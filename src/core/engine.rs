@@ -315,6 +315,7 @@ impl Engine {
     /// One `late_passes` row per late pass, naming everything it missed.
     fn record_late(&mut self, mut late: Vec<(usize, &'static str)>, passes: &[Pass], raw: &[&[u8]], arrived_at: i64) {
         late.sort_unstable();
+        late.dedup();
         let mut i = 0;
         while i < late.len() {
             let idx = late[i].0;

@@ -19,7 +19,7 @@ pub mod watermark;
 pub mod window;
 
 pub use engine::{apply_writes, write_batch, Clocks, Engine, EngineSettings, EngineSnapshot, Record, StateWrite};
-pub use operator::{check_version, Context, Operator, StateBlob};
+pub use operator::{check_version, pairs, Context, Operator, StateBlob};
 
 #[cfg(test)]
 mod convergence_tests;

@@ -57,3 +57,23 @@ pub fn check_version(operator: &str, stored: u32, supported: u32) -> anyhow::Res
     );
     Ok(())
 }
+
+/// Serialises a map whose keys are not strings (tuples, say) as a list of pairs: JSON objects
+/// only take string keys. Use as `#[serde(with = "crate::core::pairs")]`.
+pub mod pairs {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::BTreeMap;
+
+    pub fn serialize<S: Serializer, K: Serialize, V: Serialize>(map: &BTreeMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, D, K, V>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+    {
+        Vec::<(K, V)>::deserialize(d).map(|pairs| pairs.into_iter().collect())
+    }
+}

@@ -5,6 +5,7 @@
 use crate::metrics::Metrics;
 use crate::results::{FlowCountRow, ResultBatch};
 use crate::store::Store;
+use crate::webhooks::Webhooks;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,13 +48,23 @@ impl SinkHandle {
     }
 }
 
-/// Starts the store writer; it ends when every handle is dropped.
-pub fn spawn_writer(store: Store, metrics: Arc<Metrics>) -> (SinkHandle, JoinHandle<anyhow::Result<()>>) {
+/// Starts the store writer; it ends when every handle is dropped. Alerts also go to the
+/// webhook queue when one is given (before the barrier that covers them is acknowledged).
+pub fn spawn_writer(
+    store: Store,
+    webhooks: Option<Arc<Webhooks>>,
+    metrics: Arc<Metrics>,
+) -> (SinkHandle, JoinHandle<anyhow::Result<()>>) {
     let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
-    (SinkHandle { tx, backlog: metrics.sink_backlog.clone() }, tokio::spawn(write_loop(store, rx, metrics)))
+    (SinkHandle { tx, backlog: metrics.sink_backlog.clone() }, tokio::spawn(write_loop(store, webhooks, rx, metrics)))
 }
 
-async fn write_loop(store: Store, mut rx: mpsc::Receiver<SinkMsg>, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+async fn write_loop(
+    store: Store,
+    webhooks: Option<Arc<Webhooks>>,
+    mut rx: mpsc::Receiver<SinkMsg>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     let mut next = rx.recv().await;
     while let Some(msg) = next.take() {
         match msg {
@@ -77,9 +88,14 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<SinkMsg>, metrics: Arc<
                         Err(_) => break,
                     }
                 }
-                if !matches!(store, Store::Null) {
+                if !matches!(store, Store::Null) || webhooks.is_some() {
                     coalesce_batch(&mut batch);
+                }
+                if !matches!(store, Store::Null) {
                     write_with_retry(&store, &batch, &metrics).await;
+                }
+                if let Some(webhooks) = &webhooks {
+                    enqueue_with_retry(webhooks, &batch.alerts).await;
                 }
                 metrics.sink_backlog.sub(merged);
             }
@@ -92,7 +108,7 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<SinkMsg>, metrics: Arc<
 }
 
 /// One row per key in every table of a batch: the newest.
-fn coalesce_batch(batch: &mut ResultBatch) {
+pub fn coalesce_batch(batch: &mut ResultBatch) {
     batch.flow_counts = coalesce(std::mem::take(&mut batch.flow_counts));
     batch.top_n = latest_windows(std::mem::take(&mut batch.top_n));
     batch.checkpoint_speed = coalesce_by(std::mem::take(&mut batch.checkpoint_speed), |r| {
@@ -101,6 +117,21 @@ fn coalesce_batch(batch: &mut ResultBatch) {
     batch.high_frequency = coalesce_by(std::mem::take(&mut batch.high_frequency), |r| {
         ((r.day.clone(), r.checkpoint_id.clone(), r.plate.clone(), r.plate_color), r.passes)
     });
+    batch.segment_congestion = coalesce_by(std::mem::take(&mut batch.segment_congestion), |r| {
+        ((r.segment_id.clone(), r.window_s, r.window_start), r.revision)
+    });
+    batch.area_congestion = coalesce_by(std::mem::take(&mut batch.area_congestion), |r| {
+        ((r.level, r.key_id.clone(), r.window_s, r.window_start), r.revision)
+    });
+    batch.alerts = coalesce_by(std::mem::take(&mut batch.alerts), |r| (r.alert_id.clone(), r.revision));
+    batch.trajectories = coalesce_by(std::mem::take(&mut batch.trajectories), |r| {
+        ((r.plate.clone(), r.plate_color, r.day.clone()), r.revision)
+    });
+    batch.restriction_summary = coalesce_by(std::mem::take(&mut batch.restriction_summary), |r| {
+        ((r.day.clone(), r.checkpoint_id.clone(), r.rule_id.clone()), r.violations)
+    });
+    batch.first_entry =
+        coalesce_by(std::mem::take(&mut batch.first_entry), |r| ((r.plate.clone(), r.plate_color), r.revision));
     batch.origin_counts = coalesce_by(std::mem::take(&mut batch.origin_counts), |r| {
         ((r.region_id.clone(), r.window_start, r.origin_province.clone(), r.origin_city.clone()), r.revision)
     });
@@ -122,6 +153,16 @@ async fn write_with_retry(store: &Store, batch: &ResultBatch, metrics: &Metrics)
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+}
+
+/// Queues alerts for the webhooks, retrying until the queue takes them.
+async fn enqueue_with_retry(webhooks: &Webhooks, alerts: &[crate::results::AlertRow]) {
+    let mut backoff = Duration::from_millis(100);
+    while let Err(e) = webhooks.enqueue(alerts, chrono::Utc::now().timestamp_millis()).await {
+        tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "webhook queue write failed; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

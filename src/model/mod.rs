@@ -34,3 +34,24 @@ impl Pass {
         }
     }
 }
+
+/// A stable id for something derived from `parts` (pass ids, keys, window starts): `kind`, a
+/// dash, and the first 16 bytes of SHA-256 over the length-prefixed parts in hex. Replays
+/// derive the same id, so sinks and webhook receivers can use it as an idempotency key.
+pub fn stable_id(kind: &str, parts: &[&[u8]]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(kind.as_bytes());
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    let digest = h.finalize();
+    let mut id = String::with_capacity(kind.len() + 33);
+    id.push_str(kind);
+    id.push('-');
+    for b in &digest[..16] {
+        id.push_str(&format!("{b:02x}"));
+    }
+    id
+}

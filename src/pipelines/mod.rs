@@ -5,35 +5,80 @@
 //! - `origin_counts.rs`: distinct vehicles per region and 5 min window by plate origin.
 //! - `top_n.rs`: the N busiest checkpoints in a 1 min window sliding every 5 s.
 //! - `high_frequency.rs`: vehicles with at least N passes at one checkpoint in one local day.
+//! - `congestion.rs`: segment traversals, congestion per segment, region and city, and the
+//!   Top-N segments.
+//! - `cloned_plates.rs`: cloned-plate alerts, pairs of passes too far apart for their time.
+//! - `trajectories.rs`: each vehicle's passes of a local day in time order.
+//! - `restrictions.rs`: last-digit restriction violations and their daily summaries.
+//! - `first_entry.rs`: each vehicle's earliest inbound pass at a boundary checkpoint.
+//! - `traffic_surge.rs`: traffic-surge alerts on 5 min checkpoint flows.
+//! - `watchlist.rs`: an alert for every pass of a watched plate.
+//! - `archive.rs`: every valid pass in canonical form to a daily compressed archive.
 //! - `checkpoint_speed.rs`: radar spot speeds per checkpoint in 1 min and 5 min windows.
 
+mod archive;
 mod checkpoint_speed;
+mod cloned_plates;
+mod congestion;
+mod first_entry;
 mod flow_counts;
 mod high_frequency;
 mod origin_counts;
+mod restrictions;
 #[cfg(test)]
 mod test_support;
 mod top_n;
+mod traffic_surge;
+mod trajectories;
+mod watchlist;
 
+pub use archive::{read_archive_day, Archive};
 pub use checkpoint_speed::{batch_checkpoint_speed, CheckpointSpeed, SPEED_WINDOWS_S};
+pub use cloned_plates::{batch_cloned_plates, pair_id, ClonedPlateRule, ClonedPlates, CLONED_PLATE};
+pub use congestion::{
+    batch_congestion, batch_sudden_congestion, congestion_level, sudden_id, AreaTable, Congestion, SegmentTable,
+    SEGMENT_METRIC, SUDDEN_CONGESTION,
+};
+pub use first_entry::{
+    batch_first_entry, Candidate, EmbeddedFirstEntries, FirstEntry, FirstEntryStore, RedisFirstEntries,
+};
 pub use flow_counts::{batch_flow_counts, FlowCounts, FLOW_WINDOWS_S};
 pub use high_frequency::{batch_high_frequency, HighFrequency};
 pub use origin_counts::{batch_origin_counts, plate_origin, OriginCounts, PlateOrigin, ORIGIN_WINDOW_S};
+pub use restrictions::{batch_restrictions, Restrictions};
 pub use top_n::{batch_top_n, TopN, CHECKPOINT_METRIC, TOP_N_SLIDE_S, TOP_N_WINDOW_S};
+pub use traffic_surge::{batch_traffic_surge, surge_id, SurgeRule, TrafficSurge, TRAFFIC_SURGE};
+pub use trajectories::{batch_trajectories, Trajectories};
+pub use watchlist::{Watch, WatchEntry, WatchList, WATCHLIST};
 
 use crate::core::Operator;
 use crate::reference::City;
 use std::sync::Arc;
 
 /// Every pipeline of the service, in the order they run.
-pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> Vec<Box<dyn Operator>> {
-    vec![
+pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> anyhow::Result<Vec<Box<dyn Operator>>> {
+    let first_entries: Box<dyn FirstEntryStore> = match settings.first_entry_store.as_str() {
+        "embedded" => Box::new(EmbeddedFirstEntries::default()),
+        url => Box::new(RedisFirstEntries::open(url, &settings.first_entry_key_prefix)?),
+    };
+    let mut all: Vec<Box<dyn Operator>> = vec![
         Box::new(FlowCounts::new(city)),
         Box::new(OriginCounts::new(city, &settings.local_prefixes)),
         Box::new(TopN::new(city, settings.top_n)),
         Box::new(HighFrequency::new(city, settings.time_zone, settings.high_frequency_passes)),
         Box::new(CheckpointSpeed::new(city)),
-    ]
+        Box::new(Congestion::new(city, settings.top_n)),
+        Box::new(ClonedPlates::new(city, settings.cloned_plates)),
+        Box::new(Trajectories::new(city, settings.time_zone)),
+        Box::new(Restrictions::new(city, settings.time_zone, &settings.local_prefixes)),
+        Box::new(FirstEntry::new(city, first_entries)),
+        Box::new(TrafficSurge::new(city, settings.surge)),
+        Box::new(Watch::new(city, settings.watchlist.clone())),
+    ];
+    if let Some(dir) = &settings.archive_dir {
+        all.push(Box::new(Archive::new(city, settings.time_zone, dir)));
+    }
+    Ok(all)
 }
 
 /// What the pipelines take from the configuration.
@@ -45,6 +90,15 @@ pub struct PipelineSettings {
     pub top_n: usize,
     /// Passes at one checkpoint in one day that make a vehicle high-frequency.
     pub high_frequency_passes: u32,
+    pub cloned_plates: ClonedPlateRule,
+    pub surge: SurgeRule,
+    /// The watch list, shared with the admin API.
+    pub watchlist: Arc<WatchList>,
+    /// Where clean passes are archived, if anywhere.
+    pub archive_dir: Option<std::path::PathBuf>,
+    /// `embedded` or a Redis URL.
+    pub first_entry_store: String,
+    pub first_entry_key_prefix: String,
     /// The city's time zone (local days).
     pub time_zone: chrono_tz::Tz,
 }

@@ -1,7 +1,7 @@
 //! Small hand-made cities and passes for the pipelines' unit tests.
 
 use crate::model::{CheckpointIdx, Direction, EventTime, Pass, PlateColor, PlateRead};
-use crate::reference::{Checkpoint, City, Region, RoadClass};
+use crate::reference::{Checkpoint, City, Region, RoadClass, Segment};
 use std::sync::Arc;
 
 /// An arterial checkpoint in `region`, not on the boundary, without bus lanes.
@@ -21,8 +21,25 @@ pub fn checkpoint(id: &str, region: &str) -> Checkpoint {
 }
 
 pub fn city(checkpoints: Vec<Checkpoint>, regions: &[&str]) -> Arc<City> {
+    city_with_segments(checkpoints, vec![], regions)
+}
+
+pub fn city_with_segments(checkpoints: Vec<Checkpoint>, segments: Vec<Segment>, regions: &[&str]) -> Arc<City> {
     let regions = regions.iter().map(|r| Region { id: (*r).into(), name: (*r).into() }).collect();
-    Arc::new(City::from_parts(checkpoints, vec![], regions, None))
+    Arc::new(City::from_parts(checkpoints, segments, regions, None))
+}
+
+/// Segment `id` from checkpoint index `from` to `to`, `length_m` long, free flow at `free_kmh`.
+pub fn segment(id: &str, from: u32, to: u32, length_m: f64, free_kmh: f64, class: RoadClass, region: &str) -> Segment {
+    Segment {
+        id: id.into(),
+        from: CheckpointIdx(from),
+        to: CheckpointIdx(to),
+        length_m,
+        free_flow_kmh: free_kmh,
+        road_class: class,
+        region_id: region.into(),
+    }
 }
 
 /// A blue-plate pass at checkpoint `cp`, west to east in lane 1, its id made of the rest.

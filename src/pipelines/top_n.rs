@@ -20,43 +20,101 @@ const LATE_LABEL: &str = "top_n/1m";
 const STATE_VERSION: u32 = 1;
 pub const CHECKPOINT_METRIC: &str = "checkpoint_flow";
 
+/// Counts per key in 5 s buckets, and the rankings of the 1 min windows sliding over them:
+/// each window is emitted when the watermark passes its end, and re-emitted whole when a
+/// change reaches it within the allowed lateness. Top-N checkpoints and Top-N segments both
+/// rank with it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct State {
-    /// Passes per checkpoint in each 5 s bucket (by bucket start).
+pub struct SlidingRanking {
+    /// Count per key in each 5 s bucket (by bucket start).
     buckets: BTreeMap<i64, Vec<u32>>,
-    /// The next window end to emit (none before the first pass).
+    /// The next window end to emit (none before the first count).
     next_end: Option<i64>,
     /// Emitted window ends whose buckets changed since.
     dirty: BTreeSet<i64>,
 }
 
-pub struct TopN {
-    city: Arc<City>,
-    n: usize,
-    state: State,
-}
+impl SlidingRanking {
+    /// Adds `delta` to key `idx` (of `width` keys) at `ts`. Returns false when the first window
+    /// holding `ts` is already past the allowed lateness (the change misses that window).
+    pub fn add(&mut self, ts: i64, idx: usize, delta: i32, width: usize, watermark: i64, lateness_ms: i64) -> bool {
+        let bucket = tumbling_start(ts, SLIDE_MS);
+        let (first_end, last_end) = (bucket + SLIDE_MS, bucket + WINDOW_MS);
+        let on_time = !is_late(first_end, watermark, lateness_ms);
+        if is_late(last_end, watermark, lateness_ms) {
+            return on_time;
+        }
+        let count = &mut self.buckets.entry(bucket).or_insert_with(|| vec![0; width])[idx];
+        *count = count.saturating_add_signed(delta);
+        let next_end = *self.next_end.get_or_insert(first_end);
+        // Windows already emitted that hold this bucket and are still open are re-emitted.
+        let mut end = first_end;
+        while end <= last_end && end < next_end {
+            if !is_late(end, watermark, lateness_ms) {
+                self.dirty.insert(end);
+            }
+            end += SLIDE_MS;
+        }
+        on_time
+    }
 
-impl TopN {
-    pub fn new(city: &Arc<City>, n: usize) -> TopN {
-        TopN { city: city.clone(), n, state: State::default() }
+    /// Emits the windows the watermark completes and the corrected ones, then forgets buckets
+    /// no open window holds. `names` names the keys.
+    pub fn emit(
+        &mut self,
+        metric: &'static str,
+        names: &[Arc<str>],
+        n: usize,
+        watermark: i64,
+        lateness_ms: i64,
+        out: &mut Vec<TopNWindow>,
+    ) {
+        // A corrected window goes out even when it became empty: it replaces the stored one.
+        for end in std::mem::take(&mut self.dirty) {
+            out.push(self.window(metric, names, n, end));
+        }
+        let Some(mut end) = self.next_end else { return };
+        // After the last bucket every window is empty: stop there.
+        let last = self.buckets.keys().next_back().map_or(end, |b| b + WINDOW_MS);
+        while end <= watermark && end <= last {
+            // An empty window goes out only when something was counted in it and taken back
+            // (a row written before a crash may hold it).
+            let touched = self.buckets.range(end - WINDOW_MS..end).next().is_some();
+            out.extend(Some(self.window(metric, names, n, end)).filter(|w| touched || !w.entries.is_empty()));
+            end += SLIDE_MS;
+        }
+        self.next_end = Some(end);
+        let keep_from = watermark.saturating_sub(lateness_ms).saturating_sub(WINDOW_MS);
+        self.buckets.retain(|b, _| *b >= keep_from);
     }
 
     /// The ranking of the window that ends at `end`.
-    fn window(&self, end: i64) -> Option<TopNWindow> {
-        let mut sums = vec![0u64; self.city.checkpoints.len()];
-        for (_, counts) in self.state.buckets.range(end - WINDOW_MS..end) {
+    fn window(&self, metric: &'static str, names: &[Arc<str>], n: usize, end: i64) -> TopNWindow {
+        let mut sums = vec![0u64; names.len()];
+        for (_, counts) in self.buckets.range(end - WINDOW_MS..end) {
             for (s, c) in sums.iter_mut().zip(counts) {
                 *s += u64::from(*c);
             }
         }
-        let entries = rank(sums.iter().enumerate().map(|(i, v)| (self.city.checkpoints[i].id.clone(), *v)), self.n);
-        (!entries.is_empty()).then(|| TopNWindow {
-            metric: CHECKPOINT_METRIC,
-            window_s: TOP_N_WINDOW_S,
-            slide_s: TOP_N_SLIDE_S,
-            window_end: end,
-            entries,
-        })
+        let entries = rank(names.iter().cloned().zip(sums), n);
+        TopNWindow { metric, window_s: TOP_N_WINDOW_S, slide_s: TOP_N_SLIDE_S, window_end: end, entries }
+    }
+
+    /// Whether every bucket holds exactly `width` keys (a restored state fits the city).
+    pub fn fits(&self, width: usize) -> bool {
+        self.buckets.values().all(|b| b.len() == width)
+    }
+}
+
+pub struct TopN {
+    names: Vec<Arc<str>>,
+    n: usize,
+    state: SlidingRanking,
+}
+
+impl TopN {
+    pub fn new(city: &Arc<City>, n: usize) -> TopN {
+        TopN { names: city.checkpoints.iter().map(|c| c.id.clone()).collect(), n, state: SlidingRanking::default() }
     }
 }
 
@@ -78,47 +136,18 @@ impl Operator for TopN {
     }
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
-        let width = self.city.checkpoints.len();
+        let width = self.names.len();
         for (i, pass) in passes.iter().enumerate() {
-            let bucket = tumbling_start(pass.ts.ms(), SLIDE_MS);
-            let (first_end, last_end) = (bucket + SLIDE_MS, bucket + WINDOW_MS);
-            if is_late(first_end, ctx.watermark, ctx.allowed_lateness_ms) {
+            let idx = pass.checkpoint.0 as usize;
+            if !self.state.add(pass.ts.ms(), idx, 1, width, ctx.watermark, ctx.allowed_lateness_ms) {
                 ctx.late.push((i, LATE_LABEL));
-            }
-            if is_late(last_end, ctx.watermark, ctx.allowed_lateness_ms) {
-                continue;
-            }
-            self.state.buckets.entry(bucket).or_insert_with(|| vec![0; width])[pass.checkpoint.0 as usize] += 1;
-            let next_end = *self.state.next_end.get_or_insert(first_end);
-            // Windows already emitted that hold this bucket and are still open are re-emitted.
-            let mut end = first_end;
-            while end <= last_end && end < next_end {
-                if !is_late(end, ctx.watermark, ctx.allowed_lateness_ms) {
-                    self.state.dirty.insert(end);
-                }
-                end += SLIDE_MS;
             }
         }
     }
 
     fn on_watermark(&mut self, ctx: &mut Context<'_>) {
-        for end in std::mem::take(&mut self.state.dirty) {
-            if let Some(w) = self.window(end) {
-                ctx.out.top_n.push(w);
-            }
-        }
-        let Some(mut end) = self.state.next_end else { return };
-        // After the last bucket every window is empty: stop there.
-        let last = self.state.buckets.keys().next_back().map_or(end, |b| b + WINDOW_MS);
-        while end <= ctx.watermark && end <= last {
-            if let Some(w) = self.window(end) {
-                ctx.out.top_n.push(w);
-            }
-            end += SLIDE_MS;
-        }
-        self.state.next_end = Some(end);
-        let keep_from = ctx.watermark.saturating_sub(ctx.allowed_lateness_ms).saturating_sub(WINDOW_MS);
-        self.state.buckets.retain(|b, _| *b >= keep_from);
+        let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
+        self.state.emit(CHECKPOINT_METRIC, &self.names, self.n, watermark, lateness, &mut ctx.out.top_n);
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
@@ -127,11 +156,8 @@ impl Operator for TopN {
 
     fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
         check_version(self.name(), blob.version, STATE_VERSION)?;
-        let state: State = serde_json::from_slice(&blob.bytes)?;
-        anyhow::ensure!(
-            state.buckets.values().all(|b| b.len() == self.city.checkpoints.len()),
-            "top_n state was taken with another number of checkpoints"
-        );
+        let state: SlidingRanking = serde_json::from_slice(&blob.bytes)?;
+        anyhow::ensure!(state.fits(self.names.len()), "top_n state was taken with another number of checkpoints");
         self.state = state;
         Ok(())
     }
@@ -139,21 +165,26 @@ impl Operator for TopN {
 
 /// The batch computation: for every window end with a pass, the ranking over all passes.
 pub fn batch_top_n(city: &City, passes: &[Pass], n: usize) -> BTreeMap<i64, Vec<(Arc<str>, u64)>> {
-    let mut buckets: BTreeMap<i64, BTreeMap<u32, u64>> = BTreeMap::new();
-    for p in passes {
-        *buckets.entry(tumbling_start(p.ts.ms(), SLIDE_MS)).or_default().entry(p.checkpoint.0).or_default() += 1;
+    batch_ranking(passes.iter().map(|p| (p.ts.ms(), city.checkpoint(p.checkpoint).id.clone())), n)
+}
+
+/// The batch ranking of counted events (time, key): every window end holding one, ranked.
+pub fn batch_ranking(events: impl Iterator<Item = (i64, Arc<str>)>, n: usize) -> BTreeMap<i64, Vec<(Arc<str>, u64)>> {
+    let mut buckets: BTreeMap<i64, BTreeMap<Arc<str>, u64>> = BTreeMap::new();
+    for (ts, key) in events {
+        *buckets.entry(tumbling_start(ts, SLIDE_MS)).or_default().entry(key).or_default() += 1;
     }
     let ends: BTreeSet<i64> =
         buckets.keys().flat_map(|b| (1..=WINDOW_MS / SLIDE_MS).map(move |k| b + k * SLIDE_MS)).collect();
     ends.into_iter()
         .map(|end| {
-            let mut sums: BTreeMap<u32, u64> = BTreeMap::new();
+            let mut sums: BTreeMap<Arc<str>, u64> = BTreeMap::new();
             for (_, counts) in buckets.range(end - WINDOW_MS..end) {
-                for (cp, c) in counts {
-                    *sums.entry(*cp).or_default() += c;
+                for (key, c) in counts {
+                    *sums.entry(key.clone()).or_default() += c;
                 }
             }
-            (end, rank(sums.into_iter().map(|(cp, v)| (city.checkpoints[cp as usize].id.clone(), v)), n))
+            (end, rank(sums.into_iter(), n))
         })
         .collect()
 }

@@ -79,7 +79,8 @@ pub struct Segment {
 impl Segment {
     /// Travel time at free flow, milliseconds.
     pub fn free_flow_ms(&self) -> f64 {
-        self.length_m / (self.free_flow_kmh / 3.6) * 1000.0
+        // m · 3600 / (km/h) is ms, exact for whole lengths and speeds.
+        self.length_m * 3600.0 / self.free_flow_kmh
     }
 }
 

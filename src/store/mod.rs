@@ -57,19 +57,69 @@ impl Store {
         }
     }
 
+    /// Replaces one local day's rows: every windowed row whose window starts in [start, end)
+    /// (Top-N: ends in (start, end]) and every daily row of `day` is deleted, then `batch` is
+    /// written — in one transaction. Alerts and first entries are only upserted.
+    pub async fn replace_day(&self, day: &str, start: i64, end: i64, batch: &ResultBatch) -> anyhow::Result<()> {
+        const WINDOWED: [&str; 5] =
+            ["flow_counts", "origin_counts", "checkpoint_speed", "segment_congestion", "area_congestion"];
+        const DAILY: [&str; 4] = ["high_frequency", "trajectories", "restriction_violations", "restriction_summary"];
+        macro_rules! replace {
+            ($pool:expr, $write:path) => {{
+                let mut tx = $pool.begin().await?;
+                for t in WINDOWED {
+                    sqlx::query(&format!("DELETE FROM {t} WHERE window_start >= ? AND window_start < ?"))
+                        .bind(start)
+                        .bind(end)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query("DELETE FROM top_n WHERE window_end > ? AND window_end <= ?")
+                    .bind(start)
+                    .bind(end)
+                    .execute(&mut *tx)
+                    .await?;
+                for t in DAILY {
+                    sqlx::query(&format!("DELETE FROM {t} WHERE day = ?")).bind(day).execute(&mut *tx).await?;
+                }
+                $write(&mut tx, batch).await?;
+                tx.commit().await?;
+            }};
+        }
+        match self {
+            Store::Sqlite(s) => replace!(s.pool, sqlite::write_rows),
+            Store::MySql(s) => replace!(s.pool, mysql::write_rows),
+            Store::Null => {}
+        }
+        Ok(())
+    }
+
+    /// Raw records of late passes with `ts` in [from, to): (pass_id, record).
+    pub async fn late_records(&self, from: i64, to: i64) -> anyhow::Result<Vec<(String, String)>> {
+        let sql = "SELECT CAST(pass_id AS CHAR), CAST(record AS CHAR) FROM late_passes WHERE ts >= ? AND ts < ? ORDER BY pass_id";
+        Ok(match self {
+            Store::Sqlite(s) => sqlx::query_as(sql).bind(from).bind(to).fetch_all(&s.pool).await?,
+            Store::MySql(s) => sqlx::query_as(sql).bind(from).bind(to).fetch_all(&s.pool).await?,
+            Store::Null => Vec::new(),
+        })
+    }
+
     /// Deletes the rows of `table` older than `before_ms` (by the table's time column);
     /// returns how many went.
     pub async fn purge(&self, table: &str, before_ms: i64) -> anyhow::Result<u64> {
         let column = match table {
-            "flow_counts" | "origin_counts" | "checkpoint_speed" => "window_start",
+            "flow_counts" | "origin_counts" | "checkpoint_speed" | "segment_congestion" | "area_congestion" => {
+                "window_start"
+            }
             "top_n" => "window_end",
             "late_passes" => "arrived_at",
+            "alerts" => "ts",
             "dead_letters" => "received_at",
-            "high_frequency" => {
+            "high_frequency" | "trajectories" | "restriction_violations" | "restriction_summary" => {
                 // Days are `YYYY-MM-DD` strings, which sort as dates.
                 let day = chrono::DateTime::from_timestamp_millis(before_ms)
                     .map_or_else(String::new, |t| t.format("%Y-%m-%d").to_string());
-                return self.delete_before("DELETE FROM high_frequency WHERE day < ?", day).await;
+                return self.delete_before(&format!("DELETE FROM {table} WHERE day < ?"), day).await;
             }
             _ => anyhow::bail!("no retention for table `{table}`"),
         };
@@ -140,6 +190,71 @@ impl Store {
         .await
     }
 
+    /// Every stored segment row: (segment, window_s, window_start, traversals, km/h, index, level).
+    pub async fn segment_congestion(&self) -> anyhow::Result<Vec<(String, i64, i64, i64, f64, f64, i64)>> {
+        self.fetch(
+            "SELECT CAST(segment_id AS CHAR), window_s, window_start, traversals, mean_speed_kmh, travel_time_index, \
+             congestion_level FROM segment_congestion ORDER BY segment_id, window_s, window_start",
+        )
+        .await
+    }
+
+    /// Every stored area row: (level, key, window_s, window_start, km/h, index, level).
+    pub async fn area_congestion(&self) -> anyhow::Result<Vec<(String, String, i64, i64, f64, f64, i64)>> {
+        self.fetch(
+            "SELECT CAST(level AS CHAR), CAST(key_id AS CHAR), window_s, window_start, mean_speed_kmh, \
+             travel_time_index, congestion_level FROM area_congestion ORDER BY level, key_id, window_s, window_start",
+        )
+        .await
+    }
+
+    /// Every stored alert of `kind`: (alert_id, ts, plate, checkpoint, status, details).
+    pub async fn alerts(&self, kind: &str) -> anyhow::Result<Vec<StoredAlert>> {
+        let sql = "SELECT CAST(alert_id AS CHAR), ts, CAST(plate AS CHAR), CAST(checkpoint_id AS CHAR), \
+                   CAST(status AS CHAR), CAST(details AS CHAR) FROM alerts WHERE kind = ? ORDER BY alert_id";
+        Ok(match self {
+            Store::Sqlite(s) => sqlx::query_as(sql).bind(kind).fetch_all(&s.pool).await?,
+            Store::MySql(s) => sqlx::query_as(sql).bind(kind).fetch_all(&s.pool).await?,
+            Store::Null => Vec::new(),
+        })
+    }
+
+    /// Every stored trajectory: (plate, colour, day, times, checkpoints, intervals_s), JSON lists.
+    pub async fn trajectories(&self) -> anyhow::Result<Vec<(String, i64, String, String, String, String)>> {
+        self.fetch(
+            "SELECT CAST(plate AS CHAR), plate_color, CAST(day AS CHAR), CAST(times AS CHAR), \
+             CAST(checkpoints AS CHAR), CAST(intervals_s AS CHAR) FROM trajectories ORDER BY plate, plate_color, day",
+        )
+        .await
+    }
+
+    /// Every stored violation as (pass_id, rule_id), and every summary as (day, checkpoint,
+    /// rule, violations, vehicles).
+    #[allow(clippy::type_complexity)]
+    pub async fn restrictions(
+        &self,
+    ) -> anyhow::Result<(Vec<(String, String)>, Vec<(String, String, String, i64, i64)>)> {
+        let violations = self
+            .fetch("SELECT CAST(pass_id AS CHAR), CAST(rule_id AS CHAR) FROM restriction_violations ORDER BY pass_id, rule_id")
+            .await?;
+        let summaries = self
+            .fetch(
+                "SELECT CAST(day AS CHAR), CAST(checkpoint_id AS CHAR), CAST(rule_id AS CHAR), violations, vehicles \
+                 FROM restriction_summary ORDER BY day, checkpoint_id, rule_id",
+            )
+            .await?;
+        Ok((violations, summaries))
+    }
+
+    /// Every stored first entry: (plate, colour, ts, checkpoint, pass_id, revision).
+    pub async fn first_entries(&self) -> anyhow::Result<Vec<(String, i64, i64, String, String, i64)>> {
+        self.fetch(
+            "SELECT CAST(plate AS CHAR), plate_color, ts, CAST(checkpoint_id AS CHAR), CAST(pass_id AS CHAR), revision \
+             FROM first_entry ORDER BY plate, plate_color",
+        )
+        .await
+    }
+
     /// Pass ids in `late_passes` with the pipelines they missed (a JSON array).
     pub async fn late_passes(&self) -> anyhow::Result<Vec<(String, String)>> {
         self.fetch("SELECT CAST(pass_id AS CHAR), CAST(pipelines AS CHAR) FROM late_passes ORDER BY pass_id").await
@@ -159,6 +274,9 @@ impl Store {
         })
     }
 }
+
+/// An alert as stored: (alert_id, ts, plate, checkpoint_id, status, details).
+pub type StoredAlert = (String, i64, Option<String>, Option<String>, String, String);
 
 fn pipelines_json(pipelines: &[&str]) -> String {
     serde_json::to_string(pipelines).unwrap_or_else(|_| "[]".into())

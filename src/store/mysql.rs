@@ -1,6 +1,8 @@
 //! The MySQL store; its tables come from the migrations under `migrations/`, applied on open.
 
-use super::tables::{delete_keys, statement, top_n_rows, top_n_windows, upserts, Table, TOP_N};
+use super::tables::{
+    delete_keys, delete_retracted, retractions, statement, top_n_rows, top_n_windows, upserts, Table, TOP_N,
+};
 use super::CHUNK_ROWS;
 use crate::results::ResultBatch;
 use sqlx::mysql::MySqlPoolOptions;
@@ -24,23 +26,33 @@ impl MySqlStore {
     /// Writes a batch in one transaction: rows upserted by key, a stored higher revision kept.
     pub async fn write(&self, batch: &ResultBatch) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
-        for (table, rows) in upserts(batch) {
-            let (head, tail) = (insert_head(table), upsert_tail(table));
-            for chunk in rows.chunks(CHUNK_ROWS) {
-                statement::<MySql>(&head, chunk, &tail).build().execute(&mut *tx).await?;
-            }
-        }
-        let windows = top_n_windows(batch);
-        for chunk in windows.chunks(CHUNK_ROWS) {
-            delete_keys::<MySql>(&TOP_N, &TOP_N.keys[..4], chunk).build().execute(&mut *tx).await?;
-        }
-        let ranked = top_n_rows(batch);
-        for chunk in ranked.chunks(CHUNK_ROWS) {
-            statement::<MySql>(&insert_head(&TOP_N), chunk, "").build().execute(&mut *tx).await?;
-        }
+        write_rows(&mut tx, batch).await?;
         tx.commit().await?;
         Ok(())
     }
+}
+
+pub(super) async fn write_rows(tx: &mut sqlx::Transaction<'_, MySql>, batch: &ResultBatch) -> anyhow::Result<()> {
+    for (table, rows) in upserts(batch) {
+        let (head, tail) = (insert_head(table), upsert_tail(table));
+        for chunk in rows.chunks(CHUNK_ROWS) {
+            statement::<MySql>(&head, chunk, &tail).build().execute(&mut **tx).await?;
+        }
+    }
+    for (table, rows) in retractions(batch) {
+        for row in &rows {
+            delete_retracted::<MySql>(table, row).build().execute(&mut **tx).await?;
+        }
+    }
+    let windows = top_n_windows(batch);
+    for chunk in windows.chunks(CHUNK_ROWS) {
+        delete_keys::<MySql>(&TOP_N, &TOP_N.keys[..4], chunk).build().execute(&mut **tx).await?;
+    }
+    let ranked = top_n_rows(batch);
+    for chunk in ranked.chunks(CHUNK_ROWS) {
+        statement::<MySql>(&insert_head(&TOP_N), chunk, "").build().execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 fn insert_head(table: &Table) -> String {

@@ -1,6 +1,8 @@
 //! The embedded SQLite store (one file, WAL mode).
 
-use super::tables::{delete_keys, statement, top_n_rows, top_n_windows, upserts, Table, TOP_N};
+use super::tables::{
+    delete_keys, delete_retracted, retractions, statement, top_n_rows, top_n_windows, upserts, Table, TOP_N,
+};
 use super::CHUNK_ROWS;
 use crate::results::ResultBatch;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -64,6 +66,83 @@ CREATE TABLE IF NOT EXISTS checkpoint_speed (
     revision INTEGER NOT NULL,
     PRIMARY KEY (checkpoint_id, window_s, window_start)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS segment_congestion (
+    segment_id TEXT NOT NULL,
+    window_s INTEGER NOT NULL,
+    window_start INTEGER NOT NULL,
+    traversals INTEGER NOT NULL,
+    mean_speed_kmh REAL NOT NULL,
+    travel_time_index REAL NOT NULL,
+    congestion_level INTEGER NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (segment_id, window_s, window_start)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS area_congestion (
+    level TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    window_s INTEGER NOT NULL,
+    window_start INTEGER NOT NULL,
+    mean_speed_kmh REAL NOT NULL,
+    travel_time_index REAL NOT NULL,
+    congestion_level INTEGER NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (level, key_id, window_s, window_start)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    plate TEXT,
+    plate_color INTEGER,
+    checkpoint_id TEXT,
+    segment_id TEXT,
+    severity TEXT NOT NULL,
+    details TEXT NOT NULL,
+    status TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    acknowledged_by TEXT,
+    acknowledged_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (kind, ts);
+CREATE INDEX IF NOT EXISTS alerts_by_plate ON alerts (plate, plate_color, ts);
+CREATE TABLE IF NOT EXISTS trajectories (
+    plate TEXT NOT NULL,
+    plate_color INTEGER NOT NULL,
+    day TEXT NOT NULL,
+    passes INTEGER NOT NULL,
+    times TEXT NOT NULL,
+    checkpoints TEXT NOT NULL,
+    intervals_s TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (plate, plate_color, day)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS restriction_violations (
+    pass_id TEXT NOT NULL,
+    rule_id TEXT NOT NULL,
+    plate TEXT NOT NULL,
+    plate_color INTEGER NOT NULL,
+    checkpoint_id TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    day TEXT NOT NULL,
+    PRIMARY KEY (pass_id, rule_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS restriction_summary (
+    day TEXT NOT NULL,
+    checkpoint_id TEXT NOT NULL,
+    rule_id TEXT NOT NULL,
+    violations INTEGER NOT NULL,
+    vehicles INTEGER NOT NULL,
+    PRIMARY KEY (day, checkpoint_id, rule_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS first_entry (
+    plate TEXT NOT NULL,
+    plate_color INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    checkpoint_id TEXT NOT NULL,
+    pass_id TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (plate, plate_color)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS late_passes (
     pass_id TEXT PRIMARY KEY,
     pipelines TEXT NOT NULL,
@@ -105,11 +184,16 @@ impl SqliteStore {
     }
 }
 
-async fn write_rows(tx: &mut Transaction<'_, Sqlite>, batch: &ResultBatch) -> anyhow::Result<()> {
+pub(super) async fn write_rows(tx: &mut Transaction<'_, Sqlite>, batch: &ResultBatch) -> anyhow::Result<()> {
     for (table, rows) in upserts(batch) {
         let (head, tail) = (insert_head(table), upsert_tail(table));
         for chunk in rows.chunks(CHUNK_ROWS) {
             statement::<Sqlite>(&head, chunk, &tail).build().execute(&mut **tx).await?;
+        }
+    }
+    for (table, rows) in retractions(batch) {
+        for row in &rows {
+            delete_retracted::<Sqlite>(table, row).build().execute(&mut **tx).await?;
         }
     }
     let windows = top_n_windows(batch);

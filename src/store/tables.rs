@@ -12,6 +12,11 @@ pub(super) enum Val<'a> {
     Owned(String),
     Int(i64),
     Real(f64),
+    Null,
+}
+
+fn opt_text(v: Option<&str>) -> Val<'_> {
+    v.map_or(Val::Null, Val::Text)
 }
 
 /// A result table.
@@ -52,6 +57,59 @@ const CHECKPOINT_SPEED: Table = Table {
     name: "checkpoint_speed",
     keys: &["checkpoint_id", "window_s", "window_start"],
     values: &["samples", "mean_speed_kmh", "revision"],
+    guard: Some("revision"),
+};
+const SEGMENT_CONGESTION: Table = Table {
+    name: "segment_congestion",
+    keys: &["segment_id", "window_s", "window_start"],
+    values: &["traversals", "mean_speed_kmh", "travel_time_index", "congestion_level", "revision"],
+    guard: Some("revision"),
+};
+const AREA_CONGESTION: Table = Table {
+    name: "area_congestion",
+    keys: &["level", "key_id", "window_s", "window_start"],
+    values: &["mean_speed_kmh", "travel_time_index", "congestion_level", "revision"],
+    guard: Some("revision"),
+};
+const ALERTS: Table = Table {
+    name: "alerts",
+    keys: &["alert_id"],
+    values: &[
+        "kind",
+        "ts",
+        "plate",
+        "plate_color",
+        "checkpoint_id",
+        "segment_id",
+        "severity",
+        "details",
+        "status",
+        "revision",
+    ],
+    guard: Some("revision"),
+};
+const TRAJECTORIES: Table = Table {
+    name: "trajectories",
+    keys: &["plate", "plate_color", "day"],
+    values: &["passes", "times", "checkpoints", "intervals_s", "revision"],
+    guard: Some("revision"),
+};
+const RESTRICTION_VIOLATIONS: Table = Table {
+    name: "restriction_violations",
+    keys: &["pass_id", "rule_id"],
+    values: &["plate", "plate_color", "checkpoint_id", "ts", "day"],
+    guard: None,
+};
+const RESTRICTION_SUMMARY: Table = Table {
+    name: "restriction_summary",
+    keys: &["day", "checkpoint_id", "rule_id"],
+    values: &["vehicles", "violations"],
+    guard: Some("violations"),
+};
+const FIRST_ENTRY: Table = Table {
+    name: "first_entry",
+    keys: &["plate", "plate_color"],
+    values: &["ts", "checkpoint_id", "pass_id", "revision"],
     guard: Some("revision"),
 };
 const LATE_PASSES: Table = Table {
@@ -148,6 +206,133 @@ pub(super) fn upserts(batch: &ResultBatch) -> Vec<(&'static Table, Vec<Vec<Val<'
                 .collect(),
         ),
         (
+            &SEGMENT_CONGESTION,
+            batch
+                .segment_congestion
+                .iter()
+                .filter(|r| !r.is_retraction())
+                .map(|r| {
+                    vec![
+                        Text(&r.segment_id),
+                        int(r.window_s),
+                        Int(r.window_start),
+                        int(r.traversals),
+                        Real(r.mean_speed_kmh),
+                        Real(r.travel_time_index),
+                        Int(i64::from(r.congestion_level)),
+                        int(r.revision),
+                    ]
+                })
+                .collect(),
+        ),
+        (
+            &AREA_CONGESTION,
+            batch
+                .area_congestion
+                .iter()
+                .filter(|r| !r.is_retraction())
+                .map(|r| {
+                    vec![
+                        Text(r.level),
+                        Text(&r.key_id),
+                        int(r.window_s),
+                        Int(r.window_start),
+                        Real(r.mean_speed_kmh),
+                        Real(r.travel_time_index),
+                        Int(i64::from(r.congestion_level)),
+                        int(r.revision),
+                    ]
+                })
+                .collect(),
+        ),
+        (
+            &ALERTS,
+            batch
+                .alerts
+                .iter()
+                .map(|r| {
+                    vec![
+                        Text(&r.alert_id),
+                        Text(r.kind),
+                        Int(r.ts),
+                        opt_text(r.plate.as_deref()),
+                        r.plate_color.map_or(Null, |c| Int(i64::from(c))),
+                        opt_text(r.checkpoint_id.as_deref()),
+                        opt_text(r.segment_id.as_deref()),
+                        Text(r.severity),
+                        Text(&r.details),
+                        Text(r.status),
+                        int(r.revision),
+                    ]
+                })
+                .collect(),
+        ),
+        (
+            &TRAJECTORIES,
+            batch
+                .trajectories
+                .iter()
+                .map(|r| {
+                    let json = |v: serde_json::Value| Owned(v.to_string());
+                    vec![
+                        Text(&r.plate),
+                        Int(i64::from(r.plate_color)),
+                        Text(&r.day),
+                        Int(r.times.len() as i64),
+                        json(serde_json::json!(r.times)),
+                        json(serde_json::json!(r.checkpoints.iter().map(|c| &**c).collect::<Vec<_>>())),
+                        json(serde_json::json!(r.intervals_s())),
+                        int(r.revision),
+                    ]
+                })
+                .collect(),
+        ),
+        (
+            &RESTRICTION_VIOLATIONS,
+            batch
+                .restriction_violations
+                .iter()
+                .map(|r| {
+                    vec![
+                        Text(&r.pass_id),
+                        Text(&r.rule_id),
+                        Text(&r.plate),
+                        Int(i64::from(r.plate_color)),
+                        Text(&r.checkpoint_id),
+                        Int(r.ts),
+                        Text(&r.day),
+                    ]
+                })
+                .collect(),
+        ),
+        (
+            &RESTRICTION_SUMMARY,
+            batch
+                .restriction_summary
+                .iter()
+                .map(|r| {
+                    vec![Text(&r.day), Text(&r.checkpoint_id), Text(&r.rule_id), int(r.vehicles), int(r.violations)]
+                })
+                .collect(),
+        ),
+        (
+            &FIRST_ENTRY,
+            batch
+                .first_entry
+                .iter()
+                .map(|r| {
+                    vec![
+                        Text(&r.plate),
+                        Int(i64::from(r.plate_color)),
+                        Int(r.ts),
+                        Text(&r.checkpoint_id),
+                        Text(&r.pass_id),
+                        int(r.revision),
+                    ]
+                })
+                .collect(),
+        ),
+        (
             &LATE_PASSES,
             batch
                 .late_passes
@@ -173,6 +358,60 @@ pub(super) fn upserts(batch: &ResultBatch) -> Vec<(&'static Table, Vec<Vec<Val<'
                 .collect(),
         ),
     ]
+}
+
+/// Retracted rows of a batch: per table, each row's key values and then its revision. A stored
+/// row is deleted unless it has a higher revision.
+pub(super) fn retractions(batch: &ResultBatch) -> Vec<(&'static Table, Vec<Vec<Val<'_>>>)> {
+    use Val::*;
+    let int = |v: u32| Int(i64::from(v));
+    vec![
+        (
+            &SEGMENT_CONGESTION,
+            batch
+                .segment_congestion
+                .iter()
+                .filter(|r| r.is_retraction())
+                .map(|r| vec![Text(&r.segment_id), int(r.window_s), Int(r.window_start), int(r.revision)])
+                .collect(),
+        ),
+        (
+            &AREA_CONGESTION,
+            batch
+                .area_congestion
+                .iter()
+                .filter(|r| r.is_retraction())
+                .map(|r| vec![Text(r.level), Text(&r.key_id), int(r.window_s), Int(r.window_start), int(r.revision)])
+                .collect(),
+        ),
+    ]
+}
+
+/// `DELETE FROM t WHERE k1 = ? AND … AND guard <= ?` for one retracted row.
+pub(super) fn delete_retracted<'q, DB>(table: &Table, row: &'q [Val<'q>]) -> QueryBuilder<'q, DB>
+where
+    DB: Database,
+    DB::Arguments<'q>: Default,
+    i64: Encode<'q, DB> + Type<DB>,
+    f64: Encode<'q, DB> + Type<DB>,
+    &'q str: Encode<'q, DB> + Type<DB>,
+    String: Encode<'q, DB> + Type<DB>,
+    Option<i64>: Encode<'q, DB> + Type<DB>,
+{
+    let guard = table.guard.unwrap_or("revision");
+    let mut q = QueryBuilder::new(format!("DELETE FROM {} WHERE ", table.name));
+    let mut conditions = q.separated(" AND ");
+    for (column, v) in table.keys.iter().zip(row).chain(std::iter::once((&guard, &row[row.len() - 1]))) {
+        conditions.push(format!("`{column}` {} ", if *column == guard { "<=" } else { "=" }));
+        match v {
+            Val::Text(t) => conditions.push_bind_unseparated(*t),
+            Val::Owned(t) => conditions.push_bind_unseparated(t.clone()),
+            Val::Int(i) => conditions.push_bind_unseparated(*i),
+            Val::Real(r) => conditions.push_bind_unseparated(*r),
+            Val::Null => conditions.push_bind_unseparated(None::<i64>),
+        };
+    }
+    q
 }
 
 /// Top-N rows: (metric, window_s, slide_s, window_end, rank, key_id, value).
@@ -221,6 +460,7 @@ where
     f64: Encode<'q, DB> + Type<DB>,
     &'q str: Encode<'q, DB> + Type<DB>,
     String: Encode<'q, DB> + Type<DB>,
+    Option<i64>: Encode<'q, DB> + Type<DB>,
 {
     let mut q = QueryBuilder::new(head);
     q.push_values(rows, |mut b, row| {
@@ -239,6 +479,7 @@ where
     f64: Encode<'q, DB> + Type<DB>,
     &'q str: Encode<'q, DB> + Type<DB>,
     String: Encode<'q, DB> + Type<DB>,
+    Option<i64>: Encode<'q, DB> + Type<DB>,
 {
     let head = format!("DELETE FROM {} WHERE ({}) IN ", table.name, keys.join(", "));
     let mut q = QueryBuilder::new(head);
@@ -255,6 +496,7 @@ where
     f64: Encode<'q, DB> + Type<DB>,
     &'q str: Encode<'q, DB> + Type<DB>,
     String: Encode<'q, DB> + Type<DB>,
+    Option<i64>: Encode<'q, DB> + Type<DB>,
 {
     for v in row {
         match v {
@@ -262,6 +504,7 @@ where
             Val::Owned(t) => b.push_bind(t.clone()),
             Val::Int(i) => b.push_bind(*i),
             Val::Real(r) => b.push_bind(*r),
+            Val::Null => b.push_bind(None::<i64>),
         };
     }
 }

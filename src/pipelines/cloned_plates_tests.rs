@@ -1,0 +1,110 @@
+use super::*;
+use crate::pipelines::test_support::{self as support, checkpoint};
+use crate::results::ResultBatch;
+
+/// A and B are 5.0 km apart (0.045° of latitude), A and C 1.5 km.
+fn city() -> Arc<City> {
+    let at = |id: &str, lat: f64| {
+        let mut c = checkpoint(id, "R1");
+        c.lat = lat;
+        c
+    };
+    support::city(vec![at("A", 28.700), at("B", 28.745), at("C", 28.7135)], &["R1"])
+}
+
+fn pass(plate: &str, cp: u32, ts: i64) -> Pass {
+    support::pass(plate, cp, ts)
+}
+
+fn run(op: &mut ClonedPlates, passes: &[Pass], watermark: i64) -> (Vec<AlertRow>, Vec<(usize, &'static str)>) {
+    let (mut out, mut late) = (ResultBatch::default(), Vec::new());
+    let mut ctx = Context { watermark, allowed_lateness_ms: 3_600_000, out: &mut out, late: &mut late };
+    op.process_batch(passes, &mut ctx);
+    op.on_watermark(&mut ctx);
+    (out.alerts, late)
+}
+
+#[test]
+fn a_pair_too_far_apart_for_its_time_is_one_alert_at_the_later_pass() {
+    let mut op = ClonedPlates::new(&city(), ClonedPlateRule::default());
+    // 5 km in 60 s (+30 s tolerance): 200 km/h.
+    let mut later = pass("赣A1", 1, 1_060_000);
+    later.vehicle_type = Some("K33".into());
+    let (alerts, _) = run(&mut op, &[pass("赣A1", 0, 1_000_000), later.clone()], i64::MIN);
+    assert_eq!(alerts.len(), 1);
+    let a = &alerts[0];
+    assert_eq!(a.alert_id, pair_id("赣A1-0-1000000", &later.pass_id));
+    assert_eq!(
+        (a.ts, a.checkpoint_id.as_deref(), a.plate.as_deref(), a.kind),
+        (1_060_000, Some("B"), Some("赣A1"), CLONED_PLATE)
+    );
+    let details: serde_json::Value = serde_json::from_str(&a.details).unwrap();
+    assert_eq!(details["attributes_differ"], true);
+    assert_eq!(details["passes"][0]["checkpoint_id"], "A");
+    let speed = details["implied_speed_kmh"].as_f64().unwrap();
+    assert!((199.0..201.0).contains(&speed), "{speed}");
+    assert!((4990.0..5010.0).contains(&details["distance_m"].as_f64().unwrap()));
+}
+
+#[test]
+fn plausible_or_short_trips_raise_nothing() {
+    let mut op = ClonedPlates::new(&city(), ClonedPlateRule::default());
+    let passes = [
+        // 5 km in 110 s: 5000 / 140 s = 129 km/h.
+        pass("赣A1", 0, 0),
+        pass("赣A1", 1, 110_000),
+        // 1.5 km in 1 s: under the minimum distance.
+        pass("赣A2", 0, 0),
+        pass("赣A2", 2, 1_000),
+        // The same checkpoint at once.
+        pass("赣A3", 1, 0),
+        pass("赣A3", 1, 0),
+    ];
+    let (alerts, _) = run(&mut op, &passes, i64::MIN);
+    assert!(alerts.is_empty(), "{alerts:?}");
+}
+
+#[test]
+fn every_conflicting_pair_is_found_once_in_any_arrival_order() {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let city = city();
+    // A vehicle seen at A and B at nearly the same times, three times over: 3 × 3 − 3 pairs
+    // between A and B passes closer than the rule allows... plus normal traffic.
+    let mut passes = Vec::new();
+    for k in 0..3 {
+        passes.push(pass("赣A9", 0, k * 20_000));
+        passes.push(pass("赣A9", 1, k * 20_000 + 5_000));
+    }
+    for v in 0..20 {
+        passes.push(pass(&format!("赣B{v}"), 0, v * 1_000));
+        passes.push(pass(&format!("赣B{v}"), 1, v * 1_000 + 200_000));
+    }
+    let want = batch_cloned_plates(&city, &passes, ClonedPlateRule::default());
+    assert_eq!(want.len(), 9, "every A pass conflicts with every B pass of 赣A9");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    for _ in 0..5 {
+        passes.shuffle(&mut rng);
+        let mut op = ClonedPlates::new(&city, ClonedPlateRule::default());
+        let mut got = Vec::new();
+        for chunk in passes.chunks(4) {
+            got.extend(run(&mut op, chunk, i64::MIN).0.into_iter().map(|a| a.alert_id));
+        }
+        got.sort();
+        assert_eq!(got, want.keys().cloned().collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn state_survives_a_snapshot_and_a_late_pass_is_reported() {
+    let city = city();
+    let mut op = ClonedPlates::new(&city, ClonedPlateRule::default());
+    run(&mut op, &[pass("赣A1", 0, 10_000_000)], i64::MIN);
+    let mut restored = ClonedPlates::new(&city, ClonedPlateRule::default());
+    restored.restore(&op.snapshot().unwrap()).unwrap();
+    let (alerts, _) = run(&mut restored, &[pass("赣A1", 1, 10_030_000)], 10_000_000);
+    assert_eq!(alerts.len(), 1);
+    let (alerts, late) = run(&mut restored, &[pass("赣A1", 2, 1_000)], 10_000_000);
+    assert!(alerts.is_empty());
+    assert_eq!(late, vec![(0, LATE_LABEL)]);
+}

@@ -1,0 +1,577 @@
+//! Segment traversals and congestion. A traversal of segment A→B is two passes of one vehicle,
+//! adjacent in its time order, at A then B, with 0 < Δt ≤ 6 × the segment's free-flow time.
+//! Per segment and 1 min / 5 min window (by the time at B): traversals, space-mean speed
+//! n·L / ΣΔt, travel-time index (mean Δt / free-flow time) and the congestion level by road
+//! class; per region and for the city, the same over their segments. Top-N segments rank
+//! traversals in the sliding 1 min window.
+//!
+//! Each vehicle's recent passes are kept in time order, so a late pass that falls between two
+//! paired passes retracts their traversal and adds the two new ones. Sums are whole
+//! milliseconds, so results do not depend on arrival order; a row's `revision` counts the
+//! traversal updates (additions and retractions) its window has taken, so it only grows.
+
+use super::top_n::{batch_ranking, SlidingRanking};
+use crate::core::window::{is_complete, is_late, tumbling_start};
+use crate::core::{check_version, Context, Operator, StateBlob};
+use crate::model::{fnv1a64, Pass, PlateColor, PlateRead, VehicleKey};
+use crate::reference::{City, RoadClass, Segment};
+use crate::results::{AlertRow, AreaCongestionRow, SegmentCongestionRow};
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+pub const CONGESTION_WINDOWS_S: [u32; 2] = [60, 300];
+const LATE_LABELS: [&str; 2] = ["segment_congestion/1m", "segment_congestion/5m"];
+const RANKING_LATE_LABEL: &str = "top_n_segments/1m";
+pub const SEGMENT_METRIC: &str = "segment_flow";
+pub const SUDDEN_CONGESTION: &str = "sudden_congestion";
+const SUDDEN_WINDOW_MS: i64 = 300_000;
+/// A traversal takes at most this many free-flow times.
+const FREE_FLOW_FACTOR: f64 = 6.0;
+/// How often (event time) tracks of vehicles gone quiet are swept out.
+const SWEEP_EVERY_MS: i64 = 10 * 60_000;
+const STATE_VERSION: u32 = 1;
+
+/// The speeds (km/h) between levels 1|2, 2|3, 3|4 and 4|5: level 1 is above the first.
+fn level_bounds(class: RoadClass) -> [f64; 4] {
+    match class {
+        RoadClass::Expressway => [65.0, 50.0, 35.0, 20.0],
+        RoadClass::Arterial => [40.0, 30.0, 20.0, 15.0],
+        RoadClass::Secondary => [35.0, 25.0, 15.0, 10.0],
+    }
+}
+
+/// Congestion level 1 (畅通) to 5 (严重拥堵) of a space-mean speed; each level is an interval
+/// (lower, upper].
+pub fn congestion_level(class: RoadClass, speed_kmh: f64) -> u8 {
+    level_bounds(class).iter().position(|b| speed_kmh > *b).map_or(5, |i| i as u8 + 1)
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// One pass in a vehicle's time order: ties on `ts` are ordered by a hash of the pass id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Point {
+    ts: i64,
+    tie: u64,
+    cp: u32,
+}
+
+impl Point {
+    fn of(pass: &Pass) -> Point {
+        Point { ts: pass.ts.ms(), tie: fnv1a64(pass.pass_id.as_bytes()), cp: pass.checkpoint.0 }
+    }
+
+    fn order(&self) -> (i64, u64) {
+        (self.ts, self.tie)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Traversal {
+    segment: u32,
+    /// The time at B: the traversal's windows.
+    at: i64,
+    dt_ms: i64,
+}
+
+/// The segments as the traversal rule needs them.
+struct Roads {
+    by_ends: FxHashMap<(u32, u32), u32>,
+    /// 6 × free-flow time per segment, ms.
+    bound_ms: Vec<f64>,
+    longest_ms: i64,
+}
+
+impl Roads {
+    fn new(city: &City) -> Roads {
+        let mut by_ends = FxHashMap::default();
+        for (i, s) in city.segments.iter().enumerate() {
+            by_ends.entry((s.from.0, s.to.0)).or_insert(i as u32);
+        }
+        let bound_ms: Vec<f64> = city.segments.iter().map(|s| FREE_FLOW_FACTOR * s.free_flow_ms()).collect();
+        let longest_ms = bound_ms.iter().fold(0.0f64, |a, b| a.max(*b)).ceil() as i64;
+        Roads { by_ends, bound_ms, longest_ms }
+    }
+
+    /// The traversal two adjacent passes make, if they make one.
+    fn traversal(&self, a: Point, b: Point) -> Option<Traversal> {
+        let segment = *self.by_ends.get(&(a.cp, b.cp))?;
+        let dt_ms = b.ts - a.ts;
+        (dt_ms > 0 && dt_ms as f64 <= self.bound_ms[segment as usize]).then_some(Traversal { segment, at: b.ts, dt_ms })
+    }
+}
+
+/// Traversals of one segment in one window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentSums {
+    pub traversals: u32,
+    pub dt_ms: i64,
+    /// Additions and retractions applied (the row's revision + 1).
+    pub updates: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Window {
+    segments: BTreeMap<u32, SegmentSums>,
+    dirty: BTreeSet<u32>,
+    emitted: bool,
+}
+
+pub struct Congestion {
+    city: Arc<City>,
+    roads: Roads,
+    names: Vec<Arc<str>>,
+    top_n: usize,
+    tracks: FxHashMap<VehicleKey, Vec<Point>>,
+    /// Per window size: windows by start.
+    sets: Vec<BTreeMap<i64, Window>>,
+    ranking: SlidingRanking,
+    /// Sudden-congestion alerts raised: (segment, first congested window) → (active, revision).
+    sudden: BTreeMap<(u32, i64), (bool, u32)>,
+    swept_at: i64,
+}
+
+impl Congestion {
+    pub fn new(city: &Arc<City>, top_n: usize) -> Congestion {
+        Congestion {
+            city: city.clone(),
+            roads: Roads::new(city),
+            names: city.segments.iter().map(|s| s.id.clone()).collect(),
+            top_n,
+            tracks: FxHashMap::default(),
+            sets: vec![BTreeMap::new(); CONGESTION_WINDOWS_S.len()],
+            ranking: SlidingRanking::default(),
+            sudden: BTreeMap::new(),
+            swept_at: i64::MIN,
+        }
+    }
+
+    /// Passes before this can no longer pair with a pass that is on time.
+    fn horizon(&self, watermark: i64, lateness_ms: i64) -> i64 {
+        watermark.saturating_sub(lateness_ms).saturating_sub(60_000).saturating_sub(self.roads.longest_ms)
+    }
+
+    /// Adds (`delta` = 1) or retracts (-1) a traversal in every window and the ranking.
+    /// Returns false when the ranking could no longer take it.
+    fn apply(&mut self, t: Traversal, delta: i32, ctx: &Context<'_>) -> bool {
+        for (set, size_s) in self.sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
+            let w = set.entry(tumbling_start(t.at, i64::from(size_s) * 1000)).or_default();
+            let s = w.segments.entry(t.segment).or_default();
+            s.traversals = s.traversals.saturating_add_signed(delta);
+            s.dt_ms += i64::from(delta) * t.dt_ms;
+            s.updates += 1;
+            if w.emitted {
+                w.dirty.insert(t.segment);
+            }
+        }
+        let width = self.names.len();
+        self.ranking.add(t.at, t.segment as usize, delta, width, ctx.watermark, ctx.allowed_lateness_ms)
+    }
+
+    /// Forgets every vehicle's passes before the horizon, and vehicles with none left.
+    fn sweep(&mut self, horizon: i64) {
+        self.tracks.retain(|_, track| {
+            let old = track.partition_point(|p| p.ts < horizon);
+            track.drain(..old);
+            !track.is_empty()
+        });
+    }
+
+    /// Emits a completed window's new or changed rows; returns the segments it emitted.
+    fn emit_window(&self, size_s: u32, start: i64, w: &mut Window, ctx: &mut Context<'_>) -> Vec<u32> {
+        // On first emission every segment the window saw goes out, a segment whose traversals
+        // were all retracted as a retraction: after a restart the rows written before the
+        // crash may hold it.
+        let changed: Vec<u32> = if w.emitted {
+            std::mem::take(&mut w.dirty).into_iter().collect()
+        } else {
+            w.segments.keys().copied().collect()
+        };
+        if changed.is_empty() {
+            w.emitted = true;
+            return changed;
+        }
+        for &i in &changed {
+            let segment = &self.city.segments[i as usize];
+            ctx.out.segment_congestion.push(segment_row(segment, size_s, start, w.segments[&i]));
+        }
+        // The areas the changed segments lie in, and the city.
+        let regions: BTreeSet<&str> = changed.iter().map(|i| &*self.city.segments[*i as usize].region_id).collect();
+        for row in area_rows(&self.city, size_s, start, &w.segments) {
+            if row.level == "city" || regions.contains(&*row.key_id) {
+                ctx.out.area_congestion.push(row);
+            }
+        }
+        w.emitted = true;
+        changed
+    }
+
+    /// Re-judges the sudden-congestion patterns a change of segment `segment` in the 5 min
+    /// window `start` can touch: those whose first congested window is one before, at or after.
+    fn judge_sudden(
+        &mut self,
+        five: &BTreeMap<i64, Window>,
+        segment: u32,
+        start: i64,
+        watermark: i64,
+        out: &mut Vec<AlertRow>,
+    ) {
+        let level = |w: i64| -> Option<Option<(u8, f64)>> {
+            if !is_complete(w + SUDDEN_WINDOW_MS, watermark) {
+                return None;
+            }
+            let window = five.get(&w)?;
+            let s = window.segments.get(&segment).copied().unwrap_or_default();
+            let row = segment_row(&self.city.segments[segment as usize], 300, w, s);
+            Some((s.traversals > 0).then_some((row.congestion_level, row.mean_speed_kmh)))
+        };
+        for first in [start - SUDDEN_WINDOW_MS, start, start + SUDDEN_WINDOW_MS] {
+            let (Some(before), Some(at), Some(after)) =
+                (level(first - SUDDEN_WINDOW_MS), level(first), level(first + SUDDEN_WINDOW_MS))
+            else {
+                continue;
+            };
+            let holds =
+                matches!((before, at, after), (Some((b, _)), Some((x, _)), Some((y, _))) if b <= 2 && x >= 4 && y >= 4);
+            let raised = self.sudden.get(&(segment, first)).copied();
+            let revision = match (holds, raised) {
+                (true, Some((true, _))) | (false, None) | (false, Some((false, _))) => continue,
+                (_, None) => 0,
+                (_, Some((_, r))) => r + 1,
+            };
+            self.sudden.insert((segment, first), (holds, revision));
+            let id = &self.city.segments[segment as usize].id;
+            out.push(sudden_alert(id, first, [before, at, after], holds, revision));
+        }
+    }
+}
+
+/// A sudden-congestion alert: the segment's levels and speeds in the window before and the two
+/// congested windows.
+fn sudden_alert(
+    segment_id: &Arc<str>,
+    first: i64,
+    levels: [Option<(u8, f64)>; 3],
+    active: bool,
+    revision: u32,
+) -> AlertRow {
+    let windows: Vec<serde_json::Value> = levels
+        .iter()
+        .zip([first - SUDDEN_WINDOW_MS, first, first + SUDDEN_WINDOW_MS])
+        .map(|(l, w)| {
+            serde_json::json!({
+                "window_start": w,
+                "congestion_level": l.map(|(level, _)| level),
+                "mean_speed_kmh": l.map(|(_, speed)| speed),
+            })
+        })
+        .collect();
+    let details = serde_json::json!({
+        "segment_id": &**segment_id,
+        "window_s": SUDDEN_WINDOW_MS / 1000,
+        "windows": windows,
+        "rule": "level >= 4 for 2 consecutive 5 min windows right after a window at level <= 2",
+    });
+    AlertRow {
+        alert_id: sudden_id(segment_id, first),
+        kind: SUDDEN_CONGESTION,
+        ts: first + 2 * SUDDEN_WINDOW_MS,
+        plate: None,
+        plate_color: None,
+        checkpoint_id: None,
+        segment_id: Some(segment_id.clone()),
+        severity: "medium",
+        details: details.to_string(),
+        status: if active { "active" } else { "retracted" },
+        revision,
+    }
+}
+
+/// The id of the sudden congestion on `segment_id` whose first congested window starts at `first`.
+pub fn sudden_id(segment_id: &str, first: i64) -> String {
+    crate::model::stable_id(SUDDEN_CONGESTION, &[segment_id.as_bytes(), first.to_string().as_bytes()])
+}
+
+/// The row of one segment's window.
+fn segment_row(segment: &Segment, window_s: u32, start: i64, s: SegmentSums) -> SegmentCongestionRow {
+    let (speed, tti) = if s.traversals == 0 {
+        (0.0, 0.0)
+    } else {
+        let mean_dt = s.dt_ms as f64 / f64::from(s.traversals);
+        (segment.length_m * 3600.0 / mean_dt, mean_dt / segment.free_flow_ms())
+    };
+    SegmentCongestionRow {
+        segment_id: segment.id.clone(),
+        window_s,
+        window_start: start,
+        traversals: s.traversals,
+        mean_speed_kmh: round2(speed),
+        travel_time_index: round2(tti),
+        congestion_level: if s.traversals == 0 { 0 } else { congestion_level(segment.road_class, speed) },
+        revision: s.updates.saturating_sub(1),
+    }
+}
+
+#[derive(Default)]
+struct AreaSums {
+    length_m: f64,
+    /// Σ L / v: the mean traversal times, ms.
+    time_ms: f64,
+    free_ms: f64,
+    length_levels: f64,
+    updates: u32,
+}
+
+/// The rows of every region (with any segment in the window) and the city, from the window's
+/// segments in index order. An area whose segments all lost their traversals is a retraction.
+fn area_rows(city: &City, window_s: u32, start: i64, segments: &BTreeMap<u32, SegmentSums>) -> Vec<AreaCongestionRow> {
+    let mut areas: BTreeMap<(&'static str, Arc<str>), AreaSums> = BTreeMap::new();
+    for (i, s) in segments {
+        let segment = &city.segments[*i as usize];
+        for key in [("region", segment.region_id.clone()), ("city", Arc::from("all"))] {
+            let a = areas.entry(key).or_default();
+            a.updates += s.updates;
+            if s.traversals > 0 {
+                let mean_dt = s.dt_ms as f64 / f64::from(s.traversals);
+                let level = congestion_level(segment.road_class, segment.length_m * 3600.0 / mean_dt);
+                a.length_m += segment.length_m;
+                a.time_ms += mean_dt;
+                a.free_ms += segment.free_flow_ms();
+                a.length_levels += segment.length_m * f64::from(level);
+            }
+        }
+    }
+    areas
+        .into_iter()
+        .map(|((level, key_id), a)| {
+            let retracted = a.length_m == 0.0;
+            let (speed, tti, congestion) = if retracted {
+                (0.0, 0.0, 0)
+            } else {
+                let mean_level = (a.length_levels / a.length_m + 0.5).floor() as u8;
+                (a.length_m * 3600.0 / a.time_ms, a.time_ms / a.free_ms, mean_level)
+            };
+            AreaCongestionRow {
+                level,
+                key_id,
+                window_s,
+                window_start: start,
+                mean_speed_kmh: round2(speed),
+                travel_time_index: round2(tti),
+                congestion_level: congestion,
+                revision: a.updates.saturating_sub(1),
+                retracted,
+            }
+        })
+        .collect()
+}
+
+impl Operator for Congestion {
+    fn name(&self) -> &'static str {
+        "segment_congestion"
+    }
+
+    fn state_version(&self) -> u32 {
+        STATE_VERSION
+    }
+
+    fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
+        let horizon = self.horizon(ctx.watermark, ctx.allowed_lateness_ms);
+        for (i, pass) in passes.iter().enumerate() {
+            let Some(vehicle) = pass.vehicle() else { continue };
+            // Every window a pass can change is at or after its own 1 min window.
+            if is_late(tumbling_start(pass.ts.ms(), 60_000) + 60_000, ctx.watermark, ctx.allowed_lateness_ms) {
+                ctx.late.extend(LATE_LABELS.map(|l| (i, l)));
+                continue;
+            }
+            let x = Point::of(pass);
+            let track = self.tracks.entry(vehicle).or_default();
+            let Err(at) = track.binary_search_by(|p| p.order().cmp(&x.order())) else { continue };
+            track.insert(at, x);
+            let prev = at.checked_sub(1).map(|j| track[j]);
+            let next = track.get(at + 1).copied();
+            let old = track.partition_point(|p| p.ts < horizon);
+            track.drain(..old);
+            let roads = &self.roads;
+            let changes = [
+                (prev.zip(next).and_then(|(p, q)| roads.traversal(p, q)), -1),
+                (prev.and_then(|p| roads.traversal(p, x)), 1),
+                (next.and_then(|q| roads.traversal(x, q)), 1),
+            ];
+            for (t, delta) in changes {
+                if let Some(t) = t {
+                    if !self.apply(t, delta, ctx) {
+                        ctx.late.push((i, RANKING_LATE_LABEL));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_watermark(&mut self, ctx: &mut Context<'_>) {
+        let mut sets = std::mem::take(&mut self.sets);
+        let mut changed_five = Vec::new();
+        for (set, size_s) in sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
+            let size_ms = i64::from(size_s) * 1000;
+            for (&start, w) in set.iter_mut() {
+                if !is_complete(start + size_ms, ctx.watermark) {
+                    break;
+                }
+                if !w.emitted || !w.dirty.is_empty() {
+                    let changed = self.emit_window(size_s, start, w, ctx);
+                    if size_ms == SUDDEN_WINDOW_MS {
+                        changed_five.extend(changed.into_iter().map(|segment| (segment, start)));
+                    }
+                }
+            }
+        }
+        let five =
+            CONGESTION_WINDOWS_S.iter().position(|s| i64::from(*s) * 1000 == SUDDEN_WINDOW_MS).expect("a 5 min size");
+        for (segment, start) in changed_five {
+            self.judge_sudden(&sets[five], segment, start, ctx.watermark, &mut ctx.out.alerts);
+        }
+        for (set, size_s) in sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
+            let size_ms = i64::from(size_s) * 1000;
+            set.retain(|start, _| !is_late(start + size_ms, ctx.watermark, ctx.allowed_lateness_ms));
+        }
+        let oldest = sets[five].keys().next().copied().unwrap_or(i64::MAX);
+        self.sudden.retain(|(_, first), _| *first + SUDDEN_WINDOW_MS >= oldest);
+        self.sets = sets;
+        let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
+        self.ranking.emit(SEGMENT_METRIC, &self.names, self.top_n, watermark, lateness, &mut ctx.out.top_n);
+        let horizon = self.horizon(watermark, lateness);
+        if horizon.saturating_sub(self.swept_at) >= SWEEP_EVERY_MS {
+            self.sweep(horizon);
+            self.swept_at = horizon;
+        }
+    }
+
+    fn snapshot(&self) -> anyhow::Result<StateBlob> {
+        let stored = Stored {
+            tracks: self.tracks.iter().map(|(v, t)| (v.plate.as_str().to_owned(), v.color.code(), t.clone())).collect(),
+            sets: self.sets.clone(),
+            ranking: self.ranking.clone(),
+            sudden: self.sudden.iter().map(|(k, v)| (*k, *v)).collect(),
+        };
+        Ok(StateBlob { version: STATE_VERSION, bytes: serde_json::to_vec(&stored)? })
+    }
+
+    fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
+        check_version(self.name(), blob.version, STATE_VERSION)?;
+        let stored: Stored = serde_json::from_slice(&blob.bytes)?;
+        let (checkpoints, segments) = (self.city.checkpoints.len(), self.city.segments.len());
+        anyhow::ensure!(
+            stored.sets.len() == CONGESTION_WINDOWS_S.len()
+                && stored
+                    .sets
+                    .iter()
+                    .flat_map(|s| s.values())
+                    .all(|w| w.segments.keys().all(|i| (*i as usize) < segments))
+                && stored.tracks.iter().flat_map(|t| &t.2).all(|p| (p.cp as usize) < checkpoints)
+                && stored.ranking.fits(segments),
+            "segment_congestion state was taken with another city (checkpoints or segments differ)"
+        );
+        self.tracks.clear();
+        for (plate, color, track) in stored.tracks {
+            if let (PlateRead::Readable(plate), Some(color)) = (PlateRead::parse(&plate), PlateColor::from_code(color))
+            {
+                self.tracks.insert(VehicleKey::new(plate, color), track);
+            }
+        }
+        self.sets = stored.sets;
+        self.ranking = stored.ranking;
+        self.sudden = stored.sudden.into_iter().collect();
+        Ok(())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    /// (plate, colour, passes in time order)
+    tracks: Vec<(String, u8, Vec<Point>)>,
+    sets: Vec<BTreeMap<i64, Window>>,
+    ranking: SlidingRanking,
+    sudden: Vec<((u32, i64), (bool, u32))>,
+}
+
+/// Segment rows of the batch computation: (segment, window_s, window_start) → (traversals, speed,
+/// travel-time index, level).
+pub type SegmentTable = BTreeMap<(String, u32, i64), (u32, f64, f64, u8)>;
+/// Area rows of the batch computation: (level, key, window_s, window_start) → (speed, index, level).
+pub type AreaTable = BTreeMap<(String, String, u32, i64), (f64, f64, u8)>;
+
+/// The batch computation over deduplicated passes: segment rows, area rows and the Top-N
+/// segment ranking by window end.
+pub fn batch_congestion(
+    city: &City,
+    passes: &[Pass],
+    n: usize,
+) -> (SegmentTable, AreaTable, BTreeMap<i64, Vec<(Arc<str>, u64)>>) {
+    let roads = Roads::new(city);
+    let mut tracks: FxHashMap<VehicleKey, Vec<Point>> = FxHashMap::default();
+    for p in passes {
+        if let Some(v) = p.vehicle() {
+            tracks.entry(v).or_default().push(Point::of(p));
+        }
+    }
+    let mut traversals = Vec::new();
+    for track in tracks.values_mut() {
+        track.sort_by_key(Point::order);
+        traversals.extend(track.windows(2).filter_map(|w| roads.traversal(w[0], w[1])));
+    }
+    let mut windows: BTreeMap<(u32, i64), BTreeMap<u32, SegmentSums>> = BTreeMap::new();
+    for t in &traversals {
+        for size_s in CONGESTION_WINDOWS_S {
+            let s = windows
+                .entry((size_s, tumbling_start(t.at, i64::from(size_s) * 1000)))
+                .or_default()
+                .entry(t.segment)
+                .or_default();
+            s.traversals += 1;
+            s.dt_ms += t.dt_ms;
+        }
+    }
+    let (mut segment_table, mut area_table) = (SegmentTable::new(), AreaTable::new());
+    for ((size_s, start), segments) in &windows {
+        for (i, s) in segments {
+            let r = segment_row(&city.segments[*i as usize], *size_s, *start, *s);
+            segment_table.insert(
+                (r.segment_id.to_string(), *size_s, *start),
+                (r.traversals, r.mean_speed_kmh, r.travel_time_index, r.congestion_level),
+            );
+        }
+        for r in area_rows(city, *size_s, *start, segments) {
+            area_table.insert(
+                (r.level.to_owned(), r.key_id.to_string(), *size_s, *start),
+                (r.mean_speed_kmh, r.travel_time_index, r.congestion_level),
+            );
+        }
+    }
+    let ranking = batch_ranking(traversals.iter().map(|t| (t.at, city.segments[t.segment as usize].id.clone())), n);
+    (segment_table, area_table, ranking)
+}
+
+/// The batch computation of sudden congestion: the ids of every pattern in the segment table.
+pub fn batch_sudden_congestion(segments: &SegmentTable) -> Vec<String> {
+    let level = |id: &str, w: i64| segments.get(&(id.to_owned(), 300, w)).map(|r| r.3);
+    let mut ids: Vec<String> = segments
+        .keys()
+        .filter(|(_, size, _)| *size == 300)
+        .filter(|(id, _, w)| {
+            level(id, *w).is_some_and(|l| l >= 4)
+                && level(id, w + SUDDEN_WINDOW_MS).is_some_and(|l| l >= 4)
+                && level(id, w - SUDDEN_WINDOW_MS).is_some_and(|l| l <= 2)
+        })
+        .map(|(id, _, w)| sudden_id(id, *w))
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[cfg(test)]
+#[path = "congestion_tests.rs"]
+mod tests;

@@ -1,0 +1,249 @@
+//! First entry into the city (首次入城): the earliest inbound pass of a vehicle at a boundary
+//! checkpoint, ever, by (ts, pass_id). Exempt from lateness. The record lives in a first-entry
+//! store — Redis in production (never expires; one Lua script compares and sets, so the
+//! earliest pass wins whatever the arrival order) or, embedded, in the operator's own
+//! checkpointed state. A pass that becomes the first emits the row; an earlier pass arriving
+//! later corrects it under a higher revision; the stored first offered again (a replay) is
+//! emitted again unchanged, so a crash between emission and the sink loses nothing.
+
+use crate::core::{check_version, Context, Operator, StateBlob};
+use crate::model::Pass;
+use crate::reference::City;
+use crate::results::FirstEntryRow;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+const STATE_VERSION: u32 = 1;
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// An inbound boundary pass offered as a vehicle's first entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    /// `plate:colour`
+    pub vehicle: String,
+    pub ts: i64,
+    pub pass_id: String,
+    pub checkpoint_id: String,
+}
+
+/// Where first entries are kept.
+pub trait FirstEntryStore: Send {
+    /// Offers candidates in order; for each, the revision of the stored first entry when the
+    /// candidate is it (just set, corrected, or offered again), else `None`.
+    fn offer(&mut self, candidates: &[Candidate]) -> anyhow::Result<Vec<Option<u32>>>;
+
+    /// The store's part of a checkpoint (the embedded store's records; nothing for Redis).
+    fn snapshot(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    fn restore(&mut self, _bytes: &[u8]) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// First entries in memory, checkpointed with the operator.
+#[derive(Default)]
+pub struct EmbeddedFirstEntries {
+    /// vehicle → (ts, pass_id, checkpoint_id, revision)
+    records: BTreeMap<String, (i64, String, String, u32)>,
+}
+
+impl FirstEntryStore for EmbeddedFirstEntries {
+    fn offer(&mut self, candidates: &[Candidate]) -> anyhow::Result<Vec<Option<u32>>> {
+        Ok(candidates
+            .iter()
+            .map(|c| match self.records.get_mut(&c.vehicle) {
+                None => {
+                    self.records.insert(c.vehicle.clone(), (c.ts, c.pass_id.clone(), c.checkpoint_id.clone(), 0));
+                    Some(0)
+                }
+                Some(r) if (c.ts, c.pass_id.as_bytes()) < (r.0, r.1.as_bytes()) => {
+                    *r = (c.ts, c.pass_id.clone(), c.checkpoint_id.clone(), r.3 + 1);
+                    Some(r.3)
+                }
+                Some(r) => (r.1 == c.pass_id).then_some(r.3),
+            })
+            .collect())
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.records).unwrap_or_default()
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.records = if bytes.is_empty() { BTreeMap::new() } else { serde_json::from_slice(bytes)? };
+        Ok(())
+    }
+}
+
+/// Compares and sets every candidate of a batch in one round trip. KEYS: one hash per
+/// vehicle; ARGV: ts, pass_id, checkpoint_id per key. Returns one revision per key, or -1.
+/// Ties on ts are broken by the pass ids' bytes (not the locale's collation).
+const OFFER_SCRIPT: &str = r#"
+local function bytes_less(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local out = {}
+for i, key in ipairs(KEYS) do
+  local ts, id, cp = tonumber(ARGV[3 * i - 2]), ARGV[3 * i - 1], ARGV[3 * i]
+  local cur = redis.call('HMGET', key, 'ts', 'pass_id', 'rev')
+  if not cur[1] then
+    redis.call('HSET', key, 'ts', ARGV[3 * i - 2], 'pass_id', id, 'checkpoint_id', cp, 'rev', 0)
+    out[i] = 0
+  else
+    local cts, rev = tonumber(cur[1]), tonumber(cur[3])
+    if ts < cts or (ts == cts and bytes_less(id, cur[2])) then
+      rev = rev + 1
+      redis.call('HSET', key, 'ts', ARGV[3 * i - 2], 'pass_id', id, 'checkpoint_id', cp, 'rev', rev)
+      out[i] = rev
+    elseif id == cur[2] then
+      out[i] = rev
+    else
+      out[i] = -1
+    end
+  end
+end
+return out
+"#;
+
+/// First entries in Redis, under `key_prefix`. While Redis is unreachable the pipeline waits
+/// (retrying with back-off): nothing is dropped.
+pub struct RedisFirstEntries {
+    client: redis::Client,
+    connection: Option<redis::Connection>,
+    script: redis::Script,
+    key_prefix: String,
+}
+
+impl RedisFirstEntries {
+    pub fn open(url: &str, key_prefix: &str) -> anyhow::Result<RedisFirstEntries> {
+        let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("first-entry Redis URL `{url}`: {e}"))?;
+        Ok(RedisFirstEntries {
+            client,
+            connection: None,
+            script: redis::Script::new(OFFER_SCRIPT),
+            key_prefix: key_prefix.to_owned(),
+        })
+    }
+
+    fn try_offer(&mut self, candidates: &[Candidate]) -> redis::RedisResult<Vec<i64>> {
+        if self.connection.is_none() {
+            self.connection = Some(self.client.get_connection_with_timeout(Duration::from_secs(5))?);
+        }
+        let connection = self.connection.as_mut().expect("connected above");
+        let mut invocation = self.script.prepare_invoke();
+        for c in candidates {
+            invocation.key(format!("{}first_entry:{}", self.key_prefix, c.vehicle));
+            invocation.arg(c.ts).arg(&c.pass_id).arg(&c.checkpoint_id);
+        }
+        invocation.invoke(connection)
+    }
+}
+
+impl FirstEntryStore for RedisFirstEntries {
+    fn offer(&mut self, candidates: &[Candidate]) -> anyhow::Result<Vec<Option<u32>>> {
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.try_offer(candidates) {
+                Ok(revisions) => return Ok(revisions.into_iter().map(|r| u32::try_from(r).ok()).collect()),
+                Err(e) => {
+                    self.connection = None;
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "first-entry store (Redis) failed; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+}
+
+pub struct FirstEntry {
+    city: Arc<City>,
+    store: Box<dyn FirstEntryStore>,
+}
+
+impl FirstEntry {
+    pub fn new(city: &Arc<City>, store: Box<dyn FirstEntryStore>) -> FirstEntry {
+        FirstEntry { city: city.clone(), store }
+    }
+}
+
+impl Operator for FirstEntry {
+    fn name(&self) -> &'static str {
+        "first_entry"
+    }
+
+    fn state_version(&self) -> u32 {
+        STATE_VERSION
+    }
+
+    fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
+        let mut offered = Vec::new();
+        for pass in passes {
+            let Some(vehicle) = pass.vehicle() else { continue };
+            if self.city.is_inbound(pass.checkpoint, pass.direction) != Some(true) {
+                continue;
+            }
+            let candidate = Candidate {
+                vehicle: format!("{}:{}", vehicle.plate.as_str(), vehicle.color.code()),
+                ts: pass.ts.ms(),
+                pass_id: pass.pass_id.to_string(),
+                checkpoint_id: self.city.checkpoint(pass.checkpoint).id.to_string(),
+            };
+            offered.push((candidate, vehicle));
+        }
+        let candidates: Vec<Candidate> = offered.iter().map(|(c, _)| c.clone()).collect();
+        // `offer` retries until the store answers; an error here is a bug in the store.
+        let revisions = self.store.offer(&candidates).expect("the first-entry store answers every offer");
+        for ((c, vehicle), revision) in offered.into_iter().zip(revisions) {
+            if let Some(revision) = revision {
+                ctx.out.first_entry.push(FirstEntryRow {
+                    plate: vehicle.plate.as_str().into(),
+                    plate_color: vehicle.color.code(),
+                    ts: c.ts,
+                    checkpoint_id: c.checkpoint_id.into(),
+                    pass_id: c.pass_id.into(),
+                    revision,
+                });
+            }
+        }
+    }
+
+    fn snapshot(&self) -> anyhow::Result<StateBlob> {
+        Ok(StateBlob { version: STATE_VERSION, bytes: self.store.snapshot() })
+    }
+
+    fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
+        check_version(self.name(), blob.version, STATE_VERSION)?;
+        self.store.restore(&blob.bytes)
+    }
+}
+
+/// The batch computation: vehicle (`plate:colour`) → (ts, pass_id, checkpoint) of its earliest
+/// inbound boundary pass.
+pub fn batch_first_entry(city: &City, passes: &[Pass]) -> BTreeMap<String, (i64, String, String)> {
+    let mut first: BTreeMap<String, (i64, String, String)> = BTreeMap::new();
+    for p in passes {
+        let Some(v) = p.vehicle() else { continue };
+        if city.is_inbound(p.checkpoint, p.direction) != Some(true) {
+            continue;
+        }
+        let key = format!("{}:{}", v.plate.as_str(), v.color.code());
+        let candidate = (p.ts.ms(), p.pass_id.to_string(), city.checkpoint(p.checkpoint).id.to_string());
+        let e = first.entry(key).or_insert_with(|| candidate.clone());
+        if (candidate.0, candidate.1.as_bytes()) < (e.0, e.1.as_bytes()) {
+            *e = candidate;
+        }
+    }
+    first
+}

@@ -1,0 +1,210 @@
+//! Last-digit restriction ETL (尾号限行): every pass of a restricted vehicle inside a rule's zone
+//! and hours on a day the rule applies (holidays and working weekends from the calendar) is a
+//! violation, written with its rule; per local day, checkpoint and rule, a summary of
+//! violations and distinct vehicles. Violations do not depend on order, so they always take a
+//! pass however late; a summary stays open until its day ends plus the allowed lateness.
+
+use crate::core::window::is_late;
+use crate::core::{check_version, Context, Operator, StateBlob};
+use crate::model::{Pass, VehicleKey};
+use crate::reference::{City, RestrictedVehicle};
+use crate::results::{RestrictionSummaryRow, RestrictionViolationRow};
+use crate::simulator::day_start_ms;
+use chrono::{NaiveDate, Timelike};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+const SUMMARY_LATE_LABEL: &str = "restriction_summary/day";
+const STATE_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Summary {
+    violations: u32,
+    /// Plates with their colour code, `plate/colour`.
+    vehicles: BTreeSet<String>,
+    dirty: bool,
+}
+
+pub struct Restrictions {
+    city: Arc<City>,
+    tz: Tz,
+    local_prefixes: Vec<String>,
+    /// (day, checkpoint, rule index) → summary.
+    summaries: BTreeMap<(NaiveDate, u32, u32), Summary>,
+    recent: Option<(i64, i64, NaiveDate)>,
+}
+
+impl Restrictions {
+    pub fn new(city: &Arc<City>, tz: Tz, local_prefixes: &[String]) -> Restrictions {
+        Restrictions {
+            city: city.clone(),
+            tz,
+            local_prefixes: local_prefixes.to_vec(),
+            summaries: BTreeMap::new(),
+            recent: None,
+        }
+    }
+
+    /// The local day of `ts`, when it ends, and the local time of day in hours.
+    fn local(&mut self, ts: i64) -> (NaiveDate, i64, f64) {
+        let (start, end, day) = match self.recent.filter(|(start, end, _)| (*start..*end).contains(&ts)) {
+            Some(r) => r,
+            None => {
+                let day = crate::model::EventTime(ts).local_date(self.tz);
+                let end = day.succ_opt().map_or(i64::MAX, |next| day_start_ms(next, self.tz));
+                let r = (day_start_ms(day, self.tz), end, day);
+                self.recent = Some(r);
+                r
+            }
+        };
+        let hour = if end - start == crate::model::DAY_MS {
+            (ts - start) as f64 / 3_600_000.0
+        } else {
+            // A day with a clock change: read the wall clock.
+            let t = crate::model::EventTime(ts).to_datetime(self.tz);
+            f64::from(t.hour()) + f64::from(t.minute()) / 60.0 + f64::from(t.second()) / 3600.0
+        };
+        (day, end, hour)
+    }
+
+    fn emit(&mut self, out: &mut Vec<RestrictionSummaryRow>) {
+        let Some(rules) = &self.city.restrictions else { return };
+        for ((day, cp, rule), s) in self.summaries.iter_mut().filter(|(_, s)| s.dirty) {
+            s.dirty = false;
+            out.push(RestrictionSummaryRow {
+                day: day.to_string(),
+                checkpoint_id: self.city.checkpoints[*cp as usize].id.clone(),
+                rule_id: rules.rules[*rule as usize].id.as_str().into(),
+                violations: s.violations,
+                vehicles: s.vehicles.len() as u32,
+            });
+        }
+    }
+}
+
+/// The rules one pass violates: (rule index, rule id).
+fn violations<'a>(
+    city: &'a City,
+    local_prefixes: &[String],
+    pass: &Pass,
+    day: NaiveDate,
+    hour: f64,
+) -> Vec<(u32, &'a str)> {
+    let (Some(rules), Some(v)) = (city.restrictions.as_ref(), pass.vehicle()) else { return Vec::new() };
+    let checkpoint = city.checkpoint(pass.checkpoint);
+    let local = local_prefixes.iter().any(|p| v.plate.as_str().starts_with(p.as_str()));
+    let restricted = RestrictedVehicle { plate: &v.plate, color: v.color, plate_type: &pass.plate_type, local };
+    rules
+        .rules
+        .iter()
+        .enumerate()
+        .filter(|(_, rule)| rule.covers(checkpoint) && rule.in_hours(hour) && rule.restricts(rules, day, &restricted))
+        .map(|(i, rule)| (i as u32, rule.id.as_str()))
+        .collect()
+}
+
+impl Operator for Restrictions {
+    fn name(&self) -> &'static str {
+        "restrictions"
+    }
+
+    fn state_version(&self) -> u32 {
+        STATE_VERSION
+    }
+
+    fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
+        if self.city.restrictions.is_none() {
+            return;
+        }
+        let city = self.city.clone();
+        for (i, pass) in passes.iter().enumerate() {
+            let Some(vehicle) = pass.vehicle() else { continue };
+            let (day, end, hour) = self.local(pass.ts.ms());
+            let summary_open = !is_late(end, ctx.watermark, ctx.allowed_lateness_ms);
+            for (rule, rule_id) in violations(&city, &self.local_prefixes, pass, day, hour) {
+                ctx.out.restriction_violations.push(RestrictionViolationRow {
+                    pass_id: pass.pass_id.clone(),
+                    rule_id: rule_id.into(),
+                    plate: vehicle.plate.as_str().into(),
+                    plate_color: vehicle.color.code(),
+                    checkpoint_id: city.checkpoint(pass.checkpoint).id.clone(),
+                    ts: pass.ts.ms(),
+                    day: day.to_string(),
+                });
+                if !summary_open {
+                    ctx.late.push((i, SUMMARY_LATE_LABEL));
+                    continue;
+                }
+                let s = self.summaries.entry((day, pass.checkpoint.0, rule)).or_default();
+                s.violations += 1;
+                s.vehicles.insert(vehicle_label(&vehicle));
+                s.dirty = true;
+            }
+        }
+        self.emit(&mut ctx.out.restriction_summary);
+    }
+
+    fn on_watermark(&mut self, ctx: &mut Context<'_>) {
+        self.emit(&mut ctx.out.restriction_summary);
+        let (watermark, lateness, tz) = (ctx.watermark, ctx.allowed_lateness_ms, self.tz);
+        self.summaries.retain(|(day, _, _), _| {
+            let end = day.succ_opt().map_or(i64::MAX, |next| day_start_ms(next, tz));
+            !is_late(end, watermark, lateness)
+        });
+    }
+
+    fn snapshot(&self) -> anyhow::Result<StateBlob> {
+        let stored: Vec<(&(NaiveDate, u32, u32), &Summary)> = self.summaries.iter().collect();
+        Ok(StateBlob { version: STATE_VERSION, bytes: serde_json::to_vec(&stored)? })
+    }
+
+    fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
+        check_version(self.name(), blob.version, STATE_VERSION)?;
+        let stored: Vec<((NaiveDate, u32, u32), Summary)> = serde_json::from_slice(&blob.bytes)?;
+        let rules = self.city.restrictions.as_ref().map_or(0, |r| r.rules.len());
+        anyhow::ensure!(
+            stored
+                .iter()
+                .all(|((_, cp, rule), _)| (*cp as usize) < self.city.checkpoints.len() && (*rule as usize) < rules),
+            "restrictions state names a checkpoint or rule this city does not have"
+        );
+        self.summaries = stored.into_iter().collect();
+        Ok(())
+    }
+}
+
+fn vehicle_label(v: &VehicleKey) -> String {
+    format!("{}/{}", v.plate.as_str(), v.color.code())
+}
+
+/// The batch computation: every violation as (pass_id, rule_id), and summaries by (day,
+/// checkpoint, rule) → (violations, vehicles).
+#[allow(clippy::type_complexity)]
+pub fn batch_restrictions(
+    city: &City,
+    tz: Tz,
+    local_prefixes: &[String],
+    passes: &[Pass],
+) -> (BTreeSet<(String, String)>, BTreeMap<(String, String, String), (u32, u32)>) {
+    let mut op = Restrictions::new(&Arc::new(city.clone()), tz, local_prefixes);
+    let (mut found, mut summaries) = (BTreeSet::new(), BTreeMap::<_, (u32, BTreeSet<String>)>::new());
+    for p in passes {
+        let Some(v) = p.vehicle() else { continue };
+        let (day, _, hour) = op.local(p.ts.ms());
+        for (_, rule) in violations(city, local_prefixes, p, day, hour) {
+            found.insert((p.pass_id.to_string(), rule.to_owned()));
+            let s = summaries
+                .entry((day.to_string(), city.checkpoint(p.checkpoint).id.to_string(), rule.to_owned()))
+                .or_default();
+            s.0 += 1;
+            s.1.insert(vehicle_label(&v));
+        }
+    }
+    (found, summaries.into_iter().map(|(k, (n, v))| (k, (n, v.len() as u32))).collect())
+}
+
+#[cfg(test)]
+#[path = "restrictions_tests.rs"]
+mod tests;

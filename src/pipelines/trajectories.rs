@@ -1,0 +1,237 @@
+//! Trajectories (车辆轨迹): per vehicle and local day, its passes in time order as three lists —
+//! times (ms), checkpoints, and the n − 1 intervals between consecutive passes in seconds —
+//! upserted as passes arrive; a late pass is put in its place. A day stays open until its end
+//! plus the allowed lateness, so a pass hours late still joins its trajectory. `revision` is
+//! the number of passes − 1: it only grows.
+
+use crate::core::window::is_late;
+use crate::core::{check_version, Context, Operator, StateBlob};
+use crate::model::{fnv1a64, Pass, PlateColor, PlateRead, VehicleKey};
+use crate::reference::City;
+use crate::results::TrajectoryRow;
+use crate::simulator::day_start_ms;
+use chrono::NaiveDate;
+use chrono_tz::Tz;
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+const LATE_LABEL: &str = "trajectories/day";
+const STATE_VERSION: u32 = 1;
+
+/// One pass of a trajectory: ties on `ts` are ordered by a hash of the pass id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct Stop {
+    ts: i64,
+    tie: u64,
+    cp: u32,
+}
+
+#[derive(Default)]
+struct Day {
+    end: i64,
+    vehicles: FxHashMap<VehicleKey, Vec<Stop>>,
+    dirty: FxHashSet<VehicleKey>,
+}
+
+pub struct Trajectories {
+    city: Arc<City>,
+    tz: Tz,
+    days: BTreeMap<NaiveDate, Day>,
+    recent: Option<(i64, i64, NaiveDate)>,
+}
+
+impl Trajectories {
+    pub fn new(city: &Arc<City>, tz: Tz) -> Trajectories {
+        Trajectories { city: city.clone(), tz, days: BTreeMap::new(), recent: None }
+    }
+
+    /// The local day of `ts` and the instant it ends.
+    fn day_of(&mut self, ts: i64) -> (NaiveDate, i64) {
+        if let Some((_, end, day)) = self.recent.filter(|(start, end, _)| (*start..*end).contains(&ts)) {
+            return (day, end);
+        }
+        let day = crate::model::EventTime(ts).local_date(self.tz);
+        let (start, end) = (day_start_ms(day, self.tz), self.day_end(day));
+        self.recent = Some((start, end, day));
+        (day, end)
+    }
+
+    fn day_end(&self, day: NaiveDate) -> i64 {
+        day.succ_opt().map_or(i64::MAX, |next| day_start_ms(next, self.tz))
+    }
+
+    fn emit(&mut self, out: &mut Vec<TrajectoryRow>) {
+        for (day, d) in &mut self.days {
+            for vehicle in d.dirty.drain() {
+                out.push(trajectory_row(&self.city, *day, &vehicle, &d.vehicles[&vehicle]));
+            }
+        }
+    }
+}
+
+fn trajectory_row(city: &City, day: NaiveDate, vehicle: &VehicleKey, stops: &[Stop]) -> TrajectoryRow {
+    TrajectoryRow {
+        plate: vehicle.plate.as_str().into(),
+        plate_color: vehicle.color.code(),
+        day: day.to_string(),
+        times: stops.iter().map(|s| s.ts).collect(),
+        checkpoints: stops.iter().map(|s| city.checkpoints[s.cp as usize].id.clone()).collect(),
+        revision: stops.len().saturating_sub(1) as u32,
+    }
+}
+
+impl Operator for Trajectories {
+    fn name(&self) -> &'static str {
+        "trajectories"
+    }
+
+    fn state_version(&self) -> u32 {
+        STATE_VERSION
+    }
+
+    fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
+        for (i, pass) in passes.iter().enumerate() {
+            let Some(vehicle) = pass.vehicle() else { continue };
+            let (day, end) = self.day_of(pass.ts.ms());
+            if is_late(end, ctx.watermark, ctx.allowed_lateness_ms) {
+                ctx.late.push((i, LATE_LABEL));
+                continue;
+            }
+            let stop = Stop { ts: pass.ts.ms(), tie: fnv1a64(pass.pass_id.as_bytes()), cp: pass.checkpoint.0 };
+            let d = self.days.entry(day).or_insert_with(|| Day { end, ..Day::default() });
+            let stops = d.vehicles.entry(vehicle.clone()).or_default();
+            if let Err(at) = stops.binary_search(&stop) {
+                stops.insert(at, stop);
+                d.dirty.insert(vehicle);
+            }
+        }
+        self.emit(&mut ctx.out.trajectories);
+    }
+
+    fn on_watermark(&mut self, ctx: &mut Context<'_>) {
+        self.emit(&mut ctx.out.trajectories);
+        let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
+        self.days.retain(|_, d| !is_late(d.end, watermark, lateness));
+    }
+
+    fn snapshot(&self) -> anyhow::Result<StateBlob> {
+        let stored: Vec<StoredDay> = self
+            .days
+            .iter()
+            .map(|(day, d)| StoredDay {
+                day: *day,
+                vehicles: d
+                    .vehicles
+                    .iter()
+                    .map(|(v, stops)| (v.plate.as_str().to_owned(), v.color.code(), stops.clone(), d.dirty.contains(v)))
+                    .collect(),
+            })
+            .collect();
+        Ok(StateBlob { version: STATE_VERSION, bytes: serde_json::to_vec(&stored)? })
+    }
+
+    fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
+        check_version(self.name(), blob.version, STATE_VERSION)?;
+        let stored: Vec<StoredDay> = serde_json::from_slice(&blob.bytes)?;
+        let n = self.city.checkpoints.len();
+        anyhow::ensure!(
+            stored.iter().flat_map(|d| &d.vehicles).flat_map(|v| &v.2).all(|s| (s.cp as usize) < n),
+            "trajectories state names a checkpoint this city does not have"
+        );
+        self.days.clear();
+        for s in stored {
+            let end = self.day_end(s.day);
+            let d = self.days.entry(s.day).or_insert_with(|| Day { end, ..Day::default() });
+            for (plate, color, stops, dirty) in s.vehicles {
+                let (PlateRead::Readable(plate), Some(color)) =
+                    (PlateRead::parse(&plate), PlateColor::from_code(color))
+                else {
+                    continue;
+                };
+                let vehicle = VehicleKey::new(plate, color);
+                if dirty {
+                    d.dirty.insert(vehicle.clone());
+                }
+                d.vehicles.insert(vehicle, stops);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredDay {
+    day: NaiveDate,
+    /// (plate, colour, stops in time order, not yet written)
+    vehicles: Vec<(String, u8, Vec<Stop>, bool)>,
+}
+
+/// The batch computation: (plate, colour, day) → (times, checkpoints) of every vehicle-day.
+pub fn batch_trajectories(
+    city: &City,
+    tz: Tz,
+    passes: &[Pass],
+) -> BTreeMap<(String, u8, String), (Vec<i64>, Vec<Arc<str>>)> {
+    let mut all: BTreeMap<(String, u8, String), Vec<Stop>> = BTreeMap::new();
+    for p in passes {
+        let Some(v) = p.vehicle() else { continue };
+        let key = (v.plate.as_str().to_owned(), v.color.code(), p.ts.local_date(tz).to_string());
+        all.entry(key).or_default().push(Stop {
+            ts: p.ts.ms(),
+            tie: fnv1a64(p.pass_id.as_bytes()),
+            cp: p.checkpoint.0,
+        });
+    }
+    all.into_iter()
+        .map(|(k, mut stops)| {
+            stops.sort();
+            let times = stops.iter().map(|s| s.ts).collect();
+            let checkpoints = stops.iter().map(|s| city.checkpoints[s.cp as usize].id.clone()).collect();
+            (k, (times, checkpoints))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipelines::test_support::{self as support, checkpoint};
+    use crate::results::ResultBatch;
+
+    const TZ: Tz = chrono_tz::Asia::Shanghai;
+    /// 2026-03-02 00:00 in Shanghai.
+    const MIDNIGHT: i64 = 1_772_380_800_000;
+
+    fn run(op: &mut Trajectories, passes: &[Pass], watermark: i64) -> (Vec<TrajectoryRow>, usize) {
+        let (mut out, mut late) = (ResultBatch::default(), Vec::new());
+        let mut ctx = Context { watermark, allowed_lateness_ms: 3_600_000, out: &mut out, late: &mut late };
+        op.process_batch(passes, &mut ctx);
+        op.on_watermark(&mut ctx);
+        (out.trajectories, late.len())
+    }
+
+    #[test]
+    fn a_late_pass_is_put_in_place_and_midnight_starts_a_new_day() {
+        let city = support::city(vec![checkpoint("A", "R1"), checkpoint("B", "R1")], &["R1"]);
+        let mut op = Trajectories::new(&city, TZ);
+        let p = |cp, ts| support::pass("赣A1", cp, ts);
+        let (rows, _) =
+            run(&mut op, &[p(0, MIDNIGHT - 60_000), p(0, MIDNIGHT + 1_000), p(1, MIDNIGHT + 61_500)], i64::MIN);
+        assert_eq!(rows.len(), 2, "one row for each local day");
+        let today = rows.iter().find(|r| r.day == "2026-03-02").unwrap();
+        assert_eq!(today.times, vec![MIDNIGHT + 1_000, MIDNIGHT + 61_500]);
+        assert_eq!(today.intervals_s(), vec![60.5]);
+        // Two hours later a pass between the two arrives: it is put in its place.
+        let (rows, late) = run(&mut op, &[p(1, MIDNIGHT + 30_000)], MIDNIGHT + 7_200_000);
+        assert_eq!(late, 0);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].checkpoints.iter().map(|c| &**c).collect::<Vec<_>>(), vec!["A", "B", "B"]);
+        assert_eq!(rows[0].intervals_s(), vec![29.0, 31.5]);
+        assert_eq!(rows[0].revision, 2);
+        // The day before closed an hour after midnight: a pass for it is late.
+        let (rows, late) = run(&mut op, &[p(1, MIDNIGHT - 1_000)], MIDNIGHT + 7_200_000);
+        assert_eq!((rows.len(), late), (0, 1));
+    }
+}

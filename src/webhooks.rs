@@ -1,0 +1,387 @@
+//! Alert webhooks: every alert is POSTed as JSON to each configured endpoint whose kinds it
+//! matches, signed with HMAC-SHA256, retried with exponential back-off while the receiver
+//! fails or is down, and dead-lettered once it has failed for longer than the give-up time.
+//!
+//! Deliveries live in a durable queue (an SQLite file) before the checkpoint that covers their
+//! alerts completes, so an alert survives a restart; a replay enqueues the same (endpoint,
+//! alert id, revision) once. Cloned-plate notifications are throttled to one per vehicle per
+//! hour: the pairs found in that hour join the pending notification.
+//!
+//! Each request carries `X-Passflow-Alert-Id` (the stable alert id), `X-Passflow-Alert-Revision`,
+//! `Idempotency-Key` (`<alert id>/<revision>`), `X-Passflow-Timestamp` (ms) and
+//! `X-Passflow-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`.
+
+use crate::config::HumanDuration;
+use crate::model::stable_id;
+use crate::results::AlertRow;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::SqlitePool;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const SCHEMA_VERSION: u32 = 1;
+const BASE_BACKOFF_MS: i64 = 500;
+const MAX_BACKOFF_MS: i64 = 5 * 60_000;
+const HOUR_MS: i64 = 3_600_000;
+
+/// `[webhooks]` in the configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// The durable delivery queue.
+    pub queue: PathBuf,
+    /// A delivery failing for longer than this is dead-lettered.
+    pub give_up_after: HumanDuration,
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            queue: "data/webhooks.db".into(),
+            give_up_after: HumanDuration::from_secs(24 * 3600),
+            endpoints: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// A short name: the queue's key for this endpoint.
+    pub name: String,
+    pub url: String,
+    /// The HMAC-SHA256 key of the signature header.
+    pub secret: String,
+    /// Alert kinds sent here; empty: every kind.
+    #[serde(default)]
+    pub kinds: Vec<String>,
+    /// Deliveries per minute at most (0: no limit); the rest wait their turn.
+    #[serde(default)]
+    pub per_minute: u32,
+}
+
+/// The signature header value of a body sent at `timestamp_ms`.
+pub fn signature(secret: &str, timestamp_ms: i64, body: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(timestamp_ms.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body.as_bytes());
+    let bytes = mac.finalize().into_bytes();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+/// The JSON body of an alert.
+pub fn alert_body(a: &AlertRow) -> serde_json::Value {
+    serde_json::json!({
+        "schema_version": SCHEMA_VERSION,
+        "alert_id": a.alert_id,
+        "kind": a.kind,
+        "ts": a.ts,
+        "plate": a.plate.as_deref(),
+        "plate_color": a.plate_color,
+        "checkpoint_id": a.checkpoint_id.as_deref(),
+        "segment_id": a.segment_id.as_deref(),
+        "severity": a.severity,
+        "status": a.status,
+        "revision": a.revision,
+        "details": serde_json::from_str::<serde_json::Value>(&a.details).unwrap_or(serde_json::Value::Null),
+    })
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS deliveries (
+    endpoint TEXT NOT NULL,
+    alert_id TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    last_error TEXT,
+    PRIMARY KEY (endpoint, alert_id, revision)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_at);
+";
+
+/// The durable delivery queue and its endpoints.
+pub struct Webhooks {
+    pool: SqlitePool,
+    config: WebhookConfig,
+    client: reqwest::Client,
+    pub delivered: prometheus::IntCounter,
+    pub failed: prometheus::IntCounter,
+    pub dead: prometheus::IntCounter,
+}
+
+/// What is in the queue, by state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub pending: i64,
+    pub delivered: i64,
+    pub dead: i64,
+}
+
+impl Webhooks {
+    pub async fn open(config: &WebhookConfig, metrics: &crate::metrics::Metrics) -> anyhow::Result<Arc<Webhooks>> {
+        if let Some(dir) = config.queue.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", config.queue.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
+        let pool = SqlitePoolOptions::new().max_connections(2).connect_with(options).await?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+        Ok(Arc::new(Webhooks {
+            pool,
+            config: config.clone(),
+            client,
+            delivered: metrics.webhook_deliveries.with_label_values(&["delivered"]),
+            failed: metrics.webhook_deliveries.with_label_values(&["failed"]),
+            dead: metrics.webhook_deliveries.with_label_values(&["dead"]),
+        }))
+    }
+
+    /// Queues the alerts for every endpoint that takes their kind. Cloned-plate alerts join
+    /// their vehicle's notification of the hour.
+    pub async fn enqueue(&self, alerts: &[AlertRow], now_ms: i64) -> anyhow::Result<()> {
+        if self.config.endpoints.is_empty() || alerts.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for endpoint in &self.config.endpoints {
+            for a in alerts.iter().filter(|a| endpoint.kinds.is_empty() || endpoint.kinds.iter().any(|k| k == a.kind)) {
+                if a.kind == crate::pipelines::CLONED_PLATE {
+                    self.join_notice(&mut tx, &endpoint.name, a, now_ms).await?;
+                    continue;
+                }
+                sqlx::query(
+                    "INSERT OR IGNORE INTO deliveries (endpoint, alert_id, revision, body, created_at, next_at) \
+                     VALUES (?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&endpoint.name)
+                .bind(&a.alert_id)
+                .bind(i64::from(a.revision))
+                .bind(alert_body(a).to_string())
+                .bind(now_ms)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// One notification per vehicle and hour (of the alert's time) lists its pairs: a pair
+    /// joins the pending notification; once that was sent, later pairs of the hour stay in
+    /// the alerts table only.
+    async fn join_notice(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        endpoint: &str,
+        a: &AlertRow,
+        now_ms: i64,
+    ) -> anyhow::Result<()> {
+        let hour = a.ts - a.ts.rem_euclid(HOUR_MS);
+        let vehicle = format!("{}/{}", a.plate.as_deref().unwrap_or(""), a.plate_color.unwrap_or(0));
+        let id = stable_id("cloned_plate_notice", &[vehicle.as_bytes(), hour.to_string().as_bytes()]);
+        let existing: Option<(String, String)> =
+            sqlx::query_as("SELECT body, state FROM deliveries WHERE endpoint = ? AND alert_id = ? AND revision = 0")
+                .bind(endpoint)
+                .bind(&id)
+                .fetch_optional(&mut **tx)
+                .await?;
+        let pair = alert_body(a);
+        match existing {
+            None => {
+                let body = serde_json::json!({
+                    "schema_version": SCHEMA_VERSION,
+                    "alert_id": id,
+                    "kind": "cloned_plate",
+                    "ts": a.ts,
+                    "plate": a.plate.as_deref(),
+                    "plate_color": a.plate_color,
+                    "severity": a.severity,
+                    "status": "active",
+                    "revision": 0,
+                    "hour_start": hour,
+                    "pairs": [pair],
+                });
+                sqlx::query(
+                    "INSERT INTO deliveries (endpoint, alert_id, revision, body, created_at, next_at) \
+                     VALUES (?, ?, 0, ?, ?, ?)",
+                )
+                .bind(endpoint)
+                .bind(&id)
+                .bind(body.to_string())
+                .bind(now_ms)
+                .bind(now_ms)
+                .execute(&mut **tx)
+                .await?;
+            }
+            Some((body, state)) if state == "pending" => {
+                let mut body: serde_json::Value = serde_json::from_str(&body)?;
+                let pairs = body["pairs"].as_array_mut().ok_or_else(|| anyhow::anyhow!("a notice without pairs"))?;
+                if !pairs.iter().any(|p| p["alert_id"] == pair["alert_id"]) {
+                    pairs.push(pair);
+                    sqlx::query("UPDATE deliveries SET body = ? WHERE endpoint = ? AND alert_id = ? AND revision = 0")
+                        .bind(body.to_string())
+                        .bind(endpoint)
+                        .bind(&id)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Delivers what is due until `stop` turns true; sleeps while nothing is.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut sent: Vec<Vec<i64>> = vec![Vec::new(); self.config.endpoints.len()];
+        while !*stop.borrow() {
+            let busy = self.deliver_due(&mut sent, chrono::Utc::now().timestamp_millis()).await?;
+            if !busy {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One round over the due deliveries; returns whether any was attempted.
+    pub async fn deliver_due(&self, sent: &mut [Vec<i64>], now_ms: i64) -> anyhow::Result<bool> {
+        let due: Vec<(String, String, i64, String, i64, i64)> = sqlx::query_as(
+            "SELECT endpoint, alert_id, revision, body, created_at, attempts FROM deliveries \
+             WHERE state = 'pending' AND next_at <= ? ORDER BY next_at LIMIT 200",
+        )
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut attempted = false;
+        for (name, alert_id, revision, body, created_at, attempts) in due {
+            let Some(i) = self.config.endpoints.iter().position(|e| e.name == name) else {
+                self.set_state(
+                    &name,
+                    &alert_id,
+                    revision,
+                    "dead",
+                    Some("endpoint no longer configured"),
+                    attempts,
+                    now_ms,
+                )
+                .await?;
+                continue;
+            };
+            let endpoint = &self.config.endpoints[i];
+            let window = &mut sent[i];
+            window.retain(|t| *t > now_ms - 60_000);
+            if endpoint.per_minute > 0 && window.len() >= endpoint.per_minute as usize {
+                continue;
+            }
+            window.push(now_ms);
+            attempted = true;
+            match self.post(endpoint, &alert_id, revision, &body, now_ms).await {
+                Ok(()) => {
+                    self.delivered.inc();
+                    self.set_state(&name, &alert_id, revision, "delivered", None, attempts + 1, now_ms).await?;
+                }
+                Err(e) => {
+                    self.failed.inc();
+                    let give_up = created_at + self.config.give_up_after.as_millis() <= now_ms;
+                    let error = format!("{e:#}");
+                    if give_up {
+                        self.dead.inc();
+                        tracing::error!(endpoint = %name, alert_id, error, "webhook delivery given up: dead-lettered");
+                        self.set_state(&name, &alert_id, revision, "dead", Some(&error), attempts + 1, now_ms).await?;
+                    } else {
+                        let backoff = (BASE_BACKOFF_MS << attempts.clamp(0, 20)).min(MAX_BACKOFF_MS);
+                        tracing::warn!(endpoint = %name, alert_id, error, retry_in_ms = backoff, "webhook delivery failed");
+                        self.set_state(
+                            &name,
+                            &alert_id,
+                            revision,
+                            "pending",
+                            Some(&error),
+                            attempts + 1,
+                            now_ms + backoff,
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
+        Ok(attempted)
+    }
+
+    async fn post(
+        &self,
+        endpoint: &EndpointConfig,
+        alert_id: &str,
+        revision: i64,
+        body: &str,
+        now_ms: i64,
+    ) -> anyhow::Result<()> {
+        let response = self
+            .client
+            .post(&endpoint.url)
+            .header("Content-Type", "application/json")
+            .header("X-Passflow-Alert-Id", alert_id)
+            .header("X-Passflow-Alert-Revision", revision.to_string())
+            .header("Idempotency-Key", format!("{alert_id}/{revision}"))
+            .header("X-Passflow-Timestamp", now_ms.to_string())
+            .header("X-Passflow-Signature", signature(&endpoint.secret, now_ms, body))
+            .body(body.to_owned())
+            .send()
+            .await?;
+        anyhow::ensure!(response.status().is_success(), "the receiver answered {}", response.status());
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn set_state(
+        &self,
+        endpoint: &str,
+        alert_id: &str,
+        revision: i64,
+        state: &str,
+        error: Option<&str>,
+        attempts: i64,
+        next_at: i64,
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE deliveries SET state = ?, last_error = ?, attempts = ?, next_at = ? \
+             WHERE endpoint = ? AND alert_id = ? AND revision = ?",
+        )
+        .bind(state)
+        .bind(error)
+        .bind(attempts)
+        .bind(next_at)
+        .bind(endpoint)
+        .bind(alert_id)
+        .bind(revision)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Deliveries by state.
+    pub async fn counts(&self) -> anyhow::Result<QueueCounts> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetch_all(&self.pool).await?;
+        let get = |s: &str| rows.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
+        Ok(QueueCounts { pending: get("pending"), delivered: get("delivered"), dead: get("dead") })
+    }
+}

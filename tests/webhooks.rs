@@ -1,0 +1,217 @@
+//! Alert webhooks against a local HTTP receiver that fails, goes away and comes back.
+
+use axum::http::{HeaderMap, StatusCode};
+use passflow::metrics::Metrics;
+use passflow::results::AlertRow;
+use passflow::webhooks::{signature, EndpointConfig, QueueCounts, WebhookConfig, Webhooks};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+const SECRET: &str = "s3cret";
+
+#[derive(Clone, Default)]
+struct Receiver {
+    healthy: Arc<AtomicBool>,
+    /// (alert id, revision, signature verified, body)
+    received: Arc<Mutex<Vec<(String, String, bool, serde_json::Value)>>>,
+}
+
+async fn receive(
+    axum::extract::State(r): axum::extract::State<Receiver>,
+    headers: HeaderMap,
+    body: String,
+) -> StatusCode {
+    if !r.healthy.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let ts: i64 = header("x-passflow-timestamp").parse().unwrap_or(0);
+    let verified = header("x-passflow-signature") == signature(SECRET, ts, &body);
+    let json = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+    r.received.lock().unwrap().push((header("x-passflow-alert-id"), header("idempotency-key"), verified, json));
+    StatusCode::OK
+}
+
+/// Serves the receiver on `addr` until the returned handle is aborted.
+async fn serve(receiver: Receiver, addr: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route("/hook", axum::routing::post(receive)).with_state(receiver);
+    (addr, tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }))
+}
+
+fn alert(id: &str, kind: &'static str, plate: &str, ts: i64) -> AlertRow {
+    AlertRow {
+        alert_id: id.into(),
+        kind,
+        ts,
+        plate: Some(plate.into()),
+        plate_color: Some(2),
+        checkpoint_id: Some("KK0001".into()),
+        segment_id: None,
+        severity: "high",
+        details: r#"{"n":1}"#.into(),
+        status: "active",
+        revision: 0,
+    }
+}
+
+fn config_for(dir: &std::path::Path, addr: SocketAddr, give_up_s: u64) -> WebhookConfig {
+    WebhookConfig {
+        queue: dir.join("webhooks.db"),
+        give_up_after: passflow::config::HumanDuration::from_secs(give_up_s),
+        endpoints: vec![EndpointConfig {
+            name: "desk".into(),
+            url: format!("http://{addr}/hook"),
+            secret: SECRET.into(),
+            kinds: vec!["cloned_plate".into(), "traffic_surge".into()],
+            per_minute: 0,
+        }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_alert_reaches_a_receiver_that_fails_goes_away_and_recovers_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::default();
+    let (addr, server) = serve(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let metrics = Metrics::new();
+    let hooks = Webhooks::open(&config_for(dir.path(), addr, 3600), &metrics).await.unwrap();
+    let t0 = chrono::Utc::now().timestamp_millis();
+    let alerts = vec![
+        alert("traffic_surge-1", "traffic_surge", "", t0),
+        alert("traffic_surge-2", "traffic_surge", "", t0),
+        // Two pairs of one vehicle in one hour: one notification listing both.
+        alert("cloned_plate-a", "cloned_plate", "赣A12345", 3_600_000 * 100 + 10),
+        alert("cloned_plate-b", "cloned_plate", "赣A12345", 3_600_000 * 100 + 20),
+        // Not a kind this endpoint takes.
+        alert("watchlist-1", "watchlist", "赣A1", t0),
+    ];
+    hooks.enqueue(&alerts, t0).await.unwrap();
+    hooks.enqueue(&alerts, t0).await.unwrap(); // a replay queues nothing twice
+    assert_eq!(hooks.counts().await.unwrap(), QueueCounts { pending: 3, delivered: 0, dead: 0 });
+    // The receiver fails: every delivery is retried later.
+    let mut sent = vec![Vec::new()];
+    assert!(hooks.deliver_due(&mut sent, t0).await.unwrap());
+    assert!(receiver.received.lock().unwrap().is_empty());
+    assert!(!hooks.deliver_due(&mut sent, t0 + 1).await.unwrap(), "nothing is due before its back-off");
+    // The receiver goes away; passflow restarts: the queue is still there.
+    server.abort();
+    let _ = server.await;
+    drop(hooks);
+    let hooks = Webhooks::open(&config_for(dir.path(), addr, 3600), &metrics).await.unwrap();
+    assert_eq!(hooks.counts().await.unwrap().pending, 3);
+    assert!(hooks.deliver_due(&mut sent, t0 + 60_000).await.unwrap());
+    assert_eq!(hooks.counts().await.unwrap().pending, 3, "connection refused: still pending");
+    // It comes back healthy on the same address.
+    receiver.healthy.store(true, Ordering::SeqCst);
+    let (_, _server) = serve(receiver.clone(), addr).await;
+    let mut now = t0 + 120_000;
+    while hooks.counts().await.unwrap().pending > 0 {
+        hooks.deliver_due(&mut sent, now).await.unwrap();
+        now += 60_000;
+        assert!(now < t0 + 3_600_000, "deliveries never completed");
+    }
+    let received = receiver.received.lock().unwrap().clone();
+    let mut ids: Vec<&str> = received.iter().map(|r| r.0.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(ids.contains(&"traffic_surge-1") && ids.contains(&"traffic_surge-2"));
+    assert!(received.iter().all(|r| r.2), "every signature verifies");
+    assert!(received.iter().all(|r| r.1 == format!("{}/0", r.0)), "idempotency keys are the alert ids");
+    let notice = received.iter().find(|r| r.3["kind"] == "cloned_plate").unwrap();
+    assert_eq!(notice.3["pairs"].as_array().unwrap().len(), 2, "one notification per vehicle and hour");
+    assert_eq!(hooks.counts().await.unwrap(), QueueCounts { pending: 0, delivered: 3, dead: 0 });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_failing_past_the_give_up_time_is_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::default();
+    let (addr, _server) = serve(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let metrics = Metrics::new();
+    let hooks = Webhooks::open(&config_for(dir.path(), addr, 60), &metrics).await.unwrap();
+    let t0 = 1_000_000;
+    hooks.enqueue(&[alert("traffic_surge-9", "traffic_surge", "", t0)], t0).await.unwrap();
+    let mut sent = vec![Vec::new()];
+    hooks.deliver_due(&mut sent, t0).await.unwrap();
+    assert_eq!(hooks.counts().await.unwrap().pending, 1);
+    hooks.deliver_due(&mut sent, t0 + 61_000).await.unwrap();
+    assert_eq!(hooks.counts().await.unwrap(), QueueCounts { pending: 0, delivered: 0, dead: 1 });
+    assert!(metrics.render().contains("passflow_webhook_deliveries_total{outcome=\"dead\"} 1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plate_put_on_the_watch_list_through_the_api_raises_a_watchlist_webhook() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver { healthy: Arc::new(AtomicBool::new(true)), ..Receiver::default() };
+    let (hook_addr, _server) = serve(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let store_url = format!("sqlite://{}", dir.path().join("passflow.db").display());
+    let mut config = passflow::config::Config::default();
+    config.city.dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/city").into();
+    config.api.listen = "127.0.0.1:0".into();
+    config.store.url = store_url.clone();
+    config.state.dir = dir.path().join("state");
+    config.source.simulator.vehicles = 2_000;
+    config.source.simulator.speed = 600.0;
+    config.pipelines.watchlist_file = dir.path().join("watchlist.csv");
+    let mut hooks = config_for(dir.path(), hook_addr, 3600);
+    hooks.endpoints[0].kinds = vec!["watchlist".into()];
+    config.webhooks = hooks;
+    let handle = passflow::app::run(config, None).await.unwrap();
+    // Wait for a vehicle that is on the road: its trajectory has a few passes already.
+    let store = passflow::store::Store::open(&store_url).await.unwrap();
+    let plate = loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let busy = store
+            .trajectories()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.3.matches(',').count() >= 3)
+            .map(|t| t.0)
+            .next();
+        if let Some(p) = busy {
+            break p;
+        }
+    };
+    let api = format!("http://{}/api/v1/admin/watchlist", handle.api_addr);
+    let client = reqwest::Client::new();
+    let bad = client
+        .post(&api)
+        .body(r#"{"plate":"nope","reason":"x","severity":"high"}"#)
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let added = std::time::Instant::now();
+    let body = serde_json::json!({ "plate": plate, "reason": "stolen vehicle", "severity": "high" });
+    let put = client.post(&api).json(&body).send().await.unwrap();
+    assert_eq!(put.status().as_u16(), 201);
+    let latency = loop {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let hit = receiver
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.3["kind"] == "watchlist" && r.3["plate"] == plate.as_str());
+        if hit {
+            break added.elapsed();
+        }
+        assert!(added.elapsed() < std::time::Duration::from_secs(60), "no watchlist alert for {plate}");
+    };
+    println!("watch-list alert for {plate} delivered {latency:?} after the plate was added");
+    let listed = client.get(&api).send().await.unwrap().text().await.unwrap();
+    assert!(listed.contains(&plate));
+    let removed = client.delete(format!("{api}/{plate}")).send().await.unwrap();
+    assert_eq!(removed.status().as_u16(), 200);
+    let missing = client.delete(format!("{api}/{plate}")).send().await.unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+    assert!(std::fs::read_to_string(dir.path().join("watchlist.csv")).unwrap().lines().count() <= 1);
+    handle.stop();
+    tokio::time::timeout(std::time::Duration::from_secs(10), handle.wait()).await.expect("stops promptly").unwrap();
+}
