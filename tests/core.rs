@@ -184,6 +184,17 @@ async fn a_replayed_day_gives_exactly_the_batch_flow_counts_and_no_late_pass() {
             );
         }
     }
+    // Device health: the checkpoint whose uplink was down is reported silent and the camera
+    // whose clock is skewed is found; no other checkpoint is reported.
+    let reported = |alerts: Vec<passflow::store::StoredAlert>| -> std::collections::BTreeSet<String> {
+        alerts.into_iter().filter_map(|a| a.3).collect()
+    };
+    let day_labels = labels(dir);
+    let outage = day_labels.outage.as_ref().map(|o| o.checkpoint_id.clone()).into_iter().collect();
+    assert_eq!(reported(store.alerts("device_silent").await.unwrap()), outage);
+    let skewed = day_labels.clock_skew.as_ref().map(|s| s.checkpoint_id.clone()).into_iter().collect();
+    assert_eq!(reported(store.alerts("clock_skew").await.unwrap()), skewed);
+    assert!(store.alerts("unreadable_plates").await.unwrap().is_empty());
     // Every planted clone is found, pair by pair, and nothing else is flagged.
     let want_clones: Vec<String> = {
         let mut ids: Vec<String> = labels(dir)

@@ -13,6 +13,7 @@
 //! - `first_entry.rs`: each vehicle's earliest inbound pass at a boundary checkpoint.
 //! - `traffic_surge.rs`: traffic-surge alerts on 5 min checkpoint flows.
 //! - `watchlist.rs`: an alert for every pass of a watched plate.
+//! - `device_health.rs`: silent checkpoints, skewed camera clocks, unreadable-plate rates.
 //! - `archive.rs`: every valid pass in canonical form to a daily compressed archive.
 //! - `checkpoint_speed.rs`: radar spot speeds per checkpoint in 1 min and 5 min windows.
 
@@ -20,6 +21,7 @@ mod archive;
 mod checkpoint_speed;
 mod cloned_plates;
 mod congestion;
+mod device_health;
 mod first_entry;
 mod flow_counts;
 mod high_frequency;
@@ -39,6 +41,7 @@ pub use congestion::{
     batch_congestion, batch_sudden_congestion, congestion_level, sudden_id, AreaTable, Congestion, SegmentTable,
     SEGMENT_METRIC, SUDDEN_CONGESTION,
 };
+pub use device_health::{DeviceHealth, CLOCK_SKEW, DEVICE_SILENT, UNREADABLE_PLATES};
 pub use first_entry::{
     batch_first_entry, Candidate, EmbeddedFirstEntries, FirstEntry, FirstEntryStore, RedisFirstEntries,
 };
@@ -74,6 +77,7 @@ pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> anyhow::Result<Vec<
         Box::new(FirstEntry::new(city, first_entries)),
         Box::new(TrafficSurge::new(city, settings.surge)),
         Box::new(Watch::new(city, settings.watchlist.clone())),
+        Box::new(DeviceHealth::new(city)),
     ];
     if let Some(dir) = &settings.archive_dir {
         all.push(Box::new(Archive::new(city, settings.time_zone, dir)));
