@@ -1,7 +1,8 @@
-//! The HTTP API: health, Prometheus metrics and the admin savepoint call; the REST API under
-//! `/api/v1` grows here.
+//! The HTTP API: health, Prometheus metrics, the read API over the result tables and the
+//! reference data (`query.rs`), and the admin calls (savepoint, watch list).
 
 mod admin;
+mod query;
 mod watchlist;
 
 pub use admin::{request_savepoint, AdminCommand, SavepointRequestError};
@@ -22,6 +23,9 @@ pub struct AppState {
     /// Commands for the pipeline task.
     pub admin: mpsc::Sender<AdminCommand>,
     pub watchlist: Arc<crate::pipelines::WatchList>,
+    /// The result store the read API queries.
+    pub store: Arc<crate::store::Store>,
+    pub city: Arc<crate::reference::City>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -31,6 +35,17 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/admin/savepoint", post(admin::savepoint))
         .route("/api/v1/admin/watchlist", get(watchlist::list).post(watchlist::put))
         .route("/api/v1/admin/watchlist/{plate}", delete(watchlist::remove))
+        .route("/api/v1/flows", get(query::flows))
+        .route("/api/v1/congestion/{level}", get(query::congestion))
+        .route("/api/v1/top-n", get(query::top_n))
+        .route("/api/v1/origins", get(query::origins))
+        .route("/api/v1/high-frequency", get(query::high_frequency))
+        .route("/api/v1/alerts", get(query::alerts))
+        .route("/api/v1/alerts/{id}/ack", post(query::acknowledge))
+        .route("/api/v1/trajectories/{plate}", get(query::trajectory))
+        .route("/api/v1/first-entry/{plate}", get(query::first_entry))
+        .route("/api/v1/restrictions/{what}", get(query::restrictions))
+        .route("/api/v1/reference/{what}", get(query::reference))
         .with_state(state)
 }
 

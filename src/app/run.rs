@@ -101,7 +101,13 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
     let (stop, stopped) = watch::channel(false);
     let (admin_tx, admin_rx) = mpsc::channel(4);
     let mut tasks = JoinSet::new();
-    let state = AppState { metrics: metrics.clone(), admin: admin_tx, watchlist: watchlist.clone() };
+    let state = AppState {
+        metrics: metrics.clone(),
+        admin: admin_tx,
+        watchlist: watchlist.clone(),
+        store: Arc::new(Store::open(&config.store.url).await?),
+        city: city.clone(),
+    };
     let mut api_stop = stopped.clone();
     tasks.spawn(async move {
         tokio::select! { r = api::serve(listener, state) => ("api", r), _ = api_stop.wait_for(|s| *s) => ("api", Ok(())) }

@@ -94,6 +94,53 @@ impl Store {
         Ok(())
     }
 
+    /// Runs a read query for the API: `binds` in order, each row an object of `columns`.
+    pub async fn query(
+        &self,
+        sql: &str,
+        binds: Vec<Bind>,
+        columns: &[Column],
+    ) -> anyhow::Result<Vec<serde_json::Value>> {
+        macro_rules! run {
+            ($pool:expr) => {{
+                let mut q = sqlx::query(sql);
+                for b in binds {
+                    q = match b {
+                        Bind::Int(i) => q.bind(i),
+                        Bind::Text(t) => q.bind(t),
+                    };
+                }
+                q.fetch_all(&$pool).await?.iter().map(|r| row_json(r, columns)).collect()
+            }};
+        }
+        match self {
+            Store::Sqlite(s) => run!(s.pool),
+            Store::MySql(s) => run!(s.pool),
+            Store::Null => Ok(Vec::new()),
+        }
+    }
+
+    /// Runs a change for the API; returns the rows it touched.
+    pub async fn execute(&self, sql: &str, binds: Vec<Bind>) -> anyhow::Result<u64> {
+        macro_rules! run {
+            ($pool:expr) => {{
+                let mut q = sqlx::query(sql);
+                for b in binds {
+                    q = match b {
+                        Bind::Int(i) => q.bind(i),
+                        Bind::Text(t) => q.bind(t),
+                    };
+                }
+                Ok(q.execute(&$pool).await?.rows_affected())
+            }};
+        }
+        match self {
+            Store::Sqlite(s) => run!(s.pool),
+            Store::MySql(s) => run!(s.pool),
+            Store::Null => Ok(0),
+        }
+    }
+
     /// Raw records of late passes with `ts` in [from, to): (pass_id, record).
     pub async fn late_records(&self, from: i64, to: i64) -> anyhow::Result<Vec<(String, String)>> {
         let sql = "SELECT CAST(pass_id AS CHAR), CAST(record AS CHAR) FROM late_passes WHERE ts >= ? AND ts < ? ORDER BY pass_id";
@@ -273,6 +320,47 @@ impl Store {
             Store::Null => Vec::new(),
         })
     }
+}
+
+/// A value bound to an API query.
+#[derive(Clone, Debug)]
+pub enum Bind {
+    Int(i64),
+    Text(String),
+}
+
+/// A column an API query reads, with its JSON name.
+#[derive(Clone, Copy, Debug)]
+pub enum Column {
+    Int(&'static str),
+    Real(&'static str),
+    Text(&'static str),
+    /// Text holding JSON, returned as JSON.
+    Json(&'static str),
+}
+
+/// One row of an API query as a JSON object.
+fn row_json<R: sqlx::Row>(row: &R, columns: &[Column]) -> anyhow::Result<serde_json::Value>
+where
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<f64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut out = serde_json::Map::new();
+    for (i, c) in columns.iter().enumerate() {
+        let (name, value) = match c {
+            Column::Int(n) => (n, serde_json::json!(row.try_get::<Option<i64>, _>(i)?)),
+            Column::Real(n) => (n, serde_json::json!(row.try_get::<Option<f64>, _>(i)?)),
+            Column::Text(n) => (n, serde_json::json!(row.try_get::<Option<String>, _>(i)?)),
+            Column::Json(n) => {
+                let text = row.try_get::<Option<String>, _>(i)?;
+                (n, text.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(serde_json::Value::Null))
+            }
+        };
+        out.insert((*name).to_owned(), value);
+    }
+    Ok(serde_json::Value::Object(out))
 }
 
 /// An alert as stored: (alert_id, ts, plate, checkpoint_id, status, details).
