@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS flow_counts (
     revision INTEGER NOT NULL,
     PRIMARY KEY (level, key_id, window_s, window_start)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS flow_counts_by_time ON flow_counts (level, window_s, window_start);
 CREATE TABLE IF NOT EXISTS origin_counts (
     region_id TEXT NOT NULL,
     window_s INTEGER NOT NULL,
