@@ -144,7 +144,13 @@ pub fn build_engine(
         watchlist: watchlist.clone(),
         // The live service archives what it receives; a replay's input is its own archive.
         archive_dir: (live && !config.archive.dir.as_os_str().is_empty()).then(|| config.archive.dir.clone()),
-        first_entry_store: config.pipelines.first_entry.store.clone(),
+        // Embedded with RocksDB state: a RocksDB of its own beside the checkpoints.
+        first_entry_store: match (config.pipelines.first_entry.store.as_str(), store, config.state.backend) {
+            ("embedded", Some(_), StateBackendKind::Rocksdb) => {
+                format!("rocksdb:{}", config.state.dir.join("first_entry").display())
+            }
+            (other, _, _) => other.to_owned(),
+        },
         first_entry_key_prefix: config.pipelines.first_entry.key_prefix.clone(),
         time_zone: config.city.tz()?,
     };

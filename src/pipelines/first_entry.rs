@@ -1,8 +1,8 @@
 //! First entry into the city (首次入城): the earliest inbound pass of a vehicle at a boundary
 //! checkpoint, ever, by (ts, pass_id). Exempt from lateness. The record lives in a first-entry
 //! store — Redis in production (never expires; one Lua script compares and sets, so the
-//! earliest pass wins whatever the arrival order) or, embedded, in the operator's own
-//! checkpointed state. A pass that becomes the first emits the row; an earlier pass arriving
+//! earliest pass wins whatever the arrival order) or, embedded, a RocksDB of its own beside the
+//! checkpoints (the operator's checkpointed state when there is no state directory). A pass that becomes the first emits the row; an earlier pass arriving
 //! later corrects it under a higher revision; the stored first offered again (a replay) is
 //! emitted again unchanged, so a crash between emission and the sink loses nothing.
 
@@ -75,6 +75,46 @@ impl FirstEntryStore for EmbeddedFirstEntries {
     fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         self.records = if bytes.is_empty() { BTreeMap::new() } else { serde_json::from_slice(bytes)? };
         Ok(())
+    }
+}
+
+/// First entries in a RocksDB of their own (the embedded default with RocksDB state): like
+/// Redis, a store outside the checkpoints that never expires, so the state does not grow with
+/// every vehicle ever seen; compare-and-set per candidate.
+pub struct RocksFirstEntries {
+    db: rocksdb::DB,
+}
+
+impl RocksFirstEntries {
+    pub fn open(path: &std::path::Path) -> anyhow::Result<RocksFirstEntries> {
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(true);
+        let db = rocksdb::DB::open(&options, path)
+            .map_err(|e| anyhow::anyhow!("opening the first-entry store {}: {e}", path.display()))?;
+        Ok(RocksFirstEntries { db })
+    }
+}
+
+impl FirstEntryStore for RocksFirstEntries {
+    fn offer(&mut self, candidates: &[Candidate]) -> anyhow::Result<Vec<Option<u32>>> {
+        let mut out = Vec::with_capacity(candidates.len());
+        for c in candidates {
+            let stored: Option<(i64, String, String, u32)> =
+                self.db.get(c.vehicle.as_bytes())?.map(|v| serde_json::from_slice(&v)).transpose()?;
+            let (set, revision) = match stored {
+                None => (true, Some(0)),
+                Some(r) if (c.ts, c.pass_id.as_bytes()) < (r.0, r.1.as_bytes()) => (true, Some(r.3 + 1)),
+                Some(r) => (false, (r.1 == c.pass_id).then_some(r.3)),
+            };
+            if set {
+                let record = (c.ts, &c.pass_id, &c.checkpoint_id, revision.unwrap_or(0));
+                self.db.put(c.vehicle.as_bytes(), serde_json::to_vec(&record)?)?;
+            }
+            out.push(revision);
+        }
+        // Durable before the checkpoint that covers these passes completes.
+        self.db.flush_wal(true)?;
+        Ok(out)
     }
 }
 

@@ -44,6 +44,7 @@ pub use congestion::{
 pub use device_health::{DeviceHealth, CLOCK_SKEW, DEVICE_SILENT, UNREADABLE_PLATES};
 pub use first_entry::{
     batch_first_entry, Candidate, EmbeddedFirstEntries, FirstEntry, FirstEntryStore, RedisFirstEntries,
+    RocksFirstEntries,
 };
 pub use flow_counts::{batch_flow_counts, FlowCounts, FLOW_WINDOWS_S};
 pub use high_frequency::{batch_high_frequency, HighFrequency};
@@ -62,7 +63,10 @@ use std::sync::Arc;
 pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> anyhow::Result<Vec<Box<dyn Operator>>> {
     let first_entries: Box<dyn FirstEntryStore> = match settings.first_entry_store.as_str() {
         "embedded" => Box::new(EmbeddedFirstEntries::default()),
-        url => Box::new(RedisFirstEntries::open(url, &settings.first_entry_key_prefix)?),
+        other => match other.strip_prefix("rocksdb:") {
+            Some(path) => Box::new(RocksFirstEntries::open(std::path::Path::new(path))?),
+            None => Box::new(RedisFirstEntries::open(other, &settings.first_entry_key_prefix)?),
+        },
     };
     let mut all: Vec<Box<dyn Operator>> = vec![
         Box::new(FlowCounts::new(city)),
@@ -100,7 +104,7 @@ pub struct PipelineSettings {
     pub watchlist: Arc<WatchList>,
     /// Where clean passes are archived, if anywhere.
     pub archive_dir: Option<std::path::PathBuf>,
-    /// `embedded` or a Redis URL.
+    /// `embedded` (checkpointed with the operator), `rocksdb:PATH` or a Redis URL.
     pub first_entry_store: String,
     pub first_entry_key_prefix: String,
     /// The city's time zone (local days).
