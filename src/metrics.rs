@@ -19,6 +19,8 @@ pub struct Metrics {
     pub watermark_lag_seconds: prometheus::Gauge,
     /// Webhook delivery attempts by outcome: delivered, failed (retried), dead (given up).
     pub webhook_deliveries: IntCounterVec,
+    /// Wall-clock ms of the pipeline loop's last turn (0: not running); for `/readyz`.
+    pub pipeline_heartbeat_ms: prometheus::IntGauge,
     /// The sum of `passes_invalid` over reasons (not exported; for the progress line).
     pub passes_invalid_sum: IntCounter,
 }
@@ -61,8 +63,15 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(webhook_deliveries.clone())).expect("metric registered once");
+        let pipeline_heartbeat_ms = prometheus::IntGauge::new(
+            "passflow_pipeline_heartbeat_timestamp_ms",
+            "Wall-clock time of the pipeline loop's last turn, epoch ms.",
+        )
+        .expect("valid metric name");
+        registry.register(Box::new(pipeline_heartbeat_ms.clone())).expect("metric registered once");
         Metrics {
             registry,
+            pipeline_heartbeat_ms,
             passes_received,
             passes_valid,
             passes_invalid,

@@ -81,9 +81,15 @@ async fn exercise(base: &str, store: &Store) {
         ("/api/v1/restrictions/everything?day=2026-03-02".to_owned(), 404),
         ("/api/v1/reference/stars".to_owned(), 404),
         ("/api/v1/nothing".to_owned(), 404),
+        // No pipeline runs beside this API: not ready, and it says why.
+        ("/readyz".to_owned(), 503),
     ] {
         let (got, body) = get(base, &path).await;
         assert_eq!(got, status, "{path}: {body}");
+        if path == "/readyz" {
+            assert_eq!(body["checks"]["store"], "ok");
+            assert_eq!(body["checks"]["pipeline"], "not ready");
+        }
         if status == 400 {
             assert!(body["error"].is_string() && body["message"].is_string(), "{path}: {body}");
         }

@@ -34,6 +34,9 @@ async fn the_service_serves_health_and_counts_simulated_passes() {
         }
     }
     assert!(received > 0, "no simulated pass counted within 10 s");
+    let (status, body) = http_get(handle.api_addr, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""store":"ok""#) && body.contains(r#""pipeline":"ok""#), "{body}");
     let (status, _) = http_get(handle.api_addr, "/nope").await;
     assert_eq!(status, 404);
     handle.stop();

@@ -9,7 +9,7 @@ pub use admin::{request_savepoint, AdminCommand, SavepointRequestError};
 
 use crate::metrics::Metrics;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -31,6 +31,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/admin/savepoint", post(admin::savepoint))
         .route("/api/v1/admin/watchlist", get(watchlist::list).post(watchlist::put))
@@ -51,6 +52,28 @@ pub fn router(state: AppState) -> Router {
 
 async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Ready when the result store answers and the pipeline loop turned within the last 30 s;
+/// otherwise 503, naming what is not.
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let store = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        state.store.query("SELECT 1", Vec::new(), &[crate::store::Column::Int("one")]),
+    )
+    .await;
+    let store_ok = matches!(store, Ok(Ok(_)));
+    let beat = state.metrics.pipeline_heartbeat_ms.get();
+    let pipeline_ok = beat > 0 && chrono::Utc::now().timestamp_millis() - beat < 30_000;
+    let status = if store_ok && pipeline_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let word = |ok: bool| if ok { "ok" } else { "not ready" };
+    (
+        status,
+        Json(serde_json::json!({
+            "ready": store_ok && pipeline_ok,
+            "checks": { "store": word(store_ok), "pipeline": word(pipeline_ok) },
+        })),
+    )
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -167,6 +167,7 @@ async fn pipeline(
     mut stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     while !*stopped.borrow() {
+        metrics.pipeline_heartbeat_ms.set(wall_ms());
         let batch = tokio::task::block_in_place(|| source.poll(MAX_BATCH));
         // The simulated clock is the wall clock of this source (faster when accelerated).
         let now = source.now_ms();
