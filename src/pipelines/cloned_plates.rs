@@ -7,9 +7,10 @@
 //! Only passes close enough in time can conflict: |Δt| < longest distance in the city / speed
 //! − tolerance. Each vehicle keeps its passes of that span behind the lateness horizon.
 
+use super::device_health::ClockSkews;
 use crate::core::window::is_late;
 use crate::core::{check_version, Context, Operator, StateBlob};
-use crate::model::{Pass, PlateColor, PlateRead, VehicleKey};
+use crate::model::{Pass, PlateColor, PlateRead, VehicleKey, DAY_MS};
 use crate::reference::{haversine_m, City};
 use crate::results::AlertRow;
 use rustc_hash::FxHashMap;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 
 pub const CLONED_PLATE: &str = "cloned_plate";
 const LATE_LABEL: &str = "cloned_plate";
-const STATE_VERSION: u32 = 1;
+const STATE_VERSION: u32 = 2;
 const SWEEP_EVERY_MS: i64 = 10 * 60_000;
 
 /// The rule's thresholds.
@@ -71,9 +72,24 @@ impl Seen {
     }
 }
 
+/// An alert raised, kept so that a camera found skewed later can take it back.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Raised {
+    plate: String,
+    color: u8,
+    a: Seen,
+    b: Seen,
+    active: bool,
+    revision: u32,
+}
+
 pub struct ClonedPlates {
     city: Arc<City>,
     rule: ClonedPlateRule,
+    skews: Arc<ClockSkews>,
+    /// The skews' generation the raised alerts were last judged against.
+    judged_generation: u64,
+    raised: BTreeMap<String, Raised>,
     /// Passes further apart in time than this never conflict.
     span_ms: i64,
     seen: FxHashMap<VehicleKey, Vec<Seen>>,
@@ -81,7 +97,7 @@ pub struct ClonedPlates {
 }
 
 impl ClonedPlates {
-    pub fn new(city: &Arc<City>, rule: ClonedPlateRule) -> ClonedPlates {
+    pub fn new(city: &Arc<City>, rule: ClonedPlateRule, skews: Arc<ClockSkews>) -> ClonedPlates {
         let points: Vec<(f64, f64)> = city.checkpoints.iter().map(|c| (c.lon, c.lat)).collect();
         let longest = points
             .iter()
@@ -93,6 +109,9 @@ impl ClonedPlates {
             city: city.clone(),
             rule,
             span_ms: (span_s * 1000.0).ceil() as i64 + 1,
+            skews,
+            judged_generation: 0,
+            raised: BTreeMap::new(),
             seen: FxHashMap::default(),
             swept_at: i64::MIN,
         }
@@ -102,11 +121,27 @@ impl ClonedPlates {
         watermark.saturating_sub(lateness_ms).saturating_sub(self.span_ms)
     }
 
+    /// The pass's time with its camera's known clock skew taken off.
+    fn true_ts(&self, s: &Seen) -> i64 {
+        s.ts - self.skews.of(s.cp)
+    }
+
+    /// Whether two passes of one vehicle conflict, on skew-corrected times.
+    fn conflicting(&self, a: &Seen, b: &Seen) -> bool {
+        let (ca, cb) = (&self.city.checkpoints[a.cp as usize], &self.city.checkpoints[b.cp as usize]);
+        self.rule.conflicts(haversine_m((ca.lon, ca.lat), (cb.lon, cb.lat)), self.true_ts(a) - self.true_ts(b))
+    }
+
     fn alert(&self, vehicle: &VehicleKey, a: &Seen, b: &Seen) -> AlertRow {
         let (first, later) = if (a.ts, a.pass_id.as_bytes()) <= (b.ts, b.pass_id.as_bytes()) { (a, b) } else { (b, a) };
         let (ca, cb) = (&self.city.checkpoints[a.cp as usize], &self.city.checkpoints[b.cp as usize]);
         let distance = haversine_m((ca.lon, ca.lat), (cb.lon, cb.lat));
-        let dt = later.ts - first.ts;
+        let dt = self.true_ts(later) - self.true_ts(first);
+        let corrections: BTreeMap<&str, f64> = [a, b]
+            .iter()
+            .filter(|s| self.skews.of(s.cp) != 0)
+            .map(|s| (&*self.city.checkpoints[s.cp as usize].id, self.skews.of(s.cp) as f64 / 1000.0))
+            .collect();
         let describe = |s: &Seen| {
             serde_json::json!({
                 "pass_id": &*s.pass_id,
@@ -124,6 +159,7 @@ impl ClonedPlates {
             "max_speed_kmh": self.rule.max_speed_kmh,
             "clock_tolerance_s": self.rule.clock_tolerance_s,
             "attributes_differ": first.plate_type != later.plate_type || first.vehicle_type != later.vehicle_type,
+            "clock_skew_corrections_s": corrections,
         });
         AlertRow {
             alert_id: pair_id(&a.pass_id, &b.pass_id),
@@ -167,19 +203,28 @@ impl Operator for ClonedPlates {
             }
             let x = Seen::of(pass);
             let mut found = Vec::new();
+            // Skew corrections can bring passes further apart on their cameras' clocks together.
+            let span = self.span_ms + 2 * self.skews.largest();
             if let Some(list) = self.seen.get(&vehicle) {
-                let from = list.partition_point(|s| s.ts <= x.ts - self.span_ms);
-                for y in list[from..].iter().take_while(|s| s.ts < x.ts + self.span_ms) {
-                    if y.pass_id == x.pass_id {
-                        continue;
-                    }
-                    let (a, b) = (&self.city.checkpoints[x.cp as usize], &self.city.checkpoints[y.cp as usize]);
-                    if self.rule.conflicts(haversine_m((a.lon, a.lat), (b.lon, b.lat)), x.ts - y.ts) {
-                        found.push(self.alert(&vehicle, &x, y));
+                let from = list.partition_point(|s| s.ts <= x.ts - span);
+                for y in list[from..].iter().take_while(|s| s.ts < x.ts + span) {
+                    if y.pass_id != x.pass_id && self.conflicting(&x, y) {
+                        found.push((self.alert(&vehicle, &x, y), y.clone()));
                     }
                 }
             }
-            ctx.out.alerts.extend(found);
+            for (alert, y) in found {
+                let raised = Raised {
+                    plate: vehicle.plate.as_str().to_owned(),
+                    color: vehicle.color.code(),
+                    a: x.clone(),
+                    b: y,
+                    active: true,
+                    revision: 0,
+                };
+                self.raised.insert(alert.alert_id.clone(), raised);
+                ctx.out.alerts.push(alert);
+            }
             let list = self.seen.entry(vehicle).or_default();
             let at = list.partition_point(|s| s.ts <= x.ts);
             list.insert(at, x);
@@ -189,6 +234,35 @@ impl Operator for ClonedPlates {
     }
 
     fn on_watermark(&mut self, ctx: &mut Context<'_>) {
+        // A camera found skewed since: alerts that only its clock made are taken back.
+        let generation = self.skews.generation();
+        if generation != self.judged_generation {
+            self.judged_generation = generation;
+            let gone: Vec<String> = self
+                .raised
+                .iter()
+                .filter(|(_, r)| r.active && !self.conflicting(&r.a, &r.b))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in gone {
+                let r = self.raised.get_mut(&id).expect("listed above");
+                r.active = false;
+                r.revision += 1;
+                let r = r.clone();
+                let (PlateRead::Readable(plate), Some(color)) =
+                    (PlateRead::parse(&r.plate), PlateColor::from_code(r.color))
+                else {
+                    continue;
+                };
+                let mut alert = self.alert(&VehicleKey::new(plate, color), &r.a, &r.b);
+                alert.status = "retracted";
+                alert.revision = r.revision;
+                ctx.out.alerts.push(alert);
+            }
+        }
+        // Raised alerts are kept a day, for cameras found skewed hours later.
+        let keep = ctx.watermark.saturating_sub(ctx.allowed_lateness_ms).saturating_sub(DAY_MS);
+        self.raised.retain(|_, r| r.a.ts.max(r.b.ts) >= keep);
         let horizon = self.horizon(ctx.watermark, ctx.allowed_lateness_ms);
         if horizon.saturating_sub(self.swept_at) >= SWEEP_EVERY_MS {
             self.seen.retain(|_, list| {
@@ -201,20 +275,22 @@ impl Operator for ClonedPlates {
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
-        let stored: Vec<(&str, u8, &Vec<Seen>)> =
+        let seen: Vec<(&str, u8, &Vec<Seen>)> =
             self.seen.iter().map(|(v, list)| (v.plate.as_str(), v.color.code(), list)).collect();
-        Ok(StateBlob { version: STATE_VERSION, bytes: serde_json::to_vec(&stored)? })
+        Ok(StateBlob { version: STATE_VERSION, bytes: serde_json::to_vec(&(seen, &self.raised))? })
     }
 
     fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
         check_version(self.name(), blob.version, STATE_VERSION)?;
-        let stored: Vec<(String, u8, Vec<Seen>)> = serde_json::from_slice(&blob.bytes)?;
+        let (stored, raised): (Vec<(String, u8, Vec<Seen>)>, BTreeMap<String, Raised>) =
+            serde_json::from_slice(&blob.bytes)?;
         let n = self.city.checkpoints.len();
         anyhow::ensure!(
             stored.iter().flat_map(|s| &s.2).all(|p| (p.cp as usize) < n),
             "cloned_plate state names a checkpoint this city does not have"
         );
         self.seen.clear();
+        self.raised = raised;
         for (plate, color, list) in stored {
             if let (PlateRead::Readable(plate), Some(color)) = (PlateRead::parse(&plate), PlateColor::from_code(color))
             {

@@ -26,7 +26,7 @@ fn run(op: &mut ClonedPlates, passes: &[Pass], watermark: i64) -> (Vec<AlertRow>
 
 #[test]
 fn a_pair_too_far_apart_for_its_time_is_one_alert_at_the_later_pass() {
-    let mut op = ClonedPlates::new(&city(), ClonedPlateRule::default());
+    let mut op = ClonedPlates::new(&city(), ClonedPlateRule::default(), Default::default());
     // 5 km in 60 s (+30 s tolerance): 200 km/h.
     let mut later = pass("赣A1", 1, 1_060_000);
     later.vehicle_type = Some("K33".into());
@@ -48,7 +48,7 @@ fn a_pair_too_far_apart_for_its_time_is_one_alert_at_the_later_pass() {
 
 #[test]
 fn plausible_or_short_trips_raise_nothing() {
-    let mut op = ClonedPlates::new(&city(), ClonedPlateRule::default());
+    let mut op = ClonedPlates::new(&city(), ClonedPlateRule::default(), Default::default());
     let passes = [
         // 5 km in 110 s: 5000 / 140 s = 129 km/h.
         pass("赣A1", 0, 0),
@@ -85,7 +85,7 @@ fn every_conflicting_pair_is_found_once_in_any_arrival_order() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     for _ in 0..5 {
         passes.shuffle(&mut rng);
-        let mut op = ClonedPlates::new(&city, ClonedPlateRule::default());
+        let mut op = ClonedPlates::new(&city, ClonedPlateRule::default(), Default::default());
         let mut got = Vec::new();
         for chunk in passes.chunks(4) {
             got.extend(run(&mut op, chunk, i64::MIN).0.into_iter().map(|a| a.alert_id));
@@ -98,13 +98,32 @@ fn every_conflicting_pair_is_found_once_in_any_arrival_order() {
 #[test]
 fn state_survives_a_snapshot_and_a_late_pass_is_reported() {
     let city = city();
-    let mut op = ClonedPlates::new(&city, ClonedPlateRule::default());
+    let mut op = ClonedPlates::new(&city, ClonedPlateRule::default(), Default::default());
     run(&mut op, &[pass("赣A1", 0, 10_000_000)], i64::MIN);
-    let mut restored = ClonedPlates::new(&city, ClonedPlateRule::default());
+    let mut restored = ClonedPlates::new(&city, ClonedPlateRule::default(), Default::default());
     restored.restore(&op.snapshot().unwrap()).unwrap();
     let (alerts, _) = run(&mut restored, &[pass("赣A1", 1, 10_030_000)], 10_000_000);
     assert_eq!(alerts.len(), 1);
     let (alerts, late) = run(&mut restored, &[pass("赣A1", 2, 1_000)], 10_000_000);
     assert!(alerts.is_empty());
     assert_eq!(late, vec![(0, LATE_LABEL)]);
+}
+
+#[test]
+fn a_camera_found_skewed_takes_back_the_alerts_only_its_clock_made() {
+    let skews: Arc<ClockSkews> = Default::default();
+    let mut op = ClonedPlates::new(&city(), ClonedPlateRule::default(), skews.clone());
+    // B's clock runs 90 s behind: A at 0 and B at 60 s are really 150 s apart (5 km: 100 km/h).
+    let (alerts, _) = run(&mut op, &[pass("赣A1", 0, 1_000_000), pass("赣A1", 1, 1_060_000)], i64::MIN);
+    assert_eq!(alerts.len(), 1);
+    skews.set(1, -90_000);
+    let (taken_back, _) = run(&mut op, &[], 1_000_000);
+    assert_eq!(taken_back.len(), 1);
+    assert_eq!(
+        (taken_back[0].alert_id.as_str(), taken_back[0].status, taken_back[0].revision),
+        (alerts[0].alert_id.as_str(), "retracted", 1)
+    );
+    // From now on B's passes are judged on corrected times: the same trip raises nothing.
+    let (later, _) = run(&mut op, &[pass("赣A2", 0, 2_000_000), pass("赣A2", 1, 2_060_000)], 1_000_000);
+    assert!(later.is_empty(), "{later:?}");
 }

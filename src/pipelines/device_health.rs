@@ -50,8 +50,40 @@ struct Checkpoint {
     skew_reported_hour: Option<i64>,
 }
 
+/// The camera clock skews found so far (checkpoint → ms its clock runs ahead), shared with the
+/// cloned-plate rule, which corrects pass times by them.
+#[derive(Debug, Default)]
+pub struct ClockSkews {
+    skews: std::sync::RwLock<BTreeMap<u32, i64>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl ClockSkews {
+    pub fn of(&self, checkpoint: u32) -> i64 {
+        self.skews.read().expect("skew lock").get(&checkpoint).copied().unwrap_or(0)
+    }
+
+    /// The largest skew known, either way (ms).
+    pub fn largest(&self) -> i64 {
+        self.skews.read().expect("skew lock").values().map(|s| s.abs()).max().unwrap_or(0)
+    }
+
+    pub fn set(&self, checkpoint: u32, skew_ms: i64) {
+        let mut skews = self.skews.write().expect("skew lock");
+        if skews.insert(checkpoint, skew_ms) != Some(skew_ms) {
+            self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Changes with every new or changed skew.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 pub struct DeviceHealth {
     city: Arc<City>,
+    skews: Arc<ClockSkews>,
     checkpoints: Vec<Checkpoint>,
     /// Each vehicle's latest pass: (ts, checkpoint).
     last_pass: FxHashMap<VehicleKey, (i64, u32)>,
@@ -66,9 +98,10 @@ pub struct DeviceHealth {
 }
 
 impl DeviceHealth {
-    pub fn new(city: &Arc<City>) -> DeviceHealth {
+    pub fn new(city: &Arc<City>, skews: Arc<ClockSkews>) -> DeviceHealth {
         DeviceHealth {
             city: city.clone(),
+            skews,
             checkpoints: (0..city.checkpoints.len()).map(|_| Checkpoint::default()).collect(),
             last_pass: FxHashMap::default(),
             trips: FxHashMap::default(),
@@ -167,6 +200,7 @@ impl DeviceHealth {
             });
             out.push(self.alert(CLOCK_SKEW, cp, hour + HOUR_MS, hour, details));
             self.checkpoints[cp as usize].skew_reported_hour = Some(hour);
+            self.skews.set(cp, (skew_s.round() * 1000.0) as i64);
         }
     }
 

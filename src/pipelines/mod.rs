@@ -41,7 +41,7 @@ pub use congestion::{
     batch_congestion, batch_sudden_congestion, congestion_level, sudden_id, AreaTable, Congestion, SegmentTable,
     SEGMENT_METRIC, SUDDEN_CONGESTION,
 };
-pub use device_health::{DeviceHealth, CLOCK_SKEW, DEVICE_SILENT, UNREADABLE_PLATES};
+pub use device_health::{ClockSkews, DeviceHealth, CLOCK_SKEW, DEVICE_SILENT, UNREADABLE_PLATES};
 pub use first_entry::{
     batch_first_entry, Candidate, EmbeddedFirstEntries, FirstEntry, FirstEntryStore, RedisFirstEntries,
     RocksFirstEntries,
@@ -68,6 +68,7 @@ pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> anyhow::Result<Vec<
             None => Box::new(RedisFirstEntries::open(other, &settings.first_entry_key_prefix)?),
         },
     };
+    let skews: Arc<ClockSkews> = Default::default();
     let mut all: Vec<Box<dyn Operator>> = vec![
         Box::new(FlowCounts::new(city)),
         Box::new(OriginCounts::new(city, &settings.local_prefixes)),
@@ -75,13 +76,13 @@ pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> anyhow::Result<Vec<
         Box::new(HighFrequency::new(city, settings.time_zone, settings.high_frequency_passes)),
         Box::new(CheckpointSpeed::new(city)),
         Box::new(Congestion::new(city, settings.top_n)),
-        Box::new(ClonedPlates::new(city, settings.cloned_plates)),
+        Box::new(ClonedPlates::new(city, settings.cloned_plates, skews.clone())),
         Box::new(Trajectories::new(city, settings.time_zone)),
         Box::new(Restrictions::new(city, settings.time_zone, &settings.local_prefixes)),
         Box::new(FirstEntry::new(city, first_entries)),
         Box::new(TrafficSurge::new(city, settings.surge)),
         Box::new(Watch::new(city, settings.watchlist.clone())),
-        Box::new(DeviceHealth::new(city)),
+        Box::new(DeviceHealth::new(city, skews)),
     ];
     if let Some(dir) = &settings.archive_dir {
         all.push(Box::new(Archive::new(city, settings.time_zone, dir)));
