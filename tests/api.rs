@@ -11,6 +11,10 @@ use std::sync::Arc;
 const DAY_START: i64 = 1_772_380_800_000; // 2026-03-02 00:00 in Shanghai
 
 async fn serve(url: &str) -> (String, Store) {
+    serve_with(url, Vec::new(), std::env::temp_dir().join("passflow-api-audit.log")).await
+}
+
+async fn serve_with(url: &str, tokens: Vec<passflow::config::ApiToken>, audit: std::path::PathBuf) -> (String, Store) {
     let mut config = Config::default();
     config.city.dir = small_day().to_path_buf();
     let options = ReplayOptions {
@@ -28,6 +32,7 @@ async fn serve(url: &str) -> (String, Store) {
         watchlist: passflow::pipelines::WatchList::in_memory(),
         store: Arc::new(Store::open(url).await.unwrap()),
         city: Arc::new(passflow::reference::City::load(small_day()).unwrap()),
+        auth: Arc::new(passflow::api::Auth::new(tokens, audit)),
     };
     let listener = api::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -167,4 +172,41 @@ async fn the_read_api_over_mysql_answers_every_endpoint_and_rejects_bad_input() 
     let (base, store) = serve(&db.url).await;
     exercise(&base, &store).await;
     db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_gate_each_call_by_role_and_every_plate_look_up_is_audited() {
+    use passflow::config::{ApiToken, Role};
+    let dir = tempfile::tempdir().unwrap();
+    let token = |token: &str, role| ApiToken { token: token.into(), name: format!("{role:?}-client"), role };
+    let tokens = vec![token("v-token", Role::Viewer), token("a-token", Role::Analyst), token("x-token", Role::Admin)];
+    let audit = dir.path().join("audit.log");
+    let (base, store) =
+        serve_with(&format!("sqlite://{}", dir.path().join("api.db").display()), tokens, audit.clone()).await;
+    let (plate, ..) = store.trajectories().await.unwrap().into_iter().next().unwrap();
+    let client = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: String, token: Option<&'static str>| {
+        let mut r = client.request(method, format!("{base}{path}"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    use reqwest::Method;
+    let flows = "/api/v1/flows".to_owned();
+    let look_up = format!("/api/v1/trajectories/{plate}?day=2026-03-02");
+    assert_eq!(call(Method::GET, flows.clone(), None).await, 401);
+    assert_eq!(call(Method::GET, flows.clone(), Some("wrong")).await, 401);
+    assert_eq!(call(Method::GET, flows.clone(), Some("v-token")).await, 200);
+    assert_eq!(call(Method::GET, look_up.clone(), Some("v-token")).await, 403);
+    assert_eq!(call(Method::GET, look_up.clone(), Some("a-token")).await, 200);
+    assert_eq!(call(Method::GET, "/api/v1/admin/watchlist".into(), Some("a-token")).await, 403);
+    assert_eq!(call(Method::GET, "/api/v1/admin/watchlist".into(), Some("x-token")).await, 200);
+    assert_eq!(call(Method::GET, "/healthz".into(), None).await, 200);
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&audit).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "the analyst's look-up and the admin's listing: {lines:?}");
+    assert_eq!(lines[0]["who"], "Analyst-client");
+    assert!(lines[0]["path"].as_str().unwrap().contains("/api/v1/trajectories/"));
+    assert!(lines[0]["ts"].as_i64().unwrap() > 0);
 }

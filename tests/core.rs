@@ -284,6 +284,9 @@ fn service_config(state: &Path) -> passflow::config::Config {
     config.api.listen = "127.0.0.1:0".into();
     config.store.url = format!("sqlite://{}", state.join("passflow.db").display());
     config.state.dir = state.join("state");
+    config.archive.dir = state.join("archive");
+    config.api.audit_log = state.join("audit.log");
+    config.pipelines.watchlist_file = state.join("watchlist.csv");
     config.source.simulator.vehicles = 2_000;
     config.source.simulator.speed = 600.0;
     config

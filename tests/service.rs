@@ -13,6 +13,9 @@ async fn the_service_serves_health_and_counts_simulated_passes() {
     config.api.listen = "127.0.0.1:0".into();
     config.store.url = format!("sqlite://{}", dir.path().join("passflow.db").display());
     config.state.dir = dir.path().join("state");
+    config.archive.dir = dir.path().join("archive");
+    config.api.audit_log = dir.path().join("audit.log");
+    config.pipelines.watchlist_file = dir.path().join("watchlist.csv");
     config.source.simulator.vehicles = 2_000;
     config.source.simulator.speed = 600.0;
     let handle = run(config, None).await.unwrap();

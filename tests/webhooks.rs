@@ -154,6 +154,8 @@ async fn a_plate_put_on_the_watch_list_through_the_api_raises_a_watchlist_webhoo
     config.api.listen = "127.0.0.1:0".into();
     config.store.url = store_url.clone();
     config.state.dir = dir.path().join("state");
+    config.archive.dir = dir.path().join("archive");
+    config.api.audit_log = dir.path().join("audit.log");
     config.source.simulator.vehicles = 2_000;
     config.source.simulator.speed = 600.0;
     config.pipelines.watchlist_file = dir.path().join("watchlist.csv");

@@ -2,10 +2,12 @@
 //! reference data (`query.rs`), and the admin calls (savepoint, watch list).
 
 mod admin;
+mod auth;
 mod query;
 mod watchlist;
 
 pub use admin::{request_savepoint, AdminCommand, SavepointRequestError};
+pub use auth::{required_role, Auth};
 
 use crate::metrics::Metrics;
 use axum::extract::State;
@@ -26,6 +28,7 @@ pub struct AppState {
     /// The result store the read API queries.
     pub store: Arc<crate::store::Store>,
     pub city: Arc<crate::reference::City>,
+    pub auth: Arc<Auth>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -47,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/first-entry/{plate}", get(query::first_entry))
         .route("/api/v1/restrictions/{what}", get(query::restrictions))
         .route("/api/v1/reference/{what}", get(query::reference))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::check))
         .with_state(state)
 }
 

@@ -107,6 +107,7 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
         watchlist: watchlist.clone(),
         store: Arc::new(Store::open(&config.store.url).await?),
         city: city.clone(),
+        auth: Arc::new(crate::api::Auth::new(config.api.tokens.clone(), config.api.audit_log.clone())),
     };
     let mut api_stop = stopped.clone();
     tasks.spawn(async move {

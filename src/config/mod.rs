@@ -288,12 +288,37 @@ impl RetentionConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     pub listen: String,
+    /// Bearer tokens and their roles; none: the API is open (for a local, single-user setup).
+    pub tokens: Vec<ApiToken>,
+    /// Every plate look-up is appended here (JSON lines: who, what, when).
+    pub audit_log: PathBuf,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { listen: "127.0.0.1:8080".into() }
+        ApiConfig { listen: "127.0.0.1:8080".into(), tokens: Vec::new(), audit_log: "data/audit.log".into() }
     }
+}
+
+/// One API client: its bearer token, who it is, and its role.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    pub token: String,
+    pub name: String,
+    pub role: Role,
+}
+
+/// What a client may do; each role includes the ones before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Aggregates: flows, congestion, Top-N, origins, reference data.
+    Viewer,
+    /// Plate look-ups: trajectories, first entry, alerts, high-frequency vehicles, violations.
+    Analyst,
+    /// The watch list and savepoints.
+    Admin,
 }
 
 impl Config {
