@@ -33,6 +33,7 @@ async fn serve_with(url: &str, tokens: Vec<passflow::config::ApiToken>, audit: s
         store: Arc::new(Store::open(url).await.unwrap()),
         city: Arc::new(passflow::reference::City::load(small_day()).unwrap()),
         auth: Arc::new(passflow::api::Auth::new(tokens, audit)),
+        live_alerts: tokio::sync::broadcast::channel(16).0,
     };
     let listener = api::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

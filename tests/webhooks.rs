@@ -183,6 +183,10 @@ async fn a_plate_put_on_the_watch_list_through_the_api_raises_a_watchlist_webhoo
         .await
         .unwrap();
     assert_eq!(bad.status().as_u16(), 400);
+    // The live alert stream, watch-list alerts only.
+    let mut stream =
+        client.get(format!("http://{}/api/v1/alerts/stream?kind=watchlist", handle.api_addr)).send().await.unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
     let added = std::time::Instant::now();
     for plate in &plates {
         let body = serde_json::json!({ "plate": plate, "reason": "stolen vehicle", "severity": "high" });
@@ -208,6 +212,16 @@ async fn a_plate_put_on_the_watch_list_through_the_api_raises_a_watchlist_webhoo
         );
     };
     println!("watch-list alert for {plate} delivered {latency:?} after the plates were added");
+    let mut streamed = String::new();
+    while !streamed.contains("event: alert") {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(30), stream.chunk())
+            .await
+            .expect("an event")
+            .unwrap()
+            .unwrap();
+        streamed.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(streamed.contains(r#""kind":"watchlist""#), "{streamed}");
     let listed = client.get(&api).send().await.unwrap().text().await.unwrap();
     assert!(listed.contains(&plate));
     let removed = client.delete(format!("{api}/{plate}")).send().await.unwrap();

@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod query;
+mod stream;
 mod watchlist;
 
 pub use admin::{request_savepoint, AdminCommand, SavepointRequestError};
@@ -29,6 +30,8 @@ pub struct AppState {
     pub store: Arc<crate::store::Store>,
     pub city: Arc<crate::reference::City>,
     pub auth: Arc<Auth>,
+    /// Alerts as they are written (JSON), for `/api/v1/alerts/stream`.
+    pub live_alerts: tokio::sync::broadcast::Sender<Arc<str>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -45,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/origins", get(query::origins))
         .route("/api/v1/high-frequency", get(query::high_frequency))
         .route("/api/v1/alerts", get(query::alerts))
+        .route("/api/v1/alerts/stream", get(stream::alerts))
         .route("/api/v1/alerts/{id}/ack", post(query::acknowledge))
         .route("/api/v1/trajectories/{plate}", get(query::trajectory))
         .route("/api/v1/first-entry/{plate}", get(query::first_entry))

@@ -146,8 +146,8 @@ pub fn build_engine(
         archive_dir: (live && !config.archive.dir.as_os_str().is_empty()).then(|| config.archive.dir.clone()),
         // Embedded with RocksDB state: a RocksDB of its own beside the checkpoints.
         first_entry_store: match (config.pipelines.first_entry.store.as_str(), store, config.state.backend) {
-            ("embedded", Some(_), StateBackendKind::Rocksdb) => {
-                format!("rocksdb:{}", config.state.dir.join("first_entry").display())
+            ("embedded", Some(store), StateBackendKind::Rocksdb) => {
+                format!("rocksdb:{}", store.dir().join("first_entry").display())
             }
             (other, _, _) => other.to_owned(),
         },
@@ -164,7 +164,7 @@ pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
         Arc::new(City::load(&config.city.dir).with_context(|| format!("loading city {}", config.city.dir.display()))?);
     let store = Store::open(&options.store_url).await?;
     let metrics = Arc::new(Metrics::new());
-    let (sink, writer) = spawn_writer(store, None, metrics.clone());
+    let (sink, writer) = spawn_writer(store, Default::default(), metrics.clone());
     let metrics_for_summary = metrics.clone();
     let checkpointing = match &options.checkpoint_dir {
         Some(dir) => {

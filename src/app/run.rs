@@ -101,7 +101,9 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
     let (stop, stopped) = watch::channel(false);
     let (admin_tx, admin_rx) = mpsc::channel(4);
     let mut tasks = JoinSet::new();
+    let (live_alerts, _) = tokio::sync::broadcast::channel(1024);
     let state = AppState {
+        live_alerts: live_alerts.clone(),
         metrics: metrics.clone(),
         admin: admin_tx,
         watchlist: watchlist.clone(),
@@ -121,7 +123,8 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
         let (webhooks, stopped) = (webhooks.clone(), stopped.clone());
         tasks.spawn(async move { ("webhooks", webhooks.run(stopped).await) });
     }
-    let (sink, writer) = spawn_writer(store, webhooks, metrics.clone());
+    let outlets = crate::core::sink::AlertOutlets { webhooks, live: Some(live_alerts) };
+    let (sink, writer) = spawn_writer(store, outlets, metrics.clone());
     let engine = build_engine(&config, &city, true, Some(&checkpoints), &watchlist)?;
     let checkpointing = Checkpointing { store: checkpoints, interval: config.core.checkpoint_interval.0 };
     let (mut driver, resumed) = Driver::start(engine, sink, Some(checkpointing), metrics.clone())?;

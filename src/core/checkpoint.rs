@@ -77,6 +77,7 @@ fn part_key(id: u64, name: &str) -> String {
 pub struct CheckpointStore {
     db: Arc<DB>,
     cutoff: Arc<AtomicI64>,
+    dir: std::path::PathBuf,
 }
 
 impl CheckpointStore {
@@ -86,7 +87,12 @@ impl CheckpointStore {
         let cutoff = Arc::new(AtomicI64::new(i64::MIN));
         let db = open_state_db(&dir.join("checkpoints"), cutoff.clone())
             .with_context(|| format!("opening the checkpoint store in {}", dir.display()))?;
-        Ok(CheckpointStore { db: Arc::new(db), cutoff })
+        Ok(CheckpointStore { db: Arc::new(db), cutoff, dir: dir.to_owned() })
+    }
+
+    /// The folder the store lives in (state kept beside the checkpoints goes here too).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The expiry cutoff of deduplication state in this store's database.

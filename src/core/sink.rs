@@ -52,16 +52,23 @@ impl SinkHandle {
 /// webhook queue when one is given (before the barrier that covers them is acknowledged).
 pub fn spawn_writer(
     store: Store,
-    webhooks: Option<Arc<Webhooks>>,
+    outlets: AlertOutlets,
     metrics: Arc<Metrics>,
 ) -> (SinkHandle, JoinHandle<anyhow::Result<()>>) {
     let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
-    (SinkHandle { tx, backlog: metrics.sink_backlog.clone() }, tokio::spawn(write_loop(store, webhooks, rx, metrics)))
+    (SinkHandle { tx, backlog: metrics.sink_backlog.clone() }, tokio::spawn(write_loop(store, outlets, rx, metrics)))
+}
+
+/// Where alerts go besides the store: the webhook queue and the live alert stream (JSON).
+#[derive(Clone, Default)]
+pub struct AlertOutlets {
+    pub webhooks: Option<Arc<Webhooks>>,
+    pub live: Option<tokio::sync::broadcast::Sender<Arc<str>>>,
 }
 
 async fn write_loop(
     store: Store,
-    webhooks: Option<Arc<Webhooks>>,
+    outlets: AlertOutlets,
     mut rx: mpsc::Receiver<SinkMsg>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
@@ -88,14 +95,20 @@ async fn write_loop(
                         Err(_) => break,
                     }
                 }
-                if !matches!(store, Store::Null) || webhooks.is_some() {
+                if !matches!(store, Store::Null) || outlets.webhooks.is_some() {
                     coalesce_batch(&mut batch);
                 }
                 if !matches!(store, Store::Null) {
                     write_with_retry(&store, &batch, &metrics).await;
                 }
-                if let Some(webhooks) = &webhooks {
+                if let Some(webhooks) = &outlets.webhooks {
                     enqueue_with_retry(webhooks, &batch.alerts).await;
+                }
+                if let Some(live) = &outlets.live {
+                    for a in &batch.alerts {
+                        // Nobody listening is fine: the stream is for whoever is connected.
+                        let _ = live.send(crate::webhooks::alert_body(a).to_string().into());
+                    }
                 }
                 metrics.sink_backlog.sub(merged);
             }
