@@ -63,6 +63,14 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(webhook_deliveries.clone())).expect("metric registered once");
+        // Every label value known in advance is exported from the start (at 0), so dashboards
+        // and alerts see the series before the first event.
+        for outcome in ["delivered", "failed", "dead"] {
+            webhook_deliveries.with_label_values(&[outcome]);
+        }
+        for reason in crate::model::RejectReason::KINDS {
+            passes_invalid.with_label_values(&[reason]);
+        }
         let pipeline_heartbeat_ms = prometheus::IntGauge::new(
             "passflow_pipeline_heartbeat_timestamp_ms",
             "Wall-clock time of the pipeline loop's last turn, epoch ms.",

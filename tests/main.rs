@@ -6,6 +6,7 @@ mod support;
 mod api;
 mod cli;
 mod core;
+mod deploy;
 mod mysql_store;
 mod service;
 mod webhooks;

@@ -22,6 +22,18 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// Every `kind`, for metric labels known in advance.
+    pub const KINDS: [&'static str; 8] = [
+        "malformed_json",
+        "missing_field",
+        "bad_field",
+        "bad_timestamp",
+        "bad_direction",
+        "unknown_checkpoint",
+        "future_timestamp",
+        "conflicting_duplicate",
+    ];
+
     pub fn code(&self) -> String {
         match self {
             RejectReason::MalformedJson => "malformed_json".into(),
