@@ -9,4 +9,5 @@ mod core;
 mod deploy;
 mod mysql_store;
 mod service;
+mod status_page;
 mod webhooks;

@@ -36,6 +36,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(status_page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -56,6 +57,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/reference/{what}", get(query::reference))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::check))
         .with_state(state)
+}
+
+/// The built-in status page: one self-contained HTML file (no CDN), reading the API.
+async fn status_page() -> impl IntoResponse {
+    axum::response::Html(include_str!("status.html"))
 }
 
 async fn healthz() -> impl IntoResponse {
