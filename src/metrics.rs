@@ -19,6 +19,8 @@ pub struct Metrics {
     pub watermark_lag_seconds: prometheus::Gauge,
     /// Webhook delivery attempts by outcome: delivered, failed (retried), dead (given up).
     pub webhook_deliveries: IntCounterVec,
+    /// HTTP request latency by route (the matched path pattern, so the label set is bounded).
+    pub http_seconds: prometheus::HistogramVec,
     /// Wall-clock ms of the pipeline loop's last turn (0: not running); for `/readyz`.
     pub pipeline_heartbeat_ms: prometheus::IntGauge,
     /// The sum of `passes_invalid` over reasons (not exported; for the progress line).
@@ -77,8 +79,16 @@ impl Metrics {
         )
         .expect("valid metric name");
         registry.register(Box::new(pipeline_heartbeat_ms.clone())).expect("metric registered once");
+        let http_seconds = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new("passflow_http_request_duration_seconds", "HTTP request latency, by route.")
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            &["route"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(http_seconds.clone())).expect("metric registered once");
         Metrics {
             registry,
+            http_seconds,
             pipeline_heartbeat_ms,
             passes_received,
             passes_valid,

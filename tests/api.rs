@@ -11,10 +11,15 @@ use std::sync::Arc;
 const DAY_START: i64 = 1_772_380_800_000; // 2026-03-02 00:00 in Shanghai
 
 async fn serve(url: &str) -> (String, Store) {
-    serve_with(url, Vec::new(), std::env::temp_dir().join("passflow-api-audit.log")).await
+    serve_with(url, Vec::new(), std::env::temp_dir().join("passflow-api-audit.log"), 0).await
 }
 
-async fn serve_with(url: &str, tokens: Vec<passflow::config::ApiToken>, audit: std::path::PathBuf) -> (String, Store) {
+async fn serve_with(
+    url: &str,
+    tokens: Vec<passflow::config::ApiToken>,
+    audit: std::path::PathBuf,
+    limit_per_second: u32,
+) -> (String, Store) {
     let mut config = Config::default();
     config.city.dir = small_day().to_path_buf();
     let options = ReplayOptions {
@@ -34,6 +39,7 @@ async fn serve_with(url: &str, tokens: Vec<passflow::config::ApiToken>, audit: s
         city: Arc::new(passflow::reference::City::load(small_day()).unwrap()),
         auth: Arc::new(passflow::api::Auth::new(tokens, audit)),
         live_alerts: tokio::sync::broadcast::channel(16).0,
+        limits: Arc::new(passflow::api::Limits::new(limit_per_second, vec!["https://ops.example.org".into()])),
     };
     let listener = api::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -183,7 +189,7 @@ async fn tokens_gate_each_call_by_role_and_every_plate_look_up_is_audited() {
     let tokens = vec![token("v-token", Role::Viewer), token("a-token", Role::Analyst), token("x-token", Role::Admin)];
     let audit = dir.path().join("audit.log");
     let (base, store) =
-        serve_with(&format!("sqlite://{}", dir.path().join("api.db").display()), tokens, audit.clone()).await;
+        serve_with(&format!("sqlite://{}", dir.path().join("api.db").display()), tokens, audit.clone(), 0).await;
     let (plate, ..) = store.trajectories().await.unwrap().into_iter().next().unwrap();
     let client = reqwest::Client::new();
     let call = |method: reqwest::Method, path: String, token: Option<&'static str>| {
@@ -210,4 +216,68 @@ async fn tokens_gate_each_call_by_role_and_every_plate_look_up_is_audited() {
     assert_eq!(lines[0]["who"], "Analyst-client");
     assert!(lines[0]["path"].as_str().unwrap().contains("/api/v1/trajectories/"));
     assert!(lines[0]["ts"].as_i64().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_rates_and_origins_are_limited_and_latency_is_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _) = serve_with(
+        &format!("sqlite://{}", dir.path().join("api.db").display()),
+        Vec::new(),
+        dir.path().join("a.log"),
+        20,
+    )
+    .await;
+    let client = reqwest::Client::new();
+    // A body over 64 KiB is refused.
+    let huge = format!(r#"{{"by":"{}"}}"#, "x".repeat(70_000));
+    let r = client
+        .post(format!("{base}/api/v1/alerts/x/ack"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    // An allowed origin gets CORS headers (and a preflight answer); another does not.
+    let r = client
+        .get(format!("{base}/api/v1/reference/regions"))
+        .header("origin", "https://ops.example.org")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["access-control-allow-origin"], "https://ops.example.org");
+    let r = client
+        .request(reqwest::Method::OPTIONS, format!("{base}/api/v1/flows"))
+        .header("origin", "https://ops.example.org")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    let r = client
+        .get(format!("{base}/api/v1/reference/regions"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    // 20 requests per second with bursts of 40: a quick run of 100 meets 429s.
+    let mut limited = 0;
+    for _ in 0..100 {
+        if client.get(format!("{base}/healthz")).send().await.unwrap().status().as_u16() == 429 {
+            limited += 1;
+        }
+    }
+    assert!(limited >= 40, "{limited} of 100 limited");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        client.get(format!("{base}/healthz")).send().await.unwrap().status().as_u16(),
+        200,
+        "the bucket refills"
+    );
+    let metrics = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(r#"passflow_http_request_duration_seconds_count{route="/api/v1/reference/{what}"}"#),
+        "{metrics}"
+    );
 }

@@ -3,12 +3,14 @@
 
 mod admin;
 mod auth;
+mod limits;
 mod query;
 mod stream;
 mod watchlist;
 
 pub use admin::{request_savepoint, AdminCommand, SavepointRequestError};
 pub use auth::{required_role, Auth};
+pub use limits::Limits;
 
 use crate::metrics::Metrics;
 use axum::extract::State;
@@ -32,6 +34,7 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// Alerts as they are written (JSON), for `/api/v1/alerts/stream`.
     pub live_alerts: tokio::sync::broadcast::Sender<Arc<str>>,
+    pub limits: Arc<limits::Limits>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -56,6 +59,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/restrictions/{what}", get(query::restrictions))
         .route("/api/v1/reference/{what}", get(query::reference))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::check))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limits::check))
+        .layer(axum::extract::DefaultBodyLimit::max(limits::MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -101,6 +106,7 @@ pub async fn bind(listen: &str) -> anyhow::Result<TcpListener> {
 
 /// Serves the API until the process stops.
 pub async fn serve(listener: TcpListener, state: AppState) -> anyhow::Result<()> {
-    axum::serve(listener, router(state)).await?;
+    // Client addresses for the per-client rate limit.
+    axum::serve(listener, router(state).into_make_service_with_connect_info::<std::net::SocketAddr>()).await?;
     Ok(())
 }

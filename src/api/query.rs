@@ -371,7 +371,10 @@ pub async fn acknowledge(
     Path(id): Path<String>,
     body: Result<Json<Acknowledge>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Json(ack) = body.map_err(|e| bad("bad_request", e.body_text()))?;
+    let Json(ack) = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError(e.status(), "body_too_large", e.body_text()),
+        _ => bad("bad_request", e.body_text()),
+    })?;
     if ack.by.trim().is_empty() || ack.by.chars().count() > 64 {
         return Err(bad("bad_parameter", "`by` is 1 to 64 characters"));
     }

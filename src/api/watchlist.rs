@@ -25,6 +25,9 @@ pub async fn put(
 ) -> Response {
     let Json(entry) = match body {
         Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(e.status(), "body_too_large", e.body_text());
+        }
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
     };
     if let Err(message) = entry.validate() {

@@ -110,6 +110,7 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
         store: Arc::new(Store::open(&config.store.url).await?),
         city: city.clone(),
         auth: Arc::new(crate::api::Auth::new(config.api.tokens.clone(), config.api.audit_log.clone())),
+        limits: Arc::new(crate::api::Limits::new(config.api.requests_per_second, config.api.cors_origins.clone())),
     };
     let mut api_stop = stopped.clone();
     tasks.spawn(async move {

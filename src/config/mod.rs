@@ -292,11 +292,21 @@ pub struct ApiConfig {
     pub tokens: Vec<ApiToken>,
     /// Every plate look-up is appended here (JSON lines: who, what, when).
     pub audit_log: PathBuf,
+    /// Requests per second per client address (bursts of twice that); 0: no limit.
+    pub requests_per_second: u32,
+    /// Origins that may call the API from a browser (`*`: any); empty: none.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { listen: "127.0.0.1:8080".into(), tokens: Vec::new(), audit_log: "data/audit.log".into() }
+        ApiConfig {
+            listen: "127.0.0.1:8080".into(),
+            tokens: Vec::new(),
+            audit_log: "data/audit.log".into(),
+            requests_per_second: 2_000,
+            cors_origins: Vec::new(),
+        }
     }
 }
 
