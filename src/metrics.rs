@@ -19,6 +19,14 @@ pub struct Metrics {
     pub watermark_lag_seconds: prometheus::Gauge,
     /// Webhook delivery attempts by outcome: delivered, failed (retried), dead (given up).
     pub webhook_deliveries: IntCounterVec,
+    /// Checkpoint duration (barrier to saved).
+    pub checkpoint_seconds: prometheus::Histogram,
+    /// When the last checkpoint completed, epoch seconds (its age: `time() - this`).
+    pub checkpoint_last_seconds: prometheus::Gauge,
+    /// Deduplication ids held in memory until the next checkpoint (RocksDB state).
+    pub state_pending_ids: prometheus::IntGauge,
+    /// Result rows emitted (first emissions and corrections), by table.
+    pub result_rows: IntCounterVec,
     /// HTTP request latency by route (the matched path pattern, so the label set is bounded).
     pub http_seconds: prometheus::HistogramVec,
     /// Wall-clock ms of the pipeline loop's last turn (0: not running); for `/readyz`.
@@ -86,8 +94,40 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(http_seconds.clone())).expect("metric registered once");
+        let checkpoint_seconds = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "passflow_checkpoint_duration_seconds",
+                "Checkpoint duration, barrier to saved.",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        )
+        .expect("valid metric");
+        registry.register(Box::new(checkpoint_seconds.clone())).expect("metric registered once");
+        let checkpoint_last_seconds =
+            prometheus::Gauge::new("passflow_checkpoint_last_timestamp_seconds", "When the last checkpoint completed.")
+                .expect("valid metric name");
+        registry.register(Box::new(checkpoint_last_seconds.clone())).expect("metric registered once");
+        let state_pending_ids = prometheus::IntGauge::new(
+            "passflow_state_pending_dedup_ids",
+            "Deduplication ids held in memory until the next checkpoint.",
+        )
+        .expect("valid metric name");
+        registry.register(Box::new(state_pending_ids.clone())).expect("metric registered once");
+        let result_rows = IntCounterVec::new(
+            Opts::new("passflow_result_rows_total", "Result rows emitted (first emissions and corrections), by table."),
+            &["table"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(result_rows.clone())).expect("metric registered once");
+        for table in crate::results::ResultBatch::default().counts().map(|(t, _)| t) {
+            result_rows.with_label_values(&[table]);
+        }
         Metrics {
             registry,
+            checkpoint_seconds,
+            checkpoint_last_seconds,
+            state_pending_ids,
+            result_rows,
             http_seconds,
             pipeline_heartbeat_ms,
             passes_received,
@@ -118,6 +158,15 @@ impl Metrics {
             if delta > 0 {
                 self.passes_invalid.with_label_values(&[kind]).inc_by(delta);
                 self.passes_invalid_sum.inc_by(delta);
+            }
+        }
+    }
+
+    /// Counts a batch of results by table.
+    pub fn observe_results(&self, batch: &crate::results::ResultBatch) {
+        for (table, n) in batch.counts() {
+            if n > 0 {
+                self.result_rows.with_label_values(&[table]).inc_by(n as u64);
             }
         }
     }

@@ -246,6 +246,43 @@ impl ResultBatch {
             + dead_letters.len()
     }
 
+    /// Rows per table.
+    pub fn counts(&self) -> [(&'static str, usize); 15] {
+        let ResultBatch {
+            flow_counts,
+            origin_counts,
+            top_n,
+            high_frequency,
+            checkpoint_speed,
+            segment_congestion,
+            area_congestion,
+            alerts,
+            trajectories,
+            restriction_violations,
+            restriction_summary,
+            first_entry,
+            late_passes,
+            dead_letters,
+        } = self;
+        [
+            ("flow_counts", flow_counts.len()),
+            ("origin_counts", origin_counts.len()),
+            ("top_n", top_n.len()),
+            ("high_frequency", high_frequency.len()),
+            ("checkpoint_speed", checkpoint_speed.len()),
+            ("segment_congestion", segment_congestion.len()),
+            ("area_congestion", area_congestion.len()),
+            ("alerts", alerts.len()),
+            ("trajectories", trajectories.len()),
+            ("restriction_violations", restriction_violations.len()),
+            ("restriction_summary", restriction_summary.len()),
+            ("first_entry", first_entry.len()),
+            ("late_passes", late_passes.len()),
+            ("dead_letters", dead_letters.len()),
+            ("all", self.len()),
+        ]
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

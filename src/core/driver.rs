@@ -64,6 +64,7 @@ impl Driver {
     pub async fn flush(&mut self) -> anyhow::Result<()> {
         let out = self.engine.take_output();
         self.metrics.late_passes.inc_by(out.late_passes.len() as u64);
+        self.metrics.observe_results(&out);
         self.sink.send(out).await
     }
 
@@ -86,6 +87,9 @@ impl Driver {
         self.next_id += 1;
         self.last_checkpoint = Instant::now();
         self.metrics.checkpoints.inc();
+        self.metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics.checkpoint_last_seconds.set(checkpoint.created_at as f64 / 1000.0);
+        self.metrics.state_pending_ids.set(self.engine.pending_state() as i64);
         tracing::debug!(checkpoint = id, took_ms = started.elapsed().as_millis() as u64, "checkpoint complete");
         Ok(Some(checkpoint))
     }
