@@ -80,3 +80,38 @@ mod tests {
         assert_eq!(local_day(1_772_380_800_000, tz), NaiveDate::from_ymd_opt(2026, 3, 2).unwrap());
     }
 }
+
+/// Local days of a time zone: the day of a time, when it starts and ends. Remembers the last
+/// day looked up, since time-zone math is slow and passes come in runs of the same day.
+#[derive(Clone, Debug)]
+pub struct LocalDays {
+    tz: Tz,
+    /// The last day looked up: [start, end) and its date.
+    recent: Option<(i64, i64, NaiveDate)>,
+}
+
+impl LocalDays {
+    pub fn new(tz: Tz) -> LocalDays {
+        LocalDays { tz, recent: None }
+    }
+
+    pub fn tz(&self) -> Tz {
+        self.tz
+    }
+
+    /// The local day of `ts`, the instant it starts and the instant it ends.
+    pub fn of(&mut self, ts: i64) -> (NaiveDate, i64, i64) {
+        if let Some((start, end, day)) = self.recent.filter(|(start, end, _)| (*start..*end).contains(&ts)) {
+            return (day, start, end);
+        }
+        let day = local_day(ts, self.tz);
+        let (start, end) = (crate::simulator::day_start_ms(day, self.tz), self.end(day));
+        self.recent = Some((start, end, day));
+        (day, start, end)
+    }
+
+    /// The instant `day` ends (the next local midnight).
+    pub fn end(&self, day: NaiveDate) -> i64 {
+        day.succ_opt().map_or(i64::MAX, |next| crate::simulator::day_start_ms(next, self.tz))
+    }
+}

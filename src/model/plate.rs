@@ -182,6 +182,15 @@ impl VehicleKey {
         VehicleKey { plate, color }
     }
 
+    /// A vehicle from its stored plate text and colour code (operator state, alert records);
+    /// `None` when either no longer reads.
+    pub fn from_stored(plate: &str, color: u8) -> Option<VehicleKey> {
+        match (PlateRead::parse(plate), PlateColor::from_code(color)) {
+            (PlateRead::Readable(plate), Some(color)) => Some(VehicleKey { plate, color }),
+            _ => None,
+        }
+    }
+
     /// The plate with all but its prefix and last character hidden, for logs.
     pub fn masked(&self) -> String {
         let text = self.plate.as_str();

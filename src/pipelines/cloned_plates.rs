@@ -10,7 +10,7 @@
 use super::device_health::ClockSkews;
 use crate::core::window::is_late;
 use crate::core::{check_version, Context, Operator, StateBlob};
-use crate::model::{Pass, PlateColor, PlateRead, VehicleKey, DAY_MS};
+use crate::model::{Pass, VehicleKey, DAY_MS};
 use crate::reference::{haversine_m, City};
 use crate::results::AlertRow;
 use rustc_hash::FxHashMap;
@@ -87,8 +87,14 @@ pub struct ClonedPlates {
     city: Arc<City>,
     rule: ClonedPlateRule,
     skews: Arc<ClockSkews>,
-    /// The skews' generation the raised alerts were last judged against.
+    /// The skews as of `judged_generation` (read once per change, not per pass), and the
+    /// largest of them.
+    known_skews: BTreeMap<u32, i64>,
+    largest_skew: i64,
+    /// The skews' generation last read.
     judged_generation: u64,
+    /// New skews were read: raised alerts are judged again at the next watermark.
+    rejudge: bool,
     raised: BTreeMap<String, Raised>,
     /// Passes further apart in time than this never conflict.
     span_ms: i64,
@@ -110,7 +116,10 @@ impl ClonedPlates {
             rule,
             span_ms: (span_s * 1000.0).ceil() as i64 + 1,
             skews,
+            known_skews: BTreeMap::new(),
+            largest_skew: 0,
             judged_generation: 0,
+            rejudge: false,
             raised: BTreeMap::new(),
             seen: FxHashMap::default(),
             swept_at: i64::MIN,
@@ -123,7 +132,23 @@ impl ClonedPlates {
 
     /// The pass's time with its camera's known clock skew taken off.
     fn true_ts(&self, s: &Seen) -> i64 {
-        s.ts - self.skews.of(s.cp)
+        s.ts - self.skew(s.cp)
+    }
+
+    fn skew(&self, checkpoint: u32) -> i64 {
+        self.known_skews.get(&checkpoint).copied().unwrap_or(0)
+    }
+
+    /// Takes in skews found since the last look (and marks the raised alerts for judging).
+    fn refresh_skews(&mut self) {
+        let generation = self.skews.generation();
+        if generation == self.judged_generation {
+            return;
+        }
+        self.judged_generation = generation;
+        self.known_skews = self.skews.all();
+        self.largest_skew = self.known_skews.values().map(|s| s.abs()).max().unwrap_or(0);
+        self.rejudge = true;
     }
 
     /// Whether two passes of one vehicle conflict, on skew-corrected times.
@@ -139,8 +164,8 @@ impl ClonedPlates {
         let dt = self.true_ts(later) - self.true_ts(first);
         let corrections: BTreeMap<&str, f64> = [a, b]
             .iter()
-            .filter(|s| self.skews.of(s.cp) != 0)
-            .map(|s| (&*self.city.checkpoints[s.cp as usize].id, self.skews.of(s.cp) as f64 / 1000.0))
+            .filter(|s| self.skew(s.cp) != 0)
+            .map(|s| (&*self.city.checkpoints[s.cp as usize].id, self.skew(s.cp) as f64 / 1000.0))
             .collect();
         let describe = |s: &Seen| {
             serde_json::json!({
@@ -193,6 +218,7 @@ impl Operator for ClonedPlates {
     }
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
+        self.refresh_skews();
         let horizon = self.horizon(ctx.watermark, ctx.allowed_lateness_ms);
         for (i, pass) in passes.iter().enumerate() {
             let Some(vehicle) = pass.vehicle() else { continue };
@@ -204,7 +230,7 @@ impl Operator for ClonedPlates {
             let x = Seen::of(pass);
             let mut found = Vec::new();
             // Skew corrections can bring passes further apart on their cameras' clocks together.
-            let span = self.span_ms + 2 * self.skews.largest();
+            let span = self.span_ms + 2 * self.largest_skew;
             if let Some(list) = self.seen.get(&vehicle) {
                 let from = list.partition_point(|s| s.ts <= x.ts - span);
                 for y in list[from..].iter().take_while(|s| s.ts < x.ts + span) {
@@ -235,9 +261,8 @@ impl Operator for ClonedPlates {
 
     fn on_watermark(&mut self, ctx: &mut Context<'_>) {
         // A camera found skewed since: alerts that only its clock made are taken back.
-        let generation = self.skews.generation();
-        if generation != self.judged_generation {
-            self.judged_generation = generation;
+        self.refresh_skews();
+        if std::mem::take(&mut self.rejudge) {
             let gone: Vec<String> = self
                 .raised
                 .iter()
@@ -249,12 +274,8 @@ impl Operator for ClonedPlates {
                 r.active = false;
                 r.revision += 1;
                 let r = r.clone();
-                let (PlateRead::Readable(plate), Some(color)) =
-                    (PlateRead::parse(&r.plate), PlateColor::from_code(r.color))
-                else {
-                    continue;
-                };
-                let mut alert = self.alert(&VehicleKey::new(plate, color), &r.a, &r.b);
+                let Some(vehicle) = VehicleKey::from_stored(&r.plate, r.color) else { continue };
+                let mut alert = self.alert(&vehicle, &r.a, &r.b);
                 alert.status = "retracted";
                 alert.revision = r.revision;
                 ctx.out.alerts.push(alert);
@@ -292,9 +313,8 @@ impl Operator for ClonedPlates {
         self.seen.clear();
         self.raised = raised;
         for (plate, color, list) in stored {
-            if let (PlateRead::Readable(plate), Some(color)) = (PlateRead::parse(&plate), PlateColor::from_code(color))
-            {
-                self.seen.insert(VehicleKey::new(plate, color), list);
+            if let Some(vehicle) = VehicleKey::from_stored(&plate, color) {
+                self.seen.insert(vehicle, list);
             }
         }
         Ok(())

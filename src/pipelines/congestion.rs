@@ -13,7 +13,7 @@
 use super::top_n::{batch_ranking, SlidingRanking};
 use crate::core::window::{is_complete, is_late, tumbling_start};
 use crate::core::{check_version, Context, Operator, StateBlob};
-use crate::model::{fnv1a64, Pass, PlateColor, PlateRead, VehicleKey};
+use crate::model::{fnv1a64, Pass, VehicleKey};
 use crate::reference::{City, RoadClass, Segment};
 use crate::results::{AlertRow, AreaCongestionRow, SegmentCongestionRow};
 use rustc_hash::FxHashMap;
@@ -477,9 +477,8 @@ impl Operator for Congestion {
         );
         self.tracks.clear();
         for (plate, color, track) in stored.tracks {
-            if let (PlateRead::Readable(plate), Some(color)) = (PlateRead::parse(&plate), PlateColor::from_code(color))
-            {
-                self.tracks.insert(VehicleKey::new(plate, color), track);
+            if let Some(vehicle) = VehicleKey::from_stored(&plate, color) {
+                self.tracks.insert(vehicle, track);
             }
         }
         self.sets = stored.sets;

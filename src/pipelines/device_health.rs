@@ -59,13 +59,9 @@ pub struct ClockSkews {
 }
 
 impl ClockSkews {
-    pub fn of(&self, checkpoint: u32) -> i64 {
-        self.skews.read().expect("skew lock").get(&checkpoint).copied().unwrap_or(0)
-    }
-
-    /// The largest skew known, either way (ms).
-    pub fn largest(&self) -> i64 {
-        self.skews.read().expect("skew lock").values().map(|s| s.abs()).max().unwrap_or(0)
+    /// Every skew known: checkpoint → ms.
+    pub fn all(&self) -> BTreeMap<u32, i64> {
+        self.skews.read().expect("skew lock").clone()
     }
 
     pub fn set(&self, checkpoint: u32, skew_ms: i64) {

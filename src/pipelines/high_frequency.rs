@@ -3,12 +3,11 @@
 //! count reaches N and is updated with every further pass until the day closes (its end plus
 //! the allowed lateness). `passes` only grows, so it orders a row's updates in the store.
 
-use crate::core::window::is_late;
+use crate::core::window::{is_late, LocalDays};
 use crate::core::{check_version, Context, Operator, StateBlob};
-use crate::model::{Pass, PlateColor, PlateRead, VehicleKey};
+use crate::model::{Pass, VehicleKey};
 use crate::reference::City;
 use crate::results::HighFrequencyRow;
-use crate::simulator::day_start_ms;
 use chrono::NaiveDate;
 use chrono_tz::Tz;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -37,31 +36,19 @@ struct Day {
 
 pub struct HighFrequency {
     city: Arc<City>,
-    tz: Tz,
+    days_of: LocalDays,
     threshold: u32,
     days: BTreeMap<NaiveDate, Day>,
-    /// The last local day looked up: [start, end) and its date (time-zone math is slow).
-    recent: Option<(i64, i64, NaiveDate)>,
 }
 
 impl HighFrequency {
     pub fn new(city: &Arc<City>, tz: Tz, threshold: u32) -> HighFrequency {
-        HighFrequency { city: city.clone(), tz, threshold: threshold.max(1), days: BTreeMap::new(), recent: None }
-    }
-
-    /// The local day of `ts` and the instant it ends.
-    fn day_of(&mut self, ts: i64) -> (NaiveDate, i64) {
-        if let Some((_, end, day)) = self.recent.filter(|(start, end, _)| (*start..*end).contains(&ts)) {
-            return (day, end);
+        HighFrequency {
+            city: city.clone(),
+            days_of: LocalDays::new(tz),
+            threshold: threshold.max(1),
+            days: BTreeMap::new(),
         }
-        let day = crate::model::EventTime(ts).local_date(self.tz);
-        let (start, end) = (day_start_ms(day, self.tz), self.day_end(day));
-        self.recent = Some((start, end, day));
-        (day, end)
-    }
-
-    fn day_end(&self, day: NaiveDate) -> i64 {
-        day.succ_opt().map_or(i64::MAX, |next| day_start_ms(next, self.tz))
     }
 
     fn tally(&mut self, day: NaiveDate, end: i64, checkpoint: u32, vehicle: VehicleKey, ts: i64) {
@@ -106,7 +93,7 @@ impl Operator for HighFrequency {
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         for (i, pass) in passes.iter().enumerate() {
             let Some(vehicle) = pass.vehicle() else { continue };
-            let (day, end) = self.day_of(pass.ts.ms());
+            let (day, _, end) = self.days_of.of(pass.ts.ms());
             if is_late(end, ctx.watermark, ctx.allowed_lateness_ms) {
                 ctx.late.push((i, LATE_LABEL));
                 continue;
@@ -145,19 +132,15 @@ impl Operator for HighFrequency {
         let stored: Vec<StoredDay> = serde_json::from_slice(&blob.bytes)?;
         self.days.clear();
         for s in stored {
-            let end = self.day_end(s.day);
+            let end = self.days_of.end(s.day);
             let d = self.days.entry(s.day).or_insert_with(|| Day { end, ..Day::default() });
             for (cp, plate, color, tally, dirty) in s.tallies {
                 anyhow::ensure!(
                     (cp as usize) < self.city.checkpoints.len(),
                     "high_frequency state names a checkpoint this city does not have"
                 );
-                let (PlateRead::Readable(plate), Some(color)) =
-                    (PlateRead::parse(&plate), PlateColor::from_code(color))
-                else {
-                    continue;
-                };
-                let key = (cp, VehicleKey::new(plate, color));
+                let Some(vehicle) = VehicleKey::from_stored(&plate, color) else { continue };
+                let key = (cp, vehicle);
                 if dirty {
                     d.dirty.insert(key.clone());
                 }

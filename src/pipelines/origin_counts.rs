@@ -6,7 +6,7 @@
 
 use crate::core::window::{is_complete, is_late, tumbling_start};
 use crate::core::{check_version, Context, Operator, StateBlob};
-use crate::model::{Pass, PlateColor, PlateRead, VehicleKey};
+use crate::model::{Pass, VehicleKey};
 use crate::reference::{City, OriginScope};
 use crate::results::OriginCountRow;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -211,12 +211,8 @@ impl Operator for OriginCounts {
                 "origin_counts state names a region this city does not have"
             );
             for (region, plate, color) in s.seen {
-                let (PlateRead::Readable(plate), Some(color)) =
-                    (PlateRead::parse(&plate), PlateColor::from_code(color))
-                else {
-                    continue;
-                };
-                self.count(s.start, region, VehicleKey::new(plate, color));
+                let Some(vehicle) = VehicleKey::from_stored(&plate, color) else { continue };
+                self.count(s.start, region, vehicle);
             }
             let dirty: FxHashSet<(u32, u32)> = s
                 .dirty

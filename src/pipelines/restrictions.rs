@@ -4,12 +4,11 @@
 //! violations and distinct vehicles. Violations do not depend on order, so they always take a
 //! pass however late; a summary stays open until its day ends plus the allowed lateness.
 
-use crate::core::window::is_late;
+use crate::core::window::{is_late, LocalDays};
 use crate::core::{check_version, Context, Operator, StateBlob};
 use crate::model::{Pass, VehicleKey};
 use crate::reference::{City, RestrictedVehicle};
 use crate::results::{RestrictionSummaryRow, RestrictionViolationRow};
-use crate::simulator::day_start_ms;
 use chrono::{NaiveDate, Timelike};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
@@ -29,41 +28,30 @@ struct Summary {
 
 pub struct Restrictions {
     city: Arc<City>,
-    tz: Tz,
+    days_of: LocalDays,
     local_prefixes: Vec<String>,
     /// (day, checkpoint, rule index) → summary.
     summaries: BTreeMap<(NaiveDate, u32, u32), Summary>,
-    recent: Option<(i64, i64, NaiveDate)>,
 }
 
 impl Restrictions {
     pub fn new(city: &Arc<City>, tz: Tz, local_prefixes: &[String]) -> Restrictions {
         Restrictions {
             city: city.clone(),
-            tz,
+            days_of: LocalDays::new(tz),
             local_prefixes: local_prefixes.to_vec(),
             summaries: BTreeMap::new(),
-            recent: None,
         }
     }
 
     /// The local day of `ts`, when it ends, and the local time of day in hours.
     fn local(&mut self, ts: i64) -> (NaiveDate, i64, f64) {
-        let (start, end, day) = match self.recent.filter(|(start, end, _)| (*start..*end).contains(&ts)) {
-            Some(r) => r,
-            None => {
-                let day = crate::model::EventTime(ts).local_date(self.tz);
-                let end = day.succ_opt().map_or(i64::MAX, |next| day_start_ms(next, self.tz));
-                let r = (day_start_ms(day, self.tz), end, day);
-                self.recent = Some(r);
-                r
-            }
-        };
+        let (day, start, end) = self.days_of.of(ts);
         let hour = if end - start == crate::model::DAY_MS {
             (ts - start) as f64 / 3_600_000.0
         } else {
             // A day with a clock change: read the wall clock.
-            let t = crate::model::EventTime(ts).to_datetime(self.tz);
+            let t = crate::model::EventTime(ts).to_datetime(self.days_of.tz());
             f64::from(t.hour()) + f64::from(t.minute()) / 60.0 + f64::from(t.second()) / 3600.0
         };
         (day, end, hour)
@@ -148,11 +136,8 @@ impl Operator for Restrictions {
 
     fn on_watermark(&mut self, ctx: &mut Context<'_>) {
         self.emit(&mut ctx.out.restriction_summary);
-        let (watermark, lateness, tz) = (ctx.watermark, ctx.allowed_lateness_ms, self.tz);
-        self.summaries.retain(|(day, _, _), _| {
-            let end = day.succ_opt().map_or(i64::MAX, |next| day_start_ms(next, tz));
-            !is_late(end, watermark, lateness)
-        });
+        let (watermark, lateness, days_of) = (ctx.watermark, ctx.allowed_lateness_ms, &self.days_of);
+        self.summaries.retain(|(day, _, _), _| !is_late(days_of.end(*day), watermark, lateness));
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {

@@ -4,12 +4,11 @@
 //! plus the allowed lateness, so a pass hours late still joins its trajectory. `revision` is
 //! the number of passes − 1: it only grows.
 
-use crate::core::window::is_late;
+use crate::core::window::{is_late, LocalDays};
 use crate::core::{check_version, Context, Operator, StateBlob};
-use crate::model::{fnv1a64, Pass, PlateColor, PlateRead, VehicleKey};
+use crate::model::{fnv1a64, Pass, VehicleKey};
 use crate::reference::City;
 use crate::results::TrajectoryRow;
-use crate::simulator::day_start_ms;
 use chrono::NaiveDate;
 use chrono_tz::Tz;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -37,29 +36,13 @@ struct Day {
 
 pub struct Trajectories {
     city: Arc<City>,
-    tz: Tz,
+    days_of: LocalDays,
     days: BTreeMap<NaiveDate, Day>,
-    recent: Option<(i64, i64, NaiveDate)>,
 }
 
 impl Trajectories {
     pub fn new(city: &Arc<City>, tz: Tz) -> Trajectories {
-        Trajectories { city: city.clone(), tz, days: BTreeMap::new(), recent: None }
-    }
-
-    /// The local day of `ts` and the instant it ends.
-    fn day_of(&mut self, ts: i64) -> (NaiveDate, i64) {
-        if let Some((_, end, day)) = self.recent.filter(|(start, end, _)| (*start..*end).contains(&ts)) {
-            return (day, end);
-        }
-        let day = crate::model::EventTime(ts).local_date(self.tz);
-        let (start, end) = (day_start_ms(day, self.tz), self.day_end(day));
-        self.recent = Some((start, end, day));
-        (day, end)
-    }
-
-    fn day_end(&self, day: NaiveDate) -> i64 {
-        day.succ_opt().map_or(i64::MAX, |next| day_start_ms(next, self.tz))
+        Trajectories { city: city.clone(), days_of: LocalDays::new(tz), days: BTreeMap::new() }
     }
 
     fn emit(&mut self, out: &mut Vec<TrajectoryRow>) {
@@ -94,7 +77,7 @@ impl Operator for Trajectories {
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         for (i, pass) in passes.iter().enumerate() {
             let Some(vehicle) = pass.vehicle() else { continue };
-            let (day, end) = self.day_of(pass.ts.ms());
+            let (day, _, end) = self.days_of.of(pass.ts.ms());
             if is_late(end, ctx.watermark, ctx.allowed_lateness_ms) {
                 ctx.late.push((i, LATE_LABEL));
                 continue;
@@ -142,15 +125,10 @@ impl Operator for Trajectories {
         );
         self.days.clear();
         for s in stored {
-            let end = self.day_end(s.day);
+            let end = self.days_of.end(s.day);
             let d = self.days.entry(s.day).or_insert_with(|| Day { end, ..Day::default() });
             for (plate, color, stops, dirty) in s.vehicles {
-                let (PlateRead::Readable(plate), Some(color)) =
-                    (PlateRead::parse(&plate), PlateColor::from_code(color))
-                else {
-                    continue;
-                };
-                let vehicle = VehicleKey::new(plate, color);
+                let Some(vehicle) = VehicleKey::from_stored(&plate, color) else { continue };
                 if dirty {
                     d.dirty.insert(vehicle.clone());
                 }

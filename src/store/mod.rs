@@ -101,44 +101,24 @@ impl Store {
         binds: Vec<Bind>,
         columns: &[Column],
     ) -> anyhow::Result<Vec<serde_json::Value>> {
-        macro_rules! run {
-            ($pool:expr) => {{
-                let mut q = sqlx::query(sql);
-                for b in binds {
-                    q = match b {
-                        Bind::Int(i) => q.bind(i),
-                        Bind::Text(t) => q.bind(t),
-                    };
-                }
-                q.fetch_all(&$pool).await?.iter().map(|r| row_json(r, columns)).collect()
-            }};
-        }
         match self {
-            Store::Sqlite(s) => run!(s.pool),
-            Store::MySql(s) => run!(s.pool),
+            Store::Sqlite(s) => {
+                bound(sql, binds).fetch_all(&s.pool).await?.iter().map(|r| row_json(r, columns)).collect()
+            }
+            Store::MySql(s) => {
+                bound(sql, binds).fetch_all(&s.pool).await?.iter().map(|r| row_json(r, columns)).collect()
+            }
             Store::Null => Ok(Vec::new()),
         }
     }
 
     /// Runs a change for the API; returns the rows it touched.
     pub async fn execute(&self, sql: &str, binds: Vec<Bind>) -> anyhow::Result<u64> {
-        macro_rules! run {
-            ($pool:expr) => {{
-                let mut q = sqlx::query(sql);
-                for b in binds {
-                    q = match b {
-                        Bind::Int(i) => q.bind(i),
-                        Bind::Text(t) => q.bind(t),
-                    };
-                }
-                Ok(q.execute(&$pool).await?.rows_affected())
-            }};
-        }
-        match self {
-            Store::Sqlite(s) => run!(s.pool),
-            Store::MySql(s) => run!(s.pool),
-            Store::Null => Ok(0),
-        }
+        Ok(match self {
+            Store::Sqlite(s) => bound(sql, binds).execute(&s.pool).await?.rows_affected(),
+            Store::MySql(s) => bound(sql, binds).execute(&s.pool).await?.rows_affected(),
+            Store::Null => 0,
+        })
     }
 
     /// Raw records of late passes with `ts` in [from, to): (pass_id, record).
@@ -337,6 +317,19 @@ pub enum Column {
     Text(&'static str),
     /// Text holding JSON, returned as JSON.
     Json(&'static str),
+}
+
+/// `sql` with `binds` bound in order.
+fn bound<'q, DB>(sql: &'q str, binds: Vec<Bind>) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    binds.into_iter().fold(sqlx::query(sql), |q, b| match b {
+        Bind::Int(i) => q.bind(i),
+        Bind::Text(t) => q.bind(t),
+    })
 }
 
 /// One row of an API query as a JSON object.
