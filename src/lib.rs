@@ -11,6 +11,7 @@
 //! - [`ingest`]: decode → validate → deduplicate; everything rejected becomes a dead letter.
 //! - [`simulator`]: a realistic, labelled city-day of passes, also a live source.
 //! - [`store`]: result stores (SQLite, MySQL, `null://`), upserted by key.
+//! - [`kafka`]: the Kafka source (offsets in checkpoints) and the output topics.
 //! - [`webhooks`]: alert webhooks with a durable, signed, retried delivery queue.
 //! - [`api`]: the HTTP API (`/healthz`, `/metrics`).
 //! - [`metrics`]: every Prometheus metric, in one place.
@@ -22,6 +23,7 @@ pub mod app;
 pub mod config;
 pub mod core;
 pub mod ingest;
+pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod pipelines;

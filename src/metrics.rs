@@ -31,6 +31,10 @@ pub struct Metrics {
     pub http_seconds: prometheus::HistogramVec,
     /// Wall-clock ms of the pipeline loop's last turn (0: not running); for `/readyz`.
     pub pipeline_heartbeat_ms: prometheus::IntGauge,
+    /// Records on the Kafka input topic not yet processed (summed over assigned partitions).
+    pub kafka_consumer_lag: prometheus::IntGauge,
+    /// The same by partition (partitions are few: a bounded label).
+    pub kafka_partition_lag: prometheus::IntGaugeVec,
     /// The sum of `passes_invalid` over reasons (not exported; for the progress line).
     pub passes_invalid_sum: IntCounter,
 }
@@ -122,8 +126,22 @@ impl Metrics {
         for table in crate::results::ResultBatch::default().counts().map(|(t, _)| t) {
             result_rows.with_label_values(&[table]);
         }
+        let kafka_consumer_lag = prometheus::IntGauge::new(
+            "passflow_kafka_consumer_lag_records",
+            "Records on the Kafka input topic not yet processed, over all assigned partitions.",
+        )
+        .expect("valid metric name");
+        registry.register(Box::new(kafka_consumer_lag.clone())).expect("metric registered once");
+        let kafka_partition_lag = prometheus::IntGaugeVec::new(
+            Opts::new("passflow_kafka_partition_lag_records", "Records on a Kafka input partition not yet processed."),
+            &["partition"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(kafka_partition_lag.clone())).expect("metric registered once");
         Metrics {
             registry,
+            kafka_consumer_lag,
+            kafka_partition_lag,
             checkpoint_seconds,
             checkpoint_last_seconds,
             state_pending_ids,

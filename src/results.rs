@@ -191,6 +191,13 @@ pub struct LatePassRow {
     pub record: String,
 }
 
+/// A valid, deduplicated pass in canonical JSON (the clean-pass topic).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CleanPassRow {
+    pub pass_id: Arc<str>,
+    pub line: String,
+}
+
 /// Everything emitted between two hand-overs to the stores.
 #[derive(Clone, Debug, Default)]
 pub struct ResultBatch {
@@ -208,6 +215,8 @@ pub struct ResultBatch {
     pub first_entry: Vec<FirstEntryRow>,
     pub late_passes: Vec<LatePassRow>,
     pub dead_letters: Vec<DeadLetter>,
+    /// For the clean-pass topic (not a table).
+    pub clean_passes: Vec<CleanPassRow>,
 }
 
 impl ResultBatch {
@@ -217,7 +226,7 @@ impl ResultBatch {
 
     /// Rows per table. Destructured, so that a new table cannot be left out of the count (an
     /// "empty" batch is not sent to the store).
-    pub fn counts(&self) -> [(&'static str, usize); 14] {
+    pub fn counts(&self) -> [(&'static str, usize); 15] {
         let ResultBatch {
             flow_counts,
             origin_counts,
@@ -233,6 +242,7 @@ impl ResultBatch {
             first_entry,
             late_passes,
             dead_letters,
+            clean_passes,
         } = self;
         [
             ("flow_counts", flow_counts.len()),
@@ -249,6 +259,7 @@ impl ResultBatch {
             ("first_entry", first_entry.len()),
             ("late_passes", late_passes.len()),
             ("dead_letters", dead_letters.len()),
+            ("clean_passes", clean_passes.len()),
         ]
     }
 
@@ -272,6 +283,7 @@ impl ResultBatch {
             first_entry,
             late_passes,
             dead_letters,
+            clean_passes,
         } = other;
         self.flow_counts.append(flow_counts);
         self.origin_counts.append(origin_counts);
@@ -287,6 +299,7 @@ impl ResultBatch {
         self.first_entry.append(first_entry);
         self.late_passes.append(late_passes);
         self.dead_letters.append(dead_letters);
+        self.clean_passes.append(clean_passes);
     }
 }
 

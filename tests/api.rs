@@ -49,10 +49,102 @@ async fn serve_with(
     (format!("http://{addr}"), Store::open(url).await.unwrap())
 }
 
+/// A GET; every answer of a documented call is held against the OpenAPI document.
 async fn get(base: &str, path: &str) -> (u16, serde_json::Value) {
     let r = reqwest::get(format!("{base}{path}")).await.unwrap();
     let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    let body = r.json().await.unwrap_or(serde_json::Value::Null);
+    if path.starts_with("/api/v1/") && status != 401 && status != 403 {
+        let doc: serde_json::Value =
+            reqwest::get(format!("{base}/api/v1/openapi.json")).await.unwrap().json().await.unwrap();
+        conforms_to_document(&doc, "get", path, status, &body);
+    }
+    (status, body)
+}
+
+/// The response `body` with `status` of `method path` is what the document says it is.
+fn conforms_to_document(doc: &serde_json::Value, method: &str, path: &str, status: u16, body: &serde_json::Value) {
+    let bare = path.split('?').next().unwrap();
+    let segments: Vec<&str> = bare.split('/').collect();
+    let template = doc["paths"].as_object().unwrap().keys().find(|t| {
+        let ts: Vec<&str> = t.split('/').collect();
+        ts.len() == segments.len() && ts.iter().zip(&segments).all(|(t, s)| t.starts_with('{') || t == s)
+    });
+    let Some(template) = template else {
+        assert_eq!(status, 404, "{path} is not in the OpenAPI document");
+        return;
+    };
+    let response = &doc["paths"][template][method]["responses"][status.to_string()];
+    assert!(response.is_object(), "{method} {template} answered {status}, which the document does not list: {body}");
+    let schema = &response["content"]["application/json"]["schema"];
+    if let Err(e) = matches_schema(doc, schema, body, "$") {
+        panic!("{method} {path} ({status}) does not match the document: {e}\n{body}");
+    }
+}
+
+/// A small JSON-schema check: type, enum, required, properties, additionalProperties, items,
+/// oneOf, $ref.
+fn matches_schema(
+    doc: &serde_json::Value,
+    schema: &serde_json::Value,
+    v: &serde_json::Value,
+    at: &str,
+) -> Result<(), String> {
+    use serde_json::Value;
+    if let Some(r) = schema["$ref"].as_str() {
+        let name = r.trim_start_matches("#/components/schemas/");
+        return matches_schema(doc, &doc["components"]["schemas"][name], v, at);
+    }
+    if let Some(options) = schema["oneOf"].as_array() {
+        let fits = options.iter().filter(|o| matches_schema(doc, o, v, at).is_ok()).count();
+        return if fits == 1 { Ok(()) } else { Err(format!("{at}: fits {fits} of the oneOf shapes")) };
+    }
+    let types: Vec<&str> = match &schema["type"] {
+        Value::String(t) => vec![t.as_str()],
+        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => vec![],
+    };
+    let type_ok = types.is_empty()
+        || types.iter().any(|t| match *t {
+            "null" => v.is_null(),
+            "integer" => v.is_i64() || v.is_u64(),
+            "number" => v.is_number(),
+            "string" => v.is_string(),
+            "boolean" => v.is_boolean(),
+            "array" => v.is_array(),
+            "object" => v.is_object(),
+            _ => false,
+        });
+    if !type_ok {
+        return Err(format!("{at}: {v} is not {types:?}"));
+    }
+    if let Some(allowed) = schema["enum"].as_array() {
+        if !allowed.contains(v) {
+            return Err(format!("{at}: {v} is not one of {allowed:?}"));
+        }
+    }
+    if let Value::Object(o) = v {
+        for name in schema["required"].as_array().into_iter().flatten() {
+            if !o.contains_key(name.as_str().unwrap()) {
+                return Err(format!("{at}: `{name}` is missing"));
+            }
+        }
+        for (k, field) in o {
+            match schema["properties"].get(k) {
+                Some(s) => matches_schema(doc, s, field, &format!("{at}.{k}"))?,
+                None if schema["additionalProperties"] == false => {
+                    return Err(format!("{at}: `{k}` is not documented"))
+                }
+                None => {}
+            }
+        }
+    }
+    if let (Value::Array(items), Some(item)) = (v, schema.get("items")) {
+        for (i, x) in items.iter().enumerate() {
+            matches_schema(doc, item, x, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
 }
 
 async fn exercise(base: &str, store: &Store) {
@@ -127,19 +219,16 @@ async fn exercise(base: &str, store: &Store) {
     let alert = body["rows"][0].clone();
     assert!(alert["details"]["passes"].is_array(), "details are JSON: {alert}");
     let client = reqwest::Client::new();
+    let doc: serde_json::Value = get(base, "/api/v1/openapi.json").await.1;
     let ack = |id: String, body: &'static str| {
-        let client = client.clone();
-        let url = format!("{base}/api/v1/alerts/{id}/ack");
+        let (client, doc) = (client.clone(), doc.clone());
+        let path = format!("/api/v1/alerts/{id}/ack");
+        let url = format!("{base}{path}");
         async move {
-            client
-                .post(url)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
+            let r = client.post(url).header("content-type", "application/json").body(body).send().await.unwrap();
+            let status = r.status().as_u16();
+            conforms_to_document(&doc, "post", &path, status, &r.json().await.unwrap());
+            status
         }
     };
     assert_eq!(ack(alert["alert_id"].as_str().unwrap().to_owned(), r#"{"by":"desk-7"}"#).await, 200);
@@ -164,6 +253,35 @@ async fn exercise(base: &str, store: &Store) {
     assert_eq!(rows(&body), 108);
     let (_, body) = get(base, "/api/v1/reference/segments").await;
     assert!(rows(&body) > 100);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openapi_document_lists_every_route_with_its_role_and_the_docs_page_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _) = serve(&format!("sqlite://{}", dir.path().join("api.db").display())).await;
+    let (status, doc) = get(&base, "/api/v1/openapi.json").await;
+    assert_eq!(status, 200);
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    // Every route the router serves under /api/v1 (but the description itself) is documented.
+    let routes = include_str!("../src/api/mod.rs")
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(".route(\"/api/v1/"))
+        .map(|l| format!("/api/v1/{}", l.split('"').next().unwrap()))
+        .filter(|r| r != "/api/v1/openapi.json" && r != "/api/v1/docs")
+        .collect::<Vec<_>>();
+    assert!(routes.len() >= 15, "{routes:?}");
+    for route in &routes {
+        assert!(paths.contains_key(route), "{route} is not documented");
+    }
+    assert_eq!(paths.len(), routes.len(), "documented paths that are not routes");
+    assert_eq!(paths["/api/v1/trajectories/{plate}"]["get"]["x-passflow-role"], "analyst");
+    assert_eq!(paths["/api/v1/flows"]["get"]["x-passflow-role"], "viewer");
+    assert_eq!(paths["/api/v1/admin/watchlist"]["post"]["x-passflow-role"], "admin");
+    let levels = &paths["/api/v1/flows"]["get"]["parameters"][0]["schema"]["enum"];
+    assert!(levels.as_array().unwrap().contains(&"checkpoint_direction".into()), "{levels}");
+    let page = reqwest::get(format!("{base}/api/v1/docs")).await.unwrap().text().await.unwrap();
+    assert!(page.contains("/api/v1/openapi.json"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -7,6 +7,7 @@ mod api;
 mod cli;
 mod core;
 mod deploy;
+mod kafka;
 mod mysql_store;
 mod service;
 mod status_page;

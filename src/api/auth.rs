@@ -3,7 +3,8 @@
 //! With no token configured the API is open (a local, single-user setup). Otherwise every
 //! `/api/v1` call needs `Authorization: Bearer <token>` of a role at least the call's: viewer
 //! for aggregates, analyst for anything that names a vehicle, admin for the watch list and
-//! savepoints. `/healthz`, `/readyz` and `/metrics` stay open. Every call that looks up or
+//! savepoints. `/healthz`, `/readyz`, `/metrics` and the API description
+//! (`/api/v1/openapi.json`, `/api/v1/docs`) stay open. Every call that looks up or
 //! lists vehicles is appended to the audit log (JSON lines: ts, who, role, method, path).
 
 use super::AppState;
@@ -55,6 +56,8 @@ pub fn required_role(path: &str) -> Option<Role> {
     let api = path.strip_prefix("/api/v1/")?;
     let first = api.split('/').next().unwrap_or("");
     Some(match first {
+        // The API's own description is open, like `/healthz`.
+        "openapi.json" | "docs" => return None,
         "admin" => Role::Admin,
         "trajectories" | "first-entry" | "alerts" | "high-frequency" => Role::Analyst,
         "restrictions" if api.starts_with("restrictions/violations") => Role::Analyst,

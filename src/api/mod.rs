@@ -1,9 +1,11 @@
 //! The HTTP API: health, Prometheus metrics, the read API over the result tables and the
-//! reference data (`query.rs`), and the admin calls (savepoint, watch list).
+//! reference data (`query.rs`), its OpenAPI description (`openapi.rs`), and the admin calls
+//! (savepoint, watch list).
 
 mod admin;
 mod auth;
 mod limits;
+mod openapi;
 mod query;
 mod stream;
 mod watchlist;
@@ -11,6 +13,7 @@ mod watchlist;
 pub use admin::{request_savepoint, AdminCommand, SavepointRequestError};
 pub use auth::{required_role, Auth};
 pub use limits::Limits;
+pub use openapi::openapi;
 
 use crate::metrics::Metrics;
 use axum::extract::State;
@@ -46,6 +49,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/admin/savepoint", post(admin::savepoint))
         .route("/api/v1/admin/watchlist", get(watchlist::list).post(watchlist::put))
         .route("/api/v1/admin/watchlist/{plate}", delete(watchlist::remove))
+        .route("/api/v1/openapi.json", get(openapi::document))
+        .route("/api/v1/docs", get(openapi::docs_page))
         .route("/api/v1/flows", get(query::flows))
         .route("/api/v1/congestion/{level}", get(query::congestion))
         .route("/api/v1/top-n", get(query::top_n))

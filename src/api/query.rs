@@ -15,8 +15,8 @@ use serde::Deserialize;
 use std::collections::HashMap;
 
 const MAX_RANGE_MS: i64 = 7 * DAY_MS;
-const MAX_LIMIT: i64 = 1_000;
-const DEFAULT_LIMIT: i64 = 100;
+pub(super) const MAX_LIMIT: i64 = 1_000;
+pub(super) const DEFAULT_LIMIT: i64 = 100;
 
 /// A client error: status, stable code, message.
 pub struct ApiError(StatusCode, &'static str, String);
@@ -143,16 +143,98 @@ async fn rows(
 
 use Column::{Int, Json as JsonCol, Real, Text};
 
+// What each call answers and takes; `openapi.rs` documents the API from the same constants.
+pub(super) const FLOW_LEVELS: &[&str] =
+    &["checkpoint", "checkpoint_direction", "region", "city", "boundary", "bus_lane"];
+pub(super) const FLOW_WINDOWS: &[i64] = &[300, 30, 60];
+pub(super) const CONGESTION_WINDOWS: &[i64] = &[300, 60];
+pub(super) const TOP_N_METRICS: &[&str] = &["checkpoint_flow", "segment_flow"];
+pub(super) const ALERT_KINDS: &[&str] = &[
+    "cloned_plate",
+    "traffic_surge",
+    "sudden_congestion",
+    "watchlist",
+    "device_silent",
+    "clock_skew",
+    "unreadable_plates",
+];
+pub(super) const FLOWS: &[Column] =
+    &[Text("level"), Text("key_id"), Int("window_s"), Int("window_start"), Int("passes"), Int("revision")];
+pub(super) const SEGMENT_CONGESTION: &[Column] = &[
+    Text("segment_id"),
+    Int("window_s"),
+    Int("window_start"),
+    Int("traversals"),
+    Real("mean_speed_kmh"),
+    Real("travel_time_index"),
+    Int("congestion_level"),
+    Int("revision"),
+];
+pub(super) const AREA_CONGESTION: &[Column] = &[
+    Text("level"),
+    Text("key_id"),
+    Int("window_s"),
+    Int("window_start"),
+    Real("mean_speed_kmh"),
+    Real("travel_time_index"),
+    Int("congestion_level"),
+    Int("revision"),
+];
+pub(super) const TOP_N: &[Column] = &[Int("rank"), Text("key_id"), Int("value")];
+pub(super) const ORIGINS: &[Column] = &[
+    Text("region_id"),
+    Int("window_start"),
+    Text("origin_province"),
+    Text("origin_city"),
+    Text("scope"),
+    Int("vehicles"),
+];
+pub(super) const HIGH_FREQUENCY: &[Column] = &[
+    Text("day"),
+    Text("checkpoint_id"),
+    Text("plate"),
+    Int("plate_color"),
+    Int("passes"),
+    Int("first_ts"),
+    Int("last_ts"),
+];
+pub(super) const ALERTS: &[Column] = &[
+    Text("alert_id"),
+    Text("kind"),
+    Int("ts"),
+    Text("plate"),
+    Int("plate_color"),
+    Text("checkpoint_id"),
+    Text("segment_id"),
+    Text("severity"),
+    JsonCol("details"),
+    Text("status"),
+    Int("revision"),
+    Text("acknowledged_by"),
+    Int("acknowledged_at"),
+];
+/// Alert columns that are null for some alerts (or until acknowledged).
+pub(super) const ALERTS_NULLABLE: &[&str] =
+    &["plate", "plate_color", "checkpoint_id", "segment_id", "acknowledged_by", "acknowledged_at"];
+pub(super) const TRAJECTORIES: &[Column] = &[
+    Text("plate"),
+    Int("plate_color"),
+    Text("day"),
+    Int("passes"),
+    JsonCol("times"),
+    JsonCol("checkpoints"),
+    JsonCol("intervals_s"),
+];
+pub(super) const FIRST_ENTRY: &[Column] =
+    &[Text("plate"), Int("plate_color"), Int("ts"), Text("checkpoint_id"), Text("pass_id"), Int("revision")];
+pub(super) const VIOLATIONS: &[Column] =
+    &[Text("pass_id"), Text("rule_id"), Text("plate"), Int("plate_color"), Text("checkpoint_id"), Int("ts")];
+pub(super) const SUMMARY: &[Column] = &[Text("checkpoint_id"), Text("rule_id"), Int("violations"), Int("vehicles")];
+
 pub async fn flows(State(state): State<AppState>, params: Params) -> Result<Json<serde_json::Value>, ApiError> {
     let q = Q::of(params)?;
-    let level = q
-        .one_of(
-            "level",
-            &["checkpoint", "checkpoint_direction", "region", "city", "boundary", "bus_lane"],
-            Some("city"),
-        )?
-        .unwrap_or("city");
-    let window_s = q.window_s(&[300, 30, 60])?;
+    let level = q.one_of("level", FLOW_LEVELS, Some("city"))?.unwrap_or("city");
+    let window_s = q.window_s(FLOW_WINDOWS)?;
     let (from, to) = q.range()?;
     let (limit, offset) = q.page()?;
     let mut sql =
@@ -166,8 +248,7 @@ pub async fn flows(State(state): State<AppState>, params: Params) -> Result<Json
     }
     sql.push_str(" ORDER BY window_start, key_id LIMIT ? OFFSET ?");
     binds.extend([Bind::Int(limit), Bind::Int(offset)]);
-    let cols = [Text("level"), Text("key_id"), Int("window_s"), Int("window_start"), Int("passes"), Int("revision")];
-    rows(&state, &sql, binds, &cols).await
+    rows(&state, &sql, binds, FLOWS).await
 }
 
 pub async fn congestion(
@@ -176,42 +257,24 @@ pub async fn congestion(
     params: Params,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let q = Q::of(params)?;
-    let window_s = q.window_s(&[300, 60])?;
+    let window_s = q.window_s(CONGESTION_WINDOWS)?;
     let (from, to) = q.range()?;
     let (limit, offset) = q.page()?;
     let key = q.text("key").map(str::to_owned);
-    let (sql, mut binds, cols): (String, Vec<Bind>, Vec<Column>) = match level.as_str() {
+    let (sql, mut binds, cols): (String, Vec<Bind>, &[Column]) = match level.as_str() {
         "segment" => (
             "SELECT CAST(segment_id AS CHAR), window_s, window_start, traversals, mean_speed_kmh, travel_time_index, \
              congestion_level, revision FROM segment_congestion WHERE window_s = ? AND window_start >= ? AND window_start < ?"
                 .into(),
             vec![Bind::Int(window_s), Bind::Int(from), Bind::Int(to)],
-            vec![
-                Text("segment_id"),
-                Int("window_s"),
-                Int("window_start"),
-                Int("traversals"),
-                Real("mean_speed_kmh"),
-                Real("travel_time_index"),
-                Int("congestion_level"),
-                Int("revision"),
-            ],
+            SEGMENT_CONGESTION,
         ),
         "region" | "city" => (
             "SELECT CAST(level AS CHAR), CAST(key_id AS CHAR), window_s, window_start, mean_speed_kmh, travel_time_index, \
              congestion_level, revision FROM area_congestion WHERE level = ? AND window_s = ? AND window_start >= ? AND window_start < ?"
                 .into(),
             vec![Bind::Text(level.clone()), Bind::Int(window_s), Bind::Int(from), Bind::Int(to)],
-            vec![
-                Text("level"),
-                Text("key_id"),
-                Int("window_s"),
-                Int("window_start"),
-                Real("mean_speed_kmh"),
-                Real("travel_time_index"),
-                Int("congestion_level"),
-                Int("revision"),
-            ],
+            AREA_CONGESTION,
         ),
         other => return Err(not_found(format!("no congestion level `{other}` (segment, region, city)"))),
     };
@@ -222,13 +285,12 @@ pub async fn congestion(
     }
     sql.push_str(" ORDER BY window_start LIMIT ? OFFSET ?");
     binds.extend([Bind::Int(limit), Bind::Int(offset)]);
-    rows(&state, &sql, binds, &cols).await
+    rows(&state, &sql, binds, cols).await
 }
 
 pub async fn top_n(State(state): State<AppState>, params: Params) -> Result<Json<serde_json::Value>, ApiError> {
     let q = Q::of(params)?;
-    let metric =
-        q.one_of("metric", &["checkpoint_flow", "segment_flow"], Some("checkpoint_flow"))?.unwrap_or("checkpoint_flow");
+    let metric = q.one_of("metric", TOP_N_METRICS, Some("checkpoint_flow"))?.unwrap_or("checkpoint_flow");
     let at = q.time("at")?;
     // The window ending at or before `at`, or the latest.
     let end_sql = "SELECT MAX(window_end) FROM top_n WHERE metric = ? AND window_end <= ?";
@@ -242,11 +304,8 @@ pub async fn top_n(State(state): State<AppState>, params: Params) -> Result<Json
     };
     let sql =
         "SELECT `rank`, CAST(key_id AS CHAR), value FROM top_n WHERE metric = ? AND window_end = ? ORDER BY `rank`";
-    let ranked = state
-        .store
-        .query(sql, vec![Bind::Text(metric.into()), Bind::Int(end)], &[Int("rank"), Text("key_id"), Int("value")])
-        .await
-        .map_err(internal)?;
+    let ranked =
+        state.store.query(sql, vec![Bind::Text(metric.into()), Bind::Int(end)], TOP_N).await.map_err(internal)?;
     Ok(Json(serde_json::json!({ "metric": metric, "window_end": end, "rows": ranked })))
 }
 
@@ -265,15 +324,7 @@ pub async fn origins(State(state): State<AppState>, params: Params) -> Result<Js
     }
     sql.push_str(" ORDER BY window_start, region_id, vehicles DESC LIMIT ? OFFSET ?");
     binds.extend([Bind::Int(limit), Bind::Int(offset)]);
-    let cols = [
-        Text("region_id"),
-        Int("window_start"),
-        Text("origin_province"),
-        Text("origin_city"),
-        Text("scope"),
-        Int("vehicles"),
-    ];
-    rows(&state, &sql, binds, &cols).await
+    rows(&state, &sql, binds, ORIGINS).await
 }
 
 fn day(q: &Q) -> Result<String, ApiError> {
@@ -300,16 +351,7 @@ pub async fn high_frequency(
     }
     sql.push_str(" ORDER BY passes DESC, checkpoint_id, plate LIMIT ? OFFSET ?");
     binds.extend([Bind::Int(limit), Bind::Int(offset)]);
-    let cols = [
-        Text("day"),
-        Text("checkpoint_id"),
-        Text("plate"),
-        Int("plate_color"),
-        Int("passes"),
-        Int("first_ts"),
-        Int("last_ts"),
-    ];
-    rows(&state, &sql, binds, &cols).await
+    rows(&state, &sql, binds, HIGH_FREQUENCY).await
 }
 
 pub async fn alerts(State(state): State<AppState>, params: Params) -> Result<Json<serde_json::Value>, ApiError> {
@@ -321,19 +363,7 @@ pub async fn alerts(State(state): State<AppState>, params: Params) -> Result<Jso
                    CAST(acknowledged_by AS CHAR), acknowledged_at FROM alerts WHERE ts >= ? AND ts < ?"
         .to_owned();
     let mut binds = vec![Bind::Int(from), Bind::Int(to)];
-    if let Some(kind) = q.one_of(
-        "kind",
-        &[
-            "cloned_plate",
-            "traffic_surge",
-            "sudden_congestion",
-            "watchlist",
-            "device_silent",
-            "clock_skew",
-            "unreadable_plates",
-        ],
-        None,
-    )? {
+    if let Some(kind) = q.one_of("kind", ALERT_KINDS, None)? {
         sql.push_str(" AND kind = ?");
         binds.push(Bind::Text(kind.into()));
     }
@@ -343,22 +373,7 @@ pub async fn alerts(State(state): State<AppState>, params: Params) -> Result<Jso
     }
     sql.push_str(" ORDER BY ts DESC, alert_id LIMIT ? OFFSET ?");
     binds.extend([Bind::Int(limit), Bind::Int(offset)]);
-    let cols = [
-        Text("alert_id"),
-        Text("kind"),
-        Int("ts"),
-        Text("plate"),
-        Int("plate_color"),
-        Text("checkpoint_id"),
-        Text("segment_id"),
-        Text("severity"),
-        JsonCol("details"),
-        Text("status"),
-        Int("revision"),
-        Text("acknowledged_by"),
-        Int("acknowledged_at"),
-    ];
-    rows(&state, &sql, binds, &cols).await
+    rows(&state, &sql, binds, ALERTS).await
 }
 
 #[derive(Deserialize)]
@@ -410,16 +425,7 @@ pub async fn trajectory(
         binds.push(Bind::Int(color));
     }
     sql.push_str(" ORDER BY plate_color");
-    let cols = [
-        Text("plate"),
-        Int("plate_color"),
-        Text("day"),
-        Int("passes"),
-        JsonCol("times"),
-        JsonCol("checkpoints"),
-        JsonCol("intervals_s"),
-    ];
-    let found = state.store.query(&sql, binds, &cols).await.map_err(internal)?;
+    let found = state.store.query(&sql, binds, TRAJECTORIES).await.map_err(internal)?;
     if found.is_empty() {
         return Err(not_found(format!("no trajectory of `{plate}` on {day}")));
     }
@@ -442,8 +448,7 @@ pub async fn first_entry(
         sql.push_str(" AND plate_color = ?");
         binds.push(Bind::Int(color));
     }
-    let cols = [Text("plate"), Int("plate_color"), Int("ts"), Text("checkpoint_id"), Text("pass_id"), Int("revision")];
-    let found = state.store.query(&sql, binds, &cols).await.map_err(internal)?;
+    let found = state.store.query(&sql, binds, FIRST_ENTRY).await.map_err(internal)?;
     if found.is_empty() {
         return Err(not_found(format!("`{plate}` has not entered the city")));
     }
@@ -458,20 +463,20 @@ pub async fn restrictions(
     let q = Q::of(params)?;
     let day = day(&q)?;
     let (limit, offset) = q.page()?;
-    let (sql, cols): (&str, Vec<Column>) = match what.as_str() {
+    let (sql, cols): (&str, &[Column]) = match what.as_str() {
         "violations" => (
             "SELECT CAST(pass_id AS CHAR), CAST(rule_id AS CHAR), CAST(plate AS CHAR), plate_color, CAST(checkpoint_id AS CHAR), ts \
              FROM restriction_violations WHERE day = ? ORDER BY ts, pass_id LIMIT ? OFFSET ?",
-            vec![Text("pass_id"), Text("rule_id"), Text("plate"), Int("plate_color"), Text("checkpoint_id"), Int("ts")],
+            VIOLATIONS,
         ),
         "summary" => (
             "SELECT CAST(checkpoint_id AS CHAR), CAST(rule_id AS CHAR), violations, vehicles FROM restriction_summary \
              WHERE day = ? ORDER BY violations DESC, checkpoint_id LIMIT ? OFFSET ?",
-            vec![Text("checkpoint_id"), Text("rule_id"), Int("violations"), Int("vehicles")],
+            SUMMARY,
         ),
         other => return Err(not_found(format!("no restriction listing `{other}` (violations, summary)"))),
     };
-    rows(&state, sql, vec![Bind::Text(day), Bind::Int(limit), Bind::Int(offset)], &cols).await
+    rows(&state, sql, vec![Bind::Text(day), Bind::Int(limit), Bind::Int(offset)], cols).await
 }
 
 pub async fn reference(

@@ -7,7 +7,7 @@ mod run;
 mod simulate;
 
 pub use backfill::{backfill, BackfillOptions, BackfillSummary};
-pub use bench::{bench_core, peak_rss_mb, CoreBenchResult};
+pub use bench::{bench_core, bench_kafka, peak_rss_mb, CoreBenchResult, KafkaBenchResult};
 pub use replay::{build_engine, replay, ReplayInput, ReplayOptions, ReplaySummary};
 pub use run::{create_savepoint, run, RunHandle};
 pub use simulate::simulate;
@@ -108,6 +108,20 @@ pub enum BenchCommand {
         #[arg(long)]
         all_pipelines: bool,
     },
+    /// The service end to end through Kafka: a simulated day produced to a new topic, then read
+    /// as a bounded run with every pipeline (store from the configuration, e.g. null://).
+    Kafka {
+        /// bootstrap.servers of a running broker.
+        #[arg(long)]
+        brokers: String,
+        #[arg(long, default_value_t = 20_000)]
+        vehicles: u32,
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        /// Also write every output to the Kafka topics.
+        #[arg(long)]
+        outputs: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,6 +153,20 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 r.passes as f64 / r.seconds,
                 r.rows,
                 r.peak_rss_mb
+            );
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Kafka { brokers, vehicles, partitions, outputs } } => {
+            let store = config.store.url.clone();
+            let r = bench_kafka(config, &brokers, vehicles, partitions, outputs).await?;
+            println!(
+                "kafka: {} records produced in {:.3} s; group joined in {:.1} s; read end to end (every pipeline, \
+                 {partitions} partitions, store {store}, outputs to Kafka: {outputs}) in {:.3} s = {:.0} passes/s",
+                r.records,
+                r.produce_seconds,
+                r.join_seconds,
+                r.seconds,
+                r.records as f64 / r.seconds
             );
             Ok(())
         }

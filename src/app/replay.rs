@@ -3,7 +3,7 @@
 //! checkpoint directory it checkpoints as it goes and, started again, resumes where the last
 //! checkpoint was taken.
 
-use crate::config::{Config, StateBackendKind};
+use crate::config::{Config, SourceKind, StateBackendKind};
 use crate::core::checkpoint::CheckpointStore;
 use crate::core::driver::{Checkpointing, Driver};
 use crate::core::sink::spawn_writer;
@@ -133,7 +133,8 @@ pub fn build_engine(
         out_of_orderness_ms: core.out_of_orderness.as_millis(),
         idle_timeout_ms: core.idle_timeout.as_millis(),
         allowed_lateness_ms: core.allowed_lateness.as_millis(),
-        live,
+        // Historical data on a Kafka topic: event time alone moves the watermark.
+        live: live && (config.source.kind != SourceKind::Kafka || config.kafka.input.wall_clock),
     };
     let pipeline_settings = pipelines::PipelineSettings {
         local_prefixes: config.city.local_prefixes.clone(),
@@ -144,6 +145,7 @@ pub fn build_engine(
         watchlist: watchlist.clone(),
         // The live service archives what it receives; a replay's input is its own archive.
         archive_dir: (live && !config.archive.dir.as_os_str().is_empty()).then(|| config.archive.dir.clone()),
+        clean_passes: config.kafka.output.enabled,
         // Embedded with RocksDB state: a RocksDB of its own beside the checkpoints.
         first_entry_store: match (config.pipelines.first_entry.store.as_str(), store, config.state.backend) {
             ("embedded", Some(store), StateBackendKind::Rocksdb) => {

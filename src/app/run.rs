@@ -7,8 +7,9 @@ use crate::api::{self, AdminCommand, AppState};
 use crate::config::{Config, SourceKind};
 use crate::core::checkpoint::{read_savepoint, write_savepoint, CheckpointStore};
 use crate::core::driver::{Checkpointing, Driver};
-use crate::core::sink::spawn_writer;
+use crate::core::sink::{spawn_writer, QUEUE_BATCHES};
 use crate::core::{Clocks, Record};
+use crate::kafka::{KafkaPosition, KafkaSink, KafkaSource};
 use crate::metrics::Metrics;
 use crate::reference::City;
 use crate::simulator::{LiveSimulator, SimParams, SimPosition};
@@ -32,12 +33,29 @@ pub struct RunHandle {
     pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
+    /// The store writer (awaited by the pipeline task).
+    writer: tokio::task::AbortHandle,
 }
 
 impl RunHandle {
     /// Asks every task to stop.
     pub fn stop(&self) {
         let _ = self.stop.send(true);
+    }
+
+    /// Stops every task where it stands, with no last checkpoint and nothing more written, as a
+    /// crash would (for tests inside one process).
+    /// Returns the errors of tasks that had failed before.
+    pub async fn crash(mut self) -> Vec<String> {
+        self.tasks.abort_all();
+        let mut failed = Vec::new();
+        while let Some(done) = self.tasks.join_next().await {
+            if let Ok((name, Err(e))) = done {
+                failed.push(format!("{name}: {e:#}"));
+            }
+        }
+        self.writer.abort();
+        failed
     }
 
     /// Runs until Ctrl-C, SIGTERM or the end of a task, then stops the rest.
@@ -124,18 +142,23 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
         let (webhooks, stopped) = (webhooks.clone(), stopped.clone());
         tasks.spawn(async move { ("webhooks", webhooks.run(stopped).await) });
     }
-    let outlets = crate::core::sink::AlertOutlets { webhooks, live: Some(live_alerts) };
+    let kafka = match config.kafka.output.enabled {
+        true => Some(KafkaSink::open(&config.kafka, crate::kafka::next_epoch(&config.state.dir)?)?),
+        false => None,
+    };
+    let outlets = crate::core::sink::Outlets { webhooks, live: Some(live_alerts), kafka };
     let (sink, writer) = spawn_writer(store, outlets, metrics.clone());
+    let writer_abort = writer.abort_handle();
     let engine = build_engine(&config, &city, true, Some(&checkpoints), &watchlist)?;
     let checkpointing = Checkpointing { store: checkpoints, interval: config.core.checkpoint_interval.0 };
     let (mut driver, resumed) = Driver::start(engine, sink, Some(checkpointing), metrics.clone())?;
-    driver.engine.assign(0, wall_ms());
-    let resume: Option<SimPosition> = resumed
-        .map(serde_json::from_value)
-        .transpose()
-        .context("the checkpoint's source position is not a simulator position")?;
     let source = match config.source.kind {
         SourceKind::Simulator => {
+            driver.engine.assign(0, wall_ms());
+            let resume: Option<SimPosition> = resumed
+                .map(serde_json::from_value)
+                .transpose()
+                .context("the checkpoint's source position is not a simulator position")?;
             let s = &config.source.simulator;
             let params = SimParams {
                 day: chrono::NaiveDate::default(),
@@ -145,7 +168,17 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
                 local_prefixes: config.city.local_prefixes.clone(),
             };
             let (speed, city) = (s.speed, city.clone());
-            tokio::task::spawn_blocking(move || LiveSimulator::start(city, params, speed, wall_ms(), resume)).await?
+            let simulator =
+                tokio::task::spawn_blocking(move || LiveSimulator::start(city, params, speed, wall_ms(), resume))
+                    .await?;
+            Source::Simulator(simulator)
+        }
+        SourceKind::Kafka => {
+            let resume: Option<KafkaPosition> = resumed
+                .map(serde_json::from_value)
+                .transpose()
+                .context("the checkpoint's source position is not a Kafka position")?;
+            Source::Kafka(KafkaSource::open(&config.kafka, resume)?)
         }
     };
     let (pipeline_metrics, pipeline_stop) = (metrics.clone(), stopped.clone());
@@ -161,11 +194,85 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
     let purger = Store::open(&config.store.url).await?;
     tasks.spawn(purge(purger, config.store.clone(), stopped.clone()));
     tasks.spawn(progress(metrics.clone(), stopped));
-    Ok(RunHandle { api_addr, metrics, stop, tasks })
+    Ok(RunHandle { api_addr, metrics, stop, tasks, writer: writer_abort })
+}
+
+/// What the service reads.
+enum Source {
+    Simulator(LiveSimulator),
+    Kafka(KafkaSource),
+}
+
+/// Records from a source: (partition, place in the partition, bytes).
+type Records = Vec<(u32, u64, Vec<u8>)>;
+
+impl Source {
+    fn name(&self) -> &'static str {
+        match self {
+            Source::Simulator(_) => "sim",
+            Source::Kafka(_) => "kafka",
+        }
+    }
+
+    /// The next records; partitions newly assigned are handed to the engine first.
+    fn poll(&mut self, engine: &mut crate::core::Engine, max: usize) -> anyhow::Result<Records> {
+        match self {
+            Source::Simulator(s) => {
+                Ok(s.poll(max).into_iter().map(|(seq, line)| (0, seq, line.into_bytes())).collect())
+            }
+            Source::Kafka(k) => {
+                let polled = k.poll(IDLE_POLL)?;
+                for p in polled.assigned {
+                    engine.assign(p as u32, wall_ms());
+                }
+                Ok(polled.records.into_iter().map(|(p, offset, bytes)| (p as u32, offset as u64, bytes)).collect())
+            }
+        }
+    }
+
+    /// The source's clock: simulated time (faster when accelerated), or the wall clock.
+    fn now_ms(&self) -> i64 {
+        match self {
+            Source::Simulator(s) => s.now_ms(),
+            Source::Kafka(_) => wall_ms(),
+        }
+    }
+
+    fn position(&self) -> serde_json::Value {
+        match self {
+            Source::Simulator(s) => serde_json::json!(s.position()),
+            Source::Kafka(k) => serde_json::json!(k.position()),
+        }
+    }
+
+    /// A checkpoint of the current position is durable.
+    fn checkpointed(&self) {
+        if let Source::Kafka(k) = self {
+            k.checkpointed();
+        }
+    }
+
+    /// A bounded source has been read to its end.
+    fn finished(&self) -> bool {
+        matches!(self, Source::Kafka(k) if k.finished())
+    }
+
+    /// Backpressure and lag, once per turn of the loop.
+    fn observe(&mut self, metrics: &Metrics) {
+        if let Source::Kafka(k) = self {
+            k.set_paused(metrics.sink_backlog.get() >= QUEUE_BATCHES as i64);
+            if let Some(lag) = k.lag() {
+                metrics.kafka_consumer_lag.set(lag.iter().map(|(_, n)| n).sum());
+                for (p, n) in lag {
+                    metrics.kafka_partition_lag.with_label_values(&[&p.to_string()]).set(n);
+                }
+            }
+        }
+    }
 }
 
 async fn pipeline(
-    mut source: LiveSimulator,
+    mut source: Source,
     mut driver: Driver,
     mut admin: mpsc::Receiver<AdminCommand>,
     metrics: Arc<Metrics>,
@@ -173,38 +280,50 @@ async fn pipeline(
 ) -> anyhow::Result<()> {
     while !*stopped.borrow() {
         metrics.pipeline_heartbeat_ms.set(wall_ms());
-        let batch = tokio::task::block_in_place(|| source.poll(MAX_BATCH));
-        // The simulated clock is the wall clock of this source (faster when accelerated).
+        source.observe(&metrics);
+        let batch = tokio::task::block_in_place(|| source.poll(&mut driver.engine, MAX_BATCH))?;
         let now = source.now_ms();
         if batch.is_empty() {
+            if source.finished() {
+                tracing::info!("the bounded source has been read to its end; closing every window");
+                driver.engine.finish();
+                break;
+            }
             driver.engine.tick(now);
-            driver.after_batch(|| serde_json::json!(source.position())).await?;
+            if driver.after_batch(|| source.position()).await? {
+                source.checkpointed();
+            }
+            // The Kafka consumer has waited for data already.
+            let pause = if matches!(source, Source::Kafka(_)) { Duration::ZERO } else { IDLE_POLL };
             tokio::select! {
-                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = stopped.changed() => {}
                 Some(command) = admin.recv() => handle_admin(command, &mut driver, &source).await,
             }
             continue;
         }
         let before = driver.engine.stats().clone();
-        let records = batch.iter().map(|(seq, line)| Record { partition: 0, seq: *seq, bytes: line.as_bytes() });
-        driver.engine.process("sim", records, Clocks { future_now: Some(now), processing_now: now });
+        let records = batch.iter().map(|(partition, seq, bytes)| Record { partition: *partition, seq: *seq, bytes });
+        driver.engine.process(source.name(), records, Clocks { future_now: Some(now), processing_now: now });
         metrics.observe_ingest(&before, driver.engine.stats());
         metrics.watermark_lag_seconds.set((now - driver.engine.watermark()).max(0) as f64 / 1000.0);
-        driver.after_batch(|| serde_json::json!(source.position())).await?;
+        if driver.after_batch(|| source.position()).await? {
+            source.checkpointed();
+        }
         while let Ok(command) = admin.try_recv() {
             handle_admin(command, &mut driver, &source).await;
         }
     }
-    driver.checkpoint(serde_json::json!(source.position())).await?;
+    driver.checkpoint(source.position()).await?;
+    source.checkpointed();
     Ok(())
 }
 
-async fn handle_admin(command: AdminCommand, driver: &mut Driver, source: &LiveSimulator) {
+async fn handle_admin(command: AdminCommand, driver: &mut Driver, source: &Source) {
     match command {
         AdminCommand::Savepoint { to, reply } => {
             let result = async {
-                let checkpoint = driver.savepoint(serde_json::json!(source.position())).await?;
+                let checkpoint = driver.savepoint(source.position()).await?;
                 write_savepoint(&checkpoint, &to)?;
                 Ok::<u64, anyhow::Error>(checkpoint.id)
             }

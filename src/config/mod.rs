@@ -28,6 +28,7 @@ pub struct Config {
     pub pipelines: PipelinesConfig,
     pub webhooks: crate::webhooks::WebhookConfig,
     pub archive: ArchiveConfig,
+    pub kafka: crate::kafka::KafkaConfig,
 }
 
 /// The daily archive of clean passes (written by `run`, read by `backfill`).
@@ -130,6 +131,8 @@ pub enum SourceKind {
     /// The built-in city simulator, paced by the wall clock.
     #[default]
     Simulator,
+    /// The input topic in `[kafka.input]`.
+    Kafka,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -82,6 +82,7 @@ fn engine(city: &Arc<City>, backend: &Backend) -> Engine {
                 surge: Default::default(),
                 watchlist: crate::pipelines::WatchList::in_memory(),
                 archive_dir: None,
+                clean_passes: false,
                 first_entry_store: "embedded".into(),
                 first_entry_key_prefix: String::new(),
                 time_zone: TZ,

@@ -49,8 +49,8 @@ impl Driver {
         Ok((Driver { engine, sink, checkpoints, metrics, next_id, last_checkpoint: Instant::now() }, position))
     }
 
-    /// Hands the results so far to the sink; checkpoints when one is due.
-    pub async fn after_batch(&mut self, position: impl FnOnce() -> serde_json::Value) -> anyhow::Result<()> {
+    /// Hands the results so far to the sink; checkpoints when one is due. True when it did.
+    pub async fn after_batch(&mut self, position: impl FnOnce() -> serde_json::Value) -> anyhow::Result<bool> {
         self.flush().await?;
         let due = self.checkpoints.as_ref().is_some_and(|c| {
             self.last_checkpoint.elapsed() >= c.interval || self.engine.pending_state() >= MAX_PENDING_STATE
@@ -58,7 +58,7 @@ impl Driver {
         if due {
             self.checkpoint(position()).await?;
         }
-        Ok(())
+        Ok(due)
     }
 
     pub async fn flush(&mut self) -> anyhow::Result<()> {

@@ -26,8 +26,8 @@ fn stored_record(bytes: &[u8]) -> String {
 /// One raw record from a source.
 pub struct Record<'a> {
     pub partition: u32,
-    /// The record's place in its source (a line number, a sequence number, an offset): with
-    /// the source's name it is the stable id of a dead letter.
+    /// The record's place in its partition (a line number, a sequence number, an offset): with
+    /// the source's name and the partition it is the stable id of a dead letter.
     pub seq: u64,
     pub bytes: &'a [u8],
 }
@@ -164,7 +164,10 @@ impl Engine {
                 }
                 Outcome::Duplicate => {}
                 Outcome::Rejected(reason) => self.out.dead_letters.push(DeadLetter {
-                    id: format!("{source}:{}", record.seq),
+                    id: match record.partition {
+                        0 => format!("{source}:{}", record.seq),
+                        p => format!("{source}:{p}:{}", record.seq),
+                    },
                     reason,
                     record: stored_record(record.bytes),
                     received_at: clocks.processing_now,

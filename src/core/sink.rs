@@ -2,6 +2,7 @@
 //! source, memory stays bounded), per-key coalescing, retries while the store is down, and
 //! checkpoint barriers that complete only when everything before them has been written.
 
+use crate::kafka::KafkaSink;
 use crate::metrics::Metrics;
 use crate::results::{FlowCountRow, ResultBatch};
 use crate::store::Store;
@@ -49,26 +50,29 @@ impl SinkHandle {
 }
 
 /// Starts the store writer; it ends when every handle is dropped. Alerts also go to the
-/// webhook queue when one is given (before the barrier that covers them is acknowledged).
+/// webhook queue when one is given, and everything to the Kafka topics when configured (both
+/// before the barrier that covers them is acknowledged).
 pub fn spawn_writer(
     store: Store,
-    outlets: AlertOutlets,
+    outlets: Outlets,
     metrics: Arc<Metrics>,
 ) -> (SinkHandle, JoinHandle<anyhow::Result<()>>) {
     let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
     (SinkHandle { tx, backlog: metrics.sink_backlog.clone() }, tokio::spawn(write_loop(store, outlets, rx, metrics)))
 }
 
-/// Where alerts go besides the store: the webhook queue and the live alert stream (JSON).
-#[derive(Clone, Default)]
-pub struct AlertOutlets {
+/// Where results go besides the store: alerts to the webhook queue and the live alert stream
+/// (JSON), everything to the Kafka topics.
+#[derive(Default)]
+pub struct Outlets {
     pub webhooks: Option<Arc<Webhooks>>,
     pub live: Option<tokio::sync::broadcast::Sender<Arc<str>>>,
+    pub kafka: Option<KafkaSink>,
 }
 
 async fn write_loop(
     store: Store,
-    outlets: AlertOutlets,
+    mut outlets: Outlets,
     mut rx: mpsc::Receiver<SinkMsg>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
@@ -76,6 +80,9 @@ async fn write_loop(
     while let Some(msg) = next.take() {
         match msg {
             SinkMsg::Barrier(ack) => {
+                if let Some(kafka) = &mut outlets.kafka {
+                    kafka.flush().await;
+                }
                 let _ = ack.send(());
             }
             SinkMsg::Rows(mut batch) => {
@@ -95,8 +102,11 @@ async fn write_loop(
                         Err(_) => break,
                     }
                 }
-                if !matches!(store, Store::Null) || outlets.webhooks.is_some() {
+                if !matches!(store, Store::Null) || outlets.webhooks.is_some() || outlets.kafka.is_some() {
                     coalesce_batch(&mut batch);
+                }
+                if let Some(kafka) = &mut outlets.kafka {
+                    kafka.send(&batch).await;
                 }
                 if !matches!(store, Store::Null) {
                     write_with_retry(&store, &batch, &metrics).await;
@@ -116,6 +126,9 @@ async fn write_loop(
         if next.is_none() {
             next = rx.recv().await;
         }
+    }
+    if let Some(kafka) = &mut outlets.kafka {
+        kafka.flush().await;
     }
     Ok(())
 }

@@ -17,8 +17,9 @@ use std::sync::Arc;
 /// A record that could not be accepted, with the reason and the record as it came.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeadLetter {
-    /// Stable id of the record's place in its source (`file:line`, `sim:seq`, …), so that a
-    /// replay writes the same row again instead of a second one.
+    /// Stable id of the record's place in its source (`file:line`, `sim:seq`,
+    /// `kafka:partition:offset`, with partition 0 left out), so that a replay writes the same
+    /// row again instead of a second one.
     pub id: String,
     pub reason: RejectReason,
     pub record: String,

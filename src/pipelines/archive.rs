@@ -9,6 +9,7 @@
 use crate::core::{Context, Operator, StateBlob};
 use crate::model::Pass;
 use crate::reference::City;
+use crate::results::CleanPassRow;
 use chrono::NaiveDate;
 use chrono_tz::Tz;
 use flate2::write::GzEncoder;
@@ -98,6 +99,44 @@ impl Operator for Archive {
 
     fn on_close(&mut self, _ctx: &mut Context<'_>) {
         self.on_checkpoint(0);
+    }
+
+    fn snapshot(&self) -> anyhow::Result<StateBlob> {
+        Ok(StateBlob { version: 1, bytes: Vec::new() })
+    }
+
+    fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
+        crate::core::check_version(self.name(), blob.version, 1)
+    }
+}
+
+/// Every valid, deduplicated pass in canonical JSON to the output (the clean-pass topic).
+/// Stateless: exempt from lateness, and a replay after a restart sends a pass again under the
+/// same key (its id).
+pub struct CleanPasses {
+    city: Arc<City>,
+}
+
+impl CleanPasses {
+    pub fn new(city: &Arc<City>) -> CleanPasses {
+        CleanPasses { city: city.clone() }
+    }
+}
+
+impl Operator for CleanPasses {
+    fn name(&self) -> &'static str {
+        "clean_passes"
+    }
+
+    fn state_version(&self) -> u32 {
+        1
+    }
+
+    fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
+        ctx.out.clean_passes.extend(passes.iter().map(|p| CleanPassRow {
+            pass_id: p.pass_id.clone(),
+            line: p.clone().at(self.city.checkpoint(p.checkpoint).id.clone()).to_canonical_json(),
+        }));
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {

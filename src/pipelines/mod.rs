@@ -14,7 +14,8 @@
 //! - `traffic_surge.rs`: traffic-surge alerts on 5 min checkpoint flows.
 //! - `watchlist.rs`: an alert for every pass of a watched plate.
 //! - `device_health.rs`: silent checkpoints, skewed camera clocks, unreadable-plate rates.
-//! - `archive.rs`: every valid pass in canonical form to a daily compressed archive.
+//! - `archive.rs`: every valid pass in canonical form to a daily compressed archive, and to the
+//!   clean-pass output.
 //! - `checkpoint_speed.rs`: radar spot speeds per checkpoint in 1 min and 5 min windows.
 
 mod archive;
@@ -34,7 +35,7 @@ mod traffic_surge;
 mod trajectories;
 mod watchlist;
 
-pub use archive::{read_archive_day, Archive};
+pub use archive::{read_archive_day, Archive, CleanPasses};
 pub use checkpoint_speed::{batch_checkpoint_speed, CheckpointSpeed, SPEED_WINDOWS_S};
 pub use cloned_plates::{batch_cloned_plates, pair_id, ClonedPlateRule, ClonedPlates, CLONED_PLATE};
 pub use congestion::{
@@ -87,6 +88,9 @@ pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> anyhow::Result<Vec<
     if let Some(dir) = &settings.archive_dir {
         all.push(Box::new(Archive::new(city, settings.time_zone, dir)));
     }
+    if settings.clean_passes {
+        all.push(Box::new(CleanPasses::new(city)));
+    }
     Ok(all)
 }
 
@@ -105,6 +109,8 @@ pub struct PipelineSettings {
     pub watchlist: Arc<WatchList>,
     /// Where clean passes are archived, if anywhere.
     pub archive_dir: Option<std::path::PathBuf>,
+    /// Emit every clean pass (for the clean-pass topic).
+    pub clean_passes: bool,
     /// `embedded` (checkpointed with the operator), `rocksdb:PATH` or a Redis URL.
     pub first_entry_store: String,
     pub first_entry_key_prefix: String,

