@@ -54,7 +54,8 @@ async fn get(base: &str, path: &str) -> (u16, serde_json::Value) {
     let r = reqwest::get(format!("{base}{path}")).await.unwrap();
     let status = r.status().as_u16();
     let body = r.json().await.unwrap_or(serde_json::Value::Null);
-    if path.starts_with("/api/v1/") && status != 401 && status != 403 {
+    let described = path.starts_with("/api/v1/openapi.json") || path.starts_with("/api/v1/docs");
+    if path.starts_with("/api/v1/") && !described && status != 401 && status != 403 {
         let doc: serde_json::Value =
             reqwest::get(format!("{base}/api/v1/openapi.json")).await.unwrap().json().await.unwrap();
         conforms_to_document(&doc, "get", path, status, &body);

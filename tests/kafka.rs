@@ -405,6 +405,8 @@ async fn a_day_through_tansu_with_sigkills_and_a_stopped_broker_loses_and_double
     let mut config = service_config(work.path(), day, &brokers);
     let api_port = free_port();
     config.api.listen = format!("127.0.0.1:{api_port}");
+    // Smaller steps still: the runs are killed while the day is far from read.
+    config.kafka.input.max_batch = 100;
     config.kafka.client.insert("max.poll.interval.ms".into(), "10000".into());
     create_topics(&brokers, &config).await;
     produce_day(&brokers, &day.join("passes.jsonl")).await;
@@ -421,19 +423,22 @@ async fn a_day_through_tansu_with_sigkills_and_a_stopped_broker_loses_and_double
             .unwrap()
     };
 
-    // Two runs killed with SIGKILL once they are reading.
+    // Two runs killed with SIGKILL while they are reading.
     let mut kills = 0;
-    for delay_ms in [300u64, 700] {
+    for delay_ms in [150u64, 300] {
         let mut child = start();
         wait_for_records(api_port, &mut child).await;
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        if child.try_wait().unwrap().is_none() {
-            kills += 1;
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+            panic!("a run ended ({status}) before its SIGKILL:\n{stderr}");
         }
-        let _ = child.kill();
+        child.kill().unwrap();
         let _ = child.wait();
+        kills += 1;
     }
-    assert_eq!(kills, 2, "a run ended before its SIGKILL");
+    assert_eq!(kills, 2);
 
     // The last run: the broker stops answering for a while, then comes back.
     let mut child = start();

@@ -73,6 +73,9 @@ pub struct KafkaSource {
     assigned: BTreeSet<i32>,
     /// Partitions taken away by the last rebalance; they must come back in the next assignment.
     revoked: BTreeSet<i32>,
+    /// Partitions whose fetch position still has to be set to `next` (a seek is refused until
+    /// the client fetches the partition); their messages are dropped until then.
+    unsought: BTreeSet<i32>,
     /// Bounded runs: each partition's end offset when it was assigned.
     ends: BTreeMap<i32, i64>,
     paused: bool,
@@ -116,6 +119,7 @@ impl KafkaSource {
             next,
             assigned: BTreeSet::new(),
             revoked: BTreeSet::new(),
+            unsought: BTreeSet::new(),
             ends: BTreeMap::new(),
             paused: false,
             last_lag: None,
@@ -128,6 +132,7 @@ impl KafkaSource {
         let max = self.config.input.max_batch.max(1);
         let mut polled = Polled::default();
         let mut wait = timeout;
+        self.seek_unsought();
         while polled.records.len() < max {
             let message = match self.consumer.poll(wait) {
                 None => None,
@@ -144,7 +149,9 @@ impl KafkaSource {
                     break;
                 }
                 // Fetched before the seek to its checkpointed offset: it comes again.
-                Some(Ok((partition, ..))) if assigned.contains(&partition) => {}
+                Some(Ok((partition, ..))) if assigned.contains(&partition) || self.unsought.contains(&partition) => {
+                    self.seek_unsought();
+                }
                 Some(Ok((partition, offset, payload))) => {
                     if self.next.get(&partition).is_some_and(|next| offset < *next) {
                         continue; // processed before the checkpoint this run resumed from
@@ -202,9 +209,23 @@ impl KafkaSource {
             self.ends.insert(partition, high);
             self.next.entry(partition).or_insert(low);
         }
-        self.seek_to_next(partition)?;
+        self.unsought.insert(partition);
+        self.seek_unsought();
         tracing::info!(topic, partition, offset = ?self.next.get(&partition), "partition assigned");
         Ok(())
+    }
+
+    /// Seeks every partition waiting for it; those the client refuses wait for the next poll.
+    fn seek_unsought(&mut self) {
+        for p in std::mem::take(&mut self.unsought) {
+            if !self.assigned.contains(&p) {
+                continue;
+            }
+            if let Err(e) = self.seek_to_next(p) {
+                tracing::debug!(partition = p, error = %format!("{e:#}"), "seek not taken yet; trying again");
+                self.unsought.insert(p);
+            }
+        }
     }
 
     /// Moves the fetch position of `partition` to the next offset to process, when known.
@@ -272,11 +293,8 @@ impl KafkaSource {
         }
         if !self.paused {
             // Fetching restarts where passflow is, not where the client's queue was.
-            for p in self.assigned.clone() {
-                if let Err(e) = self.seek_to_next(p) {
-                    tracing::warn!(partition = p, error = %format!("{e:#}"), "seeking after a resume failed");
-                }
-            }
+            self.unsought.extend(self.assigned.iter().copied());
+            self.seek_unsought();
         }
     }
 
