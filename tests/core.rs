@@ -279,14 +279,7 @@ async fn a_replay_killed_at_random_points_and_resumed_ends_with_the_uninterrupte
 }
 
 fn service_config(state: &Path) -> passflow::config::Config {
-    let mut config = passflow::config::Config::default();
-    config.city.dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/city").into();
-    config.api.listen = "127.0.0.1:0".into();
-    config.store.url = format!("sqlite://{}", state.join("passflow.db").display());
-    config.state.dir = state.join("state");
-    config.archive.dir = state.join("archive");
-    config.api.audit_log = state.join("audit.log");
-    config.pipelines.watchlist_file = state.join("watchlist.csv");
+    let mut config = crate::support::service_config(state);
     config.source.simulator.vehicles = 2_000;
     config.source.simulator.speed = 600.0;
     config

@@ -45,15 +45,8 @@ async fn produce_day(brokers: &str, file: &Path) -> usize {
 }
 
 fn service_config(dir: &Path, day: &Path, brokers: &str) -> Config {
-    let mut config = Config::default();
+    let mut config = crate::support::service_config(dir);
     config.city.dir = day.to_path_buf();
-    config.api.listen = "127.0.0.1:0".into();
-    config.store.url = format!("sqlite://{}", dir.join("kafka.db").display());
-    config.state.dir = dir.join("state");
-    config.archive.dir = dir.join("archive");
-    config.api.audit_log = dir.join("audit.log");
-    config.pipelines.watchlist_file = dir.join("watchlist.csv");
-    config.webhooks.queue = dir.join("webhooks.db");
     config.core.checkpoint_interval = passflow::config::HumanDuration(Duration::from_millis(100));
     config.source.kind = SourceKind::Kafka;
     config.kafka.brokers = brokers.to_owned();

@@ -23,18 +23,27 @@ pub struct CoreBenchResult {
     pub rows: u64,
 }
 
-/// `all_pipelines`: every pipeline instead of flow counts alone.
-pub fn bench_core(config: &Config, vehicles: u32, repeat: u32, all_pipelines: bool) -> anyhow::Result<CoreBenchResult> {
-    let tz = config.city.tz()?;
+/// The sample city and a simulated day of it (seed 1, 2026-03-02) for a benchmark.
+fn bench_day(
+    config: &Config,
+    vehicles: u32,
+) -> anyhow::Result<(Arc<crate::reference::City>, crate::simulator::SimDay)> {
     let city = Arc::new(sample_city());
     let params = SimParams {
         day: chrono::NaiveDate::from_ymd_opt(2026, 3, 2).expect("valid date"),
         vehicles,
         seed: 1,
-        time_zone: tz,
+        time_zone: config.city.tz()?,
         local_prefixes: config.city.local_prefixes.clone(),
     };
     let day = simulate_day(&city, &params);
+    Ok((city, day))
+}
+
+/// `all_pipelines`: every pipeline instead of flow counts alone.
+pub fn bench_core(config: &Config, vehicles: u32, repeat: u32, all_pipelines: bool) -> anyhow::Result<CoreBenchResult> {
+    let tz = config.city.tz()?;
+    let (city, day) = bench_day(config, vehicles)?;
     let validator =
         Validator::new(city.clone(), tz, config.input.plate_color_scheme, config.core.max_clock_skew.as_millis());
     let base: Vec<(Pass, u64)> = day
@@ -109,16 +118,7 @@ pub async fn bench_kafka(
 ) -> anyhow::Result<KafkaBenchResult> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    let tz = config.city.tz()?;
-    let city = Arc::new(sample_city());
-    let params = SimParams {
-        day: chrono::NaiveDate::from_ymd_opt(2026, 3, 2).expect("valid date"),
-        vehicles,
-        seed: 1,
-        time_zone: tz,
-        local_prefixes: config.city.local_prefixes.clone(),
-    };
-    let day = simulate_day(&city, &params);
+    let (city, day) = bench_day(&config, vehicles)?;
     let topic = format!("passflow-bench-{}", chrono::Utc::now().timestamp_millis());
     let mut client = rdkafka::ClientConfig::new();
     client.set("bootstrap.servers", brokers);

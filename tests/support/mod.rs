@@ -131,3 +131,18 @@ impl Proxy {
         self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// The service on embedded defaults with everything it writes under `dir`, the sample city and
+/// the API on a free port.
+pub fn service_config(dir: &Path) -> passflow::config::Config {
+    let mut config = passflow::config::Config::default();
+    config.city.dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/city").into();
+    config.api.listen = "127.0.0.1:0".into();
+    config.store.url = format!("sqlite://{}", dir.join("passflow.db").display());
+    config.state.dir = dir.join("state");
+    config.archive.dir = dir.join("archive");
+    config.api.audit_log = dir.join("audit.log");
+    config.pipelines.watchlist_file = dir.join("watchlist.csv");
+    config.webhooks.queue = dir.join("webhooks.db");
+    config
+}
