@@ -253,8 +253,11 @@ impl Source {
     }
 
     /// A bounded source has been read to its end.
-    fn finished(&self) -> bool {
-        matches!(self, Source::Kafka(k) if k.finished())
+    fn finished(&mut self) -> bool {
+        match self {
+            Source::Kafka(k) => k.finished(),
+            Source::Simulator(_) => false,
+        }
     }
 
     /// Backpressure and lag, once per turn of the loop.

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the consumer lag is measured (a request to the broker per partition).
 const LAG_EVERY: Duration = Duration::from_secs(5);
+/// A bounded run ends once its partitions have been at their ends this long.
+const END_QUIET: Duration = Duration::from_secs(1);
 /// Broker errors are logged at most this often.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -78,6 +80,8 @@ pub struct KafkaSource {
     unsought: BTreeSet<i32>,
     /// Bounded runs: each partition's end offset when it was assigned.
     ends: BTreeMap<i32, i64>,
+    /// Bounded runs: since when every partition has been at its end with nothing more coming.
+    at_end_since: Option<Instant>,
     paused: bool,
     last_lag: Option<Instant>,
     last_error_log: Option<Instant>,
@@ -121,6 +125,7 @@ impl KafkaSource {
             revoked: BTreeSet::new(),
             unsought: BTreeSet::new(),
             ends: BTreeMap::new(),
+            at_end_since: None,
             paused: false,
             last_lag: None,
             last_error_log: None,
@@ -270,11 +275,33 @@ impl KafkaSource {
         }
     }
 
-    /// A bounded run has read every assigned partition to its end offset.
-    pub fn finished(&self) -> bool {
-        self.config.input.bounded
-            && !self.assigned.is_empty()
-            && self.assigned.iter().all(|p| self.next.get(p).unwrap_or(&0) >= self.ends.get(p).unwrap_or(&0))
+    /// A bounded run has read every assigned partition to its end offset, and nothing more has
+    /// come for a while (some brokers report end offsets a little behind what they serve; the
+    /// ends are asked again before the run is declared finished).
+    pub fn finished(&mut self) -> bool {
+        let at_end = |s: &Self| s.assigned.iter().all(|p| s.next.get(p).unwrap_or(&0) >= s.ends.get(p).unwrap_or(&0));
+        if !self.config.input.bounded || self.assigned.is_empty() || !at_end(self) {
+            self.at_end_since = None;
+            return false;
+        }
+        let since = *self.at_end_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < END_QUIET {
+            return false;
+        }
+        let topic = self.config.input.topic.clone();
+        for p in self.assigned.clone() {
+            match self.consumer.fetch_watermarks(&topic, p, METADATA_TIMEOUT) {
+                Ok((_, high)) => {
+                    self.ends.insert(p, high);
+                }
+                Err(e) => {
+                    self.log_error(&e);
+                    return false;
+                }
+            }
+        }
+        self.at_end_since = None;
+        at_end(self)
     }
 
     /// Stops (or restarts) fetching while the pipeline behind is full.
