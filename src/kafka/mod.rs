@@ -13,7 +13,7 @@ mod records;
 mod sink;
 mod source;
 
-pub use records::{messages, Message, Topic, SCHEMA_VERSION};
+pub use records::{messages, Message, Topic};
 pub use sink::{next_epoch, KafkaSink};
 pub use source::{KafkaPosition, KafkaSource, Polled};
 

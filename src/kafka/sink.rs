@@ -41,10 +41,6 @@ impl KafkaSink {
         Ok(KafkaSink { producer, topics: config.output.clone(), epoch, seq: 0, in_flight: Vec::new() })
     }
 
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-
     /// Queues a batch's messages (the batch already coalesced to one row per key).
     pub async fn send(&mut self, batch: &ResultBatch) {
         for message in messages(batch, self.epoch, &mut self.seq) {
@@ -54,7 +50,8 @@ impl KafkaSink {
 
     async fn queue(&mut self, message: &Message) {
         loop {
-            match self.try_send(message) {
+            let topic = self.topics.topic(message.topic);
+            match self.try_send(topic, message.key.as_bytes(), message.value.as_deref().map(str::as_bytes)) {
                 Ok(delivery) => {
                     self.in_flight.push(delivery);
                     if self.in_flight.len() >= MAX_IN_FLIGHT {
@@ -64,16 +61,16 @@ impl KafkaSink {
                 }
                 Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => self.flush().await,
                 Err(e) => {
-                    tracing::warn!(topic = self.topics.topic(message.topic), error = %e, "producing to Kafka failed; retrying");
+                    tracing::warn!(topic, error = %e, "producing to Kafka failed; retrying");
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
             }
         }
     }
 
-    fn try_send(&self, message: &Message) -> Result<DeliveryFuture, KafkaError> {
-        let mut record = FutureRecord::to(self.topics.topic(message.topic)).key(&message.key);
-        if let Some(value) = &message.value {
+    fn try_send(&self, topic: &str, key: &[u8], value: Option<&[u8]>) -> Result<DeliveryFuture, KafkaError> {
+        let mut record = FutureRecord::to(topic).key(key);
+        if let Some(value) = value {
             record = record.payload(value);
         }
         self.producer.send_result(record).map_err(|(e, _)| e)
@@ -89,14 +86,9 @@ impl KafkaSink {
                     Ok(Ok(_)) => {}
                     Ok(Err((e, refused))) => {
                         tracing::warn!(topic = refused.topic(), error = %e, "Kafka refused a message; sending it again");
-                        let message = Message {
-                            topic: self.topic_of(refused.topic()),
-                            key: String::from_utf8_lossy(refused.key().unwrap_or_default()).into_owned(),
-                            value: refused.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
-                        };
                         loop {
                             tokio::time::sleep(RETRY_PAUSE).await;
-                            match self.try_send(&message) {
+                            match self.try_send(refused.topic(), refused.key().unwrap_or_default(), refused.payload()) {
                                 Ok(again) => break self.in_flight.push(again),
                                 Err(e) => {
                                     tracing::warn!(error = %e, "sending a refused message again failed; retrying")
@@ -110,14 +102,6 @@ impl KafkaSink {
                 }
             }
         }
-    }
-
-    fn topic_of(&self, name: &str) -> super::Topic {
-        use super::Topic::*;
-        [Results, Alerts, FirstEntries, Restrictions, CleanPasses, LatePasses, DeadLetters]
-            .into_iter()
-            .find(|t| self.topics.topic(*t) == name)
-            .unwrap_or(Results)
     }
 }
 
