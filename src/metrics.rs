@@ -35,6 +35,13 @@ pub struct Metrics {
     pub kafka_consumer_lag: prometheus::IntGauge,
     /// The same by partition (partitions are few: a bounded label).
     pub kafka_partition_lag: prometheus::IntGaugeVec,
+    /// Wall clock minus each source partition's own watermark (its highest event time less the
+    /// out-of-orderness): which partition holds the watermark back.
+    pub partition_watermark_lag_seconds: prometheus::GaugeVec,
+    /// 1 while a part the service depends on works, 0 while it does not: `source` (the Kafka
+    /// broker answers), `store` (the last write went through), `kafka_sink` (no message waits
+    /// long for its acknowledgement). `/readyz` reports them; absent parts have no series.
+    pub component_ready: prometheus::IntGaugeVec,
     /// The sum of `passes_invalid` over reasons (not exported; for the progress line).
     pub passes_invalid_sum: IntCounter,
 }
@@ -138,8 +145,25 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(kafka_partition_lag.clone())).expect("metric registered once");
+        let partition_watermark_lag_seconds = prometheus::GaugeVec::new(
+            Opts::new(
+                "passflow_partition_watermark_lag_seconds",
+                "Wall clock minus a source partition's watermark (its highest event time less the out-of-orderness).",
+            ),
+            &["partition"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(partition_watermark_lag_seconds.clone())).expect("metric registered once");
+        let component_ready = prometheus::IntGaugeVec::new(
+            Opts::new("passflow_component_ready", "1 while a part the service depends on works (source, store, kafka_sink)."),
+            &["component"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(component_ready.clone())).expect("metric registered once");
         Metrics {
             registry,
+            partition_watermark_lag_seconds,
+            component_ready,
             kafka_consumer_lag,
             kafka_partition_lag,
             checkpoint_seconds,
@@ -178,6 +202,26 @@ impl Metrics {
                 self.passes_invalid_sum.inc_by(delta);
             }
         }
+    }
+
+    /// Marks a part the service depends on as working or not (see `component_ready`).
+    pub fn set_ready(&self, component: &str, ready: bool) {
+        self.component_ready.with_label_values(&[component]).set(ready as i64);
+    }
+
+    /// Every part that has reported whether it works, by name.
+    pub fn components(&self) -> Vec<(String, bool)> {
+        use prometheus::core::Collector;
+        let mut parts = Vec::new();
+        for family in self.component_ready.collect() {
+            for m in family.get_metric() {
+                let name = m.get_label().iter().find(|l| l.name() == "component").map(|l| l.value());
+                if let Some(name) = name {
+                    parts.push((name.to_owned(), m.get_gauge().get_value() > 0.0));
+                }
+            }
+        }
+        parts
     }
 
     /// Counts a batch of results by table.

@@ -289,14 +289,19 @@ fn service_config(state: &Path) -> passflow::config::Config {
 async fn a_savepoint_restores_into_a_new_service_and_a_wrong_state_version_is_refused() {
     let (first, second, savepoint) =
         (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let handle = passflow::app::run(service_config(first.path()), None).await.unwrap();
-    for _ in 0..100 {
+    let mut config = service_config(first.path());
+    // Fast enough that boundary checkpoints see inbound passes within seconds.
+    config.source.simulator.speed = 6000.0;
+    let handle = passflow::app::run(config, None).await.unwrap();
+    // Until a first entry is in the embedded first-entry store (outside the checkpoints).
+    let first_entries = || handle.metrics.result_rows.with_label_values(&["first_entry"]).get();
+    for _ in 0..300 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if handle.metrics.passes_valid.get() > 0 {
+        if handle.metrics.passes_valid.get() > 0 && first_entries() > 0 {
             break;
         }
     }
-    assert!(handle.metrics.passes_valid.get() > 0);
+    assert!(handle.metrics.passes_valid.get() > 0 && first_entries() > 0, "no first entry within 30 s");
     let to = savepoint.path().join("sp");
     let id = passflow::api::request_savepoint(&handle.api_addr.to_string(), &to).await.unwrap();
     let (status, _) = http_get(handle.api_addr, "/healthz").await;
@@ -315,6 +320,23 @@ async fn a_savepoint_restores_into_a_new_service_and_a_wrong_state_version_is_re
         serde_json::from_slice::<serde_json::Value>(&core.bytes).unwrap()["stats"]["records"].as_u64().unwrap()
     };
     assert!(records(&restored) >= records(&saved), "the new service went on from the savepoint's counts");
+    // The savepoint carries the first entries, and the new state folder's store has them: a
+    // later pass of the same vehicle is not its first entry there.
+    let part = &saved.engine.parts.iter().find(|(n, _)| n == "first_entry").unwrap().1;
+    let saved_entries: std::collections::BTreeMap<String, (i64, String, String, u32)> =
+        serde_json::from_slice(&part.bytes).unwrap();
+    let (vehicle, (ts, pass_id, checkpoint_id, revision)) = saved_entries.into_iter().next().expect("a first entry");
+    let mut store = passflow::pipelines::RocksFirstEntries::open(&second.path().join("state/first_entry")).unwrap();
+    let offer = |ts: i64, pass_id: &str| passflow::pipelines::Candidate {
+        vehicle: vehicle.clone(),
+        ts,
+        pass_id: pass_id.to_owned(),
+        checkpoint_id: checkpoint_id.clone(),
+    };
+    use passflow::pipelines::FirstEntryStore as _;
+    assert_eq!(store.offer(&[offer(ts + 1, "a-later-pass")]).unwrap(), vec![None], "{vehicle} was restored");
+    assert_eq!(store.offer(&[offer(ts, &pass_id)]).unwrap(), vec![Some(revision)]);
+    drop(store);
 
     let manifest = to.join("manifest.json");
     let text = std::fs::read_to_string(&manifest).unwrap();

@@ -62,6 +62,9 @@ fn every_metric_a_dashboard_names_is_exported() {
     let metrics = passflow::metrics::Metrics::new();
     // Latency series exist per route once a route has served a request.
     metrics.http_seconds.with_label_values(&["/api/v1/flows"]).observe(0.001);
+    // Per-partition and per-part series exist once a source partition or a part reports.
+    metrics.partition_watermark_lag_seconds.with_label_values(&["0"]).set(1.0);
+    metrics.set_ready("source", true);
     let exported = metrics.render();
     let names: std::collections::BTreeSet<String> = exported
         .lines()

@@ -25,6 +25,10 @@ const PARTITIONS: i32 = 3;
 /// be). A resend goes where the first copy of its pass id went, as from one camera's uplink:
 /// of two conflicting copies the second is the dead letter, so their order must be the file's.
 async fn produce_day(brokers: &str, file: &Path) -> usize {
+    produce_day_to(brokers, INPUT, file).await
+}
+
+async fn produce_day_to(brokers: &str, topic: &str, file: &Path) -> usize {
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
     let text = std::fs::read_to_string(file).unwrap();
     let mut deliveries = Vec::new();
@@ -35,7 +39,7 @@ async fn produce_day(brokers: &str, file: &Path) -> usize {
             parsed.as_ref().and_then(|v| v.get(name).and_then(|p| p.as_str()).map(str::to_owned)).unwrap_or_default()
         };
         let plate = first_key.entry(field("pass_id")).or_insert_with(|| field("plate")).clone();
-        let record = FutureRecord::to(INPUT).key(&plate).payload(line);
+        let record = FutureRecord::to(topic).key(&plate).payload(line);
         deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
     }
     for d in deliveries {
@@ -194,10 +198,14 @@ fn topics(config: &Config) -> Vec<(&str, i32)> {
 
 /// Creates the topics through the admin API (a broker process).
 async fn create_topics(brokers: &str, config: &Config) {
+    create(brokers, &topics(config)).await
+}
+
+async fn create(brokers: &str, topics: &[(&str, i32)]) {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
     let topics: Vec<NewTopic> =
-        topics(config).into_iter().map(|(name, n)| NewTopic::new(name, n, TopicReplication::Fixed(1))).collect();
+        topics.iter().map(|(name, n)| NewTopic::new(name, *n, TopicReplication::Fixed(1))).collect();
     for result in admin.create_topics(&topics, &AdminOptions::new()).await.unwrap() {
         result.unwrap();
     }
@@ -373,28 +381,113 @@ async fn wait_for_records(port: u16, child: &mut std::process::Child) {
     }
 }
 
+impl Tansu {
+    /// A broker on a free port, once it accepts connections; and its address.
+    fn start() -> (Tansu, String) {
+        let brokers = format!("127.0.0.1:{}", free_port());
+        let url = format!("tcp://{brokers}");
+        let broker = Tansu(
+            std::process::Command::new(tansu())
+                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                .args(["--storage-engine", "memory://tansu/"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&brokers).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (broker, brokers)
+    }
+}
+
+/// A `passflow run` process on `config` with its API on `api_port`.
+fn start_instance(config: &Config, api_port: u16, file: &Path) -> std::process::Child {
+    let mut config = config.clone();
+    config.api.listen = format!("127.0.0.1:{api_port}");
+    std::fs::write(file, toml::to_string(&config).unwrap()).unwrap();
+    crate::support::passflow()
+        .arg("--config")
+        .arg(file)
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for a bounded run to end well (its stderr in the failure message otherwise).
+async fn wait_success(child: std::process::Child, what: &str) {
+    let pid = child.id();
+    let waited =
+        tokio::time::timeout(Duration::from_secs(300), tokio::task::spawn_blocking(move || child.wait_with_output()))
+            .await;
+    let Ok(out) = waited else {
+        signal(pid, "-KILL");
+        panic!("{what} did not end within 300 s");
+    };
+    let out = out.unwrap().unwrap();
+    assert!(out.status.success(), "{what} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Scale-out: the instances of one consumer group share the input partitions (a per-vehicle
+/// task each) and one of them runs the aggregate stage behind the repartition topic. Two
+/// instances, then three with one joining mid-stream and one killed and restarted (partitions
+/// and the aggregate stage move between them), give the tables of one.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_and_three_instances_in_one_group_give_the_tables_of_one() {
+    let day = small_day();
+    let work = tempfile::tempdir().unwrap();
+    let want = replayed_tables(work.path()).await;
+    let (_broker, brokers) = Tansu::start();
+    for instances in [2usize, 3] {
+        let dir = work.path().join(format!("cluster-{instances}"));
+        let mut config = service_config(&dir, day, &brokers);
+        config.kafka.input.topic = format!("passes-{instances}");
+        config.kafka.input.group_id = format!("cluster-{instances}");
+        config.kafka.input.max_batch = 200;
+        config.kafka.output.enabled = false;
+        config.kafka.scale_out.enabled = true;
+        config.kafka.scale_out.repartition_topic = format!("repartition-{instances}");
+        config.kafka.client.insert("max.poll.interval.ms".into(), "10000".into());
+        // Partitions pause while they move (a group join takes Tansu some 20 s): the others must
+        // not run ahead of them meanwhile.
+        config.core.idle_timeout = passflow::config::HumanDuration(Duration::from_secs(600));
+        create(&brokers, &[(&config.kafka.input.topic, 4), (&config.kafka.scale_out.repartition_topic, 1)]).await;
+        produce_day_to(&brokers, &config.kafka.input.topic, &day.join("passes.jsonl")).await;
+        let ports: Vec<u16> = (0..instances).map(|_| free_port()).collect();
+        let file = |i: usize| dir.join(format!("instance-{i}.toml"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut children: Vec<std::process::Child> =
+            (0..2).map(|i| start_instance(&config, ports[i], &file(i))).collect();
+        if instances == 3 {
+            // A third instance joins once the first two are reading; then the first is killed
+            // and started again: its partitions (and perhaps the aggregate stage) move twice.
+            wait_for_records(ports[0], &mut children[0]).await;
+            children.push(start_instance(&config, ports[2], &file(2)));
+            wait_for_records(ports[2], &mut children[2]).await;
+            let mut first = children.remove(0);
+            first.kill().unwrap();
+            let _ = first.wait();
+            children.insert(0, start_instance(&config, ports[0], &file(0)));
+        }
+        for (i, child) in children.into_iter().enumerate() {
+            wait_success(child, &format!("instance {i} of {instances}")).await;
+        }
+        check_tables(&config, &want).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_day_through_tansu_with_sigkills_and_a_stopped_broker_loses_and_doubles_nothing() {
     let day = small_day();
     let work = tempfile::tempdir().unwrap();
     let want = replayed_tables(work.path()).await;
-    let brokers = format!("127.0.0.1:{}", free_port());
-    let url = format!("tcp://{brokers}");
-    let broker = Tansu(
-        std::process::Command::new(tansu())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(&brokers).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (broker, brokers) = Tansu::start();
     let mut config = service_config(work.path(), day, &brokers);
     let api_port = free_port();
     config.api.listen = format!("127.0.0.1:{api_port}");
@@ -437,7 +530,21 @@ async fn a_day_through_tansu_with_sigkills_and_a_stopped_broker_loses_and_double
     let mut child = start();
     wait_for_records(api_port, &mut child).await;
     signal(broker.0.id(), "-STOP");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // While the broker is stopped, /readyz says so and names what waits for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let body = loop {
+        let response = reqwest::get(format!("http://127.0.0.1:{api_port}/readyz")).await;
+        if let Ok(r) = response {
+            if r.status() == 503 {
+                break r.json::<serde_json::Value>().await.unwrap();
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "/readyz did not report the stopped broker within 40 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(body["ready"], false, "{body}");
+    let waiting = ["source", "kafka_sink"].iter().any(|part| body["checks"][part] == "not ready");
+    assert!(waiting, "the source or the Kafka sink is named: {body}");
     signal(broker.0.id(), "-CONT");
     let pid = child.id();
     let waited =

@@ -168,7 +168,10 @@ async fn a_plate_put_on_the_watch_list_through_the_api_raises_a_watchlist_webhoo
     let store = passflow::store::Store::open(&store_url).await.unwrap();
     let plates: Vec<String> = loop {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        let seen: Vec<String> = store.trajectories().await.unwrap().into_iter().map(|t| t.0).take(200).collect();
+        // One plate may have trajectories of two days (the simulated clock passes midnight).
+        let distinct: std::collections::BTreeSet<String> =
+            store.trajectories().await.unwrap().into_iter().map(|t| t.0).collect();
+        let seen: Vec<String> = distinct.into_iter().take(200).collect();
         if seen.len() >= 50 {
             break seen;
         }

@@ -78,26 +78,31 @@ async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Ready when the result store answers and the pipeline loop turned within the last 30 s;
-/// otherwise 503, naming what is not.
+/// Ready when the result store answers (and its last write went through), the pipeline loop
+/// turned within the last 30 s, and every part that reports on itself (the source, the Kafka
+/// sink) works; otherwise 503, naming what is not.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let store = tokio::time::timeout(
         std::time::Duration::from_secs(2),
         state.store.query("SELECT 1", Vec::new(), &[crate::store::Column::Int("one")]),
     )
     .await;
-    let store_ok = matches!(store, Ok(Ok(_)));
     let beat = state.metrics.pipeline_heartbeat_ms.get();
-    let pipeline_ok = beat > 0 && chrono::Utc::now().timestamp_millis() - beat < 30_000;
-    let status = if store_ok && pipeline_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let word = |ok: bool| if ok { "ok" } else { "not ready" };
-    (
-        status,
-        Json(serde_json::json!({
-            "ready": store_ok && pipeline_ok,
-            "checks": { "store": word(store_ok), "pipeline": word(pipeline_ok) },
-        })),
-    )
+    let mut checks = vec![
+        ("store".to_owned(), matches!(store, Ok(Ok(_)))),
+        ("pipeline".to_owned(), beat > 0 && chrono::Utc::now().timestamp_millis() - beat < 30_000),
+    ];
+    for (part, ok) in state.metrics.components() {
+        match checks.iter_mut().find(|(name, _)| *name == part) {
+            Some((_, known)) => *known &= ok,
+            None => checks.push((part, ok)),
+        }
+    }
+    let ready = checks.iter().all(|(_, ok)| *ok);
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let checks: serde_json::Map<String, serde_json::Value> =
+        checks.into_iter().map(|(name, ok)| (name, (if ok { "ok" } else { "not ready" }).into())).collect();
+    (status, Json(serde_json::json!({ "ready": ready, "checks": checks })))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

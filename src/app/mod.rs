@@ -2,6 +2,7 @@
 
 mod backfill;
 mod bench;
+mod cluster;
 mod replay;
 mod run;
 mod simulate;

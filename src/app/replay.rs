@@ -160,6 +160,23 @@ pub fn build_engine(
     Ok(Engine::new(city.clone(), ingest, pipelines, settings))
 }
 
+/// How far behind the restored watermark (less the lateness) stored alerts are adopted: a
+/// surge is dated by its run's first windows.
+const ADOPT_SPAN_MS: i64 = 6 * 3_600_000;
+
+/// After a restore from a checkpoint, hands the engine the alerts the store holds that may
+/// have been raised after it (see `Operator::adopt_alerts`), so that one the replayed input
+/// does not raise again is retracted rather than left active.
+pub(super) async fn adopt_stored_alerts(engine: &mut Engine, store: &Store, lateness_ms: i64) -> anyhow::Result<()> {
+    let since = engine.watermark().saturating_sub(lateness_ms).saturating_sub(ADOPT_SPAN_MS);
+    let alerts = store.alerts_to_adopt(since).await.context("reading the alerts raised before the restart")?;
+    if !alerts.is_empty() {
+        tracing::info!(alerts = alerts.len(), "active alerts adopted from the store, to be judged again");
+    }
+    engine.adopt_alerts(&alerts);
+    Ok(())
+}
+
 pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
     let config = &options.config;
     let city =
@@ -182,6 +199,10 @@ pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
         build_engine(config, &city, false, checkpointing.as_ref().map(|c| &c.store), &load_watchlist(config)?)?;
     engine.assign(0, wall_ms());
     let (mut driver, resumed) = Driver::start(engine, sink, checkpointing, metrics)?;
+    if resumed.is_some() {
+        let store = Store::open(&options.store_url).await?;
+        adopt_stored_alerts(&mut driver.engine, &store, config.core.allowed_lateness.as_millis()).await?;
+    }
     let start: FilePosition = resumed
         .map(serde_json::from_value)
         .transpose()

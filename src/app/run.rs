@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 
 /// Records taken from the source per step.
 const MAX_BATCH: usize = 20_000;
-const IDLE_POLL: Duration = Duration::from_millis(50);
+pub(super) const IDLE_POLL: Duration = Duration::from_millis(50);
 
 /// A running service.
 pub struct RunHandle {
@@ -88,7 +88,7 @@ async fn shutdown_signal() {
     }
 }
 
-fn wall_ms() -> i64 {
+pub(super) fn wall_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
@@ -100,11 +100,20 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
     let store = Store::open(&config.store.url).await?;
     let metrics = Arc::new(Metrics::new());
     let watchlist = super::replay::load_watchlist(&config)?;
-    let checkpoints = CheckpointStore::open(&config.state.dir)?;
-    if let Some(dir) = from_savepoint {
+    let scale_out = config.source.kind == SourceKind::Kafka && config.kafka.scale_out.enabled;
+    anyhow::ensure!(
+        !(scale_out && from_savepoint.is_some()),
+        "savepoints are not available in scale-out mode (each partition has its own state)"
+    );
+    // Scale-out keeps its state per partition, in folders of `state.dir` (see `cluster`).
+    let checkpoints = match scale_out {
+        true => None,
+        false => Some(CheckpointStore::open(&config.state.dir)?),
+    };
+    if let (Some(dir), Some(checkpoints)) = (from_savepoint, &checkpoints) {
         let mut savepoint = read_savepoint(&dir)?;
         savepoint.id = checkpoints.ids()?.last().map_or(savepoint.id, |last| last + 1).max(savepoint.id);
-        let mut engine = build_engine(&config, &city, true, Some(&checkpoints), &watchlist)?;
+        let mut engine = build_engine(&config, &city, true, Some(checkpoints), &watchlist)?;
         engine
             .restore(&savepoint.engine)
             .with_context(|| format!("savepoint {} does not fit this build", dir.display()))?;
@@ -120,12 +129,13 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
     let (admin_tx, admin_rx) = mpsc::channel(4);
     let mut tasks = JoinSet::new();
     let (live_alerts, _) = tokio::sync::broadcast::channel(1024);
+    let api_store = Arc::new(Store::open(&config.store.url).await?);
     let state = AppState {
         live_alerts: live_alerts.clone(),
         metrics: metrics.clone(),
         admin: admin_tx,
         watchlist: watchlist.clone(),
-        store: Arc::new(Store::open(&config.store.url).await?),
+        store: api_store.clone(),
         city: city.clone(),
         auth: Arc::new(crate::api::Auth::new(config.api.tokens.clone(), config.api.audit_log.clone())),
         limits: Arc::new(crate::api::Limits::new(config.api.requests_per_second, config.api.cors_origins.clone())),
@@ -143,15 +153,66 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
         tasks.spawn(async move { ("webhooks", webhooks.run(stopped).await) });
     }
     let kafka = match config.kafka.output.enabled {
-        true => Some(KafkaSink::open(&config.kafka, crate::kafka::next_epoch(&config.state.dir)?)?),
+        true => Some(KafkaSink::open(
+            &config.kafka,
+            crate::kafka::next_epoch(&config.state.dir)?,
+            metrics.component_ready.with_label_values(&["kafka_sink"]),
+        )?),
         false => None,
     };
     let outlets = crate::core::sink::Outlets { webhooks, live: Some(live_alerts), kafka };
     let (sink, writer) = spawn_writer(store, outlets, metrics.clone());
     let writer_abort = writer.abort_handle();
-    let engine = build_engine(&config, &city, true, Some(&checkpoints), &watchlist)?;
+    let work: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>> = match checkpoints {
+        None => {
+            let shared = super::cluster::Shared {
+                config: config.clone(),
+                city: city.clone(),
+                watchlist: watchlist.clone(),
+                store: api_store.clone(),
+                sink,
+                metrics: metrics.clone(),
+            };
+            Box::pin(super::cluster::pipeline(shared, admin_rx, stopped.clone()))
+        }
+        Some(checkpoints) => {
+            let (source, driver) = single(&config, &city, &watchlist, &api_store, checkpoints, sink, &metrics).await?;
+            Box::pin(pipeline(source, driver, admin_rx, metrics.clone(), stopped.clone()))
+        }
+    };
+    tasks.spawn(async move {
+        let result = work.await;
+        // The writer ends once the driver, which holds the last sink handle, is gone.
+        let written = match writer.await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("the store writer panicked: {e}")),
+        };
+        ("pipeline", result.and(written))
+    });
+    let purger = Store::open(&config.store.url).await?;
+    tasks.spawn(purge(purger, config.store.clone(), stopped.clone()));
+    tasks.spawn(progress(metrics.clone(), stopped));
+    Ok(RunHandle { api_addr, metrics, stop, tasks, writer: writer_abort })
+}
+
+/// The single-instance pipeline's engine, restored from the newest checkpoint, and its source
+/// at the checkpoint's position.
+async fn single(
+    config: &Config,
+    city: &Arc<City>,
+    watchlist: &Arc<crate::pipelines::WatchList>,
+    api_store: &Store,
+    checkpoints: CheckpointStore,
+    sink: crate::core::sink::SinkHandle,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Source, Driver)> {
+    let engine = build_engine(config, city, true, Some(&checkpoints), watchlist)?;
     let checkpointing = Checkpointing { store: checkpoints, interval: config.core.checkpoint_interval.0 };
     let (mut driver, resumed) = Driver::start(engine, sink, Some(checkpointing), metrics.clone())?;
+    if resumed.is_some() {
+        let lateness_ms = config.core.allowed_lateness.as_millis();
+        super::replay::adopt_stored_alerts(&mut driver.engine, api_store, lateness_ms).await?;
+    }
     let source = match config.source.kind {
         SourceKind::Simulator => {
             driver.engine.assign(0, wall_ms());
@@ -181,20 +242,7 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
             Source::Kafka(KafkaSource::open(&config.kafka, resume)?)
         }
     };
-    let (pipeline_metrics, pipeline_stop) = (metrics.clone(), stopped.clone());
-    tasks.spawn(async move {
-        let result = pipeline(source, driver, admin_rx, pipeline_metrics, pipeline_stop).await;
-        // The writer ends once the driver, which holds the last sink handle, is gone.
-        let written = match writer.await {
-            Ok(r) => r,
-            Err(e) => Err(anyhow::anyhow!("the store writer panicked: {e}")),
-        };
-        ("pipeline", result.and(written))
-    });
-    let purger = Store::open(&config.store.url).await?;
-    tasks.spawn(purge(purger, config.store.clone(), stopped.clone()));
-    tasks.spawn(progress(metrics.clone(), stopped));
-    Ok(RunHandle { api_addr, metrics, stop, tasks, writer: writer_abort })
+    Ok((source, driver))
 }
 
 /// What the service reads.
@@ -225,7 +273,11 @@ impl Source {
                 for p in polled.assigned {
                     engine.assign(p as u32, wall_ms());
                 }
-                Ok(polled.records.into_iter().map(|(p, offset, bytes)| (p as u32, offset as u64, bytes)).collect())
+                Ok(polled
+                    .records
+                    .into_iter()
+                    .map(|f| (f.partition as u32, f.offset as u64, f.payload.unwrap_or_default()))
+                    .collect())
             }
         }
     }
@@ -270,6 +322,9 @@ impl Source {
                     metrics.kafka_partition_lag.with_label_values(&[&p.to_string()]).set(n);
                 }
             }
+            metrics.set_ready("source", k.connected());
+        } else {
+            metrics.set_ready("source", true);
         }
     }
 }
@@ -283,7 +338,7 @@ async fn pipeline(
 ) -> anyhow::Result<()> {
     while !*stopped.borrow() {
         metrics.pipeline_heartbeat_ms.set(wall_ms());
-        source.observe(&metrics);
+        tokio::task::block_in_place(|| source.observe(&metrics));
         let batch = tokio::task::block_in_place(|| source.poll(&mut driver.engine, MAX_BATCH))?;
         let now = source.now_ms();
         if batch.is_empty() {
@@ -293,6 +348,7 @@ async fn pipeline(
                 break;
             }
             driver.engine.tick(now);
+            observe_watermarks(&metrics, &driver.engine, now);
             if driver.after_batch(|| source.position()).await? {
                 source.checkpointed();
             }
@@ -309,7 +365,7 @@ async fn pipeline(
         let records = batch.iter().map(|(partition, seq, bytes)| Record { partition: *partition, seq: *seq, bytes });
         driver.engine.process(source.name(), records, Clocks { future_now: Some(now), processing_now: now });
         metrics.observe_ingest(&before, driver.engine.stats());
-        metrics.watermark_lag_seconds.set((now - driver.engine.watermark()).max(0) as f64 / 1000.0);
+        observe_watermarks(&metrics, &driver.engine, now);
         if driver.after_batch(|| source.position()).await? {
             source.checkpointed();
         }
@@ -320,6 +376,17 @@ async fn pipeline(
     driver.checkpoint(source.position()).await?;
     source.checkpointed();
     Ok(())
+}
+
+/// How far the watermark, and each source partition's own, trails the source's clock.
+pub(super) fn observe_watermarks(metrics: &Metrics, engine: &crate::core::Engine, now: i64) {
+    let lag = |watermark: i64| now.saturating_sub(watermark).max(0) as f64 / 1000.0;
+    metrics.watermark_lag_seconds.set(lag(engine.watermark()));
+    for (partition, watermark) in engine.partition_watermarks() {
+        if let Some(w) = watermark {
+            metrics.partition_watermark_lag_seconds.with_label_values(&[&partition.to_string()]).set(lag(w));
+        }
+    }
 }
 
 async fn handle_admin(command: AdminCommand, driver: &mut Driver, source: &Source) {

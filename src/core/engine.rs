@@ -94,6 +94,32 @@ pub fn write_batch(
     Ok(())
 }
 
+/// A valid, first-seen record passed on to another engine (scale-out: the per-vehicle stage
+/// forwards every pass to the aggregate stage), with the pipelines of this engine it was late for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Forwarded {
+    pub partition: u32,
+    pub seq: u64,
+    pub bytes: Vec<u8>,
+    pub late: Vec<&'static str>,
+}
+
+/// The `&'static` form of a late label read back from a forwarded record (labels are a small
+/// fixed set; anything past a bound is ignored).
+fn static_label(label: &str) -> Option<&'static str> {
+    static KNOWN: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut known = KNOWN.lock().expect("not poisoned");
+    if let Some(l) = known.iter().find(|l| **l == label) {
+        return Some(l);
+    }
+    if known.len() >= 64 {
+        return None;
+    }
+    let leaked: &'static str = Box::leak(label.to_owned().into_boxed_str());
+    known.push(leaked);
+    Some(leaked)
+}
+
 #[derive(Serialize, Deserialize)]
 struct CoreState {
     watermarks: WatermarkTracker,
@@ -110,17 +136,47 @@ pub struct Engine {
     operators: Vec<Box<dyn Operator>>,
     settings: EngineSettings,
     out: ResultBatch,
+    /// Scale-out's per-vehicle stage: valid passes are forwarded (with what they were late for)
+    /// instead of written to `late_passes`.
+    forwarded: Option<Vec<Forwarded>>,
 }
 
 impl Engine {
     pub fn new(city: Arc<City>, ingest: Ingest, operators: Vec<Box<dyn Operator>>, settings: EngineSettings) -> Engine {
         let watermarks = WatermarkTracker::new(settings.out_of_orderness_ms, settings.idle_timeout_ms);
-        Engine { city, ingest, watermarks, operators, settings, out: ResultBatch::default() }
+        Engine { city, ingest, watermarks, operators, settings, out: ResultBatch::default(), forwarded: None }
     }
 
     /// Keeps only the named operators (benchmarks measure one pipeline this way).
     pub fn keep_operators(&mut self, names: &[&str]) {
         self.operators.retain(|op| names.contains(&op.name()));
+    }
+
+    /// Forwards every valid, first-seen record (see [`Engine::take_forwarded`]); lateness is
+    /// then recorded by the engine they are forwarded to.
+    pub fn forward_passes(&mut self) {
+        self.forwarded.get_or_insert_with(Vec::new);
+    }
+
+    /// The records forwarded since the last call.
+    pub fn take_forwarded(&mut self) -> Vec<Forwarded> {
+        self.forwarded.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Takes records forwarded by other engines, each with the pipelines it was late for there:
+    /// judged without a future-timestamp check (the forwarding engine made it), deduplicated
+    /// (a forwarding engine that restarted sends some again), and late rows name both engines'
+    /// pipelines.
+    pub fn process_forwarded<'a>(&mut self, source: &str, forwarded: Vec<(Record<'a>, Vec<&str>)>, processing_now: i64) {
+        let judged = forwarded.iter().map(|(r, _)| self.ingest.validator().judge(r.bytes, None)).collect();
+        let (records, late): (Vec<Record<'a>>, Vec<Vec<&str>>) = forwarded.into_iter().unzip();
+        let prior = late.into_iter().map(|labels| labels.into_iter().filter_map(static_label).collect()).collect();
+        self.admit_and_run(source, records, judged, prior, processing_now);
+    }
+
+    /// Drops the named operators (scale-out runs them in another stage).
+    pub fn drop_operators(&mut self, names: &[&str]) {
+        self.operators.retain(|op| !names.contains(&op.name()));
     }
 
     /// A validator to judge records with before [`Engine::process_judged`].
@@ -134,6 +190,11 @@ impl Engine {
 
     pub fn watermark(&self) -> i64 {
         self.watermarks.current()
+    }
+
+    /// Each source partition's own watermark (`None` before its first record).
+    pub fn partition_watermarks(&self) -> impl Iterator<Item = (u32, Option<i64>)> + '_ {
+        self.watermarks.partition_watermarks()
     }
 
     /// A partition the source now reads.
@@ -151,14 +212,34 @@ impl Engine {
     /// Takes a batch of records already judged (decoded and validated, e.g. on a reader thread
     /// with [`Engine::validator`]); `judged[i]` belongs to `records[i]`.
     pub fn process_judged<'a>(&mut self, source: &str, records: Vec<Record<'a>>, judged: Vec<Judged>, clocks: Clocks) {
+        self.admit_and_run(source, records, judged, Vec::new(), clocks.processing_now);
+    }
+
+    /// `prior[i]`, when given, is what `records[i]` was already late for elsewhere.
+    fn admit_and_run<'a>(
+        &mut self,
+        source: &str,
+        records: Vec<Record<'a>>,
+        judged: Vec<Judged>,
+        mut prior: Vec<Vec<&'static str>>,
+        processing_now: i64,
+    ) {
         let watermark = self.watermarks.current();
         let outcomes = self.ingest.admit(judged);
         let mut passes: Vec<Pass> = Vec::new();
         let mut raw: Vec<&'a [u8]> = Vec::new();
-        for (record, outcome) in records.into_iter().zip(outcomes) {
+        let mut late = Vec::new();
+        for (i, (record, outcome)) in records.into_iter().zip(outcomes).enumerate() {
             match outcome {
                 Outcome::Valid(pass) => {
-                    self.watermarks.observe(record.partition, pass.ts.ms(), clocks.processing_now);
+                    self.watermarks.observe(record.partition, pass.ts.ms(), processing_now);
+                    if let Some(labels) = prior.get_mut(i) {
+                        late.extend(std::mem::take(labels).into_iter().map(|l| (passes.len(), l)));
+                    }
+                    if let Some(forwarded) = &mut self.forwarded {
+                        let (partition, seq, bytes) = (record.partition, record.seq, record.bytes.to_vec());
+                        forwarded.push(Forwarded { partition, seq, bytes, late: Vec::new() });
+                    }
                     passes.push(pass);
                     raw.push(record.bytes);
                 }
@@ -170,11 +251,11 @@ impl Engine {
                     },
                     reason,
                     record: stored_record(record.bytes),
-                    received_at: clocks.processing_now,
+                    received_at: processing_now,
                 }),
             }
         }
-        self.run_operators(watermark, &passes, &raw, clocks.processing_now);
+        self.run_operators(watermark, &passes, &raw, late, processing_now);
     }
 
     /// Takes passes decoded and validated elsewhere, each with its content digest (benchmarks
@@ -191,11 +272,19 @@ impl Engine {
             }
         }
         let raw = vec![&b""[..]; passes.len()];
-        self.run_operators(watermark, &passes, &raw, clocks.processing_now);
+        self.run_operators(watermark, &passes, &raw, Vec::new(), clocks.processing_now);
     }
 
-    fn run_operators(&mut self, watermark: i64, passes: &[Pass], raw: &[&[u8]], processing_now: i64) {
-        let late = self.with_operators(watermark, |op, ctx| op.process_batch(passes, ctx));
+    /// Runs the operators on a batch; `late` holds what its passes were already late for.
+    fn run_operators(
+        &mut self,
+        watermark: i64,
+        passes: &[Pass],
+        raw: &[&[u8]],
+        mut late: Vec<(usize, &'static str)>,
+        processing_now: i64,
+    ) {
+        late.extend(self.with_operators(watermark, |op, ctx| op.process_batch(passes, ctx)));
         self.record_late(late, passes, raw, processing_now);
         self.advance(processing_now);
     }
@@ -262,7 +351,19 @@ impl Engine {
     /// The whole state in portable form, for a savepoint (call right after a checkpoint).
     pub fn export(&mut self) -> anyhow::Result<EngineSnapshot> {
         let dedup = self.ingest.dedup_mut().export()?;
-        self.snapshot_with(dedup)
+        let mut snapshot = self.snapshot_with(dedup)?;
+        for (op, (name, part)) in self.operators.iter().zip(snapshot.parts.iter_mut().skip(2)) {
+            debug_assert_eq!(op.name(), name);
+            *part = op.export()?;
+        }
+        Ok(snapshot)
+    }
+
+    /// Alerts the sinks hold from after the restored checkpoint (see [`Operator::adopt_alerts`]).
+    pub fn adopt_alerts(&mut self, alerts: &[crate::results::AlertRow]) {
+        for op in &mut self.operators {
+            op.adopt_alerts(alerts);
+        }
     }
 
     /// Ids held in memory until the next checkpoint (RocksDB state): the driver checkpoints
@@ -319,6 +420,14 @@ impl Engine {
     fn record_late(&mut self, mut late: Vec<(usize, &'static str)>, passes: &[Pass], raw: &[&[u8]], arrived_at: i64) {
         late.sort_unstable();
         late.dedup();
+        if let Some(forwarded) = &mut self.forwarded {
+            // The batch's passes are the last ones forwarded; the engine they go to records it.
+            let first = forwarded.len() - passes.len();
+            for (idx, label) in late {
+                forwarded[first + idx].late.push(label);
+            }
+            return;
+        }
         let mut i = 0;
         while i < late.len() {
             let idx = late[i].0;

@@ -18,7 +18,9 @@ pub mod sink;
 pub mod watermark;
 pub mod window;
 
-pub use engine::{apply_writes, write_batch, Clocks, Engine, EngineSettings, EngineSnapshot, Record, StateWrite};
+pub use engine::{
+    apply_writes, write_batch, Clocks, Engine, EngineSettings, EngineSnapshot, Forwarded, Record, StateWrite,
+};
 pub use operator::{check_version, pairs, Context, Operator, StateBlob};
 
 #[cfg(test)]

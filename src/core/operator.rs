@@ -46,6 +46,17 @@ pub trait Operator: Send {
 
     /// Restores a snapshot; a version this build cannot read is a clear error.
     fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()>;
+
+    /// The whole state for a savepoint, which [`Operator::restore`] takes: the snapshot, plus
+    /// whatever the operator keeps outside checkpoints.
+    fn export(&self) -> anyhow::Result<StateBlob> {
+        self.snapshot()
+    }
+
+    /// Alerts the sinks hold that were raised after the checkpoint this state was restored
+    /// from (the state does not know them): an operator that retracts alerts takes them in, so
+    /// that one the replayed input does not raise again is retracted.
+    fn adopt_alerts(&mut self, _alerts: &[crate::results::AlertRow]) {}
 }
 
 /// Checks a stored state version against the one this build supports.

@@ -169,10 +169,12 @@ async fn write_with_retry(store: &Store, batch: &ResultBatch, metrics: &Metrics)
     loop {
         match store.write(batch).await {
             Ok(()) => {
+                metrics.set_ready("store", true);
                 metrics.sink_rows.inc_by(batch.len() as u64);
                 return;
             }
             Err(e) => {
+                metrics.set_ready("store", false);
                 metrics.sink_errors.inc();
                 tracing::warn!(store = store.kind(), error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "store write failed; retrying");
                 tokio::time::sleep(backoff).await;

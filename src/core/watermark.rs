@@ -81,6 +81,12 @@ impl WatermarkTracker {
         self
     }
 
+    /// Each partition's own watermark (its highest event time less the out-of-orderness;
+    /// `None` before its first record).
+    pub fn partition_watermarks(&self) -> impl Iterator<Item = (u32, Option<i64>)> + '_ {
+        self.partitions.iter().map(|(p, s)| (*p, s.max_ts.map(|m| m.saturating_sub(self.out_of_orderness_ms))))
+    }
+
     pub fn current(&self) -> i64 {
         self.current
     }
@@ -114,6 +120,8 @@ mod tests {
         w.observe(0, 100_000, 0);
         w.observe(1, 50_000, 0);
         assert_eq!(w.advance(0, false), 40_000);
+        let each: Vec<_> = w.partition_watermarks().collect();
+        assert_eq!(each, vec![(0, Some(90_000)), (1, Some(40_000))], "each partition's own, for its lag metric");
     }
 
     #[test]

@@ -6,16 +6,20 @@
 //!   group says.
 //! - `sink.rs`: result, alert, first-entry, restriction, clean-pass, late and dead-letter topics.
 //!   Idempotent producer; each checkpoint barrier waits until everything before it is acknowledged.
+//! - `repartition.rs`: scale-out's internal topic, from the per-vehicle stage of each input
+//!   partition to the aggregate stage: the passes, what they were late for, and end markers.
 //! - `records.rs`: the messages: compactable keys, JSON values with a schema version, the epoch
 //!   (one per start of the service) and the row's revision.
 
 mod records;
+mod repartition;
 mod sink;
 mod source;
 
 pub use records::{messages, Message, Topic};
 pub use sink::{next_epoch, KafkaSink};
-pub use source::{KafkaPosition, KafkaSource, Polled};
+pub use repartition::{Forwarder, Repartitioned};
+pub use source::{Fetched, KafkaPosition, KafkaSource, Polled};
 
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
@@ -31,6 +35,23 @@ pub struct KafkaConfig {
     pub client: BTreeMap<String, String>,
     pub input: KafkaInputConfig,
     pub output: KafkaOutputConfig,
+    pub scale_out: ScaleOutConfig,
+}
+
+/// `[kafka.scale_out]`: several instances in one consumer group (see `crate::app::cluster`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScaleOutConfig {
+    pub enabled: bool,
+    /// The internal topic from the per-vehicle stage to the aggregate stage: one partition
+    /// (the aggregate stage is one task, owned by one instance at a time).
+    pub repartition_topic: String,
+}
+
+impl Default for ScaleOutConfig {
+    fn default() -> Self {
+        ScaleOutConfig { enabled: false, repartition_topic: "passflow.repartition".into() }
+    }
 }
 
 impl Default for KafkaConfig {
@@ -40,6 +61,7 @@ impl Default for KafkaConfig {
             client: BTreeMap::new(),
             input: KafkaInputConfig::default(),
             output: KafkaOutputConfig::default(),
+            scale_out: ScaleOutConfig::default(),
         }
     }
 }
@@ -123,7 +145,7 @@ impl KafkaOutputConfig {
 impl KafkaConfig {
     /// A client configuration: the brokers, passflow's defaults for `role`, then `client`
     /// (which overrides either).
-    fn client_config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+    pub(crate) fn client_config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
         for (k, v) in defaults {

@@ -16,6 +16,8 @@ use std::time::Duration;
 /// Acknowledgements awaited at most before more messages are queued.
 const MAX_IN_FLIGHT: usize = 100_000;
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// A message unacknowledged this long marks the sink not ready (it is still awaited).
+const ACK_SLOW: Duration = Duration::from_secs(5);
 
 pub struct KafkaSink {
     producer: FutureProducer,
@@ -24,11 +26,13 @@ pub struct KafkaSink {
     /// Numbers the messages of rows without a revision of their own, within the epoch.
     seq: i64,
     in_flight: Vec<DeliveryFuture>,
+    /// 1 while the broker acknowledges in time (`passflow_component_ready{component="kafka_sink"}`).
+    ready: prometheus::IntGauge,
 }
 
 impl KafkaSink {
     /// A producer for the output topics under `epoch` (see [`next_epoch`]).
-    pub fn open(config: &KafkaConfig, epoch: u64) -> anyhow::Result<KafkaSink> {
+    pub fn open(config: &KafkaConfig, epoch: u64, ready: prometheus::IntGauge) -> anyhow::Result<KafkaSink> {
         let producer: FutureProducer = config
             .client_config(&[
                 ("enable.idempotence", "true"),
@@ -38,7 +42,8 @@ impl KafkaSink {
             ])
             .create()
             .with_context(|| format!("creating the Kafka producer for {}", config.brokers))?;
-        Ok(KafkaSink { producer, topics: config.output.clone(), epoch, seq: 0, in_flight: Vec::new() })
+        ready.set(1);
+        Ok(KafkaSink { producer, topics: config.output.clone(), epoch, seq: 0, in_flight: Vec::new(), ready })
     }
 
     /// Queues a batch's messages (the batch already coalesced to one row per key).
@@ -61,6 +66,7 @@ impl KafkaSink {
                 }
                 Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => self.flush().await,
                 Err(e) => {
+                    self.ready.set(0);
                     tracing::warn!(topic, error = %e, "producing to Kafka failed; retrying");
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
@@ -81,8 +87,17 @@ impl KafkaSink {
     pub async fn flush(&mut self) {
         while !self.in_flight.is_empty() {
             let pending = std::mem::take(&mut self.in_flight);
-            for delivery in pending {
-                match delivery.await {
+            for mut delivery in pending {
+                let outcome = loop {
+                    match tokio::time::timeout(ACK_SLOW, &mut delivery).await {
+                        Ok(outcome) => break outcome,
+                        Err(_) => {
+                            self.ready.set(0);
+                            tracing::warn!("Kafka has not acknowledged a message for {ACK_SLOW:?} (is the broker down?); still waiting");
+                        }
+                    }
+                };
+                match outcome {
                     Ok(Ok(_)) => {}
                     Ok(Err((e, refused))) => {
                         tracing::warn!(topic = refused.topic(), error = %e, "Kafka refused a message; sending it again");
@@ -102,25 +117,40 @@ impl KafkaSink {
                 }
             }
         }
+        self.ready.set(1);
     }
 }
 
 /// The next output epoch of the service whose state is in `dir`: one more than the last, kept
 /// in a file there (written and synced before any message of the new epoch is sent).
 pub fn next_epoch(dir: &Path) -> anyhow::Result<u64> {
-    let file = dir.join("kafka-epoch");
-    let last = match std::fs::read_to_string(&file) {
-        Ok(text) => text.trim().parse::<u64>().with_context(|| format!("{} is not a number", file.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+    // Each epoch is claimed by creating its file, which fails when another process sharing the
+    // folder (scale-out) claimed it first: no two processes ever write under the same epoch.
+    let claims = dir.join("kafka-epochs");
+    std::fs::create_dir_all(&claims).with_context(|| format!("creating {}", claims.display()))?;
+    let legacy = match std::fs::read_to_string(dir.join("kafka-epoch")) {
+        Ok(text) => text.trim().parse::<u64>().unwrap_or(0),
+        Err(_) => 0,
     };
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join("kafka-epoch.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    std::io::Write::write_all(&mut f, format!("{}\n", last + 1).as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &file)?;
-    Ok(last + 1)
+    let claimed = |entry: std::io::Result<std::fs::DirEntry>| -> Option<u64> { entry.ok()?.file_name().to_str()?.parse().ok() };
+    let last = std::fs::read_dir(&claims)?.filter_map(claimed).max().unwrap_or(0).max(legacy);
+    let mut epoch = last + 1;
+    loop {
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(claims.join(epoch.to_string())) {
+            Ok(f) => {
+                f.sync_all()?;
+                std::fs::File::open(&claims)?.sync_all()?;
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => epoch += 1,
+            Err(e) => return Err(e).with_context(|| format!("claiming epoch {epoch} in {}", claims.display())),
+        }
+    }
+    // Older claims are not needed to find the newest.
+    for old in std::fs::read_dir(&claims)?.filter_map(claimed).filter(|n| *n + 16 < epoch) {
+        let _ = std::fs::remove_file(claims.join(old.to_string()));
+    }
+    Ok(epoch)
 }
 
 #[cfg(test)]
@@ -132,7 +162,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(next_epoch(dir.path()).unwrap(), 1);
         assert_eq!(next_epoch(dir.path()).unwrap(), 2);
-        std::fs::write(dir.path().join("kafka-epoch"), "x").unwrap();
-        assert!(next_epoch(dir.path()).unwrap_err().to_string().contains("not a number"));
+        // A folder of an earlier build, which kept the last epoch in one file.
+        std::fs::write(dir.path().join("kafka-epoch"), "7\n").unwrap();
+        assert_eq!(next_epoch(dir.path()).unwrap(), 8);
+    }
+
+    #[test]
+    fn processes_sharing_a_folder_never_get_the_same_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let claims: Vec<u64> = std::thread::scope(|s| {
+            let workers: Vec<_> =
+                (0..8).map(|_| s.spawn(|| (0..5).map(|_| next_epoch(dir.path()).unwrap()).collect::<Vec<_>>())).collect();
+            workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+        });
+        let distinct: std::collections::BTreeSet<u64> = claims.iter().copied().collect();
+        assert_eq!(distinct.len(), claims.len(), "{claims:?}");
     }
 }

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the consumer lag is measured (a request to the broker per partition).
 const LAG_EVERY: Duration = Duration::from_secs(5);
+/// The source counts as connected while the broker answered within this long.
+const CONTACT_FRESH: Duration = Duration::from_secs(10);
 /// A bounded run ends once its partitions have been at their ends this long.
 const END_QUIET: Duration = Duration::from_secs(1);
 /// Broker errors are logged at most this often.
@@ -28,13 +30,27 @@ pub struct KafkaPosition {
     pub offsets: BTreeMap<i32, i64>,
 }
 
+/// One message read.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    pub partition: i32,
+    pub offset: i64,
+    /// `None`: a message without a value.
+    pub payload: Option<Vec<u8>>,
+    /// The key and headers, when the source keeps them ([`KafkaSource::with_headers`]).
+    pub key: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
 /// What one poll brought.
 #[derive(Debug, Default)]
 pub struct Polled {
-    /// (partition, offset, value).
-    pub records: Vec<(i32, i64, Vec<u8>)>,
+    pub records: Vec<Fetched>,
     /// Partitions assigned since the last poll.
     pub assigned: Vec<i32>,
+    /// Partitions taken away since the last poll (only when they may move, see
+    /// [`KafkaSource::allow_moves`]).
+    pub revoked: Vec<i32>,
 }
 
 enum GroupEvent {
@@ -84,10 +100,47 @@ pub struct KafkaSource {
     at_end_since: Option<Instant>,
     paused: bool,
     last_lag: Option<Instant>,
+    /// When the broker last answered (a message, or a lag or metadata request).
+    last_contact: Option<Instant>,
     last_error_log: Option<Instant>,
+    /// Partitions may go to another consumer of the group (scale-out).
+    moves: bool,
+    /// Keep each message's key and headers.
+    headers: bool,
 }
 
 impl KafkaSource {
+    /// Lets partitions go to other consumers of the group: a revoked partition is reported in
+    /// [`Polled::revoked`] and forgotten (its state belongs to whoever gets it next).
+    pub fn allow_moves(mut self) -> KafkaSource {
+        self.moves = true;
+        self
+    }
+
+    /// Keeps each message's key and headers in [`Fetched`].
+    pub fn with_headers(mut self) -> KafkaSource {
+        self.headers = true;
+        self
+    }
+
+    /// Resumes `partition` at `offset` (from the checkpoint of the state it was given to).
+    pub fn resume_at(&mut self, partition: i32, offset: i64) {
+        self.next.insert(partition, offset);
+        self.unsought.insert(partition);
+        self.seek_unsought();
+    }
+
+    /// The number of partitions of `topic`.
+    pub fn partition_count(&self, topic: &str) -> anyhow::Result<usize> {
+        let metadata = self
+            .consumer
+            .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+            .with_context(|| format!("reading the metadata of topic {topic}"))?;
+        let partitions = metadata.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len());
+        anyhow::ensure!(partitions > 0, "topic {topic} does not exist or has no partitions");
+        Ok(partitions)
+    }
+
     /// Joins the consumer group on the input topic, resuming from `resume` (a checkpoint's
     /// position) when given.
     pub fn open(config: &KafkaConfig, resume: Option<KafkaPosition>) -> anyhow::Result<KafkaSource> {
@@ -128,7 +181,10 @@ impl KafkaSource {
             at_end_since: None,
             paused: false,
             last_lag: None,
+            last_contact: None,
             last_error_log: None,
+            moves: false,
+            headers: false,
         })
     }
 
@@ -142,10 +198,11 @@ impl KafkaSource {
             let message = match self.consumer.poll(wait) {
                 None => None,
                 Some(Err(e)) => Some(Err(e)),
-                Some(Ok(m)) => Some(Ok((m.partition(), m.offset(), m.payload().unwrap_or_default().to_vec()))),
+                Some(Ok(m)) => Some(Ok(self.fetched(&m))),
             };
-            let assigned = self.handle_group_events()?;
+            let (assigned, revoked) = self.handle_group_events()?;
             polled.assigned.extend(&assigned);
+            polled.revoked.extend(&revoked);
             wait = Duration::ZERO;
             match message {
                 None => break,
@@ -154,26 +211,58 @@ impl KafkaSource {
                     break;
                 }
                 // Fetched before the seek to its checkpointed offset: it comes again.
-                Some(Ok((partition, ..))) if assigned.contains(&partition) || self.unsought.contains(&partition) => {
+                Some(Ok(f)) if assigned.contains(&f.partition) || self.unsought.contains(&f.partition) => {
                     self.seek_unsought();
                 }
-                Some(Ok((partition, offset, payload))) => {
-                    if self.next.get(&partition).is_some_and(|next| offset < *next) {
+                // Fetched before its partition was taken away.
+                Some(Ok(f)) if !self.assigned.contains(&f.partition) => {}
+                Some(Ok(f)) => {
+                    self.last_contact = Some(Instant::now());
+                    if self.next.get(&f.partition).is_some_and(|next| f.offset < *next) {
                         continue; // processed before the checkpoint this run resumed from
                     }
-                    self.next.insert(partition, offset + 1);
-                    polled.records.push((partition, offset, payload));
+                    self.next.insert(f.partition, f.offset + 1);
+                    polled.records.push(f);
                 }
             }
         }
         Ok(polled)
     }
 
-    fn handle_group_events(&mut self) -> anyhow::Result<Vec<i32>> {
+    fn fetched(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Fetched {
+        let mut fetched = Fetched {
+            partition: m.partition(),
+            offset: m.offset(),
+            payload: m.payload().map(<[u8]>::to_vec),
+            ..Fetched::default()
+        };
+        if self.headers {
+            use rdkafka::message::Headers as _;
+            fetched.key = m.key().map(<[u8]>::to_vec);
+            if let Some(headers) = m.headers() {
+                fetched.headers =
+                    headers.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect();
+            }
+        }
+        fetched
+    }
+
+    /// The partitions assigned and revoked by the rebalances since the last call.
+    fn handle_group_events(&mut self) -> anyhow::Result<(Vec<i32>, Vec<i32>)> {
         let events = std::mem::take(&mut *self.consumer.context().events.lock().expect("not poisoned"));
-        let mut assigned = Vec::new();
+        let (mut assigned, mut revoked) = (Vec::new(), Vec::new());
         for event in events {
             match event {
+                GroupEvent::Revoked(partitions) if self.moves => {
+                    for p in partitions {
+                        self.assigned.remove(&p);
+                        self.next.remove(&p);
+                        self.ends.remove(&p);
+                        self.unsought.remove(&p);
+                        assigned.retain(|a| *a != p);
+                        revoked.push(p);
+                    }
+                }
                 GroupEvent::Assigned(partitions) => {
                     let lost: Vec<i32> = self.revoked.iter().filter(|p| !partitions.contains(p)).copied().collect();
                     anyhow::ensure!(
@@ -200,7 +289,7 @@ impl KafkaSource {
                 }
             }
         }
-        Ok(assigned)
+        Ok((assigned, revoked))
     }
 
     fn on_assigned(&mut self, partition: i32) -> anyhow::Result<()> {
@@ -333,11 +422,25 @@ impl KafkaSource {
         }
         self.last_lag = Some(Instant::now());
         let topic = &self.config.input.topic;
+        let timeout = Duration::from_millis(500);
+        if self.assigned.is_empty() {
+            // Nothing to measure (joining the group): whether the broker answers at all.
+            if self.consumer.fetch_metadata(Some(topic), timeout).is_ok() {
+                self.last_contact = Some(Instant::now());
+            }
+            return None;
+        }
         let mut lag = Vec::new();
         for p in &self.assigned {
-            let (low, high) = self.consumer.fetch_watermarks(topic, *p, Duration::from_millis(500)).ok()?;
+            let (low, high) = self.consumer.fetch_watermarks(topic, *p, timeout).ok()?;
             lag.push((*p, (high - self.next.get(p).copied().unwrap_or(low)).max(0)));
         }
+        self.last_contact = Some(Instant::now());
         Some(lag)
+    }
+
+    /// Whether the broker has answered lately (`/readyz`).
+    pub fn connected(&self) -> bool {
+        self.last_contact.is_some_and(|t| t.elapsed() < CONTACT_FRESH)
     }
 }

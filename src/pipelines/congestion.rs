@@ -132,6 +132,9 @@ pub struct Congestion {
     ranking: SlidingRanking,
     /// Sudden-congestion alerts raised: (segment, first congested window) → (active, revision).
     sudden: BTreeMap<(u32, i64), (bool, u32)>,
+    /// Sudden-congestion alerts adopted after a restore, to judge again once their windows are
+    /// complete (not checkpointed: a restore adopts them again from the store).
+    rejudge: BTreeSet<(u32, i64)>,
     swept_at: i64,
 }
 
@@ -146,6 +149,7 @@ impl Congestion {
             sets: vec![BTreeMap::new(); CONGESTION_WINDOWS_S.len()],
             ranking: SlidingRanking::default(),
             sudden: BTreeMap::new(),
+            rejudge: BTreeSet::new(),
             swept_at: i64::MIN,
         }
     }
@@ -434,12 +438,23 @@ impl Operator for Congestion {
         for (segment, start) in changed_five {
             self.judge_sudden(&sets[five], segment, start, ctx.watermark, &mut ctx.out.alerts);
         }
+        let due: Vec<(u32, i64)> = self
+            .rejudge
+            .iter()
+            .filter(|(_, first)| is_complete(first + 2 * SUDDEN_WINDOW_MS, ctx.watermark))
+            .copied()
+            .collect();
+        for (segment, first) in due {
+            self.rejudge.remove(&(segment, first));
+            self.judge_sudden(&sets[five], segment, first, ctx.watermark, &mut ctx.out.alerts);
+        }
         for (set, size_s) in sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
             let size_ms = i64::from(size_s) * 1000;
             set.retain(|start, _| !is_late(start + size_ms, ctx.watermark, ctx.allowed_lateness_ms));
         }
         let oldest = sets[five].keys().next().copied().unwrap_or(i64::MAX);
         self.sudden.retain(|(_, first), _| *first + SUDDEN_WINDOW_MS >= oldest);
+        self.rejudge.retain(|(_, first)| *first + SUDDEN_WINDOW_MS >= oldest);
         self.sets = sets;
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
         self.ranking.emit(SEGMENT_METRIC, &self.names, self.top_n, watermark, lateness, &mut ctx.out.top_n);
@@ -447,6 +462,20 @@ impl Operator for Congestion {
         if horizon.saturating_sub(self.swept_at) >= SWEEP_EVERY_MS {
             self.sweep(horizon);
             self.swept_at = horizon;
+        }
+    }
+
+    /// A sudden congestion raised after the restored checkpoint is taken as raised and judged
+    /// again once its windows are complete: the replay raises it again or retracts it.
+    fn adopt_alerts(&mut self, alerts: &[AlertRow]) {
+        for alert in alerts.iter().filter(|a| a.kind == SUDDEN_CONGESTION && a.status == "active") {
+            let Some(id) = alert.segment_id.as_deref() else { continue };
+            let Some(segment) = self.names.iter().position(|name| &**name == id) else { continue };
+            let key = (segment as u32, alert.ts - 2 * SUDDEN_WINDOW_MS);
+            if self.sudden.get(&key).is_none_or(|(_, revision)| *revision < alert.revision) {
+                self.sudden.insert(key, (true, alert.revision));
+            }
+            self.rejudge.insert(key);
         }
     }
 

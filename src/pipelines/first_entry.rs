@@ -6,6 +6,7 @@
 //! later corrects it under a higher revision; the stored first offered again (a replay) is
 //! emitted again unchanged, so a crash between emission and the sink loses nothing.
 
+use anyhow::Context as _;
 use crate::core::{check_version, Context, Operator, StateBlob};
 use crate::model::Pass;
 use crate::reference::City;
@@ -41,13 +42,22 @@ pub trait FirstEntryStore: Send {
     fn restore(&mut self, _bytes: &[u8]) -> anyhow::Result<()> {
         Ok(())
     }
+
+    /// Every record, for a savepoint: what [`FirstEntryStore::restore`] takes back (a store
+    /// outside the checkpoints must still travel with a savepoint to another state folder).
+    fn export(&self) -> anyhow::Result<Vec<u8>> {
+        Ok(self.snapshot())
+    }
 }
+
+/// A stored first entry: (ts, pass_id, checkpoint_id, revision).
+type Stored = (i64, String, String, u32);
 
 /// First entries in memory, checkpointed with the operator.
 #[derive(Default)]
 pub struct EmbeddedFirstEntries {
     /// vehicle → (ts, pass_id, checkpoint_id, revision)
-    records: BTreeMap<String, (i64, String, String, u32)>,
+    records: BTreeMap<String, Stored>,
 }
 
 impl FirstEntryStore for EmbeddedFirstEntries {
@@ -99,7 +109,7 @@ impl FirstEntryStore for RocksFirstEntries {
     fn offer(&mut self, candidates: &[Candidate]) -> anyhow::Result<Vec<Option<u32>>> {
         let mut out = Vec::with_capacity(candidates.len());
         for c in candidates {
-            let stored: Option<(i64, String, String, u32)> =
+            let stored: Option<Stored> =
                 self.db.get(c.vehicle.as_bytes())?.map(|v| serde_json::from_slice(&v)).transpose()?;
             let (set, revision) = match stored {
                 None => (true, Some(0)),
@@ -115,6 +125,34 @@ impl FirstEntryStore for RocksFirstEntries {
         // Durable before the checkpoint that covers these passes completes.
         self.db.flush_wal(true)?;
         Ok(out)
+    }
+
+    /// Checkpoints carry nothing (the store is durable on its own); a savepoint's records are
+    /// merged in, the earlier pass winning as in [`FirstEntryStore::offer`].
+    fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let records: BTreeMap<String, Stored> =
+            serde_json::from_slice(bytes).context("reading the first entries of a savepoint")?;
+        for (vehicle, record) in records {
+            let stored: Option<Stored> =
+                self.db.get(vehicle.as_bytes())?.map(|v| serde_json::from_slice(&v)).transpose()?;
+            if stored.is_none_or(|s| (record.0, record.1.as_bytes()) < (s.0, s.1.as_bytes())) {
+                self.db.put(vehicle.as_bytes(), serde_json::to_vec(&record)?)?;
+            }
+        }
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    fn export(&self) -> anyhow::Result<Vec<u8>> {
+        let mut records: BTreeMap<String, Stored> = BTreeMap::new();
+        for entry in self.db.iterator(rocksdb::IteratorMode::Start) {
+            let (key, value) = entry?;
+            records.insert(String::from_utf8(key.to_vec())?, serde_json::from_slice(&value)?);
+        }
+        Ok(serde_json::to_vec(&records)?)
     }
 }
 
@@ -266,6 +304,10 @@ impl Operator for FirstEntry {
     fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
         check_version(self.name(), blob.version, STATE_VERSION)?;
         self.store.restore(&blob.bytes)
+    }
+
+    fn export(&self) -> anyhow::Result<StateBlob> {
+        Ok(StateBlob { version: STATE_VERSION, bytes: self.store.export()? })
     }
 }
 

@@ -279,6 +279,34 @@ impl Operator for TrafficSurge {
         self.state.raised.retain(|(_, start), _| *start >= keep);
     }
 
+    /// A surge raised after the restored checkpoint is taken as raised, and its checkpoint is
+    /// judged again from the run's first window once that window has been judged: the replay
+    /// either raises the same run (nothing to emit), changes it, or retracts it.
+    fn adopt_alerts(&mut self, alerts: &[AlertRow]) {
+        for alert in alerts.iter().filter(|a| a.kind == TRAFFIC_SURGE && a.status == "active") {
+            let Some(cp) = alert.checkpoint_id.as_deref().and_then(|id| self.city.checkpoint_idx(id)) else { continue };
+            let Ok(details) = serde_json::from_str::<serde_json::Value>(&alert.details) else { continue };
+            let windows: Vec<i64> = details["windows"]
+                .as_array()
+                .map(|ws| ws.iter().filter_map(|w| w["window_start"].as_i64()).collect())
+                .unwrap_or_default();
+            let Some(&start) = windows.first() else { continue };
+            // Counts no longer held cannot judge it again.
+            if self.state.counts.keys().next().is_none_or(|first| start < *first) {
+                continue;
+            }
+            let key = (cp.0, start);
+            if self.state.raised.get(&key).is_none_or(|r| r.revision < alert.revision) {
+                self.state.raised.insert(key, Raised { windows, active: true, revision: alert.revision });
+            }
+            // Windows not judged yet are judged anyway, with everything raised among them.
+            if self.state.next.is_some_and(|next| start < next) {
+                let d = self.state.dirty_from.entry(cp.0).or_insert(start);
+                *d = (*d).min(start);
+            }
+        }
+    }
+
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
         Ok(StateBlob { version: STATE_VERSION, bytes: serde_json::to_vec(&self.state)? })
     }

@@ -1,0 +1,397 @@
+//! Scale-out (`kafka.scale_out.enabled`): several instances share the input topic's partitions
+//! in one consumer group, Kafka doing the distribution. Each instance runs two stages:
+//!
+//! - **Per-vehicle stage**: one task per assigned input partition. The input is keyed by
+//!   vehicle, so all of a vehicle's passes are in one partition: decoding, validation,
+//!   deduplication and the pipelines whose state is per vehicle (trajectories, high-frequency
+//!   vehicles, first entry) run here, each task with its own state and checkpoints in
+//!   `state.dir/partition-N`. A revoked partition is checkpointed and dropped; an assigned one
+//!   is restored from its newest checkpoint and resumes at its offset: a partition's state moves
+//!   with it. Every valid pass is forwarded, with what it was late for here, to the repartition
+//!   topic.
+//! - **Aggregate stage**: one task for the whole city, run by the instance that holds the
+//!   repartition topic's one partition (a consumer group of its own), with its state in
+//!   `state.dir/aggregate`: every other pipeline — flows, origins, Top-N, speeds, congestion,
+//!   cloned plates, surges, restrictions, the watch list, device health, archive — over all the
+//!   forwarded passes. Each input partition's passes arrive in their order, so the aggregate
+//!   stage's watermark is the minimum over the input partitions, as on one instance; a pass a
+//!   restarted task forwards again is deduplicated like any resend.
+//!
+//! `state.dir` is shared by the instances (one machine, or a shared volume): the RocksDB lock of
+//! a task's state keeps two instances from running the same partition at once (an instance
+//! given a partition waits until the one that had it has let go).
+//!
+//! A bounded run (`kafka.input.bounded`): a task forwards an end marker once its partition has
+//! been read to the end; the aggregate stage closes every window once it has every input
+//! partition's marker, and leaves `state.dir/aggregate.finished`. Each instance stops once its
+//! partitions are read and the aggregate stage has finished.
+
+use super::replay::{adopt_stored_alerts, build_engine};
+use super::run::{observe_watermarks, wall_ms, IDLE_POLL};
+use crate::api::AdminCommand;
+use crate::config::Config;
+use crate::core::checkpoint::{Checkpoint, CheckpointStore};
+use crate::core::sink::{SinkHandle, QUEUE_BATCHES};
+use crate::core::{Clocks, Engine, Record};
+use crate::kafka::{Fetched, Forwarder, KafkaPosition, KafkaSource, Repartitioned};
+use crate::metrics::Metrics;
+use crate::pipelines::WatchList;
+use crate::reference::City;
+use crate::store::Store;
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// The pipelines of the per-vehicle stage; every other one runs in the aggregate stage.
+pub const PER_VEHICLE: [&str; 3] = ["high_frequency", "trajectories", "first_entry"];
+/// How long an instance waits for another to let go of a partition's state.
+const LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// One input partition's per-vehicle task.
+struct Task {
+    engine: Engine,
+    checkpoints: CheckpointStore,
+    next_id: u64,
+    /// The next input offset to process (`None` before the first record of a fresh task).
+    next: Option<i64>,
+    /// The end marker has been forwarded (bounded runs).
+    ended: bool,
+}
+
+/// Where the aggregate stage stands: its place in the repartition topic and the input
+/// partitions whose end markers it has read.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct AggregatePosition {
+    offset: Option<i64>,
+    ended: BTreeSet<u32>,
+    finished: bool,
+}
+
+struct Aggregate {
+    engine: Engine,
+    checkpoints: CheckpointStore,
+    next_id: u64,
+    position: AggregatePosition,
+}
+
+/// What the stages share.
+pub struct Shared {
+    pub config: Config,
+    pub city: Arc<City>,
+    pub watchlist: Arc<WatchList>,
+    /// The result store (read for alerts to adopt after a restore).
+    pub store: Arc<Store>,
+    pub sink: SinkHandle,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    /// Opens the state in `dir`, waiting while another instance still holds it.
+    async fn open_state(&self, dir: &Path) -> anyhow::Result<(Engine, CheckpointStore, Option<Checkpoint>, u64)> {
+        let started = Instant::now();
+        let checkpoints = loop {
+            match CheckpointStore::open(dir) {
+                Ok(store) => break store,
+                Err(e) if started.elapsed() < LOCK_WAIT => {
+                    tracing::debug!(dir = %dir.display(), error = %format!("{e:#}"), "state still held elsewhere; waiting");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e).with_context(|| format!("{} is still held after {LOCK_WAIT:?}", dir.display())),
+            }
+        };
+        let mut engine = build_engine(&self.config, &self.city, self.config.kafka.input.wall_clock, Some(&checkpoints), &self.watchlist)?;
+        let latest = checkpoints.latest()?;
+        if let Some(latest) = &latest {
+            engine.restore(&latest.engine).with_context(|| format!("restoring {}", dir.display()))?;
+        }
+        let next_id = checkpoints.ids()?.last().map_or(1, |id| id + 1);
+        Ok((engine, checkpoints, latest, next_id))
+    }
+
+    async fn open_task(&self, partition: i32) -> anyhow::Result<Task> {
+        let dir = self.config.state.dir.join(format!("partition-{partition}"));
+        let (mut engine, checkpoints, latest, next_id) = self.open_state(&dir).await?;
+        engine.keep_operators(&PER_VEHICLE);
+        engine.forward_passes();
+        engine.assign(partition as u32, wall_ms());
+        let next = match latest {
+            Some(c) => {
+                let position: KafkaPosition = serde_json::from_value(c.source).context("a partition task's position")?;
+                position.offsets.get(&partition).copied()
+            }
+            None => None,
+        };
+        tracing::info!(partition, offset = ?next, "per-vehicle task opened");
+        Ok(Task { engine, checkpoints, next_id, next, ended: false })
+    }
+
+    async fn open_aggregate(&self, input_partitions: usize) -> anyhow::Result<Aggregate> {
+        let dir = self.config.state.dir.join("aggregate");
+        let (mut engine, checkpoints, latest, next_id) = self.open_state(&dir).await?;
+        engine.drop_operators(&PER_VEHICLE);
+        // Every input partition holds the watermark back until it has data or has been idle.
+        for p in 0..input_partitions {
+            engine.assign(p as u32, wall_ms());
+        }
+        let position = match latest {
+            Some(c) => {
+                adopt_stored_alerts(&mut engine, &self.store, self.config.core.allowed_lateness.as_millis()).await?;
+                serde_json::from_value(c.source).context("the aggregate stage's position")?
+            }
+            None => AggregatePosition::default(),
+        };
+        tracing::info!(offset = ?position.offset, "aggregate stage opened");
+        Ok(Aggregate { engine, checkpoints, next_id, position })
+    }
+
+    /// Hands an engine's results to the store writer.
+    async fn flush(&self, engine: &mut Engine) -> anyhow::Result<()> {
+        let out = engine.take_output();
+        self.metrics.late_passes.inc_by(out.late_passes.len() as u64);
+        self.metrics.observe_results(&out);
+        self.sink.send(out).await
+    }
+
+    fn finished_marker(&self) -> PathBuf {
+        self.config.state.dir.join("aggregate.finished")
+    }
+}
+
+/// The scale-out pipeline of one instance, until it is stopped (or, bounded, done).
+pub async fn pipeline(
+    shared: Shared,
+    mut admin: mpsc::Receiver<AdminCommand>,
+    stopped: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let config = shared.config.clone();
+    let kafka = &config.kafka;
+    let bounded = kafka.input.bounded;
+    let mut input = KafkaSource::open(kafka, None)?.allow_moves();
+    let mut aggregate_config = kafka.clone();
+    aggregate_config.input.topic = kafka.scale_out.repartition_topic.clone();
+    aggregate_config.input.group_id = format!("{}.aggregate", kafka.input.group_id);
+    aggregate_config.input.bounded = false;
+    let mut repartition = KafkaSource::open(&aggregate_config, None)?.allow_moves().with_headers();
+    let input_partitions = input.partition_count(&kafka.input.topic)?;
+    let repartition_partitions = repartition.partition_count(&kafka.scale_out.repartition_topic)?;
+    anyhow::ensure!(
+        repartition_partitions == 1,
+        "the repartition topic {} has {repartition_partitions} partitions; the aggregate stage needs exactly one",
+        kafka.scale_out.repartition_topic
+    );
+    let mut forwarder = Forwarder::open(kafka)?;
+    let metrics = shared.metrics.clone();
+    let mut tasks: BTreeMap<i32, Task> = BTreeMap::new();
+    let mut aggregate: Option<Aggregate> = None;
+    let mut last_checkpoint = Instant::now();
+    let interval = config.core.checkpoint_interval.0;
+
+    while !*stopped.borrow() {
+        metrics.pipeline_heartbeat_ms.set(wall_ms());
+        let paused = metrics.sink_backlog.get() >= QUEUE_BATCHES as i64;
+        tokio::task::block_in_place(|| {
+            input.set_paused(paused);
+            repartition.set_paused(paused);
+            if let Some(lag) = input.lag() {
+                metrics.kafka_consumer_lag.set(lag.iter().map(|(_, n)| n).sum());
+                for (p, n) in lag {
+                    metrics.kafka_partition_lag.with_label_values(&[&p.to_string()]).set(n);
+                }
+            }
+            metrics.set_ready("source", input.connected());
+        });
+
+        // The per-vehicle stage.
+        let polled = tokio::task::block_in_place(|| input.poll(IDLE_POLL))?;
+        for p in polled.revoked.iter().filter(|p| !polled.assigned.contains(p)) {
+            if let Some(mut task) = tasks.remove(p) {
+                checkpoint_tasks(&shared, &mut forwarder, &mut [(*p, &mut task)]).await?;
+                tracing::info!(partition = p, "partition revoked: checkpointed and let go");
+            }
+        }
+        for p in &polled.assigned {
+            if !tasks.contains_key(p) {
+                tasks.insert(*p, shared.open_task(*p).await?);
+            }
+            if let Some(next) = tasks[p].next {
+                input.resume_at(*p, next);
+            }
+        }
+        let now = wall_ms();
+        let mut by_partition: BTreeMap<i32, Vec<Fetched>> = BTreeMap::new();
+        for f in polled.records {
+            by_partition.entry(f.partition).or_default().push(f);
+        }
+        for (p, task) in tasks.iter_mut() {
+            match by_partition.remove(p) {
+                Some(records) => {
+                    task.next = records.last().map(|f| f.offset + 1);
+                    let before = task.engine.stats().clone();
+                    let records = records.iter().map(|f| Record {
+                        partition: *p as u32,
+                        seq: f.offset as u64,
+                        bytes: f.payload.as_deref().unwrap_or_default(),
+                    });
+                    task.engine.process("kafka", records, Clocks { future_now: Some(now), processing_now: now });
+                    metrics.observe_ingest(&before, task.engine.stats());
+                }
+                None => task.engine.tick(now),
+            }
+            forwarder.forward(&task.engine.take_forwarded()).await?;
+            shared.flush(&mut task.engine).await?;
+        }
+        if bounded && input.finished() {
+            for (p, task) in tasks.iter_mut().filter(|(_, t)| !t.ended) {
+                forwarder.end(*p as u32).await?;
+                task.ended = true;
+            }
+        }
+
+        // The aggregate stage.
+        let polled = tokio::task::block_in_place(|| repartition.poll(Duration::ZERO))?;
+        if polled.revoked.iter().any(|p| !polled.assigned.contains(p)) {
+            if let Some(mut agg) = aggregate.take() {
+                checkpoint_aggregate(&shared, &mut agg, &repartition).await?;
+                tracing::info!("aggregate stage revoked: checkpointed and let go");
+            }
+        }
+        if let Some(p) = polled.assigned.first() {
+            if aggregate.is_none() {
+                aggregate = Some(shared.open_aggregate(input_partitions).await?);
+            }
+            if let Some(offset) = aggregate.as_ref().and_then(|a| a.position.offset) {
+                repartition.resume_at(*p, offset);
+            }
+        }
+        if let Some(agg) = &mut aggregate {
+            let mut passes = Vec::new();
+            for f in polled.records {
+                agg.position.offset = Some(f.offset + 1);
+                match Repartitioned::read(f)? {
+                    Repartitioned::Pass { partition, offset, bytes, late } => passes.push((partition, offset, bytes, late)),
+                    Repartitioned::End { partition } => {
+                        agg.position.ended.insert(partition);
+                    }
+                }
+            }
+            if passes.is_empty() {
+                agg.engine.tick(now);
+            } else {
+                let forwarded = passes
+                    .iter()
+                    .map(|(partition, offset, bytes, late)| {
+                        let record = Record { partition: *partition, seq: *offset, bytes };
+                        (record, late.iter().map(String::as_str).collect())
+                    })
+                    .collect();
+                agg.engine.process_forwarded("kafka", forwarded, now);
+            }
+            let all_ended = agg.position.ended.len() >= input_partitions;
+            if bounded && all_ended && !agg.position.finished {
+                tracing::info!("every input partition has been read to its end; closing every window");
+                agg.engine.finish();
+                agg.position.finished = true;
+                shared.flush(&mut agg.engine).await?;
+                checkpoint_aggregate(&shared, agg, &repartition).await?;
+                std::fs::write(shared.finished_marker(), b"")?;
+            }
+            observe_watermarks(&metrics, &agg.engine, now);
+            shared.flush(&mut agg.engine).await?;
+        }
+
+        if last_checkpoint.elapsed() >= interval {
+            checkpoint_all(&shared, &mut forwarder, &mut tasks, aggregate.as_mut(), &input, &repartition).await?;
+            last_checkpoint = Instant::now();
+        }
+        while let Ok(command) = admin.try_recv() {
+            let AdminCommand::Savepoint { reply, .. } = command;
+            let _ = reply.send(Err("savepoints are not available in scale-out mode (each partition has its own state)".into()));
+        }
+        let stage_one_done = !tasks.is_empty() && tasks.values().all(|t| t.ended);
+        if bounded && stage_one_done && shared.finished_marker().exists() {
+            tracing::info!("the bounded input has been processed");
+            break;
+        }
+    }
+    checkpoint_all(&shared, &mut forwarder, &mut tasks, aggregate.as_mut(), &input, &repartition).await
+}
+
+/// Checkpoints every task and the aggregate stage, after one barrier for all of them.
+async fn checkpoint_all(
+    shared: &Shared,
+    forwarder: &mut Forwarder,
+    tasks: &mut BTreeMap<i32, Task>,
+    aggregate: Option<&mut Aggregate>,
+    input: &KafkaSource,
+    repartition: &KafkaSource,
+) -> anyhow::Result<()> {
+    let mut all: Vec<(i32, &mut Task)> = tasks.iter_mut().map(|(p, t)| (*p, t)).collect();
+    checkpoint_tasks(shared, forwarder, &mut all).await?;
+    input.checkpointed();
+    if let Some(agg) = aggregate {
+        checkpoint_aggregate(shared, agg, repartition).await?;
+    }
+    Ok(())
+}
+
+/// Checkpoints per-vehicle tasks: complete once their results are written and their forwarded
+/// passes acknowledged.
+async fn checkpoint_tasks(shared: &Shared, forwarder: &mut Forwarder, tasks: &mut [(i32, &mut Task)]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut snapshots = Vec::with_capacity(tasks.len());
+    for (_, task) in tasks.iter_mut() {
+        task.engine.barrier(task.next_id);
+        forwarder.forward(&task.engine.take_forwarded()).await?;
+        shared.flush(&mut task.engine).await?;
+        snapshots.push(task.engine.snapshot(task.next_id)?);
+    }
+    shared.sink.barrier().await?;
+    forwarder.flush().await?;
+    for ((p, task), engine) in tasks.iter_mut().zip(snapshots) {
+        let position = KafkaPosition {
+            topic: shared.config.kafka.input.topic.clone(),
+            offsets: task.next.map(|next| (*p, next)).into_iter().collect(),
+        };
+        let checkpoint = Checkpoint {
+            id: task.next_id,
+            created_at: chrono::Utc::now().timestamp_millis(),
+            source: serde_json::to_value(position)?,
+            engine,
+        };
+        task.checkpoints.save(&checkpoint)?;
+        task.engine.committed(task.next_id);
+        task.next_id += 1;
+    }
+    record_checkpoint(&shared.metrics, started);
+    Ok(())
+}
+
+async fn checkpoint_aggregate(shared: &Shared, agg: &mut Aggregate, repartition: &KafkaSource) -> anyhow::Result<()> {
+    let started = Instant::now();
+    agg.engine.barrier(agg.next_id);
+    shared.flush(&mut agg.engine).await?;
+    let engine = agg.engine.snapshot(agg.next_id)?;
+    shared.sink.barrier().await?;
+    let checkpoint = Checkpoint {
+        id: agg.next_id,
+        created_at: chrono::Utc::now().timestamp_millis(),
+        source: serde_json::to_value(&agg.position)?,
+        engine,
+    };
+    agg.checkpoints.save(&checkpoint)?;
+    agg.engine.committed(agg.next_id);
+    agg.next_id += 1;
+    repartition.checkpointed();
+    record_checkpoint(&shared.metrics, started);
+    Ok(())
+}
+
+fn record_checkpoint(metrics: &Metrics, started: Instant) {
+    metrics.checkpoints.inc();
+    metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
+    metrics.checkpoint_last_seconds.set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+}
