@@ -410,14 +410,15 @@ fn start_instance(config: &Config, api_port: u16, file: &Path) -> std::process::
     let mut config = config.clone();
     config.api.listen = format!("127.0.0.1:{api_port}");
     std::fs::write(file, toml::to_string(&config).unwrap()).unwrap();
-    crate::support::passflow()
-        .arg("--config")
-        .arg(file)
-        .arg("run")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+    // PASSFLOW_TEST_LOGS=dir keeps each instance's log there (for a failure that hangs).
+    let stderr = match std::env::var("PASSFLOW_TEST_LOGS") {
+        Ok(dir) => {
+            let name = format!("{}-{api_port}.log", file.file_stem().unwrap().to_string_lossy());
+            std::process::Stdio::from(std::fs::File::create(Path::new(&dir).join(name)).unwrap())
+        }
+        Err(_) => std::process::Stdio::piped(),
+    };
+    crate::support::passflow().arg("--config").arg(file).arg("run").stdout(std::process::Stdio::null()).stderr(stderr).spawn().unwrap()
 }
 
 /// Waits for a bounded run to end well (its stderr in the failure message otherwise).
@@ -449,7 +450,8 @@ async fn two_and_three_instances_in_one_group_give_the_tables_of_one() {
         let mut config = service_config(&dir, day, &brokers);
         config.kafka.input.topic = format!("passes-{instances}");
         config.kafka.input.group_id = format!("cluster-{instances}");
-        config.kafka.input.max_batch = 200;
+        // Small steps: the stream lasts long enough for instances to join and die during it.
+        config.kafka.input.max_batch = 50;
         config.kafka.output.enabled = false;
         config.kafka.scale_out.enabled = true;
         config.kafka.scale_out.repartition_topic = format!("repartition-{instances}");
@@ -458,7 +460,7 @@ async fn two_and_three_instances_in_one_group_give_the_tables_of_one() {
         // not run ahead of them meanwhile.
         config.core.idle_timeout = passflow::config::HumanDuration(Duration::from_secs(600));
         create(&brokers, &[(&config.kafka.input.topic, 4), (&config.kafka.scale_out.repartition_topic, 1)]).await;
-        produce_day_to(&brokers, &config.kafka.input.topic, &day.join("passes.jsonl")).await;
+        let records = produce_day_to(&brokers, &config.kafka.input.topic, &day.join("passes.jsonl")).await as u64;
         let ports: Vec<u16> = (0..instances).map(|_| free_port()).collect();
         let file = |i: usize| dir.join(format!("instance-{i}.toml"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -470,6 +472,11 @@ async fn two_and_three_instances_in_one_group_give_the_tables_of_one() {
             wait_for_records(ports[0], &mut children[0]).await;
             children.push(start_instance(&config, ports[2], &file(2)));
             wait_for_records(ports[2], &mut children[2]).await;
+            let mut read = 0;
+            for port in &ports {
+                read += received(*port).await.unwrap_or(0);
+            }
+            assert!(read < records, "the day was read ({read} of {records} records) before the third instance joined");
             let mut first = children.remove(0);
             first.kill().unwrap();
             let _ = first.wait();

@@ -22,7 +22,7 @@
 //! given a partition waits until the one that had it has let go).
 //!
 //! A bounded run (`kafka.input.bounded`): a task forwards an end marker once its partition has
-//! been read to the end; the aggregate stage closes every window once it has every input
+//! been read to the end and checkpointed there; the aggregate stage closes every window once it has every input
 //! partition's marker, and leaves `state.dir/aggregate.finished`. Each instance stops once its
 //! partitions are read and the aggregate stage has finished.
 
@@ -90,8 +90,13 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Opens the state in `dir`, waiting while another instance still holds it.
-    async fn open_state(&self, dir: &Path) -> anyhow::Result<(Engine, CheckpointStore, Option<Checkpoint>, u64)> {
+    /// Opens the state in `dir` for an engine of the operators `select` leaves, waiting while
+    /// another instance still holds it.
+    async fn open_state(
+        &self,
+        dir: &Path,
+        select: impl FnOnce(&mut Engine),
+    ) -> anyhow::Result<(Engine, CheckpointStore, Option<Checkpoint>, u64)> {
         let started = Instant::now();
         let checkpoints = loop {
             match CheckpointStore::open(dir) {
@@ -103,7 +108,9 @@ impl Shared {
                 Err(e) => return Err(e).with_context(|| format!("{} is still held after {LOCK_WAIT:?}", dir.display())),
             }
         };
-        let mut engine = build_engine(&self.config, &self.city, self.config.kafka.input.wall_clock, Some(&checkpoints), &self.watchlist)?;
+        let live = self.config.kafka.input.wall_clock;
+        let mut engine = build_engine(&self.config, &self.city, live, Some(&checkpoints), &self.watchlist)?;
+        select(&mut engine);
         let latest = checkpoints.latest()?;
         if let Some(latest) = &latest {
             engine.restore(&latest.engine).with_context(|| format!("restoring {}", dir.display()))?;
@@ -114,8 +121,7 @@ impl Shared {
 
     async fn open_task(&self, partition: i32) -> anyhow::Result<Task> {
         let dir = self.config.state.dir.join(format!("partition-{partition}"));
-        let (mut engine, checkpoints, latest, next_id) = self.open_state(&dir).await?;
-        engine.keep_operators(&PER_VEHICLE);
+        let (mut engine, checkpoints, latest, next_id) = self.open_state(&dir, |e| e.keep_operators(&PER_VEHICLE)).await?;
         engine.forward_passes();
         engine.assign(partition as u32, wall_ms());
         let next = match latest {
@@ -131,8 +137,7 @@ impl Shared {
 
     async fn open_aggregate(&self, input_partitions: usize) -> anyhow::Result<Aggregate> {
         let dir = self.config.state.dir.join("aggregate");
-        let (mut engine, checkpoints, latest, next_id) = self.open_state(&dir).await?;
-        engine.drop_operators(&PER_VEHICLE);
+        let (mut engine, checkpoints, latest, next_id) = self.open_state(&dir, |e| e.drop_operators(&PER_VEHICLE)).await?;
         // Every input partition holds the watermark back until it has data or has been idle.
         for p in 0..input_partitions {
             engine.assign(p as u32, wall_ms());
@@ -175,6 +180,9 @@ pub async fn pipeline(
     aggregate_config.input.topic = kafka.scale_out.repartition_topic.clone();
     aggregate_config.input.group_id = format!("{}.aggregate", kafka.input.group_id);
     aggregate_config.input.bounded = false;
+    // The aggregate stage takes what the per-vehicle tasks of every instance forward: it reads
+    // in large steps whatever the input's step size.
+    aggregate_config.input.max_batch = kafka.input.max_batch.max(crate::kafka::KafkaInputConfig::default().max_batch);
     let mut repartition = KafkaSource::open(&aggregate_config, None)?.allow_moves().with_headers();
     let input_partitions = input.partition_count(&kafka.input.topic)?;
     let repartition_partitions = repartition.partition_count(&kafka.scale_out.repartition_topic)?;
@@ -188,6 +196,7 @@ pub async fn pipeline(
     let mut tasks: BTreeMap<i32, Task> = BTreeMap::new();
     let mut aggregate: Option<Aggregate> = None;
     let mut last_checkpoint = Instant::now();
+    let mut aggregate_busy = false;
     let interval = config.core.checkpoint_interval.0;
 
     while !*stopped.borrow() {
@@ -205,8 +214,9 @@ pub async fn pipeline(
             metrics.set_ready("source", input.connected());
         });
 
-        // The per-vehicle stage.
-        let polled = tokio::task::block_in_place(|| input.poll(IDLE_POLL))?;
+        // The per-vehicle stage (waiting for input only while the aggregate stage is idle too).
+        let wait = if aggregate_busy { Duration::ZERO } else { IDLE_POLL };
+        let polled = tokio::task::block_in_place(|| input.poll(wait))?;
         for p in polled.revoked.iter().filter(|p| !polled.assigned.contains(p)) {
             if let Some(mut task) = tasks.remove(p) {
                 checkpoint_tasks(&shared, &mut forwarder, &mut [(*p, &mut task)]).await?;
@@ -244,15 +254,20 @@ pub async fn pipeline(
             forwarder.forward(&task.engine.take_forwarded()).await?;
             shared.flush(&mut task.engine).await?;
         }
-        if bounded && input.finished() {
+        // A partition read to its end is checkpointed before its end marker goes: the marker
+        // says its per-vehicle results are durable (a task killed before that is run again).
+        if bounded && tasks.values().any(|t| !t.ended) && input.finished() {
+            checkpoint_all(&shared, &mut forwarder, &mut tasks, aggregate.as_mut(), &input, &repartition).await?;
             for (p, task) in tasks.iter_mut().filter(|(_, t)| !t.ended) {
                 forwarder.end(*p as u32).await?;
                 task.ended = true;
             }
+            forwarder.flush().await?;
         }
 
         // The aggregate stage.
         let polled = tokio::task::block_in_place(|| repartition.poll(Duration::ZERO))?;
+        aggregate_busy = !polled.records.is_empty();
         if polled.revoked.iter().any(|p| !polled.assigned.contains(p)) {
             if let Some(mut agg) = aggregate.take() {
                 checkpoint_aggregate(&shared, &mut agg, &repartition).await?;

@@ -171,7 +171,7 @@ pub(super) async fn adopt_stored_alerts(engine: &mut Engine, store: &Store, late
     let since = engine.watermark().saturating_sub(lateness_ms).saturating_sub(ADOPT_SPAN_MS);
     let alerts = store.alerts_to_adopt(since).await.context("reading the alerts raised before the restart")?;
     if !alerts.is_empty() {
-        tracing::info!(alerts = alerts.len(), "active alerts adopted from the store, to be judged again");
+        tracing::info!(alerts = alerts.len(), "stored alerts adopted, to be judged again");
     }
     engine.adopt_alerts(&alerts);
     Ok(())

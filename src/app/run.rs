@@ -380,7 +380,8 @@ async fn pipeline(
 
 /// How far the watermark, and each source partition's own, trails the source's clock.
 pub(super) fn observe_watermarks(metrics: &Metrics, engine: &crate::core::Engine, now: i64) {
-    let lag = |watermark: i64| now.saturating_sub(watermark).max(0) as f64 / 1000.0;
+    // No watermark yet (`i64::MIN`): no lag to speak of.
+    let lag = |watermark: i64| if watermark == i64::MIN { 0.0 } else { (now - watermark).max(0) as f64 / 1000.0 };
     metrics.watermark_lag_seconds.set(lag(engine.watermark()));
     for (partition, watermark) in engine.partition_watermarks() {
         if let Some(w) = watermark {

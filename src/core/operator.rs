@@ -53,9 +53,10 @@ pub trait Operator: Send {
         self.snapshot()
     }
 
-    /// Alerts the sinks hold that were raised after the checkpoint this state was restored
-    /// from (the state does not know them): an operator that retracts alerts takes them in, so
-    /// that one the replayed input does not raise again is retracted.
+    /// Alerts the sinks hold, some raised or retracted after the checkpoint this state was
+    /// restored from (the state does not know them): an operator that retracts alerts takes
+    /// them in, so that one the replayed input does not raise again is retracted, and what it
+    /// emits outranks the stored revisions.
     fn adopt_alerts(&mut self, _alerts: &[crate::results::AlertRow]) {}
 }
 

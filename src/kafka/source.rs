@@ -222,6 +222,9 @@ impl KafkaSource {
                         continue; // processed before the checkpoint this run resumed from
                     }
                     self.next.insert(f.partition, f.offset + 1);
+                    // Records still coming: not at the end, whatever the reported end offsets
+                    // say (a broker may report them behind what it serves).
+                    self.at_end_since = None;
                     polled.records.push(f);
                 }
             }
@@ -365,8 +368,9 @@ impl KafkaSource {
     }
 
     /// A bounded run has read every assigned partition to its end offset, and nothing more has
-    /// come for a while (some brokers report end offsets a little behind what they serve; the
-    /// ends are asked again before the run is declared finished).
+    /// come for a while (some brokers report end offsets behind what they serve: records still
+    /// arriving restart the wait, and the ends are asked again before the run is declared
+    /// finished).
     pub fn finished(&mut self) -> bool {
         let at_end = |s: &Self| s.assigned.iter().all(|p| s.next.get(p).unwrap_or(&0) >= s.ends.get(p).unwrap_or(&0));
         if !self.config.input.bounded || self.assigned.is_empty() || !at_end(self) {

@@ -465,15 +465,15 @@ impl Operator for Congestion {
         }
     }
 
-    /// A sudden congestion raised after the restored checkpoint is taken as raised and judged
-    /// again once its windows are complete: the replay raises it again or retracts it.
+    /// A sudden congestion raised or retracted after the restored checkpoint is taken as such
+    /// (with its revision) and judged again once its windows are complete.
     fn adopt_alerts(&mut self, alerts: &[AlertRow]) {
-        for alert in alerts.iter().filter(|a| a.kind == SUDDEN_CONGESTION && a.status == "active") {
+        for alert in alerts.iter().filter(|a| a.kind == SUDDEN_CONGESTION) {
             let Some(id) = alert.segment_id.as_deref() else { continue };
             let Some(segment) = self.names.iter().position(|name| &**name == id) else { continue };
             let key = (segment as u32, alert.ts - 2 * SUDDEN_WINDOW_MS);
             if self.sudden.get(&key).is_none_or(|(_, revision)| *revision < alert.revision) {
-                self.sudden.insert(key, (true, alert.revision));
+                self.sudden.insert(key, (alert.status == "active", alert.revision));
             }
             self.rejudge.insert(key);
         }

@@ -279,11 +279,12 @@ impl Operator for TrafficSurge {
         self.state.raised.retain(|(_, start), _| *start >= keep);
     }
 
-    /// A surge raised after the restored checkpoint is taken as raised, and its checkpoint is
-    /// judged again from the run's first window once that window has been judged: the replay
-    /// either raises the same run (nothing to emit), changes it, or retracts it.
+    /// A surge raised or retracted after the restored checkpoint is taken as such (with its
+    /// revision, so what the replay emits supersedes it), and its checkpoint is judged again
+    /// from the run's first window: the replay raises the same run (nothing to emit), changes
+    /// it, raises it again or retracts it.
     fn adopt_alerts(&mut self, alerts: &[AlertRow]) {
-        for alert in alerts.iter().filter(|a| a.kind == TRAFFIC_SURGE && a.status == "active") {
+        for alert in alerts.iter().filter(|a| a.kind == TRAFFIC_SURGE) {
             let Some(cp) = alert.checkpoint_id.as_deref().and_then(|id| self.city.checkpoint_idx(id)) else { continue };
             let Ok(details) = serde_json::from_str::<serde_json::Value>(&alert.details) else { continue };
             let windows: Vec<i64> = details["windows"]
@@ -297,7 +298,8 @@ impl Operator for TrafficSurge {
             }
             let key = (cp.0, start);
             if self.state.raised.get(&key).is_none_or(|r| r.revision < alert.revision) {
-                self.state.raised.insert(key, Raised { windows, active: true, revision: alert.revision });
+                let active = alert.status == "active";
+                self.state.raised.insert(key, Raised { windows, active, revision: alert.revision });
             }
             // Windows not judged yet are judged anyway, with everything raised among them.
             if self.state.next.is_some_and(|next| start < next) {

@@ -248,14 +248,14 @@ impl Store {
         })
     }
 
-    /// Active traffic-surge and sudden-congestion alerts with `ts >= since`: what a pipeline
-    /// restored from a checkpoint adopts (see `Operator::adopt_alerts`).
+    /// Traffic-surge and sudden-congestion alerts (active or retracted) with `ts >= since`:
+    /// what a pipeline restored from a checkpoint adopts (see `Operator::adopt_alerts`).
     pub async fn alerts_to_adopt(&self, since: i64) -> anyhow::Result<Vec<crate::results::AlertRow>> {
         use crate::pipelines::{SUDDEN_CONGESTION, TRAFFIC_SURGE};
-        type Row = (String, String, i64, Option<String>, Option<String>, String, i64);
+        type Row = (String, String, i64, Option<String>, Option<String>, String, String, i64);
         let sql = "SELECT CAST(alert_id AS CHAR), CAST(kind AS CHAR), ts, CAST(checkpoint_id AS CHAR), \
-                   CAST(segment_id AS CHAR), CAST(details AS CHAR), revision FROM alerts \
-                   WHERE status = 'active' AND kind IN (?, ?) AND ts >= ? ORDER BY alert_id";
+                   CAST(segment_id AS CHAR), CAST(details AS CHAR), CAST(status AS CHAR), revision FROM alerts \
+                   WHERE kind IN (?, ?) AND ts >= ? ORDER BY alert_id";
         let rows: Vec<Row> = match self {
             Store::Sqlite(s) => {
                 sqlx::query_as(sql).bind(TRAFFIC_SURGE).bind(SUDDEN_CONGESTION).bind(since).fetch_all(&s.pool).await?
@@ -267,7 +267,7 @@ impl Store {
         };
         Ok(rows
             .into_iter()
-            .map(|(alert_id, kind, ts, checkpoint_id, segment_id, details, revision)| crate::results::AlertRow {
+            .map(|(alert_id, kind, ts, checkpoint_id, segment_id, details, status, revision)| crate::results::AlertRow {
                 alert_id,
                 kind: if kind == TRAFFIC_SURGE { TRAFFIC_SURGE } else { SUDDEN_CONGESTION },
                 ts,
@@ -277,7 +277,7 @@ impl Store {
                 segment_id: segment_id.map(Into::into),
                 severity: "medium",
                 details,
-                status: "active",
+                status: if status == "active" { "active" } else { "retracted" },
                 revision: u32::try_from(revision).unwrap_or(u32::MAX),
             })
             .collect())

@@ -159,7 +159,21 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// Opens (or creates) the store. Processes opening one file at once (instances of one
+    /// machine) may find it locked while another sets it up: opening is tried again then.
     pub async fn open(path: &str) -> anyhow::Result<SqliteStore> {
+        let started = std::time::Instant::now();
+        loop {
+            match Self::try_open(path).await {
+                Err(e) if is_locked(&e) && started.elapsed() < std::time::Duration::from_secs(60) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn try_open(path: &str) -> anyhow::Result<SqliteStore> {
         if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -183,6 +197,15 @@ impl SqliteStore {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// SQLite's "database is locked" or "busy".
+fn is_locked(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause.downcast_ref::<sqlx::Error>().is_some_and(|e| {
+            matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("5") | Some("6")))
+        })
+    })
 }
 
 pub(super) async fn write_rows(tx: &mut Transaction<'_, Sqlite>, batch: &ResultBatch) -> anyhow::Result<()> {
