@@ -155,7 +155,10 @@ impl Metrics {
         .expect("valid metric");
         registry.register(Box::new(partition_watermark_lag_seconds.clone())).expect("metric registered once");
         let component_ready = prometheus::IntGaugeVec::new(
-            Opts::new("passflow_component_ready", "1 while a part the service depends on works (source, store, kafka_sink)."),
+            Opts::new(
+                "passflow_component_ready",
+                "1 while a part the service depends on works (source, store, kafka_sink).",
+            ),
             &["component"],
         )
         .expect("valid metric");

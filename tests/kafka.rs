@@ -418,7 +418,14 @@ fn start_instance(config: &Config, api_port: u16, file: &Path) -> std::process::
         }
         Err(_) => std::process::Stdio::piped(),
     };
-    crate::support::passflow().arg("--config").arg(file).arg("run").stdout(std::process::Stdio::null()).stderr(stderr).spawn().unwrap()
+    crate::support::passflow()
+        .arg("--config")
+        .arg(file)
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
 }
 
 /// Waits for a bounded run to end well (its stderr in the failure message otherwise).

@@ -42,8 +42,10 @@ async fn the_service_serves_health_and_counts_simulated_passes() {
     assert!(body.contains(r#""store":"ok""#) && body.contains(r#""pipeline":"ok""#), "{body}");
     assert!(body.contains(r#""source":"ok""#), "{body}");
     let (_, metrics) = http_get(handle.api_addr, "/metrics").await;
-    let partition_lag = metrics.lines().find_map(|l| l.strip_prefix(r#"passflow_partition_watermark_lag_seconds{partition="0"} "#));
-    let partition_lag: f64 = partition_lag.expect("the simulator's partition has a watermark lag").trim().parse().unwrap();
+    let partition_lag =
+        metrics.lines().find_map(|l| l.strip_prefix(r#"passflow_partition_watermark_lag_seconds{partition="0"} "#));
+    let partition_lag: f64 =
+        partition_lag.expect("the simulator's partition has a watermark lag").trim().parse().unwrap();
     assert!((0.0..3600.0).contains(&partition_lag), "{partition_lag}");
     let (status, _) = http_get(handle.api_addr, "/nope").await;
     assert_eq!(status, 404);

@@ -105,7 +105,9 @@ impl Shared {
                     tracing::debug!(dir = %dir.display(), error = %format!("{e:#}"), "state still held elsewhere; waiting");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(e) => return Err(e).with_context(|| format!("{} is still held after {LOCK_WAIT:?}", dir.display())),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("{} is still held after {LOCK_WAIT:?}", dir.display()))
+                }
             }
         };
         let live = self.config.kafka.input.wall_clock;
@@ -121,12 +123,14 @@ impl Shared {
 
     async fn open_task(&self, partition: i32) -> anyhow::Result<Task> {
         let dir = self.config.state.dir.join(format!("partition-{partition}"));
-        let (mut engine, checkpoints, latest, next_id) = self.open_state(&dir, |e| e.keep_operators(&PER_VEHICLE)).await?;
+        let (mut engine, checkpoints, latest, next_id) =
+            self.open_state(&dir, |e| e.keep_operators(&PER_VEHICLE)).await?;
         engine.forward_passes();
         engine.assign(partition as u32, wall_ms());
         let next = match latest {
             Some(c) => {
-                let position: KafkaPosition = serde_json::from_value(c.source).context("a partition task's position")?;
+                let position: KafkaPosition =
+                    serde_json::from_value(c.source).context("a partition task's position")?;
                 position.offsets.get(&partition).copied()
             }
             None => None,
@@ -137,7 +141,8 @@ impl Shared {
 
     async fn open_aggregate(&self, input_partitions: usize) -> anyhow::Result<Aggregate> {
         let dir = self.config.state.dir.join("aggregate");
-        let (mut engine, checkpoints, latest, next_id) = self.open_state(&dir, |e| e.drop_operators(&PER_VEHICLE)).await?;
+        let (mut engine, checkpoints, latest, next_id) =
+            self.open_state(&dir, |e| e.drop_operators(&PER_VEHICLE)).await?;
         // Every input partition holds the watermark back until it has data or has been idle.
         for p in 0..input_partitions {
             engine.assign(p as u32, wall_ms());
@@ -287,7 +292,9 @@ pub async fn pipeline(
             for f in polled.records {
                 agg.position.offset = Some(f.offset + 1);
                 match Repartitioned::read(f)? {
-                    Repartitioned::Pass { partition, offset, bytes, late } => passes.push((partition, offset, bytes, late)),
+                    Repartitioned::Pass { partition, offset, bytes, late } => {
+                        passes.push((partition, offset, bytes, late))
+                    }
                     Repartitioned::End { partition } => {
                         agg.position.ended.insert(partition);
                     }
@@ -324,7 +331,8 @@ pub async fn pipeline(
         }
         while let Ok(command) = admin.try_recv() {
             let AdminCommand::Savepoint { reply, .. } = command;
-            let _ = reply.send(Err("savepoints are not available in scale-out mode (each partition has its own state)".into()));
+            let _ = reply
+                .send(Err("savepoints are not available in scale-out mode (each partition has its own state)".into()));
         }
         let stage_one_done = !tasks.is_empty() && tasks.values().all(|t| t.ended);
         if bounded && stage_one_done && shared.finished_marker().exists() {
@@ -355,7 +363,11 @@ async fn checkpoint_all(
 
 /// Checkpoints per-vehicle tasks: complete once their results are written and their forwarded
 /// passes acknowledged.
-async fn checkpoint_tasks(shared: &Shared, forwarder: &mut Forwarder, tasks: &mut [(i32, &mut Task)]) -> anyhow::Result<()> {
+async fn checkpoint_tasks(
+    shared: &Shared,
+    forwarder: &mut Forwarder,
+    tasks: &mut [(i32, &mut Task)],
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut snapshots = Vec::with_capacity(tasks.len());
     for (_, task) in tasks.iter_mut() {

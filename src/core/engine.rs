@@ -167,7 +167,12 @@ impl Engine {
     /// judged without a future-timestamp check (the forwarding engine made it), deduplicated
     /// (a forwarding engine that restarted sends some again), and late rows name both engines'
     /// pipelines.
-    pub fn process_forwarded<'a>(&mut self, source: &str, forwarded: Vec<(Record<'a>, Vec<&str>)>, processing_now: i64) {
+    pub fn process_forwarded<'a>(
+        &mut self,
+        source: &str,
+        forwarded: Vec<(Record<'a>, Vec<&str>)>,
+        processing_now: i64,
+    ) {
         let judged = forwarded.iter().map(|(r, _)| self.ingest.validator().judge(r.bytes, None)).collect();
         let (records, late): (Vec<Record<'a>>, Vec<Vec<&str>>) = forwarded.into_iter().unzip();
         let prior = late.into_iter().map(|labels| labels.into_iter().filter_map(static_label).collect()).collect();

@@ -17,8 +17,8 @@ mod sink;
 mod source;
 
 pub use records::{messages, Message, Topic};
-pub use sink::{next_epoch, KafkaSink};
 pub use repartition::{Forwarder, Repartitioned};
+pub use sink::{next_epoch, KafkaSink};
 pub use source::{Fetched, KafkaPosition, KafkaSource, Polled};
 
 use rdkafka::ClientConfig;

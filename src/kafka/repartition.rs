@@ -26,9 +26,16 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// A message of the internal topic, read back.
 #[derive(Debug, PartialEq)]
 pub enum Repartitioned {
-    Pass { partition: u32, offset: u64, bytes: Vec<u8>, late: Vec<String> },
+    Pass {
+        partition: u32,
+        offset: u64,
+        bytes: Vec<u8>,
+        late: Vec<String>,
+    },
     /// Input partition `partition` has been read to its end (bounded runs).
-    End { partition: u32 },
+    End {
+        partition: u32,
+    },
 }
 
 impl Repartitioned {
@@ -38,7 +45,9 @@ impl Repartitioned {
             .as_deref()
             .and_then(|k| std::str::from_utf8(k).ok())
             .and_then(|k| k.parse().ok())
-            .with_context(|| format!("message {} of the repartition topic has no input partition as its key", message.offset))?;
+            .with_context(|| {
+                format!("message {} of the repartition topic has no input partition as its key", message.offset)
+            })?;
         let header = |name: &str| message.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice());
         if header(END).is_some() {
             return Ok(Repartitioned::End { partition });

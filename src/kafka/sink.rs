@@ -132,7 +132,8 @@ pub fn next_epoch(dir: &Path) -> anyhow::Result<u64> {
         Ok(text) => text.trim().parse::<u64>().unwrap_or(0),
         Err(_) => 0,
     };
-    let claimed = |entry: std::io::Result<std::fs::DirEntry>| -> Option<u64> { entry.ok()?.file_name().to_str()?.parse().ok() };
+    let claimed =
+        |entry: std::io::Result<std::fs::DirEntry>| -> Option<u64> { entry.ok()?.file_name().to_str()?.parse().ok() };
     let last = std::fs::read_dir(&claims)?.filter_map(claimed).max().unwrap_or(0).max(legacy);
     let mut epoch = last + 1;
     loop {
@@ -171,8 +172,9 @@ mod tests {
     fn processes_sharing_a_folder_never_get_the_same_epoch() {
         let dir = tempfile::tempdir().unwrap();
         let claims: Vec<u64> = std::thread::scope(|s| {
-            let workers: Vec<_> =
-                (0..8).map(|_| s.spawn(|| (0..5).map(|_| next_epoch(dir.path()).unwrap()).collect::<Vec<_>>())).collect();
+            let workers: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| (0..5).map(|_| next_epoch(dir.path()).unwrap()).collect::<Vec<_>>()))
+                .collect();
             workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
         });
         let distinct: std::collections::BTreeSet<u64> = claims.iter().copied().collect();

@@ -96,6 +96,9 @@ pub struct KafkaSource {
     unsought: BTreeSet<i32>,
     /// Bounded runs: each partition's end offset when it was assigned.
     ends: BTreeMap<i32, i64>,
+    /// Bounded runs: partitions whose end the consumer has reached (the broker's fetch answer
+    /// said so) with nothing after it yet.
+    eof: BTreeSet<i32>,
     /// Bounded runs: since when every partition has been at its end with nothing more coming.
     at_end_since: Option<Instant>,
     paused: bool,
@@ -155,7 +158,8 @@ impl KafkaSource {
                 // The pipeline stops polling while a slow store holds it back: that must not
                 // cost the group membership.
                 ("max.poll.interval.ms", "86400000"),
-                ("enable.partition.eof", "false"),
+                // Bounded runs end at the partitions' ends as the fetch answers give them.
+                ("enable.partition.eof", if input.bounded { "true" } else { "false" }),
             ])
             .create_with_context(context)
             .with_context(|| format!("creating the Kafka consumer for {}", config.brokers))?;
@@ -178,6 +182,7 @@ impl KafkaSource {
             revoked: BTreeSet::new(),
             unsought: BTreeSet::new(),
             ends: BTreeMap::new(),
+            eof: BTreeSet::new(),
             at_end_since: None,
             paused: false,
             last_lag: None,
@@ -206,6 +211,9 @@ impl KafkaSource {
             wait = Duration::ZERO;
             match message {
                 None => break,
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    self.eof.insert(p);
+                }
                 Some(Err(e)) => {
                     self.log_error(&e);
                     break;
@@ -222,8 +230,8 @@ impl KafkaSource {
                         continue; // processed before the checkpoint this run resumed from
                     }
                     self.next.insert(f.partition, f.offset + 1);
-                    // Records still coming: not at the end, whatever the reported end offsets
-                    // say (a broker may report them behind what it serves).
+                    // Records still coming: not at the end yet.
+                    self.eof.remove(&f.partition);
                     self.at_end_since = None;
                     polled.records.push(f);
                 }
@@ -261,6 +269,7 @@ impl KafkaSource {
                         self.assigned.remove(&p);
                         self.next.remove(&p);
                         self.ends.remove(&p);
+                        self.eof.remove(&p);
                         self.unsought.remove(&p);
                         assigned.retain(|a| *a != p);
                         revoked.push(p);
@@ -298,6 +307,7 @@ impl KafkaSource {
     fn on_assigned(&mut self, partition: i32) -> anyhow::Result<()> {
         let topic = self.config.input.topic.clone();
         self.assigned.insert(partition);
+        self.eof.remove(&partition);
         if self.config.input.bounded {
             let (low, high) = self
                 .consumer
@@ -367,34 +377,19 @@ impl KafkaSource {
         }
     }
 
-    /// A bounded run has read every assigned partition to its end offset, and nothing more has
-    /// come for a while (some brokers report end offsets behind what they serve: records still
-    /// arriving restart the wait, and the ends are asked again before the run is declared
-    /// finished).
+    /// A bounded run has read every assigned partition past the end offset it had when
+    /// assigned and to the end the broker's fetch answers give (brokers may report end offsets
+    /// behind what they serve), and nothing more has come for a while.
     pub fn finished(&mut self) -> bool {
-        let at_end = |s: &Self| s.assigned.iter().all(|p| s.next.get(p).unwrap_or(&0) >= s.ends.get(p).unwrap_or(&0));
-        if !self.config.input.bounded || self.assigned.is_empty() || !at_end(self) {
+        let at_end = self
+            .assigned
+            .iter()
+            .all(|p| self.eof.contains(p) && self.next.get(p).unwrap_or(&0) >= self.ends.get(p).unwrap_or(&0));
+        if !self.config.input.bounded || self.assigned.is_empty() || !at_end {
             self.at_end_since = None;
             return false;
         }
-        let since = *self.at_end_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < END_QUIET {
-            return false;
-        }
-        let topic = self.config.input.topic.clone();
-        for p in self.assigned.clone() {
-            match self.consumer.fetch_watermarks(&topic, p, METADATA_TIMEOUT) {
-                Ok((_, high)) => {
-                    self.ends.insert(p, high);
-                }
-                Err(e) => {
-                    self.log_error(&e);
-                    return false;
-                }
-            }
-        }
-        self.at_end_since = None;
-        at_end(self)
+        self.at_end_since.get_or_insert_with(Instant::now).elapsed() >= END_QUIET
     }
 
     /// Stops (or restarts) fetching while the pipeline behind is full.

@@ -61,6 +61,17 @@ struct Seen {
 }
 
 impl Seen {
+    /// A pass as an alert's details describe it.
+    fn described(city: &City, pass: &serde_json::Value) -> Option<Seen> {
+        Some(Seen {
+            ts: pass["ts"].as_i64()?,
+            pass_id: pass["pass_id"].as_str()?.into(),
+            cp: city.checkpoint_idx(pass["checkpoint_id"].as_str()?)?.0,
+            plate_type: pass["plate_type"].as_str()?.into(),
+            vehicle_type: pass["vehicle_type"].as_str().map(Into::into),
+        })
+    }
+
     fn of(p: &Pass) -> Seen {
         Seen {
             ts: p.ts.ms(),
@@ -239,14 +250,21 @@ impl Operator for ClonedPlates {
                     }
                 }
             }
-            for (alert, y) in found {
+            for (mut alert, y) in found {
+                // Found again (the input replayed after a restart): the same alert, or raised
+                // again above the revision that retracted it.
+                alert.revision = match self.raised.get(&alert.alert_id) {
+                    Some(r) if r.active => r.revision,
+                    Some(r) => r.revision + 1,
+                    None => 0,
+                };
                 let raised = Raised {
                     plate: vehicle.plate.as_str().to_owned(),
                     color: vehicle.color.code(),
                     a: x.clone(),
                     b: y,
                     active: true,
-                    revision: 0,
+                    revision: alert.revision,
                 };
                 self.raised.insert(alert.alert_id.clone(), raised);
                 ctx.out.alerts.push(alert);
@@ -292,6 +310,28 @@ impl Operator for ClonedPlates {
                 !list.is_empty()
             });
             self.swept_at = horizon;
+        }
+    }
+
+    /// Cloned-plate alerts raised or retracted after the restored checkpoint are taken in and
+    /// judged again on the skews known: one a skew explains is retracted, and one the replay
+    /// finds again keeps (or outranks) its stored revision.
+    fn adopt_alerts(&mut self, alerts: &[AlertRow]) {
+        for alert in alerts.iter().filter(|a| a.kind == CLONED_PLATE) {
+            if self.raised.get(&alert.alert_id).is_some_and(|r| r.revision >= alert.revision) {
+                continue;
+            }
+            let (Some(plate), Some(color)) = (alert.plate.as_deref(), alert.plate_color) else { continue };
+            let Ok(details) = serde_json::from_str::<serde_json::Value>(&alert.details) else { continue };
+            let passes = (
+                Seen::described(&self.city, &details["passes"][0]),
+                Seen::described(&self.city, &details["passes"][1]),
+            );
+            let (Some(a), Some(b)) = passes else { continue };
+            let (active, revision) = (alert.status == "active", alert.revision);
+            self.raised
+                .insert(alert.alert_id.clone(), Raised { plate: plate.to_owned(), color, a, b, active, revision });
+            self.rejudge = true;
         }
     }
 

@@ -250,11 +250,17 @@ impl Operator for DeviceHealth {
                 counts[cp as usize].1 += 1;
                 continue;
             };
-            // Travel times between consecutive passes in arrival order (close to time order).
-            if let Some((prev_ts, prev_cp)) = self.last_pass.insert(vehicle, (ts, cp)) {
+            // Travel times from each vehicle's latest pass (by event time) to a later one: a
+            // pass arriving after a later one of its vehicle makes no trip (it would pair passes
+            // that are not adjacent in time).
+            let prev = self.last_pass.get(&vehicle).copied();
+            if prev.is_none_or(|(prev_ts, _)| ts > prev_ts) {
+                self.last_pass.insert(vehicle, (ts, cp));
+            }
+            if let Some((prev_ts, prev_cp)) = prev {
                 let dt = ts - prev_ts;
-                if prev_cp != cp && dt.abs() < MAX_TRIP_MS {
-                    let (from, to, dt) = if dt >= 0 { (prev_cp, cp, dt) } else { (cp, prev_cp, -dt) };
+                if prev_cp != cp && dt > 0 && dt < MAX_TRIP_MS {
+                    let (from, to) = (prev_cp, cp);
                     let samples = self.trips.entry((from, to)).or_default();
                     samples.push_back(dt);
                     if samples.len() > SAMPLES_PER_PAIR {

@@ -6,11 +6,11 @@
 //! later corrects it under a higher revision; the stored first offered again (a replay) is
 //! emitted again unchanged, so a crash between emission and the sink loses nothing.
 
-use anyhow::Context as _;
 use crate::core::{check_version, Context, Operator, StateBlob};
 use crate::model::Pass;
 use crate::reference::City;
 use crate::results::FirstEntryRow;
+use anyhow::Context as _;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -248,37 +248,56 @@ impl Store {
         })
     }
 
-    /// Traffic-surge and sudden-congestion alerts (active or retracted) with `ts >= since`:
-    /// what a pipeline restored from a checkpoint adopts (see `Operator::adopt_alerts`).
+    /// Traffic-surge, sudden-congestion and cloned-plate alerts (active or retracted) with
+    /// `ts >= since`: what a pipeline restored from a checkpoint adopts (see
+    /// `Operator::adopt_alerts`).
     pub async fn alerts_to_adopt(&self, since: i64) -> anyhow::Result<Vec<crate::results::AlertRow>> {
-        use crate::pipelines::{SUDDEN_CONGESTION, TRAFFIC_SURGE};
-        type Row = (String, String, i64, Option<String>, Option<String>, String, String, i64);
-        let sql = "SELECT CAST(alert_id AS CHAR), CAST(kind AS CHAR), ts, CAST(checkpoint_id AS CHAR), \
-                   CAST(segment_id AS CHAR), CAST(details AS CHAR), CAST(status AS CHAR), revision FROM alerts \
-                   WHERE kind IN (?, ?) AND ts >= ? ORDER BY alert_id";
+        use crate::pipelines::{CLONED_PLATE, SUDDEN_CONGESTION, TRAFFIC_SURGE};
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            alert_id: String,
+            kind: String,
+            ts: i64,
+            plate: Option<String>,
+            plate_color: Option<i64>,
+            checkpoint_id: Option<String>,
+            segment_id: Option<String>,
+            details: String,
+            status: String,
+            revision: i64,
+        }
+        let sql = "SELECT CAST(alert_id AS CHAR) AS alert_id, CAST(kind AS CHAR) AS kind, ts, \
+                   CAST(plate AS CHAR) AS plate, CAST(plate_color AS SIGNED) AS plate_color, \
+                   CAST(checkpoint_id AS CHAR) AS checkpoint_id, CAST(segment_id AS CHAR) AS segment_id, \
+                   CAST(details AS CHAR) AS details, CAST(status AS CHAR) AS status, revision FROM alerts \
+                   WHERE kind IN (?, ?, ?) AND ts >= ? ORDER BY alert_id";
+        let kinds = [TRAFFIC_SURGE, SUDDEN_CONGESTION, CLONED_PLATE];
         let rows: Vec<Row> = match self {
             Store::Sqlite(s) => {
-                sqlx::query_as(sql).bind(TRAFFIC_SURGE).bind(SUDDEN_CONGESTION).bind(since).fetch_all(&s.pool).await?
+                sqlx::query_as(sql).bind(kinds[0]).bind(kinds[1]).bind(kinds[2]).bind(since).fetch_all(&s.pool).await?
             }
             Store::MySql(s) => {
-                sqlx::query_as(sql).bind(TRAFFIC_SURGE).bind(SUDDEN_CONGESTION).bind(since).fetch_all(&s.pool).await?
+                sqlx::query_as(sql).bind(kinds[0]).bind(kinds[1]).bind(kinds[2]).bind(since).fetch_all(&s.pool).await?
             }
             Store::Null => Vec::new(),
         };
         Ok(rows
             .into_iter()
-            .map(|(alert_id, kind, ts, checkpoint_id, segment_id, details, status, revision)| crate::results::AlertRow {
-                alert_id,
-                kind: if kind == TRAFFIC_SURGE { TRAFFIC_SURGE } else { SUDDEN_CONGESTION },
-                ts,
-                plate: None,
-                plate_color: None,
-                checkpoint_id: checkpoint_id.map(Into::into),
-                segment_id: segment_id.map(Into::into),
-                severity: "medium",
-                details,
-                status: if status == "active" { "active" } else { "retracted" },
-                revision: u32::try_from(revision).unwrap_or(u32::MAX),
+            .filter_map(|r| {
+                let kind = *kinds.iter().find(|k| **k == r.kind)?;
+                Some(crate::results::AlertRow {
+                    alert_id: r.alert_id,
+                    kind,
+                    ts: r.ts,
+                    plate: r.plate.map(Into::into),
+                    plate_color: r.plate_color.and_then(|c| u8::try_from(c).ok()),
+                    checkpoint_id: r.checkpoint_id.map(Into::into),
+                    segment_id: r.segment_id.map(Into::into),
+                    severity: "medium",
+                    details: r.details,
+                    status: if r.status == "active" { "active" } else { "retracted" },
+                    revision: u32::try_from(r.revision).unwrap_or(u32::MAX),
+                })
             })
             .collect())
     }

@@ -202,9 +202,9 @@ impl SqliteStore {
 /// SQLite's "database is locked" or "busy".
 fn is_locked(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
-        cause.downcast_ref::<sqlx::Error>().is_some_and(|e| {
-            matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("5") | Some("6")))
-        })
+        cause.downcast_ref::<sqlx::Error>().is_some_and(
+            |e| matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("5") | Some("6"))),
+        )
     })
 }
 
