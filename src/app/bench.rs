@@ -115,6 +115,7 @@ pub async fn bench_kafka(
     vehicles: u32,
     partitions: i32,
     outputs: bool,
+    instances: usize,
 ) -> anyhow::Result<KafkaBenchResult> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -128,6 +129,15 @@ pub async fn bench_kafka(
         .await?
     {
         r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+    }
+    if instances > 1 {
+        // Scale-out: the instances share the input partitions; one runs the aggregate stage.
+        config.kafka.scale_out.enabled = true;
+        config.kafka.scale_out.repartition_topic = format!("{topic}.repartition");
+        let repartition = NewTopic::new(&config.kafka.scale_out.repartition_topic, 1, TopicReplication::Fixed(1));
+        for r in admin.create_topics(&[repartition], &AdminOptions::new()).await? {
+            r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+        }
     }
     let producer: FutureProducer = client.clone().set("linger.ms", "20").create()?;
     let started = Instant::now();
@@ -169,14 +179,20 @@ pub async fn bench_kafka(
     config.kafka.input.wall_clock = false;
     config.kafka.output.enabled = outputs;
     let started = Instant::now();
-    let handle = super::run(config, None).await?;
+    // Several instances run in this process as they would in several: each its own service.
+    let mut handles = Vec::new();
+    for _ in 0..instances.max(1) {
+        handles.push(super::run(config.clone(), None).await?);
+    }
     // Joining the group can take the broker's rebalance delay: the figure starts at the first
     // record read.
-    while handle.metrics.passes_received.get() == 0 && started.elapsed().as_secs() < 120 {
+    while handles.iter().all(|h| h.metrics.passes_received.get() == 0) && started.elapsed().as_secs() < 120 {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let first = Instant::now();
-    handle.wait().await?;
+    for handle in handles {
+        handle.wait().await?;
+    }
     Ok(KafkaBenchResult {
         records: day.emissions.len() as u64,
         produce_seconds,

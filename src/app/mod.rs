@@ -122,6 +122,9 @@ pub enum BenchCommand {
         /// Also write every output to the Kafka topics.
         #[arg(long)]
         outputs: bool,
+        /// Instances sharing the input in one consumer group (scale-out), in this process.
+        #[arg(long, default_value_t = 1)]
+        instances: usize,
     },
 }
 
@@ -157,12 +160,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Bench { command: BenchCommand::Kafka { brokers, vehicles, partitions, outputs } } => {
+        Command::Bench { command: BenchCommand::Kafka { brokers, vehicles, partitions, outputs, instances } } => {
             let store = config.store.url.clone();
-            let r = bench_kafka(config, &brokers, vehicles, partitions, outputs).await?;
+            let r = bench_kafka(config, &brokers, vehicles, partitions, outputs, instances).await?;
             println!(
                 "kafka: {} records produced in {:.3} s; group joined in {:.1} s; read end to end (every pipeline, \
-                 {partitions} partitions, store {store}, outputs to Kafka: {outputs}) in {:.3} s = {:.0} passes/s",
+                 {partitions} partitions, {instances} instance(s), store {store}, outputs to Kafka: {outputs}) \
+                 in {:.3} s = {:.0} passes/s",
                 r.records,
                 r.produce_seconds,
                 r.join_seconds,

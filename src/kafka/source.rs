@@ -64,7 +64,15 @@ struct GroupEvents {
     events: Mutex<Vec<GroupEvent>>,
 }
 
-impl ClientContext for GroupEvents {}
+impl ClientContext for GroupEvents {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        match error {
+            // Bounded runs ask to be told of partition ends: not an error.
+            rdkafka::error::KafkaError::PartitionEOF(_) => tracing::debug!(reason, "partition end reached"),
+            e => tracing::error!(error = %e, reason, "Kafka client error"),
+        }
+    }
+}
 
 impl ConsumerContext for GroupEvents {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
