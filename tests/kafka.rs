@@ -504,24 +504,13 @@ async fn a_day_through_tansu_with_sigkills_and_a_stopped_broker_loses_and_double
     let (broker, brokers) = Tansu::start();
     let mut config = service_config(work.path(), day, &brokers);
     let api_port = free_port();
-    config.api.listen = format!("127.0.0.1:{api_port}");
     // Smaller steps still: the runs are killed while the day is far from read.
     config.kafka.input.max_batch = 100;
     config.kafka.client.insert("max.poll.interval.ms".into(), "10000".into());
     create_topics(&brokers, &config).await;
     produce_day(&brokers, &day.join("passes.jsonl")).await;
     let config_file = work.path().join("passflow.toml");
-    std::fs::write(&config_file, toml::to_string(&config).unwrap()).unwrap();
-    let start = || {
-        crate::support::passflow()
-            .arg("--config")
-            .arg(&config_file)
-            .arg("run")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let start = || start_instance(&config, api_port, &config_file);
 
     // Two runs killed with SIGKILL while they are reading.
     let mut kills = 0;
@@ -560,16 +549,7 @@ async fn a_day_through_tansu_with_sigkills_and_a_stopped_broker_loses_and_double
     let waiting = ["source", "kafka_sink"].iter().any(|part| body["checks"][part] == "not ready");
     assert!(waiting, "the source or the Kafka sink is named: {body}");
     signal(broker.0.id(), "-CONT");
-    let pid = child.id();
-    let waited =
-        tokio::time::timeout(Duration::from_secs(180), tokio::task::spawn_blocking(move || child.wait_with_output()))
-            .await;
-    let Ok(out) = waited else {
-        signal(pid, "-KILL");
-        panic!("the bounded run did not end within 180 s");
-    };
-    let out = out.unwrap().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_success(child, "the bounded run").await;
     check_tables(&config, &want).await;
     check_topics(&brokers, &config, &want, true).await;
 }
