@@ -35,7 +35,7 @@ use crate::core::sink::{SinkHandle, QUEUE_BATCHES};
 use crate::core::{Clocks, Engine, Record};
 use crate::kafka::{Fetched, Forwarder, KafkaPosition, KafkaSource, Repartitioned};
 use crate::metrics::Metrics;
-use crate::pipelines::WatchList;
+use crate::pipelines::{WatchList, PER_VEHICLE};
 use crate::reference::City;
 use crate::store::Store;
 use anyhow::Context;
@@ -46,8 +46,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
-/// The pipelines of the per-vehicle stage; every other one runs in the aggregate stage.
-pub const PER_VEHICLE: [&str; 3] = ["high_frequency", "trajectories", "first_entry"];
 /// How long an instance waits for another to let go of a partition's state.
 const LOCK_WAIT: Duration = Duration::from_secs(120);
 

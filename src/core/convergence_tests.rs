@@ -10,6 +10,7 @@ use crate::pipelines::{
     batch_top_n, AreaTable, SegmentTable, CHECKPOINT_METRIC, SEGMENT_METRIC,
 };
 use crate::reference::City;
+use crate::results::ResultBatch;
 use crate::simulator::{sample_city, simulate_day, SimParams};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -376,6 +377,81 @@ fn converges(seed: u64) -> Result<(), TestCaseError> {
         prop_assert!(diff.is_empty(), "origin counts differ from the batch computation: {diff:?}");
     }
     Ok(())
+}
+
+/// Scale-out's two stages — the per-vehicle pipelines forwarding every pass, the others taking
+/// the forwarded passes — give the single engine's results, and a pass late in both stages is
+/// one `late_passes` row naming every pipeline it missed.
+#[test]
+fn two_stages_over_forwarded_passes_give_the_single_engines_results() {
+    let (city, records) = day();
+    let mut sorted: Vec<&(String, Pass)> = records.iter().collect();
+    sorted.sort_by_key(|(_, p)| p.ts.ms());
+    // An early pass held back to the very end: late for every window that closed meanwhile.
+    let held = sorted.remove(sorted.len() / 10);
+    sorted.push(held);
+    let (single, mut per_vehicle, mut aggregate) =
+        (&mut engine(city, &Backend::Memory), engine(city, &Backend::Memory), engine(city, &Backend::Memory));
+    per_vehicle.keep_operators(&crate::pipelines::PER_VEHICLE);
+    per_vehicle.forward_passes();
+    aggregate.drop_operators(&crate::pipelines::PER_VEHICLE);
+    let clocks = Clocks { future_now: None, processing_now: 0 };
+    let (mut want, mut got) = (ResultBatch::default(), ResultBatch::default());
+    for (n, batch) in sorted.chunks(500).enumerate() {
+        let records = || {
+            batch.iter().enumerate().map(|(i, (l, _))| Record {
+                partition: 0,
+                seq: (n * 500 + i) as u64,
+                bytes: l.as_bytes(),
+            })
+        };
+        single.process("test", records(), clocks);
+        per_vehicle.process("test", records(), clocks);
+        let forwarded = per_vehicle.take_forwarded();
+        assert_eq!(forwarded.len(), batch.len(), "every pass of the day is valid and new");
+        let forwarded = forwarded
+            .iter()
+            .map(|f| (Record { partition: f.partition, seq: f.seq, bytes: &f.bytes }, f.late.to_vec()))
+            .collect();
+        aggregate.process_forwarded("test", forwarded, 0);
+        want.append(&mut single.take_output());
+        got.append(&mut per_vehicle.take_output());
+        got.append(&mut aggregate.take_output());
+    }
+    for e in [&mut *single, &mut aggregate, &mut per_vehicle] {
+        e.finish();
+    }
+    want.append(&mut single.take_output());
+    got.append(&mut per_vehicle.take_output());
+    got.append(&mut aggregate.take_output());
+    let late = |b: &ResultBatch| -> Vec<(String, Vec<&'static str>)> {
+        b.late_passes.iter().map(|l| (l.pass_id.to_string(), l.pipelines.clone())).collect()
+    };
+    let late_rows = late(&want);
+    assert!(late_rows.iter().any(|(id, _)| **id == *held.1.pass_id), "the held-back pass is late: {late_rows:?}");
+    assert_eq!(late(&got), late_rows);
+    let flows = |b: &ResultBatch| -> BTreeMap<(String, String, u32, i64), u64> {
+        let mut t = Table::new();
+        for r in &b.flow_counts {
+            let key = (r.level.to_owned(), r.key_id.to_string(), r.window_s, r.window_start);
+            if t.get(&key).is_none_or(|(rev, _)| *rev <= r.revision) {
+                t.insert(key, (r.revision, r.passes));
+            }
+        }
+        counts(&t)
+    };
+    assert_eq!(flows(&got), flows(&want));
+    assert_eq!(got.trajectories.len(), want.trajectories.len());
+
+    // What a pass was late for in the per-vehicle stage is named in the aggregate stage's row,
+    // with what it missed there.
+    let mut aggregate = engine(city, &Backend::Memory);
+    aggregate.drop_operators(&crate::pipelines::PER_VEHICLE);
+    let (line, pass) = &sorted[0];
+    let record = Record { partition: 0, seq: 0, bytes: line.as_bytes() };
+    aggregate.process_forwarded("test", vec![(record, vec!["trajectories/day", "high_frequency/day"])], 0);
+    let rows = late(&aggregate.take_output());
+    assert_eq!(rows, vec![(pass.pass_id.to_string(), vec!["high_frequency/day", "trajectories/day"])]);
 }
 
 /// Seeds that once failed, checked on every run.

@@ -60,6 +60,10 @@ use crate::core::Operator;
 use crate::reference::City;
 use std::sync::Arc;
 
+/// The pipelines whose state is per vehicle: scale-out runs them beside each input partition
+/// (keyed by vehicle), and every other one in the aggregate stage.
+pub const PER_VEHICLE: [&str; 3] = ["high_frequency", "trajectories", "first_entry"];
+
 /// Every pipeline of the service, in the order they run.
 pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> anyhow::Result<Vec<Box<dyn Operator>>> {
     let first_entries: Box<dyn FirstEntryStore> = match settings.first_entry_store.as_str() {
