@@ -27,7 +27,7 @@
 //! partitions are read and the aggregate stage has finished.
 
 use super::replay::{adopt_stored_alerts, build_engine};
-use super::run::{observe_watermarks, wall_ms, IDLE_POLL};
+use super::run::{observe_partition_watermarks, observe_watermarks, wall_ms, IDLE_POLL};
 use crate::api::AdminCommand;
 use crate::config::Config;
 use crate::core::checkpoint::{Checkpoint, CheckpointStore};
@@ -254,6 +254,7 @@ pub async fn pipeline(
                 }
                 None => task.engine.tick(now),
             }
+            observe_partition_watermarks(&metrics, &task.engine, now);
             forwarder.forward(&task.engine.take_forwarded()).await?;
             shared.flush(&mut task.engine).await?;
         }

@@ -380,13 +380,26 @@ async fn pipeline(
 
 /// How far the watermark, and each source partition's own, trails the source's clock.
 pub(super) fn observe_watermarks(metrics: &Metrics, engine: &crate::core::Engine, now: i64) {
-    // No watermark yet (`i64::MIN`): no lag to speak of.
-    let lag = |watermark: i64| if watermark == i64::MIN { 0.0 } else { (now - watermark).max(0) as f64 / 1000.0 };
-    metrics.watermark_lag_seconds.set(lag(engine.watermark()));
+    metrics.watermark_lag_seconds.set(watermark_lag_s(now, engine.watermark()));
+    observe_partition_watermarks(metrics, engine, now);
+}
+
+/// Each source partition's own watermark lag.
+pub(super) fn observe_partition_watermarks(metrics: &Metrics, engine: &crate::core::Engine, now: i64) {
     for (partition, watermark) in engine.partition_watermarks() {
         if let Some(w) = watermark {
-            metrics.partition_watermark_lag_seconds.with_label_values(&[&partition.to_string()]).set(lag(w));
+            let lag = watermark_lag_s(now, w);
+            metrics.partition_watermark_lag_seconds.with_label_values(&[&partition.to_string()]).set(lag);
         }
+    }
+}
+
+/// Seconds from `watermark` to `now` (none before the first watermark, `i64::MIN`).
+fn watermark_lag_s(now: i64, watermark: i64) -> f64 {
+    if watermark == i64::MIN {
+        0.0
+    } else {
+        (now - watermark).max(0) as f64 / 1000.0
     }
 }
 
