@@ -497,6 +497,29 @@ async fn two_and_three_instances_in_one_group_give_the_tables_of_one() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn scale_out_refuses_a_savepoint_and_a_repartition_topic_of_several_partitions() {
+    let work = tempfile::tempdir().unwrap();
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let mut config = service_config(work.path(), small_day(), &brokers);
+    config.kafka.scale_out.enabled = true;
+    let err = match passflow::app::run(config.clone(), Some(work.path().join("savepoint"))).await {
+        Ok(_) => panic!("a savepoint was taken up in scale-out mode"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("savepoints are not available in scale-out mode"), "{err}");
+    // The aggregate stage is one task: its topic must have one partition.
+    cluster.create_topic(INPUT, PARTITIONS, 1).unwrap();
+    cluster.create_topic(&config.kafka.scale_out.repartition_topic, 2, 1).unwrap();
+    let handle = passflow::app::run(config, None).await.unwrap();
+    let err = match tokio::time::timeout(Duration::from_secs(60), handle.wait()).await.expect("stops") {
+        Ok(()) => panic!("the service ran on a repartition topic of two partitions"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("has 2 partitions; the aggregate stage needs exactly one"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_day_through_tansu_with_sigkills_and_a_stopped_broker_loses_and_doubles_nothing() {
     let day = small_day();
     let work = tempfile::tempdir().unwrap();
