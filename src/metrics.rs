@@ -207,6 +207,13 @@ impl Metrics {
         }
     }
 
+    /// A checkpoint begun at `started` completed, created at `created_at_ms`.
+    pub fn observe_checkpoint(&self, started: std::time::Instant, created_at_ms: i64) {
+        self.checkpoints.inc();
+        self.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
+        self.checkpoint_last_seconds.set(created_at_ms as f64 / 1000.0);
+    }
+
     /// Marks a part the service depends on as working or not (see `component_ready`).
     pub fn set_ready(&self, component: &str, ready: bool) {
         self.component_ready.with_label_values(&[component]).set(ready as i64);

@@ -27,7 +27,7 @@
 //! partitions are read and the aggregate stage has finished.
 
 use super::replay::{adopt_stored_alerts, build_engine};
-use super::run::{observe_partition_watermarks, observe_watermarks, wall_ms, IDLE_POLL};
+use super::run::{observe_kafka, observe_partition_watermarks, observe_watermarks, wall_ms, IDLE_POLL};
 use crate::api::AdminCommand;
 use crate::config::Config;
 use crate::core::checkpoint::{Checkpoint, CheckpointStore};
@@ -204,17 +204,9 @@ pub async fn pipeline(
 
     while !*stopped.borrow() {
         metrics.pipeline_heartbeat_ms.set(wall_ms());
-        let paused = metrics.sink_backlog.get() >= QUEUE_BATCHES as i64;
         tokio::task::block_in_place(|| {
-            input.set_paused(paused);
-            repartition.set_paused(paused);
-            if let Some(lag) = input.lag() {
-                metrics.kafka_consumer_lag.set(lag.iter().map(|(_, n)| n).sum());
-                for (p, n) in lag {
-                    metrics.kafka_partition_lag.with_label_values(&[&p.to_string()]).set(n);
-                }
-            }
-            metrics.set_ready("source", input.connected());
+            observe_kafka(&mut input, &metrics);
+            repartition.set_paused(metrics.sink_backlog.get() >= QUEUE_BATCHES as i64);
         });
 
         // The per-vehicle stage (waiting for input only while the aggregate stage is idle too).
@@ -392,7 +384,7 @@ async fn checkpoint_tasks(
         task.engine.committed(task.next_id);
         task.next_id += 1;
     }
-    record_checkpoint(&shared.metrics, started);
+    shared.metrics.observe_checkpoint(started, chrono::Utc::now().timestamp_millis());
     Ok(())
 }
 
@@ -412,12 +404,6 @@ async fn checkpoint_aggregate(shared: &Shared, agg: &mut Aggregate, repartition:
     agg.engine.committed(agg.next_id);
     agg.next_id += 1;
     repartition.checkpointed();
-    record_checkpoint(&shared.metrics, started);
+    shared.metrics.observe_checkpoint(started, checkpoint.created_at);
     Ok(())
-}
-
-fn record_checkpoint(metrics: &Metrics, started: Instant) {
-    metrics.checkpoints.inc();
-    metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
-    metrics.checkpoint_last_seconds.set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
 }

@@ -314,17 +314,9 @@ impl Source {
 
     /// Backpressure and lag, once per turn of the loop.
     fn observe(&mut self, metrics: &Metrics) {
-        if let Source::Kafka(k) = self {
-            k.set_paused(metrics.sink_backlog.get() >= QUEUE_BATCHES as i64);
-            if let Some(lag) = k.lag() {
-                metrics.kafka_consumer_lag.set(lag.iter().map(|(_, n)| n).sum());
-                for (p, n) in lag {
-                    metrics.kafka_partition_lag.with_label_values(&[&p.to_string()]).set(n);
-                }
-            }
-            metrics.set_ready("source", k.connected());
-        } else {
-            metrics.set_ready("source", true);
+        match self {
+            Source::Kafka(k) => observe_kafka(k, metrics),
+            Source::Simulator(_) => metrics.set_ready("source", true),
         }
     }
 }
@@ -376,6 +368,19 @@ async fn pipeline(
     driver.checkpoint(source.position()).await?;
     source.checkpointed();
     Ok(())
+}
+
+/// Pauses a Kafka input while the store writer's queue is full; reports its lag and whether
+/// its broker answers.
+pub(super) fn observe_kafka(k: &mut KafkaSource, metrics: &Metrics) {
+    k.set_paused(metrics.sink_backlog.get() >= QUEUE_BATCHES as i64);
+    if let Some(lag) = k.lag() {
+        metrics.kafka_consumer_lag.set(lag.iter().map(|(_, n)| n).sum());
+        for (p, n) in lag {
+            metrics.kafka_partition_lag.with_label_values(&[&p.to_string()]).set(n);
+        }
+    }
+    metrics.set_ready("source", k.connected());
 }
 
 /// How far the watermark, and each source partition's own, trails the source's clock.

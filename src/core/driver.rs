@@ -86,9 +86,7 @@ impl Driver {
         }
         self.next_id += 1;
         self.last_checkpoint = Instant::now();
-        self.metrics.checkpoints.inc();
-        self.metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
-        self.metrics.checkpoint_last_seconds.set(checkpoint.created_at as f64 / 1000.0);
+        self.metrics.observe_checkpoint(started, checkpoint.created_at);
         self.metrics.state_pending_ids.set(self.engine.pending_state() as i64);
         tracing::debug!(checkpoint = id, took_ms = started.elapsed().as_millis() as u64, "checkpoint complete");
         Ok(Some(checkpoint))

@@ -343,7 +343,7 @@ impl Engine {
     /// The state for checkpoint `id` (state kept in RocksDB comes as writes to apply with it).
     pub fn snapshot(&mut self, id: u64) -> anyhow::Result<EngineSnapshot> {
         let (dedup, writes) = self.ingest.dedup_mut().checkpoint(id)?;
-        let mut snapshot = self.snapshot_with(dedup)?;
+        let mut snapshot = self.snapshot_with(dedup, |op| op.snapshot())?;
         snapshot.writes = writes;
         Ok(snapshot)
     }
@@ -356,12 +356,7 @@ impl Engine {
     /// The whole state in portable form, for a savepoint (call right after a checkpoint).
     pub fn export(&mut self) -> anyhow::Result<EngineSnapshot> {
         let dedup = self.ingest.dedup_mut().export()?;
-        let mut snapshot = self.snapshot_with(dedup)?;
-        for (op, (name, part)) in self.operators.iter().zip(snapshot.parts.iter_mut().skip(2)) {
-            debug_assert_eq!(op.name(), name);
-            *part = op.export()?;
-        }
-        Ok(snapshot)
+        self.snapshot_with(dedup, |op| op.export())
     }
 
     /// Alerts the sinks hold from after the restored checkpoint (see [`Operator::adopt_alerts`]).
@@ -377,14 +372,19 @@ impl Engine {
         self.ingest.dedup_pending()
     }
 
-    fn snapshot_with(&self, dedup: Vec<u8>) -> anyhow::Result<EngineSnapshot> {
+    /// The core's parts and each operator's, as `part` gives it (its snapshot, or its export).
+    fn snapshot_with(
+        &self,
+        dedup: Vec<u8>,
+        part: impl Fn(&dyn Operator) -> anyhow::Result<StateBlob>,
+    ) -> anyhow::Result<EngineSnapshot> {
         let core = CoreState { watermarks: self.watermarks.clone(), stats: self.ingest.stats.clone() };
         let mut parts = vec![
             ("core".to_owned(), StateBlob { version: CORE_STATE_VERSION, bytes: serde_json::to_vec(&core)? }),
             ("dedup".to_owned(), StateBlob { version: DEDUP_STATE_VERSION, bytes: dedup }),
         ];
         for op in &self.operators {
-            parts.push((op.name().to_owned(), op.snapshot()?));
+            parts.push((op.name().to_owned(), part(op.as_ref())?));
         }
         Ok(EngineSnapshot { parts, writes: Vec::new() })
     }
