@@ -246,13 +246,30 @@ async fn a_replay_killed_at_random_points_and_resumed_ends_with_the_uninterrupte
             .arg("--checkpoint-dir")
             .arg(&checkpoints)
             .env("PASSFLOW__CORE__CHECKPOINT_INTERVAL", "25ms")
+            .env("RUST_LOG", "info,passflow::core::driver=debug")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        // The log is read as it comes: each kill lands a random time after the run's first
+        // checkpoint (how soon that is depends on how fast the store writes).
+        let (checkpointed, stderr) = std::sync::mpsc::channel();
+        let log = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in std::io::BufRead::lines(std::io::BufReader::new(log)).map_while(Result::ok) {
+                if line.contains("checkpoint complete") {
+                    let _ = checkpointed.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
         rng_state = rng_state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let finished = if attempt < 11 {
-            std::thread::sleep(Duration::from_millis(150 + (rng_state >> 33) % 500));
+            let _ = stderr.recv_timeout(Duration::from_secs(30));
+            std::thread::sleep(Duration::from_millis((rng_state >> 33) % 400));
             child.try_wait().unwrap().is_some()
         } else {
             true
@@ -261,10 +278,11 @@ async fn a_replay_killed_at_random_points_and_resumed_ends_with_the_uninterrupte
             child.kill().unwrap();
             kills += 1;
         }
-        let out = child.wait_with_output().unwrap();
-        resumed |= String::from_utf8_lossy(&out.stderr).contains("resumed from checkpoint");
+        let status = child.wait().unwrap();
+        let log = reader.join().unwrap();
+        resumed |= log.contains("resumed from checkpoint");
         if finished {
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(status.success(), "{log}");
             break;
         }
     }
