@@ -135,6 +135,7 @@ pub fn build_engine(
         allowed_lateness_ms: core.allowed_lateness.as_millis(),
         // Historical data on a Kafka topic: event time alone moves the watermark.
         live: live && (config.source.kind != SourceKind::Kafka || config.kafka.input.wall_clock),
+        threads: core.pipeline_threads(),
     };
     let pipeline_settings = pipelines::PipelineSettings {
         local_prefixes: config.city.local_prefixes.clone(),

@@ -170,6 +170,18 @@ pub struct CoreConfig {
     pub max_clock_skew: HumanDuration,
     /// How often a checkpoint is taken.
     pub checkpoint_interval: HumanDuration,
+    /// Threads the pipelines of a large batch run on; 0: one per core.
+    pub threads: usize,
+}
+
+impl CoreConfig {
+    /// The threads the pipelines run on.
+    pub fn pipeline_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
+    }
 }
 
 impl Default for CoreConfig {
@@ -180,6 +192,7 @@ impl Default for CoreConfig {
             allowed_lateness: HumanDuration::from_secs(6 * 3600),
             max_clock_skew: HumanDuration::from_secs(300),
             checkpoint_interval: HumanDuration::from_secs(10),
+            threads: 0,
         }
     }
 }

@@ -70,7 +70,7 @@ fn engine(city: &Arc<City>, backend: &Backend) -> Engine {
             Ingest::new(validator, RocksDedup::new(db.clone(), cutoff.clone(), LATENESS + 10_000, None))
         }
     };
-    Engine::new(
+    let mut engine = Engine::new(
         city.clone(),
         ingest,
         all(
@@ -95,8 +95,12 @@ fn engine(city: &Arc<City>, backend: &Backend) -> Engine {
             idle_timeout_ms: 60_000,
             allowed_lateness_ms: LATENESS,
             live: false,
+            threads: 2,
         },
-    )
+    );
+    // Batches of any size run the pipelines on two threads.
+    engine.parallel_from(1);
+    engine
 }
 
 type Table = BTreeMap<(String, String, u32, i64), (u32, u64)>;

@@ -2,6 +2,7 @@
 //! watermark, drives every operator through its lifecycle and snapshots the lot.
 
 use super::operator::{Context, Operator, StateBlob};
+use super::parallel::{Parallel, Step};
 use super::watermark::WatermarkTracker;
 use crate::ingest::{DeadLetter, Ingest, IngestStats, Judged, Outcome, Validator};
 use crate::model::Pass;
@@ -9,6 +10,10 @@ use crate::reference::City;
 use crate::results::{LatePassRow, ResultBatch};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+
+/// Batches of at least this many passes run the operators on several threads (smaller ones
+/// are not worth starting threads for).
+const PARALLEL_MIN_PASSES: usize = 512;
 
 /// Raw records longer than this are stored cut, with a marker (result tables bound them).
 const MAX_STORED_RECORD_BYTES: usize = 64 * 1024;
@@ -48,6 +53,8 @@ pub struct EngineSettings {
     pub allowed_lateness_ms: i64,
     /// Live mode: the wall clock moves the watermark when no data comes.
     pub live: bool,
+    /// Threads the operators of a large batch run on (1: the engine's own thread only).
+    pub threads: usize,
 }
 
 /// Everything the engine needs to resume: the input to a checkpoint. `writes` go to RocksDB in
@@ -135,6 +142,9 @@ pub struct Engine {
     watermarks: WatermarkTracker,
     operators: Vec<Box<dyn Operator>>,
     settings: EngineSettings,
+    parallel: Parallel,
+    /// Batches of at least this many passes run in parallel.
+    parallel_min_passes: usize,
     out: ResultBatch,
     /// Scale-out's per-vehicle stage: valid passes are forwarded (with what they were late for)
     /// instead of written to `late_passes`.
@@ -144,7 +154,17 @@ pub struct Engine {
 impl Engine {
     pub fn new(city: Arc<City>, ingest: Ingest, operators: Vec<Box<dyn Operator>>, settings: EngineSettings) -> Engine {
         let watermarks = WatermarkTracker::new(settings.out_of_orderness_ms, settings.idle_timeout_ms);
-        Engine { city, ingest, watermarks, operators, settings, out: ResultBatch::default(), forwarded: None }
+        let parallel = Parallel::new(settings.threads);
+        let out = ResultBatch::default();
+        let parallel_min_passes = PARALLEL_MIN_PASSES;
+        Engine { city, ingest, watermarks, operators, settings, parallel, parallel_min_passes, out, forwarded: None }
+    }
+
+    /// Runs every batch, however small, on the engine's threads (tests cover the parallel path
+    /// with small batches this way).
+    #[cfg(test)]
+    pub fn parallel_from(&mut self, passes: usize) {
+        self.parallel_min_passes = passes;
     }
 
     /// Keeps only the named operators (benchmarks measure one pipeline this way).
@@ -289,40 +309,37 @@ impl Engine {
         mut late: Vec<(usize, &'static str)>,
         processing_now: i64,
     ) {
-        late.extend(self.with_operators(watermark, |op, ctx| op.process_batch(passes, ctx)));
+        let parallel = passes.len() >= self.parallel_min_passes;
+        late.extend(self.with_operators(watermark, parallel, &|op, ctx| op.process_batch(passes, ctx)));
         self.record_late(late, passes, raw, processing_now);
-        self.advance(processing_now);
+        self.advance(processing_now, parallel);
     }
 
-    /// Runs `f` on every operator with a context at `watermark`; returns the passes they
-    /// marked late.
-    fn with_operators(
-        &mut self,
-        watermark: i64,
-        mut f: impl FnMut(&mut dyn Operator, &mut Context<'_>),
-    ) -> Vec<(usize, &'static str)> {
+    /// Runs `step` on every operator with a context at `watermark` (`parallel`: on the
+    /// engine's threads); returns the passes they marked late.
+    fn with_operators(&mut self, watermark: i64, parallel: bool, step: Step<'_>) -> Vec<(usize, &'static str)> {
         let mut late = Vec::new();
-        let mut ctx = Context {
-            watermark,
-            allowed_lateness_ms: self.settings.allowed_lateness_ms,
-            out: &mut self.out,
-            late: &mut late,
-        };
+        let lateness = self.settings.allowed_lateness_ms;
+        if parallel && self.parallel.threads() > 1 {
+            self.parallel.run(&mut self.operators, watermark, lateness, &mut self.out, &mut late, step);
+            return late;
+        }
+        let mut ctx = Context { watermark, allowed_lateness_ms: lateness, out: &mut self.out, late: &mut late };
         for op in &mut self.operators {
-            f(op.as_mut(), &mut ctx);
+            step(op.as_mut(), &mut ctx);
         }
         late
     }
 
     /// Moves the watermark without data (live: the wall clock).
     pub fn tick(&mut self, processing_now: i64) {
-        self.advance(processing_now);
+        self.advance(processing_now, false);
     }
 
     /// End of input: the watermark goes to the end of time and every window is emitted.
     pub fn finish(&mut self) {
         let watermark = self.watermarks.finish();
-        self.with_operators(watermark, |op, ctx| {
+        self.with_operators(watermark, true, &|op, ctx| {
             op.on_watermark(ctx);
             op.on_close(ctx);
         });
@@ -413,11 +430,11 @@ impl Engine {
         Ok(())
     }
 
-    fn advance(&mut self, processing_now: i64) {
+    fn advance(&mut self, processing_now: i64, parallel: bool) {
         let before = self.watermarks.current();
         let watermark = self.watermarks.advance(processing_now, self.settings.live);
         if watermark > before {
-            self.with_operators(watermark, |op, ctx| op.on_watermark(ctx));
+            self.with_operators(watermark, parallel, &|op, ctx| op.on_watermark(ctx));
         }
     }
 

@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod driver;
 mod engine;
 mod operator;
+mod parallel;
 pub mod sink;
 pub mod watermark;
 pub mod window;

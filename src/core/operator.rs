@@ -30,6 +30,12 @@ pub trait Operator: Send {
     /// The version of the state encoding this build writes.
     fn state_version(&self) -> u32;
 
+    /// Operators run on several threads; those that share state in-process return the same
+    /// group and run in their listed order on one thread. By default an operator is alone.
+    fn thread_group(&self) -> &'static str {
+        self.name()
+    }
+
     /// Takes a batch of valid, deduplicated passes.
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>);
 

@@ -224,6 +224,11 @@ impl Operator for ClonedPlates {
         CLONED_PLATE
     }
 
+    /// Device health finds the clock skews this operator corrects by: they run in turn.
+    fn thread_group(&self) -> &'static str {
+        super::device_health::SKEW_GROUP
+    }
+
     fn state_version(&self) -> u32 {
         STATE_VERSION
     }

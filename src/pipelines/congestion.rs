@@ -10,7 +10,7 @@
 //! milliseconds, so results do not depend on arrival order; a row's `revision` counts the
 //! traversal updates (additions and retractions) its window has taken, so it only grows.
 
-use super::top_n::{batch_ranking, SlidingRanking};
+use super::top_n::{batch_ranking, RankedKeys, SlidingRanking};
 use crate::core::window::{is_complete, is_late, tumbling_start};
 use crate::core::{check_version, Context, Operator, StateBlob};
 use crate::model::{fnv1a64, Pass, VehicleKey};
@@ -124,7 +124,7 @@ struct Window {
 pub struct Congestion {
     city: Arc<City>,
     roads: Roads,
-    names: Vec<Arc<str>>,
+    names: RankedKeys,
     top_n: usize,
     tracks: FxHashMap<VehicleKey, Vec<Point>>,
     /// Per window size: windows by start.
@@ -143,7 +143,7 @@ impl Congestion {
         Congestion {
             city: city.clone(),
             roads: Roads::new(city),
-            names: city.segments.iter().map(|s| s.id.clone()).collect(),
+            names: RankedKeys::new(city.segments.iter().map(|s| s.id.clone()).collect()),
             top_n,
             tracks: FxHashMap::default(),
             sets: vec![BTreeMap::new(); CONGESTION_WINDOWS_S.len()],
@@ -172,7 +172,7 @@ impl Congestion {
                 w.dirty.insert(t.segment);
             }
         }
-        let width = self.names.len();
+        let width = self.names.names.len();
         self.ranking.add(t.at, t.segment as usize, delta, width, ctx.watermark, ctx.allowed_lateness_ms)
     }
 
@@ -470,7 +470,7 @@ impl Operator for Congestion {
     fn adopt_alerts(&mut self, alerts: &[AlertRow]) {
         for alert in alerts.iter().filter(|a| a.kind == SUDDEN_CONGESTION) {
             let Some(id) = alert.segment_id.as_deref() else { continue };
-            let Some(segment) = self.names.iter().position(|name| &**name == id) else { continue };
+            let Some(segment) = self.names.names.iter().position(|name| &**name == id) else { continue };
             let key = (segment as u32, alert.ts - 2 * SUDDEN_WINDOW_MS);
             if self.sudden.get(&key).is_none_or(|(_, revision)| *revision < alert.revision) {
                 self.sudden.insert(key, (alert.status == "active", alert.revision));

@@ -50,6 +50,10 @@ struct Checkpoint {
     skew_reported_hour: Option<i64>,
 }
 
+/// The thread group of the operators that share [`ClockSkews`]: they run in their listed order,
+/// so which skews a batch is judged by does not depend on timing.
+pub const SKEW_GROUP: &str = "clock_skews";
+
 /// The camera clock skews found so far (checkpoint → ms its clock runs ahead), shared with the
 /// cloned-plate rule, which corrects pass times by them.
 #[derive(Debug, Default)]
@@ -225,6 +229,10 @@ impl DeviceHealth {
 impl Operator for DeviceHealth {
     fn name(&self) -> &'static str {
         "device_health"
+    }
+
+    fn thread_group(&self) -> &'static str {
+        SKEW_GROUP
     }
 
     fn state_version(&self) -> u32 {

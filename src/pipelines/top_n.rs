@@ -63,7 +63,7 @@ impl SlidingRanking {
     pub fn emit(
         &mut self,
         metric: &'static str,
-        names: &[Arc<str>],
+        keys: &RankedKeys,
         n: usize,
         watermark: i64,
         lateness_ms: i64,
@@ -71,7 +71,7 @@ impl SlidingRanking {
     ) {
         // A corrected window goes out even when it became empty: it replaces the stored one.
         for end in std::mem::take(&mut self.dirty) {
-            out.push(self.window(metric, names, n, end));
+            out.push(self.window(metric, keys, n, end));
         }
         let Some(mut end) = self.next_end else { return };
         // After the last bucket every window is empty: stop there.
@@ -80,7 +80,7 @@ impl SlidingRanking {
             // An empty window goes out only when something was counted in it and taken back
             // (a row written before a crash may hold it).
             let touched = self.buckets.range(end - WINDOW_MS..end).next().is_some();
-            out.extend(Some(self.window(metric, names, n, end)).filter(|w| touched || !w.entries.is_empty()));
+            out.extend(Some(self.window(metric, keys, n, end)).filter(|w| touched || !w.entries.is_empty()));
             end += SLIDE_MS;
         }
         self.next_end = Some(end);
@@ -89,14 +89,14 @@ impl SlidingRanking {
     }
 
     /// The ranking of the window that ends at `end`.
-    fn window(&self, metric: &'static str, names: &[Arc<str>], n: usize, end: i64) -> TopNWindow {
-        let mut sums = vec![0u64; names.len()];
+    fn window(&self, metric: &'static str, keys: &RankedKeys, n: usize, end: i64) -> TopNWindow {
+        let mut sums = vec![0u64; keys.names.len()];
         for (_, counts) in self.buckets.range(end - WINDOW_MS..end) {
             for (s, c) in sums.iter_mut().zip(counts) {
                 *s += u64::from(*c);
             }
         }
-        let entries = rank(names.iter().cloned().zip(sums), n);
+        let entries = keys.rank(&sums, n);
         TopNWindow { metric, window_s: TOP_N_WINDOW_S, slide_s: TOP_N_SLIDE_S, window_end: end, entries }
     }
 
@@ -106,15 +106,55 @@ impl SlidingRanking {
     }
 }
 
+/// The keys a ranking ranks, by index, with each one's place in the order of their names
+/// (ties go to the smaller name).
+#[derive(Clone, Debug)]
+pub struct RankedKeys {
+    pub names: Vec<Arc<str>>,
+    order: Vec<u32>,
+}
+
+impl RankedKeys {
+    pub fn new(names: Vec<Arc<str>>) -> RankedKeys {
+        let mut by_name: Vec<u32> = (0..names.len() as u32).collect();
+        by_name.sort_by(|a, b| names[*a as usize].as_bytes().cmp(names[*b as usize].as_bytes()));
+        let mut order = vec![0; names.len()];
+        for (place, idx) in by_name.into_iter().enumerate() {
+            order[idx as usize] = place as u32;
+        }
+        RankedKeys { names, order }
+    }
+
+    /// The `n` largest non-zero `values` (one per key), larger first, ties to the smaller name:
+    /// as [`rank`], without ordering the keys that do not make it.
+    pub fn rank(&self, values: &[u64], n: usize) -> Vec<(Arc<str>, u64)> {
+        let mut top: Vec<u32> = (0..values.len() as u32).filter(|i| values[*i as usize] > 0).collect();
+        let before = |a: &u32, b: &u32| {
+            let (a, b) = (*a as usize, *b as usize);
+            values[b].cmp(&values[a]).then(self.order[a].cmp(&self.order[b]))
+        };
+        if n == 0 {
+            return Vec::new();
+        }
+        if top.len() > n {
+            top.select_nth_unstable_by(n - 1, before);
+            top.truncate(n);
+        }
+        top.sort_unstable_by(before);
+        top.into_iter().map(|i| (self.names[i as usize].clone(), values[i as usize])).collect()
+    }
+}
+
 pub struct TopN {
-    names: Vec<Arc<str>>,
+    keys: RankedKeys,
     n: usize,
     state: SlidingRanking,
 }
 
 impl TopN {
     pub fn new(city: &Arc<City>, n: usize) -> TopN {
-        TopN { names: city.checkpoints.iter().map(|c| c.id.clone()).collect(), n, state: SlidingRanking::default() }
+        let keys = RankedKeys::new(city.checkpoints.iter().map(|c| c.id.clone()).collect());
+        TopN { keys, n, state: SlidingRanking::default() }
     }
 }
 
@@ -136,7 +176,7 @@ impl Operator for TopN {
     }
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
-        let width = self.names.len();
+        let width = self.keys.names.len();
         for (i, pass) in passes.iter().enumerate() {
             let idx = pass.checkpoint.0 as usize;
             if !self.state.add(pass.ts.ms(), idx, 1, width, ctx.watermark, ctx.allowed_lateness_ms) {
@@ -147,7 +187,7 @@ impl Operator for TopN {
 
     fn on_watermark(&mut self, ctx: &mut Context<'_>) {
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
-        self.state.emit(CHECKPOINT_METRIC, &self.names, self.n, watermark, lateness, &mut ctx.out.top_n);
+        self.state.emit(CHECKPOINT_METRIC, &self.keys, self.n, watermark, lateness, &mut ctx.out.top_n);
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
@@ -157,7 +197,7 @@ impl Operator for TopN {
     fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
         check_version(self.name(), blob.version, STATE_VERSION)?;
         let state: SlidingRanking = serde_json::from_slice(&blob.bytes)?;
-        anyhow::ensure!(state.fits(self.names.len()), "top_n state was taken with another number of checkpoints");
+        anyhow::ensure!(state.fits(self.keys.names.len()), "top_n state was taken with another number of checkpoints");
         self.state = state;
         Ok(())
     }

@@ -59,3 +59,18 @@ fn the_streaming_result_equals_the_batch_ranking() {
         assert_eq!(&w.entries, &want[&w.window_end], "window ending {}", w.window_end);
     }
 }
+
+proptest::proptest! {
+    /// Ranking by index agrees with ranking the named values whole: ties to the smaller name
+    /// (names here are out of index order), zeros left out, at most N.
+    #[test]
+    fn ranking_by_index_equals_the_plain_ranking(
+        values in proptest::collection::vec(0u64..4, 0..40),
+        n in 0usize..12,
+    ) {
+        let names: Vec<Arc<str>> = (0..values.len()).map(|i| Arc::from(format!("K{}", (i * 7) % 41))).collect();
+        let keys = RankedKeys::new(names.clone());
+        let plain = rank(names.into_iter().zip(values.iter().copied()), n);
+        proptest::prop_assert_eq!(keys.rank(&values, n), plain);
+    }
+}

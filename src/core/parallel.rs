@@ -1,0 +1,98 @@
+//! The operators of one batch on several threads. Operators that share state in-process (the
+//! same [`Operator::thread_group`]) run in their listed order on one thread; every group
+//! collects its output apart, and the outputs are merged in the order the groups are listed,
+//! so what the engine emits does not depend on which thread ran what, or when.
+
+use super::operator::{Context, Operator};
+use crate::results::ResultBatch;
+use rustc_hash::FxHashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// What the operators do: one call per operator, with its context.
+pub(super) type Step<'f> = &'f (dyn Fn(&mut dyn Operator, &mut Context<'_>) + Sync);
+
+/// Runs groups of operators on up to `threads` threads, the slowest groups of the last run
+/// first (a long group started last would leave the other threads idle).
+pub(super) struct Parallel {
+    threads: usize,
+    /// Each group's running time in its last run, ns.
+    cost: FxHashMap<&'static str, u64>,
+}
+
+/// One group's operators and what they emitted.
+struct Group<'o> {
+    name: &'static str,
+    operators: Vec<&'o mut Box<dyn Operator>>,
+    out: ResultBatch,
+    late: Vec<(usize, &'static str)>,
+    nanos: u64,
+}
+
+impl Parallel {
+    pub fn new(threads: usize) -> Parallel {
+        Parallel { threads: threads.max(1), cost: FxHashMap::default() }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `step` on every operator; rows go to `out` and late passes to `late`, in the order
+    /// of the groups as listed.
+    pub fn run(
+        &mut self,
+        operators: &mut [Box<dyn Operator>],
+        watermark: i64,
+        allowed_lateness_ms: i64,
+        out: &mut ResultBatch,
+        late: &mut Vec<(usize, &'static str)>,
+        step: Step<'_>,
+    ) {
+        let mut groups: Vec<Group<'_>> = Vec::new();
+        for op in operators.iter_mut() {
+            let name = op.thread_group();
+            match groups.iter_mut().find(|g| g.name == name) {
+                Some(group) => group.operators.push(op),
+                None => groups.push(Group {
+                    name,
+                    operators: vec![op],
+                    out: ResultBatch::default(),
+                    late: Vec::new(),
+                    nanos: 0,
+                }),
+            }
+        }
+        let mut order: Vec<usize> = (0..groups.len()).collect();
+        order.sort_by_key(|i| std::cmp::Reverse(self.cost.get(groups[*i].name).copied().unwrap_or(0)));
+        let groups: Vec<Mutex<Group<'_>>> = groups.into_iter().map(Mutex::new).collect();
+        let next = AtomicUsize::new(0);
+        let work = || loop {
+            let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
+            let mut guard = groups[i].lock().expect("a group is run once");
+            let group = &mut *guard;
+            let started = Instant::now();
+            let mut ctx = Context { watermark, allowed_lateness_ms, out: &mut group.out, late: &mut group.late };
+            for op in &mut group.operators {
+                step(op.as_mut(), &mut ctx);
+            }
+            group.nanos = started.elapsed().as_nanos() as u64;
+        };
+        std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..self.threads.min(order.len())).map(|_| scope.spawn(work)).collect();
+            work();
+            for helper in helpers {
+                if let Err(panic) = helper.join() {
+                    std::panic::resume_unwind(panic);
+                }
+            }
+        });
+        for group in groups {
+            let mut group = group.into_inner().expect("no group panicked");
+            out.append(&mut group.out);
+            late.append(&mut group.late);
+            self.cost.insert(group.name, group.nanos);
+        }
+    }
+}
