@@ -93,7 +93,24 @@ struct Window {
     counts: Vec<u32>,
     /// Slots changed since the window was last emitted.
     dirty: Vec<u32>,
+    /// Which slots `dirty` holds, by slot (empty until the window's first correction).
+    marked: Vec<bool>,
     emitted: bool,
+}
+
+impl Window {
+    /// Notes a change to `slot` of a window already emitted.
+    fn mark(&mut self, slot: u32) {
+        if self.marked.is_empty() {
+            self.marked = vec![false; self.counts.len()];
+            for d in &self.dirty {
+                self.marked[*d as usize] = true;
+            }
+        }
+        if !std::mem::replace(&mut self.marked[slot as usize], true) {
+            self.dirty.push(slot);
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -119,7 +136,7 @@ impl StoredWindow {
     }
 
     fn into_window(self, width: usize) -> anyhow::Result<(i64, Window)> {
-        let mut w = Window { counts: vec![0; width], dirty: self.dirty, emitted: self.emitted };
+        let mut w = Window { counts: vec![0; width], dirty: self.dirty, marked: Vec::new(), emitted: self.emitted };
         for (slot, count) in self.slots {
             let s = slot as usize;
             anyhow::ensure!(
@@ -171,6 +188,7 @@ impl FlowCounts {
             }
         }
         w.dirty.clear();
+        w.marked.fill(false);
     }
 }
 
@@ -203,8 +221,8 @@ impl Operator for FlowCounts {
                 let n = self.keys.slots(pass, &mut slots);
                 for &slot in &slots[..n] {
                     let s = slot as usize;
-                    if w.emitted && !w.dirty.contains(&slot) {
-                        w.dirty.push(slot);
+                    if w.emitted {
+                        w.mark(slot);
                     }
                     w.counts[s] += 1;
                 }
