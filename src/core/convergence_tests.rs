@@ -265,14 +265,15 @@ fn expected(city: &City, passes: &[&Pass]) -> BTreeMap<(String, String, u32, i64
 }
 
 /// Keys whose counts differ: (key, got, want).
-fn differences(
-    got: &BTreeMap<(String, String, u32, i64), u64>,
-    want: &BTreeMap<(String, String, u32, i64), u64>,
-) -> Vec<(String, Option<u64>, Option<u64>)> {
+/// The keys whose values differ between two tables, with both values.
+fn differences<K: Ord + std::fmt::Debug, V: Clone + PartialEq>(
+    got: &BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+) -> Vec<(String, Option<V>, Option<V>)> {
     let keys: std::collections::BTreeSet<_> = got.keys().chain(want.keys()).collect();
     keys.into_iter()
         .filter(|k| got.get(*k) != want.get(*k))
-        .map(|k| (format!("{k:?}"), got.get(k).copied(), want.get(k).copied()))
+        .map(|k| (format!("{k:?}"), got.get(k).cloned(), want.get(k).cloned()))
         .collect()
 }
 
@@ -325,14 +326,12 @@ fn converges(seed: u64) -> Result<(), TestCaseError> {
         prop_assert!(diff.is_empty(), "{} keys differ, e.g. {:?}", diff.len(), &diff[..diff.len().min(5)]);
         prop_assert!(origins.top_n == want_top_n, "Top-N windows differ from the batch ranking");
         let segments: SegmentTable = origins.segments.iter().map(|(k, (_, v))| (k.clone(), *v)).collect();
-        let diff: Vec<_> = segments
-            .keys()
-            .chain(want_segments.keys())
-            .filter(|k| segments.get(*k) != want_segments.get(*k))
-            .take(5)
-            .map(|k| (k.clone(), segments.get(k).copied(), want_segments.get(k).copied()))
-            .collect();
-        prop_assert!(diff.is_empty(), "segment congestion differs from the batch computation: {diff:?}");
+        let diff = differences(&segments, &want_segments);
+        prop_assert!(
+            diff.is_empty(),
+            "segment congestion differs from the batch computation: {:?}",
+            &diff[..diff.len().min(5)]
+        );
         let areas: AreaTable = origins.areas.iter().map(|(k, (_, v))| (k.clone(), *v)).collect();
         prop_assert!(areas == want_areas, "area congestion differs from the batch computation");
         let active = |kind: &str| -> Vec<String> {
@@ -371,14 +370,12 @@ fn converges(seed: u64) -> Result<(), TestCaseError> {
         prop_assert!(speeds == want_speeds, "spot speeds differ from the batch computation");
         let got: BTreeMap<(String, i64, String, String, String), u64> =
             origins.counts.into_iter().map(|((r, s, p, c), (_, scope, n))| ((r, s, p, c, scope), n)).collect();
-        let diff: Vec<_> = got
-            .keys()
-            .chain(want_origins.keys())
-            .filter(|k| got.get(*k) != want_origins.get(*k))
-            .take(5)
-            .map(|k| (k.clone(), got.get(k).copied(), want_origins.get(k).copied()))
-            .collect();
-        prop_assert!(diff.is_empty(), "origin counts differ from the batch computation: {diff:?}");
+        let diff = differences(&got, &want_origins);
+        prop_assert!(
+            diff.is_empty(),
+            "origin counts differ from the batch computation: {:?}",
+            &diff[..diff.len().min(5)]
+        );
     }
     Ok(())
 }

@@ -11,10 +11,6 @@ use crate::results::{LatePassRow, ResultBatch};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// Batches of at least this many passes run the operators on several threads (smaller ones
-/// are not worth starting threads for).
-const PARALLEL_MIN_PASSES: usize = 512;
-
 /// Raw records longer than this are stored cut, with a marker (result tables bound them).
 const MAX_STORED_RECORD_BYTES: usize = 64 * 1024;
 
@@ -143,8 +139,6 @@ pub struct Engine {
     operators: Vec<Box<dyn Operator>>,
     settings: EngineSettings,
     parallel: Parallel,
-    /// Batches of at least this many passes run in parallel.
-    parallel_min_passes: usize,
     out: ResultBatch,
     /// Scale-out's per-vehicle stage: valid passes are forwarded (with what they were late for)
     /// instead of written to `late_passes`.
@@ -156,15 +150,14 @@ impl Engine {
         let watermarks = WatermarkTracker::new(settings.out_of_orderness_ms, settings.idle_timeout_ms);
         let parallel = Parallel::new(settings.threads);
         let out = ResultBatch::default();
-        let parallel_min_passes = PARALLEL_MIN_PASSES;
-        Engine { city, ingest, watermarks, operators, settings, parallel, parallel_min_passes, out, forwarded: None }
+        Engine { city, ingest, watermarks, operators, settings, parallel, out, forwarded: None }
     }
 
     /// Runs every batch, however small, on the engine's threads (tests cover the parallel path
     /// with small batches this way).
     #[cfg(test)]
     pub fn parallel_from(&mut self, passes: usize) {
-        self.parallel_min_passes = passes;
+        self.parallel.min_passes = passes;
     }
 
     /// Keeps only the named operators (benchmarks measure one pipeline this way).
@@ -309,18 +302,18 @@ impl Engine {
         mut late: Vec<(usize, &'static str)>,
         processing_now: i64,
     ) {
-        let parallel = passes.len() >= self.parallel_min_passes;
-        late.extend(self.with_operators(watermark, parallel, &|op, ctx| op.process_batch(passes, ctx)));
+        let batch = passes.len();
+        late.extend(self.with_operators(watermark, batch, &|op, ctx| op.process_batch(passes, ctx)));
         self.record_late(late, passes, raw, processing_now);
-        self.advance(processing_now, parallel);
+        self.advance(processing_now, batch);
     }
 
-    /// Runs `step` on every operator with a context at `watermark` (`parallel`: on the
-    /// engine's threads); returns the passes they marked late.
-    fn with_operators(&mut self, watermark: i64, parallel: bool, step: Step<'_>) -> Vec<(usize, &'static str)> {
+    /// Runs `step` on every operator with a context at `watermark`, on the engine's threads
+    /// when the work is for a large `batch` of passes; returns the passes they marked late.
+    fn with_operators(&mut self, watermark: i64, batch: usize, step: Step<'_>) -> Vec<(usize, &'static str)> {
         let mut late = Vec::new();
         let lateness = self.settings.allowed_lateness_ms;
-        if parallel && self.parallel.threads() > 1 {
+        if self.parallel.takes(batch) {
             self.parallel.run(&mut self.operators, watermark, lateness, &mut self.out, &mut late, step);
             return late;
         }
@@ -333,13 +326,14 @@ impl Engine {
 
     /// Moves the watermark without data (live: the wall clock).
     pub fn tick(&mut self, processing_now: i64) {
-        self.advance(processing_now, false);
+        self.advance(processing_now, 0);
     }
 
     /// End of input: the watermark goes to the end of time and every window is emitted.
     pub fn finish(&mut self) {
         let watermark = self.watermarks.finish();
-        self.with_operators(watermark, true, &|op, ctx| {
+        // Every open window is emitted: as much work as the largest batch.
+        self.with_operators(watermark, usize::MAX, &|op, ctx| {
             op.on_watermark(ctx);
             op.on_close(ctx);
         });
@@ -430,11 +424,12 @@ impl Engine {
         Ok(())
     }
 
-    fn advance(&mut self, processing_now: i64, parallel: bool) {
+    /// `batch`: the passes of the batch just taken (0 without one).
+    fn advance(&mut self, processing_now: i64, batch: usize) {
         let before = self.watermarks.current();
         let watermark = self.watermarks.advance(processing_now, self.settings.live);
         if watermark > before {
-            self.with_operators(watermark, parallel, &|op, ctx| op.on_watermark(ctx));
+            self.with_operators(watermark, batch, &|op, ctx| op.on_watermark(ctx));
         }
     }
 

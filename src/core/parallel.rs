@@ -10,6 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+/// Batches of at least this many passes run on several threads (smaller ones are not worth
+/// starting threads for).
+const MIN_PASSES: usize = 512;
+
 /// What the operators do: one call per operator, with its context.
 pub(super) type Step<'f> = &'f (dyn Fn(&mut dyn Operator, &mut Context<'_>) + Sync);
 
@@ -17,6 +21,8 @@ pub(super) type Step<'f> = &'f (dyn Fn(&mut dyn Operator, &mut Context<'_>) + Sy
 /// first (a long group started last would leave the other threads idle).
 pub(super) struct Parallel {
     threads: usize,
+    /// Batches of at least this many passes run in parallel.
+    pub min_passes: usize,
     /// Each group's running time in its last run, ns.
     cost: FxHashMap<&'static str, u64>,
 }
@@ -32,11 +38,12 @@ struct Group<'o> {
 
 impl Parallel {
     pub fn new(threads: usize) -> Parallel {
-        Parallel { threads: threads.max(1), cost: FxHashMap::default() }
+        Parallel { threads: threads.max(1), min_passes: MIN_PASSES, cost: FxHashMap::default() }
     }
 
-    pub fn threads(&self) -> usize {
-        self.threads
+    /// Whether a batch of `passes` runs on several threads.
+    pub fn takes(&self, passes: usize) -> bool {
+        self.threads > 1 && passes >= self.min_passes
     }
 
     /// Runs `step` on every operator; rows go to `out` and late passes to `late`, in the order

@@ -128,14 +128,14 @@ impl RankedKeys {
     /// The `n` largest non-zero `values` (one per key), larger first, ties to the smaller name:
     /// as [`rank`], without ordering the keys that do not make it.
     pub fn rank(&self, values: &[u64], n: usize) -> Vec<(Arc<str>, u64)> {
+        if n == 0 {
+            return Vec::new();
+        }
         let mut top: Vec<u32> = (0..values.len() as u32).filter(|i| values[*i as usize] > 0).collect();
         let before = |a: &u32, b: &u32| {
             let (a, b) = (*a as usize, *b as usize);
             values[b].cmp(&values[a]).then(self.order[a].cmp(&self.order[b]))
         };
-        if n == 0 {
-            return Vec::new();
-        }
         if top.len() > n {
             top.select_nth_unstable_by(n - 1, before);
             top.truncate(n);
