@@ -96,6 +96,57 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+pub struct StoreBenchResult {
+    pub passes: u64,
+    /// Batches as the engine handed them over.
+    pub batches: usize,
+    /// Rows written (after coalescing per key).
+    pub rows: u64,
+    pub seconds: f64,
+}
+
+/// `bench store`: every pipeline's results of a simulated day, computed first, then handed to
+/// the store writer batch by batch as a replay hands them over (per-key coalescing, merged
+/// transactions, retries); the figure is rows written per second of writing alone.
+pub async fn bench_store(config: &Config, store_url: &str, vehicles: u32) -> anyhow::Result<StoreBenchResult> {
+    use crate::core::sink::{spawn_writer, Outlets};
+    use crate::core::Record;
+    let (city, day) = bench_day(config, vehicles)?;
+    let mut engine = build_engine(config, &city, false, None, &crate::pipelines::WatchList::in_memory())?;
+    let clocks = Clocks { future_now: None, processing_now: 0 };
+    let mut batches = Vec::new();
+    for (n, chunk) in day.emissions.chunks(BATCH).enumerate() {
+        let records = chunk.iter().enumerate().map(|(i, e)| Record {
+            partition: 0,
+            seq: (n * BATCH + i) as u64,
+            bytes: e.line.as_bytes(),
+        });
+        engine.process("bench", records, clocks);
+        batches.push(engine.take_output());
+    }
+    engine.finish();
+    batches.push(engine.take_output());
+    let batch_count = batches.len();
+
+    let store = crate::store::Store::open(store_url).await?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let (sink, writer) = spawn_writer(store, Outlets::default(), Arc::clone(&metrics));
+    let started = Instant::now();
+    for batch in batches {
+        sink.send(batch).await?;
+    }
+    sink.barrier().await?;
+    let seconds = started.elapsed().as_secs_f64();
+    drop(sink);
+    writer.await??;
+    Ok(StoreBenchResult {
+        passes: day.emissions.len() as u64,
+        batches: batch_count,
+        rows: metrics.sink_rows.get(),
+        seconds,
+    })
+}
+
 pub struct KafkaBenchResult {
     pub records: u64,
     pub produce_seconds: f64,

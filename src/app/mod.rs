@@ -8,7 +8,9 @@ mod run;
 mod simulate;
 
 pub use backfill::{backfill, BackfillOptions, BackfillSummary};
-pub use bench::{bench_core, bench_kafka, peak_rss_mb, CoreBenchResult, KafkaBenchResult};
+pub use bench::{
+    bench_core, bench_kafka, bench_store, peak_rss_mb, CoreBenchResult, KafkaBenchResult, StoreBenchResult,
+};
 pub use replay::{build_engine, replay, ReplayInput, ReplayOptions, ReplaySummary};
 pub use run::{create_savepoint, run, RunHandle};
 pub use simulate::simulate;
@@ -109,6 +111,15 @@ pub enum BenchCommand {
         #[arg(long)]
         all_pipelines: bool,
     },
+    /// The result store alone: a simulated day's results (every pipeline), computed first, then
+    /// written through the store writer; prints rows/s.
+    Store {
+        /// sqlite://PATH, mysql://URL or null://.
+        #[arg(long)]
+        store: String,
+        #[arg(long, default_value_t = 20_000)]
+        vehicles: u32,
+    },
     /// The service end to end through Kafka: a simulated day produced to a new topic, then read
     /// as a bounded run with every pipeline (store from the configuration, e.g. null://).
     Kafka {
@@ -157,6 +168,18 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 r.passes as f64 / r.seconds,
                 r.rows,
                 r.peak_rss_mb
+            );
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Store { store, vehicles } } => {
+            let r = bench_store(&config, &store, vehicles).await?;
+            println!(
+                "store {store}: the results of {} passes ({} batches) written as {} rows in {:.3} s = {:.0} rows/s",
+                r.passes,
+                r.batches,
+                r.rows,
+                r.seconds,
+                r.rows as f64 / r.seconds
             );
             Ok(())
         }
