@@ -147,7 +147,7 @@ async fn retention_purges_old_rows_and_keeps_new_ones_in_both_stores() {
     let (old, new) = (1_700_000_000_000_i64, 1_700_000_000_000_i64 + 10 * 86_400_000);
     for url in [db.url.clone(), format!("sqlite://{}", dir.path().join("r.db").display())] {
         let store = Store::open(&url).await.unwrap();
-        store.write(&rows_at(old, new)).await.unwrap();
+        store.write(rows_at(old, new)).await.unwrap();
         let cutoff = old + 5 * 86_400_000;
         for table in ["flow_counts", "top_n", "high_frequency", "segment_congestion", "area_congestion", "dead_letters"]
         {
@@ -198,11 +198,11 @@ async fn a_retraction_deletes_the_stored_row_unless_a_newer_one_is_stored_in_bot
         let mut batch = passflow::results::ResultBatch::default();
         batch.segment_congestion = vec![segment_row(0, 2, 3), segment_row(60_000, 1, 0)];
         batch.area_congestion = vec![area_row(0, 3, false), area_row(60_000, 0, false)];
-        store.write(&batch).await.unwrap();
+        store.write(batch.clone()).await.unwrap();
         // A stale retraction (revision 2 < 3) leaves the row; a current one deletes it.
         batch.segment_congestion = vec![segment_row(0, 0, 2), segment_row(60_000, 0, 1)];
         batch.area_congestion = vec![area_row(0, 2, true), area_row(60_000, 1, true)];
-        store.write(&batch).await.unwrap();
+        store.write(batch.clone()).await.unwrap();
         let segments = store.segment_congestion().await.unwrap();
         assert_eq!(segments.iter().map(|r| (r.2, r.3)).collect::<Vec<_>>(), vec![(0, 2)], "{}", store.kind());
         let areas = store.area_congestion().await.unwrap();

@@ -91,7 +91,7 @@ pub async fn backfill(options: BackfillOptions) -> anyhow::Result<BackfillSummar
     crate::core::sink::coalesce_batch(&mut batch);
     keep_day(&mut batch, &options.day.to_string(), start, end);
     let rows_written = batch.len();
-    store.replace_day(&options.day.to_string(), start, end, &batch).await?;
+    store.replace_day(&options.day.to_string(), start, end, batch).await?;
     Ok(BackfillSummary { archived_passes, late_passes, rows_written })
 }
 

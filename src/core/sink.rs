@@ -105,6 +105,7 @@ async fn write_loop(
                 if !matches!(store, Store::Null) || outlets.webhooks.is_some() || outlets.kafka.is_some() {
                     coalesce_batch(&mut batch);
                 }
+                let batch = Arc::new(batch);
                 if let Some(kafka) = &mut outlets.kafka {
                     kafka.send(&batch).await;
                 }
@@ -164,10 +165,10 @@ pub fn coalesce_batch(batch: &mut ResultBatch) {
 }
 
 /// Writes a batch, retrying with back-off until the store takes it: results are never dropped.
-async fn write_with_retry(store: &Store, batch: &ResultBatch, metrics: &Metrics) {
+async fn write_with_retry(store: &Store, batch: &Arc<ResultBatch>, metrics: &Metrics) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match store.write(batch).await {
+        match store.write(Arc::clone(batch)).await {
             Ok(()) => {
                 metrics.set_ready("store", true);
                 metrics.sink_rows.inc_by(batch.len() as u64);

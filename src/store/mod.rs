@@ -11,6 +11,7 @@ pub use tables::{json_rows, JsonRow};
 
 use crate::results::ResultBatch;
 use anyhow::Context;
+use std::sync::Arc;
 
 /// Rows per multi-row INSERT.
 const CHUNK_ROWS: usize = 1_000;
@@ -51,10 +52,10 @@ impl Store {
     }
 
     /// Writes a batch of results in one transaction.
-    pub async fn write(&self, batch: &ResultBatch) -> anyhow::Result<()> {
+    pub async fn write(&self, batch: impl Into<Arc<ResultBatch>>) -> anyhow::Result<()> {
         match self {
-            Store::Sqlite(s) => s.write(batch).await,
-            Store::MySql(s) => s.write(batch).await,
+            Store::Sqlite(s) => s.write(batch.into()).await,
+            Store::MySql(s) => s.write(&batch.into()).await,
             Store::Null => Ok(()),
         }
     }
@@ -62,35 +63,43 @@ impl Store {
     /// Replaces one local day's rows: every windowed row whose window starts in [start, end)
     /// (Top-N: ends in (start, end]) and every daily row of `day` is deleted, then `batch` is
     /// written — in one transaction. Alerts and first entries are only upserted.
-    pub async fn replace_day(&self, day: &str, start: i64, end: i64, batch: &ResultBatch) -> anyhow::Result<()> {
+    pub async fn replace_day(&self, day: &str, start: i64, end: i64, batch: ResultBatch) -> anyhow::Result<()> {
         const WINDOWED: [&str; 5] =
             ["flow_counts", "origin_counts", "checkpoint_speed", "segment_congestion", "area_congestion"];
         const DAILY: [&str; 4] = ["high_frequency", "trajectories", "restriction_violations", "restriction_summary"];
-        macro_rules! replace {
-            ($pool:expr, $write:path) => {{
-                let mut tx = $pool.begin().await?;
-                for t in WINDOWED {
-                    sqlx::query(&format!("DELETE FROM {t} WHERE window_start >= ? AND window_start < ?"))
-                        .bind(start)
-                        .bind(end)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                sqlx::query("DELETE FROM top_n WHERE window_end > ? AND window_end <= ?")
-                    .bind(start)
-                    .bind(end)
-                    .execute(&mut *tx)
-                    .await?;
-                for t in DAILY {
-                    sqlx::query(&format!("DELETE FROM {t} WHERE day = ?")).bind(day).execute(&mut *tx).await?;
-                }
-                $write(&mut tx, batch).await?;
-                tx.commit().await?;
-            }};
-        }
+        let deletes = WINDOWED
+            .iter()
+            .map(|t| (format!("DELETE FROM {t} WHERE window_start >= ? AND window_start < ?"), vec![start, end]))
+            .chain(std::iter::once((
+                "DELETE FROM top_n WHERE window_end > ? AND window_end <= ?".to_owned(),
+                vec![start, end],
+            )));
+        let daily = DAILY.iter().map(|t| format!("DELETE FROM {t} WHERE day = ?"));
         match self {
-            Store::Sqlite(s) => replace!(s.pool, sqlite::write_rows),
-            Store::MySql(s) => replace!(s.pool, mysql::write_rows),
+            Store::Sqlite(s) => {
+                let (deletes, daily, day) = (deletes.collect::<Vec<_>>(), daily.collect::<Vec<_>>(), day.to_owned());
+                s.in_transaction(move |tx| {
+                    for (sql, bounds) in &deletes {
+                        tx.execute(sql, rusqlite::params_from_iter(bounds))?;
+                    }
+                    for sql in &daily {
+                        tx.execute(sql, [&day])?;
+                    }
+                    sqlite::write_rows(tx, &batch)
+                })
+                .await?;
+            }
+            Store::MySql(s) => {
+                let mut tx = s.pool.begin().await?;
+                for (sql, bounds) in deletes {
+                    sqlx::query(&sql).bind(bounds[0]).bind(bounds[1]).execute(&mut *tx).await?;
+                }
+                for sql in daily {
+                    sqlx::query(&sql).bind(day).execute(&mut *tx).await?;
+                }
+                mysql::write_rows(&mut tx, &batch).await?;
+                tx.commit().await?;
+            }
             Store::Null => {}
         }
         Ok(())

@@ -1,7 +1,8 @@
 //! The MySQL store; its tables come from the migrations under `migrations/`, applied on open.
 
 use super::tables::{
-    delete_keys, delete_retracted, retractions, statement, top_n_rows, top_n_windows, upserts, Table, TOP_N,
+    delete_keys, delete_retracted, retractions, sort_by_key, statement, top_n_rows, top_n_windows, upserts, Table,
+    TOP_N,
 };
 use super::CHUNK_ROWS;
 use crate::results::ResultBatch;
@@ -33,7 +34,8 @@ impl MySqlStore {
 }
 
 pub(super) async fn write_rows(tx: &mut sqlx::Transaction<'_, MySql>, batch: &ResultBatch) -> anyhow::Result<()> {
-    for (table, rows) in upserts(batch) {
+    for (table, mut rows) in upserts(batch) {
+        sort_by_key(table, &mut rows);
         let (head, tail) = (insert_head(table), upsert_tail(table));
         for chunk in rows.chunks(CHUNK_ROWS) {
             statement::<MySql>(&head, chunk, &tail).build().execute(&mut **tx).await?;

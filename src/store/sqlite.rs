@@ -1,14 +1,13 @@
 //! The embedded SQLite store (one file, WAL mode).
 
-use super::tables::{
-    delete_keys, delete_retracted, retractions, statement, top_n_rows, top_n_windows, upserts, Table, TOP_N,
-};
-use super::CHUNK_ROWS;
+use super::tables::{retractions, sort_by_key, top_n_rows, top_n_windows, upserts, Table, Val, TOP_N};
 use crate::results::ResultBatch;
+use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::SqlitePool;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -154,8 +153,14 @@ CREATE TABLE IF NOT EXISTS late_passes (
 );
 ";
 
+/// The SQLite store. Reads (the API, tests) go through a sqlx pool; result batches are written
+/// by one rusqlite connection on a blocking thread, each row bound to a prepared statement that
+/// is compiled once per connection: the write path is the store's bottleneck in a replay, and
+/// a per-row prepared upsert costs a few microseconds where a multi-row sqlx statement costs
+/// several times that in argument conversion and hand-over to sqlx's worker.
 pub struct SqliteStore {
     pub(super) pool: SqlitePool,
+    writer: Arc<Mutex<rusqlite::Connection>>,
 }
 
 impl SqliteStore {
@@ -181,22 +186,44 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            // Upserts land all over the key space: a large page cache keeps them from
-            // rewriting the same pages again and again.
-            .pragma("cache_size", "-262144")
             .pragma("temp_store", "memory");
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
-        Ok(SqliteStore { pool })
+        let writer = open_writer(path)?;
+        Ok(SqliteStore { pool, writer: Arc::new(Mutex::new(writer)) })
     }
 
     /// Writes a batch in one transaction: rows upserted by key, a stored higher revision kept.
-    pub async fn write(&self, batch: &ResultBatch) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
-        write_rows(&mut tx, batch).await?;
-        tx.commit().await?;
-        Ok(())
+    pub async fn write(&self, batch: Arc<ResultBatch>) -> anyhow::Result<()> {
+        self.in_transaction(move |tx| write_rows(tx, &batch)).await
     }
+
+    /// Runs `work` in one immediate transaction of the writer connection, on a blocking thread.
+    pub(super) async fn in_transaction(
+        &self,
+        work: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let writer = Arc::clone(&self.writer);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            work(&tx)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await?
+    }
+}
+
+/// The connection that writes result batches.
+fn open_writer(path: &str) -> anyhow::Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    // Upserts land all over the key space: a large page cache keeps them from rewriting the
+    // same pages again and again.
+    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -262144; PRAGMA temp_store = memory;")?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
 }
 
 /// SQLite's "database is locked" or "busy".
@@ -204,38 +231,66 @@ fn is_locked(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         cause.downcast_ref::<sqlx::Error>().is_some_and(
             |e| matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("5") | Some("6"))),
-        )
+        ) || cause.downcast_ref::<rusqlite::Error>().is_some_and(|e| {
+            matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            )
+        })
     })
 }
 
-pub(super) async fn write_rows(tx: &mut Transaction<'_, Sqlite>, batch: &ResultBatch) -> anyhow::Result<()> {
-    for (table, rows) in upserts(batch) {
-        let (head, tail) = (insert_head(table), upsert_tail(table));
-        for chunk in rows.chunks(CHUNK_ROWS) {
-            statement::<Sqlite>(&head, chunk, &tail).build().execute(&mut **tx).await?;
+impl rusqlite::ToSql for Val<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Val::Text(t) => ToSqlOutput::Borrowed(ValueRef::Text(t.as_bytes())),
+            Val::Owned(t) => ToSqlOutput::Borrowed(ValueRef::Text(t.as_bytes())),
+            Val::Int(i) => ToSqlOutput::Owned(Value::Integer(*i)),
+            Val::Real(r) => ToSqlOutput::Owned(Value::Real(*r)),
+            Val::Null => ToSqlOutput::Owned(Value::Null),
+        })
+    }
+}
+
+/// Every row of a batch, one prepared statement per table: upserts, retractions, and each
+/// Top-N window replaced whole.
+pub(super) fn write_rows(tx: &rusqlite::Transaction, batch: &ResultBatch) -> rusqlite::Result<()> {
+    fn each(tx: &rusqlite::Transaction, sql: &str, rows: &[Vec<Val>]) -> rusqlite::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
         }
+        let mut statement = tx.prepare_cached(sql)?;
+        for row in rows {
+            statement.execute(rusqlite::params_from_iter(row))?;
+        }
+        Ok(())
+    }
+    for (table, mut rows) in upserts(batch) {
+        sort_by_key(table, &mut rows);
+        each(tx, &format!("{}{}", insert_one(table), upsert_tail(table)), &rows)?;
     }
     for (table, rows) in retractions(batch) {
-        for row in &rows {
-            delete_retracted::<Sqlite>(table, row).build().execute(&mut **tx).await?;
-        }
+        each(tx, &delete_one(table, table.keys, table.guard), &rows)?;
     }
-    let windows = top_n_windows(batch);
-    for chunk in windows.chunks(CHUNK_ROWS) {
-        delete_keys::<Sqlite>(&TOP_N, &TOP_N.keys[..4], chunk).build().execute(&mut **tx).await?;
-    }
-    let ranked = top_n_rows(batch);
-    for chunk in ranked.chunks(CHUNK_ROWS) {
-        statement::<Sqlite>(&insert_head(&TOP_N), chunk, "").build().execute(&mut **tx).await?;
-    }
-    Ok(())
+    each(tx, &delete_one(&TOP_N, &TOP_N.keys[..4], None), &top_n_windows(batch))?;
+    each(tx, &insert_one(&TOP_N), &top_n_rows(batch))
 }
 
-fn insert_head(table: &Table) -> String {
-    format!("INSERT INTO {} ({}) ", table.name, table.columns())
+/// `INSERT INTO t (…) VALUES (?, …)`: one row.
+fn insert_one(table: &Table) -> String {
+    let marks = vec!["?"; table.keys.len() + table.values.len()].join(", ");
+    format!("INSERT INTO {} ({}) VALUES ({marks})", table.name, table.columns())
 }
 
-/// `ON CONFLICT (keys) DO UPDATE SET … WHERE excluded.guard >= table.guard`, or `DO NOTHING`.
+/// `DELETE FROM t WHERE k1 = ? AND … [AND guard <= ?]`: one key (a retracted row is deleted
+/// unless a higher revision is stored).
+fn delete_one(table: &Table, keys: &[&str], guard: Option<&str>) -> String {
+    let mut conditions: Vec<String> = keys.iter().map(|k| format!("`{k}` = ?")).collect();
+    conditions.extend(guard.map(|g| format!("`{g}` <= ?")));
+    format!("DELETE FROM {} WHERE {}", table.name, conditions.join(" AND "))
+}
+
+/// ` ON CONFLICT (keys) DO UPDATE SET … WHERE excluded.guard >= table.guard`, or `DO NOTHING`.
 fn upsert_tail(table: &Table) -> String {
     let keys = table.keys.join(", ");
     match table.guard {
