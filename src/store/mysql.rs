@@ -1,7 +1,7 @@
 //! The MySQL store; its tables come from the migrations under `migrations/`, applied on open.
 
 use super::tables::{
-    delete_keys, delete_retracted, retractions, sort_by_key, statement, top_n_rows, top_n_windows, upserts, Table,
+    delete_keys, delete_retracted, retractions, sort_by_key, statement, top_n_rows, top_n_windows, upserts, Table, Val,
     TOP_N,
 };
 use super::CHUNK_ROWS;
@@ -24,35 +24,97 @@ impl MySqlStore {
         Ok(MySqlStore { pool })
     }
 
-    /// Writes a batch in one transaction: rows upserted by key, a stored higher revision kept.
+    /// Writes a batch: rows upserted by key, a stored higher revision kept. The tables are
+    /// shared out over `LANES` connections, each writing its tables in one transaction, so the
+    /// server works on several at once. A batch is therefore not one transaction across tables;
+    /// it needs none: every write is an idempotent upsert (or a whole Top-N window replaced in
+    /// one transaction), a failed batch is written again whole, and a checkpoint completes only
+    /// after every lane has committed.
     pub async fn write(&self, batch: &ResultBatch) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
-        write_rows(&mut tx, batch).await?;
-        tx.commit().await?;
+        let mut lanes: Vec<(usize, Vec<Part>)> = (0..LANES).map(|_| (0, Vec::new())).collect();
+        let mut parts = parts(batch);
+        parts.sort_by_key(|p| std::cmp::Reverse(p.rows()));
+        for part in parts {
+            let lightest = lanes.iter_mut().min_by_key(|(rows, _)| *rows).expect("at least one lane");
+            lightest.0 += part.rows();
+            lightest.1.push(part);
+        }
+        futures::future::try_join_all(lanes.into_iter().filter(|(rows, _)| *rows > 0).map(|(_, parts)| async move {
+            let mut tx = self.pool.begin().await?;
+            for part in &parts {
+                part.write(&mut tx).await?;
+            }
+            tx.commit().await?;
+            anyhow::Ok(())
+        }))
+        .await?;
         Ok(())
     }
 }
 
+/// Connections one batch is written over.
+const LANES: usize = 2;
+
+/// What one transaction writes of a batch: a table's upserts or retractions, or the Top-N
+/// windows (deleted and inserted whole).
+enum Part<'a> {
+    Upserts(&'static Table, Vec<Vec<Val<'a>>>),
+    Retractions(&'static Table, Vec<Vec<Val<'a>>>),
+    TopN { windows: Vec<Vec<Val<'a>>>, ranked: Vec<Vec<Val<'a>>> },
+}
+
+fn parts(batch: &ResultBatch) -> Vec<Part<'_>> {
+    let mut parts: Vec<Part> = upserts(batch)
+        .into_iter()
+        .map(|(table, mut rows)| {
+            sort_by_key(table, &mut rows);
+            Part::Upserts(table, rows)
+        })
+        .collect();
+    parts.extend(retractions(batch).into_iter().map(|(table, rows)| Part::Retractions(table, rows)));
+    parts.push(Part::TopN { windows: top_n_windows(batch), ranked: top_n_rows(batch) });
+    parts.retain(|p| p.rows() > 0);
+    parts
+}
+
+impl Part<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            Part::Upserts(_, rows) | Part::Retractions(_, rows) => rows.len(),
+            Part::TopN { windows, ranked } => windows.len() + ranked.len(),
+        }
+    }
+
+    async fn write(&self, tx: &mut sqlx::Transaction<'_, MySql>) -> anyhow::Result<()> {
+        match self {
+            Part::Upserts(table, rows) => {
+                let (head, tail) = (insert_head(table), upsert_tail(table));
+                for chunk in rows.chunks(CHUNK_ROWS) {
+                    statement::<MySql>(&head, chunk, &tail).build().execute(&mut **tx).await?;
+                }
+            }
+            Part::Retractions(table, rows) => {
+                for row in rows {
+                    delete_retracted::<MySql>(table, row).build().execute(&mut **tx).await?;
+                }
+            }
+            Part::TopN { windows, ranked } => {
+                for chunk in windows.chunks(CHUNK_ROWS) {
+                    delete_keys::<MySql>(&TOP_N, &TOP_N.keys[..4], chunk).build().execute(&mut **tx).await?;
+                }
+                for chunk in ranked.chunks(CHUNK_ROWS) {
+                    statement::<MySql>(&insert_head(&TOP_N), chunk, "").build().execute(&mut **tx).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every row of a batch in one transaction (a day replaced by a backfill).
 pub(super) async fn write_rows(tx: &mut sqlx::Transaction<'_, MySql>, batch: &ResultBatch) -> anyhow::Result<()> {
-    for (table, mut rows) in upserts(batch) {
-        sort_by_key(table, &mut rows);
-        let (head, tail) = (insert_head(table), upsert_tail(table));
-        for chunk in rows.chunks(CHUNK_ROWS) {
-            statement::<MySql>(&head, chunk, &tail).build().execute(&mut **tx).await?;
-        }
-    }
-    for (table, rows) in retractions(batch) {
-        for row in &rows {
-            delete_retracted::<MySql>(table, row).build().execute(&mut **tx).await?;
-        }
-    }
-    let windows = top_n_windows(batch);
-    for chunk in windows.chunks(CHUNK_ROWS) {
-        delete_keys::<MySql>(&TOP_N, &TOP_N.keys[..4], chunk).build().execute(&mut **tx).await?;
-    }
-    let ranked = top_n_rows(batch);
-    for chunk in ranked.chunks(CHUNK_ROWS) {
-        statement::<MySql>(&insert_head(&TOP_N), chunk, "").build().execute(&mut **tx).await?;
+    for part in parts(batch) {
+        part.write(tx).await?;
     }
     Ok(())
 }
