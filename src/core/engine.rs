@@ -223,7 +223,8 @@ impl Engine {
     /// Takes a batch of records from the source named `source`.
     pub fn process<'a>(&mut self, source: &str, records: impl IntoIterator<Item = Record<'a>>, clocks: Clocks) {
         let records: Vec<Record<'a>> = records.into_iter().collect();
-        let judged = records.iter().map(|r| self.ingest.validator().judge(r.bytes, clocks.future_now)).collect();
+        let validator = self.ingest.validator();
+        let judged = self.parallel.map(&records, |r| validator.judge(r.bytes, clocks.future_now));
         self.process_judged(source, records, judged, clocks);
     }
 

@@ -46,6 +46,28 @@ impl Parallel {
         self.threads > 1 && passes >= self.min_passes
     }
 
+    /// `f` of every item, in order; a large batch is cut into one run of items per thread.
+    pub fn map<T: Sync, U: Send>(&self, items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
+        if !self.takes(items.len()) {
+            return items.iter().map(f).collect();
+        }
+        let f = &f;
+        let mut runs = items.chunks(items.len().div_ceil(self.threads));
+        let first = runs.next().unwrap_or_default();
+        std::thread::scope(|scope| {
+            let helpers: Vec<_> = runs.map(|run| scope.spawn(move || run.iter().map(f).collect::<Vec<U>>())).collect();
+            let mut out: Vec<U> = Vec::with_capacity(items.len());
+            out.extend(first.iter().map(f));
+            for helper in helpers {
+                match helper.join() {
+                    Ok(mut mapped) => out.append(&mut mapped),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            out
+        })
+    }
+
     /// Runs `step` on every operator; rows go to `out` and late passes to `late`, in the order
     /// of the groups as listed.
     pub fn run(
@@ -100,6 +122,21 @@ impl Parallel {
             out.append(&mut group.out);
             late.append(&mut group.late);
             self.cost.insert(group.name, group.nanos);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parallel_map_keeps_the_order_of_its_items_at_every_size() {
+        let parallel = Parallel::new(3);
+        for len in [0, 1, MIN_PASSES - 1, MIN_PASSES, MIN_PASSES + 1, 10_007] {
+            let items: Vec<u64> = (0..len as u64).collect();
+            let mapped = parallel.map(&items, |i| i * 7 + 1);
+            assert_eq!(mapped, items.iter().map(|i| i * 7 + 1).collect::<Vec<_>>(), "{len} items");
         }
     }
 }

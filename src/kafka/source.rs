@@ -168,6 +168,10 @@ impl KafkaSource {
                 ("max.poll.interval.ms", "86400000"),
                 // Bounded runs end at the partitions' ends as the fetch answers give them.
                 ("enable.partition.eof", if input.bounded { "true" } else { "false" }),
+                // Prefetch deeper than librdkafka's 100,000 messages: the pipeline takes records
+                // faster than one fetch answer's latency allows at that depth (memory stays
+                // bounded by `queued.max.messages.kbytes`, 64 MiB per partition by default).
+                ("queued.min.messages", "1000000"),
             ])
             .create_with_context(context)
             .with_context(|| format!("creating the Kafka consumer for {}", config.brokers))?;
