@@ -13,9 +13,6 @@ use crate::results::ResultBatch;
 use anyhow::Context;
 use std::sync::Arc;
 
-/// Rows per multi-row INSERT.
-const CHUNK_ROWS: usize = 1_000;
-
 pub enum Store {
     Sqlite(sqlite::SqliteStore),
     MySql(mysql::MySqlStore),

@@ -4,7 +4,6 @@ use super::tables::{
     delete_keys, delete_retracted, retractions, sort_by_key, statement, top_n_rows, top_n_windows, upserts, Table, Val,
     TOP_N,
 };
-use super::CHUNK_ROWS;
 use crate::results::ResultBatch;
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::{MySql, MySqlPool};
@@ -52,6 +51,16 @@ impl MySqlStore {
     }
 }
 
+/// Rows per multi-row statement, at most: fewer, larger statements cost the server less per row.
+const CHUNK_ROWS: usize = 4_000;
+/// Placeholders one prepared statement may hold (MySQL's protocol limit).
+const MAX_PLACEHOLDERS: usize = 65_535;
+
+/// Rows per statement for rows of `columns` values.
+fn chunk_rows(columns: usize) -> usize {
+    (MAX_PLACEHOLDERS / columns.max(1)).min(CHUNK_ROWS)
+}
+
 /// Connections one batch is written over.
 const LANES: usize = 2;
 
@@ -89,7 +98,7 @@ impl Part<'_> {
         match self {
             Part::Upserts(table, rows) => {
                 let (head, tail) = (insert_head(table), upsert_tail(table));
-                for chunk in rows.chunks(CHUNK_ROWS) {
+                for chunk in rows.chunks(chunk_rows(table.keys.len() + table.values.len())) {
                     statement::<MySql>(&head, chunk, &tail).build().execute(&mut **tx).await?;
                 }
             }
@@ -99,10 +108,10 @@ impl Part<'_> {
                 }
             }
             Part::TopN { windows, ranked } => {
-                for chunk in windows.chunks(CHUNK_ROWS) {
+                for chunk in windows.chunks(chunk_rows(4)) {
                     delete_keys::<MySql>(&TOP_N, &TOP_N.keys[..4], chunk).build().execute(&mut **tx).await?;
                 }
-                for chunk in ranked.chunks(CHUNK_ROWS) {
+                for chunk in ranked.chunks(chunk_rows(TOP_N.keys.len() + TOP_N.values.len())) {
                     statement::<MySql>(&insert_head(&TOP_N), chunk, "").build().execute(&mut **tx).await?;
                 }
             }
