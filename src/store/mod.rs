@@ -48,7 +48,8 @@ impl Store {
         }
     }
 
-    /// Writes a batch of results in one transaction.
+    /// Writes a batch of results: in one transaction (SQLite), or one per connection it is
+    /// shared out over (MySQL).
     pub async fn write(&self, batch: impl Into<Arc<ResultBatch>>) -> anyhow::Result<()> {
         match self {
             Store::Sqlite(s) => s.write(batch.into()).await,
