@@ -56,19 +56,18 @@ pub fn messages(batch: &ResultBatch, epoch: u64, seq: &mut i64) -> Vec<Message> 
     let mut out: Vec<Message> = json_rows(batch)
         .into_iter()
         .map(|r| {
-            let mut key = vec![serde_json::Value::from(r.table)];
-            key.extend(r.key);
             let revision = r.revision.unwrap_or_else(|| {
                 *seq += 1;
                 *seq
             });
+            // Table names are plain identifiers: they need no escaping.
+            let (table, key) = (r.table, r.key);
             let value = r.row.map(|row| {
-                serde_json::json!({
-                    "schema": SCHEMA_VERSION, "table": r.table, "epoch": epoch, "revision": revision, "row": row,
-                })
-                .to_string()
+                format!(
+                    r#"{{"schema":{SCHEMA_VERSION},"table":"{table}","epoch":{epoch},"revision":{revision},"row":{row}}}"#
+                )
             });
-            Message { topic: Topic::of_table(r.table), key: serde_json::Value::from(key).to_string(), value }
+            Message { topic: Topic::of_table(table), key: format!(r#"["{table}",{key}]"#), value }
         })
         .collect();
     out.extend(batch.clean_passes.iter().map(|p| Message {
@@ -77,4 +76,89 @@ pub fn messages(batch: &ResultBatch, epoch: u64, seq: &mut i64) -> Vec<Message> 
         value: Some(format!(r#"{{"schema":{SCHEMA_VERSION},"epoch":{epoch},"pass":{}}}"#, p.line)),
     }));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::{AreaCongestionRow, CheckpointSpeedRow, CleanPassRow, FlowCountRow, TopNWindow};
+    use serde_json::{json, Value};
+
+    fn parsed(m: &Message) -> (Topic, Value, Option<Value>) {
+        let value = m.value.as_deref().map(|v| serde_json::from_str(v).expect("the value is JSON"));
+        (m.topic, serde_json::from_str(&m.key).expect("the key is JSON"), value)
+    }
+
+    #[test]
+    fn each_row_is_a_message_of_json_with_its_key_revision_and_columns() {
+        let odd = "K\"1\\中\n";
+        let mut batch = ResultBatch::default();
+        batch.flow_counts = vec![FlowCountRow {
+            level: "checkpoint",
+            key_id: odd.into(),
+            window_s: 30,
+            window_start: 60_000,
+            passes: 7,
+            revision: 2,
+        }];
+        batch.checkpoint_speed = vec![CheckpointSpeedRow {
+            checkpoint_id: "KK1".into(),
+            window_s: 60,
+            window_start: 0,
+            samples: 3,
+            mean_speed_kmh: 41.25,
+            revision: 0,
+        }];
+        batch.area_congestion = vec![AreaCongestionRow {
+            level: "city",
+            key_id: "all".into(),
+            window_s: 60,
+            window_start: 0,
+            mean_speed_kmh: 0.0,
+            travel_time_index: 0.0,
+            congestion_level: 0,
+            revision: 4,
+            retracted: true,
+        }];
+        batch.top_n = vec![TopNWindow {
+            metric: "checkpoint_flow",
+            window_s: 60,
+            slide_s: 5,
+            window_end: 5_000,
+            entries: vec![(odd.into(), 9)],
+        }];
+        batch.clean_passes = vec![CleanPassRow { pass_id: "P1".into(), line: r#"{"pass_id":"P1"}"#.into() }];
+        let mut seq = 10;
+        let got: Vec<_> = messages(&batch, 3, &mut seq).iter().map(parsed).collect();
+        let want = vec![
+            (
+                Topic::Results,
+                json!(["flow_counts", "checkpoint", odd, 30, 60_000]),
+                Some(json!({"schema": 1, "table": "flow_counts", "epoch": 3, "revision": 2, "row": {
+                    "level": "checkpoint", "key_id": odd, "window_s": 30, "window_start": 60_000, "passes": 7, "revision": 2,
+                }})),
+            ),
+            (
+                Topic::Results,
+                json!(["checkpoint_speed", "KK1", 60, 0]),
+                Some(json!({"schema": 1, "table": "checkpoint_speed", "epoch": 3, "revision": 0, "row": {
+                    "checkpoint_id": "KK1", "window_s": 60, "window_start": 0, "samples": 3, "mean_speed_kmh": 41.25,
+                    "revision": 0,
+                }})),
+            ),
+            // A retraction is a tombstone.
+            (Topic::Results, json!(["area_congestion", "city", "all", 60, 0]), None),
+            (
+                Topic::Results,
+                json!(["top_n", "checkpoint_flow", 60, 5, 5_000]),
+                Some(json!({"schema": 1, "table": "top_n", "epoch": 3, "revision": 11, "row": {
+                    "metric": "checkpoint_flow", "window_s": 60, "slide_s": 5, "window_end": 5_000,
+                    "entries": [{"rank": 1, "key_id": odd, "value": 9}],
+                }})),
+            ),
+            (Topic::CleanPasses, json!(["P1"]), Some(json!({"schema": 1, "epoch": 3, "pass": {"pass_id": "P1"}}))),
+        ];
+        assert_eq!(got, want);
+        assert_eq!(seq, 11, "only the row without a revision of its own took a sequence number");
+    }
 }

@@ -509,13 +509,13 @@ where
     }
 }
 
-/// One row of a batch as JSON, for outputs other than the stores (Kafka topics).
+/// One row of a batch as JSON text, for outputs other than the stores (Kafka topics).
 pub struct JsonRow {
     pub table: &'static str,
-    /// The key column values.
-    pub key: Vec<serde_json::Value>,
-    /// Every column by name; `None` for a retracted row.
-    pub row: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The key column values, comma-separated JSON (the elements of an array).
+    pub key: String,
+    /// Every column by name, a JSON object; `None` for a retracted row.
+    pub row: Option<String>,
     /// The value of the column that orders updates (`None` when the table has none).
     pub revision: Option<i64>,
 }
@@ -547,15 +547,44 @@ impl Val<'_> {
         }
     }
 
-    fn json(&self) -> serde_json::Value {
-        match self {
-            Val::Text(s) => (*s).into(),
-            Val::Owned(s) => s.as_str().into(),
-            Val::Int(i) => (*i).into(),
-            Val::Real(f) => (*f).into(),
-            Val::Null => serde_json::Value::Null,
-        }
+    /// Appends the value as JSON.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        // Writing into a Vec<u8> cannot fail.
+        let _ = match self {
+            Val::Text(t) => serde_json::to_writer(out, t),
+            Val::Owned(t) => serde_json::to_writer(out, t),
+            Val::Int(i) => serde_json::to_writer(out, i),
+            Val::Real(r) => serde_json::to_writer(out, r),
+            Val::Null => serde_json::to_writer(out, &()),
+        };
     }
+}
+
+/// `values` as comma-separated JSON.
+fn json_list<'v>(values: impl Iterator<Item = &'v Val<'v>>) -> String {
+    let mut out = Vec::new();
+    for (i, v) in values.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        v.write_json(&mut out);
+    }
+    String::from_utf8(out).expect("JSON is UTF-8")
+}
+
+/// A row as a JSON object of `columns`.
+fn json_object(columns: &[&str], row: &[Val]) -> String {
+    let mut out = vec![b'{'];
+    for (i, (column, v)) in columns.iter().zip(row).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = serde_json::to_writer(&mut out, column);
+        out.push(b':');
+        v.write_json(&mut out);
+    }
+    out.push(b'}');
+    String::from_utf8(out).expect("JSON is UTF-8")
 }
 
 /// Every row of a batch as JSON: the upserted tables, retractions and one row per Top-N window.
@@ -568,8 +597,8 @@ pub fn json_rows(batch: &ResultBatch) -> Vec<JsonRow> {
             let revision = guard.map(|i| if let Val::Int(v) = row[i] { v } else { 0 });
             out.push(JsonRow {
                 table: table.name,
-                key: row[..table.keys.len()].iter().map(Val::json).collect(),
-                row: Some(columns.iter().zip(&row).map(|(c, v)| ((*c).to_owned(), v.json())).collect()),
+                key: json_list(row[..table.keys.len()].iter()),
+                row: Some(json_object(&columns, &row)),
                 revision,
             });
         }
@@ -577,8 +606,12 @@ pub fn json_rows(batch: &ResultBatch) -> Vec<JsonRow> {
     for (table, rows) in retractions(batch) {
         for row in rows {
             let revision = if let Some(Val::Int(v)) = row.last() { Some(*v) } else { None };
-            let key = row[..table.keys.len()].iter().map(Val::json).collect();
-            out.push(JsonRow { table: table.name, key, row: None, revision });
+            out.push(JsonRow {
+                table: table.name,
+                key: json_list(row[..table.keys.len()].iter()),
+                row: None,
+                revision,
+            });
         }
     }
     for w in &batch.top_n {
@@ -588,12 +621,17 @@ pub fn json_rows(batch: &ResultBatch) -> Vec<JsonRow> {
             .enumerate()
             .map(|(i, (key, value))| serde_json::json!({ "rank": i + 1, "key_id": &**key, "value": value }))
             .collect();
-        let key = vec![w.metric.into(), w.window_s.into(), w.slide_s.into(), w.window_end.into()];
+        let key = serde_json::json!([w.metric, w.window_s, w.slide_s, w.window_end]).to_string();
         let row = serde_json::json!({
             "metric": w.metric, "window_s": w.window_s, "slide_s": w.slide_s, "window_end": w.window_end,
             "entries": entries,
         });
-        out.push(JsonRow { table: TOP_N.name, key, row: row.as_object().cloned(), revision: None });
+        out.push(JsonRow {
+            table: TOP_N.name,
+            key: key[1..key.len() - 1].to_owned(),
+            row: Some(row.to_string()),
+            revision: None,
+        });
     }
     out
 }
