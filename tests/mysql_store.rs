@@ -210,3 +210,43 @@ async fn a_retraction_deletes_the_stored_row_unless_a_newer_one_is_stored_in_bot
     }
     db.drop_now().await;
 }
+
+/// SQLite takes result batches through its writer connection while the API's connections
+/// write too (acknowledgements, watch list, purges): each waits for the other's lock, none
+/// fails and nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_batches_and_api_changes_written_at_the_same_time_all_land() {
+    use passflow::results::{FlowCountRow, ResultBatch};
+    use passflow::store::Bind;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("r.db").display());
+    let (pipeline, api) = (Store::open(&url).await.unwrap(), Store::open(&url).await.unwrap());
+    const BATCHES: i64 = 30;
+    const ROWS: i64 = 5_000;
+    let writes = async {
+        for b in 0..BATCHES {
+            let mut batch = ResultBatch::default();
+            batch.flow_counts = (0..ROWS)
+                .map(|i| FlowCountRow {
+                    level: "checkpoint",
+                    key_id: format!("K{i}").into(),
+                    window_s: 30,
+                    window_start: b * 30_000,
+                    passes: 1,
+                    revision: 0,
+                })
+                .collect();
+            pipeline.write(batch).await.unwrap();
+        }
+    };
+    let changes = async {
+        for i in 0..100 {
+            let sql = "INSERT INTO dead_letters (id, reason, record, received_at) VALUES (?, 'malformed_json', '{', 0)";
+            api.execute(sql, vec![Bind::Text(format!("api:{i}"))]).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        }
+    };
+    tokio::join!(writes, changes);
+    assert_eq!(api.flow_counts().await.unwrap().len() as i64, BATCHES * ROWS);
+    assert_eq!(api.dead_letter_counts().await.unwrap(), vec![("malformed_json".to_owned(), 100)]);
+}
