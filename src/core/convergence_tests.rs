@@ -264,7 +264,6 @@ fn expected(city: &City, passes: &[&Pass]) -> BTreeMap<(String, String, u32, i64
     batch_flow_counts(city, &owned)
 }
 
-/// Keys whose counts differ: (key, got, want).
 /// The keys whose values differ between two tables, with both values.
 fn differences<K: Ord + std::fmt::Debug, V: Clone + PartialEq>(
     got: &BTreeMap<K, V>,

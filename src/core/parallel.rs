@@ -52,20 +52,11 @@ impl Parallel {
             return items.iter().map(f).collect();
         }
         let f = &f;
-        let mut runs = items.chunks(items.len().div_ceil(self.threads));
-        let first = runs.next().unwrap_or_default();
-        std::thread::scope(|scope| {
-            let helpers: Vec<_> = runs.map(|run| scope.spawn(move || run.iter().map(f).collect::<Vec<U>>())).collect();
-            let mut out: Vec<U> = Vec::with_capacity(items.len());
-            out.extend(first.iter().map(f));
-            for helper in helpers {
-                match helper.join() {
-                    Ok(mut mapped) => out.append(&mut mapped),
-                    Err(panic) => std::panic::resume_unwind(panic),
-                }
-            }
-            out
-        })
+        let runs = items.chunks(items.len().div_ceil(self.threads));
+        on_threads(runs.map(|run| move || run.iter().map(f).collect::<Vec<U>>()).collect())
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Runs `step` on every operator; rows go to `out` and late passes to `late`, in the order
@@ -108,15 +99,7 @@ impl Parallel {
             }
             group.nanos = started.elapsed().as_nanos() as u64;
         };
-        std::thread::scope(|scope| {
-            let helpers: Vec<_> = (1..self.threads.min(order.len())).map(|_| scope.spawn(work)).collect();
-            work();
-            for helper in helpers {
-                if let Err(panic) = helper.join() {
-                    std::panic::resume_unwind(panic);
-                }
-            }
-        });
+        on_threads((0..self.threads.min(order.len())).map(|_| &work).collect());
         for group in groups {
             let mut group = group.into_inner().expect("no group panicked");
             out.append(&mut group.out);
@@ -124,6 +107,24 @@ impl Parallel {
             self.cost.insert(group.name, group.nanos);
         }
     }
+}
+
+/// Runs `jobs`, the first on the calling thread and each other on a thread of its own, and
+/// returns their results in order. A job's panic is raised here once every job has ended.
+fn on_threads<R: Send>(jobs: Vec<impl FnOnce() -> R + Send>) -> Vec<R> {
+    let mut jobs = jobs.into_iter();
+    let Some(own) = jobs.next() else { return Vec::new() };
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = jobs.map(|job| scope.spawn(job)).collect();
+        let mut results = vec![own()];
+        for helper in helpers {
+            match helper.join() {
+                Ok(result) => results.push(result),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        results
+    })
 }
 
 #[cfg(test)]

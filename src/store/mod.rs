@@ -65,20 +65,19 @@ impl Store {
         const WINDOWED: [&str; 5] =
             ["flow_counts", "origin_counts", "checkpoint_speed", "segment_congestion", "area_congestion"];
         const DAILY: [&str; 4] = ["high_frequency", "trajectories", "restriction_violations", "restriction_summary"];
-        let deletes = WINDOWED
+        // Every windowed delete binds (start, end); every daily one binds the day.
+        let windowed: Vec<String> = WINDOWED
             .iter()
-            .map(|t| (format!("DELETE FROM {t} WHERE window_start >= ? AND window_start < ?"), vec![start, end]))
-            .chain(std::iter::once((
-                "DELETE FROM top_n WHERE window_end > ? AND window_end <= ?".to_owned(),
-                vec![start, end],
-            )));
-        let daily = DAILY.iter().map(|t| format!("DELETE FROM {t} WHERE day = ?"));
+            .map(|t| format!("DELETE FROM {t} WHERE window_start >= ? AND window_start < ?"))
+            .chain(["DELETE FROM top_n WHERE window_end > ? AND window_end <= ?".to_owned()])
+            .collect();
+        let daily: Vec<String> = DAILY.iter().map(|t| format!("DELETE FROM {t} WHERE day = ?")).collect();
         match self {
             Store::Sqlite(s) => {
-                let (deletes, daily, day) = (deletes.collect::<Vec<_>>(), daily.collect::<Vec<_>>(), day.to_owned());
+                let day = day.to_owned();
                 s.in_transaction(move |tx| {
-                    for (sql, bounds) in &deletes {
-                        tx.execute(sql, rusqlite::params_from_iter(bounds))?;
+                    for sql in &windowed {
+                        tx.execute(sql, [start, end])?;
                     }
                     for sql in &daily {
                         tx.execute(sql, [&day])?;
@@ -89,11 +88,11 @@ impl Store {
             }
             Store::MySql(s) => {
                 let mut tx = s.pool.begin().await?;
-                for (sql, bounds) in deletes {
-                    sqlx::query(&sql).bind(bounds[0]).bind(bounds[1]).execute(&mut *tx).await?;
+                for sql in &windowed {
+                    sqlx::query(sql).bind(start).bind(end).execute(&mut *tx).await?;
                 }
-                for sql in daily {
-                    sqlx::query(&sql).bind(day).execute(&mut *tx).await?;
+                for sql in &daily {
+                    sqlx::query(sql).bind(day).execute(&mut *tx).await?;
                 }
                 mysql::write_rows(&mut tx, &batch).await?;
                 tx.commit().await?;

@@ -2,7 +2,7 @@
 
 use super::tables::{
     delete_keys, delete_retracted, retractions, sort_by_key, statement, top_n_rows, top_n_windows, upserts, Table, Val,
-    TOP_N,
+    TOP_N, TOP_N_WINDOW_KEYS,
 };
 use crate::results::ResultBatch;
 use sqlx::mysql::MySqlPoolOptions;
@@ -108,8 +108,8 @@ impl Part<'_> {
                 }
             }
             Part::TopN { windows, ranked } => {
-                for chunk in windows.chunks(chunk_rows(4)) {
-                    delete_keys::<MySql>(&TOP_N, &TOP_N.keys[..4], chunk).build().execute(&mut **tx).await?;
+                for chunk in windows.chunks(chunk_rows(TOP_N_WINDOW_KEYS.len())) {
+                    delete_keys::<MySql>(&TOP_N, TOP_N_WINDOW_KEYS, chunk).build().execute(&mut **tx).await?;
                 }
                 for chunk in ranked.chunks(chunk_rows(TOP_N.keys.len() + TOP_N.values.len())) {
                     statement::<MySql>(&insert_head(&TOP_N), chunk, "").build().execute(&mut **tx).await?;

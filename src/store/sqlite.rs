@@ -1,6 +1,8 @@
 //! The embedded SQLite store (one file, WAL mode).
 
-use super::tables::{retractions, sort_by_key, top_n_rows, top_n_windows, upserts, Table, Val, TOP_N};
+use super::tables::{
+    retractions, sort_by_key, top_n_rows, top_n_windows, upserts, Table, Val, TOP_N, TOP_N_WINDOW_KEYS,
+};
 use crate::results::ResultBatch;
 use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -272,7 +274,7 @@ pub(super) fn write_rows(tx: &rusqlite::Transaction, batch: &ResultBatch) -> rus
     for (table, rows) in retractions(batch) {
         each(tx, &delete_one(table, table.keys, table.guard), &rows)?;
     }
-    each(tx, &delete_one(&TOP_N, &TOP_N.keys[..4], None), &top_n_windows(batch))?;
+    each(tx, &delete_one(&TOP_N, TOP_N_WINDOW_KEYS, None), &top_n_windows(batch))?;
     each(tx, &insert_one(&TOP_N), &top_n_rows(batch))
 }
 

@@ -414,6 +414,10 @@ where
     q
 }
 
+/// The key columns of a Top-N window (the table's key without `rank`): a window is replaced
+/// whole by these.
+pub(super) const TOP_N_WINDOW_KEYS: &[&str] = TOP_N.keys.split_at(4).0;
+
 /// Top-N rows: (metric, window_s, slide_s, window_end, rank, key_id, value).
 pub(super) fn top_n_rows(batch: &ResultBatch) -> Vec<Vec<Val<'_>>> {
     batch
@@ -435,7 +439,7 @@ pub(super) fn top_n_rows(batch: &ResultBatch) -> Vec<Vec<Val<'_>>> {
         .collect()
 }
 
-/// The Top-N windows of a batch as (metric, window_s, slide_s, window_end) keys.
+/// The Top-N windows of a batch as their keys ([`TOP_N_WINDOW_KEYS`]).
 pub(super) fn top_n_windows(batch: &ResultBatch) -> Vec<Vec<Val<'_>>> {
     batch
         .top_n
@@ -614,24 +618,18 @@ pub fn json_rows(batch: &ResultBatch) -> Vec<JsonRow> {
             });
         }
     }
-    for w in &batch.top_n {
+    for (w, key) in batch.top_n.iter().zip(top_n_windows(batch)) {
         let entries: Vec<serde_json::Value> = w
             .entries
             .iter()
             .enumerate()
             .map(|(i, (key, value))| serde_json::json!({ "rank": i + 1, "key_id": &**key, "value": value }))
             .collect();
-        let key = serde_json::json!([w.metric, w.window_s, w.slide_s, w.window_end]).to_string();
         let row = serde_json::json!({
             "metric": w.metric, "window_s": w.window_s, "slide_s": w.slide_s, "window_end": w.window_end,
             "entries": entries,
         });
-        out.push(JsonRow {
-            table: TOP_N.name,
-            key: key[1..key.len() - 1].to_owned(),
-            row: Some(row.to_string()),
-            revision: None,
-        });
+        out.push(JsonRow { table: TOP_N.name, key: json_list(key.iter()), row: Some(row.to_string()), revision: None });
     }
     out
 }
