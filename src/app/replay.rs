@@ -125,7 +125,7 @@ pub fn build_engine(
     let ingest = match (config.state.backend, store) {
         (StateBackendKind::Memory, _) => Ingest::new(validator, Deduplicator::new(horizon)),
         (StateBackendKind::Rocksdb, Some(store)) => {
-            Ingest::new(validator, RocksDedup::new(store.db(), store.dedup_cutoff(), horizon, None))
+            Ingest::new(validator, RocksDedup::new(store.db(), store.dedup_cutoff(), horizon, None)?)
         }
         (StateBackendKind::Rocksdb, None) => Ingest::new(validator, RocksDedup::scratch(horizon)?),
     };

@@ -66,9 +66,10 @@ fn engine(city: &Arc<City>, backend: &Backend) -> Engine {
     let validator = Validator::new(city.clone(), TZ, PlateColorScheme::Police, 300_000);
     let ingest = match backend {
         Backend::Memory => Ingest::new(validator, Deduplicator::new(LATENESS + 10_000)),
-        Backend::RocksDb(db, cutoff) => {
-            Ingest::new(validator, RocksDedup::new(db.clone(), cutoff.clone(), LATENESS + 10_000, None))
-        }
+        Backend::RocksDb(db, cutoff) => Ingest::new(
+            validator,
+            RocksDedup::new(db.clone(), cutoff.clone(), LATENESS + 10_000, None).expect("state readable"),
+        ),
     };
     let mut engine = Engine::new(
         city.clone(),
