@@ -21,7 +21,10 @@ use std::sync::Arc;
 pub const CLONED_PLATE: &str = "cloned_plate";
 const LATE_LABEL: &str = "cloned_plate";
 const STATE_VERSION: u32 = 2;
-const SWEEP_EVERY_MS: i64 = 10 * 60_000;
+/// How far the horizon moves between sweeps of every vehicle's passes. Passes before the
+/// horizon pair with no pass that is not late, so a sweep only frees memory: each one visits
+/// every vehicle, and the horizon is hours long, so an hour's more passes are kept instead.
+const SWEEP_EVERY_MS: i64 = 60 * 60_000;
 
 /// The rule's thresholds.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -250,7 +253,8 @@ impl Operator for ClonedPlates {
             if let Some(list) = self.seen.get(&vehicle) {
                 let from = list.partition_point(|s| s.ts <= x.ts - span);
                 for y in list[from..].iter().take_while(|s| s.ts < x.ts + span) {
-                    if y.pass_id != x.pass_id && self.conflicting(&x, y) {
+                    // The same pass again has the same time (a resend with another is refused).
+                    if (y.ts != x.ts || y.pass_id != x.pass_id) && self.conflicting(&x, y) {
                         found.push((self.alert(&vehicle, &x, y), y.clone()));
                     }
                 }

@@ -29,8 +29,10 @@ pub const SUDDEN_CONGESTION: &str = "sudden_congestion";
 const SUDDEN_WINDOW_MS: i64 = 300_000;
 /// A traversal takes at most this many free-flow times.
 const FREE_FLOW_FACTOR: f64 = 6.0;
-/// How often (event time) tracks of vehicles gone quiet are swept out.
-const SWEEP_EVERY_MS: i64 = 10 * 60_000;
+/// How often (event time) tracks of vehicles gone quiet are swept out. A vehicle's passes
+/// before the horizon are also cut whenever it passes again, so a sweep only frees memory;
+/// each one visits every vehicle, so it runs hourly, not every few minutes.
+const SWEEP_EVERY_MS: i64 = 60 * 60_000;
 const STATE_VERSION: u32 = 1;
 
 /// The speeds (km/h) between levels 1|2, 2|3, 3|4 and 4|5: level 1 is above the first.

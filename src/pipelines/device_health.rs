@@ -36,6 +36,8 @@ const EXPECTED_PASSES: f64 = 20.0;
 const MIN_BASE_PASSES: u32 = 20;
 /// Consecutive passes of a vehicle further apart than this are not a trip between neighbours.
 const MAX_TRIP_MS: i64 = 30 * MINUTE_MS;
+/// How far the watermark moves between sweeps of the vehicles' latest passes.
+const SWEEP_EVERY_MS: i64 = 10 * MINUTE_MS;
 const SAMPLES_PER_PAIR: usize = 200;
 const MIN_SAMPLES: usize = 8;
 const MIN_SKEW_MS: f64 = 45_000.0;
@@ -87,6 +89,9 @@ pub struct DeviceHealth {
     checkpoints: Vec<Checkpoint>,
     /// Each vehicle's latest pass: (ts, checkpoint).
     last_pass: FxHashMap<VehicleKey, (i64, u32)>,
+    /// The watermark `last_pass` was last swept at (entries too old to start a trip are
+    /// ignored before they are swept).
+    swept_at: i64,
     /// Recent travel times per directed checkpoint pair.
     trips: FxHashMap<(u32, u32), VecDeque<i64>>,
     /// Per 1 h window: per checkpoint (passes, unreadable).
@@ -104,6 +109,7 @@ impl DeviceHealth {
             skews,
             checkpoints: (0..city.checkpoints.len()).map(|_| Checkpoint::default()).collect(),
             last_pass: FxHashMap::default(),
+            swept_at: i64::MIN,
             trips: FxHashMap::default(),
             plates: BTreeMap::new(),
             skew_judged: None,
@@ -243,6 +249,8 @@ impl Operator for DeviceHealth {
         let width = self.checkpoints.len();
         // Gaps that a pass closed: (checkpoint, last pass before, the pass that ended it).
         let mut closed = Vec::new();
+        // A pass before this starts no trip (whichever batch it came in).
+        let trips_from = ctx.watermark.saturating_sub(MAX_TRIP_MS);
         for p in passes {
             let (ts, cp) = (p.ts.ms(), p.checkpoint.0);
             let c = &mut self.checkpoints[cp as usize];
@@ -261,7 +269,7 @@ impl Operator for DeviceHealth {
             // Travel times from each vehicle's latest pass (by event time) to a later one: a
             // pass arriving after a later one of its vehicle makes no trip (it would pair passes
             // that are not adjacent in time).
-            let prev = self.last_pass.get(&vehicle).copied();
+            let prev = self.last_pass.get(&vehicle).copied().filter(|(prev_ts, _)| *prev_ts >= trips_from);
             if prev.is_none_or(|(prev_ts, _)| ts > prev_ts) {
                 self.last_pass.insert(vehicle, (ts, cp));
             }
@@ -309,7 +317,11 @@ impl Operator for DeviceHealth {
                 c.minutes.pop_first();
             }
         }
-        self.last_pass.retain(|_, (ts, _)| *ts >= watermark.saturating_sub(MAX_TRIP_MS));
+        // A sweep visits every vehicle: once per sweep interval, not at every watermark.
+        if watermark.saturating_sub(self.swept_at) >= SWEEP_EVERY_MS {
+            self.last_pass.retain(|_, (ts, _)| *ts >= watermark.saturating_sub(MAX_TRIP_MS));
+            self.swept_at = watermark;
+        }
         // Silences longer than a day are not judged again; nor is older city traffic kept.
         let keep = watermark.saturating_sub(26 * HOUR_MS);
         while self.city_minutes.first_key_value().is_some_and(|(m, _)| *m < keep) {
