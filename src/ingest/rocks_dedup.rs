@@ -6,9 +6,9 @@
 //! compaction drops it (`crate::core::checkpoint::state_options` installs the filter), so the
 //! set stays bounded without an index to maintain.
 //!
-//! A pass id is looked up in RocksDB only when it may be there: memory holds a 64-bit hash of
-//! every id within the horizon ([`IdHashes`], about 30 bytes an id), and an id whose hash is
-//! not there has not been seen. Almost every pass is new, so almost no pass costs a read.
+//! A pass id is looked up in RocksDB only when it may be there: a Bloom filter of the ids
+//! within the horizon ([`IdFilter`], about 10 bits an id) says which are surely new, and
+//! almost every pass is new, so almost no pass costs a read.
 
 use super::dedup::{DedupBackend, DedupVerdict, Deduplicator};
 use crate::core::StateWrite;
@@ -21,63 +21,115 @@ pub const ID_PREFIX: &[u8] = b"dedup/id/";
 const COMMITTED_KEY: &[u8] = b"dedup/committed";
 /// Ids a scratch database takes at a time.
 const AUTOFLUSH: usize = 200_000;
-/// The hashes of ids are grouped by the minute of their event time, so expiry drops whole
-/// minutes.
-const HASH_BUCKET_MS: i64 = 60_000;
+/// Filter bits per id: about 1% of new ids cost a read.
+const BITS_PER_ID: usize = 10;
+/// Ids a filter is first sized for.
+const MIN_FILTER_IDS: usize = 1 << 16;
 
-/// The hashes of every id stored or pending within the horizon: a filter with no false
-/// negatives (an id whose hash is absent is new) and rare false positives (two ids with one
-/// hash, settled by a read). Ids of the same hash are counted, so expiring one keeps the other.
-#[derive(Default)]
-struct IdHashes {
-    count: FxHashMap<u64, u32>,
-    by_minute: std::collections::BTreeMap<i64, Vec<u64>>,
+/// A blocked Bloom filter: an id sets 8 bits in one 512-bit block (one cache line).
+struct Bloom {
+    blocks: Vec<[u64; 8]>,
+    ids: usize,
+    /// The newest event time of an id in it.
+    newest: i64,
+    /// The newest event time seen when it was opened.
+    opened_at: i64,
 }
 
-impl IdHashes {
-    fn hash(id: &str) -> u64 {
-        crate::model::fnv1a64(id.as_bytes())
+impl Bloom {
+    fn new(ids: usize, opened_at: i64) -> Bloom {
+        let blocks = (ids.max(MIN_FILTER_IDS) * BITS_PER_ID).div_ceil(512);
+        Bloom { blocks: vec![[0; 8]; blocks], ids: 0, newest: i64::MIN, opened_at }
     }
 
-    fn may_hold(&self, hash: u64) -> bool {
-        self.count.contains_key(&hash)
+    /// The block and the 8 bits (word, bit) of `hash`: the block from one mix of it, seven
+    /// bits from 9-bit pieces of a second and the eighth from the first.
+    fn probes(&self, hash: u64) -> (usize, impl Iterator<Item = (usize, u64)>) {
+        let x = mix(hash);
+        let block = (((x >> 32) * self.blocks.len() as u64) >> 32) as usize;
+        let y = mix(x);
+        let bits = (0..8u32).map(move |i| {
+            let bit = if i < 7 { (y >> (9 * i)) & 511 } else { x & 511 };
+            ((bit / 64) as usize, 1u64 << (bit % 64))
+        });
+        (block, bits)
     }
 
     fn insert(&mut self, hash: u64, ts: i64) {
-        *self.count.entry(hash).or_default() += 1;
-        self.by_minute.entry(ts.div_euclid(HASH_BUCKET_MS)).or_default().push(hash);
+        let (block, bits) = self.probes(hash);
+        let block = &mut self.blocks[block];
+        for (word, bit) in bits {
+            block[word] |= bit;
+        }
+        self.ids += 1;
+        self.newest = self.newest.max(ts);
     }
 
-    /// Forgets the minutes wholly before `oldest_kept` (ids there read as absent anyway).
-    fn expire(&mut self, oldest_kept: i64) {
-        while let Some(entry) = self.by_minute.first_entry() {
-            if (*entry.key() + 1) * HASH_BUCKET_MS > oldest_kept {
-                break;
-            }
-            for hash in entry.remove() {
-                if let std::collections::hash_map::Entry::Occupied(mut n) = self.count.entry(hash) {
-                    *n.get_mut() -= 1;
-                    if *n.get() == 0 {
-                        n.remove();
-                    }
-                }
-            }
+    fn may_hold(&self, hash: u64) -> bool {
+        let (block, mut bits) = self.probes(hash);
+        let block = &self.blocks[block];
+        bits.all(|(word, bit)| block[word] & bit != 0)
+    }
+}
+
+/// SplitMix64's finaliser: every bit of the result depends on every bit of `z`.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Which ids may be stored or pending: a filter with no false negatives (an id it does not
+/// hold is new) and about 1% false positives (settled by a read), some 10 bits an id. Ids go
+/// into the current generation; once it has been open for a horizon it becomes the previous
+/// one, which is dropped when its newest id has expired, so every live id is always held.
+struct IdFilter {
+    horizon_ms: i64,
+    current: Bloom,
+    previous: Option<Bloom>,
+}
+
+impl IdFilter {
+    fn hash(id: &[u8]) -> u64 {
+        crate::model::fnv1a64(id)
+    }
+
+    fn may_hold(&self, hash: u64) -> bool {
+        self.current.may_hold(hash) || self.previous.as_ref().is_some_and(|p| p.may_hold(hash))
+    }
+
+    fn insert(&mut self, hash: u64, ts: i64) {
+        self.current.insert(hash, ts);
+    }
+
+    /// Drops what has expired before `oldest_kept` and opens a new generation when due.
+    fn advance(&mut self, max_ts: i64, oldest_kept: i64) {
+        if self.previous.as_ref().is_some_and(|p| p.newest < oldest_kept) {
+            self.previous = None;
+        }
+        if self.previous.is_none() && max_ts.saturating_sub(self.current.opened_at) >= self.horizon_ms {
+            let next = Bloom::new(self.current.ids + self.current.ids / 4, max_ts);
+            self.previous = Some(std::mem::replace(&mut self.current, next));
         }
     }
 
-    /// The hashes of the ids stored in `db` from `oldest_kept` on.
-    fn load(db: &DB, oldest_kept: i64) -> anyhow::Result<IdHashes> {
-        let mut hashes = IdHashes::default();
+    /// A filter of the ids stored in `db` from `oldest_kept` on.
+    fn load(db: &DB, horizon_ms: i64, max_ts: i64, oldest_kept: i64) -> anyhow::Result<IdFilter> {
+        let mut stored = Vec::new();
         for item in db.prefix_iterator(ID_PREFIX) {
             let (key, v) = item?;
             if !key.starts_with(ID_PREFIX) {
                 break;
             }
             if let Some((_, ts)) = parse_value(&v).filter(|(_, ts)| *ts >= oldest_kept) {
-                hashes.insert(crate::model::fnv1a64(&key[ID_PREFIX.len()..]), ts);
+                stored.push((IdFilter::hash(&key[ID_PREFIX.len()..]), ts));
             }
         }
-        Ok(hashes)
+        let mut current = Bloom::new(stored.len() * 2, max_ts);
+        for (hash, ts) in stored {
+            current.insert(hash, ts);
+        }
+        Ok(IdFilter { horizon_ms, current, previous: None })
     }
 }
 
@@ -94,7 +146,7 @@ pub struct RocksDedup {
     /// Without checkpoints: write pending ids through once there are this many.
     autoflush: Option<usize>,
     /// Which ids may be stored or pending.
-    hashes: IdHashes,
+    filter: IdFilter,
 }
 
 fn id_key(id: &str) -> Vec<u8> {
@@ -112,14 +164,14 @@ pub fn parse_value(v: &[u8]) -> Option<(u64, i64)> {
 
 impl RocksDedup {
     /// `autoflush`: for runs without checkpoints, write ids through after this many. Ids
-    /// already in `db` are read once, for their hashes.
+    /// already in `db` are read once, into the filter.
     pub fn new(
         db: Arc<DB>,
         cutoff: Arc<AtomicI64>,
         horizon_ms: i64,
         autoflush: Option<usize>,
     ) -> anyhow::Result<RocksDedup> {
-        let hashes = IdHashes::load(&db, i64::MIN)?;
+        let filter = IdFilter::load(&db, horizon_ms, i64::MIN, i64::MIN)?;
         Ok(RocksDedup {
             db,
             cutoff,
@@ -128,7 +180,7 @@ impl RocksDedup {
             pending: FxHashMap::default(),
             max_ts: i64::MIN,
             autoflush,
-            hashes,
+            filter,
         })
     }
 
@@ -188,12 +240,12 @@ impl RocksDedup {
 
 impl DedupBackend for RocksDedup {
     fn check_batch(&mut self, items: &[(Arc<str>, u64, i64)]) -> Vec<DedupVerdict> {
-        let hashes: Vec<u64> = items.iter().map(|(id, _, _)| IdHashes::hash(id)).collect();
-        // Only an id whose hash is known and that is not pending can be in RocksDB.
+        let hashes: Vec<u64> = items.iter().map(|(id, _, _)| IdFilter::hash(id.as_bytes())).collect();
+        // Only an id the filter may hold and that is not pending can be in RocksDB.
         let unknown: Vec<&Arc<str>> = items
             .iter()
             .zip(&hashes)
-            .filter(|((id, _, _), hash)| self.hashes.may_hold(**hash) && !self.pending.contains_key(id))
+            .filter(|((id, _, _), hash)| self.filter.may_hold(**hash) && !self.pending.contains_key(id))
             .map(|((id, _, _), _)| id)
             .collect();
         let stored: FxHashMap<&str, u64> = unknown
@@ -210,13 +262,13 @@ impl DedupBackend for RocksDedup {
                 Some(_) => DedupVerdict::Conflicting,
                 None => {
                     self.pending.insert(id.clone(), (*digest, *ts));
-                    self.hashes.insert(hash, *ts);
+                    self.filter.insert(hash, *ts);
                     self.max_ts = self.max_ts.max(*ts);
                     DedupVerdict::First
                 }
             });
         }
-        self.hashes.expire(self.oldest_kept());
+        self.filter.advance(self.max_ts, self.oldest_kept());
         if self.autoflush.is_some_and(|n| self.pending.len() >= n) {
             let writes = self.drain_writes();
             // A scratch database needs no durability.
@@ -254,7 +306,7 @@ impl DedupBackend for RocksDedup {
                     "the deduplication state in RocksDB belongs to checkpoint {committed:?}, not {id}: it can only resume from that checkpoint"
                 );
                 self.max_ts = i64::from_le_bytes(bytes[9..17].try_into()?);
-                self.hashes = IdHashes::load(&self.db, self.oldest_kept())?;
+                self.filter = IdFilter::load(&self.db, self.horizon_ms, self.max_ts, self.oldest_kept())?;
                 Ok(())
             }
             // A full list (a savepoint, or a checkpoint of the in-memory backend): load it all.
@@ -265,7 +317,7 @@ impl DedupBackend for RocksDedup {
                 writes.extend(memory.entries().map(|(id, digest, ts)| StateWrite::Put(id_key(&id), value(digest, ts))));
                 self.max_ts = memory.max_ts();
                 crate::core::apply_writes(&self.db, &writes, None)?;
-                self.hashes = IdHashes::load(&self.db, self.oldest_kept())?;
+                self.filter = IdFilter::load(&self.db, self.horizon_ms, self.max_ts, self.oldest_kept())?;
                 Ok(())
             }
         }
@@ -330,18 +382,25 @@ mod tests {
     }
 
     #[test]
-    fn a_hash_shared_by_two_ids_is_kept_until_both_expire() {
-        let mut hashes = IdHashes::default();
-        hashes.insert(42, 10_000);
-        hashes.insert(42, 130_000);
-        hashes.insert(7, 130_000);
-        hashes.expire(120_000);
-        assert!(hashes.may_hold(42), "the second id of hash 42 is still within the horizon");
-        hashes.expire(179_999);
-        assert!(hashes.may_hold(42) && hashes.may_hold(7), "their minute is not over before the horizon");
-        hashes.expire(180_000);
-        assert!(!hashes.may_hold(42) && !hashes.may_hold(7));
-        assert!(hashes.by_minute.is_empty());
+    fn the_filter_holds_every_id_until_it_expires_and_few_others() {
+        let mut filter = IdFilter { horizon_ms: 1_000, current: Bloom::new(0, 0), previous: None };
+        let hash = |i: u64| IdFilter::hash(format!("pass-{i}").as_bytes());
+        // One id per ms of event time; the newest time is i, so ids before i - 1000 expire.
+        for i in 0..5_000u64 {
+            filter.insert(hash(i), i as i64);
+            filter.advance(i as i64, i as i64 - 1_000);
+            let oldest_live = i.saturating_sub(1_000);
+            for j in [oldest_live, (oldest_live + i) / 2, i] {
+                assert!(filter.may_hold(hash(j)), "id {j} is live at {i}");
+            }
+        }
+        assert!(filter.previous.as_ref().is_none_or(|p| p.newest >= 5_000 - 1 - 1_000), "expired generations go");
+        // Filled to what it was sized for, about 1% of unseen ids pass.
+        let mut full = Bloom::new(200_000, 0);
+        (0..200_000u64).for_each(|i| full.insert(hash(i), 0));
+        assert!((0..200_000u64).all(|i| full.may_hold(hash(i))));
+        let false_positives = (1_000_000..1_200_000u64).filter(|i| full.may_hold(hash(*i))).count();
+        assert!(false_positives < 4_000, "{false_positives} of 200000 unseen ids pass the filter");
     }
 
     #[test]
@@ -350,8 +409,7 @@ mod tests {
         let mut dedup = RocksDedup::new(open(dir.path()), Arc::new(AtomicI64::new(i64::MIN)), 60_000, Some(1))
             .expect("empty state");
         dedup.check_batch(&items(&[("old", 1, 0), ("new", 2, 600_000)]));
-        assert!(!dedup.hashes.may_hold(IdHashes::hash("old")), "expired from memory");
-        assert!(dedup.hashes.may_hold(IdHashes::hash("new")));
+        assert!(dedup.filter.may_hold(IdFilter::hash(b"new")));
         assert_eq!(dedup.check_batch(&items(&[("old", 1, 0)])), [DedupVerdict::First]);
     }
 }
