@@ -3,6 +3,10 @@
 //! upserted as passes arrive; a late pass is put in its place. A day stays open until its end
 //! plus the allowed lateness, so a pass hours late still joins its trajectory. `revision` is
 //! the number of passes − 1: it only grows.
+//!
+//! A row holds the whole day, so writing it after every pass would cost the square of a
+//! vehicle's passes: the vehicles changed are written once the watermark enters a new minute
+//! (and at the end of input), each with all its changes since.
 
 use crate::core::window::{is_late, LocalDays};
 use crate::core::{check_version, Context, Operator, StateBlob};
@@ -18,6 +22,8 @@ use std::sync::Arc;
 
 const LATE_LABEL: &str = "trajectories/day";
 const STATE_VERSION: u32 = 1;
+/// Changed trajectories are written once per this much watermark progress.
+const EMIT_EVERY_MS: i64 = 60_000;
 
 /// One pass of a trajectory: ties on `ts` are ordered by a hash of the pass id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -38,11 +44,13 @@ pub struct Trajectories {
     city: Arc<City>,
     days_of: LocalDays,
     days: BTreeMap<NaiveDate, Day>,
+    /// The watermark's minute (its number since the epoch) at the last emission (`None`: none since start or restore).
+    emitted_minute: Option<i64>,
 }
 
 impl Trajectories {
     pub fn new(city: &Arc<City>, tz: Tz) -> Trajectories {
-        Trajectories { city: city.clone(), days_of: LocalDays::new(tz), days: BTreeMap::new() }
+        Trajectories { city: city.clone(), days_of: LocalDays::new(tz), days: BTreeMap::new(), emitted_minute: None }
     }
 
     fn emit(&mut self, out: &mut Vec<TrajectoryRow>) {
@@ -90,13 +98,20 @@ impl Operator for Trajectories {
                 d.dirty.insert(vehicle);
             }
         }
-        self.emit(&mut ctx.out.trajectories);
     }
 
     fn on_watermark(&mut self, ctx: &mut Context<'_>) {
-        self.emit(&mut ctx.out.trajectories);
+        let minute = ctx.watermark.div_euclid(EMIT_EVERY_MS);
+        if self.emitted_minute != Some(minute) {
+            self.emit(&mut ctx.out.trajectories);
+            self.emitted_minute = Some(minute);
+        }
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
         self.days.retain(|_, d| !is_late(d.end, watermark, lateness));
+    }
+
+    fn on_close(&mut self, ctx: &mut Context<'_>) {
+        self.emit(&mut ctx.out.trajectories);
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
@@ -124,6 +139,7 @@ impl Operator for Trajectories {
             "trajectories state names a checkpoint this city does not have"
         );
         self.days.clear();
+        self.emitted_minute = None;
         for s in stored {
             let end = self.days_of.end(s.day);
             let d = self.days.entry(s.day).or_insert_with(|| Day { end, ..Day::default() });
@@ -211,5 +227,34 @@ mod tests {
         // The day before closed an hour after midnight: a pass for it is late.
         let (rows, late) = run(&mut op, &[p(1, MIDNIGHT - 1_000)], MIDNIGHT + 7_200_000);
         assert_eq!((rows.len(), late), (0, 1));
+    }
+
+    #[test]
+    fn changed_trajectories_are_written_once_a_minute_and_at_the_end_of_input() {
+        let city = support::city(vec![checkpoint("A", "R1"), checkpoint("B", "R1")], &["R1"]);
+        let mut op = Trajectories::new(&city, TZ);
+        let p = |cp, ts| support::pass("赣A1", cp, ts);
+        let (rows, _) = run(&mut op, &[p(0, MIDNIGHT + 1_000)], MIDNIGHT + 10_000);
+        assert_eq!(rows.len(), 1, "the first watermark writes");
+        // Two more passes while the watermark stays in the same minute: nothing yet.
+        let (rows, _) = run(&mut op, &[p(1, MIDNIGHT + 20_000)], MIDNIGHT + 30_000);
+        assert!(rows.is_empty());
+        let (rows, _) = run(&mut op, &[p(0, MIDNIGHT + 40_000)], MIDNIGHT + 59_999);
+        assert!(rows.is_empty());
+        // The next minute writes the vehicle once, with both passes.
+        let (rows, _) = run(&mut op, &[], MIDNIGHT + 60_000);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].times, vec![MIDNIGHT + 1_000, MIDNIGHT + 20_000, MIDNIGHT + 40_000]);
+        assert_eq!(rows[0].revision, 2);
+        // A pass in the last minute of input is written at its end.
+        let (rows, _) = run(&mut op, &[p(1, MIDNIGHT + 61_000)], MIDNIGHT + 65_000);
+        assert!(rows.is_empty());
+        let mut out = ResultBatch::default();
+        let mut late = Vec::new();
+        let mut ctx =
+            Context { watermark: MIDNIGHT + 65_000, allowed_lateness_ms: 3_600_000, out: &mut out, late: &mut late };
+        op.on_close(&mut ctx);
+        assert_eq!(out.trajectories.len(), 1);
+        assert_eq!(out.trajectories[0].revision, 3);
     }
 }
