@@ -38,6 +38,29 @@ pub fn is_complete(window_end: i64, watermark: i64) -> bool {
     watermark >= window_end
 }
 
+/// Work repeated in event time (a sweep of state): due once the time it is asked at has moved
+/// `every_ms` past the last time it was due.
+#[derive(Clone, Copy, Debug)]
+pub struct Every {
+    every_ms: i64,
+    last: i64,
+}
+
+impl Every {
+    pub const fn new(every_ms: i64) -> Every {
+        Every { every_ms, last: i64::MIN }
+    }
+
+    /// Whether the work is due at `now` (then it counts as done at `now`).
+    pub fn due(&mut self, now: i64) -> bool {
+        let due = now.saturating_sub(self.last) >= self.every_ms;
+        if due {
+            self.last = now;
+        }
+        due
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

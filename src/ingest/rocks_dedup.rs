@@ -113,19 +113,19 @@ impl IdFilter {
         }
     }
 
-    /// A filter of the ids stored in `db` from `oldest_kept` on.
-    fn load(db: &DB, horizon_ms: i64, max_ts: i64, oldest_kept: i64) -> anyhow::Result<IdFilter> {
+    /// A filter of every id stored in `db`.
+    fn load(db: &DB, horizon_ms: i64) -> anyhow::Result<IdFilter> {
         let mut stored = Vec::new();
         for item in db.prefix_iterator(ID_PREFIX) {
             let (key, v) = item?;
             if !key.starts_with(ID_PREFIX) {
                 break;
             }
-            if let Some((_, ts)) = parse_value(&v).filter(|(_, ts)| *ts >= oldest_kept) {
+            if let Some((_, ts)) = parse_value(&v) {
                 stored.push((IdFilter::hash(&key[ID_PREFIX.len()..]), ts));
             }
         }
-        let mut current = Bloom::new(stored.len() * 2, max_ts);
+        let mut current = Bloom::new(stored.len() * 2, i64::MIN);
         for (hash, ts) in stored {
             current.insert(hash, ts);
         }
@@ -164,14 +164,15 @@ pub fn parse_value(v: &[u8]) -> Option<(u64, i64)> {
 
 impl RocksDedup {
     /// `autoflush`: for runs without checkpoints, write ids through after this many. Ids
-    /// already in `db` are read once, into the filter.
+    /// already in `db` are read once, into the filter (a restore then needs no second read:
+    /// ids reach `db` only through this value, which puts them in the filter too).
     pub fn new(
         db: Arc<DB>,
         cutoff: Arc<AtomicI64>,
         horizon_ms: i64,
         autoflush: Option<usize>,
     ) -> anyhow::Result<RocksDedup> {
-        let filter = IdFilter::load(&db, horizon_ms, i64::MIN, i64::MIN)?;
+        let filter = IdFilter::load(&db, horizon_ms)?;
         Ok(RocksDedup {
             db,
             cutoff,
@@ -306,7 +307,6 @@ impl DedupBackend for RocksDedup {
                     "the deduplication state in RocksDB belongs to checkpoint {committed:?}, not {id}: it can only resume from that checkpoint"
                 );
                 self.max_ts = i64::from_le_bytes(bytes[9..17].try_into()?);
-                self.filter = IdFilter::load(&self.db, self.horizon_ms, self.max_ts, self.oldest_kept())?;
                 Ok(())
             }
             // A full list (a savepoint, or a checkpoint of the in-memory backend): load it all.
@@ -314,11 +314,12 @@ impl DedupBackend for RocksDedup {
                 let mut memory = Deduplicator::new(self.horizon_ms);
                 memory.restore(bytes)?;
                 let mut writes = vec![StateWrite::DeleteRange(ID_PREFIX.to_vec(), b"dedup/id0".to_vec())];
-                writes.extend(memory.entries().map(|(id, digest, ts)| StateWrite::Put(id_key(&id), value(digest, ts))));
+                for (id, digest, ts) in memory.entries() {
+                    self.filter.insert(IdFilter::hash(id.as_bytes()), ts);
+                    writes.push(StateWrite::Put(id_key(&id), value(digest, ts)));
+                }
                 self.max_ts = memory.max_ts();
-                crate::core::apply_writes(&self.db, &writes, None)?;
-                self.filter = IdFilter::load(&self.db, self.horizon_ms, self.max_ts, self.oldest_kept())?;
-                Ok(())
+                crate::core::apply_writes(&self.db, &writes, None)
             }
         }
     }

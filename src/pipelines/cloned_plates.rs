@@ -8,7 +8,7 @@
 //! − tolerance. Each vehicle keeps its passes of that span behind the lateness horizon.
 
 use super::device_health::ClockSkews;
-use crate::core::window::is_late;
+use crate::core::window::{is_late, Every};
 use crate::core::{check_version, Context, Operator, StateBlob};
 use crate::model::{Pass, VehicleKey, DAY_MS};
 use crate::reference::{haversine_m, City};
@@ -113,7 +113,7 @@ pub struct ClonedPlates {
     /// Passes further apart in time than this never conflict.
     span_ms: i64,
     seen: FxHashMap<VehicleKey, Vec<Seen>>,
-    swept_at: i64,
+    sweeps: Every,
 }
 
 impl ClonedPlates {
@@ -136,7 +136,7 @@ impl ClonedPlates {
             rejudge: false,
             raised: BTreeMap::new(),
             seen: FxHashMap::default(),
-            swept_at: i64::MIN,
+            sweeps: Every::new(SWEEP_EVERY_MS),
         }
     }
 
@@ -312,13 +312,12 @@ impl Operator for ClonedPlates {
         let keep = ctx.watermark.saturating_sub(ctx.allowed_lateness_ms).saturating_sub(DAY_MS);
         self.raised.retain(|_, r| r.a.ts.max(r.b.ts) >= keep);
         let horizon = self.horizon(ctx.watermark, ctx.allowed_lateness_ms);
-        if horizon.saturating_sub(self.swept_at) >= SWEEP_EVERY_MS {
+        if self.sweeps.due(horizon) {
             self.seen.retain(|_, list| {
                 let old = list.partition_point(|s| s.ts < horizon);
                 list.drain(..old);
                 !list.is_empty()
             });
-            self.swept_at = horizon;
         }
     }
 

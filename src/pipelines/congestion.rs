@@ -11,7 +11,7 @@
 //! traversal updates (additions and retractions) its window has taken, so it only grows.
 
 use super::top_n::{batch_ranking, RankedKeys, SlidingRanking};
-use crate::core::window::{is_complete, is_late, tumbling_start};
+use crate::core::window::{is_complete, is_late, tumbling_start, Every};
 use crate::core::{check_version, Context, Operator, StateBlob};
 use crate::model::{fnv1a64, Pass, VehicleKey};
 use crate::reference::{City, RoadClass, Segment};
@@ -137,7 +137,7 @@ pub struct Congestion {
     /// Sudden-congestion alerts adopted after a restore, to judge again once their windows are
     /// complete (not checkpointed: a restore adopts them again from the store).
     rejudge: BTreeSet<(u32, i64)>,
-    swept_at: i64,
+    sweeps: Every,
 }
 
 impl Congestion {
@@ -152,7 +152,7 @@ impl Congestion {
             ranking: SlidingRanking::default(),
             sudden: BTreeMap::new(),
             rejudge: BTreeSet::new(),
-            swept_at: i64::MIN,
+            sweeps: Every::new(SWEEP_EVERY_MS),
         }
     }
 
@@ -461,9 +461,8 @@ impl Operator for Congestion {
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
         self.ranking.emit(SEGMENT_METRIC, &self.names, self.top_n, watermark, lateness, &mut ctx.out.top_n);
         let horizon = self.horizon(watermark, lateness);
-        if horizon.saturating_sub(self.swept_at) >= SWEEP_EVERY_MS {
+        if self.sweeps.due(horizon) {
             self.sweep(horizon);
-            self.swept_at = horizon;
         }
     }
 

@@ -15,7 +15,7 @@
 //! - `unreadable_plates`: a checkpoint's share of unreadable plates in a 1 h window at least
 //!   max(20 %, 3 × the city's share in that window), over at least 50 passes.
 
-use crate::core::window::{is_complete, tumbling_start};
+use crate::core::window::{is_complete, tumbling_start, Every};
 use crate::core::{Context, Operator, StateBlob};
 use crate::model::{stable_id, Pass, VehicleKey};
 use crate::reference::City;
@@ -89,9 +89,9 @@ pub struct DeviceHealth {
     checkpoints: Vec<Checkpoint>,
     /// Each vehicle's latest pass: (ts, checkpoint).
     last_pass: FxHashMap<VehicleKey, (i64, u32)>,
-    /// The watermark `last_pass` was last swept at (entries too old to start a trip are
-    /// ignored before they are swept).
-    swept_at: i64,
+    /// Sweeps of `last_pass` (entries too old to start a trip are ignored before they are
+    /// swept).
+    sweeps: Every,
     /// Recent travel times per directed checkpoint pair.
     trips: FxHashMap<(u32, u32), VecDeque<i64>>,
     /// Per 1 h window: per checkpoint (passes, unreadable).
@@ -109,7 +109,7 @@ impl DeviceHealth {
             skews,
             checkpoints: (0..city.checkpoints.len()).map(|_| Checkpoint::default()).collect(),
             last_pass: FxHashMap::default(),
-            swept_at: i64::MIN,
+            sweeps: Every::new(SWEEP_EVERY_MS),
             trips: FxHashMap::default(),
             plates: BTreeMap::new(),
             skew_judged: None,
@@ -318,9 +318,8 @@ impl Operator for DeviceHealth {
             }
         }
         // A sweep visits every vehicle: once per sweep interval, not at every watermark.
-        if watermark.saturating_sub(self.swept_at) >= SWEEP_EVERY_MS {
+        if self.sweeps.due(watermark) {
             self.last_pass.retain(|_, (ts, _)| *ts >= watermark.saturating_sub(MAX_TRIP_MS));
-            self.swept_at = watermark;
         }
         // Silences longer than a day are not judged again; nor is older city traffic kept.
         let keep = watermark.saturating_sub(26 * HOUR_MS);

@@ -44,7 +44,8 @@ pub struct Trajectories {
     city: Arc<City>,
     days_of: LocalDays,
     days: BTreeMap<NaiveDate, Day>,
-    /// The watermark's minute (its number since the epoch) at the last emission (`None`: none since start or restore).
+    /// The watermark's minute (its number since the epoch) at the last emission (`None`: none
+    /// since start or restore).
     emitted_minute: Option<i64>,
 }
 
