@@ -9,6 +9,10 @@
 //! A pass id is looked up in RocksDB only when it may be there: a Bloom filter of the ids
 //! within the horizon ([`IdFilter`], about 10 bits an id) says which are surely new, and
 //! almost every pass is new, so almost no pass costs a read.
+//!
+//! Without checkpoints (a scratch database), pending ids are written through in the
+//! background: a full set of pending ids is handed to a writer thread and stays readable in
+//! memory until it is in RocksDB, so the engine's thread neither sorts nor inserts them.
 
 use super::dedup::{DedupBackend, DedupVerdict, Deduplicator};
 use crate::core::StateWrite;
@@ -29,17 +33,24 @@ const MIN_FILTER_IDS: usize = 1 << 16;
 /// A blocked Bloom filter: an id sets 8 bits in one 512-bit block (one cache line).
 struct Bloom {
     blocks: Vec<[u64; 8]>,
+    /// The ids it was sized for (past them, false positives climb fast).
+    capacity: usize,
     ids: usize,
     /// The newest event time of an id in it.
     newest: i64,
-    /// The newest event time seen when it was opened.
+    /// The newest event time seen when it was opened (`i64::MIN` until then, for the first).
     opened_at: i64,
 }
 
 impl Bloom {
     fn new(ids: usize, opened_at: i64) -> Bloom {
-        let blocks = (ids.max(MIN_FILTER_IDS) * BITS_PER_ID).div_ceil(512);
-        Bloom { blocks: vec![[0; 8]; blocks], ids: 0, newest: i64::MIN, opened_at }
+        let capacity = ids.max(MIN_FILTER_IDS);
+        let blocks = (capacity * BITS_PER_ID).div_ceil(512);
+        Bloom { blocks: vec![[0; 8]; blocks], capacity, ids: 0, newest: i64::MIN, opened_at }
+    }
+
+    fn is_full(&self) -> bool {
+        self.ids >= self.capacity
     }
 
     /// The block and the 8 bits (word, bit) of `hash`: the block from one mix of it, seven
@@ -61,6 +72,10 @@ impl Bloom {
         for (word, bit) in bits {
             block[word] |= bit;
         }
+        if self.opened_at == i64::MIN {
+            // The first generation dates from its first id.
+            self.opened_at = ts;
+        }
         self.ids += 1;
         self.newest = self.newest.max(ts);
     }
@@ -80,36 +95,51 @@ fn mix(mut z: u64) -> u64 {
 }
 
 /// Which ids may be stored or pending: a filter with no false negatives (an id it does not
-/// hold is new) and about 1% false positives (settled by a read), some 10 bits an id. Ids go
-/// into the current generation; once it has been open for a horizon it becomes the previous
-/// one, which is dropped when its newest id has expired, so every live id is always held.
+/// hold is new) and about 1% false positives a full generation (settled by a read), some 10
+/// bits an id. Ids go
+/// into the newest generation. A new one opens when that one is full (four times the size of
+/// all that are kept, so a growing city needs few) or has been open for a horizon; a generation
+/// is dropped once its newest id has expired, so every live id is always held.
 struct IdFilter {
     horizon_ms: i64,
-    current: Bloom,
-    previous: Option<Bloom>,
+    /// Oldest first; never empty.
+    generations: Vec<Bloom>,
 }
 
 impl IdFilter {
+    fn new(horizon_ms: i64) -> IdFilter {
+        IdFilter { horizon_ms, generations: vec![Bloom::new(0, i64::MIN)] }
+    }
+
     fn hash(id: &[u8]) -> u64 {
         crate::model::fnv1a64(id)
     }
 
     fn may_hold(&self, hash: u64) -> bool {
-        self.current.may_hold(hash) || self.previous.as_ref().is_some_and(|p| p.may_hold(hash))
+        self.generations.iter().rev().any(|g| g.may_hold(hash))
+    }
+
+    fn current(&mut self) -> &mut Bloom {
+        self.generations.last_mut().expect("a filter has a generation")
     }
 
     fn insert(&mut self, hash: u64, ts: i64) {
-        self.current.insert(hash, ts);
+        if self.current().is_full() {
+            let kept: usize = self.generations.iter().map(|g| g.ids).sum();
+            let opened_at = self.current().opened_at;
+            self.generations.push(Bloom::new(kept * 4, opened_at));
+        }
+        self.current().insert(hash, ts);
     }
 
-    /// Drops what has expired before `oldest_kept` and opens a new generation when due.
+    /// Drops the generations expired before `oldest_kept` and opens a new one when due.
     fn advance(&mut self, max_ts: i64, oldest_kept: i64) {
-        if self.previous.as_ref().is_some_and(|p| p.newest < oldest_kept) {
-            self.previous = None;
-        }
-        if self.previous.is_none() && max_ts.saturating_sub(self.current.opened_at) >= self.horizon_ms {
-            let next = Bloom::new(self.current.ids + self.current.ids / 4, max_ts);
-            self.previous = Some(std::mem::replace(&mut self.current, next));
+        let current = self.generations.pop().expect("a filter has a generation");
+        self.generations.retain(|g| g.newest >= oldest_kept);
+        self.generations.push(current);
+        let (opened_at, ids) = (self.current().opened_at, self.current().ids);
+        if max_ts.saturating_sub(opened_at) >= self.horizon_ms {
+            self.generations.push(Bloom::new(ids + ids / 4, max_ts));
         }
     }
 
@@ -125,11 +155,12 @@ impl IdFilter {
                 stored.push((IdFilter::hash(&key[ID_PREFIX.len()..]), ts));
             }
         }
-        let mut current = Bloom::new(stored.len() * 2, i64::MIN);
+        let mut filter = IdFilter::new(horizon_ms);
+        filter.generations[0] = Bloom::new(stored.len() * 2, i64::MIN);
         for (hash, ts) in stored {
-            current.insert(hash, ts);
+            filter.insert(hash, ts);
         }
-        Ok(IdFilter { horizon_ms, current, previous: None })
+        Ok(filter)
     }
 }
 
@@ -147,6 +178,44 @@ pub struct RocksDedup {
     autoflush: Option<usize>,
     /// Which ids may be stored or pending.
     filter: IdFilter,
+    /// Ids being written through to a scratch database in the background (see [`Flush`]).
+    flushing: Option<Flush>,
+}
+
+/// A set of ids a writer thread is putting in RocksDB; they are read from here until it is done.
+struct Flush {
+    ids: Arc<FxHashMap<Arc<str>, (u64, i64)>>,
+    writer: std::thread::JoinHandle<()>,
+}
+
+impl Flush {
+    /// Writes `ids` (those not expired before `oldest_kept`) to `db` on a thread of its own.
+    fn start(db: Arc<DB>, ids: FxHashMap<Arc<str>, (u64, i64)>, oldest_kept: i64) -> Flush {
+        let ids = Arc::new(ids);
+        let to_write = ids.clone();
+        let writer = std::thread::spawn(move || {
+            let writes = sorted_writes(to_write.iter(), oldest_kept);
+            // A scratch database needs no durability.
+            if let Err(e) = crate::core::write_batch(&db, &writes, None, false) {
+                tracing::error!(error = %e, "writing deduplication state to the scratch database failed");
+            }
+        });
+        Flush { ids, writer }
+    }
+
+    fn wait(self) {
+        if self.writer.join().is_err() {
+            tracing::error!("the deduplication writer panicked");
+        }
+    }
+}
+
+/// Puts of the ids not expired before `oldest_kept`, in key order (the memtable then inserts
+/// each key next to the one before, much cheaper).
+fn sorted_writes<'a>(ids: impl Iterator<Item = (&'a Arc<str>, &'a (u64, i64))>, oldest_kept: i64) -> Vec<StateWrite> {
+    let mut ids: Vec<_> = ids.filter(|(_, (_, ts))| *ts >= oldest_kept).collect();
+    ids.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    ids.into_iter().map(|(id, (digest, ts))| StateWrite::Put(id_key(id), value(*digest, *ts))).collect()
 }
 
 fn id_key(id: &str) -> Vec<u8> {
@@ -182,6 +251,7 @@ impl RocksDedup {
             max_ts: i64::MIN,
             autoflush,
             filter,
+            flushing: None,
         })
     }
 
@@ -200,18 +270,30 @@ impl RocksDedup {
         Ok(dedup)
     }
 
-    /// The writes that persist the pending ids; pending is emptied and the expiry moves on.
-    fn drain_writes(&mut self) -> Vec<StateWrite> {
+    /// Hands the pending ids to a background writer (after the one before has finished) and
+    /// moves the expiry on.
+    fn start_flush(&mut self) {
+        self.settle();
         let oldest_kept = self.oldest_kept();
         self.cutoff.fetch_max(oldest_kept, Ordering::Relaxed);
-        let mut pending: Vec<(Arc<str>, (u64, i64))> = self.pending.drain().collect();
-        // Sorted, the memtable inserts each key next to the one before (much cheaper).
-        pending.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        pending
-            .into_iter()
-            .filter(|(_, (_, ts))| *ts >= oldest_kept)
-            .map(|(id, (digest, ts))| StateWrite::Put(id_key(&id), value(digest, ts)))
-            .collect()
+        let ids = std::mem::take(&mut self.pending);
+        self.flushing = Some(Flush::start(self.db.clone(), ids, oldest_kept));
+    }
+
+    /// Waits until ids being written in the background are in RocksDB.
+    fn settle(&mut self) {
+        if let Some(flush) = self.flushing.take() {
+            flush.wait();
+        }
+    }
+
+    /// The digest of an id held in memory (pending, or being written) and not expired.
+    fn in_memory(&self, id: &str) -> Option<u64> {
+        self.pending
+            .get(id)
+            .or_else(|| self.flushing.as_ref().and_then(|f| f.ids.get(id)))
+            .filter(|(_, ts)| *ts >= self.oldest_kept())
+            .map(|(digest, _)| *digest)
     }
 
     /// Digests of stored ids that are still within the horizon.
@@ -242,11 +324,11 @@ impl RocksDedup {
 impl DedupBackend for RocksDedup {
     fn check_batch(&mut self, items: &[(Arc<str>, u64, i64)]) -> Vec<DedupVerdict> {
         let hashes: Vec<u64> = items.iter().map(|(id, _, _)| IdFilter::hash(id.as_bytes())).collect();
-        // Only an id the filter may hold and that is not pending can be in RocksDB.
+        // Only an id the filter may hold and that is not in memory can be in RocksDB.
         let unknown: Vec<&Arc<str>> = items
             .iter()
             .zip(&hashes)
-            .filter(|((id, _, _), hash)| self.filter.may_hold(**hash) && !self.pending.contains_key(id))
+            .filter(|((id, _, _), hash)| self.filter.may_hold(**hash) && self.in_memory(id).is_none())
             .map(|((id, _, _), _)| id)
             .collect();
         let stored: FxHashMap<&str, u64> = unknown
@@ -257,7 +339,7 @@ impl DedupBackend for RocksDedup {
             .collect();
         let mut verdicts = Vec::with_capacity(items.len());
         for ((id, digest, ts), hash) in items.iter().zip(hashes) {
-            let first = self.pending.get(id).map(|(d, _)| *d).or_else(|| stored.get(&**id).copied());
+            let first = self.in_memory(id).or_else(|| stored.get(&**id).copied());
             verdicts.push(match first {
                 Some(d) if d == *digest => DedupVerdict::Identical,
                 Some(_) => DedupVerdict::Conflicting,
@@ -271,11 +353,7 @@ impl DedupBackend for RocksDedup {
         }
         self.filter.advance(self.max_ts, self.oldest_kept());
         if self.autoflush.is_some_and(|n| self.pending.len() >= n) {
-            let writes = self.drain_writes();
-            // A scratch database needs no durability.
-            if let Err(e) = crate::core::write_batch(&self.db, &writes, None, false) {
-                tracing::error!(error = %e, "writing deduplication state to the scratch database failed");
-            }
+            self.start_flush();
         }
         verdicts
     }
@@ -283,12 +361,8 @@ impl DedupBackend for RocksDedup {
     fn checkpoint(&mut self, checkpoint_id: u64) -> anyhow::Result<(Vec<u8>, Vec<StateWrite>)> {
         // Pending ids stay in memory, and the expiry stays where it is, until the checkpoint is
         // durable (`committed`): a failed or abandoned checkpoint loses nothing.
-        let oldest_kept = self.oldest_kept();
-        let mut pending: Vec<(&Arc<str>, &(u64, i64))> =
-            self.pending.iter().filter(|(_, (_, ts))| *ts >= oldest_kept).collect();
-        pending.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let mut writes: Vec<StateWrite> =
-            pending.into_iter().map(|(id, (digest, ts))| StateWrite::Put(id_key(id), value(*digest, *ts))).collect();
+        self.settle();
+        let mut writes = sorted_writes(self.pending.iter(), self.oldest_kept());
         writes.push(StateWrite::Put(COMMITTED_KEY.to_vec(), checkpoint_id.to_le_bytes().to_vec()));
         let mut marker = vec![1u8];
         marker.extend_from_slice(&checkpoint_id.to_le_bytes());
@@ -297,6 +371,7 @@ impl DedupBackend for RocksDedup {
     }
 
     fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.settle();
         self.pending.clear();
         match bytes.first() {
             Some(1) if bytes.len() == 17 => {
@@ -325,6 +400,7 @@ impl DedupBackend for RocksDedup {
     }
 
     fn export(&mut self) -> anyhow::Result<Vec<u8>> {
+        self.settle();
         let mut memory = Deduplicator::new(self.horizon_ms);
         let oldest_kept = self.oldest_kept();
         for item in self.db.prefix_iterator(ID_PREFIX) {
@@ -352,6 +428,13 @@ impl DedupBackend for RocksDedup {
     }
 }
 
+impl Drop for RocksDedup {
+    fn drop(&mut self) {
+        // Before a scratch database's folder goes.
+        self.settle();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,7 +455,9 @@ mod tests {
             RocksDedup::new(db.clone(), Arc::new(AtomicI64::new(i64::MIN)), 3_600_000, Some(2)).expect("empty state");
         let first = dedup.check_batch(&items(&[("a", 1, 1_000), ("b", 2, 2_000), ("c", 3, 3_000)]));
         assert_eq!(first, [DedupVerdict::First, DedupVerdict::First, DedupVerdict::First]);
-        assert_eq!(dedup.pending(), 0, "written through to RocksDB");
+        assert_eq!(dedup.pending(), 0, "handed to the writer");
+        assert!(dedup.flushing.as_ref().is_some_and(|f| f.ids.contains_key("c")), "readable while written");
+        dedup.settle();
         let again = dedup.check_batch(&items(&[("a", 1, 1_000), ("b", 9, 2_000), ("d", 4, 4_000)]));
         assert_eq!(again, [DedupVerdict::Identical, DedupVerdict::Conflicting, DedupVerdict::First]);
         drop(dedup);
@@ -384,7 +469,7 @@ mod tests {
 
     #[test]
     fn the_filter_holds_every_id_until_it_expires_and_few_others() {
-        let mut filter = IdFilter { horizon_ms: 1_000, current: Bloom::new(0, 0), previous: None };
+        let mut filter = IdFilter::new(1_000);
         let hash = |i: u64| IdFilter::hash(format!("pass-{i}").as_bytes());
         // One id per ms of event time; the newest time is i, so ids before i - 1000 expire.
         for i in 0..5_000u64 {
@@ -395,13 +480,34 @@ mod tests {
                 assert!(filter.may_hold(hash(j)), "id {j} is live at {i}");
             }
         }
-        assert!(filter.previous.as_ref().is_none_or(|p| p.newest >= 5_000 - 1 - 1_000), "expired generations go");
+        let kept = &filter.generations[..filter.generations.len() - 1];
+        assert!(kept.iter().all(|g| g.newest >= 5_000 - 1 - 1_000), "expired generations go");
         // Filled to what it was sized for, about 1% of unseen ids pass.
         let mut full = Bloom::new(200_000, 0);
         (0..200_000u64).for_each(|i| full.insert(hash(i), 0));
         assert!((0..200_000u64).all(|i| full.may_hold(hash(i))));
         let false_positives = (1_000_000..1_200_000u64).filter(|i| full.may_hold(hash(*i))).count();
         assert!(false_positives < 4_000, "{false_positives} of 200000 unseen ids pass the filter");
+    }
+
+    #[test]
+    fn a_filter_given_many_more_ids_than_its_first_size_still_passes_few_unseen_ones() {
+        // A day's ids all within one horizon: 30 times the first size.
+        let mut filter = IdFilter::new(i64::MAX);
+        let hash = |i: u64| IdFilter::hash(format!("pass-{i}").as_bytes());
+        let ids = 30 * MIN_FILTER_IDS as u64;
+        for i in 0..ids {
+            filter.insert(hash(i), 0);
+            if i % 4096 == 0 {
+                filter.advance(0, 0);
+            }
+        }
+        assert!((0..ids).step_by(7).all(|i| filter.may_hold(hash(i))), "no seen id is missing");
+        assert!(filter.generations.len() <= 4, "{} generations", filter.generations.len());
+        let unseen = 200_000u64;
+        let false_positives = (ids..ids + unseen).filter(|i| filter.may_hold(hash(*i))).count();
+        // About 1% for each generation filled (three here), far less for the newest.
+        assert!(false_positives < 8_000, "{false_positives} of {unseen} unseen ids pass the filter");
     }
 
     #[test]
