@@ -64,7 +64,7 @@ impl PartMeta {
     }
 
     fn verify(&self, bytes: &[u8]) -> anyhow::Result<()> {
-        // Parts written before digests were CRC-32C carry a 64-bit FNV-1a digest.
+        // Parts written before digests were CRC-32 carry a 64-bit FNV-1a digest.
         let matches = match self.digest.strip_prefix(DIGEST_PREFIX) {
             Some(_) => digest(bytes) == self.digest,
             None => format!("{:016x}", fnv1a64(bytes)) == self.digest,

@@ -97,10 +97,10 @@ fn mix(mut z: u64) -> u64 {
 
 /// Which ids may be stored or pending: a filter with no false negatives (an id it does not
 /// hold is new) and about 1% false positives a full generation (settled by a read), some 10
-/// bits an id. Ids go
-/// into the newest generation. A new one opens when that one is full (four times the size of
-/// all that are kept, so a growing city needs few) or has been open for a horizon; a generation
-/// is dropped once its newest id has expired, so every live id is always held.
+/// bits an id. Ids go into the newest generation. A new one opens when that one is full (four
+/// times the size of all that are kept, so a growing city needs few) or has been open for a
+/// horizon; a generation is dropped once its newest id has expired, so every live id is
+/// always held.
 struct IdFilter {
     horizon_ms: i64,
     /// Oldest first; never empty.
@@ -148,15 +148,10 @@ impl IdFilter {
     /// A filter of every id stored in `db`.
     fn load(db: &DB, horizon_ms: i64) -> anyhow::Result<IdFilter> {
         let mut stored = Vec::new();
-        for item in db.prefix_iterator(ID_PREFIX) {
-            let (key, v) = item?;
-            if !key.starts_with(ID_PREFIX) {
-                break;
-            }
-            if let Some((_, ts)) = parse_value(&v) {
-                stored.push((IdFilter::hash(&key[ID_PREFIX.len()..]), ts));
-            }
-        }
+        for_each_stored(db, |id, _, ts| {
+            stored.push((IdFilter::hash(id), ts));
+            Ok(())
+        })?;
         let mut filter = IdFilter::new(horizon_ms);
         filter.generations[0] = Bloom::new(stored.len() * 2, i64::MIN);
         for (hash, ts) in stored {
@@ -210,6 +205,24 @@ impl Flush {
             tracing::error!("the deduplication writer panicked");
         }
     }
+}
+
+/// Calls `f` with every id stored in `db` (its bytes, digest and time), in key order, without
+/// copying them out of RocksDB.
+fn for_each_stored(db: &DB, mut f: impl FnMut(&[u8], u64, i64) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let mut stored = db.raw_iterator();
+    stored.seek(ID_PREFIX);
+    while let (Some(key), Some(value)) = (stored.key(), stored.value()) {
+        // Without a prefix extractor the iterator runs past the prefix.
+        if !key.starts_with(ID_PREFIX) {
+            break;
+        }
+        if let Some((digest, ts)) = parse_value(value) {
+            f(&key[ID_PREFIX.len()..], digest, ts)?;
+        }
+        stored.next();
+    }
+    Ok(stored.status()?)
 }
 
 /// Puts of the ids not expired before `oldest_kept`, in key order (the memtable then inserts
@@ -341,7 +354,13 @@ impl DedupBackend for RocksDedup {
             .collect();
         let mut verdicts = Vec::with_capacity(items.len());
         for ((id, digest, ts), hash) in items.iter().zip(hashes) {
-            let first = self.in_memory(id).or_else(|| stored.get(&**id).copied());
+            // Every id in memory, and every live one stored, is in the filter: a new id (almost
+            // every pass) costs no look-up before it is put in pending.
+            let first = if self.filter.may_hold(hash) {
+                self.in_memory(id).or_else(|| stored.get(&**id).copied())
+            } else {
+                None
+            };
             verdicts.push(match first {
                 Some(d) if d == *digest => DedupVerdict::Identical,
                 Some(_) => DedupVerdict::Conflicting,
@@ -405,15 +424,12 @@ impl DedupBackend for RocksDedup {
         self.settle();
         let mut memory = Deduplicator::new(self.horizon_ms);
         let oldest_kept = self.oldest_kept();
-        for item in self.db.prefix_iterator(ID_PREFIX) {
-            let (key, v) = item?;
-            if !key.starts_with(ID_PREFIX) {
-                break;
+        for_each_stored(&self.db, |id, digest, ts| {
+            if ts >= oldest_kept {
+                memory.check(&std::str::from_utf8(id)?.into(), digest, ts);
             }
-            if let Some((digest, ts)) = parse_value(&v).filter(|(_, ts)| *ts >= oldest_kept) {
-                memory.check(&std::str::from_utf8(&key[ID_PREFIX.len()..])?.into(), digest, ts);
-            }
-        }
+            Ok(())
+        })?;
         for (id, (digest, ts)) in &self.pending {
             memory.check(id, *digest, *ts);
         }
