@@ -3,29 +3,24 @@
 //! a dead broker pauses the pipeline instead of losing output. A checkpoint completes only after
 //! every message emitted before its barrier has been acknowledged by the broker.
 
-use super::records::{messages, Message};
+use super::delivery::CountingProducer;
+use super::records::messages;
 use super::{KafkaConfig, KafkaOutputConfig};
 use crate::results::ResultBatch;
 use anyhow::Context;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message as _;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use std::path::Path;
 use std::time::Duration;
 
-/// Acknowledgements awaited at most before more messages are queued.
-const MAX_IN_FLIGHT: usize = 100_000;
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// A message unacknowledged this long marks the sink not ready (it is still awaited).
 const ACK_SLOW: Duration = Duration::from_secs(5);
 
 pub struct KafkaSink {
-    producer: FutureProducer,
+    producer: CountingProducer,
     topics: KafkaOutputConfig,
     epoch: u64,
     /// Numbers the messages of rows without a revision of their own, within the epoch.
     seq: i64,
-    in_flight: Vec<DeliveryFuture>,
     /// 1 while the broker acknowledges in time (`passflow_component_ready{component="kafka_sink"}`).
     ready: prometheus::IntGauge,
 }
@@ -33,88 +28,52 @@ pub struct KafkaSink {
 impl KafkaSink {
     /// A producer for the output topics under `epoch` (see [`next_epoch`]).
     pub fn open(config: &KafkaConfig, epoch: u64, ready: prometheus::IntGauge) -> anyhow::Result<KafkaSink> {
-        let producer: FutureProducer = config
-            .client_config(&[
-                ("enable.idempotence", "true"),
-                // Never give up on a message: a dead broker pauses the pipeline instead.
-                ("message.timeout.ms", "0"),
-                ("linger.ms", "20"),
-            ])
-            .create()
-            .with_context(|| format!("creating the Kafka producer for {}", config.brokers))?;
+        let producer = CountingProducer::create(&config.client_config(&[
+            ("enable.idempotence", "true"),
+            // Never give up on a message: a dead broker pauses the pipeline instead.
+            ("message.timeout.ms", "0"),
+            ("linger.ms", "20"),
+        ]))
+        .with_context(|| format!("creating the Kafka producer for {}", config.brokers))?;
         ready.set(1);
-        Ok(KafkaSink { producer, topics: config.output.clone(), epoch, seq: 0, in_flight: Vec::new(), ready })
+        Ok(KafkaSink { producer, topics: config.output.clone(), epoch, seq: 0, ready })
     }
 
     /// Queues a batch's messages (the batch already coalesced to one row per key).
     pub async fn send(&mut self, batch: &ResultBatch) {
         for message in messages(batch, self.epoch, &mut self.seq) {
-            self.queue(&message).await;
-        }
-    }
-
-    async fn queue(&mut self, message: &Message) {
-        loop {
             let topic = self.topics.topic(message.topic);
-            match self.try_send(topic, message.key.as_bytes(), message.value.as_deref().map(str::as_bytes)) {
-                Ok(delivery) => {
-                    self.in_flight.push(delivery);
-                    if self.in_flight.len() >= MAX_IN_FLIGHT {
-                        self.flush().await;
-                    }
-                    return;
-                }
-                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => self.flush().await,
-                Err(e) => {
-                    self.ready.set(0);
-                    tracing::warn!(topic, error = %e, "producing to Kafka failed; retrying");
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
-            }
+            self.queue(topic, message.key.as_bytes(), message.value.as_deref().map(str::as_bytes)).await;
         }
     }
 
-    fn try_send(&self, topic: &str, key: &[u8], value: Option<&[u8]>) -> Result<DeliveryFuture, KafkaError> {
-        let mut record = FutureRecord::to(topic).key(key);
-        if let Some(value) = value {
-            record = record.payload(value);
+    async fn queue(&self, topic: &str, key: &[u8], value: Option<&[u8]>) {
+        while let Err(e) = self.producer.send(topic, key, value, None).await {
+            self.ready.set(0);
+            tracing::warn!(topic, error = %e, "producing to Kafka failed; retrying");
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
-        self.producer.send_result(record).map_err(|(e, _)| e)
     }
 
     /// Returns once the broker has acknowledged every message queued so far; a message it
     /// refused is sent again.
     pub async fn flush(&mut self) {
-        while !self.in_flight.is_empty() {
-            let pending = std::mem::take(&mut self.in_flight);
-            for mut delivery in pending {
-                let outcome = loop {
-                    match tokio::time::timeout(ACK_SLOW, &mut delivery).await {
-                        Ok(outcome) => break outcome,
-                        Err(_) => {
-                            self.ready.set(0);
-                            tracing::warn!("Kafka has not acknowledged a message for {ACK_SLOW:?} (is the broker down?); still waiting");
-                        }
-                    }
-                };
-                match outcome {
-                    Ok(Ok(_)) => {}
-                    Ok(Err((e, refused))) => {
-                        tracing::warn!(topic = refused.topic(), error = %e, "Kafka refused a message; sending it again");
-                        loop {
-                            tokio::time::sleep(RETRY_PAUSE).await;
-                            match self.try_send(refused.topic(), refused.key().unwrap_or_default(), refused.payload()) {
-                                Ok(again) => break self.in_flight.push(again),
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "sending a refused message again failed; retrying")
-                                }
-                            }
-                        }
-                    }
-                    // The producer dropped the message: it cannot be told apart from a loss,
-                    // so the pipeline stops rather than complete a checkpoint over it.
-                    Err(_) => panic!("the Kafka producer dropped a message without a delivery report"),
+        loop {
+            let (all_reported, refused) = self.producer.reported();
+            if refused.is_empty() && all_reported {
+                break;
+            }
+            if !refused.is_empty() {
+                tokio::time::sleep(RETRY_PAUSE).await;
+                for m in &refused {
+                    tracing::warn!(topic = m.topic, error = %m.error, "Kafka refused a message; sending it again");
+                    self.queue(&m.topic, &m.key, m.value.as_deref()).await;
                 }
+            } else if !self.producer.next_report(ACK_SLOW).await {
+                self.ready.set(0);
+                tracing::warn!(
+                    "Kafka has not acknowledged a message for {ACK_SLOW:?} (is the broker down?); still waiting"
+                );
             }
         }
         self.ready.set(1);
