@@ -14,7 +14,9 @@
 //! taken back by a late pass) is a tombstone: the key with no value.
 
 use crate::results::ResultBatch;
-use crate::store::json_rows;
+use crate::store::for_each_json_row;
+use std::io::Write;
+use std::ops::Range;
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -42,39 +44,66 @@ impl Topic {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct Message {
+/// One message of [`Messages`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Message<'a> {
     pub topic: Topic,
-    pub key: String,
+    pub key: &'a [u8],
     /// `None`: a tombstone.
-    pub value: Option<String>,
+    pub value: Option<&'a [u8]>,
+}
+
+/// A batch's messages, their bytes in one buffer (a message is two slices of it rather than
+/// two strings of its own).
+#[derive(Default)]
+pub struct Messages {
+    bytes: Vec<u8>,
+    spans: Vec<(Topic, Range<usize>, Option<Range<usize>>)>,
+}
+
+impl Messages {
+    pub fn iter(&self) -> impl Iterator<Item = Message<'_>> {
+        self.spans.iter().map(|(topic, key, value)| Message {
+            topic: *topic,
+            key: &self.bytes[key.clone()],
+            value: value.clone().map(|v| &self.bytes[v]),
+        })
+    }
 }
 
 /// The messages for a batch (coalesced: one row per key) under `epoch`; `seq` numbers the
 /// messages of rows without a revision of their own.
-pub fn messages(batch: &ResultBatch, epoch: u64, seq: &mut i64) -> Vec<Message> {
-    let mut out: Vec<Message> = json_rows(batch)
-        .into_iter()
-        .map(|r| {
-            let revision = r.revision.unwrap_or_else(|| {
-                *seq += 1;
-                *seq
-            });
-            // Table names are plain identifiers: they need no escaping.
-            let (table, key) = (r.table, r.key);
-            let value = r.row.map(|row| {
-                format!(
-                    r#"{{"schema":{SCHEMA_VERSION},"table":"{table}","epoch":{epoch},"revision":{revision},"row":{row}}}"#
-                )
-            });
-            Message { topic: Topic::of_table(table), key: format!(r#"["{table}",{key}]"#), value }
-        })
-        .collect();
-    out.extend(batch.clean_passes.iter().map(|p| Message {
-        topic: Topic::CleanPasses,
-        key: serde_json::json!([&*p.pass_id]).to_string(),
-        value: Some(format!(r#"{{"schema":{SCHEMA_VERSION},"epoch":{epoch},"pass":{}}}"#, p.line)),
-    }));
+pub fn messages(batch: &ResultBatch, epoch: u64, seq: &mut i64) -> Messages {
+    let mut out = Messages::default();
+    let bytes = &mut out.bytes;
+    // Writing to a Vec cannot fail.
+    for_each_json_row(batch, |r| {
+        let revision = r.revision.unwrap_or_else(|| {
+            *seq += 1;
+            *seq
+        });
+        // Table names are plain identifiers: they need no escaping.
+        let table = r.table;
+        let start = bytes.len();
+        let _ = write!(bytes, r#"["{table}",{}]"#, r.key);
+        let key = start..bytes.len();
+        let value = r.row.map(|row| {
+            let start = bytes.len();
+            let _ = write!(
+                bytes,
+                r#"{{"schema":{SCHEMA_VERSION},"table":"{table}","epoch":{epoch},"revision":{revision},"row":{row}}}"#
+            );
+            start..bytes.len()
+        });
+        out.spans.push((Topic::of_table(table), key, value));
+    });
+    for p in &batch.clean_passes {
+        let start = bytes.len();
+        let _ = serde_json::to_writer(&mut *bytes, &[&*p.pass_id]);
+        let key = start..bytes.len();
+        let _ = write!(bytes, r#"{{"schema":{SCHEMA_VERSION},"epoch":{epoch},"pass":{}}}"#, p.line);
+        out.spans.push((Topic::CleanPasses, key.clone(), Some(key.end..bytes.len())));
+    }
     out
 }
 
@@ -84,9 +113,9 @@ mod tests {
     use crate::results::{AreaCongestionRow, CheckpointSpeedRow, CleanPassRow, FlowCountRow, TopNWindow};
     use serde_json::{json, Value};
 
-    fn parsed(m: &Message) -> (Topic, Value, Option<Value>) {
-        let value = m.value.as_deref().map(|v| serde_json::from_str(v).expect("the value is JSON"));
-        (m.topic, serde_json::from_str(&m.key).expect("the key is JSON"), value)
+    fn parsed(m: Message) -> (Topic, Value, Option<Value>) {
+        let value = m.value.map(|v| serde_json::from_slice(v).expect("the value is JSON"));
+        (m.topic, serde_json::from_slice(m.key).expect("the key is JSON"), value)
     }
 
     #[test]

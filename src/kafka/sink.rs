@@ -41,9 +41,8 @@ impl KafkaSink {
 
     /// Queues a batch's messages (the batch already coalesced to one row per key).
     pub async fn send(&mut self, batch: &ResultBatch) {
-        for message in messages(batch, self.epoch, &mut self.seq) {
-            let topic = self.topics.topic(message.topic);
-            self.queue(topic, message.key.as_bytes(), message.value.as_deref().map(str::as_bytes)).await;
+        for message in messages(batch, self.epoch, &mut self.seq).iter() {
+            self.queue(self.topics.topic(message.topic), message.key, message.value).await;
         }
     }
 

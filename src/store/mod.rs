@@ -7,7 +7,7 @@ mod mysql;
 mod sqlite;
 mod tables;
 
-pub use tables::{json_rows, JsonRow};
+pub use tables::{for_each_json_row, JsonRow};
 
 use crate::results::ResultBatch;
 use anyhow::Context;

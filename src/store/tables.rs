@@ -513,13 +513,13 @@ where
     }
 }
 
-/// One row of a batch as JSON text, for outputs other than the stores (Kafka topics).
-pub struct JsonRow {
+/// A result row as JSON (see [`for_each_json_row`]).
+pub struct JsonRow<'a> {
     pub table: &'static str,
     /// The key column values, comma-separated JSON (the elements of an array).
-    pub key: String,
+    pub key: &'a str,
     /// Every column by name, a JSON object; `None` for a retracted row.
-    pub row: Option<String>,
+    pub row: Option<&'a str>,
     /// The value of the column that orders updates (`None` when the table has none).
     pub revision: Option<i64>,
 }
@@ -564,72 +564,72 @@ impl Val<'_> {
     }
 }
 
-/// `values` as comma-separated JSON.
-fn json_list<'v>(values: impl Iterator<Item = &'v Val<'v>>) -> String {
-    let mut out = Vec::new();
+/// Appends values as the elements of a JSON array (without the brackets).
+fn write_json_list<'v>(out: &mut Vec<u8>, values: impl Iterator<Item = &'v Val<'v>>) {
     for (i, v) in values.enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        v.write_json(&mut out);
+        v.write_json(out);
     }
-    String::from_utf8(out).expect("JSON is UTF-8")
 }
 
-/// A row as a JSON object of `columns`.
-fn json_object(columns: &[&str], row: &[Val]) -> String {
-    let mut out = vec![b'{'];
+/// Appends a row as a JSON object of `columns`.
+fn write_json_object(out: &mut Vec<u8>, columns: &[&str], row: &[Val]) {
+    out.push(b'{');
     for (i, (column, v)) in columns.iter().zip(row).enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        let _ = serde_json::to_writer(&mut out, column);
+        let _ = serde_json::to_writer(&mut *out, column);
         out.push(b':');
-        v.write_json(&mut out);
+        v.write_json(out);
     }
     out.push(b'}');
-    String::from_utf8(out).expect("JSON is UTF-8")
 }
 
-/// Every row of a batch as JSON: the upserted tables, retractions and one row per Top-N window.
-pub fn json_rows(batch: &ResultBatch) -> Vec<JsonRow> {
-    let mut out = Vec::new();
+/// Every row of a batch as JSON, handed to `each` in turn (the text is reused between rows):
+/// the upserted tables, retractions and one row per Top-N window.
+pub fn for_each_json_row(batch: &ResultBatch, mut each: impl FnMut(JsonRow<'_>)) {
+    let (mut key, mut row) = (Vec::new(), Vec::new());
+    fn utf8(bytes: &[u8]) -> &str {
+        std::str::from_utf8(bytes).expect("JSON is UTF-8")
+    }
     for (table, rows) in upserts(batch) {
         let columns: Vec<&str> = table.keys.iter().chain(table.values).copied().collect();
         let guard = table.guard.and_then(|g| columns.iter().position(|c| *c == g));
-        for row in rows {
-            let revision = guard.map(|i| if let Val::Int(v) = row[i] { v } else { 0 });
-            out.push(JsonRow {
-                table: table.name,
-                key: json_list(row[..table.keys.len()].iter()),
-                row: Some(json_object(&columns, &row)),
-                revision,
-            });
+        for values in rows {
+            let revision = guard.map(|i| if let Val::Int(v) = values[i] { v } else { 0 });
+            key.clear();
+            write_json_list(&mut key, values[..table.keys.len()].iter());
+            row.clear();
+            write_json_object(&mut row, &columns, &values);
+            each(JsonRow { table: table.name, key: utf8(&key), row: Some(utf8(&row)), revision });
         }
     }
     for (table, rows) in retractions(batch) {
-        for row in rows {
-            let revision = if let Some(Val::Int(v)) = row.last() { Some(*v) } else { None };
-            out.push(JsonRow {
-                table: table.name,
-                key: json_list(row[..table.keys.len()].iter()),
-                row: None,
-                revision,
-            });
+        for values in rows {
+            let revision = if let Some(Val::Int(v)) = values.last() { Some(*v) } else { None };
+            key.clear();
+            write_json_list(&mut key, values[..table.keys.len()].iter());
+            each(JsonRow { table: table.name, key: utf8(&key), row: None, revision });
         }
     }
-    for (w, key) in batch.top_n.iter().zip(top_n_windows(batch)) {
+    for (w, window_key) in batch.top_n.iter().zip(top_n_windows(batch)) {
         let entries: Vec<serde_json::Value> = w
             .entries
             .iter()
             .enumerate()
             .map(|(i, (key, value))| serde_json::json!({ "rank": i + 1, "key_id": &**key, "value": value }))
             .collect();
-        let row = serde_json::json!({
+        let value = serde_json::json!({
             "metric": w.metric, "window_s": w.window_s, "slide_s": w.slide_s, "window_end": w.window_end,
             "entries": entries,
         });
-        out.push(JsonRow { table: TOP_N.name, key: json_list(key.iter()), row: Some(row.to_string()), revision: None });
+        key.clear();
+        write_json_list(&mut key, window_key.iter());
+        row.clear();
+        let _ = serde_json::to_writer(&mut row, &value);
+        each(JsonRow { table: TOP_N.name, key: utf8(&key), row: Some(utf8(&row)), revision: None });
     }
-    out
 }
