@@ -2,6 +2,7 @@
 //! from the operators to the stores.
 
 use crate::ingest::DeadLetter;
+use crate::model::Text;
 use std::sync::Arc;
 
 /// `flow_counts`(level, key_id, window_s, window_start, passes, revision).
@@ -148,7 +149,7 @@ impl TrajectoryRow {
 /// `restriction_violations`(pass_id, rule_id, plate, plate_color, checkpoint_id, ts, day).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RestrictionViolationRow {
-    pub pass_id: Arc<str>,
+    pub pass_id: Text,
     pub rule_id: Arc<str>,
     pub plate: Arc<str>,
     pub plate_color: u8,
@@ -175,14 +176,14 @@ pub struct FirstEntryRow {
     pub plate_color: u8,
     pub ts: i64,
     pub checkpoint_id: Arc<str>,
-    pub pass_id: Arc<str>,
+    pub pass_id: Text,
     pub revision: u32,
 }
 
 /// `late_passes`(pass_id, pipelines, checkpoint_id, ts, arrived_at, record).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LatePassRow {
-    pub pass_id: Arc<str>,
+    pub pass_id: Text,
     /// What the pass missed, e.g. `["flow_counts/30s"]`.
     pub pipelines: Vec<&'static str>,
     pub checkpoint_id: Arc<str>,
@@ -194,7 +195,7 @@ pub struct LatePassRow {
 /// A valid, deduplicated pass in canonical JSON (the clean-pass topic).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CleanPassRow {
-    pub pass_id: Arc<str>,
+    pub pass_id: Text,
     pub line: String,
 }
 

@@ -5,7 +5,7 @@ use super::operator::{Context, Operator, StateBlob};
 use super::parallel::{Parallel, Step};
 use super::watermark::WatermarkTracker;
 use crate::ingest::{DeadLetter, Ingest, IngestStats, Judged, Outcome, Validator};
-use crate::model::Pass;
+use crate::model::{Pass, Text};
 use crate::reference::City;
 use crate::results::{LatePassRow, ResultBatch};
 use serde::{Deserialize, Serialize};
@@ -281,7 +281,7 @@ impl Engine {
     /// measure the core without decoding this way). They are deduplicated like any record.
     pub fn process_decoded(&mut self, partition: u32, decoded: &[(Pass, u64)], clocks: Clocks) {
         let watermark = self.watermarks.current();
-        let keys: Vec<(Arc<str>, u64, i64)> = decoded.iter().map(|(p, d)| (p.pass_id.clone(), *d, p.ts.ms())).collect();
+        let keys: Vec<(Text, u64, i64)> = decoded.iter().map(|(p, d)| (p.pass_id.clone(), *d, p.ts.ms())).collect();
         let verdicts = self.ingest.dedup_mut().check_batch(&keys);
         let mut passes = Vec::with_capacity(decoded.len());
         for ((pass, _), verdict) in decoded.iter().zip(verdicts) {

@@ -1,10 +1,10 @@
 //! Deduplication by `pass_id` within the lateness horizon: the first copy stands; an identical
 //! resend is dropped, a resend with other content is a `conflicting_duplicate`.
 
+use crate::model::Text;
 use rustc_hash::FxHashMap;
 use std::collections::hash_map::Entry;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 /// Entries are grouped by the minute of their event time, so expiry drops whole minutes.
 const BUCKET_MS: i64 = 60_000;
@@ -20,7 +20,7 @@ pub enum DedupVerdict {
 /// (`RocksDedup`), chosen by `state.backend`.
 pub trait DedupBackend: Send {
     /// Judges a batch of (pass id, content digest, event time), in order.
-    fn check_batch(&mut self, items: &[(Arc<str>, u64, i64)]) -> Vec<DedupVerdict>;
+    fn check_batch(&mut self, items: &[(Text, u64, i64)]) -> Vec<DedupVerdict>;
 
     /// The state's part of checkpoint `id`: bytes for the checkpoint, and writes to apply
     /// atomically with it.
@@ -44,8 +44,8 @@ const FULL: u8 = 0;
 /// Remembers the pass ids seen within the horizon behind the latest event time.
 pub struct Deduplicator {
     horizon_ms: i64,
-    seen: FxHashMap<Arc<str>, u64>,
-    by_minute: BTreeMap<i64, Vec<Arc<str>>>,
+    seen: FxHashMap<Text, u64>,
+    by_minute: BTreeMap<i64, Vec<Text>>,
     max_ts: i64,
 }
 
@@ -56,7 +56,7 @@ impl Deduplicator {
         Deduplicator { horizon_ms, seen: FxHashMap::default(), by_minute: BTreeMap::new(), max_ts: i64::MIN }
     }
 
-    pub fn check(&mut self, pass_id: &Arc<str>, digest: u64, ts: i64) -> DedupVerdict {
+    pub fn check(&mut self, pass_id: &Text, digest: u64, ts: i64) -> DedupVerdict {
         match self.seen.entry(pass_id.clone()) {
             Entry::Occupied(first) if *first.get() == digest => return DedupVerdict::Identical,
             Entry::Occupied(_) => return DedupVerdict::Conflicting,
@@ -118,7 +118,7 @@ impl Deduplicator {
             let ids = self.by_minute.entry(bucket).or_default();
             for _ in 0..n {
                 let len = r.u32()? as usize;
-                let id: Arc<str> = std::str::from_utf8(r.take(len)?)?.into();
+                let id: Text = std::str::from_utf8(r.take(len)?)?.into();
                 let digest = r.u64()?;
                 self.seen.insert(id.clone(), digest);
                 ids.push(id);
@@ -128,7 +128,7 @@ impl Deduplicator {
     }
 
     /// Every remembered id with its digest and minute bucket start.
-    pub fn entries(&self) -> impl Iterator<Item = (Arc<str>, u64, i64)> + '_ {
+    pub fn entries(&self) -> impl Iterator<Item = (Text, u64, i64)> + '_ {
         self.by_minute.iter().flat_map(move |(bucket, ids)| {
             ids.iter().map(move |id| (id.clone(), self.seen.get(id).copied().unwrap_or_default(), bucket * BUCKET_MS))
         })
@@ -152,7 +152,7 @@ impl Deduplicator {
 }
 
 impl DedupBackend for Deduplicator {
-    fn check_batch(&mut self, items: &[(Arc<str>, u64, i64)]) -> Vec<DedupVerdict> {
+    fn check_batch(&mut self, items: &[(Text, u64, i64)]) -> Vec<DedupVerdict> {
         items.iter().map(|(id, digest, ts)| self.check(id, *digest, *ts)).collect()
     }
 
@@ -214,7 +214,7 @@ mod tests {
     #[test]
     fn the_first_copy_stands_and_resends_are_judged_by_content() {
         let mut d = Deduplicator::new(3_600_000);
-        let id: Arc<str> = "p1".into();
+        let id: Text = "p1".into();
         assert_eq!(d.check(&id, 7, 1_000), DedupVerdict::First);
         assert_eq!(d.check(&id, 7, 1_000), DedupVerdict::Identical);
         assert_eq!(d.check(&id, 8, 1_000), DedupVerdict::Conflicting);
@@ -225,7 +225,7 @@ mod tests {
     fn a_snapshot_restores_every_remembered_id() {
         let mut d = Deduplicator::new(3_600_000);
         for (i, id) in ["a", "b", "长ID"].iter().enumerate() {
-            d.check(&Arc::from(*id), i as u64, i as i64 * 70_000);
+            d.check(&Text::from(*id), i as u64, i as i64 * 70_000);
         }
         let mut e = Deduplicator::new(3_600_000);
         e.restore(&d.snapshot()).unwrap();
@@ -244,7 +244,7 @@ mod tests {
     #[test]
     fn ids_older_than_the_horizon_are_forgotten() {
         let mut d = Deduplicator::new(600_000);
-        let old: Arc<str> = "old".into();
+        let old: Text = "old".into();
         d.check(&old, 1, 0);
         d.check(&"mid".into(), 1, 500_000);
         assert_eq!(d.len(), 2);

@@ -10,9 +10,8 @@ pub use dedup::{DedupBackend, DedupVerdict, Deduplicator};
 pub use rocks_dedup::{parse_value as parse_dedup_value, RocksDedup, ID_PREFIX as DEDUP_ID_PREFIX};
 pub use validate::{Judged, Validator};
 
-use crate::model::{Pass, RejectReason};
+use crate::model::{Pass, RejectReason, Text};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 /// A record that could not be accepted, with the reason and the record as it came.
 #[derive(Clone, Debug, PartialEq)]
@@ -104,7 +103,7 @@ impl Ingest {
 
     /// Deduplicates records already judged, in order, and counts them.
     pub fn admit(&mut self, judged: Vec<Judged>) -> Vec<Outcome> {
-        let keys: Vec<(Arc<str>, u64, i64)> =
+        let keys: Vec<(Text, u64, i64)> =
             judged.iter().filter_map(|j| j.as_ref().ok()).map(|(p, d)| (p.pass_id.clone(), *d, p.ts.ms())).collect();
         let mut verdicts = self.dedup.check_batch(&keys).into_iter();
         let mut outcomes = Vec::with_capacity(judged.len());
@@ -133,8 +132,12 @@ mod tests {
     const LINE: &str = r#"{"pass_id":"p1","plate":"赣A12345","plate_color":2,"plate_type":"02","checkpoint_id":"KK0001","direction":2,"lane":1,"ts":1772409600000}"#;
 
     fn ingest() -> Ingest {
-        let validator =
-            Validator::new(Arc::new(sample_city()), chrono_tz::Asia::Shanghai, PlateColorScheme::Police, 300_000);
+        let validator = Validator::new(
+            std::sync::Arc::new(sample_city()),
+            chrono_tz::Asia::Shanghai,
+            PlateColorScheme::Police,
+            300_000,
+        );
         Ingest::new(validator, Deduplicator::new(3_600_000))
     }
 

@@ -16,6 +16,7 @@
 
 use super::dedup::{DedupBackend, DedupVerdict, Deduplicator};
 use crate::core::StateWrite;
+use crate::model::Text;
 use rocksdb::DB;
 use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -169,7 +170,7 @@ pub struct RocksDedup {
     _scratch: Option<tempfile::TempDir>,
     horizon_ms: i64,
     /// Ids accepted since the last commit: (digest, ts).
-    pending: FxHashMap<Arc<str>, (u64, i64)>,
+    pending: FxHashMap<Text, (u64, i64)>,
     max_ts: i64,
     /// Without checkpoints: write pending ids through once there are this many.
     autoflush: Option<usize>,
@@ -181,13 +182,13 @@ pub struct RocksDedup {
 
 /// A set of ids a writer thread is putting in RocksDB; they are read from here until it is done.
 struct Flush {
-    ids: Arc<FxHashMap<Arc<str>, (u64, i64)>>,
+    ids: Arc<FxHashMap<Text, (u64, i64)>>,
     writer: std::thread::JoinHandle<()>,
 }
 
 impl Flush {
     /// Writes `ids` (those not expired before `oldest_kept`) to `db` on a thread of its own.
-    fn start(db: Arc<DB>, ids: FxHashMap<Arc<str>, (u64, i64)>, oldest_kept: i64) -> Flush {
+    fn start(db: Arc<DB>, ids: FxHashMap<Text, (u64, i64)>, oldest_kept: i64) -> Flush {
         let ids = Arc::new(ids);
         let to_write = ids.clone();
         let writer = std::thread::spawn(move || {
@@ -227,7 +228,7 @@ fn for_each_stored(db: &DB, mut f: impl FnMut(&[u8], u64, i64) -> anyhow::Result
 
 /// Puts of the ids not expired before `oldest_kept`, in key order (the memtable then inserts
 /// each key next to the one before, much cheaper).
-fn sorted_writes<'a>(ids: impl Iterator<Item = (&'a Arc<str>, &'a (u64, i64))>, oldest_kept: i64) -> Vec<StateWrite> {
+fn sorted_writes<'a>(ids: impl Iterator<Item = (&'a Text, &'a (u64, i64))>, oldest_kept: i64) -> Vec<StateWrite> {
     let mut ids: Vec<_> = ids.filter(|(_, (_, ts))| *ts >= oldest_kept).collect();
     ids.sort_unstable_by(|a, b| a.0.cmp(b.0));
     ids.into_iter().map(|(id, (digest, ts))| StateWrite::Put(id_key(id), value(*digest, *ts))).collect()
@@ -312,7 +313,7 @@ impl RocksDedup {
     }
 
     /// Digests of stored ids that are still within the horizon.
-    fn lookup(&self, ids: &[&Arc<str>]) -> Vec<Option<u64>> {
+    fn lookup(&self, ids: &[&Text]) -> Vec<Option<u64>> {
         let mut keys: Vec<(usize, Vec<u8>)> = ids.iter().map(|id| id_key(id)).enumerate().collect();
         keys.sort_unstable_by(|a, b| a.1.cmp(&b.1));
         let oldest_kept = self.oldest_kept();
@@ -337,10 +338,10 @@ impl RocksDedup {
 }
 
 impl DedupBackend for RocksDedup {
-    fn check_batch(&mut self, items: &[(Arc<str>, u64, i64)]) -> Vec<DedupVerdict> {
+    fn check_batch(&mut self, items: &[(Text, u64, i64)]) -> Vec<DedupVerdict> {
         let hashes: Vec<u64> = items.iter().map(|(id, _, _)| IdFilter::hash(id.as_bytes())).collect();
         // Only an id the filter may hold and that is not in memory can be in RocksDB.
-        let unknown: Vec<&Arc<str>> = items
+        let unknown: Vec<&Text> = items
             .iter()
             .zip(&hashes)
             .filter(|((id, _, _), hash)| self.filter.may_hold(**hash) && self.in_memory(id).is_none())
@@ -461,8 +462,8 @@ mod tests {
         Arc::new(crate::core::checkpoint::open_state_db(dir, Arc::new(AtomicI64::new(i64::MIN))).expect("opens"))
     }
 
-    fn items(ids: &[(&str, u64, i64)]) -> Vec<(Arc<str>, u64, i64)> {
-        ids.iter().map(|(id, digest, ts)| (Arc::from(*id), *digest, *ts)).collect()
+    fn items(ids: &[(&str, u64, i64)]) -> Vec<(Text, u64, i64)> {
+        ids.iter().map(|(id, digest, ts)| (Text::from(*id), *digest, *ts)).collect()
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! later, in `crate::ingest`.
 
 use super::time::event_time_from_ms;
-use super::{parse_event_time, Direction, EventTime, PlateColor, PlateColorScheme, PlateRead, RejectReason};
+use super::{parse_event_time, Direction, EventTime, PlateColor, PlateColorScheme, PlateRead, RejectReason, Text};
 use chrono_tz::Tz;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -24,17 +24,17 @@ const MAX_PLATE_CHARS: usize = 16;
 /// ([`PassRecord`]), or by its place in the city's table once validated (`Pass`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PassOf<C> {
-    pub pass_id: Arc<str>,
+    pub pass_id: Text,
     pub plate: PlateRead,
     pub plate_color: PlateColor,
-    pub plate_type: Arc<str>,
+    pub plate_type: Text,
     pub checkpoint: C,
-    pub device_id: Option<Arc<str>>,
+    pub device_id: Option<Text>,
     pub direction: Direction,
     pub lane: u8,
     pub ts: EventTime,
     pub speed_kmh: Option<f32>,
-    pub vehicle_type: Option<Arc<str>>,
+    pub vehicle_type: Option<Text>,
 }
 
 /// A decoded pass record, its checkpoint not yet looked up.

@@ -10,12 +10,14 @@ mod codes;
 mod decode;
 mod plate;
 mod reject;
+mod text;
 mod time;
 
 pub use codes::{Direction, PlateColor, PlateColorScheme};
 pub use decode::{decode_record, fnv1a64, PassOf, PassRecord};
 pub use plate::{Plate, PlateKind, PlateRead, VehicleKey, PROVINCES};
 pub use reject::RejectReason;
+pub use text::Text;
 pub use time::{parse_event_time, EventTime, DAY_MS, MIN_VALID_TS_MS};
 
 /// A checkpoint, by its position in the city's checkpoint table (resolved during validation).

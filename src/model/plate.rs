@@ -1,8 +1,8 @@
 //! Plates (GA 36-2018) and the vehicle identity, plate + colour.
 
+use super::text::Text;
 use super::PlateColor;
 use std::fmt;
-use std::sync::Arc;
 
 /// The 31 province-level abbreviations of mainland China.
 pub const PROVINCES: [char; 31] = [
@@ -83,53 +83,20 @@ impl PlateRead {
 
 /// A readable plate number, normalised (no spaces or separators, upper-case letters).
 ///
-/// Compared, hashed and ordered as its text. Plates are the keys of every per-vehicle map, so
-/// the text is held inline (every plate of the national standard takes at most 14 bytes): a
-/// look-up compares keys without following a pointer to another cache line, and a copy is a
-/// copy, with no shared reference count for threads to contend on.
-#[derive(Clone)]
+/// Compared, hashed and ordered as its text, which is held inline (every plate of the national
+/// standard takes at most 14 bytes): plates are the keys of every per-vehicle map.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Plate {
-    text: PlateText,
-}
-
-/// Bytes of plate text held inline.
-const INLINE_PLATE: usize = 22;
-
-#[derive(Clone)]
-enum PlateText {
-    Inline { len: u8, bytes: [u8; INLINE_PLATE] },
-    Heap(Arc<str>),
+    text: Text,
 }
 
 impl Plate {
     fn from_normalised(text: String) -> Plate {
-        let text = match text.len() {
-            len if len <= INLINE_PLATE => {
-                let mut bytes = [0; INLINE_PLATE];
-                bytes[..len].copy_from_slice(text.as_bytes());
-                PlateText::Inline { len: len as u8, bytes }
-            }
-            _ => PlateText::Heap(text.into()),
-        };
-        Plate { text }
-    }
-
-    /// The text's bytes, unchecked: what keys compare and hash (a map look-up need not check
-    /// UTF-8 on every key it meets).
-    fn bytes(&self) -> &[u8] {
-        match &self.text {
-            PlateText::Inline { len, bytes } => &bytes[..*len as usize],
-            PlateText::Heap(text) => text.as_bytes(),
-        }
+        Plate { text: Text::from(text) }
     }
 
     pub fn as_str(&self) -> &str {
-        match &self.text {
-            PlateText::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes[..*len as usize]).expect("made from a string, cut at its end")
-            }
-            PlateText::Heap(text) => text,
-        }
+        self.text.as_str()
     }
 
     /// The province abbreviation, when the plate starts with one.
@@ -194,35 +161,6 @@ impl Plate {
     }
 }
 
-impl PartialEq for Plate {
-    fn eq(&self, other: &Plate) -> bool {
-        self.bytes() == other.bytes()
-    }
-}
-
-impl Eq for Plate {}
-
-impl std::hash::Hash for Plate {
-    /// As `str` hashes (its bytes, then a 0xff that no UTF-8 text holds).
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write(self.bytes());
-        state.write_u8(0xff);
-    }
-}
-
-impl PartialOrd for Plate {
-    fn partial_cmp(&self, other: &Plate) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Plate {
-    fn cmp(&self, other: &Plate) -> std::cmp::Ordering {
-        // UTF-8 orders as its bytes do.
-        self.bytes().cmp(other.bytes())
-    }
-}
-
 impl fmt::Debug for Plate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Plate({})", self.as_str())
@@ -280,7 +218,7 @@ mod tests {
     fn plates_held_inline_and_on_the_heap_compare_hash_and_order_as_their_text() {
         use std::hash::BuildHasher;
         let long = "赣A12345挂挂挂挂挂挂挂挂";
-        assert!(long.len() > INLINE_PLATE);
+        assert!(long.len() > 22, "held on the heap");
         let texts = ["赣A12345", "赣A1234学", long, "赣A12345挂挂"];
         let plates: Vec<Plate> = texts.iter().map(|t| plate(t)).collect();
         let hasher = rustc_hash::FxBuildHasher;

@@ -10,7 +10,7 @@
 use super::device_health::ClockSkews;
 use crate::core::window::{is_late, Every};
 use crate::core::{check_version, Context, Operator, StateBlob};
-use crate::model::{Pass, VehicleKey, DAY_MS};
+use crate::model::{Pass, Text, VehicleKey, DAY_MS};
 use crate::reference::{haversine_m, City};
 use crate::results::AlertRow;
 use rustc_hash::FxHashMap;
@@ -57,10 +57,10 @@ impl ClonedPlateRule {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Seen {
     ts: i64,
-    pass_id: Arc<str>,
+    pass_id: Text,
     cp: u32,
-    plate_type: Arc<str>,
-    vehicle_type: Option<Arc<str>>,
+    plate_type: Text,
+    vehicle_type: Option<Text>,
 }
 
 impl Seen {

@@ -10,7 +10,6 @@ use crate::reference::{City, RoadClass};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rustc_hash::FxHashSet;
-use std::sync::Arc;
 
 const SECOND: i64 = 1_000;
 const MIN: i64 = 60_000;
@@ -162,7 +161,7 @@ impl Spoiler<'_> {
             pass_id: format!("{}{:09}", self.day_tag, i).into(),
             plate,
             plate_color: if unreadable { PlateColor::Other } else { v.color },
-            plate_type: Arc::from(v.plate_type),
+            plate_type: v.plate_type.into(),
             checkpoint: cp.id.clone(),
             device_id: Some(format!("{}-{}", cp.id, p.direction.code()).into()),
             direction: p.direction,
@@ -171,7 +170,7 @@ impl Spoiler<'_> {
             speed_kmh: has_radar
                 .then(|| ((p.speed_kmh * self.rng.gen_range(0.95..1.05)) * 10.0).round() as f32 / 10.0)
                 .filter(|s| *s > 0.0),
-            vehicle_type: Some(Arc::from(v.vehicle_type)),
+            vehicle_type: Some(v.vehicle_type.into()),
         }
     }
 

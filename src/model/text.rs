@@ -1,0 +1,167 @@
+//! Short text held inline: the codes and ids of a pass (plate, plate type, device, vehicle
+//! type, pass id) are a few bytes each, and every pass carries several.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Bytes held inline (longer text goes to the heap).
+const INLINE: usize = 22;
+
+/// Text compared, hashed and ordered as a `str`. Up to 22 bytes it is held inline: making one
+/// allocates nothing, a copy is a copy with no shared reference count for threads to contend
+/// on, and a map look-up compares keys without following a pointer to another cache line.
+#[derive(Clone)]
+pub struct Text(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Arc<str>),
+}
+
+impl Text {
+    pub fn new(text: &str) -> Text {
+        Text(match text.len() {
+            len if len <= INLINE => {
+                let mut bytes = [0; INLINE];
+                bytes[..len].copy_from_slice(text.as_bytes());
+                Repr::Inline { len: len as u8, bytes }
+            }
+            _ => Repr::Heap(text.into()),
+        })
+    }
+
+    /// The bytes, unchecked: what keys compare and hash (a map look-up need not check UTF-8 on
+    /// every key it meets).
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Inline { len, bytes } => &bytes[..*len as usize],
+            Repr::Heap(text) => text.as_bytes(),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            Repr::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..*len as usize]).expect("made from a string, cut at its end")
+            }
+            Repr::Heap(text) => text,
+        }
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+/// Text hashes, compares and orders as its `str` does, so maps keyed by it are looked up by
+/// `&str`.
+impl std::borrow::Borrow<str> for Text {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<&str> for Text {
+    fn from(text: &str) -> Text {
+        Text::new(text)
+    }
+}
+
+impl From<String> for Text {
+    fn from(text: String) -> Text {
+        Text::new(&text)
+    }
+}
+
+impl From<std::borrow::Cow<'_, str>> for Text {
+    fn from(text: std::borrow::Cow<'_, str>) -> Text {
+        Text::new(&text)
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Text) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Text {}
+
+impl PartialEq<str> for Text {
+    fn eq(&self, other: &str) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl std::hash::Hash for Text {
+    /// As `str` hashes (its bytes, then a 0xff that no UTF-8 text holds).
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(self.as_bytes());
+        state.write_u8(0xff);
+    }
+}
+
+impl PartialOrd for Text {
+    fn partial_cmp(&self, other: &Text) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Text {
+    fn cmp(&self, other: &Text) -> std::cmp::Ordering {
+        // UTF-8 orders as its bytes do.
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl fmt::Debug for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Text, D::Error> {
+        Ok(Text::new(&<std::borrow::Cow<'de, str>>::deserialize(deserializer)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::hash::BuildHasher;
+
+    #[test]
+    fn inline_and_heap_text_compare_hash_and_order_as_their_str() {
+        let short = "赣A12345";
+        let long = "a pass id far longer than twenty-two bytes";
+        let hasher = rustc_hash::FxBuildHasher;
+        for (a, b) in [(short, long), (long, short), ("", short), (short, "赣A12346")] {
+            let (ta, tb) = (Text::new(a), Text::new(b));
+            assert_eq!(&*ta, a);
+            assert_eq!(ta == tb, a == b);
+            assert_eq!(ta.cmp(&tb), a.cmp(b), "{a} vs {b}");
+            assert_eq!(hasher.hash_one(&ta), hasher.hash_one(a), "hashed as its str");
+            let json = serde_json::to_string(&ta).unwrap();
+            assert_eq!(json, serde_json::to_string(a).unwrap());
+            assert_eq!(serde_json::from_str::<Text>(&json).unwrap(), ta);
+        }
+    }
+}
