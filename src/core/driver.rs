@@ -78,17 +78,33 @@ impl Driver {
         self.engine.barrier(id);
         self.flush().await?;
         let engine = self.engine.snapshot(id)?;
+        let snapshot_ms = started.elapsed().as_millis() as u64;
         self.sink.barrier().await?;
         let checkpoint = Checkpoint { id, created_at: chrono::Utc::now().timestamp_millis(), source: position, engine };
+        let saving = Instant::now();
         if let Some(c) = &self.checkpoints {
             c.store.save(&checkpoint)?;
             self.engine.committed(id);
         }
+        let save_ms = saving.elapsed().as_millis() as u64;
         self.next_id += 1;
         self.last_checkpoint = Instant::now();
         self.metrics.observe_checkpoint(started, checkpoint.created_at);
         self.metrics.state_pending_ids.set(self.engine.pending_state() as i64);
-        tracing::debug!(checkpoint = id, took_ms = started.elapsed().as_millis() as u64, "checkpoint complete");
+        let bytes: usize = checkpoint.engine.parts.iter().map(|(_, b)| b.bytes.len()).sum();
+        eprintln!(
+            "PARTS {:?} writes {}",
+            checkpoint.engine.parts.iter().map(|(n, b)| (n.as_str(), b.bytes.len())).collect::<Vec<_>>(),
+            checkpoint.engine.writes.len()
+        );
+        tracing::debug!(
+            checkpoint = id,
+            took_ms = started.elapsed().as_millis() as u64,
+            snapshot_ms,
+            save_ms,
+            bytes,
+            "checkpoint complete"
+        );
         Ok(Some(checkpoint))
     }
 

@@ -22,7 +22,7 @@ pub mod window;
 pub use engine::{
     apply_writes, write_batch, Clocks, Engine, EngineSettings, EngineSnapshot, Forwarded, Record, StateWrite,
 };
-pub use operator::{check_version, pairs, Context, Operator, StateBlob};
+pub use operator::{check_version, pairs, Context, Operator, SeqOf, StateBlob};
 
 #[cfg(test)]
 mod convergence_tests;

@@ -9,18 +9,21 @@
 
 use super::device_health::ClockSkews;
 use crate::core::window::{is_late, Every};
-use crate::core::{check_version, Context, Operator, StateBlob};
+use crate::core::{Context, Operator, SeqOf, StateBlob};
 use crate::model::{Pass, Text, VehicleKey, DAY_MS};
 use crate::reference::{haversine_m, City};
 use crate::results::AlertRow;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 pub const CLONED_PLATE: &str = "cloned_plate";
 const LATE_LABEL: &str = "cloned_plate";
-const STATE_VERSION: u32 = 2;
+const STATE_VERSION: u32 = 3;
+/// States written before the binary encoding, as JSON.
+const JSON_STATE_VERSION: u32 = 2;
 /// How far the horizon moves between sweeps of every vehicle's passes. Passes before the
 /// horizon pair with no pass that is not late, so a sweep only frees memory: each one visits
 /// every vehicle, and the horizon is hours long, so an hour's more passes are kept instead.
@@ -114,6 +117,8 @@ pub struct ClonedPlates {
     span_ms: i64,
     seen: FxHashMap<VehicleKey, Vec<Seen>>,
     sweeps: Every,
+    /// The length of the last snapshot (see [`StateBlob::json`]).
+    snapshot_len: AtomicUsize,
 }
 
 impl ClonedPlates {
@@ -137,6 +142,7 @@ impl ClonedPlates {
             raised: BTreeMap::new(),
             seen: FxHashMap::default(),
             sweeps: Every::new(SWEEP_EVERY_MS),
+            snapshot_len: AtomicUsize::new(0),
         }
     }
 
@@ -344,15 +350,13 @@ impl Operator for ClonedPlates {
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
-        let seen: Vec<(&str, u8, &Vec<Seen>)> =
-            self.seen.iter().map(|(v, list)| (v.plate.as_str(), v.color.code(), list)).collect();
-        Ok(StateBlob { version: STATE_VERSION, bytes: serde_json::to_vec(&(seen, &self.raised))? })
+        let seen = SeqOf::new(self.seen.iter().map(|(v, list)| (v.plate.as_str(), v.color.code(), list)));
+        StateBlob::encode(STATE_VERSION, &(seen, &self.raised), &self.snapshot_len)
     }
 
     fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
-        check_version(self.name(), blob.version, STATE_VERSION)?;
         let (stored, raised): (Vec<(String, u8, Vec<Seen>)>, BTreeMap<String, Raised>) =
-            serde_json::from_slice(&blob.bytes)?;
+            blob.decode(self.name(), STATE_VERSION, JSON_STATE_VERSION)?;
         let n = self.city.checkpoints.len();
         anyhow::ensure!(
             stored.iter().flat_map(|s| &s.2).all(|p| (p.cp as usize) < n),

@@ -12,13 +12,14 @@
 
 use super::top_n::{batch_ranking, RankedKeys, SlidingRanking};
 use crate::core::window::{is_complete, is_late, tumbling_start, Every};
-use crate::core::{check_version, Context, Operator, StateBlob};
+use crate::core::{Context, Operator, SeqOf, StateBlob};
 use crate::model::{fnv1a64, Pass, VehicleKey};
 use crate::reference::{City, RoadClass, Segment};
 use crate::results::{AlertRow, AreaCongestionRow, SegmentCongestionRow};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 pub const CONGESTION_WINDOWS_S: [u32; 2] = [60, 300];
@@ -33,7 +34,9 @@ const FREE_FLOW_FACTOR: f64 = 6.0;
 /// before the horizon are also cut whenever it passes again, so a sweep only frees memory;
 /// each one visits every vehicle, so it runs hourly, not every few minutes.
 const SWEEP_EVERY_MS: i64 = 60 * 60_000;
-const STATE_VERSION: u32 = 1;
+const STATE_VERSION: u32 = 2;
+/// States written before the binary encoding, as JSON.
+const JSON_STATE_VERSION: u32 = 1;
 
 /// The speeds (km/h) between levels 1|2, 2|3, 3|4 and 4|5: level 1 is above the first.
 fn level_bounds(class: RoadClass) -> [f64; 4] {
@@ -138,6 +141,8 @@ pub struct Congestion {
     /// complete (not checkpointed: a restore adopts them again from the store).
     rejudge: BTreeSet<(u32, i64)>,
     sweeps: Every,
+    /// The length of the last snapshot (see [`StateBlob::json`]).
+    snapshot_len: AtomicUsize,
 }
 
 impl Congestion {
@@ -153,6 +158,7 @@ impl Congestion {
             sudden: BTreeMap::new(),
             rejudge: BTreeSet::new(),
             sweeps: Every::new(SWEEP_EVERY_MS),
+            snapshot_len: AtomicUsize::new(0),
         }
     }
 
@@ -481,18 +487,18 @@ impl Operator for Congestion {
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
-        let stored = Stored {
-            tracks: self.tracks.iter().map(|(v, t)| (v.plate.as_str().to_owned(), v.color.code(), t.clone())).collect(),
-            sets: self.sets.clone(),
-            ranking: self.ranking.clone(),
-            sudden: self.sudden.iter().map(|(k, v)| (*k, *v)).collect(),
+        // Written straight from the maps, in the shape of `Stored`.
+        let stored = StoredRef {
+            tracks: SeqOf::new(self.tracks.iter().map(|(v, t)| (v.plate.as_str(), v.color.code(), t))),
+            sets: &self.sets,
+            ranking: &self.ranking,
+            sudden: SeqOf::new(self.sudden.iter()),
         };
-        Ok(StateBlob { version: STATE_VERSION, bytes: serde_json::to_vec(&stored)? })
+        StateBlob::encode(STATE_VERSION, &stored, &self.snapshot_len)
     }
 
     fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
-        check_version(self.name(), blob.version, STATE_VERSION)?;
-        let stored: Stored = serde_json::from_slice(&blob.bytes)?;
+        let stored: Stored = blob.decode(self.name(), STATE_VERSION, JSON_STATE_VERSION)?;
         let (checkpoints, segments) = (self.city.checkpoints.len(), self.city.segments.len());
         anyhow::ensure!(
             stored.sets.len() == CONGESTION_WINDOWS_S.len()
@@ -518,7 +524,16 @@ impl Operator for Congestion {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
+#[serde(bound(serialize = "SeqOf<T>: Serialize, SeqOf<S>: Serialize"))]
+struct StoredRef<'a, T, S> {
+    tracks: SeqOf<T>,
+    sets: &'a [BTreeMap<i64, Window>],
+    ranking: &'a SlidingRanking,
+    sudden: SeqOf<S>,
+}
+
+#[derive(Deserialize)]
 struct Stored {
     /// (plate, colour, passes in time order)
     tracks: Vec<(String, u8, Vec<Point>)>,

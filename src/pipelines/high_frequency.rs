@@ -4,7 +4,7 @@
 //! the allowed lateness). `passes` only grows, so it orders a row's updates in the store.
 
 use crate::core::window::{is_late, LocalDays};
-use crate::core::{check_version, Context, Operator, StateBlob};
+use crate::core::{Context, Operator, SeqOf, StateBlob};
 use crate::model::{Pass, VehicleKey};
 use crate::reference::City;
 use crate::results::HighFrequencyRow;
@@ -13,10 +13,13 @@ use chrono_tz::Tz;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 const LATE_LABEL: &str = "high_frequency/day";
-const STATE_VERSION: u32 = 1;
+const STATE_VERSION: u32 = 2;
+/// States written before the binary encoding, as JSON.
+const JSON_STATE_VERSION: u32 = 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Tally {
@@ -39,6 +42,8 @@ pub struct HighFrequency {
     days_of: LocalDays,
     threshold: u32,
     days: BTreeMap<NaiveDate, Day>,
+    /// The length of the last snapshot (see [`StateBlob::json`]).
+    snapshot_len: AtomicUsize,
 }
 
 impl HighFrequency {
@@ -48,6 +53,7 @@ impl HighFrequency {
             days_of: LocalDays::new(tz),
             threshold: threshold.max(1),
             days: BTreeMap::new(),
+            snapshot_len: AtomicUsize::new(0),
         }
     }
 
@@ -110,26 +116,19 @@ impl Operator for HighFrequency {
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
-        let stored: Vec<StoredDay> = self
-            .days
-            .iter()
-            .map(|(day, d)| StoredDay {
-                day: *day,
-                tallies: d
-                    .tallies
-                    .iter()
-                    .map(|((cp, v), t)| {
-                        (*cp, v.plate.as_str().to_owned(), v.color.code(), *t, d.dirty.contains(&(*cp, v.clone())))
-                    })
-                    .collect(),
-            })
-            .collect();
-        Ok(StateBlob { version: STATE_VERSION, bytes: serde_json::to_vec(&stored)? })
+        // Written straight from the maps, in the shape of `StoredDay`.
+        let days =
+            self.days.iter().map(|(day, d)| StoredDayRef {
+                day,
+                tallies: SeqOf::new(d.tallies.iter().map(|((cp, v), t)| {
+                    (*cp, v.plate.as_str(), v.color.code(), t, d.dirty.contains(&(*cp, v.clone())))
+                })),
+            });
+        StateBlob::encode(STATE_VERSION, &SeqOf::new(days), &self.snapshot_len)
     }
 
     fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
-        check_version(self.name(), blob.version, STATE_VERSION)?;
-        let stored: Vec<StoredDay> = serde_json::from_slice(&blob.bytes)?;
+        let stored: Vec<StoredDay> = blob.decode(self.name(), STATE_VERSION, JSON_STATE_VERSION)?;
         self.days.clear();
         for s in stored {
             let end = self.days_of.end(s.day);
@@ -151,7 +150,14 @@ impl Operator for HighFrequency {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
+#[serde(bound(serialize = "SeqOf<I>: Serialize"))]
+struct StoredDayRef<'a, I> {
+    day: &'a NaiveDate,
+    tallies: SeqOf<I>,
+}
+
+#[derive(Deserialize)]
 struct StoredDay {
     day: NaiveDate,
     /// (checkpoint, plate, colour, tally, not yet written)

@@ -73,3 +73,25 @@ fn state_survives_a_snapshot_and_matches_the_batch_result() {
     }
     assert_eq!(got, want);
 }
+
+#[test]
+fn a_state_an_earlier_build_wrote_as_json_restores_and_the_binary_one_is_smaller() {
+    let mut op = HighFrequency::new(&city(), TZ, 4);
+    let json = format!(
+        r#"[{{"day":"2026-03-02","tallies":[[0,"赣A1",2,{{"passes":3,"first_ts":{},"last_ts":{}}},false]]}}]"#,
+        DAY + H,
+        DAY + 3 * H
+    );
+    op.restore(&StateBlob { version: JSON_STATE_VERSION, bytes: json.clone().into_bytes() }).unwrap();
+    let (rows, _) = step(&mut op, &[pass("赣A1", 0, DAY + 4 * H)], i64::MIN);
+    assert_eq!(
+        rows.iter().map(|r| (&*r.checkpoint_id, &*r.plate, r.passes, r.first_ts, r.last_ts)).collect::<Vec<_>>(),
+        vec![("A", "赣A1", 4, DAY + H, DAY + 4 * H)],
+        "the restored tally went on counting"
+    );
+    let binary = op.snapshot().unwrap();
+    assert_eq!(binary.version, STATE_VERSION);
+    assert!(binary.bytes.len() * 2 < json.len(), "{} binary bytes against {} of JSON", binary.bytes.len(), json.len());
+    let refused = op.restore(&StateBlob { version: STATE_VERSION + 1, bytes: binary.bytes.clone() }).unwrap_err();
+    assert!(refused.to_string().contains("has version"), "{refused}");
+}

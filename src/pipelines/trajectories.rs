@@ -9,7 +9,7 @@
 //! (and at the end of input), each with all its changes since.
 
 use crate::core::window::{is_late, LocalDays};
-use crate::core::{check_version, Context, Operator, StateBlob};
+use crate::core::{Context, Operator, SeqOf, StateBlob};
 use crate::model::{fnv1a64, Pass, VehicleKey};
 use crate::reference::City;
 use crate::results::TrajectoryRow;
@@ -18,10 +18,13 @@ use chrono_tz::Tz;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 const LATE_LABEL: &str = "trajectories/day";
-const STATE_VERSION: u32 = 1;
+const STATE_VERSION: u32 = 2;
+/// States written before the binary encoding, as JSON.
+const JSON_STATE_VERSION: u32 = 1;
 /// Changed trajectories are written once per this much watermark progress.
 const EMIT_EVERY_MS: i64 = 60_000;
 
@@ -47,11 +50,19 @@ pub struct Trajectories {
     /// The watermark's minute (its number since the epoch) at the last emission (`None`: none
     /// since start or restore).
     emitted_minute: Option<i64>,
+    /// The length of the last snapshot (see [`StateBlob::json`]).
+    snapshot_len: AtomicUsize,
 }
 
 impl Trajectories {
     pub fn new(city: &Arc<City>, tz: Tz) -> Trajectories {
-        Trajectories { city: city.clone(), days_of: LocalDays::new(tz), days: BTreeMap::new(), emitted_minute: None }
+        Trajectories {
+            city: city.clone(),
+            days_of: LocalDays::new(tz),
+            days: BTreeMap::new(),
+            emitted_minute: None,
+            snapshot_len: AtomicUsize::new(0),
+        }
     }
 
     fn emit(&mut self, out: &mut Vec<TrajectoryRow>) {
@@ -116,24 +127,18 @@ impl Operator for Trajectories {
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
-        let stored: Vec<StoredDay> = self
-            .days
-            .iter()
-            .map(|(day, d)| StoredDay {
-                day: *day,
-                vehicles: d
-                    .vehicles
-                    .iter()
-                    .map(|(v, stops)| (v.plate.as_str().to_owned(), v.color.code(), stops.clone(), d.dirty.contains(v)))
-                    .collect(),
-            })
-            .collect();
-        Ok(StateBlob { version: STATE_VERSION, bytes: serde_json::to_vec(&stored)? })
+        // Written straight from the maps, in the shape of `StoredDay`.
+        let days = self.days.iter().map(|(day, d)| StoredDayRef {
+            day,
+            vehicles: SeqOf::new(
+                d.vehicles.iter().map(|(v, stops)| (v.plate.as_str(), v.color.code(), stops, d.dirty.contains(v))),
+            ),
+        });
+        StateBlob::encode(STATE_VERSION, &SeqOf::new(days), &self.snapshot_len)
     }
 
     fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
-        check_version(self.name(), blob.version, STATE_VERSION)?;
-        let stored: Vec<StoredDay> = serde_json::from_slice(&blob.bytes)?;
+        let stored: Vec<StoredDay> = blob.decode(self.name(), STATE_VERSION, JSON_STATE_VERSION)?;
         let n = self.city.checkpoints.len();
         anyhow::ensure!(
             stored.iter().flat_map(|d| &d.vehicles).flat_map(|v| &v.2).all(|s| (s.cp as usize) < n),
@@ -156,7 +161,14 @@ impl Operator for Trajectories {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
+#[serde(bound(serialize = "SeqOf<I>: Serialize"))]
+struct StoredDayRef<'a, I> {
+    day: &'a NaiveDate,
+    vehicles: SeqOf<I>,
+}
+
+#[derive(Deserialize)]
 struct StoredDay {
     day: NaiveDate,
     /// (plate, colour, stops in time order, not yet written)
