@@ -135,7 +135,7 @@ pub struct TrajectoryRow {
     pub plate_color: u8,
     pub day: String,
     pub times: Vec<i64>,
-    pub checkpoints: Vec<Arc<str>>,
+    pub checkpoints: Vec<Text>,
     pub revision: u32,
 }
 

@@ -71,10 +71,14 @@ impl HighFrequency {
 
     fn emit(&mut self, out: &mut Vec<HighFrequencyRow>) {
         for (day, d) in &mut self.days {
+            if d.dirty.is_empty() {
+                continue;
+            }
+            let day = day.to_string();
             for key in d.dirty.drain() {
                 let t = d.tallies[&key];
                 out.push(HighFrequencyRow {
-                    day: day.to_string(),
+                    day: day.clone(),
                     checkpoint_id: self.city.checkpoints[key.0 as usize].id.clone(),
                     plate: key.1.plate.as_str().into(),
                     plate_color: key.1.color.code(),

@@ -10,7 +10,7 @@
 
 use crate::core::window::{is_late, LocalDays};
 use crate::core::{Context, Operator, SeqOf, StateBlob};
-use crate::model::{fnv1a64, Pass, VehicleKey};
+use crate::model::{fnv1a64, Pass, Text, VehicleKey};
 use crate::reference::City;
 use crate::results::TrajectoryRow;
 use chrono::NaiveDate;
@@ -67,20 +67,24 @@ impl Trajectories {
 
     fn emit(&mut self, out: &mut Vec<TrajectoryRow>) {
         for (day, d) in &mut self.days {
+            if d.dirty.is_empty() {
+                continue;
+            }
+            let day = day.to_string();
             for vehicle in d.dirty.drain() {
-                out.push(trajectory_row(&self.city, *day, &vehicle, &d.vehicles[&vehicle]));
+                out.push(trajectory_row(&self.city, &day, &vehicle, &d.vehicles[&vehicle]));
             }
         }
     }
 }
 
-fn trajectory_row(city: &City, day: NaiveDate, vehicle: &VehicleKey, stops: &[Stop]) -> TrajectoryRow {
+fn trajectory_row(city: &City, day: &str, vehicle: &VehicleKey, stops: &[Stop]) -> TrajectoryRow {
     TrajectoryRow {
         plate: vehicle.plate.as_str().into(),
         plate_color: vehicle.color.code(),
-        day: day.to_string(),
+        day: day.to_owned(),
         times: stops.iter().map(|s| s.ts).collect(),
-        checkpoints: stops.iter().map(|s| city.checkpoints[s.cp as usize].id.clone()).collect(),
+        checkpoints: stops.iter().map(|s| Text::new(&city.checkpoints[s.cp as usize].id)).collect(),
         revision: stops.len().saturating_sub(1) as u32,
     }
 }
