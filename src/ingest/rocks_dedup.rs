@@ -462,6 +462,22 @@ mod tests {
         Arc::new(crate::core::checkpoint::open_state_db(dir, Arc::new(AtomicI64::new(i64::MIN))).expect("opens"))
     }
 
+    #[test]
+    fn writes_come_in_the_byte_order_of_the_ids() {
+        let ids = ["b", "ab", "ab\u{0}", "ab\u{0}x", "abc", "0123456789abcdefX", "0123456789abcdef", "长ID", ""];
+        let values: Vec<(Text, (u64, i64))> = ids.iter().map(|id| (Text::from(*id), (1, 5))).collect();
+        let keys: Vec<Vec<u8>> = sorted_writes(values.iter().map(|(id, v)| (id, v)), 0)
+            .into_iter()
+            .map(|w| match w {
+                StateWrite::Put(key, _) => key,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let mut want: Vec<Vec<u8>> = ids.iter().map(|id| id_key(id)).collect();
+        want.sort();
+        assert_eq!(keys, want);
+    }
+
     fn items(ids: &[(&str, u64, i64)]) -> Vec<(Text, u64, i64)> {
         ids.iter().map(|(id, digest, ts)| (Text::from(*id), *digest, *ts)).collect()
     }
