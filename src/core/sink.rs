@@ -106,12 +106,20 @@ async fn write_loop(
                     coalesce_batch(&mut batch);
                 }
                 let batch = Arc::new(batch);
-                if let Some(kafka) = &mut outlets.kafka {
-                    kafka.send(&batch).await;
-                }
-                if !matches!(store, Store::Null) {
-                    write_with_retry(&store, &batch, &metrics).await;
-                }
+                // The Kafka messages are made and queued while the store writes: the store is
+                // polled first, so it has handed its work to the database (or SQLite's thread)
+                // before the Kafka encoding takes this one.
+                let to_kafka = async {
+                    if let Some(kafka) = &mut outlets.kafka {
+                        kafka.send(&batch).await;
+                    }
+                };
+                let to_store = async {
+                    if !matches!(store, Store::Null) {
+                        write_with_retry(&store, &batch, &metrics).await;
+                    }
+                };
+                tokio::join!(to_store, to_kafka);
                 if let Some(webhooks) = &outlets.webhooks {
                     enqueue_with_retry(webhooks, &batch.alerts).await;
                 }
