@@ -1,9 +1,9 @@
 //! A producer whose delivery reports are counted, not awaited one future per message: the
-//! output topics and the repartition topic send hundreds of thousands of messages a second, and
-//! a checkpoint only needs to know that none is still unacknowledged.
+//! output topics take hundreds of thousands of messages a second, and a checkpoint only needs
+//! to know that none is still unacknowledged.
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Message as _, OwnedHeaders};
+use rdkafka::message::{DeliveryResult, Message as _};
 use rdkafka::producer::{BaseRecord, Producer as _, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -66,20 +66,11 @@ impl CountingProducer {
 
     /// Hands one message to the producer, waiting while its queue is full; any other error is
     /// returned (nothing was queued then).
-    pub async fn send(
-        &self,
-        topic: &str,
-        key: &[u8],
-        value: Option<&[u8]>,
-        headers: Option<&OwnedHeaders>,
-    ) -> Result<(), KafkaError> {
+    pub async fn send(&self, topic: &str, key: &[u8], value: Option<&[u8]>) -> Result<(), KafkaError> {
         loop {
             let mut record = BaseRecord::<[u8], [u8]>::to(topic).key(key);
             if let Some(value) = value {
                 record = record.payload(value);
-            }
-            if let Some(headers) = headers {
-                record = record.headers(headers.clone());
             }
             // Counted before the send: its report may come before `send` returns.
             self.deliveries().outstanding.fetch_add(1, Ordering::AcqRel);

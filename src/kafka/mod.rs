@@ -8,7 +8,7 @@
 //!   Idempotent producer; each checkpoint barrier waits until everything before it is acknowledged.
 //! - `repartition.rs`: scale-out's internal topic, from the per-vehicle stage of each input
 //!   partition to the aggregate stage: the passes, what they were late for, and end markers.
-//! - `delivery.rs`: the producer both use, counting delivery reports instead of awaiting a
+//! - `delivery.rs`: the output producer, counting delivery reports instead of awaiting a
 //!   future per message.
 //! - `records.rs`: the messages: compactable keys, JSON values with a schema version, the epoch
 //!   (one per start of the service) and the row's revision.

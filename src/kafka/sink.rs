@@ -47,7 +47,7 @@ impl KafkaSink {
     }
 
     async fn queue(&self, topic: &str, key: &[u8], value: Option<&[u8]>) {
-        while let Err(e) = self.producer.send(topic, key, value, None).await {
+        while let Err(e) = self.producer.send(topic, key, value).await {
             self.ready.set(0);
             tracing::warn!(topic, error = %e, "producing to Kafka failed; retrying");
             tokio::time::sleep(RETRY_PAUSE).await;
