@@ -92,11 +92,6 @@ impl Driver {
         self.metrics.observe_checkpoint(started, checkpoint.created_at);
         self.metrics.state_pending_ids.set(self.engine.pending_state() as i64);
         let bytes: usize = checkpoint.engine.parts.iter().map(|(_, b)| b.bytes.len()).sum();
-        eprintln!(
-            "PARTS {:?} writes {}",
-            checkpoint.engine.parts.iter().map(|(n, b)| (n.as_str(), b.bytes.len())).collect::<Vec<_>>(),
-            checkpoint.engine.writes.len()
-        );
         tracing::debug!(
             checkpoint = id,
             took_ms = started.elapsed().as_millis() as u64,

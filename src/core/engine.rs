@@ -358,15 +358,13 @@ impl Engine {
         // threads: each takes about half of a large checkpoint.
         let (ingest, operators) = (&mut self.ingest, &mut self.operators);
         let (dedup, states) = std::thread::scope(|scope| {
-            let states = scope.spawn(move || {
-                operators.iter().map(|op| Ok((op.name(), op.snapshot()?))).collect::<anyhow::Result<Vec<_>>>()
-            });
+            let states =
+                scope.spawn(move || operators.iter().map(|op| op.snapshot()).collect::<anyhow::Result<Vec<_>>>());
             let dedup = ingest.dedup_mut().checkpoint(id);
             (dedup, states.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
         });
         let (dedup, writes) = dedup?;
-        let mut states = states?.into_iter();
-        let mut snapshot = self.snapshot_with(dedup, |_| Ok(states.next().expect("one state per operator").1))?;
+        let mut snapshot = self.snapshot_with(dedup, states?)?;
         snapshot.writes = writes;
         Ok(snapshot)
     }
@@ -379,7 +377,8 @@ impl Engine {
     /// The whole state in portable form, for a savepoint (call right after a checkpoint).
     pub fn export(&mut self) -> anyhow::Result<EngineSnapshot> {
         let dedup = self.ingest.dedup_mut().export()?;
-        self.snapshot_with(dedup, |op| op.export())
+        let states = self.operators.iter().map(|op| op.export()).collect::<anyhow::Result<_>>()?;
+        self.snapshot_with(dedup, states)
     }
 
     /// Alerts the sinks hold from after the restored checkpoint (see [`Operator::adopt_alerts`]).
@@ -395,20 +394,14 @@ impl Engine {
         self.ingest.dedup_pending()
     }
 
-    /// The core's parts and each operator's, as `part` gives it (its snapshot, or its export).
-    fn snapshot_with(
-        &self,
-        dedup: Vec<u8>,
-        mut part: impl FnMut(&dyn Operator) -> anyhow::Result<StateBlob>,
-    ) -> anyhow::Result<EngineSnapshot> {
+    /// The core's parts and each operator's state (`states`, in the order of the operators).
+    fn snapshot_with(&self, dedup: Vec<u8>, states: Vec<StateBlob>) -> anyhow::Result<EngineSnapshot> {
         let core = CoreState { watermarks: self.watermarks.clone(), stats: self.ingest.stats.clone() };
         let mut parts = vec![
             ("core".to_owned(), StateBlob { version: CORE_STATE_VERSION, bytes: serde_json::to_vec(&core)? }),
             ("dedup".to_owned(), StateBlob { version: DEDUP_STATE_VERSION, bytes: dedup }),
         ];
-        for op in &self.operators {
-            parts.push((op.name().to_owned(), part(op.as_ref())?));
-        }
+        parts.extend(self.operators.iter().map(|op| op.name().to_owned()).zip(states));
         Ok(EngineSnapshot { parts, writes: Vec::new() })
     }
 

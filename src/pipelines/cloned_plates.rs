@@ -117,7 +117,7 @@ pub struct ClonedPlates {
     span_ms: i64,
     seen: FxHashMap<VehicleKey, Vec<Seen>>,
     sweeps: Every,
-    /// The length of the last snapshot (see [`StateBlob::json`]).
+    /// The length of the last snapshot (see [`StateBlob::encode`]).
     snapshot_len: AtomicUsize,
 }
 

@@ -141,7 +141,7 @@ pub struct Congestion {
     /// complete (not checkpointed: a restore adopts them again from the store).
     rejudge: BTreeSet<(u32, i64)>,
     sweeps: Every,
-    /// The length of the last snapshot (see [`StateBlob::json`]).
+    /// The length of the last snapshot (see [`StateBlob::encode`]).
     snapshot_len: AtomicUsize,
 }
 

@@ -42,7 +42,7 @@ pub struct HighFrequency {
     days_of: LocalDays,
     threshold: u32,
     days: BTreeMap<NaiveDate, Day>,
-    /// The length of the last snapshot (see [`StateBlob::json`]).
+    /// The length of the last snapshot (see [`StateBlob::encode`]).
     snapshot_len: AtomicUsize,
 }
 

@@ -50,7 +50,7 @@ pub struct Trajectories {
     /// The watermark's minute (its number since the epoch) at the last emission (`None`: none
     /// since start or restore).
     emitted_minute: Option<i64>,
-    /// The length of the last snapshot (see [`StateBlob::json`]).
+    /// The length of the last snapshot (see [`StateBlob::encode`]).
     snapshot_len: AtomicUsize,
 }
 
