@@ -131,9 +131,9 @@ pub struct AlertRow {
 /// a vehicle's passes of one local day in time order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrajectoryRow {
-    pub plate: Arc<str>,
+    pub plate: Text,
     pub plate_color: u8,
-    pub day: String,
+    pub day: Text,
     pub times: Vec<i64>,
     pub checkpoints: Vec<Text>,
     pub revision: u32,

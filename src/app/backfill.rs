@@ -105,7 +105,7 @@ fn keep_day(b: &mut ResultBatch, day: &str, start: i64, end: i64) {
     b.area_congestion.retain(|r| within(r.window_start) && !r.is_retraction());
     b.top_n.retain(|w| w.window_end > start && w.window_end <= end && !w.entries.is_empty());
     b.high_frequency.retain(|r| r.day == day);
-    b.trajectories.retain(|r| r.day == day);
+    b.trajectories.retain(|r| &*r.day == day);
     b.restriction_violations.retain(|r| r.day == day);
     b.restriction_summary.retain(|r| r.day == day);
     b.alerts.retain(|a| within(a.ts));

@@ -166,7 +166,7 @@ fn upsert(table: &mut Table, origins: &mut Origins, engine: &mut Engine, late: &
         }
     }
     for r in out.trajectories {
-        let key = (r.plate.to_string(), r.plate_color, r.day.clone());
+        let key = (r.plate.to_string(), r.plate_color, r.day.to_string());
         if origins.trajectories.get(&key).is_none_or(|(rev, _)| *rev <= r.revision) {
             origins.trajectories.insert(key, (r.revision, r.times));
         }

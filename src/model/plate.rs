@@ -99,6 +99,10 @@ impl Plate {
         self.text.as_str()
     }
 
+    pub fn text(&self) -> &Text {
+        &self.text
+    }
+
     /// The province abbreviation, when the plate starts with one.
     pub fn province(&self) -> Option<char> {
         self.as_str().chars().next().filter(|c| PROVINCES.contains(c))

@@ -100,54 +100,43 @@ struct Raised {
     revision: u32,
 }
 
-pub struct ClonedPlates {
+/// Checkpoint distances, one lookup each: a table for cities of up to this many checkpoints
+/// (8 MB of distances), computed on the fly beyond.
+const DISTANCE_TABLE_MAX: usize = 1024;
+
+/// What judging a pair of passes takes: the rule, the distances and the known clock skews.
+struct Judge {
     city: Arc<City>,
     rule: ClonedPlateRule,
-    skews: Arc<ClockSkews>,
-    /// The skews as of `judged_generation` (read once per change, not per pass), and the
-    /// largest of them.
-    known_skews: BTreeMap<u32, i64>,
+    /// `distances[a * n + b]`: the distance in metres between checkpoints a and b (empty for
+    /// cities beyond [`DISTANCE_TABLE_MAX`]).
+    distances: Vec<f64>,
+    /// Each checkpoint's known clock skew, ms, as of the skews' generation last read.
+    skews: Vec<i64>,
+    /// The largest of them.
     largest_skew: i64,
-    /// The skews' generation last read.
-    judged_generation: u64,
-    /// New skews were read: raised alerts are judged again at the next watermark.
-    rejudge: bool,
-    raised: BTreeMap<String, Raised>,
-    /// Passes further apart in time than this never conflict.
-    span_ms: i64,
-    seen: FxHashMap<VehicleKey, Vec<Seen>>,
-    sweeps: Every,
-    /// The length of the last snapshot (see [`StateBlob::encode`]).
-    snapshot_len: AtomicUsize,
 }
 
-impl ClonedPlates {
-    pub fn new(city: &Arc<City>, rule: ClonedPlateRule, skews: Arc<ClockSkews>) -> ClonedPlates {
-        let points: Vec<(f64, f64)> = city.checkpoints.iter().map(|c| (c.lon, c.lat)).collect();
-        let longest = points
-            .iter()
-            .enumerate()
-            .flat_map(|(i, a)| points[i + 1..].iter().map(move |b| haversine_m(*a, *b)))
-            .fold(0.0f64, f64::max);
-        let span_s = (longest / (rule.max_speed_kmh / 3.6) - rule.clock_tolerance_s).max(0.0);
-        ClonedPlates {
-            city: city.clone(),
-            rule,
-            span_ms: (span_s * 1000.0).ceil() as i64 + 1,
-            skews,
-            known_skews: BTreeMap::new(),
-            largest_skew: 0,
-            judged_generation: 0,
-            rejudge: false,
-            raised: BTreeMap::new(),
-            seen: FxHashMap::default(),
-            sweeps: Every::new(SWEEP_EVERY_MS),
-            snapshot_len: AtomicUsize::new(0),
-        }
+impl Judge {
+    fn new(city: &Arc<City>, rule: ClonedPlateRule) -> Judge {
+        let n = city.checkpoints.len();
+        let point = |i: usize| (city.checkpoints[i].lon, city.checkpoints[i].lat);
+        let distances = match n <= DISTANCE_TABLE_MAX {
+            true => (0..n * n).map(|i| haversine_m(point(i / n), point(i % n))).collect(),
+            false => Vec::new(),
+        };
+        Judge { city: city.clone(), rule, distances, skews: vec![0; n], largest_skew: 0 }
     }
 
-    fn horizon(&self, watermark: i64, lateness_ms: i64) -> i64 {
-        watermark.saturating_sub(lateness_ms).saturating_sub(self.span_ms)
+    fn distance_m(&self, a: u32, b: u32) -> f64 {
+        let n = self.skews.len();
+        match self.distances.get(a as usize * n + b as usize) {
+            Some(d) => *d,
+            None => {
+                let (ca, cb) = (&self.city.checkpoints[a as usize], &self.city.checkpoints[b as usize]);
+                haversine_m((ca.lon, ca.lat), (cb.lon, cb.lat))
+            }
+        }
     }
 
     /// The pass's time with its camera's known clock skew taken off.
@@ -156,31 +145,28 @@ impl ClonedPlates {
     }
 
     fn skew(&self, checkpoint: u32) -> i64 {
-        self.known_skews.get(&checkpoint).copied().unwrap_or(0)
+        self.skews[checkpoint as usize]
     }
 
-    /// Takes in skews found since the last look (and marks the raised alerts for judging).
-    fn refresh_skews(&mut self) {
-        let generation = self.skews.generation();
-        if generation == self.judged_generation {
-            return;
+    /// Takes in the skews known now.
+    fn set_skews(&mut self, known: &BTreeMap<u32, i64>) {
+        self.skews.iter_mut().for_each(|s| *s = 0);
+        for (cp, skew) in known {
+            if let Some(s) = self.skews.get_mut(*cp as usize) {
+                *s = *skew;
+            }
         }
-        self.judged_generation = generation;
-        self.known_skews = self.skews.all();
-        self.largest_skew = self.known_skews.values().map(|s| s.abs()).max().unwrap_or(0);
-        self.rejudge = true;
+        self.largest_skew = self.skews.iter().map(|s| s.abs()).max().unwrap_or(0);
     }
 
     /// Whether two passes of one vehicle conflict, on skew-corrected times.
     fn conflicting(&self, a: &Seen, b: &Seen) -> bool {
-        let (ca, cb) = (&self.city.checkpoints[a.cp as usize], &self.city.checkpoints[b.cp as usize]);
-        self.rule.conflicts(haversine_m((ca.lon, ca.lat), (cb.lon, cb.lat)), self.true_ts(a) - self.true_ts(b))
+        self.rule.conflicts(self.distance_m(a.cp, b.cp), self.true_ts(a) - self.true_ts(b))
     }
 
     fn alert(&self, vehicle: &VehicleKey, a: &Seen, b: &Seen) -> AlertRow {
         let (first, later) = if (a.ts, a.pass_id.as_bytes()) <= (b.ts, b.pass_id.as_bytes()) { (a, b) } else { (b, a) };
-        let (ca, cb) = (&self.city.checkpoints[a.cp as usize], &self.city.checkpoints[b.cp as usize]);
-        let distance = haversine_m((ca.lon, ca.lat), (cb.lon, cb.lat));
+        let distance = self.distance_m(a.cp, b.cp);
         let dt = self.true_ts(later) - self.true_ts(first);
         let corrections: BTreeMap<&str, f64> = [a, b]
             .iter()
@@ -222,6 +208,60 @@ impl ClonedPlates {
     }
 }
 
+pub struct ClonedPlates {
+    judge: Judge,
+    skews: Arc<ClockSkews>,
+    /// The skews' generation last read (skews are read once per change, not per pass).
+    judged_generation: u64,
+    /// New skews were read: raised alerts are judged again at the next watermark.
+    rejudge: bool,
+    raised: BTreeMap<String, Raised>,
+    /// Passes further apart in time than this never conflict.
+    span_ms: i64,
+    seen: FxHashMap<VehicleKey, Vec<Seen>>,
+    /// The partners of the pass being judged (kept to reuse its allocation).
+    partners: Vec<Seen>,
+    sweeps: Every,
+    /// The length of the last snapshot (see [`StateBlob::encode`]).
+    snapshot_len: AtomicUsize,
+}
+
+impl ClonedPlates {
+    pub fn new(city: &Arc<City>, rule: ClonedPlateRule, skews: Arc<ClockSkews>) -> ClonedPlates {
+        let judge = Judge::new(city, rule);
+        let n = city.checkpoints.len() as u32;
+        let longest = (0..n).flat_map(|a| (a + 1..n).map(move |b| (a, b))).map(|(a, b)| judge.distance_m(a, b));
+        let span_s = (longest.fold(0.0f64, f64::max) / (rule.max_speed_kmh / 3.6) - rule.clock_tolerance_s).max(0.0);
+        ClonedPlates {
+            judge,
+            span_ms: (span_s * 1000.0).ceil() as i64 + 1,
+            skews,
+            judged_generation: 0,
+            rejudge: false,
+            raised: BTreeMap::new(),
+            seen: FxHashMap::default(),
+            partners: Vec::new(),
+            sweeps: Every::new(SWEEP_EVERY_MS),
+            snapshot_len: AtomicUsize::new(0),
+        }
+    }
+
+    fn horizon(&self, watermark: i64, lateness_ms: i64) -> i64 {
+        watermark.saturating_sub(lateness_ms).saturating_sub(self.span_ms)
+    }
+
+    /// Takes in skews found since the last look (and marks the raised alerts for judging).
+    fn refresh_skews(&mut self) {
+        let generation = self.skews.generation();
+        if generation == self.judged_generation {
+            return;
+        }
+        self.judged_generation = generation;
+        self.judge.set_skews(&self.skews.all());
+        self.rejudge = true;
+    }
+}
+
 /// The id of the alert for a pair of passes: a hash of both ids in byte order.
 pub fn pair_id(a: &str, b: &str) -> String {
     let (lo, hi) = if a.as_bytes() <= b.as_bytes() { (a, b) } else { (b, a) };
@@ -245,6 +285,9 @@ impl Operator for ClonedPlates {
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         self.refresh_skews();
         let horizon = self.horizon(ctx.watermark, ctx.allowed_lateness_ms);
+        // Skew corrections can bring passes further apart on their cameras' clocks together.
+        let span = self.span_ms + 2 * self.judge.largest_skew;
+        let mut partners = std::mem::take(&mut self.partners);
         for (i, pass) in passes.iter().enumerate() {
             let Some(vehicle) = pass.vehicle() else { continue };
             // The partners of a pass this late may already be forgotten.
@@ -253,19 +296,26 @@ impl Operator for ClonedPlates {
                 continue;
             }
             let x = Seen::of(pass);
-            let mut found = Vec::new();
-            // Skew corrections can bring passes further apart on their cameras' clocks together.
-            let span = self.span_ms + 2 * self.largest_skew;
-            if let Some(list) = self.seen.get(&vehicle) {
-                let from = list.partition_point(|s| s.ts <= x.ts - span);
-                for y in list[from..].iter().take_while(|s| s.ts < x.ts + span) {
-                    // The same pass again has the same time (a resend with another is refused).
-                    if (y.ts != x.ts || y.pass_id != x.pass_id) && self.conflicting(&x, y) {
-                        found.push((self.alert(&vehicle, &x, y), y.clone()));
-                    }
+            // One look-up of the vehicle's passes: judged against, then joined.
+            let list = self.seen.entry(vehicle).or_default();
+            let from = list.partition_point(|s| s.ts <= x.ts - span);
+            for y in list[from..].iter().take_while(|s| s.ts < x.ts + span) {
+                // The same pass again has the same time (a resend with another is refused).
+                if (y.ts != x.ts || y.pass_id != x.pass_id) && self.judge.conflicting(&x, y) {
+                    partners.push(y.clone());
                 }
             }
-            for (mut alert, y) in found {
+            let old = list.partition_point(|s| s.ts < horizon);
+            list.drain(..old);
+            let at = list.partition_point(|s| s.ts <= x.ts);
+            if partners.is_empty() {
+                list.insert(at, x);
+                continue;
+            }
+            list.insert(at, x.clone());
+            let vehicle = pass.vehicle().expect("a readable plate, as above");
+            for y in partners.drain(..) {
+                let mut alert = self.judge.alert(&vehicle, &x, &y);
                 // Found again (the input replayed after a restart): the same alert, or raised
                 // again above the revision that retracted it.
                 alert.revision = match self.raised.get(&alert.alert_id) {
@@ -284,12 +334,8 @@ impl Operator for ClonedPlates {
                 self.raised.insert(alert.alert_id.clone(), raised);
                 ctx.out.alerts.push(alert);
             }
-            let list = self.seen.entry(vehicle).or_default();
-            let at = list.partition_point(|s| s.ts <= x.ts);
-            list.insert(at, x);
-            let old = list.partition_point(|s| s.ts < horizon);
-            list.drain(..old);
         }
+        self.partners = partners;
     }
 
     fn on_watermark(&mut self, ctx: &mut Context<'_>) {
@@ -299,7 +345,7 @@ impl Operator for ClonedPlates {
             let gone: Vec<String> = self
                 .raised
                 .iter()
-                .filter(|(_, r)| r.active && !self.conflicting(&r.a, &r.b))
+                .filter(|(_, r)| r.active && !self.judge.conflicting(&r.a, &r.b))
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in gone {
@@ -308,7 +354,7 @@ impl Operator for ClonedPlates {
                 r.revision += 1;
                 let r = r.clone();
                 let Some(vehicle) = VehicleKey::from_stored(&r.plate, r.color) else { continue };
-                let mut alert = self.alert(&vehicle, &r.a, &r.b);
+                let mut alert = self.judge.alert(&vehicle, &r.a, &r.b);
                 alert.status = "retracted";
                 alert.revision = r.revision;
                 ctx.out.alerts.push(alert);
@@ -338,8 +384,8 @@ impl Operator for ClonedPlates {
             let (Some(plate), Some(color)) = (alert.plate.as_deref(), alert.plate_color) else { continue };
             let Ok(details) = serde_json::from_str::<serde_json::Value>(&alert.details) else { continue };
             let passes = (
-                Seen::described(&self.city, &details["passes"][0]),
-                Seen::described(&self.city, &details["passes"][1]),
+                Seen::described(&self.judge.city, &details["passes"][0]),
+                Seen::described(&self.judge.city, &details["passes"][1]),
             );
             let (Some(a), Some(b)) = passes else { continue };
             let (active, revision) = (alert.status == "active", alert.revision);
@@ -357,7 +403,7 @@ impl Operator for ClonedPlates {
     fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
         let (stored, raised): (Vec<(String, u8, Vec<Seen>)>, BTreeMap<String, Raised>) =
             blob.decode(self.name(), STATE_VERSION, JSON_STATE_VERSION)?;
-        let n = self.city.checkpoints.len();
+        let n = self.judge.city.checkpoints.len();
         anyhow::ensure!(
             stored.iter().flat_map(|s| &s.2).all(|p| (p.cp as usize) < n),
             "cloned_plate state names a checkpoint this city does not have"

@@ -15,7 +15,7 @@ use crate::reference::City;
 use crate::results::TrajectoryRow;
 use chrono::NaiveDate;
 use chrono_tz::Tz;
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicUsize;
@@ -36,11 +36,20 @@ struct Stop {
     cp: u32,
 }
 
+/// A vehicle's passes of a day.
+#[derive(Default)]
+struct Track {
+    stops: Vec<Stop>,
+    /// Changed since it was last written (and listed in [`Day::dirty`]).
+    dirty: bool,
+}
+
 #[derive(Default)]
 struct Day {
     end: i64,
-    vehicles: FxHashMap<VehicleKey, Vec<Stop>>,
-    dirty: FxHashSet<VehicleKey>,
+    vehicles: FxHashMap<VehicleKey, Track>,
+    /// The vehicles changed since they were last written, once each.
+    dirty: Vec<VehicleKey>,
 }
 
 pub struct Trajectories {
@@ -70,19 +79,21 @@ impl Trajectories {
             if d.dirty.is_empty() {
                 continue;
             }
-            let day = day.to_string();
-            for vehicle in d.dirty.drain() {
-                out.push(trajectory_row(&self.city, &day, &vehicle, &d.vehicles[&vehicle]));
+            let day = Text::new(&day.to_string());
+            for vehicle in d.dirty.drain(..) {
+                let Some(track) = d.vehicles.get_mut(&vehicle) else { continue };
+                track.dirty = false;
+                out.push(trajectory_row(&self.city, &day, &vehicle, &track.stops));
             }
         }
     }
 }
 
-fn trajectory_row(city: &City, day: &str, vehicle: &VehicleKey, stops: &[Stop]) -> TrajectoryRow {
+fn trajectory_row(city: &City, day: &Text, vehicle: &VehicleKey, stops: &[Stop]) -> TrajectoryRow {
     TrajectoryRow {
-        plate: vehicle.plate.as_str().into(),
+        plate: vehicle.plate.text().clone(),
         plate_color: vehicle.color.code(),
-        day: day.to_owned(),
+        day: day.clone(),
         times: stops.iter().map(|s| s.ts).collect(),
         checkpoints: stops.iter().map(|s| Text::new(&city.checkpoints[s.cp as usize].id)).collect(),
         revision: stops.len().saturating_sub(1) as u32,
@@ -108,10 +119,13 @@ impl Operator for Trajectories {
             }
             let stop = Stop { ts: pass.ts.ms(), tie: fnv1a64(pass.pass_id.as_bytes()), cp: pass.checkpoint.0 };
             let d = self.days.entry(day).or_insert_with(|| Day { end, ..Day::default() });
-            let stops = d.vehicles.entry(vehicle.clone()).or_default();
-            if let Err(at) = stops.binary_search(&stop) {
-                stops.insert(at, stop);
-                d.dirty.insert(vehicle);
+            let track = d.vehicles.entry(vehicle).or_default();
+            if let Err(at) = track.stops.binary_search(&stop) {
+                track.stops.insert(at, stop);
+                if !track.dirty {
+                    track.dirty = true;
+                    d.dirty.push(pass.vehicle().expect("a readable plate, as above"));
+                }
             }
         }
     }
@@ -134,9 +148,7 @@ impl Operator for Trajectories {
         // Written straight from the maps, in the shape of `StoredDay`.
         let days = self.days.iter().map(|(day, d)| StoredDayRef {
             day,
-            vehicles: SeqOf::new(
-                d.vehicles.iter().map(|(v, stops)| (v.plate.as_str(), v.color.code(), stops, d.dirty.contains(v))),
-            ),
+            vehicles: SeqOf::new(d.vehicles.iter().map(|(v, t)| (v.plate.as_str(), v.color.code(), &t.stops, t.dirty))),
         });
         StateBlob::encode(STATE_VERSION, &SeqOf::new(days), &self.snapshot_len)
     }
@@ -156,9 +168,9 @@ impl Operator for Trajectories {
             for (plate, color, stops, dirty) in s.vehicles {
                 let Some(vehicle) = VehicleKey::from_stored(&plate, color) else { continue };
                 if dirty {
-                    d.dirty.insert(vehicle.clone());
+                    d.dirty.push(vehicle.clone());
                 }
-                d.vehicles.insert(vehicle, stops);
+                d.vehicles.insert(vehicle, Track { stops, dirty });
             }
         }
         Ok(())
@@ -231,7 +243,7 @@ mod tests {
         let (rows, _) =
             run(&mut op, &[p(0, MIDNIGHT - 60_000), p(0, MIDNIGHT + 1_000), p(1, MIDNIGHT + 61_500)], i64::MIN);
         assert_eq!(rows.len(), 2, "one row for each local day");
-        let today = rows.iter().find(|r| r.day == "2026-03-02").unwrap();
+        let today = rows.iter().find(|r| &*r.day == "2026-03-02").unwrap();
         assert_eq!(today.times, vec![MIDNIGHT + 1_000, MIDNIGHT + 61_500]);
         assert_eq!(today.intervals_s(), vec![60.5]);
         // Two hours later a pass between the two arrives: it is put in its place.
