@@ -85,6 +85,12 @@ fn service_config(dir: &Path, day: &Path, brokers: &str) -> Config {
 
 /// Every message of `topic` from the start: (key, value).
 fn read_topic(brokers: &str, topic: &str) -> Vec<(String, Option<String>)> {
+    read_topic_until_quiet(brokers, topic, Duration::from_secs(2))
+}
+
+/// Every message of `topic` from the start to its end offsets, and on until nothing more has
+/// come for `quiet`: (key, value; binary values as lossy text).
+fn read_topic_until_quiet(brokers: &str, topic: &str, quiet: Duration) -> Vec<(String, Option<String>)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "test-reader")
@@ -106,13 +112,13 @@ fn read_topic(brokers: &str, topic: &str) -> Vec<(String, Option<String>)> {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut quiet_since = std::time::Instant::now();
     // To the end offsets, and on until nothing more comes for a while.
-    while next.iter().any(|(p, n)| *n < ends[p]) || quiet_since.elapsed() < Duration::from_secs(2) {
+    while next.iter().any(|(p, n)| *n < ends[p]) || quiet_since.elapsed() < quiet {
         assert!(std::time::Instant::now() < deadline, "topic {topic} not read to its end in time");
         if let Some(m) = consumer.poll(Duration::from_millis(200)) {
             quiet_since = std::time::Instant::now();
             let m = m.unwrap();
             next.insert(m.partition(), m.offset() + 1);
-            let text = |b: Option<&[u8]>| b.map(|b| String::from_utf8(b.to_vec()).unwrap());
+            let text = |b: Option<&[u8]>| b.map(|b| String::from_utf8_lossy(b).into_owned());
             out.push((text(m.key()).unwrap(), text(m.payload())));
         }
     }
@@ -414,7 +420,9 @@ fn start_instance(config: &Config, api_port: u16, file: &Path) -> std::process::
     let stderr = match std::env::var("PASSFLOW_TEST_LOGS") {
         Ok(dir) => {
             let name = format!("{}-{api_port}.log", file.file_stem().unwrap().to_string_lossy());
-            std::process::Stdio::from(std::fs::File::create(Path::new(&dir).join(name)).unwrap())
+            // Appended: an instance started again on the same port keeps its first run's log.
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(Path::new(&dir).join(name));
+            std::process::Stdio::from(log.unwrap())
         }
         Err(_) => std::process::Stdio::piped(),
     };
@@ -428,8 +436,9 @@ fn start_instance(config: &Config, api_port: u16, file: &Path) -> std::process::
         .unwrap()
 }
 
-/// Waits for a bounded run to end well (its stderr in the failure message otherwise).
-async fn wait_success(child: std::process::Child, what: &str) {
+/// Waits for a bounded run to end well (its stderr in the failure message otherwise); returns
+/// its stderr.
+async fn wait_success(child: std::process::Child, what: &str) -> String {
     let pid = child.id();
     let waited =
         tokio::time::timeout(Duration::from_secs(300), tokio::task::spawn_blocking(move || child.wait_with_output()))
@@ -439,7 +448,9 @@ async fn wait_success(child: std::process::Child, what: &str) {
         panic!("{what} did not end within 300 s");
     };
     let out = out.unwrap().unwrap();
-    assert!(out.status.success(), "{what} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{what} failed:\n{stderr}");
+    stderr
 }
 
 /// Scale-out: the instances of one consumer group share the input partitions (a per-vehicle
@@ -505,6 +516,91 @@ async fn two_and_three_instances_in_one_group_give_the_tables_of_one() {
         }
         check_tables(&config, &want).await;
     }
+}
+
+/// Scale-out with a state topic: two instances without a shared `state.dir` (as on two
+/// machines). The first is killed mid-stream and started again on an empty `state.dir` (a new
+/// machine): its partitions (and perhaps the aggregate stage) go to the second, which takes
+/// their state from the topic, and partitions come back, their state taken from the topic
+/// again. The tables equal one instance's.
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_on_separate_state_dirs_move_partition_state_through_the_state_topic() {
+    let day = small_day();
+    let work = tempfile::tempdir().unwrap();
+    let want = replayed_tables(work.path()).await;
+    let (_broker, brokers) = Tansu::start();
+    let dir = work.path().join("machines");
+    let mut config = service_config(&dir, day, &brokers);
+    config.kafka.input.topic = "passes-moved".into();
+    config.kafka.input.group_id = "moved".into();
+    config.kafka.input.max_batch = 50;
+    config.kafka.output.enabled = false;
+    config.kafka.scale_out.enabled = true;
+    config.kafka.scale_out.repartition_topic = "repartition-moved".into();
+    config.kafka.scale_out.state_topic = Some("state-moved".into());
+    config.kafka.scale_out.state_publish_interval = passflow::config::HumanDuration(Duration::from_millis(500));
+    config.kafka.client.insert("max.poll.interval.ms".into(), "10000".into());
+    config.core.idle_timeout = passflow::config::HumanDuration(Duration::from_secs(600));
+    create(&brokers, &[("passes-moved", 4), ("repartition-moved", 1), ("state-moved", 1)]).await;
+    let records = produce_day_to(&brokers, "passes-moved", &day.join("passes.jsonl")).await as u64;
+    std::fs::create_dir_all(&dir).unwrap();
+    let machine = |i: usize| {
+        let mut config = config.clone();
+        config.state.dir = dir.join(format!("state-{i}"));
+        config
+    };
+    let ports = [free_port(), free_port()];
+    let file = |i: usize| dir.join(format!("instance-{i}.toml"));
+    let mut first = start_instance(&machine(0), ports[0], &file(0));
+    let second = start_instance(&machine(1), ports[1], &file(1));
+    wait_for_records(ports[0], &mut first).await;
+    // Killed once it has published states, while records are still to come.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let published = || read_topic_until_quiet(&brokers, "state-moved", Duration::ZERO);
+    while !published().iter().any(|(k, v)| k.starts_with("partition-") && !k.contains('/') && v.is_some()) {
+        assert!(std::time::Instant::now() < deadline, "no state published within 120 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The second is held from here until the first is back (so that it cannot read the day
+    // to its end meanwhile): stopped, then stopped 3 s of every 4 while the first joins again
+    // (a group join takes Tansu some 20 s), inside its 6 s session timeout.
+    let read = received(ports[0]).await.unwrap_or(0) + received(ports[1]).await.unwrap_or(0);
+    assert!(read < records, "the day was read ({read} of {records} records) before the first instance was killed");
+    // (A stopped instance's API does not answer: nothing asks it until it runs again.)
+    let held = second.id();
+    signal(held, "-STOP");
+    first.kill().unwrap();
+    let _ = first.wait();
+    std::fs::remove_dir_all(dir.join("state-0")).unwrap();
+    let mut first = start_instance(&machine(0), ports[0], &file(0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while received(ports[0]).await.unwrap_or(0) == 0 && first.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "the restarted instance read no record within 180 s");
+        signal(held, "-CONT");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        signal(held, "-STOP");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    signal(held, "-CONT");
+    let mut logs = wait_success(first, "the restarted first instance").await;
+    logs.push_str(&wait_success(second, "the second").await);
+    if let Ok(kept) = std::env::var("PASSFLOW_TEST_LOGS") {
+        for (i, port) in ports.iter().enumerate() {
+            logs.push_str(&std::fs::read_to_string(Path::new(&kept).join(format!("instance-{i}-{port}.log"))).unwrap());
+        }
+    }
+    check_tables(&config, &want).await;
+    assert!(
+        logs.contains("state taken from the state topic"),
+        "no instance took a partition's state from the state topic"
+    );
+    let published: BTreeSet<String> = read_topic(&brokers, "state-moved")
+        .into_iter()
+        .filter(|(k, v)| !k.contains('/') && v.is_some())
+        .map(|(k, _)| k)
+        .collect();
+    let tasks = ["aggregate", "partition-0", "partition-1", "partition-2", "partition-3"];
+    assert_eq!(published, tasks.into_iter().map(String::from).collect(), "every task's state is published");
 }
 
 #[tokio::test(flavor = "multi_thread")]

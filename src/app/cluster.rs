@@ -17,9 +17,19 @@
 //!   stage's watermark is the minimum over the input partitions, as on one instance; a pass a
 //!   restarted task forwards again is deduplicated like any resend.
 //!
-//! `state.dir` is shared by the instances (one machine, or a shared volume): the RocksDB lock of
-//! a task's state keeps two instances from running the same partition at once (an instance
-//! given a partition waits until the one that had it has let go).
+//! Where a task's state lives when its partition moves:
+//!
+//! - **A state topic** (`kafka.scale_out.state_topic`): every task publishes its state there at
+//!   each checkpoint (see `crate::kafka::StateTopic`), and an instance given a partition takes
+//!   the published state when it has read further than what its own `state.dir` holds. Each
+//!   instance has a `state.dir` of its own, on any machine. An instance that gets a partition
+//!   before its last owner has published its final state resumes from the one before and reads
+//!   the records since again: results are idempotent and the aggregate stage deduplicates the
+//!   passes forwarded twice. A bounded run's instances learn that the aggregate stage has
+//!   finished from its published state.
+//! - **Without one**, `state.dir` is shared by the instances (one machine, or a shared volume):
+//!   the RocksDB lock of a task's state keeps two instances from running the same partition at
+//!   once (an instance given a partition waits until the one that had it has let go).
 //!
 //! A bounded run (`kafka.input.bounded`): a task forwards an end marker once its partition has
 //! been read to the end and checkpointed there; the aggregate stage closes every window once it has every input
@@ -33,7 +43,7 @@ use crate::config::Config;
 use crate::core::checkpoint::{Checkpoint, CheckpointStore};
 use crate::core::sink::{SinkHandle, QUEUE_BATCHES};
 use crate::core::{Clocks, Engine, Record};
-use crate::kafka::{Fetched, Forwarder, KafkaPosition, KafkaSource, Repartitioned};
+use crate::kafka::{Fetched, Forwarder, KafkaPosition, KafkaSource, Repartitioned, StateTopic};
 use crate::metrics::Metrics;
 use crate::pipelines::{WatchList, PER_VEHICLE};
 use crate::reference::City;
@@ -46,8 +56,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
+/// How often an instance that has read its partitions of a bounded input looks in the state
+/// topic for the aggregate stage's end.
+const FINISH_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// How long an instance waits for another to let go of a partition's state.
 const LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// What the stages send to Kafka besides results: the passes for the aggregate stage, and
+/// the tasks' states (with a state topic).
+struct Producers {
+    forwarder: Forwarder,
+    states: Option<StateTopic>,
+}
 
 /// One input partition's per-vehicle task.
 struct Task {
@@ -90,10 +110,14 @@ pub struct Shared {
 impl Shared {
     /// Opens the state in `dir` for an engine of the operators `select` leaves, waiting while
     /// another instance still holds it.
+    /// `published`: the task's state from the state topic, taken instead of the one in `dir`
+    /// when it has read further (`progress`: the offset its position has reached).
     async fn open_state(
         &self,
         dir: &Path,
         select: impl FnOnce(&mut Engine),
+        published: Option<Checkpoint>,
+        progress: impl Fn(&Checkpoint) -> Option<i64>,
     ) -> anyhow::Result<(Engine, CheckpointStore, Option<Checkpoint>, u64)> {
         let started = Instant::now();
         let checkpoints = loop {
@@ -111,18 +135,40 @@ impl Shared {
         let live = self.config.kafka.input.wall_clock;
         let mut engine = build_engine(&self.config, &self.city, live, Some(&checkpoints), &self.watchlist)?;
         select(&mut engine);
-        let latest = checkpoints.latest()?;
-        if let Some(latest) = &latest {
-            engine.restore(&latest.engine).with_context(|| format!("restoring {}", dir.display()))?;
-        }
-        let next_id = checkpoints.ids()?.last().map_or(1, |id| id + 1);
+        let local = checkpoints.latest()?;
+        let mut next_id = checkpoints.ids()?.last().map_or(1, |id| id + 1);
+        let latest = match (local, published) {
+            (local, Some(published)) if progress(&published) > local.as_ref().and_then(&progress) => {
+                engine
+                    .restore(&published.engine)
+                    .with_context(|| format!("restoring {}'s published state", dir.display()))?;
+                // Made this instance's own checkpoint at once (a crash now resumes from it).
+                let adopted = Checkpoint {
+                    id: next_id,
+                    created_at: chrono::Utc::now().timestamp_millis(),
+                    source: published.source,
+                    engine: engine.snapshot(next_id)?,
+                };
+                checkpoints.save(&adopted)?;
+                engine.committed(next_id);
+                next_id += 1;
+                tracing::info!(dir = %dir.display(), "state taken from the state topic");
+                Some(adopted)
+            }
+            (Some(local), _) => {
+                engine.restore(&local.engine).with_context(|| format!("restoring {}", dir.display()))?;
+                Some(local)
+            }
+            (None, _) => None,
+        };
         Ok((engine, checkpoints, latest, next_id))
     }
 
-    async fn open_task(&self, partition: i32) -> anyhow::Result<Task> {
-        let dir = self.config.state.dir.join(format!("partition-{partition}"));
+    async fn open_task(&self, partition: i32, published: Option<Checkpoint>) -> anyhow::Result<Task> {
+        let dir = self.config.state.dir.join(task_key(partition));
+        let progress = |c: &Checkpoint| task_offset(c, partition);
         let (mut engine, checkpoints, latest, next_id) =
-            self.open_state(&dir, |e| e.keep_operators(&PER_VEHICLE)).await?;
+            self.open_state(&dir, |e| e.keep_operators(&PER_VEHICLE), published, progress).await?;
         engine.forward_passes();
         engine.assign(partition as u32, wall_ms());
         let next = match latest {
@@ -137,10 +183,15 @@ impl Shared {
         Ok(Task { engine, checkpoints, next_id, next, ended: false })
     }
 
-    async fn open_aggregate(&self, input_partitions: usize) -> anyhow::Result<Aggregate> {
-        let dir = self.config.state.dir.join("aggregate");
+    async fn open_aggregate(
+        &self,
+        input_partitions: usize,
+        published: Option<Checkpoint>,
+    ) -> anyhow::Result<Aggregate> {
+        let dir = self.config.state.dir.join(AGGREGATE_KEY);
+        let progress = |c: &Checkpoint| aggregate_offset(c);
         let (mut engine, checkpoints, latest, next_id) =
-            self.open_state(&dir, |e| e.drop_operators(&PER_VEHICLE)).await?;
+            self.open_state(&dir, |e| e.drop_operators(&PER_VEHICLE), published, progress).await?;
         // Every input partition holds the watermark back until it has data or has been idle.
         for p in 0..input_partitions {
             engine.assign(p as u32, wall_ms());
@@ -194,12 +245,13 @@ pub async fn pipeline(
         "the repartition topic {} has {repartition_partitions} partitions; the aggregate stage needs exactly one",
         kafka.scale_out.repartition_topic
     );
-    let mut forwarder = Forwarder::open(kafka)?;
+    let mut producers = Producers { forwarder: Forwarder::open(kafka)?, states: StateTopic::open(kafka)? };
     let metrics = shared.metrics.clone();
     let mut tasks: BTreeMap<i32, Task> = BTreeMap::new();
     let mut aggregate: Option<Aggregate> = None;
     let mut last_checkpoint = Instant::now();
     let mut aggregate_busy = false;
+    let mut finish_checked: Option<Instant> = None;
     let interval = config.core.checkpoint_interval.0;
 
     while !*stopped.borrow() {
@@ -214,13 +266,14 @@ pub async fn pipeline(
         let polled = tokio::task::block_in_place(|| input.poll(wait))?;
         for p in polled.revoked.iter().filter(|p| !polled.assigned.contains(p)) {
             if let Some(mut task) = tasks.remove(p) {
-                checkpoint_tasks(&shared, &mut forwarder, &mut [(*p, &mut task)]).await?;
+                checkpoint_tasks(&shared, &mut producers, &mut [(*p, &mut task)], true).await?;
                 tracing::info!(partition = p, "partition revoked: checkpointed and let go");
             }
         }
         for p in &polled.assigned {
             if !tasks.contains_key(p) {
-                tasks.insert(*p, shared.open_task(*p).await?);
+                let published = read_published(&mut producers.states, &task_key(*p))?;
+                tasks.insert(*p, shared.open_task(*p, published).await?);
             }
             if let Some(next) = tasks[p].next {
                 input.resume_at(*p, next);
@@ -247,18 +300,18 @@ pub async fn pipeline(
                 None => task.engine.tick(now),
             }
             observe_partition_watermarks(&metrics, &task.engine, now);
-            forwarder.forward(&task.engine.take_forwarded()).await?;
+            producers.forwarder.forward(&task.engine.take_forwarded()).await?;
             shared.flush(&mut task.engine).await?;
         }
         // A partition read to its end is checkpointed before its end marker goes: the marker
         // says its per-vehicle results are durable (a task killed before that is run again).
         if bounded && tasks.values().any(|t| !t.ended) && input.finished() {
-            checkpoint_all(&shared, &mut forwarder, &mut tasks, aggregate.as_mut(), &input, &repartition).await?;
+            checkpoint_all(&shared, &mut producers, &mut tasks, aggregate.as_mut(), &input, &repartition, true).await?;
             for (p, task) in tasks.iter_mut().filter(|(_, t)| !t.ended) {
-                forwarder.end(*p as u32).await?;
+                producers.forwarder.end(*p as u32).await?;
                 task.ended = true;
             }
-            forwarder.flush().await?;
+            producers.forwarder.flush().await?;
         }
 
         // The aggregate stage.
@@ -266,13 +319,14 @@ pub async fn pipeline(
         aggregate_busy = !polled.records.is_empty();
         if polled.revoked.iter().any(|p| !polled.assigned.contains(p)) {
             if let Some(mut agg) = aggregate.take() {
-                checkpoint_aggregate(&shared, &mut agg, &repartition).await?;
+                checkpoint_aggregate(&shared, &mut producers.states, &mut agg, &repartition, true).await?;
                 tracing::info!("aggregate stage revoked: checkpointed and let go");
             }
         }
         if let Some(p) = polled.assigned.first() {
             if aggregate.is_none() {
-                aggregate = Some(shared.open_aggregate(input_partitions).await?);
+                let published = read_published(&mut producers.states, AGGREGATE_KEY)?;
+                aggregate = Some(shared.open_aggregate(input_partitions, published).await?);
             }
             if let Some(offset) = aggregate.as_ref().and_then(|a| a.position.offset) {
                 repartition.resume_at(*p, offset);
@@ -309,7 +363,7 @@ pub async fn pipeline(
                 agg.engine.finish();
                 agg.position.finished = true;
                 shared.flush(&mut agg.engine).await?;
-                checkpoint_aggregate(&shared, agg, &repartition).await?;
+                checkpoint_aggregate(&shared, &mut producers.states, agg, &repartition, true).await?;
                 std::fs::write(shared.finished_marker(), b"")?;
             }
             observe_watermarks(&metrics, &agg.engine, now);
@@ -317,7 +371,8 @@ pub async fn pipeline(
         }
 
         if last_checkpoint.elapsed() >= interval {
-            checkpoint_all(&shared, &mut forwarder, &mut tasks, aggregate.as_mut(), &input, &repartition).await?;
+            checkpoint_all(&shared, &mut producers, &mut tasks, aggregate.as_mut(), &input, &repartition, false)
+                .await?;
             last_checkpoint = Instant::now();
         }
         while let Ok(command) = admin.try_recv() {
@@ -326,28 +381,29 @@ pub async fn pipeline(
                 .send(Err("savepoints are not available in scale-out mode (each partition has its own state)".into()));
         }
         let stage_one_done = !tasks.is_empty() && tasks.values().all(|t| t.ended);
-        if bounded && stage_one_done && shared.finished_marker().exists() {
+        if bounded && stage_one_done && aggregate_finished(&shared, &mut producers.states, &mut finish_checked)? {
             tracing::info!("the bounded input has been processed");
             break;
         }
     }
-    checkpoint_all(&shared, &mut forwarder, &mut tasks, aggregate.as_mut(), &input, &repartition).await
+    checkpoint_all(&shared, &mut producers, &mut tasks, aggregate.as_mut(), &input, &repartition, true).await
 }
 
 /// Checkpoints every task and the aggregate stage, after one barrier for all of them.
 async fn checkpoint_all(
     shared: &Shared,
-    forwarder: &mut Forwarder,
+    producers: &mut Producers,
     tasks: &mut BTreeMap<i32, Task>,
     aggregate: Option<&mut Aggregate>,
     input: &KafkaSource,
     repartition: &KafkaSource,
+    publish_now: bool,
 ) -> anyhow::Result<()> {
     let mut all: Vec<(i32, &mut Task)> = tasks.iter_mut().map(|(p, t)| (*p, t)).collect();
-    checkpoint_tasks(shared, forwarder, &mut all).await?;
+    checkpoint_tasks(shared, producers, &mut all, publish_now).await?;
     input.checkpointed();
     if let Some(agg) = aggregate {
-        checkpoint_aggregate(shared, agg, repartition).await?;
+        checkpoint_aggregate(shared, &mut producers.states, agg, repartition, publish_now).await?;
     }
     Ok(())
 }
@@ -356,19 +412,20 @@ async fn checkpoint_all(
 /// passes acknowledged.
 async fn checkpoint_tasks(
     shared: &Shared,
-    forwarder: &mut Forwarder,
+    producers: &mut Producers,
     tasks: &mut [(i32, &mut Task)],
+    publish_now: bool,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut snapshots = Vec::with_capacity(tasks.len());
     for (_, task) in tasks.iter_mut() {
         task.engine.barrier(task.next_id);
-        forwarder.forward(&task.engine.take_forwarded()).await?;
+        producers.forwarder.forward(&task.engine.take_forwarded()).await?;
         shared.flush(&mut task.engine).await?;
         snapshots.push(task.engine.snapshot(task.next_id)?);
     }
     shared.sink.barrier().await?;
-    forwarder.flush().await?;
+    producers.forwarder.flush().await?;
     for ((p, task), engine) in tasks.iter_mut().zip(snapshots) {
         let position = KafkaPosition {
             topic: shared.config.kafka.input.topic.clone(),
@@ -383,12 +440,21 @@ async fn checkpoint_tasks(
         task.checkpoints.save(&checkpoint)?;
         task.engine.committed(task.next_id);
         task.next_id += 1;
+        if let Some(states) = producers.states.as_mut().filter(|s| s.due(&task_key(*p), publish_now)) {
+            states.publish(&task_key(*p), &Checkpoint { engine: task.engine.export()?, ..checkpoint }).await?;
+        }
     }
     shared.metrics.observe_checkpoint(started, chrono::Utc::now().timestamp_millis());
     Ok(())
 }
 
-async fn checkpoint_aggregate(shared: &Shared, agg: &mut Aggregate, repartition: &KafkaSource) -> anyhow::Result<()> {
+async fn checkpoint_aggregate(
+    shared: &Shared,
+    states: &mut Option<StateTopic>,
+    agg: &mut Aggregate,
+    repartition: &KafkaSource,
+    publish_now: bool,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     agg.engine.barrier(agg.next_id);
     shared.flush(&mut agg.engine).await?;
@@ -405,5 +471,54 @@ async fn checkpoint_aggregate(shared: &Shared, agg: &mut Aggregate, repartition:
     agg.next_id += 1;
     repartition.checkpointed();
     shared.metrics.observe_checkpoint(started, checkpoint.created_at);
+    if let Some(states) = states.as_mut().filter(|s| s.due(AGGREGATE_KEY, publish_now)) {
+        states.publish(AGGREGATE_KEY, &Checkpoint { engine: agg.engine.export()?, ..checkpoint }).await?;
+    }
     Ok(())
+}
+
+/// The name of an input partition's task: its state's folder and its key in the state topic.
+fn task_key(partition: i32) -> String {
+    format!("partition-{partition}")
+}
+
+/// The aggregate stage's name, as [`task_key`] gives a task's.
+const AGGREGATE_KEY: &str = "aggregate";
+
+/// The input offset a task's checkpoint has reached.
+fn task_offset(checkpoint: &Checkpoint, partition: i32) -> Option<i64> {
+    let position: KafkaPosition = serde_json::from_value(checkpoint.source.clone()).ok()?;
+    position.offsets.get(&partition).copied()
+}
+
+/// The repartition offset the aggregate stage's checkpoint has reached.
+fn aggregate_offset(checkpoint: &Checkpoint) -> Option<i64> {
+    serde_json::from_value::<AggregatePosition>(checkpoint.source.clone()).ok()?.offset
+}
+
+/// Whether the aggregate stage of a bounded run has closed every window: its marker is in
+/// `state.dir`, or (instances that do not share it) its state published last says so, looked
+/// up every few seconds.
+fn aggregate_finished(
+    shared: &Shared,
+    states: &mut Option<StateTopic>,
+    checked: &mut Option<Instant>,
+) -> anyhow::Result<bool> {
+    if shared.finished_marker().exists() {
+        return Ok(true);
+    }
+    if states.is_none() || checked.is_some_and(|t| t.elapsed() < FINISH_CHECK_EVERY) {
+        return Ok(false);
+    }
+    *checked = Some(Instant::now());
+    let published = read_published(states, AGGREGATE_KEY)?;
+    let position = published.map(|c| serde_json::from_value::<AggregatePosition>(c.source)).transpose()?;
+    Ok(position.is_some_and(|p| p.finished))
+}
+
+/// A task's newest state in the state topic, when there is one.
+fn read_published(states: &mut Option<StateTopic>, key: &str) -> anyhow::Result<Option<Checkpoint>> {
+    let Some(states) = states else { return Ok(None) };
+    let mut read = tokio::task::block_in_place(|| states.read(&[key.to_owned()]))?;
+    Ok(read.remove(key))
 }

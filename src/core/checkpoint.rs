@@ -202,23 +202,73 @@ struct SavepointManifest {
     parts: Vec<PartMeta>,
 }
 
+impl SavepointManifest {
+    fn of(checkpoint: &Checkpoint) -> SavepointManifest {
+        SavepointManifest {
+            format: SAVEPOINT_FORMAT.into(),
+            format_version: SAVEPOINT_FORMAT_VERSION,
+            checkpoint_id: checkpoint.id,
+            created_at: checkpoint.created_at,
+            source: checkpoint.source.clone(),
+            parts: checkpoint.engine.parts.iter().map(|(n, b)| PartMeta::of(n, b)).collect(),
+        }
+    }
+}
+
 /// Exports a checkpoint as a savepoint directory.
 pub fn write_savepoint(checkpoint: &Checkpoint, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("parts")).with_context(|| format!("creating {}", dir.display()))?;
     for (name, blob) in &checkpoint.engine.parts {
         std::fs::write(part_file(dir, name), &blob.bytes)?;
     }
-    let manifest = SavepointManifest {
-        format: SAVEPOINT_FORMAT.into(),
-        format_version: SAVEPOINT_FORMAT_VERSION,
-        checkpoint_id: checkpoint.id,
-        created_at: checkpoint.created_at,
-        source: checkpoint.source.clone(),
-        parts: checkpoint.engine.parts.iter().map(|(n, b)| PartMeta::of(n, b)).collect(),
-    };
+    let manifest = SavepointManifest::of(checkpoint);
     // The manifest goes last: a directory without one is not a savepoint.
     std::fs::write(dir.join("manifest.json"), serde_json::to_vec_pretty(&manifest)?)?;
     Ok(())
+}
+
+/// A checkpoint in the savepoint's portable form as one byte string (to publish it, e.g. to
+/// scale-out's state topic): the manifest's length (u32, little-endian), the manifest as JSON,
+/// then every part in the manifest's order.
+pub fn encode_portable(checkpoint: &Checkpoint) -> anyhow::Result<Vec<u8>> {
+    let manifest = serde_json::to_vec(&SavepointManifest::of(checkpoint))?;
+    let parts: usize = checkpoint.engine.parts.iter().map(|(_, b)| b.bytes.len()).sum();
+    let mut out = Vec::with_capacity(4 + manifest.len() + parts);
+    out.extend_from_slice(&(manifest.len() as u32).to_le_bytes());
+    out.extend_from_slice(&manifest);
+    for (_, blob) in &checkpoint.engine.parts {
+        out.extend_from_slice(&blob.bytes);
+    }
+    Ok(out)
+}
+
+/// Reads what [`encode_portable`] wrote, checking every part.
+pub fn decode_portable(bytes: &[u8]) -> anyhow::Result<Checkpoint> {
+    let len = bytes.get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("four bytes")) as usize);
+    let manifest = len.and_then(|len| bytes.get(4..4 + len)).context("a portable checkpoint is cut short")?;
+    let m: SavepointManifest = serde_json::from_slice(manifest).context("a portable checkpoint's manifest")?;
+    anyhow::ensure!(m.format == SAVEPOINT_FORMAT, "not a passflow checkpoint");
+    anyhow::ensure!(
+        m.format_version == SAVEPOINT_FORMAT_VERSION,
+        "checkpoint format version {} is not supported (this build reads {})",
+        m.format_version,
+        SAVEPOINT_FORMAT_VERSION
+    );
+    let mut at = 4 + manifest.len();
+    let mut parts = Vec::with_capacity(m.parts.len());
+    for p in &m.parts {
+        let part = bytes.get(at..at + p.len as usize).with_context(|| format!("part `{}` is cut short", p.name))?;
+        p.verify(part)?;
+        parts.push((p.name.clone(), StateBlob { version: p.version, bytes: part.to_vec() }));
+        at += part.len();
+    }
+    anyhow::ensure!(at == bytes.len(), "a portable checkpoint has bytes after its last part");
+    Ok(Checkpoint {
+        id: m.checkpoint_id,
+        created_at: m.created_at,
+        source: m.source,
+        engine: EngineSnapshot { parts, writes: Vec::new() },
+    })
 }
 
 /// Reads a savepoint directory back, checking every part.
@@ -301,6 +351,22 @@ mod tests {
             assert!(meta.verify(&bytes).is_ok(), "{} verifies", meta.digest);
             assert!(meta.verify(&changed).is_err(), "{} catches a flipped bit", meta.digest);
         }
+    }
+
+    #[test]
+    fn the_portable_form_reads_back_and_refuses_a_cut_or_changed_copy() {
+        let mut c = checkpoint(7);
+        c.source = serde_json::json!({"topic": "passes", "offsets": {"3": 42}});
+        let bytes = encode_portable(&c).unwrap();
+        assert_eq!(decode_portable(&bytes).unwrap(), c);
+        assert!(decode_portable(&bytes[..bytes.len() - 1]).is_err(), "a copy cut short");
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode_portable(&longer).is_err(), "a copy with bytes after its parts");
+        let mut changed = bytes.clone();
+        *changed.last_mut().unwrap() ^= 1;
+        let err = format!("{:#}", decode_portable(&changed).unwrap_err());
+        assert!(err.contains("part `b` is corrupt"), "{err}");
     }
 
     fn checkpoint(id: u64) -> Checkpoint {

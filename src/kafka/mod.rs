@@ -8,6 +8,8 @@
 //!   Idempotent producer; each checkpoint barrier waits until everything before it is acknowledged.
 //! - `repartition.rs`: scale-out's internal topic, from the per-vehicle stage of each input
 //!   partition to the aggregate stage: the passes, what they were late for, and end markers.
+//! - `state.rs`: scale-out's state topic, where every task publishes its state at each
+//!   checkpoint so that it moves with its partition to any instance.
 //! - `delivery.rs`: the output producer, counting delivery reports instead of awaiting a
 //!   future per message.
 //! - `records.rs`: the messages: compactable keys, JSON values with a schema version, the epoch
@@ -18,11 +20,13 @@ mod records;
 mod repartition;
 mod sink;
 mod source;
+mod state;
 
 pub use records::{messages, Message, Topic};
 pub use repartition::{Forwarder, Repartitioned};
 pub use sink::{next_epoch, KafkaSink};
 pub use source::{Fetched, KafkaPosition, KafkaSource, Polled};
+pub use state::StateTopic;
 
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
@@ -49,11 +53,24 @@ pub struct ScaleOutConfig {
     /// The internal topic from the per-vehicle stage to the aggregate stage: one partition
     /// (the aggregate stage is one task, owned by one instance at a time).
     pub repartition_topic: String,
+    /// Where each task publishes its state at every checkpoint, so that a partition's state
+    /// moves with it to an instance on another machine (see `state.rs`). Without one, the
+    /// instances must share `state.dir`.
+    pub state_topic: Option<String>,
+    /// How often each task publishes to the state topic (at the first checkpoint after this
+    /// much time, and whenever it lets its partition go): an instance that takes a partition
+    /// over from one that died reads the records since that publication again.
+    pub state_publish_interval: crate::config::HumanDuration,
 }
 
 impl Default for ScaleOutConfig {
     fn default() -> Self {
-        ScaleOutConfig { enabled: false, repartition_topic: "passflow.repartition".into() }
+        ScaleOutConfig {
+            enabled: false,
+            repartition_topic: "passflow.repartition".into(),
+            state_topic: None,
+            state_publish_interval: crate::config::HumanDuration::from_secs(60),
+        }
     }
 }
 
