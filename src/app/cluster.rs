@@ -270,10 +270,13 @@ pub async fn pipeline(
                 tracing::info!(partition = p, "partition revoked: checkpointed and let go");
             }
         }
+        // The state topic is read once for every partition newly given.
+        let opening: Vec<String> =
+            polled.assigned.iter().filter(|p| !tasks.contains_key(p)).map(|p| task_key(*p)).collect();
+        let mut published = read_published(&mut producers.states, &opening)?;
         for p in &polled.assigned {
             if !tasks.contains_key(p) {
-                let published = read_published(&mut producers.states, &task_key(*p))?;
-                tasks.insert(*p, shared.open_task(*p, published).await?);
+                tasks.insert(*p, shared.open_task(*p, published.remove(&task_key(*p))).await?);
             }
             if let Some(next) = tasks[p].next {
                 input.resume_at(*p, next);
@@ -325,7 +328,8 @@ pub async fn pipeline(
         }
         if let Some(p) = polled.assigned.first() {
             if aggregate.is_none() {
-                let published = read_published(&mut producers.states, AGGREGATE_KEY)?;
+                let published =
+                    read_published(&mut producers.states, &[AGGREGATE_KEY.to_owned()])?.remove(AGGREGATE_KEY);
                 aggregate = Some(shared.open_aggregate(input_partitions, published).await?);
             }
             if let Some(offset) = aggregate.as_ref().and_then(|a| a.position.offset) {
@@ -511,14 +515,15 @@ fn aggregate_finished(
         return Ok(false);
     }
     *checked = Some(Instant::now());
-    let published = read_published(states, AGGREGATE_KEY)?;
+    let published = read_published(states, &[AGGREGATE_KEY.to_owned()])?.remove(AGGREGATE_KEY);
     let position = published.map(|c| serde_json::from_value::<AggregatePosition>(c.source)).transpose()?;
     Ok(position.is_some_and(|p| p.finished))
 }
 
-/// A task's newest state in the state topic, when there is one.
-fn read_published(states: &mut Option<StateTopic>, key: &str) -> anyhow::Result<Option<Checkpoint>> {
-    let Some(states) = states else { return Ok(None) };
-    let mut read = tokio::task::block_in_place(|| states.read(&[key.to_owned()]))?;
-    Ok(read.remove(key))
+/// The newest state in the state topic of each of the tasks `keys` (those published at all).
+fn read_published(states: &mut Option<StateTopic>, keys: &[String]) -> anyhow::Result<BTreeMap<String, Checkpoint>> {
+    match states {
+        Some(states) if !keys.is_empty() => tokio::task::block_in_place(|| states.read(keys)),
+        _ => Ok(BTreeMap::new()),
+    }
 }
