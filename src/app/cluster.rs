@@ -20,7 +20,8 @@
 //! Where a task's state lives when its partition moves:
 //!
 //! - **A state topic** (`kafka.scale_out.state_topic`): every task publishes its state there at
-//!   each checkpoint (see `crate::kafka::StateTopic`), and an instance given a partition takes
+//!   a checkpoint every `state_publish_interval` and when it lets its partition go (see
+//!   `crate::kafka::StateTopic`), and an instance given a partition takes
 //!   the published state when it has read further than what its own `state.dir` holds. Each
 //!   instance has a `state.dir` of its own, on any machine. An instance that gets a partition
 //!   before its last owner has published its final state resumes from the one before and reads
@@ -110,6 +111,7 @@ pub struct Shared {
 impl Shared {
     /// Opens the state in `dir` for an engine of the operators `select` leaves, waiting while
     /// another instance still holds it.
+    ///
     /// `published`: the task's state from the state topic, taken instead of the one in `dir`
     /// when it has read further (`progress`: the offset its position has reached).
     async fn open_state(
