@@ -453,6 +453,24 @@ async fn wait_success(child: std::process::Child, what: &str) -> String {
     stderr
 }
 
+/// A scale-out instance's configuration on the small day: input topic `passes-NAME` (group
+/// `cluster-NAME`) and repartition topic `repartition-NAME`, no output topics.
+fn scale_out_config(dir: &Path, brokers: &str, name: &str) -> Config {
+    let mut config = service_config(dir, small_day(), brokers);
+    config.kafka.input.topic = format!("passes-{name}");
+    config.kafka.input.group_id = format!("cluster-{name}");
+    // Small steps: the stream lasts long enough for instances to join and die during it.
+    config.kafka.input.max_batch = 50;
+    config.kafka.output.enabled = false;
+    config.kafka.scale_out.enabled = true;
+    config.kafka.scale_out.repartition_topic = format!("repartition-{name}");
+    config.kafka.client.insert("max.poll.interval.ms".into(), "10000".into());
+    // Partitions pause while they move (a group join takes Tansu some 20 s): the others must
+    // not run ahead of them meanwhile.
+    config.core.idle_timeout = passflow::config::HumanDuration(Duration::from_secs(600));
+    config
+}
+
 /// Scale-out: the instances of one consumer group share the input partitions (a per-vehicle
 /// task each) and one of them runs the aggregate stage behind the repartition topic. Two
 /// instances, then three with one joining mid-stream and one killed and restarted (partitions
@@ -465,18 +483,7 @@ async fn two_and_three_instances_in_one_group_give_the_tables_of_one() {
     let (_broker, brokers) = Tansu::start();
     for instances in [2usize, 3] {
         let dir = work.path().join(format!("cluster-{instances}"));
-        let mut config = service_config(&dir, day, &brokers);
-        config.kafka.input.topic = format!("passes-{instances}");
-        config.kafka.input.group_id = format!("cluster-{instances}");
-        // Small steps: the stream lasts long enough for instances to join and die during it.
-        config.kafka.input.max_batch = 50;
-        config.kafka.output.enabled = false;
-        config.kafka.scale_out.enabled = true;
-        config.kafka.scale_out.repartition_topic = format!("repartition-{instances}");
-        config.kafka.client.insert("max.poll.interval.ms".into(), "10000".into());
-        // Partitions pause while they move (a group join takes Tansu some 20 s): the others must
-        // not run ahead of them meanwhile.
-        config.core.idle_timeout = passflow::config::HumanDuration(Duration::from_secs(600));
+        let config = scale_out_config(&dir, &brokers, &instances.to_string());
         create(&brokers, &[(&config.kafka.input.topic, 4), (&config.kafka.scale_out.repartition_topic, 1)]).await;
         let records = produce_day_to(&brokers, &config.kafka.input.topic, &day.join("passes.jsonl")).await as u64;
         let ports: Vec<u16> = (0..instances).map(|_| free_port()).collect();
@@ -530,17 +537,9 @@ async fn instances_on_separate_state_dirs_move_partition_state_through_the_state
     let want = replayed_tables(work.path()).await;
     let (_broker, brokers) = Tansu::start();
     let dir = work.path().join("machines");
-    let mut config = service_config(&dir, day, &brokers);
-    config.kafka.input.topic = "passes-moved".into();
-    config.kafka.input.group_id = "moved".into();
-    config.kafka.input.max_batch = 50;
-    config.kafka.output.enabled = false;
-    config.kafka.scale_out.enabled = true;
-    config.kafka.scale_out.repartition_topic = "repartition-moved".into();
+    let mut config = scale_out_config(&dir, &brokers, "moved");
     config.kafka.scale_out.state_topic = Some("state-moved".into());
     config.kafka.scale_out.state_publish_interval = passflow::config::HumanDuration(Duration::from_millis(500));
-    config.kafka.client.insert("max.poll.interval.ms".into(), "10000".into());
-    config.core.idle_timeout = passflow::config::HumanDuration(Duration::from_secs(600));
     create(&brokers, &[("passes-moved", 4), ("repartition-moved", 1), ("state-moved", 1)]).await;
     let records = produce_day_to(&brokers, "passes-moved", &day.join("passes.jsonl")).await as u64;
     std::fs::create_dir_all(&dir).unwrap();

@@ -119,7 +119,7 @@ impl Shared {
         dir: &Path,
         select: impl FnOnce(&mut Engine),
         published: Option<Checkpoint>,
-        progress: impl Fn(&Checkpoint) -> Option<i64>,
+        progress: impl Fn(&Checkpoint) -> anyhow::Result<Option<i64>>,
     ) -> anyhow::Result<(Engine, CheckpointStore, Option<Checkpoint>, u64)> {
         let started = Instant::now();
         let checkpoints = loop {
@@ -140,7 +140,9 @@ impl Shared {
         let local = checkpoints.latest()?;
         let mut next_id = checkpoints.ids()?.last().map_or(1, |id| id + 1);
         let latest = match (local, published) {
-            (local, Some(published)) if progress(&published) > local.as_ref().and_then(&progress) => {
+            (local, Some(published))
+                if progress(&published)? > local.as_ref().map(&progress).transpose()?.flatten() =>
+            {
                 engine
                     .restore(&published.engine)
                     .with_context(|| format!("restoring {}'s published state", dir.display()))?;
@@ -173,14 +175,7 @@ impl Shared {
             self.open_state(&dir, |e| e.keep_operators(&PER_VEHICLE), published, progress).await?;
         engine.forward_passes();
         engine.assign(partition as u32, wall_ms());
-        let next = match latest {
-            Some(c) => {
-                let position: KafkaPosition =
-                    serde_json::from_value(c.source).context("a partition task's position")?;
-                position.offsets.get(&partition).copied()
-            }
-            None => None,
-        };
+        let next = latest.as_ref().map(progress).transpose()?.flatten();
         tracing::info!(partition, offset = ?next, "per-vehicle task opened");
         Ok(Task { engine, checkpoints, next_id, next, ended: false })
     }
@@ -191,7 +186,7 @@ impl Shared {
         published: Option<Checkpoint>,
     ) -> anyhow::Result<Aggregate> {
         let dir = self.config.state.dir.join(AGGREGATE_KEY);
-        let progress = |c: &Checkpoint| aggregate_offset(c);
+        let progress = |c: &Checkpoint| Ok(aggregate_position(c)?.offset);
         let (mut engine, checkpoints, latest, next_id) =
             self.open_state(&dir, |e| e.drop_operators(&PER_VEHICLE), published, progress).await?;
         // Every input partition holds the watermark back until it has data or has been idle.
@@ -201,7 +196,7 @@ impl Shared {
         let position = match latest {
             Some(c) => {
                 adopt_stored_alerts(&mut engine, &self.store, self.config.core.allowed_lateness.as_millis()).await?;
-                serde_json::from_value(c.source).context("the aggregate stage's position")?
+                aggregate_position(&c)?
             }
             None => AggregatePosition::default(),
         };
@@ -491,15 +486,16 @@ fn task_key(partition: i32) -> String {
 /// The aggregate stage's name, as [`task_key`] gives a task's.
 const AGGREGATE_KEY: &str = "aggregate";
 
-/// The input offset a task's checkpoint has reached.
-fn task_offset(checkpoint: &Checkpoint, partition: i32) -> Option<i64> {
-    let position: KafkaPosition = serde_json::from_value(checkpoint.source.clone()).ok()?;
-    position.offsets.get(&partition).copied()
+/// The input offset a task's checkpoint has reached (`None` before its first record).
+fn task_offset(checkpoint: &Checkpoint, partition: i32) -> anyhow::Result<Option<i64>> {
+    let position: KafkaPosition =
+        serde_json::from_value(checkpoint.source.clone()).context("a partition task's position")?;
+    Ok(position.offsets.get(&partition).copied())
 }
 
-/// The repartition offset the aggregate stage's checkpoint has reached.
-fn aggregate_offset(checkpoint: &Checkpoint) -> Option<i64> {
-    serde_json::from_value::<AggregatePosition>(checkpoint.source.clone()).ok()?.offset
+/// Where the aggregate stage's checkpoint stands.
+fn aggregate_position(checkpoint: &Checkpoint) -> anyhow::Result<AggregatePosition> {
+    serde_json::from_value(checkpoint.source.clone()).context("the aggregate stage's position")
 }
 
 /// Whether the aggregate stage of a bounded run has closed every window: its marker is in
@@ -518,8 +514,7 @@ fn aggregate_finished(
     }
     *checked = Some(Instant::now());
     let published = read_published(states, &[AGGREGATE_KEY.to_owned()])?.remove(AGGREGATE_KEY);
-    let position = published.map(|c| serde_json::from_value::<AggregatePosition>(c.source)).transpose()?;
-    Ok(position.is_some_and(|p| p.finished))
+    Ok(published.map(|c| aggregate_position(&c)).transpose()?.is_some_and(|p| p.finished))
 }
 
 /// The newest state in the state topic of each of the tasks `keys` (those published at all).

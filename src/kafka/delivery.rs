@@ -1,10 +1,19 @@
-//! A producer whose delivery reports are counted, not awaited one future per message: the
-//! output topics take hundreds of thousands of messages a second, and a checkpoint only needs
-//! to know that none is still unacknowledged.
+//! The producers and how they learn of deliveries.
+//!
+//! - [`CountingProducer`] counts delivery reports instead of awaiting a future per message: the
+//!   output topics take hundreds of thousands of messages a second, and a checkpoint only needs
+//!   to know that none is still unacknowledged.
+//! - [`AckedProducer`] awaits each message's delivery, in order, and fails on a refusal: for
+//!   the internal topics (repartition, state), whose messages cannot be sent again out of their
+//!   place.
 
+use super::KafkaConfig;
+use anyhow::Context as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Message as _};
-use rdkafka::producer::{BaseRecord, Producer as _, ProducerContext, ThreadedProducer};
+use rdkafka::message::{DeliveryResult, Message as _, OwnedHeaders};
+use rdkafka::producer::{
+    BaseRecord, DeliveryFuture, FutureProducer, FutureRecord, Producer as _, ProducerContext, ThreadedProducer,
+};
 use rdkafka::{ClientConfig, ClientContext};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -12,6 +21,10 @@ use std::time::Duration;
 
 /// How long a full producer queue is waited on before trying again.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
+/// Acknowledgements an [`AckedProducer`] awaits at most before it queues more messages.
+const MAX_IN_FLIGHT: usize = 50_000;
+/// How long an [`AckedProducer`] with nothing in flight waits on a full queue.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// A message the broker refused.
 pub struct Refused {
@@ -96,5 +109,73 @@ impl CountingProducer {
     /// Waits up to `timeout` for the next report; false when none came.
     pub async fn next_report(&self, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, self.deliveries().reported.notified()).await.is_ok()
+    }
+}
+
+/// An idempotent producer that never times a message out (a dead broker pauses it) and awaits
+/// every delivery: [`AckedProducer::flush`] returns once the broker has acknowledged everything
+/// queued, and fails if it refused anything.
+pub struct AckedProducer {
+    producer: FutureProducer,
+    in_flight: Vec<DeliveryFuture>,
+    /// Which topic it writes, for messages: `repartition`, `state`.
+    what: &'static str,
+}
+
+impl AckedProducer {
+    pub fn open(config: &KafkaConfig, what: &'static str) -> anyhow::Result<AckedProducer> {
+        let producer: FutureProducer = config
+            .client_config(&[("enable.idempotence", "true"), ("message.timeout.ms", "0"), ("linger.ms", "5")])
+            .create()
+            .with_context(|| format!("creating the Kafka producer for {}", config.brokers))?;
+        Ok(AckedProducer { producer, in_flight: Vec::new(), what })
+    }
+
+    /// Queues one message (`payload` `None`: a tombstone), waiting while the queue is full.
+    pub async fn send(
+        &mut self,
+        topic: &str,
+        key: &str,
+        payload: Option<&[u8]>,
+        headers: Option<&OwnedHeaders>,
+    ) -> anyhow::Result<()> {
+        loop {
+            let mut record = FutureRecord::to(topic).key(key);
+            if let Some(payload) = payload {
+                record = record.payload(payload);
+            }
+            if let Some(headers) = headers {
+                record = record.headers(headers.clone());
+            }
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    self.in_flight.push(delivery);
+                    if self.in_flight.len() >= MAX_IN_FLIGHT {
+                        self.flush().await?;
+                    }
+                    return Ok(());
+                }
+                Err((e, _)) => {
+                    tracing::debug!(error = %e, "the {} producer's queue is full; waiting", self.what);
+                    if self.in_flight.is_empty() {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                    self.flush().await?;
+                }
+            }
+        }
+    }
+
+    /// Returns once the broker has acknowledged everything queued. A message the broker refused
+    /// fails the run (it cannot be sent again in its place in the order).
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        for delivery in std::mem::take(&mut self.in_flight) {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => anyhow::bail!("the {} topic refused a message: {e}", self.what),
+                Err(_) => anyhow::bail!("the {} producer dropped a message without a delivery report", self.what),
+            }
+        }
+        Ok(())
     }
 }

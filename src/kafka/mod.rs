@@ -8,10 +8,10 @@
 //!   Idempotent producer; each checkpoint barrier waits until everything before it is acknowledged.
 //! - `repartition.rs`: scale-out's internal topic, from the per-vehicle stage of each input
 //!   partition to the aggregate stage: the passes, what they were late for, and end markers.
-//! - `state.rs`: scale-out's state topic, where every task publishes its state at each
-//!   checkpoint so that it moves with its partition to any instance.
-//! - `delivery.rs`: the output producer, counting delivery reports instead of awaiting a
-//!   future per message.
+//! - `state.rs`: scale-out's state topic, where every task publishes its state from time to
+//!   time so that it moves with its partition to any instance.
+//! - `delivery.rs`: the producers: the outputs' counts delivery reports instead of awaiting a
+//!   future per message; the internal topics' awaits each delivery in order.
 //! - `records.rs`: the messages: compactable keys, JSON values with a schema version, the epoch
 //!   (one per start of the service) and the row's revision.
 
@@ -53,7 +53,7 @@ pub struct ScaleOutConfig {
     /// The internal topic from the per-vehicle stage to the aggregate stage: one partition
     /// (the aggregate stage is one task, owned by one instance at a time).
     pub repartition_topic: String,
-    /// Where each task publishes its state at every checkpoint, so that a partition's state
+    /// Where each task publishes its state, so that a partition's state
     /// moves with it to an instance on another machine (see `state.rs`). Without one, the
     /// instances must share `state.dir`.
     pub state_topic: Option<String>,

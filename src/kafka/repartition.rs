@@ -8,20 +8,16 @@
 //! forwarded has been acknowledged. After a restart the stage forwards some passes again: the
 //! aggregate stage deduplicates them like any resend.
 
+use super::delivery::AckedProducer;
 use super::source::Fetched;
 use super::KafkaConfig;
 use crate::core::Forwarded;
 use anyhow::Context;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use std::time::Duration;
 
 const OFFSET: &str = "offset";
 const LATE: &str = "late";
 const END: &str = "end";
-/// Acknowledgements awaited at most before more messages are queued.
-const MAX_IN_FLIGHT: usize = 50_000;
-const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// A message of the internal topic, read back.
 #[derive(Debug, PartialEq)]
@@ -64,18 +60,14 @@ impl Repartitioned {
 }
 
 pub struct Forwarder {
-    producer: FutureProducer,
+    producer: AckedProducer,
     topic: String,
-    in_flight: Vec<DeliveryFuture>,
 }
 
 impl Forwarder {
     pub fn open(config: &KafkaConfig) -> anyhow::Result<Forwarder> {
-        let producer: FutureProducer = config
-            .client_config(&[("enable.idempotence", "true"), ("message.timeout.ms", "0"), ("linger.ms", "5")])
-            .create()
-            .with_context(|| format!("creating the Kafka producer for {}", config.brokers))?;
-        Ok(Forwarder { producer, topic: config.scale_out.repartition_topic.clone(), in_flight: Vec::new() })
+        let producer = AckedProducer::open(config, "repartition")?;
+        Ok(Forwarder { producer, topic: config.scale_out.repartition_topic.clone() })
     }
 
     /// Queues the passes of one step.
@@ -96,41 +88,11 @@ impl Forwarder {
     }
 
     async fn send(&mut self, partition: u32, payload: Option<&[u8]>, headers: OwnedHeaders) -> anyhow::Result<()> {
-        let key = partition.to_string();
-        loop {
-            let mut record = FutureRecord::to(&self.topic).key(&key).headers(headers.clone());
-            if let Some(payload) = payload {
-                record = record.payload(payload);
-            }
-            match self.producer.send_result(record) {
-                Ok(delivery) => {
-                    self.in_flight.push(delivery);
-                    if self.in_flight.len() >= MAX_IN_FLIGHT {
-                        self.flush().await?;
-                    }
-                    return Ok(());
-                }
-                Err((e, _)) => {
-                    tracing::debug!(error = %e, "the repartition producer's queue is full; waiting");
-                    if self.in_flight.is_empty() {
-                        tokio::time::sleep(RETRY_PAUSE).await;
-                    }
-                    self.flush().await?;
-                }
-            }
-        }
+        self.producer.send(&self.topic, &partition.to_string(), payload, Some(&headers)).await
     }
 
-    /// Returns once the broker has acknowledged everything queued. A message the broker refused
-    /// fails the run (it cannot be sent again in its place in the order).
+    /// Returns once the broker has acknowledged everything queued (see [`AckedProducer::flush`]).
     pub async fn flush(&mut self) -> anyhow::Result<()> {
-        for delivery in std::mem::take(&mut self.in_flight) {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => anyhow::bail!("the repartition topic refused a message: {e}"),
-                Err(_) => anyhow::bail!("the repartition producer dropped a message without a delivery report"),
-            }
-        }
-        Ok(())
+        self.producer.flush().await
     }
 }

@@ -1,6 +1,7 @@
 //! Scale-out's state topic (`kafka.scale_out.state_topic`): every task publishes its state there
-//! at each checkpoint, so that a partition's state moves with it to an instance on another
-//! machine, without a shared `state.dir`.
+//! at a checkpoint every `state_publish_interval` and when it lets its partition go, so that a
+//! partition's state moves with it to an instance on another machine, without a shared
+//! `state.dir`.
 //!
 //! A publication of a task (its key: `partition-N` or `aggregate`) is the checkpoint in the
 //! savepoint's portable form, cut into chunks under keys of their own (`KEY/PUBLICATION/I`),
@@ -10,12 +11,12 @@
 //! (tombstones), so a compacted topic (`cleanup.policy=compact`) holds about one state per task.
 //! A reader takes, for each key, the last header and the chunks it names.
 
+use super::delivery::AckedProducer;
 use super::KafkaConfig;
 use crate::core::checkpoint::{decode_portable, encode_portable, Checkpoint};
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -42,7 +43,7 @@ fn chunk_key(key: &str, publication: u64, i: u32) -> String {
 pub struct StateTopic {
     config: KafkaConfig,
     topic: String,
-    producer: FutureProducer,
+    producer: AckedProducer,
     /// Each task's last publication known here (read or written): its chunks go once the next
     /// one is complete.
     last: BTreeMap<String, Header>,
@@ -54,10 +55,7 @@ pub struct StateTopic {
 impl StateTopic {
     pub fn open(config: &KafkaConfig) -> anyhow::Result<Option<StateTopic>> {
         let Some(topic) = &config.scale_out.state_topic else { return Ok(None) };
-        let producer: FutureProducer = config
-            .client_config(&[("enable.idempotence", "true"), ("message.timeout.ms", "0"), ("linger.ms", "5")])
-            .create()
-            .with_context(|| format!("creating the Kafka producer for {}", config.brokers))?;
+        let producer = AckedProducer::open(config, "state")?;
         Ok(Some(StateTopic {
             config: config.clone(),
             topic: topic.to_owned(),
@@ -78,42 +76,24 @@ impl StateTopic {
     pub async fn publish(&mut self, key: &str, checkpoint: &Checkpoint) -> anyhow::Result<()> {
         let bytes = encode_portable(checkpoint)?;
         let publication = publication_id();
-        let mut queued = Vec::new();
         let mut chunks = 0;
         for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
-            queued.push(self.send(&chunk_key(key, publication, i as u32), Some(chunk)).await?);
+            self.producer.send(&self.topic, &chunk_key(key, publication, i as u32), Some(chunk), None).await?;
             chunks += 1;
         }
-        settle(queued).await?;
+        self.producer.flush().await?;
         let header = Header { publication, chunks, len: bytes.len() as u64 };
-        settle(vec![self.send(key, Some(&serde_json::to_vec(&header)?)).await?]).await?;
+        self.producer.send(&self.topic, key, Some(&serde_json::to_vec(&header)?), None).await?;
+        self.producer.flush().await?;
         if let Some(before) = self.last.insert(key.to_owned(), header) {
-            let mut tombstones = Vec::new();
             for i in 0..before.chunks {
-                tombstones.push(self.send(&chunk_key(key, before.publication, i), None).await?);
+                self.producer.send(&self.topic, &chunk_key(key, before.publication, i), None, None).await?;
             }
-            settle(tombstones).await?;
+            self.producer.flush().await?;
         }
         self.published_at.insert(key.to_owned(), Instant::now());
         tracing::debug!(key, bytes = bytes.len(), chunks, "state published");
         Ok(())
-    }
-
-    /// Queues one message, waiting while the producer's queue is full.
-    async fn send(&self, key: &str, value: Option<&[u8]>) -> anyhow::Result<DeliveryFuture> {
-        loop {
-            let mut record = FutureRecord::to(&self.topic).key(key);
-            if let Some(value) = value {
-                record = record.payload(value);
-            }
-            match self.producer.send_result(record) {
-                Ok(delivery) => return Ok(delivery),
-                Err((e, _)) => {
-                    tracing::debug!(error = %e, "the state producer's queue is full; waiting");
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
-            }
-        }
     }
 
     /// The newest published state of each of `keys` (those published at all), read from the
@@ -210,18 +190,6 @@ impl StateTopic {
         }
         Ok(states)
     }
-}
-
-/// Waits for the broker to acknowledge queued messages.
-async fn settle(queued: Vec<DeliveryFuture>) -> anyhow::Result<()> {
-    for delivery in queued {
-        match delivery.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => anyhow::bail!("the state topic refused a message: {e}"),
-            Err(_) => anyhow::bail!("the state producer dropped a message without a delivery report"),
-        }
-    }
-    Ok(())
 }
 
 /// An id no other publication has: the time in ns, with the process id in the high bits.
