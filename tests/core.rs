@@ -392,7 +392,8 @@ fn offer_all(
     let mut rows = Vec::new();
     for chunk in passes.chunks(97) {
         let (mut out, mut late) = (passflow::results::ResultBatch::default(), Vec::new());
-        let mut ctx = Context { watermark: i64::MAX, allowed_lateness_ms: 0, out: &mut out, late: &mut late };
+        let mut ctx =
+            Context { watermark: i64::MAX, allowed_lateness_ms: 0, processing_now: 0, out: &mut out, late: &mut late };
         op.process_batch(chunk, &mut ctx);
         assert!(late.is_empty(), "first entry is exempt from lateness");
         rows.extend(out.first_entry);
@@ -483,11 +484,10 @@ async fn a_backfill_of_a_day_whose_passes_came_after_the_lateness_gives_the_on_t
     let mut op = passflow::pipelines::Archive::new(&city, TZ, &archive);
     let in_time: Vec<passflow::model::Pass> = all.iter().filter(|p| !late_ids.contains(&*p.pass_id)).cloned().collect();
     let (mut sink, mut missed) = (passflow::results::ResultBatch::default(), Vec::new());
-    op.process_batch(
-        &in_time,
-        &mut Context { watermark: 0, allowed_lateness_ms: 0, out: &mut sink, late: &mut missed },
-    );
-    op.on_checkpoint(1);
+    let mut ctx =
+        Context { watermark: 0, allowed_lateness_ms: 0, processing_now: 0, out: &mut sink, late: &mut missed };
+    op.process_batch(&in_time, &mut ctx);
+    op.on_checkpoint(1, &mut ctx);
 
     let day = chrono::NaiveDate::from_ymd_opt(2026, 3, 2).unwrap();
     let start = passflow::simulator::day_start_ms(day, TZ);

@@ -140,6 +140,8 @@ pub struct Engine {
     settings: EngineSettings,
     parallel: Parallel,
     out: ResultBatch,
+    /// The processing time of the newest batch or tick.
+    processing_now: i64,
     /// Scale-out's per-vehicle stage: valid passes are forwarded (with what they were late for)
     /// instead of written to `late_passes`.
     forwarded: Option<Vec<Forwarded>>,
@@ -150,7 +152,17 @@ impl Engine {
         let watermarks = WatermarkTracker::new(settings.out_of_orderness_ms, settings.idle_timeout_ms);
         let parallel = Parallel::new(settings.threads);
         let out = ResultBatch::default();
-        Engine { city, ingest, watermarks, operators, settings, parallel, out, forwarded: None }
+        Engine {
+            city,
+            ingest,
+            watermarks,
+            operators,
+            settings,
+            parallel,
+            out,
+            processing_now: i64::MIN,
+            forwarded: None,
+        }
     }
 
     /// Runs every batch, however small, on the engine's threads (tests cover the parallel path
@@ -304,6 +316,7 @@ impl Engine {
         processing_now: i64,
     ) {
         let batch = passes.len();
+        self.processing_now = self.processing_now.max(processing_now);
         late.extend(self.with_operators(watermark, batch, &|op, ctx| op.process_batch(passes, ctx)));
         self.record_late(late, passes, raw, processing_now);
         self.advance(processing_now, batch);
@@ -313,12 +326,18 @@ impl Engine {
     /// when the work is for a large `batch` of passes; returns the passes they marked late.
     fn with_operators(&mut self, watermark: i64, batch: usize, step: Step<'_>) -> Vec<(usize, &'static str)> {
         let mut late = Vec::new();
-        let lateness = self.settings.allowed_lateness_ms;
+        let (lateness, now) = (self.settings.allowed_lateness_ms, self.processing_now);
         if self.parallel.takes(batch) {
-            self.parallel.run(&mut self.operators, watermark, lateness, &mut self.out, &mut late, step);
+            self.parallel.run(&mut self.operators, watermark, lateness, now, &mut self.out, &mut late, step);
             return late;
         }
-        let mut ctx = Context { watermark, allowed_lateness_ms: lateness, out: &mut self.out, late: &mut late };
+        let mut ctx = Context {
+            watermark,
+            allowed_lateness_ms: lateness,
+            processing_now: now,
+            out: &mut self.out,
+            late: &mut late,
+        };
         for op in &mut self.operators {
             step(op.as_mut(), &mut ctx);
         }
@@ -347,9 +366,8 @@ impl Engine {
 
     /// Tells the operators a checkpoint barrier passes.
     pub fn barrier(&mut self, id: u64) {
-        for op in &mut self.operators {
-            op.on_checkpoint(id);
-        }
+        let late = self.with_operators(self.watermarks.current(), 0, &|op, ctx| op.on_checkpoint(id, ctx));
+        debug_assert!(late.is_empty(), "a barrier carries no passes");
     }
 
     /// The state for checkpoint `id` (state kept in RocksDB comes as writes to apply with it).
@@ -431,6 +449,7 @@ impl Engine {
 
     /// `batch`: the passes of the batch just taken (0 without one).
     fn advance(&mut self, processing_now: i64, batch: usize) {
+        self.processing_now = self.processing_now.max(processing_now);
         let before = self.watermarks.current();
         let watermark = self.watermarks.advance(processing_now, self.settings.live);
         if watermark > before {

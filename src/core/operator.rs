@@ -12,6 +12,9 @@ pub struct Context<'a> {
     /// The watermark when the batch arrived (late judgements use it).
     pub watermark: i64,
     pub allowed_lateness_ms: i64,
+    /// Processing time (epoch ms) of the batch or tick: for work paced by the wall clock rather
+    /// than by event time (the source's clock; a replay's is the wall clock).
+    pub processing_now: i64,
     /// Rows the operator emits.
     pub out: &'a mut ResultBatch,
     /// Passes of the batch that were late for some window: (index in the batch, what missed it).
@@ -104,8 +107,10 @@ pub trait Operator: Send {
     /// The watermark has advanced to `ctx.watermark`: emit what it completes.
     fn on_watermark(&mut self, _ctx: &mut Context<'_>) {}
 
-    /// A checkpoint barrier passes: everything emitted so far belongs to checkpoint `id`.
-    fn on_checkpoint(&mut self, _id: u64) {}
+    /// A checkpoint barrier passes: everything emitted so far, this call's rows included,
+    /// belongs to checkpoint `id` (rows held back for pacing go out here, so that a
+    /// checkpoint's results are written when it completes).
+    fn on_checkpoint(&mut self, _id: u64, _ctx: &mut Context<'_>) {}
 
     /// The input has ended (after a final watermark at the end of time).
     fn on_close(&mut self, _ctx: &mut Context<'_>) {}

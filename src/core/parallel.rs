@@ -66,6 +66,7 @@ impl Parallel {
         operators: &mut [Box<dyn Operator>],
         watermark: i64,
         allowed_lateness_ms: i64,
+        processing_now: i64,
         out: &mut ResultBatch,
         late: &mut Vec<(usize, &'static str)>,
         step: Step<'_>,
@@ -93,7 +94,8 @@ impl Parallel {
             let mut guard = groups[i].lock().expect("a group is run once");
             let group = &mut *guard;
             let started = Instant::now();
-            let mut ctx = Context { watermark, allowed_lateness_ms, out: &mut group.out, late: &mut group.late };
+            let mut ctx =
+                Context { watermark, allowed_lateness_ms, processing_now, out: &mut group.out, late: &mut group.late };
             for op in &mut group.operators {
                 step(op.as_mut(), &mut ctx);
             }

@@ -32,6 +32,13 @@ pub struct Archive {
 }
 
 impl Archive {
+    /// Finishes the open files (at a checkpoint and at the end of input).
+    fn close_files(&mut self) {
+        if let Err(e) = self.finish() {
+            panic!("finishing the pass archive under {}: {e}", self.dir.display());
+        }
+    }
+
     pub fn new(city: &Arc<City>, tz: Tz, dir: &Path) -> Archive {
         Archive {
             city: city.clone(),
@@ -91,14 +98,12 @@ impl Operator for Archive {
         }
     }
 
-    fn on_checkpoint(&mut self, _id: u64) {
-        if let Err(e) = self.finish() {
-            panic!("finishing the pass archive under {}: {e}", self.dir.display());
-        }
+    fn on_checkpoint(&mut self, _id: u64, _ctx: &mut Context<'_>) {
+        self.close_files();
     }
 
     fn on_close(&mut self, _ctx: &mut Context<'_>) {
-        self.on_checkpoint(0);
+        self.close_files();
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {

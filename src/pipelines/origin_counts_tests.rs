@@ -17,7 +17,8 @@ fn run(
     then: i64,
 ) -> (Vec<OriginCountRow>, Vec<(usize, &'static str)>) {
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx = Context { watermark, allowed_lateness_ms: 3_600_000, out: &mut out, late: &mut late };
+    let mut ctx =
+        Context { watermark, allowed_lateness_ms: 3_600_000, out: &mut out, late: &mut late, processing_now: 0 };
     op.process_batch(passes, &mut ctx);
     ctx.watermark = then;
     op.on_watermark(&mut ctx);

@@ -92,7 +92,13 @@ fn a_week_of_rules_with_a_holiday_a_working_weekend_exemptions_and_a_non_local_r
     let passes: Vec<Pass> = cases.iter().map(|(p, _)| p.clone()).collect();
     let mut op = Restrictions::new(&city, TZ, &["赣A".to_string()]);
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx = Context { watermark: i64::MIN, allowed_lateness_ms: 6 * HOUR, out: &mut out, late: &mut late };
+    let mut ctx = Context {
+        watermark: i64::MIN,
+        allowed_lateness_ms: 6 * HOUR,
+        out: &mut out,
+        late: &mut late,
+        processing_now: 0,
+    };
     op.process_batch(&passes, &mut ctx);
     let got: BTreeSet<(String, String)> =
         out.restriction_violations.iter().map(|v| (v.pass_id.to_string(), v.rule_id.to_string())).collect();
@@ -110,7 +116,13 @@ fn summaries_count_violations_and_distinct_vehicles_per_day_checkpoint_and_rule(
     let mut op = Restrictions::new(&city, TZ, &["赣A".to_string()]);
     let passes = [pass("赣A12341", 0, at(0, 8)), pass("赣A12341", 0, at(0, 9)), pass("赣A99996", 0, at(0, 9))];
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx = Context { watermark: i64::MIN, allowed_lateness_ms: 6 * HOUR, out: &mut out, late: &mut late };
+    let mut ctx = Context {
+        watermark: i64::MIN,
+        allowed_lateness_ms: 6 * HOUR,
+        out: &mut out,
+        late: &mut late,
+        processing_now: 0,
+    };
     op.process_batch(&passes, &mut ctx);
     let s = out.restriction_summary.last().unwrap();
     assert_eq!(
@@ -119,7 +131,13 @@ fn summaries_count_violations_and_distinct_vehicles_per_day_checkpoint_and_rule(
     );
     // A violation after the day closed is still written, but the summary is closed: late.
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx = Context { watermark: at(1, 7), allowed_lateness_ms: 6 * HOUR, out: &mut out, late: &mut late };
+    let mut ctx = Context {
+        watermark: at(1, 7),
+        allowed_lateness_ms: 6 * HOUR,
+        out: &mut out,
+        late: &mut late,
+        processing_now: 0,
+    };
     op.process_batch(&[pass("赣A12346", 0, at(0, 10))], &mut ctx);
     assert_eq!(out.restriction_violations.len(), 1);
     assert!(out.restriction_summary.is_empty());

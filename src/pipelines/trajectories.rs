@@ -5,8 +5,10 @@
 //! the number of passes − 1: it only grows.
 //!
 //! A row holds the whole day, so writing it after every pass would cost the square of a
-//! vehicle's passes: the vehicles changed are written once the watermark enters a new minute
-//! (and at the end of input), each with all its changes since.
+//! vehicle's passes: the vehicles changed are written at most every few seconds of processing
+//! time (sooner when very many have changed, and always before their day closes and at the
+//! end of input), each with all its changes since. A live service's rows are then seconds
+//! old; a replay writes each vehicle-day a few times instead of once a minute of its data.
 
 use crate::core::window::{is_late, LocalDays};
 use crate::core::{Context, Operator, SeqOf, StateBlob};
@@ -25,8 +27,10 @@ const LATE_LABEL: &str = "trajectories/day";
 const STATE_VERSION: u32 = 2;
 /// States written before the binary encoding, as JSON.
 const JSON_STATE_VERSION: u32 = 1;
-/// Changed trajectories are written once per this much watermark progress.
-const EMIT_EVERY_MS: i64 = 60_000;
+/// Changed trajectories are written at most once per this much processing time...
+const EMIT_EVERY_MS: i64 = 5_000;
+/// ...unless this many vehicle-days have changed (it bounds the rows of one write).
+const MAX_CHANGED: usize = 500_000;
 
 /// One pass of a trajectory: ties on `ts` are ordered by a hash of the pass id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -56,9 +60,8 @@ pub struct Trajectories {
     city: Arc<City>,
     days_of: LocalDays,
     days: BTreeMap<NaiveDate, Day>,
-    /// The watermark's minute (its number since the epoch) at the last emission (`None`: none
-    /// since start or restore).
-    emitted_minute: Option<i64>,
+    /// The processing time of the last emission (`None`: none since start or restore).
+    emitted_at: Option<i64>,
     /// The length of the last snapshot (see [`StateBlob::encode`]).
     snapshot_len: AtomicUsize,
 }
@@ -69,22 +72,29 @@ impl Trajectories {
             city: city.clone(),
             days_of: LocalDays::new(tz),
             days: BTreeMap::new(),
-            emitted_minute: None,
+            emitted_at: None,
             snapshot_len: AtomicUsize::new(0),
         }
     }
 
     fn emit(&mut self, out: &mut Vec<TrajectoryRow>) {
         for (day, d) in &mut self.days {
-            if d.dirty.is_empty() {
-                continue;
-            }
-            let day = Text::new(&day.to_string());
-            for vehicle in d.dirty.drain(..) {
-                let Some(track) = d.vehicles.get_mut(&vehicle) else { continue };
-                track.dirty = false;
-                out.push(trajectory_row(&self.city, &day, &vehicle, &track.stops));
-            }
+            d.emit(&self.city, day, out);
+        }
+    }
+}
+
+impl Day {
+    /// Writes the vehicles changed since they were last written.
+    fn emit(&mut self, city: &City, day: &NaiveDate, out: &mut Vec<TrajectoryRow>) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let day = Text::new(&day.to_string());
+        for vehicle in self.dirty.drain(..) {
+            let Some(track) = self.vehicles.get_mut(&vehicle) else { continue };
+            track.dirty = false;
+            out.push(trajectory_row(city, &day, &vehicle, &track.stops));
         }
     }
 }
@@ -131,13 +141,25 @@ impl Operator for Trajectories {
     }
 
     fn on_watermark(&mut self, ctx: &mut Context<'_>) {
-        let minute = ctx.watermark.div_euclid(EMIT_EVERY_MS);
-        if self.emitted_minute != Some(minute) {
+        let due = self.emitted_at.is_none_or(|at| ctx.processing_now.saturating_sub(at) >= EMIT_EVERY_MS);
+        if due || self.days.values().map(|d| d.dirty.len()).sum::<usize>() >= MAX_CHANGED {
             self.emit(&mut ctx.out.trajectories);
-            self.emitted_minute = Some(minute);
+            self.emitted_at = Some(ctx.processing_now);
         }
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
-        self.days.retain(|_, d| !is_late(d.end, watermark, lateness));
+        let (city, out) = (&self.city, &mut ctx.out.trajectories);
+        self.days.retain(|day, d| {
+            let closed = is_late(d.end, watermark, lateness);
+            if closed {
+                d.emit(city, day, out);
+            }
+            !closed
+        });
+    }
+
+    fn on_checkpoint(&mut self, _id: u64, ctx: &mut Context<'_>) {
+        self.emit(&mut ctx.out.trajectories);
+        self.emitted_at = Some(ctx.processing_now);
     }
 
     fn on_close(&mut self, ctx: &mut Context<'_>) {
@@ -161,7 +183,7 @@ impl Operator for Trajectories {
             "trajectories state names a checkpoint this city does not have"
         );
         self.days.clear();
-        self.emitted_minute = None;
+        self.emitted_at = None;
         for s in stored {
             let end = self.days_of.end(s.day);
             let d = self.days.entry(s.day).or_insert_with(|| Day { end, ..Day::default() });
@@ -227,12 +249,20 @@ mod tests {
     /// 2026-03-02 00:00 in Shanghai.
     const MIDNIGHT: i64 = 1_772_380_800_000;
 
-    fn run(op: &mut Trajectories, passes: &[Pass], watermark: i64) -> (Vec<TrajectoryRow>, usize) {
+    /// A batch at `watermark`, `now` being its processing time.
+    fn run_at(op: &mut Trajectories, passes: &[Pass], watermark: i64, now: i64) -> (Vec<TrajectoryRow>, usize) {
         let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-        let mut ctx = Context { watermark, allowed_lateness_ms: 3_600_000, out: &mut out, late: &mut late };
+        let mut ctx =
+            Context { watermark, allowed_lateness_ms: 3_600_000, processing_now: now, out: &mut out, late: &mut late };
         op.process_batch(passes, &mut ctx);
         op.on_watermark(&mut ctx);
         (out.trajectories, late.len())
+    }
+
+    /// A batch processed a full emission period after the one before.
+    fn run(op: &mut Trajectories, passes: &[Pass], watermark: i64) -> (Vec<TrajectoryRow>, usize) {
+        let now = op.emitted_at.map_or(0, |at| at + EMIT_EVERY_MS);
+        run_at(op, passes, watermark, now)
     }
 
     #[test]
@@ -259,31 +289,42 @@ mod tests {
     }
 
     #[test]
-    fn changed_trajectories_are_written_once_a_minute_and_at_the_end_of_input() {
+    fn changed_trajectories_are_written_every_few_seconds_before_their_day_closes_and_at_the_end() {
         let city = support::city(vec![checkpoint("A", "R1"), checkpoint("B", "R1")], &["R1"]);
         let mut op = Trajectories::new(&city, TZ);
         let p = |cp, ts| support::pass("赣A1", cp, ts);
-        let (rows, _) = run(&mut op, &[p(0, MIDNIGHT + 1_000)], MIDNIGHT + 10_000);
+        let (rows, _) = run_at(&mut op, &[p(0, MIDNIGHT + 1_000)], MIDNIGHT + 10_000, 0);
         assert_eq!(rows.len(), 1, "the first watermark writes");
-        // Two more passes while the watermark stays in the same minute: nothing yet.
-        let (rows, _) = run(&mut op, &[p(1, MIDNIGHT + 20_000)], MIDNIGHT + 30_000);
+        // Two more passes within the same few seconds of processing time: nothing yet, however
+        // far the watermark moves.
+        let (rows, _) = run_at(&mut op, &[p(1, MIDNIGHT + 20_000)], MIDNIGHT + 30_000, 1_000);
         assert!(rows.is_empty());
-        let (rows, _) = run(&mut op, &[p(0, MIDNIGHT + 40_000)], MIDNIGHT + 59_999);
+        let (rows, _) = run_at(&mut op, &[p(0, MIDNIGHT + 40_000)], MIDNIGHT + 600_000, EMIT_EVERY_MS - 1);
         assert!(rows.is_empty());
-        // The next minute writes the vehicle once, with both passes.
-        let (rows, _) = run(&mut op, &[], MIDNIGHT + 60_000);
+        // Once the period is over the vehicle is written once, with both passes.
+        let (rows, _) = run_at(&mut op, &[], MIDNIGHT + 600_001, EMIT_EVERY_MS);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].times, vec![MIDNIGHT + 1_000, MIDNIGHT + 20_000, MIDNIGHT + 40_000]);
         assert_eq!(rows[0].revision, 2);
-        // A pass in the last minute of input is written at its end.
-        let (rows, _) = run(&mut op, &[p(1, MIDNIGHT + 61_000)], MIDNIGHT + 65_000);
+        // A pass whose day closes before the next period is written as the day closes.
+        let (rows, _) = run_at(&mut op, &[p(1, MIDNIGHT + 61_000)], MIDNIGHT + 65_000, EMIT_EVERY_MS + 1);
         assert!(rows.is_empty());
+        let day_closed = MIDNIGHT + 86_400_000 + 3_600_000 + 1;
+        let (rows, _) = run_at(&mut op, &[p(0, day_closed)], day_closed, EMIT_EVERY_MS + 2);
+        assert_eq!(rows.len(), 1, "the closing day's vehicle, not yet the new day's");
+        assert_eq!((&*rows[0].day, rows[0].revision), ("2026-03-02", 3));
+        // The new day's pass is written at the end of input.
         let mut out = ResultBatch::default();
         let mut late = Vec::new();
-        let mut ctx =
-            Context { watermark: MIDNIGHT + 65_000, allowed_lateness_ms: 3_600_000, out: &mut out, late: &mut late };
+        let mut ctx = Context {
+            watermark: day_closed,
+            allowed_lateness_ms: 3_600_000,
+            processing_now: EMIT_EVERY_MS + 3,
+            out: &mut out,
+            late: &mut late,
+        };
         op.on_close(&mut ctx);
         assert_eq!(out.trajectories.len(), 1);
-        assert_eq!(out.trajectories[0].revision, 3);
+        assert_eq!((&*out.trajectories[0].day, out.trajectories[0].revision), ("2026-03-03", 0));
     }
 }
