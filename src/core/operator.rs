@@ -81,6 +81,34 @@ impl<I> SeqOf<I> {
     }
 }
 
+impl<I: Iterator> SeqOf<Counted<I>> {
+    /// A sequence of `len` items from an iterator that cannot tell its length (a flattened
+    /// one, say): the binary encoding writes the length first.
+    pub fn counted(items: I, len: usize) -> SeqOf<Counted<I>> {
+        SeqOf::new(Counted { items, left: len })
+    }
+}
+
+/// An iterator that knows how many items it has left (see [`SeqOf::counted`]).
+pub struct Counted<I> {
+    items: I,
+    left: usize,
+}
+
+impl<I: Iterator> Iterator for Counted<I> {
+    type Item = I::Item;
+
+    fn next(&mut self) -> Option<I::Item> {
+        let item = self.items.next()?;
+        self.left = self.left.checked_sub(1).expect("no more items than counted");
+        Some(item)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
 impl<I: Iterator<Item = T>, T: serde::Serialize> serde::Serialize for SeqOf<I> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let items = self.0.take().ok_or_else(|| serde::ser::Error::custom("a sequence serialised twice"))?;

@@ -32,7 +32,10 @@ struct Tally {
 struct Day {
     /// Midnight that ends the day, epoch ms.
     end: i64,
-    tallies: FxHashMap<(u32, VehicleKey), Tally>,
+    /// Each vehicle's tally at each checkpoint it passed, by checkpoint index: one entry per
+    /// vehicle (a city-day has some ten times fewer vehicles than vehicle-checkpoint pairs,
+    /// and a vehicle passes a few checkpoints), so a pass probes a much smaller table.
+    tallies: FxHashMap<VehicleKey, Vec<(u32, Tally)>>,
     /// Entries at or over the threshold changed since they were last written.
     dirty: FxHashSet<(u32, VehicleKey)>,
 }
@@ -59,8 +62,14 @@ impl HighFrequency {
 
     fn tally(&mut self, day: NaiveDate, end: i64, checkpoint: u32, vehicle: VehicleKey, ts: i64) {
         let d = self.days.entry(day).or_insert_with(|| Day { end, ..Day::default() });
-        let t =
-            d.tallies.entry((checkpoint, vehicle.clone())).or_insert(Tally { passes: 0, first_ts: ts, last_ts: ts });
+        let at = d.tallies.entry(vehicle.clone()).or_default();
+        let t = match at.iter().position(|(cp, _)| *cp == checkpoint) {
+            Some(i) => &mut at[i].1,
+            None => {
+                at.push((checkpoint, Tally { passes: 0, first_ts: ts, last_ts: ts }));
+                &mut at.last_mut().expect("just pushed").1
+            }
+        };
         t.passes += 1;
         t.first_ts = t.first_ts.min(ts);
         t.last_ts = t.last_ts.max(ts);
@@ -76,7 +85,7 @@ impl HighFrequency {
             }
             let day = day.to_string();
             for key in d.dirty.drain() {
-                let t = d.tallies[&key];
+                let t = d.tallies[&key.1].iter().find(|(cp, _)| *cp == key.0).expect("a dirty entry is tallied").1;
                 out.push(HighFrequencyRow {
                     day: day.clone(),
                     checkpoint_id: self.city.checkpoints[key.0 as usize].id.clone(),
@@ -121,13 +130,16 @@ impl Operator for HighFrequency {
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
         // Written straight from the maps, in the shape of `StoredDay`.
-        let days =
-            self.days.iter().map(|(day, d)| StoredDayRef {
-                day,
-                tallies: SeqOf::new(d.tallies.iter().map(|((cp, v), t)| {
-                    (*cp, v.plate.as_str(), v.color.code(), t, d.dirty.contains(&(*cp, v.clone())))
-                })),
-            });
+        let days = self.days.iter().map(|(day, d)| StoredDayRef {
+            day,
+            tallies: SeqOf::counted(
+                d.tallies.iter().flat_map(|(v, at)| {
+                    at.iter()
+                        .map(|(cp, t)| (*cp, v.plate.as_str(), v.color.code(), t, d.dirty.contains(&(*cp, v.clone()))))
+                }),
+                d.tallies.values().map(Vec::len).sum(),
+            ),
+        });
         StateBlob::encode(STATE_VERSION, &SeqOf::new(days), &self.snapshot_len)
     }
 
@@ -143,11 +155,10 @@ impl Operator for HighFrequency {
                     "high_frequency state names a checkpoint this city does not have"
                 );
                 let Some(vehicle) = VehicleKey::from_stored(&plate, color) else { continue };
-                let key = (cp, vehicle);
                 if dirty {
-                    d.dirty.insert(key.clone());
+                    d.dirty.insert((cp, vehicle.clone()));
                 }
-                d.tallies.insert(key, tally);
+                d.tallies.entry(vehicle).or_default().push((cp, tally));
             }
         }
         Ok(())
