@@ -401,8 +401,8 @@ async fn checkpoint_all(
     publish_now: bool,
 ) -> anyhow::Result<()> {
     let mut all: Vec<(i32, &mut Task)> = tasks.iter_mut().map(|(p, t)| (*p, t)).collect();
-    checkpoint_tasks(shared, producers, &mut all, publish_now).await?;
-    input.checkpointed();
+    let durable = checkpoint_tasks(shared, producers, &mut all, publish_now).await?;
+    input.checkpointed_at(&durable);
     if let Some(agg) = aggregate {
         checkpoint_aggregate(shared, &mut producers.states, agg, repartition, publish_now).await?;
     }
@@ -410,13 +410,17 @@ async fn checkpoint_all(
 }
 
 /// Checkpoints per-vehicle tasks: complete once their results are written and their forwarded
-/// passes acknowledged.
+/// passes acknowledged. Returns the input offsets another instance would resume from, for the
+/// group to commit: every task's with a shared `state.dir`; with a state topic, those of the
+/// tasks published now (a committed offset ahead of the published state would have an
+/// instance given the partition without it start there, the records before lost to it).
 async fn checkpoint_tasks(
     shared: &Shared,
     producers: &mut Producers,
     tasks: &mut [(i32, &mut Task)],
     publish_now: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<KafkaPosition> {
+    let mut durable = KafkaPosition { topic: shared.config.kafka.input.topic.clone(), offsets: BTreeMap::new() };
     let started = Instant::now();
     let mut snapshots = Vec::with_capacity(tasks.len());
     for (_, task) in tasks.iter_mut() {
@@ -441,12 +445,18 @@ async fn checkpoint_tasks(
         task.checkpoints.save(&checkpoint)?;
         task.engine.committed(task.next_id);
         task.next_id += 1;
-        if let Some(states) = producers.states.as_mut().filter(|s| s.due(&task_key(*p), publish_now)) {
-            states.publish(&task_key(*p), &Checkpoint { engine: task.engine.export()?, ..checkpoint }).await?;
+        let offset = task.next.map(|next| (*p, next));
+        match producers.states.as_mut() {
+            Some(states) if states.due(&task_key(*p), publish_now) => {
+                states.publish(&task_key(*p), &Checkpoint { engine: task.engine.export()?, ..checkpoint }).await?;
+                durable.offsets.extend(offset);
+            }
+            Some(_) => {}
+            None => durable.offsets.extend(offset),
         }
     }
     shared.metrics.observe_checkpoint(started, chrono::Utc::now().timestamp_millis());
-    Ok(())
+    Ok(durable)
 }
 
 async fn checkpoint_aggregate(
@@ -470,10 +480,16 @@ async fn checkpoint_aggregate(
     agg.checkpoints.save(&checkpoint)?;
     agg.engine.committed(agg.next_id);
     agg.next_id += 1;
-    repartition.checkpointed();
     shared.metrics.observe_checkpoint(started, checkpoint.created_at);
-    if let Some(states) = states.as_mut().filter(|s| s.due(AGGREGATE_KEY, publish_now)) {
-        states.publish(AGGREGATE_KEY, &Checkpoint { engine: agg.engine.export()?, ..checkpoint }).await?;
+    // The group's offset follows the state another instance would take the stage with (see
+    // `checkpoint_tasks`): an instance that opens the stage without state reads from there.
+    match states.as_mut() {
+        Some(states) if states.due(AGGREGATE_KEY, publish_now) => {
+            states.publish(AGGREGATE_KEY, &Checkpoint { engine: agg.engine.export()?, ..checkpoint }).await?;
+            repartition.checkpointed();
+        }
+        Some(_) => {}
+        None => repartition.checkpointed(),
     }
     Ok(())
 }

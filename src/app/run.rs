@@ -6,7 +6,7 @@ use super::replay::build_engine;
 use crate::api::{self, AdminCommand, AppState};
 use crate::config::{Config, SourceKind};
 use crate::core::checkpoint::{read_savepoint, write_savepoint, CheckpointStore};
-use crate::core::driver::{Checkpointing, Driver};
+use crate::core::driver::{Checkpointing, Driver, Saved};
 use crate::core::sink::{spawn_writer, QUEUE_BATCHES};
 use crate::core::{Clocks, Record};
 use crate::kafka::{KafkaPosition, KafkaSink, KafkaSource};
@@ -297,10 +297,13 @@ impl Source {
         }
     }
 
-    /// A checkpoint of the current position is durable.
-    fn checkpointed(&self) {
+    /// A checkpoint is durable.
+    fn checkpointed(&self, checkpoint: &Saved) {
         if let Source::Kafka(k) = self {
-            k.checkpointed();
+            match serde_json::from_value(checkpoint.source.clone()) {
+                Ok(position) => k.checkpointed_at(&position),
+                Err(e) => tracing::warn!(error = %e, "a checkpoint's source position is not a Kafka position"),
+            }
         }
     }
 
@@ -341,8 +344,8 @@ async fn pipeline(
             }
             driver.engine.tick(now);
             observe_watermarks(&metrics, &driver.engine, now);
-            if driver.after_batch(|| source.position()).await? {
-                source.checkpointed();
+            if let Some(saved) = driver.after_batch(|| source.position()).await? {
+                source.checkpointed(&saved);
             }
             // The Kafka consumer has waited for data already.
             let pause = if matches!(source, Source::Kafka(_)) { Duration::ZERO } else { IDLE_POLL };
@@ -358,15 +361,16 @@ async fn pipeline(
         driver.engine.process(source.name(), records, Clocks { future_now: Some(now), processing_now: now });
         metrics.observe_ingest(&before, driver.engine.stats());
         observe_watermarks(&metrics, &driver.engine, now);
-        if driver.after_batch(|| source.position()).await? {
-            source.checkpointed();
+        if let Some(saved) = driver.after_batch(|| source.position()).await? {
+            source.checkpointed(&saved);
         }
         while let Ok(command) = admin.try_recv() {
             handle_admin(command, &mut driver, &source).await;
         }
     }
-    driver.checkpoint(source.position()).await?;
-    source.checkpointed();
+    if let Some(saved) = driver.checkpoint(source.position()).await? {
+        source.checkpointed(&saved);
+    }
     Ok(())
 }
 

@@ -86,6 +86,7 @@ fn part_key(id: u64, name: &str) -> String {
     format!("ckpt/{id:020}/part/{name}")
 }
 
+#[derive(Clone)]
 pub struct CheckpointStore {
     db: Arc<DB>,
     cutoff: Arc<AtomicI64>,

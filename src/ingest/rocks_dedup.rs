@@ -169,8 +169,11 @@ pub struct RocksDedup {
     /// A scratch database's folder, removed with it.
     _scratch: Option<tempfile::TempDir>,
     horizon_ms: i64,
-    /// Ids accepted since the last commit: (digest, ts).
+    /// Ids accepted since the last checkpoint: (digest, ts).
     pending: FxHashMap<Text, (u64, i64)>,
+    /// The ids of checkpoints taken and not yet saved (at most one while the driver saves in
+    /// the background), held in memory until [`DedupBackend::committed`]: (checkpoint, ids).
+    committing: Vec<(u64, FxHashMap<Text, (u64, i64)>)>,
     max_ts: i64,
     /// Without checkpoints: write pending ids through once there are this many.
     autoflush: Option<usize>,
@@ -192,9 +195,16 @@ impl Flush {
         let ids = Arc::new(ids);
         let to_write = ids.clone();
         let writer = std::thread::spawn(move || {
-            let writes = sorted_writes(to_write.iter(), oldest_kept);
+            // Straight into one write batch, with one key buffer.
+            let mut batch = rocksdb::WriteBatch::default();
+            let mut key = ID_PREFIX.to_vec();
+            for (id, (digest, ts)) in live_in_order(to_write.iter(), oldest_kept) {
+                key.truncate(ID_PREFIX.len());
+                key.extend_from_slice(id.as_bytes());
+                batch.put(&key, value(*digest, *ts));
+            }
             // A scratch database needs no durability.
-            if let Err(e) = crate::core::write_batch(&db, &writes, None, false) {
+            if let Err(e) = crate::core::write_batch(&db, &[], Some(batch), false) {
                 tracing::error!(error = %e, "writing deduplication state to the scratch database failed");
             }
         });
@@ -226,20 +236,34 @@ fn for_each_stored(db: &DB, mut f: impl FnMut(&[u8], u64, i64) -> anyhow::Result
     Ok(stored.status()?)
 }
 
-/// Puts of the ids not expired before `oldest_kept`, in key order (the memtable then inserts
-/// each key next to the one before, much cheaper).
+/// Puts of the ids not expired before `oldest_kept`, in key order.
 fn sorted_writes<'a>(ids: impl Iterator<Item = (&'a Text, &'a (u64, i64))>, oldest_kept: i64) -> Vec<StateWrite> {
+    live_in_order(ids, oldest_kept)
+        .into_iter()
+        .map(|(id, (digest, ts))| StateWrite::Put(id_key(id), value(*digest, *ts).to_vec()))
+        .collect()
+}
+
+/// The ids not expired before `oldest_kept`, in key order (the memtable then inserts each key
+/// next to the one before, much cheaper).
+fn live_in_order<'a>(
+    ids: impl Iterator<Item = (&'a Text, &'a (u64, i64))>,
+    oldest_kept: i64,
+) -> Vec<(&'a Text, &'a (u64, i64))> {
     let mut ids: Vec<_> = ids.filter(|(_, (_, ts))| *ts >= oldest_kept).collect();
     ids.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    ids.into_iter().map(|(id, (digest, ts))| StateWrite::Put(id_key(id), value(*digest, *ts))).collect()
+    ids
 }
 
 fn id_key(id: &str) -> Vec<u8> {
     [ID_PREFIX, id.as_bytes()].concat()
 }
 
-fn value(digest: u64, ts: i64) -> Vec<u8> {
-    [digest.to_le_bytes(), ts.to_le_bytes()].concat()
+fn value(digest: u64, ts: i64) -> [u8; 16] {
+    let mut v = [0; 16];
+    v[..8].copy_from_slice(&digest.to_le_bytes());
+    v[8..].copy_from_slice(&ts.to_le_bytes());
+    v
 }
 
 /// (digest, ts) of a stored value.
@@ -264,6 +288,7 @@ impl RocksDedup {
             _scratch: None,
             horizon_ms,
             pending: FxHashMap::default(),
+            committing: Vec::new(),
             max_ts: i64::MIN,
             autoflush,
             filter,
@@ -303,10 +328,12 @@ impl RocksDedup {
         }
     }
 
-    /// The digest of an id held in memory (pending, or being written) and not expired.
+    /// The digest of an id held in memory (pending, in a checkpoint being saved, or being
+    /// written) and not expired.
     fn in_memory(&self, id: &str) -> Option<u64> {
         self.pending
             .get(id)
+            .or_else(|| self.committing.iter().find_map(|(_, ids)| ids.get(id)))
             .or_else(|| self.flushing.as_ref().and_then(|f| f.ids.get(id)))
             .filter(|(_, ts)| *ts >= self.oldest_kept())
             .map(|(digest, _)| *digest)
@@ -382,9 +409,13 @@ impl DedupBackend for RocksDedup {
 
     fn checkpoint(&mut self, checkpoint_id: u64) -> anyhow::Result<(Vec<u8>, Vec<StateWrite>)> {
         // Pending ids stay in memory, and the expiry stays where it is, until the checkpoint is
-        // durable (`committed`): a failed or abandoned checkpoint loses nothing.
+        // durable (`committed`); the ids of an earlier one not saved yet are written again
+        // with this one: a failed or abandoned checkpoint loses nothing.
         self.settle();
-        let mut writes = sorted_writes(self.pending.iter(), self.oldest_kept());
+        let ids = std::mem::take(&mut self.pending);
+        let earlier = self.committing.iter().flat_map(|(_, ids)| ids.iter());
+        let mut writes = sorted_writes(ids.iter().chain(earlier), self.oldest_kept());
+        self.committing.push((checkpoint_id, ids));
         writes.push(StateWrite::Put(COMMITTED_KEY.to_vec(), checkpoint_id.to_le_bytes().to_vec()));
         let mut marker = vec![1u8];
         marker.extend_from_slice(&checkpoint_id.to_le_bytes());
@@ -395,6 +426,7 @@ impl DedupBackend for RocksDedup {
     fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         self.settle();
         self.pending.clear();
+        self.committing.clear();
         match bytes.first() {
             Some(1) if bytes.len() == 17 => {
                 let id = u64::from_le_bytes(bytes[1..9].try_into()?);
@@ -413,7 +445,7 @@ impl DedupBackend for RocksDedup {
                 let mut writes = vec![StateWrite::DeleteRange(ID_PREFIX.to_vec(), b"dedup/id0".to_vec())];
                 for (id, digest, ts) in memory.entries() {
                     self.filter.insert(IdFilter::hash(id.as_bytes()), ts);
-                    writes.push(StateWrite::Put(id_key(&id), value(digest, ts)));
+                    writes.push(StateWrite::Put(id_key(&id), value(digest, ts).to_vec()));
                 }
                 self.max_ts = memory.max_ts();
                 crate::core::apply_writes(&self.db, &writes, None)
@@ -431,14 +463,14 @@ impl DedupBackend for RocksDedup {
             }
             Ok(())
         })?;
-        for (id, (digest, ts)) in &self.pending {
+        for (id, (digest, ts)) in self.committing.iter().flat_map(|(_, ids)| ids).chain(&self.pending) {
             memory.check(id, *digest, *ts);
         }
         memory.export()
     }
 
-    fn committed(&mut self, _checkpoint_id: u64) {
-        self.pending.clear();
+    fn committed(&mut self, checkpoint_id: u64) {
+        self.committing.retain(|(id, _)| *id > checkpoint_id);
         self.cutoff.fetch_max(self.oldest_kept(), Ordering::Relaxed);
     }
 
@@ -555,5 +587,40 @@ mod tests {
         dedup.check_batch(&items(&[("old", 1, 0), ("new", 2, 600_000)]));
         assert!(dedup.filter.may_hold(IdFilter::hash(b"new")));
         assert_eq!(dedup.check_batch(&items(&[("old", 1, 0)])), [DedupVerdict::First]);
+    }
+
+    #[test]
+    fn ids_taken_while_a_checkpoint_is_saved_stay_held_until_the_next_one_and_an_unsaved_one_is_written_again() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = open(dir.path());
+        let mut dedup =
+            RocksDedup::new(db.clone(), Arc::new(AtomicI64::new(i64::MIN)), 3_600_000, None).expect("empty state");
+        let put_keys = |writes: &[StateWrite]| -> Vec<Vec<u8>> {
+            writes.iter().filter_map(|w| if let StateWrite::Put(k, _) = w { Some(k.clone()) } else { None }).collect()
+        };
+        dedup.check_batch(&items(&[("a", 1, 1_000)]));
+        let (_, first) = dedup.checkpoint(1).expect("checkpoint 1");
+        assert_eq!(put_keys(&first)[0], id_key("a"));
+        // While checkpoint 1 is saved, `b` arrives; `a` is still known.
+        let verdicts = dedup.check_batch(&items(&[("a", 1, 1_000), ("b", 2, 2_000)]));
+        assert_eq!(verdicts, [DedupVerdict::Identical, DedupVerdict::First]);
+        // Checkpoint 2 is taken before 1 is saved: it writes `a` again with `b`.
+        let (_, second) = dedup.checkpoint(2).expect("checkpoint 2");
+        assert_eq!(put_keys(&second)[..2], [id_key("a"), id_key("b")]);
+        // 1 is saved: `b` (in checkpoint 2, not yet saved) stays held; `c` comes after both.
+        crate::core::apply_writes(&db, &first, None).expect("checkpoint 1 saved");
+        dedup.committed(1);
+        let verdicts = dedup.check_batch(&items(&[("b", 2, 2_000), ("c", 3, 3_000)]));
+        assert_eq!(verdicts, [DedupVerdict::Identical, DedupVerdict::First]);
+        crate::core::apply_writes(&db, &second, None).expect("checkpoint 2 saved");
+        dedup.committed(2);
+        assert_eq!(dedup.pending(), 1, "only `c` waits for a checkpoint");
+        assert!(dedup.committing.is_empty());
+        let verdicts = dedup.check_batch(&items(&[("a", 1, 1_000), ("b", 2, 2_000), ("c", 3, 3_000)]));
+        assert_eq!(
+            verdicts,
+            [DedupVerdict::Identical, DedupVerdict::Identical, DedupVerdict::Identical],
+            "`c` from memory"
+        );
     }
 }

@@ -378,8 +378,20 @@ impl KafkaSource {
     /// A checkpoint holding [`KafkaSource::position`] is durable: the group's committed offsets
     /// follow (for lag monitors; the checkpoint stays the truth).
     pub fn checkpointed(&self) {
+        self.commit(&self.next);
+    }
+
+    /// A checkpoint holding `position` is durable (taken before the offsets read since).
+    pub fn checkpointed_at(&self, position: &KafkaPosition) {
+        if position.topic == self.config.input.topic {
+            self.commit(&position.offsets);
+        }
+    }
+
+    /// Commits `offsets` of the input topic to the group.
+    fn commit(&self, offsets: &BTreeMap<i32, i64>) {
         let mut tpl = TopicPartitionList::new();
-        for (p, offset) in &self.next {
+        for (p, offset) in offsets {
             let _ = tpl.add_partition_offset(&self.config.input.topic, *p, Offset::Offset(*offset));
         }
         if tpl.count() > 0 {
