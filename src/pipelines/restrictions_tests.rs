@@ -67,6 +67,11 @@ fn pass(plate: &str, cp: u32, ts: i64) -> Pass {
     support::pass(plate, cp, ts)
 }
 
+/// A context with the restrictions' lateness at `watermark`.
+fn context<'a>(watermark: i64, out: &'a mut ResultBatch, late: &'a mut Vec<(usize, &'static str)>) -> Context<'a> {
+    Context { watermark, allowed_lateness_ms: 6 * HOUR, processing_now: 0, out, late }
+}
+
 #[test]
 fn a_week_of_rules_with_a_holiday_a_working_weekend_exemptions_and_a_non_local_rule() {
     let city = city();
@@ -92,13 +97,7 @@ fn a_week_of_rules_with_a_holiday_a_working_weekend_exemptions_and_a_non_local_r
     let passes: Vec<Pass> = cases.iter().map(|(p, _)| p.clone()).collect();
     let mut op = Restrictions::new(&city, TZ, &["赣A".to_string()]);
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx = Context {
-        watermark: i64::MIN,
-        allowed_lateness_ms: 6 * HOUR,
-        out: &mut out,
-        late: &mut late,
-        processing_now: 0,
-    };
+    let mut ctx = context(i64::MIN, &mut out, &mut late);
     op.process_batch(&passes, &mut ctx);
     let got: BTreeSet<(String, String)> =
         out.restriction_violations.iter().map(|v| (v.pass_id.to_string(), v.rule_id.to_string())).collect();
@@ -116,13 +115,7 @@ fn summaries_count_violations_and_distinct_vehicles_per_day_checkpoint_and_rule(
     let mut op = Restrictions::new(&city, TZ, &["赣A".to_string()]);
     let passes = [pass("赣A12341", 0, at(0, 8)), pass("赣A12341", 0, at(0, 9)), pass("赣A99996", 0, at(0, 9))];
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx = Context {
-        watermark: i64::MIN,
-        allowed_lateness_ms: 6 * HOUR,
-        out: &mut out,
-        late: &mut late,
-        processing_now: 0,
-    };
+    let mut ctx = context(i64::MIN, &mut out, &mut late);
     op.process_batch(&passes, &mut ctx);
     let s = out.restriction_summary.last().unwrap();
     assert_eq!(
@@ -131,13 +124,7 @@ fn summaries_count_violations_and_distinct_vehicles_per_day_checkpoint_and_rule(
     );
     // A violation after the day closed is still written, but the summary is closed: late.
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx = Context {
-        watermark: at(1, 7),
-        allowed_lateness_ms: 6 * HOUR,
-        out: &mut out,
-        late: &mut late,
-        processing_now: 0,
-    };
+    let mut ctx = context(at(1, 7), &mut out, &mut late);
     op.process_batch(&[pass("赣A12346", 0, at(0, 10))], &mut ctx);
     assert_eq!(out.restriction_violations.len(), 1);
     assert!(out.restriction_summary.is_empty());
