@@ -29,13 +29,18 @@ async fn produce_day(brokers: &str, file: &Path) -> usize {
 }
 
 async fn produce_day_to(brokers: &str, topic: &str, file: &Path) -> usize {
-    produce_day_paced(brokers, topic, file, None).await
+    produce_day_paced(brokers.to_owned(), topic.to_owned(), file.to_owned(), None).await
 }
 
 /// Produces the day as [`produce_day_to`] does; with `pace` (records, pause), that many records
 /// at a time with a pause after each, so that the stream lasts while instances come and go.
-async fn produce_day_paced(brokers: &str, topic: &str, file: &Path, pace: Option<(usize, Duration)>) -> usize {
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+async fn produce_day_paced(
+    brokers: String,
+    topic: String,
+    file: std::path::PathBuf,
+    pace: Option<(usize, Duration)>,
+) -> usize {
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
     let text = std::fs::read_to_string(file).unwrap();
     let mut deliveries = Vec::new();
     let mut first_key: BTreeMap<String, String> = BTreeMap::new();
@@ -45,7 +50,7 @@ async fn produce_day_paced(brokers: &str, topic: &str, file: &Path, pace: Option
             parsed.as_ref().and_then(|v| v.get(name).and_then(|p| p.as_str()).map(str::to_owned)).unwrap_or_default()
         };
         let plate = first_key.entry(field("pass_id")).or_insert_with(|| field("plate")).clone();
-        let record = FutureRecord::to(topic).key(&plate).payload(line);
+        let record = FutureRecord::to(&topic).key(&plate).payload(line);
         deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
         if let Some((records, pause)) = pace.filter(|(records, _)| deliveries.len() >= *records) {
             for d in deliveries.drain(..records) {
@@ -499,22 +504,25 @@ async fn two_and_three_instances_in_one_group_give_the_tables_of_one() {
         create(&brokers, &[(&config.kafka.input.topic, 4), (&config.kafka.scale_out.repartition_topic, 1)]).await;
         // With three, the day is produced over about a minute while the instances come and go
         // (they read a day produced at once in about a second: a join takes Tansu some 20 s).
-        let pace = (instances == 3).then_some((100, Duration::from_millis(200)));
-        let producing = tokio::spawn({
-            let (brokers, topic, file) = (brokers.clone(), config.kafka.input.topic.clone(), day.join("passes.jsonl"));
-            async move { produce_day_paced(&brokers, &topic, &file, pace).await }
-        });
-        if pace.is_none() {
-            while !producing.is_finished() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        let (topic, passes) = (config.kafka.input.topic.clone(), day.join("passes.jsonl"));
+        let producing = match instances {
+            3 => Some(tokio::spawn(produce_day_paced(
+                brokers.clone(),
+                topic,
+                passes,
+                Some((100, Duration::from_millis(200))),
+            ))),
+            _ => {
+                produce_day_paced(brokers.clone(), topic, passes, None).await;
+                None
             }
-        }
+        };
         let ports: Vec<u16> = (0..instances).map(|_| free_port()).collect();
         let file = |i: usize| dir.join(format!("instance-{i}.toml"));
         std::fs::create_dir_all(&dir).unwrap();
         let mut children: Vec<std::process::Child> =
             (0..2).map(|i| start_instance(&config, ports[i], &file(i))).collect();
-        if instances == 3 {
+        if let Some(producing) = producing {
             // A third instance joins once the first two are reading; then the first is killed
             // and started again: its partitions (and perhaps the aggregate stage) move twice,
             // while the day is still being produced.
@@ -527,8 +535,8 @@ async fn two_and_three_instances_in_one_group_give_the_tables_of_one() {
             let _ = first.wait();
             children.insert(0, start_instance(&config, ports[0], &file(0)));
             assert!(!producing.is_finished(), "the day was produced to its end before the first instance restarted");
+            producing.await.unwrap();
         }
-        producing.await.unwrap();
         for (i, child) in children.into_iter().enumerate() {
             wait_success(child, &format!("instance {i} of {instances}")).await;
         }

@@ -445,14 +445,8 @@ async fn checkpoint_tasks(
         task.checkpoints.save(&checkpoint)?;
         task.engine.committed(task.next_id);
         task.next_id += 1;
-        let offset = task.next.map(|next| (*p, next));
-        match producers.states.as_mut() {
-            Some(states) if states.due(&task_key(*p), publish_now) => {
-                states.publish(&task_key(*p), &Checkpoint { engine: task.engine.export()?, ..checkpoint }).await?;
-                durable.offsets.extend(offset);
-            }
-            Some(_) => {}
-            None => durable.offsets.extend(offset),
+        if hand_over(&mut producers.states, &task_key(*p), checkpoint, &mut task.engine, publish_now).await? {
+            durable.offsets.extend(task.next.map(|next| (*p, next)));
         }
     }
     shared.metrics.observe_checkpoint(started, chrono::Utc::now().timestamp_millis());
@@ -483,15 +477,30 @@ async fn checkpoint_aggregate(
     shared.metrics.observe_checkpoint(started, checkpoint.created_at);
     // The group's offset follows the state another instance would take the stage with (see
     // `checkpoint_tasks`): an instance that opens the stage without state reads from there.
-    match states.as_mut() {
-        Some(states) if states.due(AGGREGATE_KEY, publish_now) => {
-            states.publish(AGGREGATE_KEY, &Checkpoint { engine: agg.engine.export()?, ..checkpoint }).await?;
-            repartition.checkpointed();
-        }
-        Some(_) => {}
-        None => repartition.checkpointed(),
+    if hand_over(states, AGGREGATE_KEY, checkpoint, &mut agg.engine, publish_now).await? {
+        repartition.checkpointed();
     }
     Ok(())
+}
+
+/// After task `key`'s checkpoint is saved: publishes its state when a state topic is set and a
+/// publication is due. True when another instance given the task would resume from this
+/// checkpoint (it has been published, or the instances share `state.dir`).
+async fn hand_over(
+    states: &mut Option<StateTopic>,
+    key: &str,
+    checkpoint: Checkpoint,
+    engine: &mut Engine,
+    publish_now: bool,
+) -> anyhow::Result<bool> {
+    match states.as_mut() {
+        None => Ok(true),
+        Some(states) if states.due(key, publish_now) => {
+            states.publish(key, &Checkpoint { engine: engine.export()?, ..checkpoint }).await?;
+            Ok(true)
+        }
+        Some(_) => Ok(false),
+    }
 }
 
 /// The name of an input partition's task: its state's folder and its key in the state topic.

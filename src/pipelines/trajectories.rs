@@ -77,10 +77,12 @@ impl Trajectories {
         }
     }
 
-    fn emit(&mut self, out: &mut Vec<TrajectoryRow>) {
+    /// Writes every vehicle changed since it was last written.
+    fn emit(&mut self, ctx: &mut Context<'_>) {
         for (day, d) in &mut self.days {
-            d.emit(&self.city, day, out);
+            d.emit(&self.city, day, &mut ctx.out.trajectories);
         }
+        self.emitted_at = Some(ctx.processing_now);
     }
 }
 
@@ -143,8 +145,7 @@ impl Operator for Trajectories {
     fn on_watermark(&mut self, ctx: &mut Context<'_>) {
         let due = self.emitted_at.is_none_or(|at| ctx.processing_now.saturating_sub(at) >= EMIT_EVERY_MS);
         if due || self.days.values().map(|d| d.dirty.len()).sum::<usize>() >= MAX_CHANGED {
-            self.emit(&mut ctx.out.trajectories);
-            self.emitted_at = Some(ctx.processing_now);
+            self.emit(ctx);
         }
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
         let (city, out) = (&self.city, &mut ctx.out.trajectories);
@@ -158,12 +159,11 @@ impl Operator for Trajectories {
     }
 
     fn on_checkpoint(&mut self, _id: u64, ctx: &mut Context<'_>) {
-        self.emit(&mut ctx.out.trajectories);
-        self.emitted_at = Some(ctx.processing_now);
+        self.emit(ctx);
     }
 
     fn on_close(&mut self, ctx: &mut Context<'_>) {
-        self.emit(&mut ctx.out.trajectories);
+        self.emit(ctx);
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
