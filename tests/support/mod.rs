@@ -4,10 +4,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The `passflow` binary built for these tests.
+/// The `passflow` binary built for these tests. The process is killed when the thread that
+/// starts it ends (each test runs on a thread of its own): a test that fails or times out
+/// leaves no instance running behind it, even one it had stopped with SIGSTOP.
 pub fn passflow() -> Command {
+    use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_passflow"));
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    // SAFETY: prctl is async-signal-safe, and the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(|| match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        });
+    }
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("PASSFLOW__")) {
         cmd.env_remove(key);
     }
