@@ -123,7 +123,10 @@ pub fn decode_record(json: &[u8], tz: Tz, colors: PlateColorScheme) -> Result<Pa
     if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(RejectReason::MalformedJson);
     }
-    let raw: RawPass<'_> = serde_json::from_slice(json).map_err(|_| RejectReason::MalformedJson)?;
+    let raw = match super::scan::scan(json) {
+        Some(raw) => raw,
+        None => serde_json::from_slice(json).map_err(|_| RejectReason::MalformedJson)?,
+    };
     Ok(PassRecord {
         pass_id: raw.pass_id.text("pass_id")?.into(),
         plate: match raw.plate {
@@ -184,35 +187,36 @@ fn decode_speed(speed: Scalar<'_>) -> Result<Option<f32>, RejectReason> {
     }
 }
 
-#[derive(Deserialize)]
-struct RawPass<'a> {
+/// A record's fields as they came, before each is judged.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawPass<'a> {
     #[serde(default, borrow, alias = "GCXH")]
-    pass_id: Scalar<'a>,
+    pub(super) pass_id: Scalar<'a>,
     #[serde(default, borrow, alias = "HPHM")]
-    plate: Scalar<'a>,
+    pub(super) plate: Scalar<'a>,
     #[serde(default, borrow, alias = "HPYS")]
-    plate_color: Scalar<'a>,
+    pub(super) plate_color: Scalar<'a>,
     #[serde(default, borrow, alias = "HPZL")]
-    plate_type: Scalar<'a>,
+    pub(super) plate_type: Scalar<'a>,
     #[serde(default, borrow, alias = "KKBH")]
-    checkpoint_id: Scalar<'a>,
+    pub(super) checkpoint_id: Scalar<'a>,
     #[serde(default, borrow, alias = "SBBH")]
-    device_id: Scalar<'a>,
+    pub(super) device_id: Scalar<'a>,
     #[serde(default, borrow, alias = "FXBH")]
-    direction: Scalar<'a>,
+    pub(super) direction: Scalar<'a>,
     #[serde(default, borrow, alias = "CDH")]
-    lane: Scalar<'a>,
+    pub(super) lane: Scalar<'a>,
     #[serde(default, borrow, alias = "GCSJ")]
-    ts: Scalar<'a>,
+    pub(super) ts: Scalar<'a>,
     #[serde(default, borrow, alias = "CLSD")]
-    speed_kmh: Scalar<'a>,
+    pub(super) speed_kmh: Scalar<'a>,
     #[serde(default, borrow, alias = "CLLX")]
-    vehicle_type: Scalar<'a>,
+    pub(super) vehicle_type: Scalar<'a>,
 }
 
 /// Any JSON value of a field, kept as it came so each field can give its own reason.
 #[derive(Default, Debug)]
-enum Scalar<'a> {
+pub(super) enum Scalar<'a> {
     #[default]
     Absent,
     Null,

@@ -10,6 +10,7 @@ mod codes;
 mod decode;
 mod plate;
 mod reject;
+mod scan;
 mod text;
 mod time;
 

@@ -1,0 +1,172 @@
+//! A fast reader for the common shape of a pass record: one flat JSON object whose strings hold
+//! no escapes and whose numbers are plain. It gives exactly what `serde_json` gives for such a
+//! record, or `None` for anything else (escapes, nested values, exponents, negative or long
+//! numbers, repeated fields, anything malformed), which `serde_json` then reads and judges.
+//! Most records take this path, so decoding is a single pass over the bytes without a visitor
+//! per field.
+
+use super::decode::{RawPass, Scalar};
+use std::borrow::Cow;
+
+/// Significands up to this many digits are exact in an f64 (10^15 < 2^53).
+const MAX_DIGITS: usize = 15;
+/// Integers up to this many digits fit an i64.
+const MAX_INT_DIGITS: usize = 18;
+/// Powers of ten exact in an f64.
+const POW10: [f64; 16] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15];
+
+/// The record's fields, when it has the common shape (see the module's note).
+pub(super) fn scan(json: &[u8]) -> Option<RawPass<'_>> {
+    let mut s = Scanner { bytes: json, at: 0 };
+    let mut raw = RawPass::default();
+    s.skip_ws();
+    s.expect(b'{')?;
+    s.skip_ws();
+    if s.peek()? == b'}' {
+        s.at += 1;
+    } else {
+        loop {
+            let key = s.string()?;
+            s.skip_ws();
+            s.expect(b':')?;
+            s.skip_ws();
+            let value = s.value()?;
+            let slot = match key {
+                "pass_id" | "GCXH" => &mut raw.pass_id,
+                "plate" | "HPHM" => &mut raw.plate,
+                "plate_color" | "HPYS" => &mut raw.plate_color,
+                "plate_type" | "HPZL" => &mut raw.plate_type,
+                "checkpoint_id" | "KKBH" => &mut raw.checkpoint_id,
+                "device_id" | "SBBH" => &mut raw.device_id,
+                "direction" | "FXBH" => &mut raw.direction,
+                "lane" | "CDH" => &mut raw.lane,
+                "ts" | "GCSJ" => &mut raw.ts,
+                "speed_kmh" | "CLSD" => &mut raw.speed_kmh,
+                "vehicle_type" | "CLLX" => &mut raw.vehicle_type,
+                _ => {
+                    s.skip_ws();
+                    if s.next_member()? {
+                        continue;
+                    }
+                    break;
+                }
+            };
+            // A field given twice is an error `serde_json` reports.
+            if !matches!(slot, Scalar::Absent) {
+                return None;
+            }
+            *slot = value;
+            s.skip_ws();
+            if !s.next_member()? {
+                break;
+            }
+        }
+    }
+    s.skip_ws();
+    (s.at == json.len()).then_some(raw)
+}
+
+struct Scanner<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Scanner<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    fn expect(&mut self, byte: u8) -> Option<()> {
+        (self.peek()? == byte).then(|| self.at += 1)
+    }
+
+    /// JSON's whitespace (not every ASCII space: a form feed is an error).
+    fn skip_ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.at += 1;
+        }
+    }
+
+    /// After a member: `true` at a comma (another member follows), `false` at the closing brace.
+    fn next_member(&mut self) -> Option<bool> {
+        match self.peek()? {
+            b',' => {
+                self.at += 1;
+                self.skip_ws();
+                Some(true)
+            }
+            b'}' => {
+                self.at += 1;
+                Some(false)
+            }
+            _ => None,
+        }
+    }
+
+    /// A string without escapes or control characters, as valid UTF-8.
+    fn string(&mut self) -> Option<&'a str> {
+        self.expect(b'"')?;
+        let from = self.at;
+        let len = self.bytes[from..].iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        self.at = from + len;
+        self.expect(b'"')?;
+        std::str::from_utf8(&self.bytes[from..from + len]).ok()
+    }
+
+    fn value(&mut self) -> Option<Scalar<'a>> {
+        match self.peek()? {
+            b'"' => self.string().map(|s| Scalar::Str(Cow::Borrowed(s))),
+            b'0'..=b'9' => self.number(),
+            b'n' => self.literal(b"null", Scalar::Null),
+            b't' => self.literal(b"true", Scalar::Bool),
+            b'f' => self.literal(b"false", Scalar::Bool),
+            _ => None,
+        }
+    }
+
+    fn literal(&mut self, word: &[u8], value: Scalar<'a>) -> Option<Scalar<'a>> {
+        self.bytes[self.at..].starts_with(word).then(|| self.at += word.len())?;
+        Some(value)
+    }
+
+    /// A non-negative number without an exponent: an integer of up to 18 digits, or a decimal of
+    /// up to 15 significant digits (its value is then exactly the division `serde_json` does).
+    fn number(&mut self) -> Option<Scalar<'a>> {
+        let digits = |s: &mut Scanner<'a>| {
+            let from = s.at;
+            while matches!(s.peek(), Some(b'0'..=b'9')) {
+                s.at += 1;
+            }
+            &s.bytes[from..s.at]
+        };
+        let whole = digits(self);
+        // A leading zero stands alone (`01` is not JSON).
+        if whole.len() > 1 && whole[0] == b'0' {
+            return None;
+        }
+        let fraction = match self.peek() {
+            Some(b'.') => {
+                self.at += 1;
+                let fraction = digits(self);
+                (!fraction.is_empty()).then_some(fraction)?
+            }
+            _ => &[][..],
+        };
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            return None;
+        }
+        let value = |digits: &[u8]| digits.iter().fold(0u64, |v, d| v * 10 + u64::from(d - b'0'));
+        if fraction.is_empty() {
+            return (whole.len() <= MAX_INT_DIGITS).then(|| Scalar::Int(value(whole) as i64));
+        }
+        if whole.len() + fraction.len() > MAX_DIGITS {
+            return None;
+        }
+        let significand = value(whole) * 10u64.pow(fraction.len() as u32) + value(fraction);
+        Some(Scalar::Float(significand as f64 / POW10[fraction.len()]))
+    }
+}
+
+#[cfg(test)]
+#[path = "scan_tests.rs"]
+mod tests;
