@@ -66,9 +66,13 @@ struct GroupEvents {
 
 impl ClientContext for GroupEvents {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
         match error {
-            // Bounded runs ask to be told of partition ends: not an error.
-            rdkafka::error::KafkaError::PartitionEOF(_) => tracing::debug!(reason, "partition end reached"),
+            // Bounded runs ask to be told of partition ends (librdkafka reports some of them as
+            // a global error): not an error.
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF) => {
+                tracing::debug!(reason, "partition end reached")
+            }
             e => tracing::error!(error = %e, reason, "Kafka client error"),
         }
     }
