@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 /// Entries are grouped by the minute of their event time, so expiry drops whole minutes.
 const BUCKET_MS: i64 = 60_000;
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DedupVerdict {
     First,
     Identical,

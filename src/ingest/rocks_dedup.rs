@@ -119,7 +119,18 @@ impl IdFilter {
     }
 
     fn may_hold(&self, hash: u64) -> bool {
-        self.generations.iter().rev().any(|g| g.may_hold(hash))
+        self.may_hold_since(0, hash)
+    }
+
+    /// Whether generation `first` or a newer one may hold the id: ids inserted since the
+    /// newest was generation `first` are all there.
+    fn may_hold_since(&self, first: usize, hash: u64) -> bool {
+        self.generations[first.min(self.generations.len() - 1)..].iter().rev().any(|g| g.may_hold(hash))
+    }
+
+    /// The newest generation's place: where ids go now.
+    fn newest(&self) -> usize {
+        self.generations.len() - 1
     }
 
     fn current(&mut self) -> &mut Bloom {
@@ -317,7 +328,9 @@ impl RocksDedup {
         self.settle();
         let oldest_kept = self.oldest_kept();
         self.cutoff.fetch_max(oldest_kept, Ordering::Relaxed);
-        let ids = std::mem::take(&mut self.pending);
+        // The next set is made as large at once (growing it rehashes it over and again).
+        let next = FxHashMap::with_capacity_and_hasher(self.pending.len(), Default::default());
+        let ids = std::mem::replace(&mut self.pending, next);
         self.flushing = Some(Flush::start(self.db.clone(), ids, oldest_kept));
     }
 
@@ -367,11 +380,15 @@ impl RocksDedup {
 impl DedupBackend for RocksDedup {
     fn check_batch(&mut self, items: &[(Text, u64, i64)]) -> Vec<DedupVerdict> {
         let hashes: Vec<u64> = items.iter().map(|(id, _, _)| IdFilter::hash(id.as_bytes())).collect();
+        // Each generation is probed once an id (a probe is a cache miss): ids of this batch go
+        // into the newest generation (or ones opened after it), which alone is probed again.
+        let newest = self.filter.newest();
+        let held: Vec<bool> = hashes.iter().map(|hash| self.filter.may_hold(*hash)).collect();
         // Only an id the filter may hold and that is not in memory can be in RocksDB.
         let unknown: Vec<&Text> = items
             .iter()
-            .zip(&hashes)
-            .filter(|((id, _, _), hash)| self.filter.may_hold(**hash) && self.in_memory(id).is_none())
+            .zip(&held)
+            .filter(|((id, _, _), held)| **held && self.in_memory(id).is_none())
             .map(|((id, _, _), _)| id)
             .collect();
         let stored: FxHashMap<&str, u64> = unknown
@@ -381,10 +398,10 @@ impl DedupBackend for RocksDedup {
             .filter_map(|(id, d)| d.map(|d| (id, d)))
             .collect();
         let mut verdicts = Vec::with_capacity(items.len());
-        for ((id, digest, ts), hash) in items.iter().zip(hashes) {
+        for (((id, digest, ts), hash), held) in items.iter().zip(hashes).zip(held) {
             // Every id in memory, and every live one stored, is in the filter: a new id (almost
             // every pass) costs no look-up before it is put in pending.
-            let first = if self.filter.may_hold(hash) {
+            let first = if held || self.filter.may_hold_since(newest, hash) {
                 self.in_memory(id).or_else(|| stored.get(&**id).copied())
             } else {
                 None
@@ -532,6 +549,26 @@ mod tests {
             RocksDedup::new(db, Arc::new(AtomicI64::new(i64::MIN)), 3_600_000, None).expect("state readable");
         let verdicts = reopened.check_batch(&items(&[("c", 3, 3_000), ("c", 7, 3_000), ("e", 5, 5_000)]));
         assert_eq!(verdicts, [DedupVerdict::Identical, DedupVerdict::Conflicting, DedupVerdict::First]);
+    }
+
+    #[test]
+    fn an_id_repeated_in_one_batch_is_judged_by_its_first_copy_even_past_a_full_generation() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut dedup =
+            RocksDedup::new(open(dir.path()), Arc::new(AtomicI64::new(i64::MIN)), i64::MAX / 4, None).expect("empty");
+        // One batch that fills the first generation: its repeats come after a new one opened.
+        let n = MIN_FILTER_IDS + 10;
+        let ids: Vec<String> = (0..n).map(|i| format!("id-{i}")).collect();
+        let mut batch: Vec<(Text, u64, i64)> = ids.iter().map(|id| (Text::from(id.as_str()), 1, 1_000)).collect();
+        for i in [0, 1, MIN_FILTER_IDS - 1, MIN_FILTER_IDS + 5] {
+            batch.push((Text::from(ids[i].as_str()), 1, 1_000));
+            batch.push((Text::from(ids[i].as_str()), 2, 1_000));
+        }
+        let verdicts = dedup.check_batch(&batch);
+        assert!(dedup.filter.generations.len() > 1, "a second generation opened in the batch");
+        assert!(verdicts[..n].iter().all(|v| *v == DedupVerdict::First));
+        let repeats = [DedupVerdict::Identical, DedupVerdict::Conflicting];
+        assert_eq!(verdicts[n..], repeats.repeat(4));
     }
 
     #[test]
