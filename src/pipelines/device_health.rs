@@ -21,6 +21,7 @@ use crate::model::{stable_id, Pass, VehicleKey};
 use crate::reference::City;
 use crate::results::AlertRow;
 use rustc_hash::FxHashMap;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
@@ -269,10 +270,20 @@ impl Operator for DeviceHealth {
             // Travel times from each vehicle's latest pass (by event time) to a later one: a
             // pass arriving after a later one of its vehicle makes no trip (it would pair passes
             // that are not adjacent in time).
-            let prev = self.last_pass.get(&vehicle).copied().filter(|(prev_ts, _)| *prev_ts >= trips_from);
-            if prev.is_none_or(|(prev_ts, _)| ts > prev_ts) {
-                self.last_pass.insert(vehicle, (ts, cp));
-            }
+            // One look-up of the vehicle: read, then moved on.
+            let prev = match self.last_pass.entry(vehicle) {
+                Entry::Vacant(slot) => {
+                    slot.insert((ts, cp));
+                    None
+                }
+                Entry::Occupied(mut slot) => {
+                    let prev = Some(*slot.get()).filter(|(prev_ts, _)| *prev_ts >= trips_from);
+                    if prev.is_none_or(|(prev_ts, _)| ts > prev_ts) {
+                        slot.insert((ts, cp));
+                    }
+                    prev
+                }
+            };
             if let Some((prev_ts, prev_cp)) = prev {
                 let dt = ts - prev_ts;
                 if prev_cp != cp && dt > 0 && dt < MAX_TRIP_MS {
