@@ -219,13 +219,19 @@ pub fn coalesce(rows: Vec<FlowCountRow>) -> Vec<FlowCountRow> {
 
 /// Keeps one row per key (`key_of` gives the key and the revision): the highest revision.
 pub fn coalesce_by<R, K: std::hash::Hash + Eq>(rows: Vec<R>, key_of: impl Fn(&R) -> (K, u32)) -> Vec<R> {
-    let mut best: FxHashMap<K, (u32, R)> = FxHashMap::default();
+    use std::collections::hash_map::Entry;
+    // Sized for every row at once (growing it would rehash it over and again), and one look-up
+    // a row.
+    let mut best: FxHashMap<K, (u32, R)> = FxHashMap::with_capacity_and_hasher(rows.len(), Default::default());
     for row in rows {
         let (key, revision) = key_of(&row);
-        match best.get(&key) {
-            Some((kept, _)) if *kept > revision => {}
-            _ => {
-                best.insert(key, (revision, row));
+        match best.entry(key) {
+            Entry::Occupied(mut kept) if kept.get().0 <= revision => {
+                kept.insert((revision, row));
+            }
+            Entry::Occupied(_) => {}
+            Entry::Vacant(slot) => {
+                slot.insert((revision, row));
             }
         }
     }
@@ -259,8 +265,16 @@ mod tests {
 
     #[test]
     fn coalescing_keeps_the_highest_revision_of_each_key() {
-        let mut rows = coalesce(vec![row("a", 1, 0), row("a", 3, 2), row("a", 2, 1), row("b", 5, 0)]);
+        let mut rows = coalesce(vec![
+            row("a", 1, 0),
+            row("a", 3, 2),
+            row("a", 2, 1),
+            row("b", 5, 0),
+            row("c", 1, 4),
+            row("c", 7, 4),
+        ]);
         rows.sort();
-        assert_eq!(rows, vec![row("a", 3, 2), row("b", 5, 0)]);
+        // Of two rows of one revision, the later stands.
+        assert_eq!(rows, vec![row("a", 3, 2), row("b", 5, 0), row("c", 7, 4)]);
     }
 }
