@@ -257,8 +257,8 @@ impl Engine {
     ) {
         let watermark = self.watermarks.current();
         let outcomes = self.ingest.admit(judged);
-        let mut passes: Vec<Pass> = Vec::new();
-        let mut raw: Vec<&'a [u8]> = Vec::new();
+        let mut passes: Vec<Pass> = Vec::with_capacity(records.len());
+        let mut raw: Vec<&'a [u8]> = Vec::with_capacity(records.len());
         let mut late = Vec::new();
         for (i, (record, outcome)) in records.into_iter().zip(outcomes).enumerate() {
             match outcome {
