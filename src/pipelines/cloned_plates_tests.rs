@@ -18,8 +18,7 @@ fn pass(plate: &str, cp: u32, ts: i64) -> Pass {
 
 fn run(op: &mut ClonedPlates, passes: &[Pass], watermark: i64) -> (Vec<AlertRow>, Vec<(usize, &'static str)>) {
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx =
-        Context { watermark, allowed_lateness_ms: 3_600_000, out: &mut out, late: &mut late, processing_now: 0 };
+    let mut ctx = support::context(watermark, 3_600_000, &mut out, &mut late);
     op.process_batch(passes, &mut ctx);
     op.on_watermark(&mut ctx);
     (out.alerts, late)

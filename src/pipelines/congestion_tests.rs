@@ -31,8 +31,7 @@ struct Out {
 
 fn step(op: &mut Congestion, passes: &[Pass], watermark: i64, then: i64) -> Out {
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx =
-        Context { watermark, allowed_lateness_ms: 3_600_000, out: &mut out, late: &mut late, processing_now: 0 };
+    let mut ctx = support::context(watermark, 3_600_000, &mut out, &mut late);
     op.process_batch(passes, &mut ctx);
     ctx.watermark = then;
     op.on_watermark(&mut ctx);
@@ -227,13 +226,7 @@ fn two_congested_windows_right_after_a_free_one_raise_a_sudden_congestion_alert(
         pass("赣A3", 1, 650_000),
     ];
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx = Context {
-        watermark: i64::MIN,
-        allowed_lateness_ms: 3_600_000,
-        out: &mut out,
-        late: &mut late,
-        processing_now: 0,
-    };
+    let mut ctx = support::context(i64::MIN, 3_600_000, &mut out, &mut late);
     op.process_batch(&passes, &mut ctx);
     ctx.watermark = 2_000_000;
     op.on_watermark(&mut ctx);
@@ -248,13 +241,7 @@ fn two_congested_windows_right_after_a_free_one_raise_a_sudden_congestion_alert(
     // Two late fast traversals in window 1 lift its mean speed to 28 km/h (level 3): the alert
     // is retracted.
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx = Context {
-        watermark: 2_000_000,
-        allowed_lateness_ms: 3_600_000,
-        out: &mut out,
-        late: &mut late,
-        processing_now: 0,
-    };
+    let mut ctx = support::context(2_000_000, 3_600_000, &mut out, &mut late);
     op.process_batch(
         &[pass("赣A4", 0, 400_000), pass("赣A4", 1, 440_000), pass("赣A5", 0, 400_000), pass("赣A5", 1, 440_000)],
         &mut ctx,

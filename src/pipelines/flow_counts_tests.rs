@@ -33,14 +33,12 @@ impl Harness {
     }
 
     fn batch(&mut self, passes: &[Pass], watermark: i64) {
-        let mut ctx =
-            Context { watermark, allowed_lateness_ms: H, out: &mut self.out, late: &mut self.late, processing_now: 0 };
+        let mut ctx = support::context(watermark, H, &mut self.out, &mut self.late);
         self.op.process_batch(passes, &mut ctx);
     }
 
     fn watermark(&mut self, watermark: i64) -> Vec<FlowCountRow> {
-        let mut ctx =
-            Context { watermark, allowed_lateness_ms: H, out: &mut self.out, late: &mut self.late, processing_now: 0 };
+        let mut ctx = support::context(watermark, H, &mut self.out, &mut self.late);
         self.op.on_watermark(&mut ctx);
         std::mem::take(&mut self.out.flow_counts)
     }

@@ -17,7 +17,7 @@ fn step(
     watermark: i64,
 ) -> (Vec<HighFrequencyRow>, Vec<(usize, &'static str)>) {
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx = Context { watermark, allowed_lateness_ms: 6 * H, out: &mut out, late: &mut late, processing_now: 0 };
+    let mut ctx = support::context(watermark, 6 * H, &mut out, &mut late);
     op.process_batch(passes, &mut ctx);
     op.on_watermark(&mut ctx);
     (out.high_frequency, late)

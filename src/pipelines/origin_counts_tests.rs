@@ -17,8 +17,7 @@ fn run(
     then: i64,
 ) -> (Vec<OriginCountRow>, Vec<(usize, &'static str)>) {
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx =
-        Context { watermark, allowed_lateness_ms: 3_600_000, out: &mut out, late: &mut late, processing_now: 0 };
+    let mut ctx = support::context(watermark, 3_600_000, &mut out, &mut late);
     op.process_batch(passes, &mut ctx);
     ctx.watermark = then;
     op.on_watermark(&mut ctx);

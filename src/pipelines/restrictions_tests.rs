@@ -69,7 +69,7 @@ fn pass(plate: &str, cp: u32, ts: i64) -> Pass {
 
 /// A context with the restrictions' lateness at `watermark`.
 fn context<'a>(watermark: i64, out: &'a mut ResultBatch, late: &'a mut Vec<(usize, &'static str)>) -> Context<'a> {
-    Context { watermark, allowed_lateness_ms: 6 * HOUR, processing_now: 0, out, late }
+    support::context(watermark, 6 * HOUR, out, late)
 }
 
 #[test]

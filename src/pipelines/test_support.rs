@@ -1,8 +1,21 @@
 //! Small hand-made cities and passes for the pipelines' unit tests.
 
+use crate::core::Context;
 use crate::model::{CheckpointIdx, Direction, EventTime, Pass, PlateColor, PlateRead};
 use crate::reference::{Checkpoint, City, Region, RoadClass, Segment};
+use crate::results::ResultBatch;
 use std::sync::Arc;
+
+/// An operator's context at `watermark`, allowing `lateness_ms`, at processing time 0 (set
+/// `processing_now` for pipelines paced by the wall clock).
+pub fn context<'a>(
+    watermark: i64,
+    lateness_ms: i64,
+    out: &'a mut ResultBatch,
+    late: &'a mut Vec<(usize, &'static str)>,
+) -> Context<'a> {
+    Context { watermark, allowed_lateness_ms: lateness_ms, processing_now: 0, out, late }
+}
 
 /// An arterial checkpoint in `region`, not on the boundary, without bus lanes.
 pub fn checkpoint(id: &str, region: &str) -> Checkpoint {

@@ -12,8 +12,7 @@ fn pass(cp: u32, ts: i64) -> Pass {
 
 fn step(op: &mut TopN, passes: &[Pass], watermark: i64, then: i64) -> (Vec<TopNWindow>, Vec<(usize, &'static str)>) {
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx =
-        Context { watermark, allowed_lateness_ms: 600_000, out: &mut out, late: &mut late, processing_now: 0 };
+    let mut ctx = support::context(watermark, 600_000, &mut out, &mut late);
     op.process_batch(passes, &mut ctx);
     ctx.watermark = then;
     op.on_watermark(&mut ctx);

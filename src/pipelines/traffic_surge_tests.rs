@@ -13,8 +13,7 @@ fn window(cp: u32, k: i64, n: usize, tag: &str) -> Vec<Pass> {
 
 fn step(op: &mut TrafficSurge, passes: &[Pass], watermark: i64, then: i64) -> Vec<AlertRow> {
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx =
-        Context { watermark, allowed_lateness_ms: 6 * 3_600_000, out: &mut out, late: &mut late, processing_now: 0 };
+    let mut ctx = support::context(watermark, 6 * 3_600_000, &mut out, &mut late);
     op.process_batch(passes, &mut ctx);
     ctx.watermark = then;
     op.on_watermark(&mut ctx);

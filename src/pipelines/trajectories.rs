@@ -252,8 +252,7 @@ mod tests {
     /// A batch at `watermark`, `now` being its processing time.
     fn run_at(op: &mut Trajectories, passes: &[Pass], watermark: i64, now: i64) -> (Vec<TrajectoryRow>, usize) {
         let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-        let mut ctx =
-            Context { watermark, allowed_lateness_ms: 3_600_000, processing_now: now, out: &mut out, late: &mut late };
+        let mut ctx = Context { processing_now: now, ..support::context(watermark, 3_600_000, &mut out, &mut late) };
         op.process_batch(passes, &mut ctx);
         op.on_watermark(&mut ctx);
         (out.trajectories, late.len())
@@ -317,11 +316,8 @@ mod tests {
         let mut out = ResultBatch::default();
         let mut late = Vec::new();
         let mut ctx = Context {
-            watermark: day_closed,
-            allowed_lateness_ms: 3_600_000,
             processing_now: EMIT_EVERY_MS + 3,
-            out: &mut out,
-            late: &mut late,
+            ..support::context(day_closed, 3_600_000, &mut out, &mut late)
         };
         op.on_close(&mut ctx);
         assert_eq!(out.trajectories.len(), 1);

@@ -211,8 +211,7 @@ mod tests {
         let city = support::city(vec![checkpoint("A", "R1")], &["R1"]);
         let mut op = Watch::new(&city, list.clone());
         let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-        let mut ctx =
-            Context { watermark: i64::MAX, allowed_lateness_ms: 0, out: &mut out, late: &mut late, processing_now: 0 };
+        let mut ctx = support::context(i64::MAX, 0, &mut out, &mut late);
         op.process_batch(&[support::pass("赣A12345", 0, 1_000), support::pass("赣A54321", 0, 2_000)], &mut ctx);
         assert_eq!(out.alerts.len(), 1);
         let a = &out.alerts[0];
@@ -222,8 +221,7 @@ mod tests {
         assert_eq!(list.remove("赣A12345", None).unwrap(), 1);
         assert!(WatchList::load(&file).unwrap().entries().is_empty());
         let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-        let mut ctx =
-            Context { watermark: i64::MAX, allowed_lateness_ms: 0, out: &mut out, late: &mut late, processing_now: 0 };
+        let mut ctx = support::context(i64::MAX, 0, &mut out, &mut late);
         op.process_batch(&[support::pass("赣A12345", 0, 3_000)], &mut ctx);
         assert!(out.alerts.is_empty());
     }
