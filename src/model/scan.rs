@@ -32,30 +32,27 @@ pub(super) fn scan(json: &[u8]) -> Option<RawPass<'_>> {
             s.skip_ws();
             let value = s.value()?;
             let slot = match key {
-                "pass_id" | "GCXH" => &mut raw.pass_id,
-                "plate" | "HPHM" => &mut raw.plate,
-                "plate_color" | "HPYS" => &mut raw.plate_color,
-                "plate_type" | "HPZL" => &mut raw.plate_type,
-                "checkpoint_id" | "KKBH" => &mut raw.checkpoint_id,
-                "device_id" | "SBBH" => &mut raw.device_id,
-                "direction" | "FXBH" => &mut raw.direction,
-                "lane" | "CDH" => &mut raw.lane,
-                "ts" | "GCSJ" => &mut raw.ts,
-                "speed_kmh" | "CLSD" => &mut raw.speed_kmh,
-                "vehicle_type" | "CLLX" => &mut raw.vehicle_type,
-                _ => {
-                    s.skip_ws();
-                    if s.next_member()? {
-                        continue;
-                    }
-                    break;
-                }
+                "pass_id" | "GCXH" => Some(&mut raw.pass_id),
+                "plate" | "HPHM" => Some(&mut raw.plate),
+                "plate_color" | "HPYS" => Some(&mut raw.plate_color),
+                "plate_type" | "HPZL" => Some(&mut raw.plate_type),
+                "checkpoint_id" | "KKBH" => Some(&mut raw.checkpoint_id),
+                "device_id" | "SBBH" => Some(&mut raw.device_id),
+                "direction" | "FXBH" => Some(&mut raw.direction),
+                "lane" | "CDH" => Some(&mut raw.lane),
+                "ts" | "GCSJ" => Some(&mut raw.ts),
+                "speed_kmh" | "CLSD" => Some(&mut raw.speed_kmh),
+                "vehicle_type" | "CLLX" => Some(&mut raw.vehicle_type),
+                // Other fields are ignored, as `serde_json` ignores them.
+                _ => None,
             };
-            // A field given twice is an error `serde_json` reports.
-            if !matches!(slot, Scalar::Absent) {
-                return None;
+            if let Some(slot) = slot {
+                // A field given twice is an error `serde_json` reports.
+                if !matches!(slot, Scalar::Absent) {
+                    return None;
+                }
+                *slot = value;
             }
-            *slot = value;
             s.skip_ws();
             if !s.next_member()? {
                 break;
