@@ -468,7 +468,8 @@ async fn wait_success(child: std::process::Child, what: &str) -> String {
 }
 
 /// A scale-out instance's configuration on the small day: input topic `passes-NAME` (group
-/// `cluster-NAME`) and repartition topic `repartition-NAME`, no output topics.
+/// `cluster-NAME`), repartition topic `repartition-NAME` and partials topic `partials-NAME`, no
+/// output topics.
 fn scale_out_config(dir: &Path, brokers: &str, name: &str) -> Config {
     let mut config = service_config(dir, small_day(), brokers);
     config.kafka.input.topic = format!("passes-{name}");
@@ -478,6 +479,7 @@ fn scale_out_config(dir: &Path, brokers: &str, name: &str) -> Config {
     config.kafka.output.enabled = false;
     config.kafka.scale_out.enabled = true;
     config.kafka.scale_out.repartition_topic = format!("repartition-{name}");
+    config.kafka.scale_out.partials_topic = format!("partials-{name}");
     config.kafka.client.insert("max.poll.interval.ms".into(), "10000".into());
     // Partitions pause while they move (a group join takes Tansu some 20 s): the others must
     // not run ahead of them meanwhile.
@@ -498,7 +500,9 @@ async fn two_and_three_instances_in_one_group_give_the_tables_of_one() {
     for instances in [2usize, 3] {
         let dir = work.path().join(format!("cluster-{instances}"));
         let config = scale_out_config(&dir, &brokers, &instances.to_string());
-        create(&brokers, &[(&config.kafka.input.topic, 4), (&config.kafka.scale_out.repartition_topic, 1)]).await;
+        let scale_out = &config.kafka.scale_out;
+        let internal = [(scale_out.repartition_topic.as_str(), 1), (&scale_out.partials_topic, 3)];
+        create(&brokers, &[[(config.kafka.input.topic.as_str(), 4)].as_slice(), &internal].concat()).await;
         // With three, the day is produced over about a minute while the instances come and go
         // (they read a day produced at once in about a second: a join takes Tansu some 20 s).
         let (topic, passes) = (config.kafka.input.topic.clone(), day.join("passes.jsonl"));
@@ -556,7 +560,7 @@ async fn instances_on_separate_state_dirs_move_partition_state_through_the_state
     let mut config = scale_out_config(&dir, &brokers, "moved");
     config.kafka.scale_out.state_topic = Some("state-moved".into());
     config.kafka.scale_out.state_publish_interval = passflow::config::HumanDuration(Duration::from_millis(500));
-    create(&brokers, &[("passes-moved", 4), ("repartition-moved", 1), ("state-moved", 1)]).await;
+    create(&brokers, &[("passes-moved", 4), ("repartition-moved", 1), ("partials-moved", 2), ("state-moved", 1)]).await;
     let records = produce_day_to(&brokers, "passes-moved", &day.join("passes.jsonl")).await as u64;
     std::fs::create_dir_all(&dir).unwrap();
     let machine = |i: usize| {
@@ -626,7 +630,7 @@ async fn instances_on_separate_state_dirs_move_partition_state_through_the_state
         .filter(|(k, v)| !k.contains('/') && v.is_some())
         .map(|(k, _)| k)
         .collect();
-    let tasks = ["aggregate", "partition-0", "partition-1", "partition-2", "partition-3"];
+    let tasks = ["aggregate", "merge-0", "merge-1", "partition-0", "partition-1", "partition-2", "partition-3"];
     assert_eq!(published, tasks.into_iter().map(String::from).collect(), "every task's state is published");
 }
 

@@ -182,11 +182,16 @@ pub async fn bench_kafka(
         r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
     }
     if instances > 1 {
-        // Scale-out: the instances share the input partitions; one runs the aggregate stage.
+        // Scale-out: the instances share the input partitions and the merge of the partial
+        // flows and origins; one runs the aggregate stage.
         config.kafka.scale_out.enabled = true;
         config.kafka.scale_out.repartition_topic = format!("{topic}.repartition");
-        let repartition = NewTopic::new(&config.kafka.scale_out.repartition_topic, 1, TopicReplication::Fixed(1));
-        for r in admin.create_topics(&[repartition], &AdminOptions::new()).await? {
+        config.kafka.scale_out.partials_topic = format!("{topic}.partials");
+        let internal = [
+            NewTopic::new(&config.kafka.scale_out.repartition_topic, 1, TopicReplication::Fixed(1)),
+            NewTopic::new(&config.kafka.scale_out.partials_topic, partitions, TopicReplication::Fixed(1)),
+        ];
+        for r in admin.create_topics(&internal, &AdminOptions::new()).await? {
             r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
         }
     }

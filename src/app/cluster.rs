@@ -1,5 +1,5 @@
 //! Scale-out (`kafka.scale_out.enabled`): several instances share the input topic's partitions
-//! in one consumer group, Kafka doing the distribution. Each instance runs two stages:
+//! in one consumer group, Kafka doing the distribution. Each instance runs three stages:
 //!
 //! - **Per-vehicle stage**: one task per assigned input partition. The input is keyed by
 //!   vehicle, so all of a vehicle's passes are in one partition: decoding, validation,
@@ -7,13 +7,19 @@
 //!   vehicles, first entry) run here, each task with its own state and checkpoints in
 //!   `state.dir/partition-N`. A revoked partition is checkpointed and dropped; an assigned one
 //!   is restored from its newest checkpoint and resumes at its offset: a partition's state moves
-//!   with it. Every valid pass is forwarded, with what it was late for here, to the repartition
-//!   topic.
+//!   with it. Flows and origins are counted here too, over the partition's own passes: their
+//!   rows, partial results, go to the partials topic keyed by aggregate key, each followed by
+//!   the task's watermark. Every valid pass is forwarded, with what it was late for here, to the
+//!   repartition topic.
+//! - **Merge stage**: one task per partition of the partials topic (a consumer group of its
+//!   own, so the instances share them), with its state in `state.dir/merge-N`: it adds up each
+//!   (key, window)'s partials from every input partition and writes the flow or origin row once
+//!   every input partition's watermark has passed the window (see `crate::kafka::Merge`).
 //! - **Aggregate stage**: one task for the whole city, run by the instance that holds the
 //!   repartition topic's one partition (a consumer group of its own), with its state in
-//!   `state.dir/aggregate`: every other pipeline — flows, origins, Top-N, speeds, congestion,
-//!   cloned plates, surges, restrictions, the watch list, device health, archive — over all the
-//!   forwarded passes. Each input partition's passes arrive in their order, so the aggregate
+//!   `state.dir/aggregate`: every other pipeline — Top-N, speeds, congestion, cloned plates,
+//!   surges, restrictions, the watch list, device health, archive — over all the forwarded
+//!   passes. Each input partition's passes arrive in their order, so the aggregate
 //!   stage's watermark is the minimum over the input partitions, as on one instance; a pass a
 //!   restarted task forwards again is deduplicated like any resend.
 //!
@@ -32,10 +38,12 @@
 //!   the RocksDB lock of a task's state keeps two instances from running the same partition at
 //!   once (an instance given a partition waits until the one that had it has let go).
 //!
-//! A bounded run (`kafka.input.bounded`): a task forwards an end marker once its partition has
-//! been read to the end and checkpointed there; the aggregate stage closes every window once it has every input
-//! partition's marker, and leaves `state.dir/aggregate.finished`. Each instance stops once its
-//! partitions are read and the aggregate stage has finished.
+//! A bounded run (`kafka.input.bounded`): a task closes its windows once its partition has been
+//! read to the end, checkpoints there and sends an end marker on both internal topics; the
+//! aggregate stage and each merge task close every window once they have every input
+//! partition's marker, and leave `state.dir/aggregate.finished` (`merge-N.finished`). Each
+//! instance stops once its partitions are read and every merge task and the aggregate stage
+//! have finished.
 
 use super::replay::{adopt_stored_alerts, build_engine};
 use super::run::{observe_kafka, observe_partition_watermarks, observe_watermarks, wall_ms, IDLE_POLL};
@@ -43,11 +51,15 @@ use crate::api::AdminCommand;
 use crate::config::Config;
 use crate::core::checkpoint::{Checkpoint, CheckpointStore};
 use crate::core::sink::{SinkHandle, QUEUE_BATCHES};
+use crate::core::EngineSnapshot;
 use crate::core::{Clocks, Engine, Record};
-use crate::kafka::{Fetched, Forwarder, KafkaPosition, KafkaSource, Repartitioned, StateTopic};
+use crate::kafka::{
+    Fetched, Forwarder, KafkaPosition, KafkaSource, Merge, Partial, PartialSender, Repartitioned, StateTopic,
+};
 use crate::metrics::Metrics;
-use crate::pipelines::{WatchList, PER_VEHICLE};
+use crate::pipelines::{WatchList, PARTIAL, PER_VEHICLE};
 use crate::reference::City;
+use crate::results::ResultBatch;
 use crate::store::Store;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -63,10 +75,11 @@ const FINISH_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// How long an instance waits for another to let go of a partition's state.
 const LOCK_WAIT: Duration = Duration::from_secs(120);
 
-/// What the stages send to Kafka besides results: the passes for the aggregate stage, and
-/// the tasks' states (with a state topic).
+/// What the stages send to Kafka besides results: the passes for the aggregate stage, the
+/// partial results for the merge tasks, and the tasks' states (with a state topic).
 struct Producers {
     forwarder: Forwarder,
+    partials: PartialSender,
     states: Option<StateTopic>,
 }
 
@@ -79,6 +92,8 @@ struct Task {
     next: Option<i64>,
     /// The end marker has been forwarded (bounded runs).
     ended: bool,
+    /// The watermark last sent to the partials topic.
+    watermark_sent: i64,
 }
 
 /// Where the aggregate stage stands: its place in the repartition topic and the input
@@ -96,6 +111,25 @@ struct Aggregate {
     next_id: u64,
     position: AggregatePosition,
 }
+
+/// Where a merge task stands: its place in its partition of the partials topic.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct MergePosition {
+    offset: Option<i64>,
+    finished: bool,
+}
+
+/// One partition of the partials topic's merge task.
+struct MergeTask {
+    merge: Merge,
+    checkpoints: CheckpointStore,
+    next_id: u64,
+    position: MergePosition,
+}
+
+/// A merge task's state, as a checkpoint part.
+const MERGE_PART: &str = "merge";
+const MERGE_STATE_VERSION: u32 = 1;
 
 /// What the stages share.
 pub struct Shared {
@@ -121,19 +155,7 @@ impl Shared {
         published: Option<Checkpoint>,
         progress: impl Fn(&Checkpoint) -> anyhow::Result<Option<i64>>,
     ) -> anyhow::Result<(Engine, CheckpointStore, Option<Checkpoint>, u64)> {
-        let started = Instant::now();
-        let checkpoints = loop {
-            match CheckpointStore::open(dir) {
-                Ok(store) => break store,
-                Err(e) if started.elapsed() < LOCK_WAIT => {
-                    tracing::debug!(dir = %dir.display(), error = %format!("{e:#}"), "state still held elsewhere; waiting");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("{} is still held after {LOCK_WAIT:?}", dir.display()))
-                }
-            }
-        };
+        let checkpoints = open_checkpoints(dir).await?;
         let live = self.config.kafka.input.wall_clock;
         let mut engine = build_engine(&self.config, &self.city, live, Some(&checkpoints), &self.watchlist)?;
         select(&mut engine);
@@ -172,12 +194,58 @@ impl Shared {
         let dir = self.config.state.dir.join(task_key(partition));
         let progress = |c: &Checkpoint| task_offset(c, partition);
         let (mut engine, checkpoints, latest, next_id) =
-            self.open_state(&dir, |e| e.keep_operators(&PER_VEHICLE), published, progress).await?;
+            self.open_state(&dir, |e| e.keep_operators(&partition_stage()), published, progress).await?;
         engine.forward_passes();
         engine.assign(partition as u32, wall_ms());
         let next = latest.as_ref().map(progress).transpose()?.flatten();
         tracing::info!(partition, offset = ?next, "per-vehicle task opened");
-        Ok(Task { engine, checkpoints, next_id, next, ended: false })
+        Ok(Task { engine, checkpoints, next_id, next, ended: false, watermark_sent: i64::MIN })
+    }
+
+    /// Opens the merge task of partition `partition` of the partials topic: the state in
+    /// `state.dir` or the published one, whichever has read further.
+    async fn open_merge(
+        &self,
+        partition: i32,
+        input_partitions: usize,
+        published: Option<Checkpoint>,
+    ) -> anyhow::Result<MergeTask> {
+        let dir = self.config.state.dir.join(merge_key(partition));
+        let checkpoints = open_checkpoints(&dir).await?;
+        let local = checkpoints.latest()?;
+        let mut next_id = checkpoints.ids()?.last().map_or(1, |id| id + 1);
+        let offset = |c: &Option<Checkpoint>| -> anyhow::Result<Option<i64>> {
+            Ok(c.as_ref().map(merge_position).transpose()?.and_then(|p| p.offset))
+        };
+        let latest = if offset(&published)? > offset(&local)? {
+            let adopted = Checkpoint { id: next_id, ..published.expect("further than nothing") };
+            checkpoints.save(&adopted)?;
+            next_id += 1;
+            tracing::info!(dir = %dir.display(), "state taken from the state topic");
+            Some(adopted)
+        } else {
+            local
+        };
+        let lateness = self.config.core.allowed_lateness.as_millis();
+        let (merge, position) = match latest {
+            Some(c) => {
+                let (_, blob) = c
+                    .engine
+                    .parts
+                    .iter()
+                    .find(|(name, _)| name == MERGE_PART)
+                    .with_context(|| format!("{}'s checkpoint has no merge state", dir.display()))?;
+                let mut merge: Merge = blob.decode(MERGE_PART, MERGE_STATE_VERSION, MERGE_STATE_VERSION)?;
+                merge.resume(wall_ms());
+                (merge, merge_position(&c)?)
+            }
+            None => {
+                let idle = self.config.core.idle_timeout.as_millis();
+                (Merge::new(input_partitions as u32, lateness, idle, wall_ms()), MergePosition::default())
+            }
+        };
+        tracing::info!(partition, offset = ?position.offset, "merge task opened");
+        Ok(MergeTask { merge, checkpoints, next_id, position })
     }
 
     async fn open_aggregate(
@@ -188,7 +256,7 @@ impl Shared {
         let dir = self.config.state.dir.join(AGGREGATE_KEY);
         let progress = |c: &Checkpoint| Ok(aggregate_position(c)?.offset);
         let (mut engine, checkpoints, latest, next_id) =
-            self.open_state(&dir, |e| e.drop_operators(&PER_VEHICLE), published, progress).await?;
+            self.open_state(&dir, |e| e.drop_operators(&partition_stage()), published, progress).await?;
         // Every input partition holds the watermark back until it has data or has been idle.
         for p in 0..input_partitions {
             engine.assign(p as u32, wall_ms());
@@ -206,14 +274,19 @@ impl Shared {
 
     /// Hands an engine's results to the store writer.
     async fn flush(&self, engine: &mut Engine) -> anyhow::Result<()> {
-        let out = engine.take_output();
+        self.send(engine.take_output()).await
+    }
+
+    /// Hands results to the store writer.
+    async fn send(&self, out: ResultBatch) -> anyhow::Result<()> {
         self.metrics.late_passes.inc_by(out.late_passes.len() as u64);
         self.metrics.observe_results(&out);
         self.sink.send(out).await
     }
 
-    fn finished_marker(&self) -> PathBuf {
-        self.config.state.dir.join("aggregate.finished")
+    /// Where the stage or task `key` marks that it has finished a bounded run.
+    fn finished_marker(&self, key: &str) -> PathBuf {
+        self.config.state.dir.join(format!("{key}.finished"))
     }
 }
 
@@ -235,6 +308,10 @@ pub async fn pipeline(
     // in large steps whatever the input's step size.
     aggregate_config.input.max_batch = kafka.input.max_batch.max(crate::kafka::KafkaInputConfig::default().max_batch);
     let mut repartition = KafkaSource::open(&aggregate_config, None)?.allow_moves().with_headers();
+    let mut merge_config = aggregate_config.clone();
+    merge_config.input.topic = kafka.scale_out.partials_topic.clone();
+    merge_config.input.group_id = format!("{}.merge", kafka.input.group_id);
+    let mut partials = KafkaSource::open(&merge_config, None)?.allow_moves();
     let input_partitions = input.partition_count(&kafka.input.topic)?;
     let repartition_partitions = repartition.partition_count(&kafka.scale_out.repartition_topic)?;
     anyhow::ensure!(
@@ -242,12 +319,24 @@ pub async fn pipeline(
         "the repartition topic {} has {repartition_partitions} partitions; the aggregate stage needs exactly one",
         kafka.scale_out.repartition_topic
     );
-    let mut producers = Producers { forwarder: Forwarder::open(kafka)?, states: StateTopic::open(kafka)? };
+    let merge_partitions = partials.partition_count(&kafka.scale_out.partials_topic).with_context(|| {
+        format!(
+            "the partials topic {}: create it, with as many partitions as the merge should have tasks",
+            kafka.scale_out.partials_topic
+        )
+    })?;
+    let mut producers = Producers {
+        forwarder: Forwarder::open(kafka)?,
+        partials: PartialSender::open(kafka, merge_partitions)?,
+        states: StateTopic::open(kafka)?,
+    };
     let metrics = shared.metrics.clone();
     let mut tasks: BTreeMap<i32, Task> = BTreeMap::new();
+    let mut merges: BTreeMap<i32, MergeTask> = BTreeMap::new();
     let mut aggregate: Option<Aggregate> = None;
     let mut last_checkpoint = Instant::now();
     let mut aggregate_busy = false;
+    let mut merge_busy = false;
     let mut finish_checked: Option<Instant> = None;
     let interval = config.core.checkpoint_interval.0;
 
@@ -255,11 +344,13 @@ pub async fn pipeline(
         metrics.pipeline_heartbeat_ms.set(wall_ms());
         tokio::task::block_in_place(|| {
             observe_kafka(&mut input, &metrics);
-            repartition.set_paused(metrics.sink_backlog.get() >= QUEUE_BATCHES as i64);
+            let full = metrics.sink_backlog.get() >= QUEUE_BATCHES as i64;
+            repartition.set_paused(full);
+            partials.set_paused(full);
         });
 
-        // The per-vehicle stage (waiting for input only while the aggregate stage is idle too).
-        let wait = if aggregate_busy { Duration::ZERO } else { IDLE_POLL };
+        // The per-vehicle stage (waiting for input only while the other stages are idle too).
+        let wait = if aggregate_busy || merge_busy { Duration::ZERO } else { IDLE_POLL };
         let polled = tokio::task::block_in_place(|| input.poll(wait))?;
         for p in polled.revoked.iter().filter(|p| !polled.assigned.contains(p)) {
             if let Some(mut task) = tasks.remove(p) {
@@ -300,18 +391,63 @@ pub async fn pipeline(
                 None => task.engine.tick(now),
             }
             observe_partition_watermarks(&metrics, &task.engine, now);
-            producers.forwarder.forward(&task.engine.take_forwarded()).await?;
-            shared.flush(&mut task.engine).await?;
+            task_output(&shared, &mut producers, *p, task).await?;
         }
-        // A partition read to its end is checkpointed before its end marker goes: the marker
-        // says its per-vehicle results are durable (a task killed before that is run again).
+        // A partition read to its end has its windows closed and is checkpointed before its
+        // end markers go: they say its results are durable (a task killed before that is run
+        // again).
         if bounded && tasks.values().any(|t| !t.ended) && input.finished() {
-            checkpoint_all(&shared, &mut producers, &mut tasks, aggregate.as_mut(), &input, &repartition, true).await?;
+            for (p, task) in tasks.iter_mut().filter(|(_, t)| !t.ended) {
+                task.engine.finish();
+                task_output(&shared, &mut producers, *p, task).await?;
+            }
+            let mut all: Vec<(i32, &mut Task)> = tasks.iter_mut().map(|(p, t)| (*p, t)).collect();
+            let durable = checkpoint_tasks(&shared, &mut producers, &mut all, true).await?;
+            input.checkpointed_at(&durable);
             for (p, task) in tasks.iter_mut().filter(|(_, t)| !t.ended) {
                 producers.forwarder.end(*p as u32).await?;
+                producers.partials.mark(Partial::End { from: *p as u32 }).await?;
                 task.ended = true;
             }
             producers.forwarder.flush().await?;
+            producers.partials.flush().await?;
+        }
+
+        // The merge stage.
+        let polled = tokio::task::block_in_place(|| partials.poll(Duration::ZERO))?;
+        merge_busy = !polled.records.is_empty();
+        for p in polled.revoked.iter().filter(|p| !polled.assigned.contains(p)) {
+            if let Some(mut task) = merges.remove(p) {
+                checkpoint_merges(&shared, &mut producers.states, &mut [(*p, &mut task)], &partials, true).await?;
+                tracing::info!(partition = p, "merge task revoked: checkpointed and let go");
+            }
+        }
+        let opening: Vec<String> =
+            polled.assigned.iter().filter(|p| !merges.contains_key(p)).map(|p| merge_key(*p)).collect();
+        let mut published = read_published(&mut producers.states, &opening)?;
+        for p in &polled.assigned {
+            if !merges.contains_key(p) {
+                merges.insert(*p, shared.open_merge(*p, input_partitions, published.remove(&merge_key(*p))).await?);
+            }
+            if let Some(offset) = merges[p].position.offset {
+                partials.resume_at(*p, offset);
+            }
+        }
+        for f in polled.records {
+            let Some(task) = merges.get_mut(&f.partition) else { continue };
+            task.position.offset = Some(f.offset + 1);
+            task.merge.apply(Partial::read(&f)?, now);
+        }
+        for (p, task) in merges.iter_mut() {
+            let mut out = ResultBatch::default();
+            task.merge.advance(now, &mut out)?;
+            shared.send(out).await?;
+            if bounded && task.merge.finished() && !task.position.finished {
+                tracing::info!(partition = p, "every input partition has ended; every merged window is written");
+                task.position.finished = true;
+                checkpoint_merges(&shared, &mut producers.states, &mut [(*p, task)], &partials, true).await?;
+                std::fs::write(shared.finished_marker(&merge_key(*p)), b"")?;
+            }
         }
 
         // The aggregate stage.
@@ -365,15 +501,15 @@ pub async fn pipeline(
                 agg.position.finished = true;
                 shared.flush(&mut agg.engine).await?;
                 checkpoint_aggregate(&shared, &mut producers.states, agg, &repartition, true).await?;
-                std::fs::write(shared.finished_marker(), b"")?;
+                std::fs::write(shared.finished_marker(AGGREGATE_KEY), b"")?;
             }
             observe_watermarks(&metrics, &agg.engine, now);
             shared.flush(&mut agg.engine).await?;
         }
 
         if last_checkpoint.elapsed() >= interval {
-            checkpoint_all(&shared, &mut producers, &mut tasks, aggregate.as_mut(), &input, &repartition, false)
-                .await?;
+            let mut stages = Running { tasks: &mut tasks, merges: &mut merges, aggregate: aggregate.as_mut() };
+            checkpoint_all(&shared, &mut producers, &mut stages, [&input, &partials, &repartition], false).await?;
             last_checkpoint = Instant::now();
         }
         while let Ok(command) = admin.try_recv() {
@@ -382,28 +518,60 @@ pub async fn pipeline(
                 .send(Err("savepoints are not available in scale-out mode (each partition has its own state)".into()));
         }
         let stage_one_done = !tasks.is_empty() && tasks.values().all(|t| t.ended);
-        if bounded && stage_one_done && aggregate_finished(&shared, &mut producers.states, &mut finish_checked)? {
+        if bounded
+            && stage_one_done
+            && stages_finished(&shared, merge_partitions, &mut producers.states, &mut finish_checked)?
+        {
             tracing::info!("the bounded input has been processed");
             break;
         }
     }
-    checkpoint_all(&shared, &mut producers, &mut tasks, aggregate.as_mut(), &input, &repartition, true).await
+    let mut stages = Running { tasks: &mut tasks, merges: &mut merges, aggregate: aggregate.as_mut() };
+    checkpoint_all(&shared, &mut producers, &mut stages, [&input, &partials, &repartition], true).await
 }
 
-/// Checkpoints every task and the aggregate stage, after one barrier for all of them.
+/// The tasks this instance runs.
+struct Running<'a> {
+    tasks: &'a mut BTreeMap<i32, Task>,
+    merges: &'a mut BTreeMap<i32, MergeTask>,
+    aggregate: Option<&'a mut Aggregate>,
+}
+
+/// Sends what a per-vehicle task has emitted: its passes to the repartition topic, its flows
+/// and origins to the partials topic followed by its watermark (when it has moved), the rest to
+/// the store writer.
+async fn task_output(
+    shared: &Shared,
+    producers: &mut Producers,
+    partition: i32,
+    task: &mut Task,
+) -> anyhow::Result<()> {
+    producers.forwarder.forward(&task.engine.take_forwarded()).await?;
+    let mut out = task.engine.take_output();
+    producers.partials.send_rows(partition as u32, &mut out).await?;
+    let watermark = task.engine.watermark();
+    if watermark > task.watermark_sent {
+        producers.partials.mark(Partial::Watermark { from: partition as u32, watermark }).await?;
+        task.watermark_sent = watermark;
+    }
+    shared.send(out).await
+}
+
+/// Checkpoints every task of every stage, after one barrier for all of them. `sources`: the
+/// input, partials and repartition topics, whose groups' offsets follow.
 async fn checkpoint_all(
     shared: &Shared,
     producers: &mut Producers,
-    tasks: &mut BTreeMap<i32, Task>,
-    aggregate: Option<&mut Aggregate>,
-    input: &KafkaSource,
-    repartition: &KafkaSource,
+    running: &mut Running<'_>,
+    [input, partials, repartition]: [&KafkaSource; 3],
     publish_now: bool,
 ) -> anyhow::Result<()> {
-    let mut all: Vec<(i32, &mut Task)> = tasks.iter_mut().map(|(p, t)| (*p, t)).collect();
+    let mut all: Vec<(i32, &mut Task)> = running.tasks.iter_mut().map(|(p, t)| (*p, t)).collect();
     let durable = checkpoint_tasks(shared, producers, &mut all, publish_now).await?;
     input.checkpointed_at(&durable);
-    if let Some(agg) = aggregate {
+    let mut merges: Vec<(i32, &mut MergeTask)> = running.merges.iter_mut().map(|(p, t)| (*p, t)).collect();
+    checkpoint_merges(shared, &mut producers.states, &mut merges, partials, publish_now).await?;
+    if let Some(agg) = running.aggregate.as_deref_mut() {
         checkpoint_aggregate(shared, &mut producers.states, agg, repartition, publish_now).await?;
     }
     Ok(())
@@ -423,14 +591,14 @@ async fn checkpoint_tasks(
     let mut durable = KafkaPosition { topic: shared.config.kafka.input.topic.clone(), offsets: BTreeMap::new() };
     let started = Instant::now();
     let mut snapshots = Vec::with_capacity(tasks.len());
-    for (_, task) in tasks.iter_mut() {
+    for (p, task) in tasks.iter_mut() {
         task.engine.barrier(task.next_id);
-        producers.forwarder.forward(&task.engine.take_forwarded()).await?;
-        shared.flush(&mut task.engine).await?;
+        task_output(shared, producers, *p, task).await?;
         snapshots.push(task.engine.snapshot(task.next_id)?);
     }
     shared.sink.barrier().await?;
     producers.forwarder.flush().await?;
+    producers.partials.flush().await?;
     for ((p, task), engine) in tasks.iter_mut().zip(snapshots) {
         let position = KafkaPosition {
             topic: shared.config.kafka.input.topic.clone(),
@@ -445,7 +613,7 @@ async fn checkpoint_tasks(
         task.checkpoints.save(&checkpoint)?;
         task.engine.committed(task.next_id);
         task.next_id += 1;
-        if hand_over(&mut producers.states, &task_key(*p), checkpoint, &mut task.engine, publish_now).await? {
+        if hand_over(&mut producers.states, &task_key(*p), checkpoint, || task.engine.export(), publish_now).await? {
             durable.offsets.extend(task.next.map(|next| (*p, next)));
         }
     }
@@ -477,26 +645,63 @@ async fn checkpoint_aggregate(
     shared.metrics.observe_checkpoint(started, checkpoint.created_at);
     // The group's offset follows the state another instance would take the stage with (see
     // `checkpoint_tasks`): an instance that opens the stage without state reads from there.
-    if hand_over(states, AGGREGATE_KEY, checkpoint, &mut agg.engine, publish_now).await? {
+    if hand_over(states, AGGREGATE_KEY, checkpoint, || agg.engine.export(), publish_now).await? {
         repartition.checkpointed();
     }
     Ok(())
 }
 
-/// After task `key`'s checkpoint is saved: publishes its state when a state topic is set and a
-/// publication is due. True when another instance given the task would resume from this
-/// checkpoint (it has been published, or the instances share `state.dir`).
+/// Checkpoints merge tasks: complete once what they have written is. The group's offsets follow
+/// as for the per-vehicle tasks (see `checkpoint_tasks`).
+async fn checkpoint_merges(
+    shared: &Shared,
+    states: &mut Option<StateTopic>,
+    merges: &mut [(i32, &mut MergeTask)],
+    partials: &KafkaSource,
+    publish_now: bool,
+) -> anyhow::Result<()> {
+    if merges.is_empty() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    shared.sink.barrier().await?;
+    let mut durable =
+        KafkaPosition { topic: shared.config.kafka.scale_out.partials_topic.clone(), offsets: BTreeMap::new() };
+    for (p, task) in merges.iter_mut() {
+        let blob = crate::core::StateBlob::encode(MERGE_STATE_VERSION, &task.merge, &Default::default())?;
+        let checkpoint = Checkpoint {
+            id: task.next_id,
+            created_at: chrono::Utc::now().timestamp_millis(),
+            source: serde_json::to_value(&task.position)?,
+            engine: EngineSnapshot { parts: vec![(MERGE_PART.to_owned(), blob)], writes: Vec::new() },
+        };
+        task.checkpoints.save(&checkpoint)?;
+        task.next_id += 1;
+        let portable = checkpoint.engine.clone();
+        if hand_over(states, &merge_key(*p), checkpoint, || Ok(portable), publish_now).await? {
+            durable.offsets.extend(task.position.offset.map(|next| (*p, next)));
+        }
+    }
+    partials.checkpointed_at(&durable);
+    shared.metrics.observe_checkpoint(started, chrono::Utc::now().timestamp_millis());
+    Ok(())
+}
+
+/// After task `key`'s checkpoint is saved: publishes its state (in the portable form `export`
+/// gives) when a state topic is set and a publication is due. True when another instance given
+/// the task would resume from this checkpoint (it has been published, or the instances share
+/// `state.dir`).
 async fn hand_over(
     states: &mut Option<StateTopic>,
     key: &str,
     checkpoint: Checkpoint,
-    engine: &mut Engine,
+    export: impl FnOnce() -> anyhow::Result<EngineSnapshot>,
     publish_now: bool,
 ) -> anyhow::Result<bool> {
     match states.as_mut() {
         None => Ok(true),
         Some(states) if states.due(key, publish_now) => {
-            states.publish(key, &Checkpoint { engine: engine.export()?, ..checkpoint }).await?;
+            states.publish(key, &Checkpoint { engine: export()?, ..checkpoint }).await?;
             Ok(true)
         }
         Some(_) => Ok(false),
@@ -508,8 +713,33 @@ fn task_key(partition: i32) -> String {
     format!("partition-{partition}")
 }
 
+/// The name of a merge task (partition `partition` of the partials topic), as [`task_key`].
+fn merge_key(partition: i32) -> String {
+    format!("merge-{partition}")
+}
+
 /// The aggregate stage's name, as [`task_key`] gives a task's.
 const AGGREGATE_KEY: &str = "aggregate";
+
+/// The pipelines of the per-vehicle stage: per vehicle, and the partial ones.
+fn partition_stage() -> Vec<&'static str> {
+    [PER_VEHICLE.as_slice(), PARTIAL.as_slice()].concat()
+}
+
+/// Opens the checkpoints in `dir`, waiting while another instance still holds them.
+async fn open_checkpoints(dir: &Path) -> anyhow::Result<CheckpointStore> {
+    let started = Instant::now();
+    loop {
+        match CheckpointStore::open(dir) {
+            Ok(store) => return Ok(store),
+            Err(e) if started.elapsed() < LOCK_WAIT => {
+                tracing::debug!(dir = %dir.display(), error = %format!("{e:#}"), "state still held elsewhere; waiting");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("{} is still held after {LOCK_WAIT:?}", dir.display())),
+        }
+    }
+}
 
 /// The input offset a task's checkpoint has reached (`None` before its first record).
 fn task_offset(checkpoint: &Checkpoint, partition: i32) -> anyhow::Result<Option<i64>> {
@@ -523,23 +753,33 @@ fn aggregate_position(checkpoint: &Checkpoint) -> anyhow::Result<AggregatePositi
     serde_json::from_value(checkpoint.source.clone()).context("the aggregate stage's position")
 }
 
-/// Whether the aggregate stage of a bounded run has closed every window: its marker is in
-/// `state.dir`, or (instances that do not share it) its state published last says so, looked
-/// up every few seconds.
-fn aggregate_finished(
+/// Where a merge task's checkpoint stands.
+fn merge_position(checkpoint: &Checkpoint) -> anyhow::Result<MergePosition> {
+    serde_json::from_value(checkpoint.source.clone()).context("a merge task's position")
+}
+
+/// Whether the aggregate stage and every merge task of a bounded run have closed every window:
+/// their markers are in `state.dir`, or (instances that do not share it) their states
+/// published last say so, looked up every few seconds.
+fn stages_finished(
     shared: &Shared,
+    merge_partitions: usize,
     states: &mut Option<StateTopic>,
     checked: &mut Option<Instant>,
 ) -> anyhow::Result<bool> {
-    if shared.finished_marker().exists() {
+    let keys: Vec<String> =
+        std::iter::once(AGGREGATE_KEY.to_owned()).chain((0..merge_partitions as i32).map(merge_key)).collect();
+    let pending: Vec<String> = keys.into_iter().filter(|k| !shared.finished_marker(k).exists()).collect();
+    if pending.is_empty() {
         return Ok(true);
     }
     if states.is_none() || checked.is_some_and(|t| t.elapsed() < FINISH_CHECK_EVERY) {
         return Ok(false);
     }
     *checked = Some(Instant::now());
-    let published = read_published(states, &[AGGREGATE_KEY.to_owned()])?.remove(AGGREGATE_KEY);
-    Ok(published.map(|c| aggregate_position(&c)).transpose()?.is_some_and(|p| p.finished))
+    let published = read_published(states, &pending)?;
+    let finished = |c: &Checkpoint| c.source.get("finished").and_then(serde_json::Value::as_bool) == Some(true);
+    Ok(pending.iter().all(|k| published.get(k).is_some_and(finished)))
 }
 
 /// The newest state in the state topic of each of the tasks `keys` (those published at all).

@@ -380,35 +380,61 @@ fn converges(seed: u64) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// Scale-out's two stages — the per-vehicle pipelines forwarding every pass, the others taking
-/// the forwarded passes — give the single engine's results, and a pass late in both stages is
-/// one `late_passes` row naming every pipeline it missed.
+/// Scale-out's stages — per input partition (keyed by vehicle) the per-vehicle pipelines and
+/// the partial flows and origins, forwarding every pass; the merge of the partials; the other
+/// pipelines over the forwarded passes — give the single engine's results, and a pass late in
+/// both stages is one `late_passes` row naming every pipeline it missed.
 #[test]
-fn two_stages_over_forwarded_passes_give_the_single_engines_results() {
+fn the_scale_out_stages_give_the_single_engines_results() {
+    use crate::kafka::{Merge, Partial};
     let (city, records) = day();
     let mut sorted: Vec<&(String, Pass)> = records.iter().collect();
     sorted.sort_by_key(|(_, p)| p.ts.ms());
     // An early pass held back to the very end: late for every window that closed meanwhile.
     let held = sorted.remove(sorted.len() / 10);
     sorted.push(held);
-    let (single, mut per_vehicle, mut aggregate) =
-        (&mut engine(city, &Backend::Memory), engine(city, &Backend::Memory), engine(city, &Backend::Memory));
-    per_vehicle.keep_operators(&crate::pipelines::PER_VEHICLE);
-    per_vehicle.forward_passes();
-    aggregate.drop_operators(&crate::pipelines::PER_VEHICLE);
+    const PARTITIONS: u32 = 3;
+    let partition_of = |pass: &Pass| {
+        let key = pass.vehicle().map_or_else(|| pass.pass_id.to_string(), |v| format!("{v:?}"));
+        crc32fast::hash(key.as_bytes()) % PARTITIONS
+    };
+    let single = &mut engine(city, &Backend::Memory);
+    let mut partitions: Vec<Engine> = (0..PARTITIONS).map(|_| engine(city, &Backend::Memory)).collect();
+    for e in &mut partitions {
+        e.keep_operators(&[crate::pipelines::PER_VEHICLE.as_slice(), &crate::pipelines::PARTIAL].concat());
+        e.forward_passes();
+    }
+    let mut aggregate = engine(city, &Backend::Memory);
+    aggregate.drop_operators(&[crate::pipelines::PER_VEHICLE.as_slice(), &crate::pipelines::PARTIAL].concat());
+    let mut merge = Merge::new(PARTITIONS, LATENESS, 60_000, 0);
     let clocks = Clocks { future_now: None, processing_now: 0 };
     let (mut want, mut got) = (ResultBatch::default(), ResultBatch::default());
+    // The partition stage's output: partials to the merge (then the partition's watermark),
+    // the rest as results.
+    let partial_step = |p: u32, e: &mut Engine, merge: &mut Merge, got: &mut ResultBatch, end: bool| {
+        let mut out = e.take_output();
+        for partial in Partial::take_rows(p, &mut out) {
+            merge.apply(partial, 0);
+        }
+        let marker =
+            if end { Partial::End { from: p } } else { Partial::Watermark { from: p, watermark: e.watermark() } };
+        merge.apply(marker, 0);
+        merge.advance(0, got).unwrap();
+        got.append(&mut out);
+    };
     for (n, batch) in sorted.chunks(500).enumerate() {
-        let records = || {
-            batch.iter().enumerate().map(|(i, (l, _))| Record {
-                partition: 0,
-                seq: (n * 500 + i) as u64,
-                bytes: l.as_bytes(),
-            })
+        let records = |p: Option<u32>| {
+            batch.iter().enumerate().filter(move |(_, (_, pass))| p.is_none_or(|p| partition_of(pass) == p)).map(
+                move |(i, (l, _))| Record { partition: p.unwrap_or(0), seq: (n * 500 + i) as u64, bytes: l.as_bytes() },
+            )
         };
-        single.process("test", records(), clocks);
-        per_vehicle.process("test", records(), clocks);
-        let forwarded = per_vehicle.take_forwarded();
+        single.process("test", records(None), clocks);
+        let mut forwarded = Vec::new();
+        for (p, e) in partitions.iter_mut().enumerate() {
+            e.process("test", records(Some(p as u32)), clocks);
+            forwarded.extend(e.take_forwarded());
+            partial_step(p as u32, e, &mut merge, &mut got, false);
+        }
         assert_eq!(forwarded.len(), batch.len(), "every pass of the day is valid and new");
         let forwarded = forwarded
             .iter()
@@ -416,32 +442,49 @@ fn two_stages_over_forwarded_passes_give_the_single_engines_results() {
             .collect();
         aggregate.process_forwarded("test", forwarded, 0);
         want.append(&mut single.take_output());
-        got.append(&mut per_vehicle.take_output());
         got.append(&mut aggregate.take_output());
     }
-    for e in [&mut *single, &mut aggregate, &mut per_vehicle] {
+    for e in [&mut *single, &mut aggregate] {
         e.finish();
     }
+    for (p, e) in partitions.iter_mut().enumerate() {
+        e.finish();
+        partial_step(p as u32, e, &mut merge, &mut got, true);
+    }
+    assert!(merge.finished() && merge.held() == 0, "every window merged and let go");
     want.append(&mut single.take_output());
-    got.append(&mut per_vehicle.take_output());
     got.append(&mut aggregate.take_output());
     let late = |b: &ResultBatch| -> Vec<(String, Vec<&'static str>)> {
-        b.late_passes.iter().map(|l| (l.pass_id.to_string(), l.pipelines.clone())).collect()
+        let mut rows: Vec<_> = b.late_passes.iter().map(|l| (l.pass_id.to_string(), l.pipelines.clone())).collect();
+        rows.sort();
+        rows
     };
     let late_rows = late(&want);
     assert!(late_rows.iter().any(|(id, _)| **id == *held.1.pass_id), "the held-back pass is late: {late_rows:?}");
     assert_eq!(late(&got), late_rows);
-    let flows = |b: &ResultBatch| -> BTreeMap<(String, String, u32, i64), u64> {
-        let mut t = Table::new();
+    let flows = |b: &ResultBatch| -> BTreeMap<(String, String, u32, i64), (u32, u64)> {
+        let mut t = BTreeMap::new();
         for r in &b.flow_counts {
             let key = (r.level.to_owned(), r.key_id.to_string(), r.window_s, r.window_start);
-            if t.get(&key).is_none_or(|(rev, _)| *rev <= r.revision) {
-                t.insert(key, (r.revision, r.passes));
-            }
+            let before = t.insert(key, (r.revision, r.passes));
+            assert!(before.is_none_or(|(rev, _)| rev < r.revision), "{r:?} after revision {before:?}");
         }
-        counts(&t)
+        t
     };
-    assert_eq!(flows(&got), flows(&want));
+    let want_flows = flows(&want);
+    assert!(want_flows.len() > 1000, "{} flow rows", want_flows.len());
+    assert_eq!(flows(&got), want_flows, "merged flows (with their revisions) differ from the single engine's");
+    let origins = |b: &ResultBatch| -> BTreeMap<String, (u32, u64)> {
+        let mut t = BTreeMap::new();
+        for r in &b.origin_counts {
+            let key = format!("{}|{}|{}|{}|{}", r.region_id, r.window_start, r.origin_province, r.origin_city, r.scope);
+            t.insert(key, (r.revision, r.vehicles));
+        }
+        t
+    };
+    let want_origins = origins(&want);
+    assert!(!want_origins.is_empty());
+    assert_eq!(origins(&got), want_origins, "merged origins differ from the single engine's");
     assert_eq!(got.trajectories.len(), want.trajectories.len());
 
     // What a pass was late for in the per-vehicle stage is named in the aggregate stage's row,

@@ -118,7 +118,7 @@ impl CountingProducer {
 pub struct AckedProducer {
     producer: FutureProducer,
     in_flight: Vec<DeliveryFuture>,
-    /// Which topic it writes, for messages: `repartition`, `state`.
+    /// Which topic it writes, for messages: `repartition`, `partials`, `state`.
     what: &'static str,
 }
 
@@ -139,8 +139,23 @@ impl AckedProducer {
         payload: Option<&[u8]>,
         headers: Option<&OwnedHeaders>,
     ) -> anyhow::Result<()> {
+        self.send_to(topic, None, key, payload, headers).await
+    }
+
+    /// [`AckedProducer::send`] to `partition` (`None`: the one the key hashes to).
+    pub async fn send_to(
+        &mut self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &str,
+        payload: Option<&[u8]>,
+        headers: Option<&OwnedHeaders>,
+    ) -> anyhow::Result<()> {
         loop {
             let mut record = FutureRecord::to(topic).key(key);
+            if let Some(partition) = partition {
+                record = record.partition(partition);
+            }
             if let Some(payload) = payload {
                 record = record.payload(payload);
             }

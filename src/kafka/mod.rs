@@ -8,6 +8,8 @@
 //!   Idempotent producer; each checkpoint barrier waits until everything before it is acknowledged.
 //! - `repartition.rs`: scale-out's internal topic, from the per-vehicle stage of each input
 //!   partition to the aggregate stage: the passes, what they were late for, and end markers.
+//! - `partials.rs`: scale-out's partial results: each input partition's flows and origins,
+//!   keyed by aggregate key, with watermarks; and the merge that adds them up per key.
 //! - `state.rs`: scale-out's state topic, where every task publishes its state from time to
 //!   time so that it moves with its partition to any instance.
 //! - `delivery.rs`: the producers: the outputs' counts delivery reports instead of awaiting a
@@ -16,12 +18,14 @@
 //!   (one per start of the service) and the row's revision.
 
 mod delivery;
+mod partials;
 mod records;
 mod repartition;
 mod sink;
 mod source;
 mod state;
 
+pub use partials::{Merge, Partial, PartialSender};
 pub use records::{messages, Message, Topic};
 pub use repartition::{Forwarder, Repartitioned};
 pub use sink::{next_epoch, KafkaSink};
@@ -53,6 +57,9 @@ pub struct ScaleOutConfig {
     /// The internal topic from the per-vehicle stage to the aggregate stage: one partition
     /// (the aggregate stage is one task, owned by one instance at a time).
     pub repartition_topic: String,
+    /// The internal topic of partial results (flows and origins per input partition), keyed by
+    /// aggregate key: any number of partitions, each merged by one task.
+    pub partials_topic: String,
     /// Where each task publishes its state, so that a partition's state
     /// moves with it to an instance on another machine (see `state.rs`). Without one, the
     /// instances must share `state.dir`.
@@ -68,6 +75,7 @@ impl Default for ScaleOutConfig {
         ScaleOutConfig {
             enabled: false,
             repartition_topic: "passflow.repartition".into(),
+            partials_topic: "passflow.partials".into(),
             state_topic: None,
             state_publish_interval: crate::config::HumanDuration::from_secs(60),
         }

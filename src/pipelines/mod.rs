@@ -61,8 +61,13 @@ use crate::reference::City;
 use std::sync::Arc;
 
 /// The pipelines whose state is per vehicle: scale-out runs them beside each input partition
-/// (keyed by vehicle), and every other one in the aggregate stage.
+/// (keyed by vehicle).
 pub const PER_VEHICLE: [&str; 3] = ["high_frequency", "trajectories", "first_entry"];
+
+/// The pipelines whose results add up over input partitions (a vehicle's passes are all in
+/// one): scale-out runs them beside each input partition too and merges their partial results
+/// per key (see `crate::kafka::Merge`). Every other pipeline runs in the aggregate stage.
+pub const PARTIAL: [&str; 2] = ["flow_counts", "origin_counts"];
 
 /// Every pipeline of the service, in the order they run.
 pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> anyhow::Result<Vec<Box<dyn Operator>>> {

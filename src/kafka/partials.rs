@@ -1,0 +1,491 @@
+//! Scale-out's partial results. Each input partition's per-vehicle task counts flows and
+//! origins over its own passes and sends every row it emits — a partial result, the task's
+//! total so far for that (key, window) — to the internal topic `kafka.scale_out.partials_topic`,
+//! keyed by the aggregate key (so one key's partials from every input partition meet in one
+//! partition of the topic), with the task's watermark to every partition of the topic after
+//! them. A merge task per partition of that topic ([`Merge`]) adds the partials up and writes a
+//! (key, window) once every input partition's watermark has passed the window's end, and again
+//! whenever a late partial changes the sum.
+//!
+//! Adding up is exact: a vehicle's passes are all in one input partition, so a flow (passes)
+//! or an origin count (distinct vehicles) is the sum of the partitions' own. A partial is the
+//! task's total, not an increment, and a partition's totals only grow: a task that restarts
+//! from an earlier checkpoint sends totals again, the same or smaller ones, and the merge keeps
+//! each partition's largest, never counting anything twice nor going back.
+
+use super::delivery::AckedProducer;
+use super::source::Fetched;
+use super::KafkaConfig;
+use crate::results::{FlowCountRow, OriginCountRow, ResultBatch};
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+const SCHEMA: u32 = 1;
+
+/// A message of the partials topic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Partial {
+    /// Input partition `from`'s flow count so far.
+    Flow { from: u32, level: String, key_id: String, window_s: u32, window_start: i64, passes: u64 },
+    /// Input partition `from`'s distinct vehicles so far.
+    Origin {
+        from: u32,
+        region_id: String,
+        window_start: i64,
+        origin_province: String,
+        origin_city: String,
+        scope: String,
+        vehicles: u64,
+    },
+    /// Input partition `from`'s watermark: every partial of a window ending by then was sent
+    /// before it.
+    Watermark { from: u32, watermark: i64 },
+    /// Input partition `from` has been read to its end and every window of it closed (bounded runs).
+    End { from: u32 },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    schema: u32,
+    #[serde(flatten)]
+    partial: Partial,
+}
+
+impl Partial {
+    pub fn read(message: &Fetched) -> anyhow::Result<Partial> {
+        let bytes = message.payload.as_deref().unwrap_or_default();
+        let envelope: Envelope = serde_json::from_slice(bytes)
+            .with_context(|| format!("message {} of the partials topic is not a partial result", message.offset))?;
+        anyhow::ensure!(
+            envelope.schema == SCHEMA,
+            "message {} of the partials topic has schema {}; this build reads {SCHEMA}",
+            message.offset,
+            envelope.schema
+        );
+        Ok(envelope.partial)
+    }
+
+    /// Takes the flow and origin rows out of `batch`: input partition `from`'s partials.
+    pub fn take_rows(from: u32, batch: &mut ResultBatch) -> Vec<Partial> {
+        let flows = std::mem::take(&mut batch.flow_counts).into_iter().map(|r| Partial::Flow {
+            from,
+            level: r.level.to_owned(),
+            key_id: r.key_id.to_string(),
+            window_s: r.window_s,
+            window_start: r.window_start,
+            passes: r.passes,
+        });
+        let origins = std::mem::take(&mut batch.origin_counts).into_iter().map(|r| Partial::Origin {
+            from,
+            region_id: r.region_id.to_string(),
+            window_start: r.window_start,
+            origin_province: r.origin_province.to_string(),
+            origin_city: r.origin_city.to_string(),
+            scope: r.scope.to_owned(),
+            vehicles: r.vehicles,
+        });
+        flows.chain(origins).collect()
+    }
+
+    /// The aggregate key the topic's partition is chosen by (markers go to every partition).
+    fn key(&self) -> String {
+        match self {
+            Partial::Flow { level, key_id, window_s, window_start, .. } => {
+                format!("flow/{level}/{key_id}/{window_s}/{window_start}")
+            }
+            Partial::Origin { region_id, window_start, .. } => format!("origin/{region_id}/{window_start}"),
+            Partial::Watermark { from, .. } => format!("watermark/{from}"),
+            Partial::End { from } => format!("end/{from}"),
+        }
+    }
+}
+
+/// The partition of a topic of `partitions` that `key` goes to (FNV-1a: the same on every
+/// instance and build).
+fn partition_of(key: &str, partitions: usize) -> i32 {
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    (hash % partitions as u64) as i32
+}
+
+/// The per-vehicle tasks' side: sends partials and markers.
+pub struct PartialSender {
+    producer: AckedProducer,
+    topic: String,
+    partitions: usize,
+}
+
+impl PartialSender {
+    pub fn open(config: &KafkaConfig, partitions: usize) -> anyhow::Result<PartialSender> {
+        let producer = AckedProducer::open(config, "partials")?;
+        Ok(PartialSender { producer, topic: config.scale_out.partials_topic.clone(), partitions })
+    }
+
+    /// Takes the flow and origin rows out of `batch` and queues them as input partition
+    /// `from`'s partials.
+    pub async fn send_rows(&mut self, from: u32, batch: &mut ResultBatch) -> anyhow::Result<()> {
+        for partial in Partial::take_rows(from, batch) {
+            let p = partition_of(&partial.key(), self.partitions);
+            self.send_to(p, &partial).await?;
+        }
+        Ok(())
+    }
+
+    /// Queues input partition `from`'s watermark (or end) to every partition of the topic.
+    pub async fn mark(&mut self, marker: Partial) -> anyhow::Result<()> {
+        for p in 0..self.partitions as i32 {
+            self.send_to(p, &marker).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_to(&mut self, partition: i32, partial: &Partial) -> anyhow::Result<()> {
+        let value = serde_json::to_vec(&Envelope { schema: SCHEMA, partial: partial.clone() })?;
+        self.producer.send_to(&self.topic, Some(partition), &partial.key(), Some(&value), None).await
+    }
+
+    /// Returns once the broker has acknowledged everything queued.
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        self.producer.flush().await
+    }
+}
+
+/// A flow count's key: (window end, level, key, window size, window start).
+type FlowKey = (i64, String, String, u32, i64);
+/// An origin count's key: (window end, region, window start, province, city, scope).
+type OriginKey = (i64, String, i64, String, String, String);
+
+/// One (key, window)'s partials: each input partition's total, and the sum written last.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Parts {
+    by_partition: BTreeMap<u32, u64>,
+    written: Option<u64>,
+}
+
+impl Parts {
+    /// Input partition `from`'s total: a smaller one than it sent before is one sent again.
+    fn take(&mut self, from: u32, total: u64) {
+        let t = self.by_partition.entry(from).or_default();
+        *t = (*t).max(total);
+    }
+
+    fn sum(&self) -> u64 {
+        self.by_partition.values().sum()
+    }
+}
+
+/// What the origin windows are (5 min).
+const ORIGIN_WINDOW_S: u32 = 300;
+
+/// An input partition's watermark, and the processing time it last moved at (or the merge
+/// started at, before its first).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+struct Source {
+    watermark: i64,
+    moved_at: i64,
+}
+
+/// A merge task's state: the partials of the windows that may still change, and where each
+/// input partition stands.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Merge {
+    input_partitions: u32,
+    allowed_lateness_ms: i64,
+    idle_timeout_ms: i64,
+    sources: BTreeMap<u32, Source>,
+    ended: BTreeSet<u32>,
+    /// The merged watermark, which never goes back.
+    current: i64,
+    flows: BTreeMap<FlowKey, Parts>,
+    origins: BTreeMap<OriginKey, Parts>,
+}
+
+impl Merge {
+    /// A merge of `input_partitions` partitions' partials, started at processing time `now`.
+    pub fn new(input_partitions: u32, allowed_lateness_ms: i64, idle_timeout_ms: i64, now: i64) -> Merge {
+        let sources = (0..input_partitions).map(|p| (p, Source { watermark: i64::MIN, moved_at: now })).collect();
+        Merge {
+            input_partitions,
+            allowed_lateness_ms,
+            idle_timeout_ms,
+            sources,
+            ended: BTreeSet::new(),
+            current: i64::MIN,
+            flows: BTreeMap::new(),
+            origins: BTreeMap::new(),
+        }
+    }
+
+    /// Resumes the merge (restored from a checkpoint) at processing time `now`: every input
+    /// partition has the idle timeout again to be heard from before it stops holding the
+    /// watermark back (the time the merge was down is not theirs).
+    pub fn resume(&mut self, now: i64) {
+        for s in self.sources.values_mut() {
+            s.moved_at = now;
+        }
+    }
+
+    /// The merged watermark at processing time `now`, as one engine's over the input partitions
+    /// (`crate::core::WatermarkTracker`): the lowest of the partitions' whose watermark has
+    /// moved within the idle timeout, or, when none has, the highest; an ended partition no
+    /// longer holds it back.
+    fn advance_watermark(&mut self, now: i64) -> i64 {
+        let open = self.sources.iter().filter(|(p, _)| !self.ended.contains(p)).map(|(_, s)| s);
+        let active = open.clone().filter(|s| now - s.moved_at < self.idle_timeout_ms).map(|s| s.watermark).min();
+        let candidate = match active {
+            Some(w) => w,
+            None if self.finished() => i64::MAX,
+            None => open.map(|s| s.watermark).max().unwrap_or(i64::MIN),
+        };
+        self.current = self.current.max(candidate);
+        self.current
+    }
+
+    /// The merged watermark, as of the last [`Merge::advance`].
+    pub fn watermark(&self) -> i64 {
+        self.current
+    }
+
+    /// Every input partition has ended (bounded runs): every window has been written.
+    pub fn finished(&self) -> bool {
+        self.ended.len() as u32 >= self.input_partitions
+    }
+
+    /// Takes one message. A partial of a window the merge has already let go of (every input
+    /// partition was past its lateness) is one sent again after a restart: it was merged.
+    pub fn apply(&mut self, partial: Partial, now: i64) {
+        let forgotten = |end: i64, merge: &Merge| merge.watermark() >= end.saturating_add(merge.allowed_lateness_ms);
+        match partial {
+            Partial::Flow { from, level, key_id, window_s, window_start, passes } => {
+                let end = window_start + i64::from(window_s) * 1000;
+                if !forgotten(end, self) {
+                    let key = (end, level, key_id, window_s, window_start);
+                    self.flows.entry(key).or_default().take(from, passes);
+                }
+            }
+            Partial::Origin { from, region_id, window_start, origin_province, origin_city, scope, vehicles } => {
+                let end = window_start + i64::from(ORIGIN_WINDOW_S) * 1000;
+                if !forgotten(end, self) {
+                    let key = (end, region_id, window_start, origin_province, origin_city, scope);
+                    self.origins.entry(key).or_default().take(from, vehicles);
+                }
+            }
+            Partial::Watermark { from, watermark } => {
+                let s = self.sources.entry(from).or_insert(Source { watermark: i64::MIN, moved_at: now });
+                if watermark > s.watermark {
+                    *s = Source { watermark, moved_at: now };
+                }
+            }
+            Partial::End { from } => {
+                self.ended.insert(from);
+            }
+        }
+    }
+
+    /// Writes to `out` every (key, window) the merged watermark has passed whose sum is new,
+    /// and lets go of the windows no partial can change any more. A row's revision is its
+    /// count − 1, as a single instance writes it.
+    pub fn advance(&mut self, now: i64, out: &mut ResultBatch) -> anyhow::Result<()> {
+        let watermark = self.advance_watermark(now);
+        let lateness = self.allowed_lateness_ms;
+        for ((end, level, key_id, window_s, window_start), parts) in self.flows.iter_mut() {
+            if *end > watermark {
+                break;
+            }
+            if let Some(passes) = due(parts) {
+                out.flow_counts.push(FlowCountRow {
+                    level: static_name(
+                        level,
+                        &["checkpoint", "checkpoint_direction", "region", "city", "boundary", "bus_lane"],
+                    )?,
+                    key_id: Arc::from(key_id.as_str()),
+                    window_s: *window_s,
+                    window_start: *window_start,
+                    passes,
+                    revision: passes.saturating_sub(1) as u32,
+                });
+            }
+        }
+        for ((end, region_id, window_start, province, city, scope), parts) in self.origins.iter_mut() {
+            if *end > watermark {
+                break;
+            }
+            if let Some(vehicles) = due(parts) {
+                out.origin_counts.push(OriginCountRow {
+                    region_id: Arc::from(region_id.as_str()),
+                    window_s: ORIGIN_WINDOW_S,
+                    window_start: *window_start,
+                    origin_province: Arc::from(province.as_str()),
+                    origin_city: Arc::from(city.as_str()),
+                    scope: static_name(scope, &["local", "province", "other"])?,
+                    vehicles,
+                    revision: vehicles.saturating_sub(1) as u32,
+                });
+            }
+        }
+        let done = |end: i64| watermark >= end.saturating_add(lateness);
+        self.flows.retain(|k, _| !done(k.0));
+        self.origins.retain(|k, _| !done(k.0));
+        Ok(())
+    }
+
+    /// The (key, window)s held.
+    pub fn held(&self) -> usize {
+        self.flows.len() + self.origins.len()
+    }
+}
+
+/// The sum to write for `parts`, when it differs from the one written last.
+fn due(parts: &mut Parts) -> Option<u64> {
+    let sum = parts.sum();
+    (parts.written != Some(sum)).then(|| {
+        parts.written = Some(sum);
+        sum
+    })
+}
+
+/// `name` as the `'static` name the result rows carry.
+fn static_name(name: &str, known: &[&'static str]) -> anyhow::Result<&'static str> {
+    known
+        .iter()
+        .find(|k| **k == name)
+        .copied()
+        .with_context(|| format!("a partial result names `{name}`, unknown here"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(from: u32, key: &str, window_start: i64, passes: u64) -> Partial {
+        Partial::Flow { from, level: "checkpoint".into(), key_id: key.into(), window_s: 30, window_start, passes }
+    }
+
+    fn watermark(from: u32, watermark: i64) -> Partial {
+        Partial::Watermark { from, watermark }
+    }
+
+    const IDLE: i64 = 600_000;
+
+    fn written(merge: &mut Merge) -> Vec<(String, i64, u64, u32)> {
+        let mut out = ResultBatch::default();
+        merge.advance(0, &mut out).unwrap();
+        out.flow_counts.into_iter().map(|r| (r.key_id.to_string(), r.window_start, r.passes, r.revision)).collect()
+    }
+
+    #[test]
+    fn a_window_is_written_once_every_partition_has_passed_it_with_the_sum_of_their_partials() {
+        let mut merge = Merge::new(2, 60_000, IDLE, 0);
+        merge.apply(flow(0, "k1", 0, 3), 0);
+        merge.apply(watermark(0, 30_000), 0);
+        assert_eq!(written(&mut merge), vec![], "partition 1 has not passed the window");
+        merge.apply(flow(1, "k1", 0, 4), 0);
+        merge.apply(flow(1, "k2", 0, 1), 0);
+        merge.apply(watermark(1, 29_999), 0);
+        assert_eq!(written(&mut merge), vec![]);
+        merge.apply(watermark(1, 31_000), 0);
+        assert_eq!(written(&mut merge), vec![("k1".into(), 0, 7, 6), ("k2".into(), 0, 1, 0)]);
+        assert_eq!(written(&mut merge), vec![], "nothing new");
+    }
+
+    #[test]
+    fn a_late_partial_rewrites_the_sum_and_totals_sent_again_change_nothing() {
+        let mut merge = Merge::new(2, 60_000, IDLE, 0);
+        for p in [0, 1] {
+            merge.apply(flow(p, "k", 0, 2), 0);
+            merge.apply(watermark(p, 40_000), 0);
+        }
+        assert_eq!(written(&mut merge), vec![("k".into(), 0, 4, 3)]);
+        // Partition 1 corrects its total (a late pass); then, restarted from an earlier
+        // checkpoint, partition 1 sends its totals again from before the correction on, and
+        // partition 0 its total and a watermark behind the one it had sent.
+        merge.apply(flow(1, "k", 0, 3), 0);
+        assert_eq!(written(&mut merge), vec![("k".into(), 0, 5, 4)]);
+        merge.apply(flow(1, "k", 0, 2), 0);
+        merge.apply(flow(0, "k", 0, 2), 0);
+        merge.apply(watermark(0, 10_000), 0);
+        assert_eq!(written(&mut merge), vec![], "totals sent again change nothing");
+        merge.apply(flow(1, "k", 0, 3), 0);
+        assert_eq!(written(&mut merge), vec![]);
+        assert_eq!(merge.watermark(), 40_000, "a watermark never goes back");
+    }
+
+    #[test]
+    fn a_window_past_every_partitions_lateness_is_let_go_and_a_resend_for_it_ignored() {
+        let mut merge = Merge::new(2, 60_000, IDLE, 0);
+        merge.apply(flow(0, "k", 0, 1), 0);
+        merge.apply(flow(1, "k", 30_000, 1), 0);
+        merge.apply(watermark(0, 90_000), 0);
+        merge.apply(watermark(1, 89_999), 0);
+        assert_eq!(written(&mut merge), vec![("k".into(), 0, 1, 0), ("k".into(), 30_000, 1, 0)]);
+        assert_eq!(merge.held(), 2, "window 0 may still change: partition 1 is not past its lateness");
+        merge.apply(watermark(1, 90_000), 0);
+        written(&mut merge);
+        assert_eq!(merge.held(), 1);
+        merge.apply(flow(0, "k", 0, 1), 0);
+        assert_eq!(written(&mut merge), vec![]);
+        assert_eq!(merge.held(), 1, "the resend of a window let go is not taken as a new window");
+    }
+
+    #[test]
+    fn ended_partitions_no_longer_hold_the_watermark_and_origins_merge_like_flows() {
+        let mut merge = Merge::new(2, 60_000, IDLE, 0);
+        let origin = |from, vehicles| Partial::Origin {
+            from,
+            region_id: "r1".into(),
+            window_start: 0,
+            origin_province: "粤".into(),
+            origin_city: "粤B".into(),
+            scope: "province".into(),
+            vehicles,
+        };
+        merge.apply(origin(0, 5), 0);
+        merge.apply(origin(1, 2), 0);
+        merge.apply(Partial::End { from: 0 }, 0);
+        let mut out = ResultBatch::default();
+        merge.advance(0, &mut out).unwrap();
+        assert!(out.origin_counts.is_empty(), "partition 1 has neither ended nor passed the window");
+        assert!(!merge.finished());
+        merge.apply(Partial::End { from: 1 }, 0);
+        merge.advance(0, &mut out).unwrap();
+        assert!(merge.finished());
+        let rows: Vec<_> = out.origin_counts.iter().map(|r| (r.scope, r.vehicles, r.revision)).collect();
+        assert_eq!(rows, vec![("province", 7, 6)]);
+        assert_eq!(merge.held(), 0);
+    }
+
+    #[test]
+    fn a_partition_whose_watermark_has_not_moved_for_the_idle_timeout_no_longer_holds_it_back() {
+        let mut merge = Merge::new(3, 60_000, IDLE, 0);
+        merge.apply(flow(0, "k", 0, 2), 0);
+        merge.apply(watermark(0, 40_000), 10);
+        merge.apply(watermark(1, 35_000), 20);
+        let mut out = ResultBatch::default();
+        merge.advance(IDLE - 1, &mut out).unwrap();
+        assert!(out.flow_counts.is_empty(), "partition 2 has sent nothing yet, but is not idle");
+        merge.advance(IDLE, &mut out).unwrap();
+        assert_eq!(merge.watermark(), 35_000, "partition 2 is idle: the lowest of the others");
+        assert_eq!(out.flow_counts.len(), 1);
+        merge.advance(IDLE + 20, &mut out).unwrap();
+        assert_eq!(merge.watermark(), 40_000, "every partition idle: the highest");
+        merge.apply(watermark(2, 1_000), IDLE + 30);
+        merge.advance(IDLE + 30, &mut out).unwrap();
+        assert_eq!(merge.watermark(), 40_000, "it never goes back");
+    }
+
+    #[test]
+    fn a_partial_goes_through_its_message_form_unchanged_and_one_key_to_one_partition() {
+        let partial = flow(3, "k", 30_000, 9);
+        let bytes = serde_json::to_vec(&Envelope { schema: SCHEMA, partial: partial.clone() }).unwrap();
+        let message = Fetched { partition: 0, offset: 7, payload: Some(bytes), key: None, headers: vec![] };
+        assert_eq!(Partial::read(&message).unwrap(), partial);
+        let garbage = Fetched { payload: Some(b"{}".to_vec()), ..message };
+        assert!(format!("{:#}", Partial::read(&garbage).unwrap_err()).contains("message 7 of the partials topic"));
+        // Every input partition's partial of one (key, window) meets in one partition.
+        assert_eq!(partition_of(&flow(0, "k", 0, 1).key(), 5), partition_of(&flow(3, "k", 0, 8).key(), 5));
+        let spread: BTreeSet<i32> = (0..50).map(|i| partition_of(&flow(0, &format!("k{i}"), 0, 1).key(), 5)).collect();
+        assert_eq!(spread.len(), 5, "keys spread over every partition");
+    }
+}
