@@ -61,6 +61,9 @@ pub struct CheckpointSpeedRow {
     pub window_start: i64,
     pub samples: u32,
     pub mean_speed_kmh: f64,
+    /// The sum of the speeds in thousandths of a km/h (not stored: scale-out merges partial
+    /// means with it).
+    pub speed_sum_milli: i64,
     pub revision: u32,
 }
 
@@ -318,6 +321,7 @@ mod tests {
             window_start: 0,
             samples: 1,
             mean_speed_kmh: 1.0,
+            speed_sum_milli: 1000,
             revision: 0,
         });
         assert_eq!(b.len(), 1);

@@ -7,17 +7,17 @@
 //!   vehicles, first entry) run here, each task with its own state and checkpoints in
 //!   `state.dir/partition-N`. A revoked partition is checkpointed and dropped; an assigned one
 //!   is restored from its newest checkpoint and resumes at its offset: a partition's state moves
-//!   with it. Flows and origins are counted here too, over the partition's own passes: their
+//!   with it. Flows, origins and spot speeds are counted here too, over the partition's own passes: their
 //!   rows, partial results, go to the partials topic keyed by aggregate key, each followed by
 //!   the task's watermark. Every valid pass is forwarded, with what it was late for here, to the
 //!   repartition topic.
 //! - **Merge stage**: one task per partition of the partials topic (a consumer group of its
 //!   own, so the instances share them), with its state in `state.dir/merge-N`: it adds up each
-//!   (key, window)'s partials from every input partition and writes the flow or origin row once
+//!   (key, window)'s partials from every input partition and writes the flow, origin or speed row once
 //!   every input partition's watermark has passed the window (see `crate::kafka::Merge`).
 //! - **Aggregate stage**: one task for the whole city, run by the instance that holds the
 //!   repartition topic's one partition (a consumer group of its own), with its state in
-//!   `state.dir/aggregate`: every other pipeline — Top-N, speeds, congestion, cloned plates,
+//!   `state.dir/aggregate`: every other pipeline — Top-N, congestion, cloned plates,
 //!   surges, restrictions, the watch list, device health, archive — over all the forwarded
 //!   passes. Each input partition's passes arrive in their order, so the aggregate
 //!   stage's watermark is the minimum over the input partitions, as on one instance; a pass a

@@ -485,6 +485,13 @@ fn the_scale_out_stages_give_the_single_engines_results() {
     let want_origins = origins(&want);
     assert!(!want_origins.is_empty());
     assert_eq!(origins(&got), want_origins, "merged origins differ from the single engine's");
+    let speeds = |b: &ResultBatch| -> BTreeMap<(String, u32, i64), (u32, u32, String)> {
+        let row = |r: &crate::results::CheckpointSpeedRow| (r.revision, r.samples, r.mean_speed_kmh.to_string());
+        b.checkpoint_speed.iter().map(|r| ((r.checkpoint_id.to_string(), r.window_s, r.window_start), row(r))).collect()
+    };
+    let want_speeds = speeds(&want);
+    assert!(!want_speeds.is_empty());
+    assert_eq!(speeds(&got), want_speeds, "merged spot speeds differ from the single engine's");
     assert_eq!(got.trajectories.len(), want.trajectories.len());
 
     // What a pass was late for in the per-vehicle stage is named in the aggregate stage's row,

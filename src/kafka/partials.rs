@@ -1,5 +1,5 @@
-//! Scale-out's partial results. Each input partition's per-vehicle task counts flows and
-//! origins over its own passes and sends every row it emits — a partial result, the task's
+//! Scale-out's partial results. Each input partition's per-vehicle task counts flows, origins
+//! and spot speeds over its own passes and sends every row it emits — a partial result, the task's
 //! total so far for that (key, window) — to the internal topic `kafka.scale_out.partials_topic`,
 //! keyed by the aggregate key (so one key's partials from every input partition meet in one
 //! partition of the topic), with the task's watermark to every partition of the topic after
@@ -8,7 +8,8 @@
 //! whenever a late partial changes the sum.
 //!
 //! Adding up is exact: a vehicle's passes are all in one input partition, so a flow (passes)
-//! or an origin count (distinct vehicles) is the sum of the partitions' own. A partial is the
+//! or an origin count (distinct vehicles) is the sum of the partitions' own, and spot speeds
+//! are summed in whole thousandths of a km/h, so their mean does not depend on the order either. A partial is the
 //! task's total, not an increment, and a partition's totals only grow: a task that restarts
 //! from an earlier checkpoint sends totals again, the same or smaller ones, and the merge keeps
 //! each partition's largest, never counting anything twice nor going back.
@@ -16,7 +17,8 @@
 use super::delivery::AckedProducer;
 use super::source::Fetched;
 use super::KafkaConfig;
-use crate::results::{FlowCountRow, OriginCountRow, ResultBatch};
+use crate::pipelines::mean_kmh;
+use crate::results::{CheckpointSpeedRow, FlowCountRow, OriginCountRow, ResultBatch};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,6 +42,9 @@ pub enum Partial {
         scope: String,
         vehicles: u64,
     },
+    /// Input partition `from`'s spot speeds so far: how many, and their sum in thousandths of
+    /// a km/h.
+    Speed { from: u32, checkpoint_id: String, window_s: u32, window_start: i64, samples: u32, sum_milli: i64 },
     /// Input partition `from`'s watermark: every partial of a window ending by then was sent
     /// before it.
     Watermark { from: u32, watermark: i64 },
@@ -68,7 +73,8 @@ impl Partial {
         Ok(envelope.partial)
     }
 
-    /// Takes the flow and origin rows out of `batch`: input partition `from`'s partials.
+    /// Takes the flow, origin and spot speed rows out of `batch`: input partition `from`'s
+    /// partials.
     pub fn take_rows(from: u32, batch: &mut ResultBatch) -> Vec<Partial> {
         let flows = std::mem::take(&mut batch.flow_counts).into_iter().map(|r| Partial::Flow {
             from,
@@ -87,7 +93,15 @@ impl Partial {
             scope: r.scope.to_owned(),
             vehicles: r.vehicles,
         });
-        flows.chain(origins).collect()
+        let speeds = std::mem::take(&mut batch.checkpoint_speed).into_iter().map(|r| Partial::Speed {
+            from,
+            checkpoint_id: r.checkpoint_id.to_string(),
+            window_s: r.window_s,
+            window_start: r.window_start,
+            samples: r.samples,
+            sum_milli: r.speed_sum_milli,
+        });
+        flows.chain(origins).chain(speeds).collect()
     }
 
     /// The aggregate key the topic's partition is chosen by (markers go to every partition).
@@ -97,6 +111,9 @@ impl Partial {
                 format!("flow/{level}/{key_id}/{window_s}/{window_start}")
             }
             Partial::Origin { region_id, window_start, .. } => format!("origin/{region_id}/{window_start}"),
+            Partial::Speed { checkpoint_id, window_s, window_start, .. } => {
+                format!("speed/{checkpoint_id}/{window_s}/{window_start}")
+            }
             Partial::Watermark { from, .. } => format!("watermark/{from}"),
             Partial::End { from } => format!("end/{from}"),
         }
@@ -123,7 +140,7 @@ impl PartialSender {
         Ok(PartialSender { producer, topic: config.scale_out.partials_topic.clone(), partitions })
     }
 
-    /// Takes the flow and origin rows out of `batch` and queues them as input partition
+    /// Takes the flow, origin and spot speed rows out of `batch` and queues them as input partition
     /// `from`'s partials.
     pub async fn send_rows(&mut self, from: u32, batch: &mut ResultBatch) -> anyhow::Result<()> {
         for partial in Partial::take_rows(from, batch) {
@@ -156,23 +173,29 @@ impl PartialSender {
 type FlowKey = (i64, String, String, u32, i64);
 /// An origin count's key: (window end, region, window start, province, city, scope).
 type OriginKey = (i64, String, i64, String, String, String);
+/// A spot speed's key: (window end, checkpoint, window size, window start).
+type SpeedKey = (i64, String, u32, i64);
+
+/// A partition's total for a (key, window): a count, and (spot speeds) the sum of what was
+/// counted. A later total has the larger count.
+type Total = (u64, i64);
 
 /// One (key, window)'s partials: each input partition's total, and the sum written last.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct Parts {
-    by_partition: BTreeMap<u32, u64>,
-    written: Option<u64>,
+    by_partition: BTreeMap<u32, Total>,
+    written: Option<Total>,
 }
 
 impl Parts {
     /// Input partition `from`'s total: a smaller one than it sent before is one sent again.
-    fn take(&mut self, from: u32, total: u64) {
+    fn take(&mut self, from: u32, total: Total) {
         let t = self.by_partition.entry(from).or_default();
         *t = (*t).max(total);
     }
 
-    fn sum(&self) -> u64 {
-        self.by_partition.values().sum()
+    fn sum(&self) -> Total {
+        self.by_partition.values().fold((0, 0), |(n, s), (pn, ps)| (n + pn, s + ps))
     }
 }
 
@@ -200,6 +223,7 @@ pub struct Merge {
     current: i64,
     flows: BTreeMap<FlowKey, Parts>,
     origins: BTreeMap<OriginKey, Parts>,
+    speeds: BTreeMap<SpeedKey, Parts>,
 }
 
 impl Merge {
@@ -215,6 +239,7 @@ impl Merge {
             current: i64::MIN,
             flows: BTreeMap::new(),
             origins: BTreeMap::new(),
+            speeds: BTreeMap::new(),
         }
     }
 
@@ -262,14 +287,21 @@ impl Merge {
                 let end = window_start + i64::from(window_s) * 1000;
                 if !forgotten(end, self) {
                     let key = (end, level, key_id, window_s, window_start);
-                    self.flows.entry(key).or_default().take(from, passes);
+                    self.flows.entry(key).or_default().take(from, (passes, 0));
                 }
             }
             Partial::Origin { from, region_id, window_start, origin_province, origin_city, scope, vehicles } => {
                 let end = window_start + i64::from(ORIGIN_WINDOW_S) * 1000;
                 if !forgotten(end, self) {
                     let key = (end, region_id, window_start, origin_province, origin_city, scope);
-                    self.origins.entry(key).or_default().take(from, vehicles);
+                    self.origins.entry(key).or_default().take(from, (vehicles, 0));
+                }
+            }
+            Partial::Speed { from, checkpoint_id, window_s, window_start, samples, sum_milli } => {
+                let end = window_start + i64::from(window_s) * 1000;
+                if !forgotten(end, self) {
+                    let key = (end, checkpoint_id, window_s, window_start);
+                    self.speeds.entry(key).or_default().take(from, (u64::from(samples), sum_milli));
                 }
             }
             Partial::Watermark { from, watermark } => {
@@ -294,7 +326,7 @@ impl Merge {
             if *end > watermark {
                 break;
             }
-            if let Some(passes) = due(parts) {
+            if let Some((passes, _)) = due(parts) {
                 out.flow_counts.push(FlowCountRow {
                     level: static_name(
                         level,
@@ -312,7 +344,7 @@ impl Merge {
             if *end > watermark {
                 break;
             }
-            if let Some(vehicles) = due(parts) {
+            if let Some((vehicles, _)) = due(parts) {
                 out.origin_counts.push(OriginCountRow {
                     region_id: Arc::from(region_id.as_str()),
                     window_s: ORIGIN_WINDOW_S,
@@ -325,20 +357,38 @@ impl Merge {
                 });
             }
         }
+        for ((end, checkpoint_id, window_s, window_start), parts) in self.speeds.iter_mut() {
+            if *end > watermark {
+                break;
+            }
+            if let Some((samples, sum_milli)) = due(parts) {
+                let samples = samples as u32;
+                out.checkpoint_speed.push(CheckpointSpeedRow {
+                    checkpoint_id: Arc::from(checkpoint_id.as_str()),
+                    window_s: *window_s,
+                    window_start: *window_start,
+                    samples,
+                    mean_speed_kmh: mean_kmh(sum_milli, samples),
+                    speed_sum_milli: sum_milli,
+                    revision: samples.saturating_sub(1),
+                });
+            }
+        }
         let done = |end: i64| watermark >= end.saturating_add(lateness);
         self.flows.retain(|k, _| !done(k.0));
         self.origins.retain(|k, _| !done(k.0));
+        self.speeds.retain(|k, _| !done(k.0));
         Ok(())
     }
 
     /// The (key, window)s held.
     pub fn held(&self) -> usize {
-        self.flows.len() + self.origins.len()
+        self.flows.len() + self.origins.len() + self.speeds.len()
     }
 }
 
 /// The sum to write for `parts`, when it differs from the one written last.
-fn due(parts: &mut Parts) -> Option<u64> {
+fn due(parts: &mut Parts) -> Option<Total> {
     let sum = parts.sum();
     (parts.written != Some(sum)).then(|| {
         parts.written = Some(sum);
@@ -454,6 +504,29 @@ mod tests {
         let rows: Vec<_> = out.origin_counts.iter().map(|r| (r.scope, r.vehicles, r.revision)).collect();
         assert_eq!(rows, vec![("province", 7, 6)]);
         assert_eq!(merge.held(), 0);
+    }
+
+    #[test]
+    fn spot_speeds_merge_into_the_mean_of_every_partitions_samples() {
+        let mut merge = Merge::new(2, 60_000, IDLE, 0);
+        let speed = |from, samples, sum_milli| Partial::Speed {
+            from,
+            checkpoint_id: "KK1".into(),
+            window_s: 60,
+            window_start: 0,
+            samples,
+            sum_milli,
+        };
+        merge.apply(speed(0, 2, 80_500), 0);
+        merge.apply(speed(1, 1, 40_200), 0);
+        merge.apply(speed(0, 1, 40_100), 0);
+        for p in [0, 1] {
+            merge.apply(watermark(p, 60_000), 0);
+        }
+        let mut out = ResultBatch::default();
+        merge.advance(0, &mut out).unwrap();
+        let rows: Vec<_> = out.checkpoint_speed.iter().map(|r| (r.samples, r.mean_speed_kmh, r.revision)).collect();
+        assert_eq!(rows, vec![(3, 40.23, 2)], "(80.5 + 40.2) / 3, rounded; the older total of partition 0 ignored");
     }
 
     #[test]

@@ -136,6 +136,7 @@ mod tests {
             window_start: 0,
             samples: 3,
             mean_speed_kmh: 41.25,
+            speed_sum_milli: 123_750,
             revision: 0,
         }];
         batch.area_congestion = vec![AreaCongestionRow {

@@ -51,6 +51,7 @@ impl CheckpointSpeed {
             window_start: start,
             samples,
             mean_speed_kmh: mean_kmh(sum, samples),
+            speed_sum_milli: sum,
             revision: samples.saturating_sub(1),
         }
     }

@@ -36,7 +36,7 @@ mod trajectories;
 mod watchlist;
 
 pub use archive::{read_archive_day, Archive, CleanPasses};
-pub use checkpoint_speed::{batch_checkpoint_speed, CheckpointSpeed, SPEED_WINDOWS_S};
+pub use checkpoint_speed::{batch_checkpoint_speed, mean_kmh, CheckpointSpeed, SPEED_WINDOWS_S};
 pub use cloned_plates::{batch_cloned_plates, pair_id, ClonedPlateRule, ClonedPlates, CLONED_PLATE};
 pub use congestion::{
     batch_congestion, batch_sudden_congestion, congestion_level, sudden_id, AreaTable, Congestion, SegmentTable,
@@ -67,7 +67,7 @@ pub const PER_VEHICLE: [&str; 3] = ["high_frequency", "trajectories", "first_ent
 /// The pipelines whose results add up over input partitions (a vehicle's passes are all in
 /// one): scale-out runs them beside each input partition too and merges their partial results
 /// per key (see `crate::kafka::Merge`). Every other pipeline runs in the aggregate stage.
-pub const PARTIAL: [&str; 2] = ["flow_counts", "origin_counts"];
+pub const PARTIAL: [&str; 3] = ["flow_counts", "origin_counts", "checkpoint_speed"];
 
 /// Every pipeline of the service, in the order they run.
 pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> anyhow::Result<Vec<Box<dyn Operator>>> {
