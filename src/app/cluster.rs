@@ -406,7 +406,7 @@ pub async fn pipeline(
             input.checkpointed_at(&durable);
             for (p, task) in tasks.iter_mut().filter(|(_, t)| !t.ended) {
                 producers.forwarder.end(*p as u32).await?;
-                producers.partials.mark(Partial::End { from: *p as u32 }).await?;
+                producers.partials.send(*p as u32, Vec::new(), Some(Partial::End { from: *p as u32 })).await?;
                 task.ended = true;
             }
             producers.forwarder.flush().await?;
@@ -436,7 +436,9 @@ pub async fn pipeline(
         for f in polled.records {
             let Some(task) = merges.get_mut(&f.partition) else { continue };
             task.position.offset = Some(f.offset + 1);
-            task.merge.apply(Partial::read(&f)?, now);
+            for partial in Partial::read(&f)? {
+                task.merge.apply(partial, now);
+            }
         }
         for (p, task) in merges.iter_mut() {
             let mut out = ResultBatch::default();
@@ -548,10 +550,13 @@ async fn task_output(
 ) -> anyhow::Result<()> {
     producers.forwarder.forward(&task.engine.take_forwarded()).await?;
     let mut out = task.engine.take_output();
-    producers.partials.send_rows(partition as u32, &mut out).await?;
+    let from = partition as u32;
+    let partials = Partial::take_rows(from, &mut out);
     let watermark = task.engine.watermark();
-    if watermark > task.watermark_sent {
-        producers.partials.mark(Partial::Watermark { from: partition as u32, watermark }).await?;
+    let moved = watermark > task.watermark_sent;
+    if moved || !partials.is_empty() {
+        let marker = moved.then_some(Partial::Watermark { from, watermark });
+        producers.partials.send(from, partials, marker).await?;
         task.watermark_sent = watermark;
     }
     shared.send(out).await

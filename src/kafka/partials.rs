@@ -1,9 +1,9 @@
 //! Scale-out's partial results. Each input partition's per-vehicle task counts flows, origins
 //! and spot speeds over its own passes and sends every row it emits — a partial result, the task's
 //! total so far for that (key, window) — to the internal topic `kafka.scale_out.partials_topic`,
-//! keyed by the aggregate key (so one key's partials from every input partition meet in one
-//! partition of the topic), with the task's watermark to every partition of the topic after
-//! them. A merge task per partition of that topic ([`Merge`]) adds the partials up and writes a
+//! to the partition its aggregate key hashes to (so one key's partials from every input
+//! partition meet in one partition of the topic), with the task's watermark to every partition
+//! after them; a step's partials for one partition travel in one message. A merge task per partition of that topic ([`Merge`]) adds the partials up and writes a
 //! (key, window) once every input partition's watermark has passed the window's end, and again
 //! whenever a late partial changes the sum.
 //!
@@ -52,15 +52,20 @@ pub enum Partial {
     End { from: u32 },
 }
 
+/// A message: one input partition's partials of one step for one partition of the topic, in
+/// their order.
 #[derive(Serialize, Deserialize)]
-struct Envelope {
+struct Envelope<'a> {
     schema: u32,
-    #[serde(flatten)]
-    partial: Partial,
+    partials: std::borrow::Cow<'a, [Partial]>,
 }
 
+/// The most partials one message carries (a step that closes many windows sends several).
+const PER_MESSAGE: usize = 2000;
+
 impl Partial {
-    pub fn read(message: &Fetched) -> anyhow::Result<Partial> {
+    /// The partials a message of the topic carries, in their order.
+    pub fn read(message: &Fetched) -> anyhow::Result<Vec<Partial>> {
         let bytes = message.payload.as_deref().unwrap_or_default();
         let envelope: Envelope = serde_json::from_slice(bytes)
             .with_context(|| format!("message {} of the partials topic is not a partial result", message.offset))?;
@@ -70,7 +75,7 @@ impl Partial {
             message.offset,
             envelope.schema
         );
-        Ok(envelope.partial)
+        Ok(envelope.partials.into_owned())
     }
 
     /// Takes the flow, origin and spot speed rows out of `batch`: input partition `from`'s
@@ -140,27 +145,26 @@ impl PartialSender {
         Ok(PartialSender { producer, topic: config.scale_out.partials_topic.clone(), partitions })
     }
 
-    /// Takes the flow, origin and spot speed rows out of `batch` and queues them as input partition
-    /// `from`'s partials.
-    pub async fn send_rows(&mut self, from: u32, batch: &mut ResultBatch) -> anyhow::Result<()> {
-        for partial in Partial::take_rows(from, batch) {
-            let p = partition_of(&partial.key(), self.partitions);
-            self.send_to(p, &partial).await?;
+    /// Queues input partition `from`'s partials of one step, each to the partition its
+    /// aggregate key goes to, then `marker` (its watermark, or its end) to every partition.
+    pub async fn send(&mut self, from: u32, partials: Vec<Partial>, marker: Option<Partial>) -> anyhow::Result<()> {
+        let mut by_partition: Vec<Vec<Partial>> = vec![Vec::new(); self.partitions];
+        for partial in partials {
+            by_partition[partition_of(&partial.key(), self.partitions) as usize].push(partial);
+        }
+        if let Some(marker) = marker {
+            for list in &mut by_partition {
+                list.push(marker.clone());
+            }
+        }
+        let key = from.to_string();
+        for (p, list) in by_partition.iter().enumerate() {
+            for chunk in list.chunks(PER_MESSAGE) {
+                let value = serde_json::to_vec(&Envelope { schema: SCHEMA, partials: chunk.into() })?;
+                self.producer.send_to(&self.topic, Some(p as i32), &key, Some(&value), None).await?;
+            }
         }
         Ok(())
-    }
-
-    /// Queues input partition `from`'s watermark (or end) to every partition of the topic.
-    pub async fn mark(&mut self, marker: Partial) -> anyhow::Result<()> {
-        for p in 0..self.partitions as i32 {
-            self.send_to(p, &marker).await?;
-        }
-        Ok(())
-    }
-
-    async fn send_to(&mut self, partition: i32, partial: &Partial) -> anyhow::Result<()> {
-        let value = serde_json::to_vec(&Envelope { schema: SCHEMA, partial: partial.clone() })?;
-        self.producer.send_to(&self.topic, Some(partition), &partial.key(), Some(&value), None).await
     }
 
     /// Returns once the broker has acknowledged everything queued.
@@ -550,10 +554,10 @@ mod tests {
 
     #[test]
     fn a_partial_goes_through_its_message_form_unchanged_and_one_key_to_one_partition() {
-        let partial = flow(3, "k", 30_000, 9);
-        let bytes = serde_json::to_vec(&Envelope { schema: SCHEMA, partial: partial.clone() }).unwrap();
+        let partials = vec![flow(3, "k", 30_000, 9), watermark(3, 60_000)];
+        let bytes = serde_json::to_vec(&Envelope { schema: SCHEMA, partials: partials.as_slice().into() }).unwrap();
         let message = Fetched { partition: 0, offset: 7, payload: Some(bytes), key: None, headers: vec![] };
-        assert_eq!(Partial::read(&message).unwrap(), partial);
+        assert_eq!(Partial::read(&message).unwrap(), partials);
         let garbage = Fetched { payload: Some(b"{}".to_vec()), ..message };
         assert!(format!("{:#}", Partial::read(&garbage).unwrap_err()).contains("message 7 of the partials topic"));
         // Every input partition's partial of one (key, window) meets in one partition.
