@@ -25,6 +25,9 @@ pub struct Metrics {
     pub checkpoint_last_seconds: prometheus::Gauge,
     /// Deduplication ids held in memory until the next checkpoint (RocksDB state).
     pub state_pending_ids: prometheus::IntGauge,
+    /// Scale-out: the (key, window)s this instance's merge tasks hold (partial results of
+    /// windows that may still change).
+    pub merge_held: prometheus::IntGauge,
     /// Result rows emitted (first emissions and corrections), by table.
     pub result_rows: IntCounterVec,
     /// HTTP request latency by route (the matched path pattern, so the label set is bounded).
@@ -124,6 +127,12 @@ impl Metrics {
         )
         .expect("valid metric name");
         registry.register(Box::new(state_pending_ids.clone())).expect("metric registered once");
+        let merge_held = prometheus::IntGauge::new(
+            "passflow_merge_held_windows",
+            "Scale-out: (key, window)s this instance's merge tasks hold, their partial results still open to change.",
+        )
+        .expect("valid metric name");
+        registry.register(Box::new(merge_held.clone())).expect("metric registered once");
         let result_rows = IntCounterVec::new(
             Opts::new("passflow_result_rows_total", "Result rows emitted (first emissions and corrections), by table."),
             &["table"],
@@ -172,6 +181,7 @@ impl Metrics {
             checkpoint_seconds,
             checkpoint_last_seconds,
             state_pending_ids,
+            merge_held,
             result_rows,
             http_seconds,
             pipeline_heartbeat_ms,

@@ -451,6 +451,7 @@ pub async fn pipeline(
                 std::fs::write(shared.finished_marker(&merge_key(*p)), b"")?;
             }
         }
+        metrics.merge_held.set(merges.values().map(|t| t.merge.held() as i64).sum());
 
         // The aggregate stage.
         let polled = tokio::task::block_in_place(|| repartition.poll(Duration::ZERO))?;
