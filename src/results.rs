@@ -41,6 +41,15 @@ pub struct TopNWindow {
     pub entries: Vec<(Arc<str>, u64)>,
 }
 
+/// One 5 s bucket's passes at a checkpoint in one input partition: scale-out's partial result
+/// for Top-N (not a table: the merge ranks the sums).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopNBucketRow {
+    pub checkpoint_id: Arc<str>,
+    pub bucket_start: i64,
+    pub passes: u64,
+}
+
 /// `high_frequency`(day, checkpoint_id, plate, plate_color, passes, first_ts, last_ts).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HighFrequencyRow {
@@ -221,6 +230,8 @@ pub struct ResultBatch {
     pub dead_letters: Vec<DeadLetter>,
     /// For the clean-pass topic (not a table).
     pub clean_passes: Vec<CleanPassRow>,
+    /// Scale-out's partial results for Top-N (not a table; taken out before the stores).
+    pub top_n_buckets: Vec<TopNBucketRow>,
 }
 
 impl ResultBatch {
@@ -230,7 +241,7 @@ impl ResultBatch {
 
     /// Rows per table. Destructured, so that a new table cannot be left out of the count (an
     /// "empty" batch is not sent to the store).
-    pub fn counts(&self) -> [(&'static str, usize); 15] {
+    pub fn counts(&self) -> [(&'static str, usize); 16] {
         let ResultBatch {
             flow_counts,
             origin_counts,
@@ -247,6 +258,7 @@ impl ResultBatch {
             late_passes,
             dead_letters,
             clean_passes,
+            top_n_buckets,
         } = self;
         [
             ("flow_counts", flow_counts.len()),
@@ -264,6 +276,7 @@ impl ResultBatch {
             ("late_passes", late_passes.len()),
             ("dead_letters", dead_letters.len()),
             ("clean_passes", clean_passes.len()),
+            ("top_n_buckets", top_n_buckets.len()),
         ]
     }
 
@@ -288,6 +301,7 @@ impl ResultBatch {
             late_passes,
             dead_letters,
             clean_passes,
+            top_n_buckets,
         } = other;
         self.flow_counts.append(flow_counts);
         self.origin_counts.append(origin_counts);
@@ -304,6 +318,7 @@ impl ResultBatch {
         self.late_passes.append(late_passes);
         self.dead_letters.append(dead_letters);
         self.clean_passes.append(clean_passes);
+        self.top_n_buckets.append(top_n_buckets);
     }
 }
 

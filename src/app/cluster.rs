@@ -7,19 +7,20 @@
 //!   vehicles, first entry) run here, each task with its own state and checkpoints in
 //!   `state.dir/partition-N`. A revoked partition is checkpointed and dropped; an assigned one
 //!   is restored from its newest checkpoint and resumes at its offset: a partition's state moves
-//!   with it. Flows, origins and spot speeds are counted here too, over the partition's own passes: their
-//!   rows, partial results, go to the partials topic keyed by aggregate key, each followed by
-//!   the task's watermark. Every valid pass is forwarded, with what it was late for here, to the
-//!   repartition topic.
+//!   with it. Flows, origins, spot speeds and Top-N's buckets are counted here too, over the
+//!   partition's own passes: their rows, partial results, go to the partials topic by
+//!   aggregate key, followed by the task's watermark. Every valid pass is forwarded, with what
+//!   it was late for here, to the repartition topic.
 //! - **Merge stage**: one task per partition of the partials topic (a consumer group of its
 //!   own, so the instances share them), with its state in `state.dir/merge-N`: it adds up each
-//!   (key, window)'s partials from every input partition and writes the flow, origin or speed row once
-//!   every input partition's watermark has passed the window (see `crate::kafka::Merge`).
+//!   (key, window)'s partials from every input partition and writes the flow, origin, speed or
+//!   Top-N row once every input partition's watermark has passed the window (see
+//!   `crate::kafka::Merge`).
 //! - **Aggregate stage**: one task for the whole city, run by the instance that holds the
 //!   repartition topic's one partition (a consumer group of its own), with its state in
-//!   `state.dir/aggregate`: every other pipeline — Top-N, congestion, cloned plates,
-//!   surges, restrictions, the watch list, device health, archive — over all the forwarded
-//!   passes. Each input partition's passes arrive in their order, so the aggregate
+//!   `state.dir/aggregate`: every other pipeline — congestion (with Top-N segments), cloned
+//!   plates, surges, restrictions, the watch list, device health, archive — over all the
+//!   forwarded passes. Each input partition's passes arrive in their order, so the aggregate
 //!   stage's watermark is the minimum over the input partitions, as on one instance; a pass a
 //!   restarted task forwards again is deduplicated like any resend.
 //!
@@ -57,7 +58,7 @@ use crate::kafka::{
     Fetched, Forwarder, KafkaPosition, KafkaSource, Merge, Partial, PartialSender, Repartitioned, StateTopic,
 };
 use crate::metrics::Metrics;
-use crate::pipelines::{WatchList, PARTIAL, PER_VEHICLE};
+use crate::pipelines::{TopNBuckets, WatchList, PARTIAL, PER_VEHICLE};
 use crate::reference::City;
 use crate::results::ResultBatch;
 use crate::store::Store;
@@ -193,8 +194,12 @@ impl Shared {
     async fn open_task(&self, partition: i32, published: Option<Checkpoint>) -> anyhow::Result<Task> {
         let dir = self.config.state.dir.join(task_key(partition));
         let progress = |c: &Checkpoint| task_offset(c, partition);
-        let (mut engine, checkpoints, latest, next_id) =
-            self.open_state(&dir, |e| e.keep_operators(&partition_stage()), published, progress).await?;
+        let city = self.city.clone();
+        let select = move |e: &mut Engine| {
+            e.keep_operators(&partition_stage());
+            e.replace_operator(Box::new(TopNBuckets::new(&city)));
+        };
+        let (mut engine, checkpoints, latest, next_id) = self.open_state(&dir, select, published, progress).await?;
         engine.forward_passes();
         engine.assign(partition as u32, wall_ms());
         let next = latest.as_ref().map(progress).transpose()?.flatten();
@@ -244,6 +249,9 @@ impl Shared {
                 (Merge::new(input_partitions as u32, lateness, idle, wall_ms()), MergePosition::default())
             }
         };
+        let mut merge = merge;
+        let checkpoints_ranked = self.city.checkpoints.iter().map(|c| c.id.clone()).collect();
+        merge.rank_checkpoints(checkpoints_ranked, self.config.pipelines.top_n);
         tracing::info!(partition, offset = ?position.offset, "merge task opened");
         Ok(MergeTask { merge, checkpoints, next_id, position })
     }
@@ -437,7 +445,7 @@ pub async fn pipeline(
             let Some(task) = merges.get_mut(&f.partition) else { continue };
             task.position.offset = Some(f.offset + 1);
             for partial in Partial::read(&f)? {
-                task.merge.apply(partial, now);
+                task.merge.apply(partial, now)?;
             }
         }
         for (p, task) in merges.iter_mut() {

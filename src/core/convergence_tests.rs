@@ -402,11 +402,13 @@ fn the_scale_out_stages_give_the_single_engines_results() {
     let mut partitions: Vec<Engine> = (0..PARTITIONS).map(|_| engine(city, &Backend::Memory)).collect();
     for e in &mut partitions {
         e.keep_operators(&[crate::pipelines::PER_VEHICLE.as_slice(), &crate::pipelines::PARTIAL].concat());
+        e.replace_operator(Box::new(crate::pipelines::TopNBuckets::new(city)));
         e.forward_passes();
     }
     let mut aggregate = engine(city, &Backend::Memory);
     aggregate.drop_operators(&[crate::pipelines::PER_VEHICLE.as_slice(), &crate::pipelines::PARTIAL].concat());
     let mut merge = Merge::new(PARTITIONS, LATENESS, 60_000, 0);
+    merge.rank_checkpoints(city.checkpoints.iter().map(|c| c.id.clone()).collect(), 10);
     let clocks = Clocks { future_now: None, processing_now: 0 };
     let (mut want, mut got) = (ResultBatch::default(), ResultBatch::default());
     // The partition stage's output: partials to the merge (then the partition's watermark),
@@ -414,11 +416,11 @@ fn the_scale_out_stages_give_the_single_engines_results() {
     let partial_step = |p: u32, e: &mut Engine, merge: &mut Merge, got: &mut ResultBatch, end: bool| {
         let mut out = e.take_output();
         for partial in Partial::take_rows(p, &mut out) {
-            merge.apply(partial, 0);
+            merge.apply(partial, 0).unwrap();
         }
         let marker =
             if end { Partial::End { from: p } } else { Partial::Watermark { from: p, watermark: e.watermark() } };
-        merge.apply(marker, 0);
+        merge.apply(marker, 0).unwrap();
         merge.advance(0, got).unwrap();
         got.append(&mut out);
     };
@@ -492,6 +494,17 @@ fn the_scale_out_stages_give_the_single_engines_results() {
     let want_speeds = speeds(&want);
     assert!(!want_speeds.is_empty());
     assert_eq!(speeds(&got), want_speeds, "merged spot speeds differ from the single engine's");
+    let top_n = |b: &ResultBatch| -> BTreeMap<i64, Vec<(String, u64)>> {
+        let entries = |w: &crate::results::TopNWindow| w.entries.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        b.top_n
+            .iter()
+            .filter(|w| w.metric == crate::pipelines::CHECKPOINT_METRIC)
+            .map(|w| (w.window_end, entries(w)))
+            .collect()
+    };
+    let want_top_n = top_n(&want);
+    assert!(want_top_n.len() > 100, "{} Top-N windows", want_top_n.len());
+    assert_eq!(top_n(&got), want_top_n, "the merged Top-N checkpoints differ from the single engine's");
     assert_eq!(got.trajectories.len(), want.trajectories.len());
 
     // What a pass was late for in the per-vehicle stage is named in the aggregate stage's row,

@@ -177,6 +177,14 @@ impl Engine {
         self.operators.retain(|op| names.contains(&op.name()));
     }
 
+    /// Puts `operator` in the place of the one of the same name (scale-out's per-vehicle stage
+    /// runs Top-N's partial form).
+    pub fn replace_operator(&mut self, operator: Box<dyn Operator>) {
+        if let Some(op) = self.operators.iter_mut().find(|op| op.name() == operator.name()) {
+            *op = operator;
+        }
+    }
+
     /// Forwards every valid, first-seen record (see [`Engine::take_forwarded`]); lateness is
     /// then recorded by the engine they are forwarded to.
     pub fn forward_passes(&mut self) {

@@ -1,11 +1,13 @@
-//! Scale-out's partial results. Each input partition's per-vehicle task counts flows, origins
-//! and spot speeds over its own passes and sends every row it emits — a partial result, the task's
+//! Scale-out's partial results. Each input partition's per-vehicle task counts flows, origins,
+//! spot speeds and Top-N's 5 s buckets over its own passes and sends every row it emits — a partial result, the task's
 //! total so far for that (key, window) — to the internal topic `kafka.scale_out.partials_topic`,
 //! to the partition its aggregate key hashes to (so one key's partials from every input
 //! partition meet in one partition of the topic), with the task's watermark to every partition
 //! after them; a step's partials for one partition travel in one message. A merge task per partition of that topic ([`Merge`]) adds the partials up and writes a
 //! (key, window) once every input partition's watermark has passed the window's end, and again
-//! whenever a late partial changes the sum.
+//! whenever a late partial changes the sum. Top-N's buckets all go to one partition (the
+//! ranking is one key, the city's): its merge task ranks the summed buckets as one instance
+//! does ([`SlidingRanking`]).
 //!
 //! Adding up is exact: a vehicle's passes are all in one input partition, so a flow (passes)
 //! or an origin count (distinct vehicles) is the sum of the partitions' own, and spot speeds
@@ -17,11 +19,11 @@
 use super::delivery::AckedProducer;
 use super::source::Fetched;
 use super::KafkaConfig;
-use crate::pipelines::mean_kmh;
+use crate::pipelines::{mean_kmh, RankedKeys, SlidingRanking, CHECKPOINT_METRIC, TOP_N_WINDOW_S};
 use crate::results::{CheckpointSpeedRow, FlowCountRow, OriginCountRow, ResultBatch};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 const SCHEMA: u32 = 1;
@@ -45,6 +47,8 @@ pub enum Partial {
     /// Input partition `from`'s spot speeds so far: how many, and their sum in thousandths of
     /// a km/h.
     Speed { from: u32, checkpoint_id: String, window_s: u32, window_start: i64, samples: u32, sum_milli: i64 },
+    /// Input partition `from`'s passes at a checkpoint in one 5 s bucket so far (Top-N).
+    TopN { from: u32, checkpoint_id: String, bucket_start: i64, passes: u64 },
     /// Input partition `from`'s watermark: every partial of a window ending by then was sent
     /// before it.
     Watermark { from: u32, watermark: i64 },
@@ -78,8 +82,8 @@ impl Partial {
         Ok(envelope.partials.into_owned())
     }
 
-    /// Takes the flow, origin and spot speed rows out of `batch`: input partition `from`'s
-    /// partials.
+    /// Takes the flow, origin, spot speed and Top-N bucket rows out of `batch`: input partition
+    /// `from`'s partials.
     pub fn take_rows(from: u32, batch: &mut ResultBatch) -> Vec<Partial> {
         let flows = std::mem::take(&mut batch.flow_counts).into_iter().map(|r| Partial::Flow {
             from,
@@ -106,7 +110,13 @@ impl Partial {
             samples: r.samples,
             sum_milli: r.speed_sum_milli,
         });
-        flows.chain(origins).chain(speeds).collect()
+        let buckets = std::mem::take(&mut batch.top_n_buckets).into_iter().map(|r| Partial::TopN {
+            from,
+            checkpoint_id: r.checkpoint_id.to_string(),
+            bucket_start: r.bucket_start,
+            passes: r.passes,
+        });
+        flows.chain(origins).chain(speeds).chain(buckets).collect()
     }
 
     /// The aggregate key the topic's partition is chosen by (markers go to every partition).
@@ -119,6 +129,7 @@ impl Partial {
             Partial::Speed { checkpoint_id, window_s, window_start, .. } => {
                 format!("speed/{checkpoint_id}/{window_s}/{window_start}")
             }
+            Partial::TopN { .. } => "top_n".to_owned(),
             Partial::Watermark { from, .. } => format!("watermark/{from}"),
             Partial::End { from } => format!("end/{from}"),
         }
@@ -214,9 +225,17 @@ struct Source {
     moved_at: i64,
 }
 
+/// The checkpoints Top-N ranks, and how many it keeps.
+#[derive(Clone, Debug)]
+struct Ranked {
+    keys: RankedKeys,
+    index: HashMap<Arc<str>, u32>,
+    n: usize,
+}
+
 /// A merge task's state: the partials of the windows that may still change, and where each
 /// input partition stands.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Merge {
     input_partitions: u32,
     allowed_lateness_ms: i64,
@@ -228,6 +247,13 @@ pub struct Merge {
     flows: BTreeMap<FlowKey, Parts>,
     origins: BTreeMap<OriginKey, Parts>,
     speeds: BTreeMap<SpeedKey, Parts>,
+    /// Top-N: each input partition's count per (bucket start, checkpoint), and the ranking of
+    /// the sums.
+    top_n_parts: BTreeMap<(i64, u32), BTreeMap<u32, u64>>,
+    ranking: SlidingRanking,
+    /// Set by [`Merge::rank_checkpoints`] (the city's, not part of the state).
+    #[serde(skip)]
+    ranked: Option<Ranked>,
 }
 
 impl Merge {
@@ -244,7 +270,17 @@ impl Merge {
             flows: BTreeMap::new(),
             origins: BTreeMap::new(),
             speeds: BTreeMap::new(),
+            top_n_parts: BTreeMap::new(),
+            ranking: SlidingRanking::default(),
+            ranked: None,
         }
+    }
+
+    /// The checkpoints Top-N ranks (the city's, in its order) and how many it keeps: set on a
+    /// new merge and on one restored, before any Top-N partial.
+    pub fn rank_checkpoints(&mut self, names: Vec<Arc<str>>, n: usize) {
+        let index = names.iter().enumerate().map(|(i, name)| (name.clone(), i as u32)).collect();
+        self.ranked = Some(Ranked { keys: RankedKeys::new(names), index, n });
     }
 
     /// Resumes the merge (restored from a checkpoint) at processing time `now`: every input
@@ -284,7 +320,7 @@ impl Merge {
 
     /// Takes one message. A partial of a window the merge has already let go of (every input
     /// partition was past its lateness) is one sent again after a restart: it was merged.
-    pub fn apply(&mut self, partial: Partial, now: i64) {
+    pub fn apply(&mut self, partial: Partial, now: i64) -> anyhow::Result<()> {
         let forgotten = |end: i64, merge: &Merge| merge.watermark() >= end.saturating_add(merge.allowed_lateness_ms);
         match partial {
             Partial::Flow { from, level, key_id, window_s, window_start, passes } => {
@@ -308,6 +344,24 @@ impl Merge {
                     self.speeds.entry(key).or_default().take(from, (u64::from(samples), sum_milli));
                 }
             }
+            Partial::TopN { from, checkpoint_id, bucket_start, passes } => {
+                let ranked =
+                    self.ranked.as_ref().context("Top-N partials reached a merge that ranks no checkpoints")?;
+                let idx = *ranked.index.get(checkpoint_id.as_str()).with_context(|| {
+                    format!("a Top-N partial names checkpoint {checkpoint_id}, which this city does not have")
+                })?;
+                let last_window_end = bucket_start + i64::from(TOP_N_WINDOW_S) * 1000;
+                if !forgotten(last_window_end, self) {
+                    let seen = self.top_n_parts.entry((bucket_start, idx)).or_default().entry(from).or_default();
+                    if passes > *seen {
+                        let delta = i32::try_from(passes - *seen).context("a Top-N bucket grew by more than 2^31")?;
+                        *seen = passes;
+                        let width = ranked.keys.names.len();
+                        let (watermark, lateness) = (self.current, self.allowed_lateness_ms);
+                        self.ranking.add(bucket_start, idx as usize, delta, width, watermark, lateness);
+                    }
+                }
+            }
             Partial::Watermark { from, watermark } => {
                 let s = self.sources.entry(from).or_insert(Source { watermark: i64::MIN, moved_at: now });
                 if watermark > s.watermark {
@@ -318,6 +372,7 @@ impl Merge {
                 self.ended.insert(from);
             }
         }
+        Ok(())
     }
 
     /// Writes to `out` every (key, window) the merged watermark has passed whose sum is new,
@@ -378,7 +433,12 @@ impl Merge {
                 });
             }
         }
+        if let Some(ranked) = &self.ranked {
+            self.ranking.emit(CHECKPOINT_METRIC, &ranked.keys, ranked.n, watermark, lateness, &mut out.top_n);
+        }
         let done = |end: i64| watermark >= end.saturating_add(lateness);
+        let bucket_done = |start: i64| done(start + i64::from(TOP_N_WINDOW_S) * 1000);
+        self.top_n_parts.retain(|(start, _), _| !bucket_done(*start));
         self.flows.retain(|k, _| !done(k.0));
         self.origins.retain(|k, _| !done(k.0));
         self.speeds.retain(|k, _| !done(k.0));
@@ -387,7 +447,7 @@ impl Merge {
 
     /// The (key, window)s held.
     pub fn held(&self) -> usize {
-        self.flows.len() + self.origins.len() + self.speeds.len()
+        self.flows.len() + self.origins.len() + self.speeds.len() + self.top_n_parts.len()
     }
 }
 
@@ -432,14 +492,14 @@ mod tests {
     #[test]
     fn a_window_is_written_once_every_partition_has_passed_it_with_the_sum_of_their_partials() {
         let mut merge = Merge::new(2, 60_000, IDLE, 0);
-        merge.apply(flow(0, "k1", 0, 3), 0);
-        merge.apply(watermark(0, 30_000), 0);
+        merge.apply(flow(0, "k1", 0, 3), 0).unwrap();
+        merge.apply(watermark(0, 30_000), 0).unwrap();
         assert_eq!(written(&mut merge), vec![], "partition 1 has not passed the window");
-        merge.apply(flow(1, "k1", 0, 4), 0);
-        merge.apply(flow(1, "k2", 0, 1), 0);
-        merge.apply(watermark(1, 29_999), 0);
+        merge.apply(flow(1, "k1", 0, 4), 0).unwrap();
+        merge.apply(flow(1, "k2", 0, 1), 0).unwrap();
+        merge.apply(watermark(1, 29_999), 0).unwrap();
         assert_eq!(written(&mut merge), vec![]);
-        merge.apply(watermark(1, 31_000), 0);
+        merge.apply(watermark(1, 31_000), 0).unwrap();
         assert_eq!(written(&mut merge), vec![("k1".into(), 0, 7, 6), ("k2".into(), 0, 1, 0)]);
         assert_eq!(written(&mut merge), vec![], "nothing new");
     }
@@ -448,20 +508,20 @@ mod tests {
     fn a_late_partial_rewrites_the_sum_and_totals_sent_again_change_nothing() {
         let mut merge = Merge::new(2, 60_000, IDLE, 0);
         for p in [0, 1] {
-            merge.apply(flow(p, "k", 0, 2), 0);
-            merge.apply(watermark(p, 40_000), 0);
+            merge.apply(flow(p, "k", 0, 2), 0).unwrap();
+            merge.apply(watermark(p, 40_000), 0).unwrap();
         }
         assert_eq!(written(&mut merge), vec![("k".into(), 0, 4, 3)]);
         // Partition 1 corrects its total (a late pass); then, restarted from an earlier
         // checkpoint, partition 1 sends its totals again from before the correction on, and
         // partition 0 its total and a watermark behind the one it had sent.
-        merge.apply(flow(1, "k", 0, 3), 0);
+        merge.apply(flow(1, "k", 0, 3), 0).unwrap();
         assert_eq!(written(&mut merge), vec![("k".into(), 0, 5, 4)]);
-        merge.apply(flow(1, "k", 0, 2), 0);
-        merge.apply(flow(0, "k", 0, 2), 0);
-        merge.apply(watermark(0, 10_000), 0);
+        merge.apply(flow(1, "k", 0, 2), 0).unwrap();
+        merge.apply(flow(0, "k", 0, 2), 0).unwrap();
+        merge.apply(watermark(0, 10_000), 0).unwrap();
         assert_eq!(written(&mut merge), vec![], "totals sent again change nothing");
-        merge.apply(flow(1, "k", 0, 3), 0);
+        merge.apply(flow(1, "k", 0, 3), 0).unwrap();
         assert_eq!(written(&mut merge), vec![]);
         assert_eq!(merge.watermark(), 40_000, "a watermark never goes back");
     }
@@ -469,16 +529,16 @@ mod tests {
     #[test]
     fn a_window_past_every_partitions_lateness_is_let_go_and_a_resend_for_it_ignored() {
         let mut merge = Merge::new(2, 60_000, IDLE, 0);
-        merge.apply(flow(0, "k", 0, 1), 0);
-        merge.apply(flow(1, "k", 30_000, 1), 0);
-        merge.apply(watermark(0, 90_000), 0);
-        merge.apply(watermark(1, 89_999), 0);
+        merge.apply(flow(0, "k", 0, 1), 0).unwrap();
+        merge.apply(flow(1, "k", 30_000, 1), 0).unwrap();
+        merge.apply(watermark(0, 90_000), 0).unwrap();
+        merge.apply(watermark(1, 89_999), 0).unwrap();
         assert_eq!(written(&mut merge), vec![("k".into(), 0, 1, 0), ("k".into(), 30_000, 1, 0)]);
         assert_eq!(merge.held(), 2, "window 0 may still change: partition 1 is not past its lateness");
-        merge.apply(watermark(1, 90_000), 0);
+        merge.apply(watermark(1, 90_000), 0).unwrap();
         written(&mut merge);
         assert_eq!(merge.held(), 1);
-        merge.apply(flow(0, "k", 0, 1), 0);
+        merge.apply(flow(0, "k", 0, 1), 0).unwrap();
         assert_eq!(written(&mut merge), vec![]);
         assert_eq!(merge.held(), 1, "the resend of a window let go is not taken as a new window");
     }
@@ -495,14 +555,14 @@ mod tests {
             scope: "province".into(),
             vehicles,
         };
-        merge.apply(origin(0, 5), 0);
-        merge.apply(origin(1, 2), 0);
-        merge.apply(Partial::End { from: 0 }, 0);
+        merge.apply(origin(0, 5), 0).unwrap();
+        merge.apply(origin(1, 2), 0).unwrap();
+        merge.apply(Partial::End { from: 0 }, 0).unwrap();
         let mut out = ResultBatch::default();
         merge.advance(0, &mut out).unwrap();
         assert!(out.origin_counts.is_empty(), "partition 1 has neither ended nor passed the window");
         assert!(!merge.finished());
-        merge.apply(Partial::End { from: 1 }, 0);
+        merge.apply(Partial::End { from: 1 }, 0).unwrap();
         merge.advance(0, &mut out).unwrap();
         assert!(merge.finished());
         let rows: Vec<_> = out.origin_counts.iter().map(|r| (r.scope, r.vehicles, r.revision)).collect();
@@ -521,11 +581,11 @@ mod tests {
             samples,
             sum_milli,
         };
-        merge.apply(speed(0, 2, 80_500), 0);
-        merge.apply(speed(1, 1, 40_200), 0);
-        merge.apply(speed(0, 1, 40_100), 0);
+        merge.apply(speed(0, 2, 80_500), 0).unwrap();
+        merge.apply(speed(1, 1, 40_200), 0).unwrap();
+        merge.apply(speed(0, 1, 40_100), 0).unwrap();
         for p in [0, 1] {
-            merge.apply(watermark(p, 60_000), 0);
+            merge.apply(watermark(p, 60_000), 0).unwrap();
         }
         let mut out = ResultBatch::default();
         merge.advance(0, &mut out).unwrap();
@@ -534,11 +594,50 @@ mod tests {
     }
 
     #[test]
+    fn top_n_ranks_the_sums_of_every_partitions_buckets() {
+        let mut merge = Merge::new(2, 60_000, IDLE, 0);
+        merge.rank_checkpoints(vec!["B".into(), "A".into(), "C".into()], 2);
+        let bucket = |from, cp: &str, bucket_start, passes| Partial::TopN {
+            from,
+            checkpoint_id: cp.into(),
+            bucket_start,
+            passes,
+        };
+        // B: 1 + 1, A: 2, C: 1 in the first bucket; A once more, sent again by a restarted
+        // partition 1 (its older total, then the same one).
+        for partial in [bucket(0, "B", 0, 1), bucket(0, "A", 0, 2), bucket(1, "B", 0, 1), bucket(1, "C", 0, 1)] {
+            merge.apply(partial, 0).unwrap();
+        }
+        merge.apply(bucket(1, "A", 5_000, 1), 0).unwrap();
+        merge.apply(bucket(1, "B", 0, 1), 0).unwrap();
+        merge.apply(bucket(1, "A", 5_000, 1), 0).unwrap();
+        merge.apply(watermark(0, 10_000), 0).unwrap();
+        let mut out = ResultBatch::default();
+        merge.advance(0, &mut out).unwrap();
+        assert!(out.top_n.is_empty(), "partition 1 has not passed any window");
+        merge.apply(watermark(1, 10_000), 0).unwrap();
+        merge.advance(0, &mut out).unwrap();
+        let windows: Vec<(i64, Vec<(String, u64)>)> = out
+            .top_n
+            .iter()
+            .map(|w| (w.window_end, w.entries.iter().map(|(k, v)| (k.to_string(), *v)).collect()))
+            .collect();
+        let ranked = |a: &[(&str, u64)]| a.iter().map(|(k, v)| (k.to_string(), *v)).collect::<Vec<_>>();
+        assert_eq!(
+            windows,
+            vec![(5_000, ranked(&[("A", 2), ("B", 2)])), (10_000, ranked(&[("A", 3), ("B", 2)]))],
+            "ties to the smaller id, C cut by N = 2"
+        );
+        let unknown = merge.apply(bucket(0, "Z", 10_000, 1), 0).unwrap_err();
+        assert!(format!("{unknown:#}").contains("checkpoint Z"), "{unknown:#}");
+    }
+
+    #[test]
     fn a_partition_whose_watermark_has_not_moved_for_the_idle_timeout_no_longer_holds_it_back() {
         let mut merge = Merge::new(3, 60_000, IDLE, 0);
-        merge.apply(flow(0, "k", 0, 2), 0);
-        merge.apply(watermark(0, 40_000), 10);
-        merge.apply(watermark(1, 35_000), 20);
+        merge.apply(flow(0, "k", 0, 2), 0).unwrap();
+        merge.apply(watermark(0, 40_000), 10).unwrap();
+        merge.apply(watermark(1, 35_000), 20).unwrap();
         let mut out = ResultBatch::default();
         merge.advance(IDLE - 1, &mut out).unwrap();
         assert!(out.flow_counts.is_empty(), "partition 2 has sent nothing yet, but is not idle");
@@ -547,7 +646,7 @@ mod tests {
         assert_eq!(out.flow_counts.len(), 1);
         merge.advance(IDLE + 20, &mut out).unwrap();
         assert_eq!(merge.watermark(), 40_000, "every partition idle: the highest");
-        merge.apply(watermark(2, 1_000), IDLE + 30);
+        merge.apply(watermark(2, 1_000), IDLE + 30).unwrap();
         merge.advance(IDLE + 30, &mut out).unwrap();
         assert_eq!(merge.watermark(), 40_000, "it never goes back");
     }

@@ -29,7 +29,7 @@ mod high_frequency;
 mod origin_counts;
 mod restrictions;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 mod top_n;
 mod traffic_surge;
 mod trajectories;
@@ -51,7 +51,9 @@ pub use flow_counts::{batch_flow_counts, FlowCounts, FLOW_WINDOWS_S};
 pub use high_frequency::{batch_high_frequency, HighFrequency};
 pub use origin_counts::{batch_origin_counts, plate_origin, OriginCounts, PlateOrigin, ORIGIN_WINDOW_S};
 pub use restrictions::{batch_restrictions, Restrictions};
-pub use top_n::{batch_top_n, TopN, CHECKPOINT_METRIC, TOP_N_SLIDE_S, TOP_N_WINDOW_S};
+pub use top_n::{
+    batch_top_n, RankedKeys, SlidingRanking, TopN, TopNBuckets, CHECKPOINT_METRIC, TOP_N_SLIDE_S, TOP_N_WINDOW_S,
+};
 pub use traffic_surge::{batch_traffic_surge, surge_id, SurgeRule, TrafficSurge, TRAFFIC_SURGE};
 pub use trajectories::{batch_trajectories, Trajectories};
 pub use watchlist::{Watch, WatchEntry, WatchList, WATCHLIST};
@@ -67,7 +69,8 @@ pub const PER_VEHICLE: [&str; 3] = ["high_frequency", "trajectories", "first_ent
 /// The pipelines whose results add up over input partitions (a vehicle's passes are all in
 /// one): scale-out runs them beside each input partition too and merges their partial results
 /// per key (see `crate::kafka::Merge`). Every other pipeline runs in the aggregate stage.
-pub const PARTIAL: [&str; 3] = ["flow_counts", "origin_counts", "checkpoint_speed"];
+/// Top-N runs there as [`TopNBuckets`].
+pub const PARTIAL: [&str; 4] = ["flow_counts", "origin_counts", "checkpoint_speed", "top_n"];
 
 /// Every pipeline of the service, in the order they run.
 pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> anyhow::Result<Vec<Box<dyn Operator>>> {

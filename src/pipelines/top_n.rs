@@ -7,7 +7,7 @@ use crate::core::window::{is_late, tumbling_start};
 use crate::core::{check_version, Context, Operator, StateBlob};
 use crate::model::Pass;
 use crate::reference::City;
-use crate::results::TopNWindow;
+use crate::results::{TopNBucketRow, TopNWindow};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -199,6 +199,93 @@ impl Operator for TopN {
         let state: SlidingRanking = serde_json::from_slice(&blob.bytes)?;
         anyhow::ensure!(state.fits(self.keys.names.len()), "top_n state was taken with another number of checkpoints");
         self.state = state;
+        Ok(())
+    }
+}
+
+/// Top-N's part in scale-out's per-vehicle stage: the passes of one input partition per
+/// checkpoint in 5 s buckets, each bucket's counts emitted once the partition's watermark has
+/// passed its end and a count again whenever it changes later (`crate::kafka::Merge` ranks the
+/// sums). A pass is late here as [`TopN`] judges it: when the first window holding it is past
+/// the allowed lateness; it still counts while the last one is not.
+pub struct TopNBuckets {
+    keys: Vec<Arc<str>>,
+    buckets: BTreeMap<i64, Bucket>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Bucket {
+    counts: BTreeMap<u32, u64>,
+    emitted: bool,
+    dirty: BTreeSet<u32>,
+}
+
+impl TopNBuckets {
+    pub fn new(city: &Arc<City>) -> TopNBuckets {
+        TopNBuckets { keys: city.checkpoints.iter().map(|c| c.id.clone()).collect(), buckets: BTreeMap::new() }
+    }
+}
+
+impl Operator for TopNBuckets {
+    fn name(&self) -> &'static str {
+        "top_n"
+    }
+
+    fn state_version(&self) -> u32 {
+        STATE_VERSION
+    }
+
+    fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
+        let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
+        for (i, pass) in passes.iter().enumerate() {
+            let bucket = tumbling_start(pass.ts.ms(), SLIDE_MS);
+            if is_late(bucket + SLIDE_MS, watermark, lateness) {
+                ctx.late.push((i, LATE_LABEL));
+            }
+            if is_late(bucket + WINDOW_MS, watermark, lateness) {
+                continue;
+            }
+            let b = self.buckets.entry(bucket).or_default();
+            *b.counts.entry(pass.checkpoint.0).or_default() += 1;
+            if b.emitted {
+                b.dirty.insert(pass.checkpoint.0);
+            }
+        }
+    }
+
+    fn on_watermark(&mut self, ctx: &mut Context<'_>) {
+        let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
+        for (&start, b) in self.buckets.iter_mut() {
+            if start + SLIDE_MS > watermark {
+                break;
+            }
+            let changed: Vec<u32> = if b.emitted {
+                std::mem::take(&mut b.dirty).into_iter().collect()
+            } else {
+                b.counts.keys().copied().collect()
+            };
+            b.emitted = true;
+            for cp in changed {
+                let checkpoint_id = self.keys[cp as usize].clone();
+                ctx.out.top_n_buckets.push(TopNBucketRow { checkpoint_id, bucket_start: start, passes: b.counts[&cp] });
+            }
+        }
+        self.buckets.retain(|start, _| !is_late(start + WINDOW_MS, watermark, lateness));
+    }
+
+    fn snapshot(&self) -> anyhow::Result<StateBlob> {
+        Ok(StateBlob { version: STATE_VERSION, bytes: serde_json::to_vec(&self.buckets)? })
+    }
+
+    fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
+        check_version(self.name(), blob.version, STATE_VERSION)?;
+        let buckets: BTreeMap<i64, Bucket> = serde_json::from_slice(&blob.bytes)?;
+        let n = self.keys.len() as u32;
+        anyhow::ensure!(
+            buckets.values().flat_map(|b| b.counts.keys()).all(|cp| *cp < n),
+            "top_n state names a checkpoint this city does not have"
+        );
+        self.buckets = buckets;
         Ok(())
     }
 }
