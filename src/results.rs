@@ -41,13 +41,28 @@ pub struct TopNWindow {
     pub entries: Vec<(Arc<str>, u64)>,
 }
 
-/// One 5 s bucket's passes at a checkpoint in one input partition: scale-out's partial result
-/// for Top-N (not a table: the merge ranks the sums).
+/// One 5 s bucket's count for a key of a Top-N metric in one input partition (passes at a
+/// checkpoint, traversals of a segment): scale-out's partial result for Top-N, not a table (the
+/// merge ranks the sums). `updates`: the changes the count has taken, which only grow.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TopNBucketRow {
-    pub checkpoint_id: Arc<str>,
+    pub metric: &'static str,
+    pub key_id: Arc<str>,
     pub bucket_start: i64,
-    pub passes: u64,
+    pub count: u64,
+    pub updates: u64,
+}
+
+/// One segment's traversal sums in one window of one input partition: scale-out's partial
+/// result for congestion, not a table. `updates`: the additions and retractions taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentSumsRow {
+    pub segment_id: Arc<str>,
+    pub window_s: u32,
+    pub window_start: i64,
+    pub traversals: u32,
+    pub dt_ms: i64,
+    pub updates: u32,
 }
 
 /// `high_frequency`(day, checkpoint_id, plate, plate_color, passes, first_ts, last_ts).
@@ -230,8 +245,10 @@ pub struct ResultBatch {
     pub dead_letters: Vec<DeadLetter>,
     /// For the clean-pass topic (not a table).
     pub clean_passes: Vec<CleanPassRow>,
-    /// Scale-out's partial results for Top-N (not a table; taken out before the stores).
+    /// Scale-out's partial results for Top-N and congestion (not tables; taken out before the
+    /// stores).
     pub top_n_buckets: Vec<TopNBucketRow>,
+    pub segment_sums: Vec<SegmentSumsRow>,
 }
 
 impl ResultBatch {
@@ -241,7 +258,7 @@ impl ResultBatch {
 
     /// Rows per table. Destructured, so that a new table cannot be left out of the count (an
     /// "empty" batch is not sent to the store).
-    pub fn counts(&self) -> [(&'static str, usize); 16] {
+    pub fn counts(&self) -> [(&'static str, usize); 17] {
         let ResultBatch {
             flow_counts,
             origin_counts,
@@ -259,6 +276,7 @@ impl ResultBatch {
             dead_letters,
             clean_passes,
             top_n_buckets,
+            segment_sums,
         } = self;
         [
             ("flow_counts", flow_counts.len()),
@@ -277,6 +295,7 @@ impl ResultBatch {
             ("dead_letters", dead_letters.len()),
             ("clean_passes", clean_passes.len()),
             ("top_n_buckets", top_n_buckets.len()),
+            ("segment_sums", segment_sums.len()),
         ]
     }
 
@@ -302,6 +321,7 @@ impl ResultBatch {
             dead_letters,
             clean_passes,
             top_n_buckets,
+            segment_sums,
         } = other;
         self.flow_counts.append(flow_counts);
         self.origin_counts.append(origin_counts);
@@ -319,6 +339,7 @@ impl ResultBatch {
         self.dead_letters.append(dead_letters);
         self.clean_passes.append(clean_passes);
         self.top_n_buckets.append(top_n_buckets);
+        self.segment_sums.append(segment_sums);
     }
 }
 

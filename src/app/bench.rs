@@ -183,7 +183,7 @@ pub async fn bench_kafka(
     }
     if instances > 1 {
         // Scale-out: the instances share the input partitions and the merge of the partial
-        // flows, origins, speeds and Top-N; one runs the aggregate stage.
+        // flows, origins, speeds, Top-N and congestion; one runs the aggregate stage.
         config.kafka.scale_out.enabled = true;
         config.kafka.scale_out.repartition_topic = format!("{topic}.repartition");
         config.kafka.scale_out.partials_topic = format!("{topic}.partials");

@@ -7,21 +7,21 @@
 //!   vehicles, first entry) run here, each task with its own state and checkpoints in
 //!   `state.dir/partition-N`. A revoked partition is checkpointed and dropped; an assigned one
 //!   is restored from its newest checkpoint and resumes at its offset: a partition's state moves
-//!   with it. Flows, origins, spot speeds and Top-N's buckets are counted here too, over the
-//!   partition's own passes: their rows, partial results, go to the partials topic by
-//!   aggregate key, followed by the task's watermark. Every valid pass is forwarded, with what
-//!   it was late for here, to the repartition topic.
+//!   with it. Flows, origins, spot speeds, Top-N's buckets and congestion's traversals (per
+//!   vehicle) are counted here too, over the partition's own passes: their rows, partial
+//!   results, go to the partials topic by aggregate key, followed by the task's watermark.
+//!   Every valid pass is forwarded, with what it was late for here, to the repartition topic.
 //! - **Merge stage**: one task per partition of the partials topic (a consumer group of its
 //!   own, so the instances share them), with its state in `state.dir/merge-N`: it adds up each
-//!   (key, window)'s partials from every input partition and writes the flow, origin, speed or
-//!   Top-N row once every input partition's watermark has passed the window (see
-//!   `crate::kafka::Merge`).
+//!   (key, window)'s partials from every input partition and writes the flow, origin, speed,
+//!   Top-N or congestion rows once every input partition's watermark has passed the window
+//!   (see `crate::kafka::Merge`).
 //! - **Aggregate stage**: one task for the whole city, run by the instance that holds the
 //!   repartition topic's one partition (a consumer group of its own), with its state in
-//!   `state.dir/aggregate`: every other pipeline — congestion (with Top-N segments), cloned
-//!   plates, surges, restrictions, the watch list, device health, archive — over all the
-//!   forwarded passes. Each input partition's passes arrive in their order, so the aggregate
-//!   stage's watermark is the minimum over the input partitions, as on one instance; a pass a
+//!   `state.dir/aggregate`: every other pipeline — cloned plates, surges, restrictions, the
+//!   watch list, device health, archive — over all the forwarded passes. Each input
+//!   partition's passes arrive in their order, so the aggregate stage's watermark is the
+//!   minimum over the input partitions, as on one instance; a pass a
 //!   restarted task forwards again is deduplicated like any resend.
 //!
 //! Where a task's state lives when its partition moves:
@@ -46,7 +46,7 @@
 //! instance stops once its partitions are read and every merge task and the aggregate stage
 //! have finished.
 
-use super::replay::{adopt_stored_alerts, build_engine};
+use super::replay::{adopt_stored_alerts, build_engine, stored_alerts};
 use super::run::{observe_kafka, observe_partition_watermarks, observe_watermarks, wall_ms, IDLE_POLL};
 use crate::api::AdminCommand;
 use crate::config::Config;
@@ -58,7 +58,7 @@ use crate::kafka::{
     Fetched, Forwarder, KafkaPosition, KafkaSource, Merge, Partial, PartialSender, Repartitioned, StateTopic,
 };
 use crate::metrics::Metrics;
-use crate::pipelines::{TopNBuckets, WatchList, PARTIAL, PER_VEHICLE};
+use crate::pipelines::{partial_forms, WatchList, PARTIAL, PER_VEHICLE};
 use crate::reference::City;
 use crate::results::ResultBatch;
 use crate::store::Store;
@@ -197,7 +197,9 @@ impl Shared {
         let city = self.city.clone();
         let select = move |e: &mut Engine| {
             e.keep_operators(&partition_stage());
-            e.replace_operator(Box::new(TopNBuckets::new(&city)));
+            for op in partial_forms(&city) {
+                e.replace_operator(op);
+            }
         };
         let (mut engine, checkpoints, latest, next_id) = self.open_state(&dir, select, published, progress).await?;
         engine.forward_passes();
@@ -250,8 +252,10 @@ impl Shared {
             }
         };
         let mut merge = merge;
-        let checkpoints_ranked = self.city.checkpoints.iter().map(|c| c.id.clone()).collect();
-        merge.rank_checkpoints(checkpoints_ranked, self.config.pipelines.top_n);
+        merge.attach(&self.city, self.config.pipelines.top_n);
+        if position.offset.is_some() {
+            merge.adopt_alerts(&stored_alerts(&self.store, merge.watermark(), lateness).await?);
+        }
         tracing::info!(partition, offset = ?position.offset, "merge task opened");
         Ok(MergeTask { merge, checkpoints, next_id, position })
     }

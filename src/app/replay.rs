@@ -169,13 +169,23 @@ const ADOPT_SPAN_MS: i64 = 6 * 3_600_000;
 /// have been raised after it (see `Operator::adopt_alerts`), so that one the replayed input
 /// does not raise again is retracted rather than left active.
 pub(super) async fn adopt_stored_alerts(engine: &mut Engine, store: &Store, lateness_ms: i64) -> anyhow::Result<()> {
-    let since = engine.watermark().saturating_sub(lateness_ms).saturating_sub(ADOPT_SPAN_MS);
+    engine.adopt_alerts(&stored_alerts(store, engine.watermark(), lateness_ms).await?);
+    Ok(())
+}
+
+/// The alerts stored since a state at `watermark` (restored) may have raised them: for it to
+/// adopt, and judge again.
+pub(super) async fn stored_alerts(
+    store: &Store,
+    watermark: i64,
+    lateness_ms: i64,
+) -> anyhow::Result<Vec<crate::results::AlertRow>> {
+    let since = watermark.saturating_sub(lateness_ms).saturating_sub(ADOPT_SPAN_MS);
     let alerts = store.alerts_to_adopt(since).await.context("reading the alerts raised before the restart")?;
     if !alerts.is_empty() {
         tracing::info!(alerts = alerts.len(), "stored alerts adopted, to be judged again");
     }
-    engine.adopt_alerts(&alerts);
-    Ok(())
+    Ok(alerts)
 }
 
 pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {

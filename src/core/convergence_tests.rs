@@ -402,13 +402,15 @@ fn the_scale_out_stages_give_the_single_engines_results() {
     let mut partitions: Vec<Engine> = (0..PARTITIONS).map(|_| engine(city, &Backend::Memory)).collect();
     for e in &mut partitions {
         e.keep_operators(&[crate::pipelines::PER_VEHICLE.as_slice(), &crate::pipelines::PARTIAL].concat());
-        e.replace_operator(Box::new(crate::pipelines::TopNBuckets::new(city)));
+        for op in crate::pipelines::partial_forms(city) {
+            e.replace_operator(op);
+        }
         e.forward_passes();
     }
     let mut aggregate = engine(city, &Backend::Memory);
     aggregate.drop_operators(&[crate::pipelines::PER_VEHICLE.as_slice(), &crate::pipelines::PARTIAL].concat());
     let mut merge = Merge::new(PARTITIONS, LATENESS, 60_000, 0);
-    merge.rank_checkpoints(city.checkpoints.iter().map(|c| c.id.clone()).collect(), 10);
+    merge.attach(city, 10);
     let clocks = Clocks { future_now: None, processing_now: 0 };
     let (mut want, mut got) = (ResultBatch::default(), ResultBatch::default());
     // The partition stage's output: partials to the merge (then the partition's watermark),
@@ -494,17 +496,37 @@ fn the_scale_out_stages_give_the_single_engines_results() {
     let want_speeds = speeds(&want);
     assert!(!want_speeds.is_empty());
     assert_eq!(speeds(&got), want_speeds, "merged spot speeds differ from the single engine's");
-    let top_n = |b: &ResultBatch| -> BTreeMap<i64, Vec<(String, u64)>> {
+    let top_n = |b: &ResultBatch| -> BTreeMap<(&'static str, i64), Vec<(String, u64)>> {
         let entries = |w: &crate::results::TopNWindow| w.entries.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        b.top_n
-            .iter()
-            .filter(|w| w.metric == crate::pipelines::CHECKPOINT_METRIC)
-            .map(|w| (w.window_end, entries(w)))
-            .collect()
+        b.top_n.iter().map(|w| ((w.metric, w.window_end), entries(w))).collect()
     };
     let want_top_n = top_n(&want);
-    assert!(want_top_n.len() > 100, "{} Top-N windows", want_top_n.len());
-    assert_eq!(top_n(&got), want_top_n, "the merged Top-N checkpoints differ from the single engine's");
+    for metric in [crate::pipelines::CHECKPOINT_METRIC, crate::pipelines::SEGMENT_METRIC] {
+        let windows = want_top_n.keys().filter(|(m, _)| *m == metric).count();
+        assert!(windows > 100, "{windows} Top-N windows of {metric}");
+    }
+    assert_eq!(top_n(&got), want_top_n, "the merged Top-N differs from the single engine's");
+    // Congestion: the last row of every segment and area window, and the sudden-congestion
+    // alerts, as the single engine wrote them.
+    let segments = |b: &ResultBatch| -> BTreeMap<(String, u32, i64), String> {
+        let key = |r: &crate::results::SegmentCongestionRow| (r.segment_id.to_string(), r.window_s, r.window_start);
+        b.segment_congestion.iter().map(|r| (key(r), format!("{r:?}"))).collect()
+    };
+    let want_segments = segments(&want);
+    assert!(want_segments.len() > 1000, "{} segment rows", want_segments.len());
+    assert_eq!(segments(&got), want_segments, "merged segment congestion differs from the single engine's");
+    let areas = |b: &ResultBatch| -> BTreeMap<(&'static str, String, u32, i64), String> {
+        let key = |r: &crate::results::AreaCongestionRow| (r.level, r.key_id.to_string(), r.window_s, r.window_start);
+        b.area_congestion.iter().map(|r| (key(r), format!("{r:?}"))).collect()
+    };
+    assert_eq!(areas(&got), areas(&want), "merged area congestion differs from the single engine's");
+    let sudden = |b: &ResultBatch| -> BTreeMap<String, String> {
+        let merged = b.alerts.iter().filter(|a| a.kind == crate::pipelines::SUDDEN_CONGESTION);
+        merged.map(|a| (a.alert_id.clone(), format!("{a:?}"))).collect()
+    };
+    let want_sudden = sudden(&want);
+    assert!(!want_sudden.is_empty(), "the day has a sudden congestion");
+    assert_eq!(sudden(&got), want_sudden, "the merged sudden congestion differs from the single engine's");
     assert_eq!(got.trajectories.len(), want.trajectories.len());
 
     // What a pass was late for in the per-vehicle stage is named in the aggregate stage's row,

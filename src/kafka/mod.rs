@@ -8,8 +8,8 @@
 //!   Idempotent producer; each checkpoint barrier waits until everything before it is acknowledged.
 //! - `repartition.rs`: scale-out's internal topic, from the per-vehicle stage of each input
 //!   partition to the aggregate stage: the passes, what they were late for, and end markers.
-//! - `partials.rs`: scale-out's partial results: each input partition's flows, origins, speeds
-//!   and Top-N buckets, by aggregate key, with watermarks; and the merge that adds them up per key.
+//! - `partials.rs`: scale-out's partial results: each input partition's flows, origins, speeds,
+//!   Top-N buckets and congestion sums, by aggregate key, with watermarks; and the merge that adds them up per key.
 //! - `state.rs`: scale-out's state topic, where every task publishes its state from time to
 //!   time so that it moves with its partition to any instance.
 //! - `delivery.rs`: the producers: the outputs' counts delivery reports instead of awaiting a
@@ -57,8 +57,8 @@ pub struct ScaleOutConfig {
     /// The internal topic from the per-vehicle stage to the aggregate stage: one partition
     /// (the aggregate stage is one task, owned by one instance at a time).
     pub repartition_topic: String,
-    /// The internal topic of partial results (flows, origins, spot speeds and Top-N buckets per
-    /// input partition), by aggregate key: any number of partitions, each merged by one task.
+    /// The internal topic of partial results (flows, origins, spot speeds, Top-N buckets and
+    /// congestion sums per input partition), by aggregate key: any number of partitions, each merged by one task.
     pub partials_topic: String,
     /// Where each task publishes its state, so that a partition's state
     /// moves with it to an instance on another machine (see `state.rs`). Without one, the

@@ -1,25 +1,35 @@
 //! Scale-out's partial results. Each input partition's per-vehicle task counts flows, origins,
-//! spot speeds and Top-N's 5 s buckets over its own passes and sends every row it emits — a partial result, the task's
-//! total so far for that (key, window) — to the internal topic `kafka.scale_out.partials_topic`,
-//! to the partition its aggregate key hashes to (so one key's partials from every input
-//! partition meet in one partition of the topic), with the task's watermark to every partition
-//! after them; a step's partials for one partition travel in one message. A merge task per partition of that topic ([`Merge`]) adds the partials up and writes a
-//! (key, window) once every input partition's watermark has passed the window's end, and again
-//! whenever a late partial changes the sum. Top-N's buckets all go to one partition (the
-//! ranking is one key, the city's): its merge task ranks the summed buckets as one instance
-//! does ([`SlidingRanking`]).
+//! spot speeds and Top-N's 5 s buckets over its own passes, and sums its vehicles' segment
+//! traversals per segment and window; it sends every row it emits — a partial result, the
+//! task's total so far for that (key, window) — to the internal topic
+//! `kafka.scale_out.partials_topic`, to the partition its aggregate key hashes to (so one key's
+//! partials from every input partition meet in one partition of the topic), with the task's
+//! watermark to every partition after them; a step's partials for one partition travel in one
+//! message. A merge task per partition of that topic ([`Merge`]) adds the partials up and
+//! writes a (key, window) once every input partition's watermark has passed the window's end,
+//! and again whenever a late partial changes the sum. Top-N checkpoints is one key (the city's
+//! ranking), and so is congestion (areas, Top-N segments and sudden congestion need every
+//! segment): their merge tasks rank and judge the sums as one instance does
+//! ([`SlidingRanking`], [`CongestionWindows`]).
 //!
-//! Adding up is exact: a vehicle's passes are all in one input partition, so a flow (passes)
-//! or an origin count (distinct vehicles) is the sum of the partitions' own, and spot speeds
-//! are summed in whole thousandths of a km/h, so their mean does not depend on the order either. A partial is the
-//! task's total, not an increment, and a partition's totals only grow: a task that restarts
-//! from an earlier checkpoint sends totals again, the same or smaller ones, and the merge keeps
-//! each partition's largest, never counting anything twice nor going back.
+//! Adding up is exact: a vehicle's passes are all in one input partition, so a flow (passes),
+//! an origin count (distinct vehicles) or a segment's traversals is the sum of the partitions'
+//! own, and speeds and travel times are summed in whole thousandths of a km/h and milliseconds,
+//! so their means do not depend on the order either. A partial is the task's total, not an
+//! increment: a task that restarts from an earlier checkpoint sends totals again, the same or
+//! older ones, and the merge keeps each partition's latest — the largest count, or for
+//! congestion (whose totals also shrink when a late pass splits a traversal) the one with the
+//! most updates — never counting anything twice nor going back.
 
 use super::delivery::AckedProducer;
 use super::source::Fetched;
 use super::KafkaConfig;
-use crate::pipelines::{mean_kmh, RankedKeys, SlidingRanking, CHECKPOINT_METRIC, TOP_N_WINDOW_S};
+use crate::pipelines::{
+    mean_kmh, CongestionEnv, CongestionWindows, RankedKeys, SegmentSums, SlidingRanking, CHECKPOINT_METRIC,
+    SEGMENT_METRIC, TOP_N_WINDOW_S,
+};
+use crate::reference::City;
+use crate::results::AlertRow;
 use crate::results::{CheckpointSpeedRow, FlowCountRow, OriginCountRow, ResultBatch};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -48,7 +58,17 @@ pub enum Partial {
     /// a km/h.
     Speed { from: u32, checkpoint_id: String, window_s: u32, window_start: i64, samples: u32, sum_milli: i64 },
     /// Input partition `from`'s passes at a checkpoint in one 5 s bucket so far (Top-N).
-    TopN { from: u32, checkpoint_id: String, bucket_start: i64, passes: u64 },
+    TopN { from: u32, metric: String, key_id: String, bucket_start: i64, count: u64, updates: u64 },
+    /// Input partition `from`'s traversal sums of a segment in one window so far (congestion).
+    Segment {
+        from: u32,
+        segment_id: String,
+        window_s: u32,
+        window_start: i64,
+        traversals: u32,
+        dt_ms: i64,
+        updates: u32,
+    },
     /// Input partition `from`'s watermark: every partial of a window ending by then was sent
     /// before it.
     Watermark { from: u32, watermark: i64 },
@@ -112,11 +132,22 @@ impl Partial {
         });
         let buckets = std::mem::take(&mut batch.top_n_buckets).into_iter().map(|r| Partial::TopN {
             from,
-            checkpoint_id: r.checkpoint_id.to_string(),
+            metric: r.metric.to_owned(),
+            key_id: r.key_id.to_string(),
             bucket_start: r.bucket_start,
-            passes: r.passes,
+            count: r.count,
+            updates: r.updates,
         });
-        flows.chain(origins).chain(speeds).chain(buckets).collect()
+        let segments = std::mem::take(&mut batch.segment_sums).into_iter().map(|r| Partial::Segment {
+            from,
+            segment_id: r.segment_id.to_string(),
+            window_s: r.window_s,
+            window_start: r.window_start,
+            traversals: r.traversals,
+            dt_ms: r.dt_ms,
+            updates: r.updates,
+        });
+        flows.chain(origins).chain(speeds).chain(buckets).chain(segments).collect()
     }
 
     /// The aggregate key the topic's partition is chosen by (markers go to every partition).
@@ -129,7 +160,11 @@ impl Partial {
             Partial::Speed { checkpoint_id, window_s, window_start, .. } => {
                 format!("speed/{checkpoint_id}/{window_s}/{window_start}")
             }
+            // Top-N checkpoints is one key (the ranking); congestion is one too: areas, Top-N
+            // segments and sudden congestion need every segment.
+            Partial::TopN { metric, .. } if metric == SEGMENT_METRIC => "congestion".to_owned(),
             Partial::TopN { .. } => "top_n".to_owned(),
+            Partial::Segment { .. } => "congestion".to_owned(),
             Partial::Watermark { from, .. } => format!("watermark/{from}"),
             Partial::End { from } => format!("end/{from}"),
         }
@@ -225,12 +260,14 @@ struct Source {
     moved_at: i64,
 }
 
-/// The checkpoints Top-N ranks, and how many it keeps.
+/// What the merge reads of the city: the checkpoints Top-N ranks (and how many it keeps), and
+/// the segments.
 #[derive(Clone, Debug)]
-struct Ranked {
+struct Env {
     keys: RankedKeys,
     index: HashMap<Arc<str>, u32>,
     n: usize,
+    congestion: CongestionEnv,
 }
 
 /// A merge task's state: the partials of the windows that may still change, and where each
@@ -247,13 +284,17 @@ pub struct Merge {
     flows: BTreeMap<FlowKey, Parts>,
     origins: BTreeMap<OriginKey, Parts>,
     speeds: BTreeMap<SpeedKey, Parts>,
-    /// Top-N: each input partition's count per (bucket start, checkpoint), and the ranking of
-    /// the sums.
-    top_n_parts: BTreeMap<(i64, u32), BTreeMap<u32, u64>>,
+    /// Top-N: each input partition's (changes, count) per (segments?, bucket start, key), and
+    /// the ranking of the checkpoints' sums (the segments' is congestion's).
+    top_n_parts: BTreeMap<(bool, i64, u32), BTreeMap<u32, (u64, u64)>>,
     ranking: SlidingRanking,
-    /// Set by [`Merge::rank_checkpoints`] (the city's, not part of the state).
+    /// Congestion: each input partition's sums per (window end, segment, window size, window
+    /// start), and the windows over their sums.
+    segment_parts: BTreeMap<(i64, u32, u32, i64), BTreeMap<u32, SegmentSums>>,
+    congestion: CongestionWindows,
+    /// Set by [`Merge::attach`] (the city's, not part of the state).
     #[serde(skip)]
-    ranked: Option<Ranked>,
+    env: Option<Env>,
 }
 
 impl Merge {
@@ -272,15 +313,27 @@ impl Merge {
             speeds: BTreeMap::new(),
             top_n_parts: BTreeMap::new(),
             ranking: SlidingRanking::default(),
-            ranked: None,
+            segment_parts: BTreeMap::new(),
+            congestion: CongestionWindows::default(),
+            env: None,
         }
     }
 
-    /// The checkpoints Top-N ranks (the city's, in its order) and how many it keeps: set on a
-    /// new merge and on one restored, before any Top-N partial.
-    pub fn rank_checkpoints(&mut self, names: Vec<Arc<str>>, n: usize) {
+    /// The city whose checkpoints Top-N ranks (keeping `top_n`) and whose segments congestion
+    /// has: set on a new merge and on one restored, before any message.
+    pub fn attach(&mut self, city: &Arc<City>, top_n: usize) {
+        let names: Vec<Arc<str>> = city.checkpoints.iter().map(|c| c.id.clone()).collect();
         let index = names.iter().enumerate().map(|(i, name)| (name.clone(), i as u32)).collect();
-        self.ranked = Some(Ranked { keys: RankedKeys::new(names), index, n });
+        let congestion = CongestionEnv::new(city, top_n);
+        self.env = Some(Env { keys: RankedKeys::new(names), index, n: top_n, congestion });
+    }
+
+    /// Sudden congestion raised or retracted after the restored state (see
+    /// [`CongestionWindows::adopt_alerts`]).
+    pub fn adopt_alerts(&mut self, alerts: &[AlertRow]) {
+        if let Some(env) = &self.env {
+            self.congestion.adopt_alerts(&env.congestion, alerts);
+        }
     }
 
     /// Resumes the merge (restored from a checkpoint) at processing time `now`: every input
@@ -344,23 +397,53 @@ impl Merge {
                     self.speeds.entry(key).or_default().take(from, (u64::from(samples), sum_milli));
                 }
             }
-            Partial::TopN { from, checkpoint_id, bucket_start, passes } => {
-                let ranked =
-                    self.ranked.as_ref().context("Top-N partials reached a merge that ranks no checkpoints")?;
-                let idx = *ranked.index.get(checkpoint_id.as_str()).with_context(|| {
-                    format!("a Top-N partial names checkpoint {checkpoint_id}, which this city does not have")
-                })?;
+            Partial::TopN { from, metric, key_id, bucket_start, count, updates } => {
+                let env = self.env.as_ref().context("a partial reached a merge without its city")?;
+                let segments = metric == SEGMENT_METRIC;
+                let idx =
+                    if segments { env.congestion.segment(&key_id) } else { env.index.get(key_id.as_str()).copied() };
+                let idx =
+                    idx.with_context(|| format!("a Top-N partial names {key_id}, which this city does not have"))?;
                 let last_window_end = bucket_start + i64::from(TOP_N_WINDOW_S) * 1000;
-                if !forgotten(last_window_end, self) {
-                    let seen = self.top_n_parts.entry((bucket_start, idx)).or_default().entry(from).or_default();
-                    if passes > *seen {
-                        let delta = i32::try_from(passes - *seen).context("a Top-N bucket grew by more than 2^31")?;
-                        *seen = passes;
-                        let width = ranked.keys.names.len();
-                        let (watermark, lateness) = (self.current, self.allowed_lateness_ms);
+                if forgotten(last_window_end, self) {
+                    return Ok(());
+                }
+                let parts = self.top_n_parts.entry((segments, bucket_start, idx)).or_default();
+                let before: u64 = parts.values().map(|(_, c)| c).sum();
+                let seen = parts.entry(from).or_default();
+                *seen = (*seen).max((updates, count));
+                let after: u64 = parts.values().map(|(_, c)| c).sum();
+                let delta = i32::try_from(after as i64 - before as i64).context("a Top-N bucket moved by 2^31")?;
+                let (watermark, lateness) = (self.current, self.allowed_lateness_ms);
+                match (delta, segments) {
+                    (0, _) => {}
+                    (_, true) => self.congestion.rank(&env.congestion, idx, bucket_start, delta, watermark, lateness),
+                    (_, false) => {
+                        let width = env.keys.names.len();
                         self.ranking.add(bucket_start, idx as usize, delta, width, watermark, lateness);
                     }
                 }
+            }
+            Partial::Segment { from, segment_id, window_s, window_start, traversals, dt_ms, updates } => {
+                let env = self.env.as_ref().context("a partial reached a merge without its city")?;
+                let idx = env.congestion.segment(&segment_id).with_context(|| {
+                    format!("a congestion partial names segment {segment_id}, which this city does not have")
+                })?;
+                let end = window_start + i64::from(window_s) * 1000;
+                if forgotten(end, self) {
+                    return Ok(());
+                }
+                let parts = self.segment_parts.entry((end, idx, window_s, window_start)).or_default();
+                let seen = parts.entry(from).or_default();
+                if updates >= seen.updates {
+                    *seen = SegmentSums { traversals, dt_ms, updates };
+                }
+                let sum = parts.values().fold(SegmentSums::default(), |a, s| SegmentSums {
+                    traversals: a.traversals + s.traversals,
+                    dt_ms: a.dt_ms + s.dt_ms,
+                    updates: a.updates + s.updates,
+                });
+                self.congestion.set(idx, window_s, window_start, sum);
             }
             Partial::Watermark { from, watermark } => {
                 let s = self.sources.entry(from).or_insert(Source { watermark: i64::MIN, moved_at: now });
@@ -433,12 +516,14 @@ impl Merge {
                 });
             }
         }
-        if let Some(ranked) = &self.ranked {
-            self.ranking.emit(CHECKPOINT_METRIC, &ranked.keys, ranked.n, watermark, lateness, &mut out.top_n);
+        if let Some(env) = &self.env {
+            self.ranking.emit(CHECKPOINT_METRIC, &env.keys, env.n, watermark, lateness, &mut out.top_n);
+            self.congestion.emit(&env.congestion, watermark, lateness, out);
         }
         let done = |end: i64| watermark >= end.saturating_add(lateness);
         let bucket_done = |start: i64| done(start + i64::from(TOP_N_WINDOW_S) * 1000);
-        self.top_n_parts.retain(|(start, _), _| !bucket_done(*start));
+        self.top_n_parts.retain(|(_, start, _), _| !bucket_done(*start));
+        self.segment_parts.retain(|k, _| !done(k.0));
         self.flows.retain(|k, _| !done(k.0));
         self.origins.retain(|k, _| !done(k.0));
         self.speeds.retain(|k, _| !done(k.0));
@@ -447,7 +532,7 @@ impl Merge {
 
     /// The (key, window)s held.
     pub fn held(&self) -> usize {
-        self.flows.len() + self.origins.len() + self.speeds.len() + self.top_n_parts.len()
+        self.flows.len() + self.origins.len() + self.speeds.len() + self.top_n_parts.len() + self.segment_parts.len()
     }
 }
 
@@ -472,6 +557,7 @@ fn static_name(name: &str, known: &[&'static str]) -> anyhow::Result<&'static st
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipelines::test_support::{self as support, checkpoint};
 
     fn flow(from: u32, key: &str, window_start: i64, passes: u64) -> Partial {
         Partial::Flow { from, level: "checkpoint".into(), key_id: key.into(), window_s: 30, window_start, passes }
@@ -596,12 +682,15 @@ mod tests {
     #[test]
     fn top_n_ranks_the_sums_of_every_partitions_buckets() {
         let mut merge = Merge::new(2, 60_000, IDLE, 0);
-        merge.rank_checkpoints(vec!["B".into(), "A".into(), "C".into()], 2);
-        let bucket = |from, cp: &str, bucket_start, passes| Partial::TopN {
+        let city = support::city(vec![checkpoint("B", "R1"), checkpoint("A", "R1"), checkpoint("C", "R1")], &["R1"]);
+        merge.attach(&city, 2);
+        let bucket = |from, cp: &str, bucket_start, count: u64| Partial::TopN {
             from,
-            checkpoint_id: cp.into(),
+            metric: CHECKPOINT_METRIC.into(),
+            key_id: cp.into(),
             bucket_start,
-            passes,
+            count,
+            updates: count,
         };
         // B: 1 + 1, A: 2, C: 1 in the first bucket; A once more, sent again by a restarted
         // partition 1 (its older total, then the same one).
@@ -629,7 +718,50 @@ mod tests {
             "ties to the smaller id, C cut by N = 2"
         );
         let unknown = merge.apply(bucket(0, "Z", 10_000, 1), 0).unwrap_err();
-        assert!(format!("{unknown:#}").contains("checkpoint Z"), "{unknown:#}");
+        assert!(format!("{unknown:#}").contains("names Z"), "{unknown:#}");
+    }
+
+    #[test]
+    fn congestion_merges_every_partitions_segment_sums_and_writes_areas_over_them() {
+        let mut merge = Merge::new(2, 600_000, IDLE, 0);
+        let segment = support::segment("S1", 0, 1, 1_000.0, 60.0, crate::reference::RoadClass::Arterial, "R1");
+        let city =
+            support::city_with_segments(vec![checkpoint("A", "R1"), checkpoint("B", "R1")], vec![segment], &["R1"]);
+        merge.attach(&city, 10);
+        let sums = |from, traversals, dt_ms, updates| Partial::Segment {
+            from,
+            segment_id: "S1".into(),
+            window_s: 60,
+            window_start: 0,
+            traversals,
+            dt_ms,
+            updates,
+        };
+        // Partition 0: two traversals (120 s in all), sent again after a restart with an older
+        // total; partition 1: one added and taken back (a late pass split it), then one of 60 s.
+        for partial in [sums(0, 2, 120_000, 2), sums(1, 0, 0, 2), sums(0, 1, 50_000, 1), sums(1, 1, 60_000, 3)] {
+            merge.apply(partial, 0).unwrap();
+        }
+        for p in [0, 1] {
+            merge.apply(watermark(p, 60_000), 0).unwrap();
+        }
+        let mut out = ResultBatch::default();
+        merge.advance(0, &mut out).unwrap();
+        let rows: Vec<_> =
+            out.segment_congestion.iter().map(|r| (r.traversals, r.mean_speed_kmh, r.revision)).collect();
+        assert_eq!(rows, vec![(3, 60.0, 4)], "3 traversals of 1 km in 180 s; 5 updates in all");
+        let areas: Vec<_> = out.area_congestion.iter().map(|r| (r.level, r.mean_speed_kmh)).collect();
+        assert_eq!(areas, vec![("city", 60.0), ("region", 60.0)]);
+        let unknown = Partial::Segment {
+            from: 0,
+            segment_id: "S9".into(),
+            window_s: 60,
+            window_start: 0,
+            traversals: 1,
+            dt_ms: 1,
+            updates: 1,
+        };
+        assert!(format!("{:#}", merge.apply(unknown, 0).unwrap_err()).contains("segment S9"));
     }
 
     #[test]

@@ -10,12 +10,13 @@
 //! milliseconds, so results do not depend on arrival order; a row's `revision` counts the
 //! traversal updates (additions and retractions) its window has taken, so it only grows.
 
-use super::top_n::{batch_ranking, RankedKeys, SlidingRanking};
+use super::top_n::{batch_ranking, BucketCounts, RankedKeys, SlidingRanking};
 use crate::core::window::{is_complete, is_late, tumbling_start, Every};
 use crate::core::{Context, Operator, SeqOf, StateBlob};
 use crate::model::{fnv1a64, Pass, VehicleKey};
 use crate::reference::{City, RoadClass, Segment};
-use crate::results::{AlertRow, AreaCongestionRow, SegmentCongestionRow};
+use crate::results::ResultBatch;
+use crate::results::{AlertRow, AreaCongestionRow, SegmentCongestionRow, SegmentSumsRow};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -126,40 +127,17 @@ struct Window {
     emitted: bool,
 }
 
-pub struct Congestion {
-    city: Arc<City>,
+/// Each vehicle's recent passes in time order, and the traversals a new pass makes and takes
+/// back: the per-vehicle half of congestion.
+struct Tracks {
     roads: Roads,
-    names: RankedKeys,
-    top_n: usize,
     tracks: FxHashMap<VehicleKey, Vec<Point>>,
-    /// Per window size: windows by start.
-    sets: Vec<BTreeMap<i64, Window>>,
-    ranking: SlidingRanking,
-    /// Sudden-congestion alerts raised: (segment, first congested window) → (active, revision).
-    sudden: BTreeMap<(u32, i64), (bool, u32)>,
-    /// Sudden-congestion alerts adopted after a restore, to judge again once their windows are
-    /// complete (not checkpointed: a restore adopts them again from the store).
-    rejudge: BTreeSet<(u32, i64)>,
     sweeps: Every,
-    /// The length of the last snapshot (see [`StateBlob::encode`]).
-    snapshot_len: AtomicUsize,
 }
 
-impl Congestion {
-    pub fn new(city: &Arc<City>, top_n: usize) -> Congestion {
-        Congestion {
-            city: city.clone(),
-            roads: Roads::new(city),
-            names: RankedKeys::new(city.segments.iter().map(|s| s.id.clone()).collect()),
-            top_n,
-            tracks: FxHashMap::default(),
-            sets: vec![BTreeMap::new(); CONGESTION_WINDOWS_S.len()],
-            ranking: SlidingRanking::default(),
-            sudden: BTreeMap::new(),
-            rejudge: BTreeSet::new(),
-            sweeps: Every::new(SWEEP_EVERY_MS),
-            snapshot_len: AtomicUsize::new(0),
-        }
+impl Tracks {
+    fn new(city: &City) -> Tracks {
+        Tracks { roads: Roads::new(city), tracks: FxHashMap::default(), sweeps: Every::new(SWEEP_EVERY_MS) }
     }
 
     /// Passes before this can no longer pair with a pass that is on time.
@@ -167,9 +145,104 @@ impl Congestion {
         watermark.saturating_sub(lateness_ms).saturating_sub(60_000).saturating_sub(self.roads.longest_ms)
     }
 
+    /// Takes `pass` of `vehicle` into its track: the traversal it splits (retracted, -1) and
+    /// the ones it makes (1). `None` when the track holds it already.
+    fn take(&mut self, vehicle: VehicleKey, pass: &Pass, horizon: i64) -> Option<[(Option<Traversal>, i32); 3]> {
+        let x = Point::of(pass);
+        let track = self.tracks.entry(vehicle).or_default();
+        let Err(at) = track.binary_search_by(|p| p.order().cmp(&x.order())) else { return None };
+        track.insert(at, x);
+        let prev = at.checked_sub(1).map(|j| track[j]);
+        let next = track.get(at + 1).copied();
+        let old = track.partition_point(|p| p.ts < horizon);
+        track.drain(..old);
+        let roads = &self.roads;
+        Some([
+            (prev.zip(next).and_then(|(p, q)| roads.traversal(p, q)), -1),
+            (prev.and_then(|p| roads.traversal(p, x)), 1),
+            (next.and_then(|q| roads.traversal(x, q)), 1),
+        ])
+    }
+
+    /// Forgets, from time to time, every vehicle's passes before the horizon, and vehicles with
+    /// none left.
+    fn sweep(&mut self, watermark: i64, lateness_ms: i64) {
+        let horizon = self.horizon(watermark, lateness_ms);
+        if self.sweeps.due(horizon) {
+            self.tracks.retain(|_, track| {
+                let old = track.partition_point(|p| p.ts < horizon);
+                track.drain(..old);
+                !track.is_empty()
+            });
+        }
+    }
+
+    /// Whether every track names checkpoints of a city of `checkpoints`.
+    fn fit(stored: &[(String, u8, Vec<Point>)], checkpoints: usize) -> bool {
+        stored.iter().flat_map(|t| &t.2).all(|p| (p.cp as usize) < checkpoints)
+    }
+
+    fn restore(&mut self, stored: Vec<(String, u8, Vec<Point>)>) {
+        self.tracks.clear();
+        for (plate, color, track) in stored {
+            if let Some(vehicle) = VehicleKey::from_stored(&plate, color) {
+                self.tracks.insert(vehicle, track);
+            }
+        }
+    }
+}
+
+/// What the windows' half of congestion reads of the city.
+#[derive(Clone, Debug)]
+pub struct CongestionEnv {
+    city: Arc<City>,
+    names: RankedKeys,
+    top_n: usize,
+}
+
+impl CongestionEnv {
+    pub fn new(city: &Arc<City>, top_n: usize) -> CongestionEnv {
+        let names = RankedKeys::new(city.segments.iter().map(|s| s.id.clone()).collect());
+        CongestionEnv { city: city.clone(), names, top_n }
+    }
+
+    /// The index of segment `id`.
+    pub fn segment(&self, id: &str) -> Option<u32> {
+        self.names.names.iter().position(|name| &**name == id).map(|i| i as u32)
+    }
+}
+
+/// The windows' half of congestion: per segment and window the traversal sums and their rows,
+/// the areas', Top-N segments and sudden congestion. One instance feeds it every traversal;
+/// scale-out's merge feeds it every input partition's summed windows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CongestionWindows {
+    /// Per window size: windows by start.
+    sets: Vec<BTreeMap<i64, Window>>,
+    ranking: SlidingRanking,
+    /// Sudden-congestion alerts raised: (segment, first congested window) → (active, revision).
+    sudden: BTreeMap<(u32, i64), (bool, u32)>,
+    /// Sudden-congestion alerts adopted after a restore, to judge again once their windows are
+    /// complete (not checkpointed: a restore adopts them again from the store).
+    #[serde(skip)]
+    rejudge: BTreeSet<(u32, i64)>,
+}
+
+impl Default for CongestionWindows {
+    fn default() -> Self {
+        CongestionWindows {
+            sets: vec![BTreeMap::new(); CONGESTION_WINDOWS_S.len()],
+            ranking: SlidingRanking::default(),
+            sudden: BTreeMap::new(),
+            rejudge: BTreeSet::new(),
+        }
+    }
+}
+
+impl CongestionWindows {
     /// Adds (`delta` = 1) or retracts (-1) a traversal in every window and the ranking.
     /// Returns false when the ranking could no longer take it.
-    fn apply(&mut self, t: Traversal, delta: i32, ctx: &Context<'_>) -> bool {
+    fn apply(&mut self, env: &CongestionEnv, t: Traversal, delta: i32, watermark: i64, lateness_ms: i64) -> bool {
         for (set, size_s) in self.sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
             let w = set.entry(tumbling_start(t.at, i64::from(size_s) * 1000)).or_default();
             let s = w.segments.entry(t.segment).or_default();
@@ -180,21 +253,33 @@ impl Congestion {
                 w.dirty.insert(t.segment);
             }
         }
-        let width = self.names.names.len();
-        self.ranking.add(t.at, t.segment as usize, delta, width, ctx.watermark, ctx.allowed_lateness_ms)
+        let width = env.names.names.len();
+        self.ranking.add(t.at, t.segment as usize, delta, width, watermark, lateness_ms)
     }
 
-    /// Forgets every vehicle's passes before the horizon, and vehicles with none left.
-    fn sweep(&mut self, horizon: i64) {
-        self.tracks.retain(|_, track| {
-            let old = track.partition_point(|p| p.ts < horizon);
-            track.drain(..old);
-            !track.is_empty()
-        });
+    /// Sets segment `segment`'s sums in the window of `window_s` starting at `start` (scale-out:
+    /// the sum of every input partition's).
+    pub fn set(&mut self, segment: u32, window_s: u32, start: i64, sums: SegmentSums) {
+        let Some(set) = CONGESTION_WINDOWS_S.iter().position(|s| *s == window_s) else { return };
+        let w = self.sets[set].entry(start).or_default();
+        if w.segments.insert(segment, sums) != Some(sums) && w.emitted {
+            w.dirty.insert(segment);
+        }
+    }
+
+    /// Adds `delta` traversals of `segment` at `ts` to the Top-N segments ranking (scale-out).
+    pub fn rank(&mut self, env: &CongestionEnv, segment: u32, ts: i64, delta: i32, watermark: i64, lateness_ms: i64) {
+        let width = env.names.names.len();
+        self.ranking.add(ts, segment as usize, delta, width, watermark, lateness_ms);
+    }
+
+    /// The (segment, window)s held.
+    pub fn held(&self) -> usize {
+        self.sets.iter().flat_map(|s| s.values()).map(|w| w.segments.len()).sum()
     }
 
     /// Emits a completed window's new or changed rows; returns the segments it emitted.
-    fn emit_window(&self, size_s: u32, start: i64, w: &mut Window, ctx: &mut Context<'_>) -> Vec<u32> {
+    fn emit_window(env: &CongestionEnv, size_s: u32, start: i64, w: &mut Window, out: &mut ResultBatch) -> Vec<u32> {
         // On first emission every segment the window saw goes out, a segment whose traversals
         // were all retracted as a retraction: after a restart the rows written before the
         // crash may hold it.
@@ -208,14 +293,14 @@ impl Congestion {
             return changed;
         }
         for &i in &changed {
-            let segment = &self.city.segments[i as usize];
-            ctx.out.segment_congestion.push(segment_row(segment, size_s, start, w.segments[&i]));
+            let segment = &env.city.segments[i as usize];
+            out.segment_congestion.push(segment_row(segment, size_s, start, w.segments[&i]));
         }
         // The areas the changed segments lie in, and the city.
-        let regions: BTreeSet<&str> = changed.iter().map(|i| &*self.city.segments[*i as usize].region_id).collect();
-        for row in area_rows(&self.city, size_s, start, &w.segments) {
+        let regions: BTreeSet<&str> = changed.iter().map(|i| &*env.city.segments[*i as usize].region_id).collect();
+        for row in area_rows(&env.city, size_s, start, &w.segments) {
             if row.level == "city" || regions.contains(&*row.key_id) {
-                ctx.out.area_congestion.push(row);
+                out.area_congestion.push(row);
             }
         }
         w.emitted = true;
@@ -226,6 +311,7 @@ impl Congestion {
     /// window `start` can touch: those whose first congested window is one before, at or after.
     fn judge_sudden(
         &mut self,
+        env: &CongestionEnv,
         five: &BTreeMap<i64, Window>,
         segment: u32,
         start: i64,
@@ -238,7 +324,7 @@ impl Congestion {
             }
             let window = five.get(&w)?;
             let s = window.segments.get(&segment).copied().unwrap_or_default();
-            let row = segment_row(&self.city.segments[segment as usize], 300, w, s);
+            let row = segment_row(&env.city.segments[segment as usize], 300, w, s);
             Some((s.traversals > 0).then_some((row.congestion_level, row.mean_speed_kmh)))
         };
         for first in [start - SUDDEN_WINDOW_MS, start, start + SUDDEN_WINDOW_MS] {
@@ -256,8 +342,95 @@ impl Congestion {
                 (_, Some((_, r))) => r + 1,
             };
             self.sudden.insert((segment, first), (holds, revision));
-            let id = &self.city.segments[segment as usize].id;
+            let id = &env.city.segments[segment as usize].id;
             out.push(sudden_alert(id, first, [before, at, after], holds, revision));
+        }
+    }
+
+    /// Emits the windows the watermark completes and the changed ones, judges sudden
+    /// congestion where they changed, lets go of the windows past the allowed lateness and
+    /// emits the ranking.
+    pub fn emit(&mut self, env: &CongestionEnv, watermark: i64, lateness_ms: i64, out: &mut ResultBatch) {
+        let mut sets = std::mem::take(&mut self.sets);
+        let mut changed_five = Vec::new();
+        for (set, size_s) in sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
+            let size_ms = i64::from(size_s) * 1000;
+            for (&start, w) in set.iter_mut() {
+                if !is_complete(start + size_ms, watermark) {
+                    break;
+                }
+                if !w.emitted || !w.dirty.is_empty() {
+                    let changed = Self::emit_window(env, size_s, start, w, out);
+                    if size_ms == SUDDEN_WINDOW_MS {
+                        changed_five.extend(changed.into_iter().map(|segment| (segment, start)));
+                    }
+                }
+            }
+        }
+        let five =
+            CONGESTION_WINDOWS_S.iter().position(|s| i64::from(*s) * 1000 == SUDDEN_WINDOW_MS).expect("a 5 min size");
+        for (segment, start) in changed_five {
+            self.judge_sudden(env, &sets[five], segment, start, watermark, &mut out.alerts);
+        }
+        let due: Vec<(u32, i64)> = self
+            .rejudge
+            .iter()
+            .filter(|(_, first)| is_complete(first + 2 * SUDDEN_WINDOW_MS, watermark))
+            .copied()
+            .collect();
+        for (segment, first) in due {
+            self.rejudge.remove(&(segment, first));
+            self.judge_sudden(env, &sets[five], segment, first, watermark, &mut out.alerts);
+        }
+        for (set, size_s) in sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
+            let size_ms = i64::from(size_s) * 1000;
+            set.retain(|start, _| !is_late(start + size_ms, watermark, lateness_ms));
+        }
+        let oldest = sets[five].keys().next().copied().unwrap_or(i64::MAX);
+        self.sudden.retain(|(_, first), _| *first + SUDDEN_WINDOW_MS >= oldest);
+        self.rejudge.retain(|(_, first)| *first + SUDDEN_WINDOW_MS >= oldest);
+        self.sets = sets;
+        self.ranking.emit(SEGMENT_METRIC, &env.names, env.top_n, watermark, lateness_ms, &mut out.top_n);
+    }
+
+    /// A sudden congestion raised or retracted after the restored state is taken as such (with
+    /// its revision) and judged again once its windows are complete.
+    pub fn adopt_alerts(&mut self, env: &CongestionEnv, alerts: &[AlertRow]) {
+        for alert in alerts.iter().filter(|a| a.kind == SUDDEN_CONGESTION) {
+            let Some(id) = alert.segment_id.as_deref() else { continue };
+            let Some(segment) = env.segment(id) else { continue };
+            let key = (segment, alert.ts - 2 * SUDDEN_WINDOW_MS);
+            if self.sudden.get(&key).is_none_or(|(_, revision)| *revision < alert.revision) {
+                self.sudden.insert(key, (alert.status == "active", alert.revision));
+            }
+            self.rejudge.insert(key);
+        }
+    }
+
+    /// Whether the state fits a city of `segments` segments.
+    fn fits(&self, segments: usize) -> bool {
+        self.sets.len() == CONGESTION_WINDOWS_S.len()
+            && self.sets.iter().flat_map(|s| s.values()).all(|w| w.segments.keys().all(|i| (*i as usize) < segments))
+            && self.ranking.fits(segments)
+    }
+}
+
+/// Congestion on one instance: the vehicles' tracks feeding the windows.
+pub struct Congestion {
+    env: CongestionEnv,
+    tracks: Tracks,
+    windows: CongestionWindows,
+    /// The length of the last snapshot (see [`StateBlob::encode`]).
+    snapshot_len: AtomicUsize,
+}
+
+impl Congestion {
+    pub fn new(city: &Arc<City>, top_n: usize) -> Congestion {
+        Congestion {
+            env: CongestionEnv::new(city, top_n),
+            tracks: Tracks::new(city),
+            windows: CongestionWindows::default(),
+            snapshot_len: AtomicUsize::new(0),
         }
     }
 }
@@ -392,114 +565,175 @@ impl Operator for Congestion {
     }
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
-        let horizon = self.horizon(ctx.watermark, ctx.allowed_lateness_ms);
+        let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
+        let horizon = self.tracks.horizon(watermark, lateness);
         for (i, pass) in passes.iter().enumerate() {
             let Some(vehicle) = pass.vehicle() else { continue };
             // Every window a pass can change is at or after its own 1 min window.
-            if is_late(tumbling_start(pass.ts.ms(), 60_000) + 60_000, ctx.watermark, ctx.allowed_lateness_ms) {
+            if is_late(tumbling_start(pass.ts.ms(), 60_000) + 60_000, watermark, lateness) {
                 ctx.late.extend(LATE_LABELS.map(|l| (i, l)));
                 continue;
             }
-            let x = Point::of(pass);
-            let track = self.tracks.entry(vehicle).or_default();
-            let Err(at) = track.binary_search_by(|p| p.order().cmp(&x.order())) else { continue };
-            track.insert(at, x);
-            let prev = at.checked_sub(1).map(|j| track[j]);
-            let next = track.get(at + 1).copied();
-            let old = track.partition_point(|p| p.ts < horizon);
-            track.drain(..old);
-            let roads = &self.roads;
-            let changes = [
-                (prev.zip(next).and_then(|(p, q)| roads.traversal(p, q)), -1),
-                (prev.and_then(|p| roads.traversal(p, x)), 1),
-                (next.and_then(|q| roads.traversal(x, q)), 1),
-            ];
-            for (t, delta) in changes {
-                if let Some(t) = t {
-                    if !self.apply(t, delta, ctx) {
-                        ctx.late.push((i, RANKING_LATE_LABEL));
-                    }
+            let Some(changes) = self.tracks.take(vehicle, pass, horizon) else { continue };
+            for (t, delta) in changes.into_iter().filter_map(|(t, delta)| Some((t?, delta))) {
+                if !self.windows.apply(&self.env, t, delta, watermark, lateness) {
+                    ctx.late.push((i, RANKING_LATE_LABEL));
                 }
             }
         }
     }
 
     fn on_watermark(&mut self, ctx: &mut Context<'_>) {
-        let mut sets = std::mem::take(&mut self.sets);
-        let mut changed_five = Vec::new();
-        for (set, size_s) in sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
-            let size_ms = i64::from(size_s) * 1000;
-            for (&start, w) in set.iter_mut() {
-                if !is_complete(start + size_ms, ctx.watermark) {
-                    break;
-                }
-                if !w.emitted || !w.dirty.is_empty() {
-                    let changed = self.emit_window(size_s, start, w, ctx);
-                    if size_ms == SUDDEN_WINDOW_MS {
-                        changed_five.extend(changed.into_iter().map(|segment| (segment, start)));
-                    }
-                }
-            }
-        }
-        let five =
-            CONGESTION_WINDOWS_S.iter().position(|s| i64::from(*s) * 1000 == SUDDEN_WINDOW_MS).expect("a 5 min size");
-        for (segment, start) in changed_five {
-            self.judge_sudden(&sets[five], segment, start, ctx.watermark, &mut ctx.out.alerts);
-        }
-        let due: Vec<(u32, i64)> = self
-            .rejudge
-            .iter()
-            .filter(|(_, first)| is_complete(first + 2 * SUDDEN_WINDOW_MS, ctx.watermark))
-            .copied()
-            .collect();
-        for (segment, first) in due {
-            self.rejudge.remove(&(segment, first));
-            self.judge_sudden(&sets[five], segment, first, ctx.watermark, &mut ctx.out.alerts);
-        }
-        for (set, size_s) in sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
-            let size_ms = i64::from(size_s) * 1000;
-            set.retain(|start, _| !is_late(start + size_ms, ctx.watermark, ctx.allowed_lateness_ms));
-        }
-        let oldest = sets[five].keys().next().copied().unwrap_or(i64::MAX);
-        self.sudden.retain(|(_, first), _| *first + SUDDEN_WINDOW_MS >= oldest);
-        self.rejudge.retain(|(_, first)| *first + SUDDEN_WINDOW_MS >= oldest);
-        self.sets = sets;
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
-        self.ranking.emit(SEGMENT_METRIC, &self.names, self.top_n, watermark, lateness, &mut ctx.out.top_n);
-        let horizon = self.horizon(watermark, lateness);
-        if self.sweeps.due(horizon) {
-            self.sweep(horizon);
-        }
+        self.windows.emit(&self.env, watermark, lateness, ctx.out);
+        self.tracks.sweep(watermark, lateness);
     }
 
     /// A sudden congestion raised or retracted after the restored checkpoint is taken as such
     /// (with its revision) and judged again once its windows are complete.
     fn adopt_alerts(&mut self, alerts: &[AlertRow]) {
-        for alert in alerts.iter().filter(|a| a.kind == SUDDEN_CONGESTION) {
-            let Some(id) = alert.segment_id.as_deref() else { continue };
-            let Some(segment) = self.names.names.iter().position(|name| &**name == id) else { continue };
-            let key = (segment as u32, alert.ts - 2 * SUDDEN_WINDOW_MS);
-            if self.sudden.get(&key).is_none_or(|(_, revision)| *revision < alert.revision) {
-                self.sudden.insert(key, (alert.status == "active", alert.revision));
-            }
-            self.rejudge.insert(key);
-        }
+        self.windows.adopt_alerts(&self.env, alerts);
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
         // Written straight from the maps, in the shape of `Stored`.
         let stored = StoredRef {
-            tracks: SeqOf::new(self.tracks.iter().map(|(v, t)| (v.plate.as_str(), v.color.code(), t))),
-            sets: &self.sets,
-            ranking: &self.ranking,
-            sudden: SeqOf::new(self.sudden.iter()),
+            tracks: SeqOf::new(self.tracks.tracks.iter().map(|(v, t)| (v.plate.as_str(), v.color.code(), t))),
+            sets: &self.windows.sets,
+            ranking: &self.windows.ranking,
+            sudden: SeqOf::new(self.windows.sudden.iter()),
         };
         StateBlob::encode(STATE_VERSION, &stored, &self.snapshot_len)
     }
 
     fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
         let stored: Stored = blob.decode(self.name(), STATE_VERSION, JSON_STATE_VERSION)?;
-        let (checkpoints, segments) = (self.city.checkpoints.len(), self.city.segments.len());
+        let (checkpoints, segments) = (self.env.city.checkpoints.len(), self.env.city.segments.len());
+        let windows = CongestionWindows {
+            sets: stored.sets,
+            ranking: stored.ranking,
+            sudden: stored.sudden.into_iter().collect(),
+            rejudge: BTreeSet::new(),
+        };
+        anyhow::ensure!(
+            windows.fits(segments) && Tracks::fit(&stored.tracks, checkpoints),
+            "segment_congestion state was taken with another city (checkpoints or segments differ)"
+        );
+        self.tracks.restore(stored.tracks);
+        self.windows = windows;
+        Ok(())
+    }
+}
+
+/// Congestion's part in scale-out's per-vehicle stage: the traversals of one input partition's
+/// vehicles, summed per segment and window — a window's sums emitted once the partition's
+/// watermark has passed it and a segment's again whenever they change ([`SegmentSumsRow`]) —
+/// and counted in Top-N's 5 s buckets. Scale-out's merge (`crate::kafka::Merge`) adds every
+/// partition's up and runs [`CongestionWindows`] over the sums.
+pub struct CongestionPartial {
+    segments: Vec<Arc<str>>,
+    tracks: Tracks,
+    /// Per window size: windows by start.
+    sets: Vec<BTreeMap<i64, Window>>,
+    buckets: BucketCounts,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PartialStored {
+    tracks: Vec<(String, u8, Vec<Point>)>,
+    sets: Vec<BTreeMap<i64, Window>>,
+    buckets: BucketCounts,
+}
+
+impl CongestionPartial {
+    pub fn new(city: &Arc<City>) -> CongestionPartial {
+        CongestionPartial {
+            segments: city.segments.iter().map(|s| s.id.clone()).collect(),
+            tracks: Tracks::new(city),
+            sets: vec![BTreeMap::new(); CONGESTION_WINDOWS_S.len()],
+            buckets: BucketCounts::default(),
+        }
+    }
+}
+
+impl Operator for CongestionPartial {
+    fn name(&self) -> &'static str {
+        "segment_congestion"
+    }
+
+    fn state_version(&self) -> u32 {
+        STATE_VERSION
+    }
+
+    fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
+        let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
+        let horizon = self.tracks.horizon(watermark, lateness);
+        for (i, pass) in passes.iter().enumerate() {
+            let Some(vehicle) = pass.vehicle() else { continue };
+            if is_late(tumbling_start(pass.ts.ms(), 60_000) + 60_000, watermark, lateness) {
+                ctx.late.extend(LATE_LABELS.map(|l| (i, l)));
+                continue;
+            }
+            let Some(changes) = self.tracks.take(vehicle, pass, horizon) else { continue };
+            for (t, delta) in changes.into_iter().filter_map(|(t, delta)| Some((t?, delta))) {
+                for (set, size_s) in self.sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
+                    let w = set.entry(tumbling_start(t.at, i64::from(size_s) * 1000)).or_default();
+                    let s = w.segments.entry(t.segment).or_default();
+                    s.traversals = s.traversals.saturating_add_signed(delta);
+                    s.dt_ms += i64::from(delta) * t.dt_ms;
+                    s.updates += 1;
+                    if w.emitted {
+                        w.dirty.insert(t.segment);
+                    }
+                }
+                if !self.buckets.add(t.at, t.segment, delta, watermark, lateness) {
+                    ctx.late.push((i, RANKING_LATE_LABEL));
+                }
+            }
+        }
+    }
+
+    fn on_watermark(&mut self, ctx: &mut Context<'_>) {
+        let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
+        for (set, size_s) in self.sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
+            let size_ms = i64::from(size_s) * 1000;
+            for (&start, w) in set.iter_mut() {
+                if !is_complete(start + size_ms, watermark) {
+                    break;
+                }
+                let changed: Vec<u32> = if w.emitted {
+                    std::mem::take(&mut w.dirty).into_iter().collect()
+                } else {
+                    w.segments.keys().copied().collect()
+                };
+                w.emitted = true;
+                for segment in changed {
+                    let SegmentSums { traversals, dt_ms, updates } = w.segments[&segment];
+                    ctx.out.segment_sums.push(SegmentSumsRow {
+                        segment_id: self.segments[segment as usize].clone(),
+                        window_s: size_s,
+                        window_start: start,
+                        traversals,
+                        dt_ms,
+                        updates,
+                    });
+                }
+            }
+            set.retain(|start, _| !is_late(start + size_ms, watermark, lateness));
+        }
+        self.buckets.emit(SEGMENT_METRIC, &self.segments, watermark, lateness, &mut ctx.out.top_n_buckets);
+        self.tracks.sweep(watermark, lateness);
+    }
+
+    fn snapshot(&self) -> anyhow::Result<StateBlob> {
+        let tracks = self.tracks.tracks.iter().map(|(v, t)| (v.plate.as_str().to_owned(), v.color.code(), t.clone()));
+        let stored = PartialStored { tracks: tracks.collect(), sets: self.sets.clone(), buckets: self.buckets.clone() };
+        StateBlob::encode(STATE_VERSION, &stored, &AtomicUsize::new(0))
+    }
+
+    fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
+        let stored: PartialStored = blob.decode(self.name(), STATE_VERSION, STATE_VERSION)?;
+        let segments = self.segments.len();
         anyhow::ensure!(
             stored.sets.len() == CONGESTION_WINDOWS_S.len()
                 && stored
@@ -507,19 +741,12 @@ impl Operator for Congestion {
                     .iter()
                     .flat_map(|s| s.values())
                     .all(|w| w.segments.keys().all(|i| (*i as usize) < segments))
-                && stored.tracks.iter().flat_map(|t| &t.2).all(|p| (p.cp as usize) < checkpoints)
-                && stored.ranking.fits(segments),
-            "segment_congestion state was taken with another city (checkpoints or segments differ)"
+                && stored.buckets.fits(segments),
+            "segment_congestion state was taken with another city (segments differ)"
         );
-        self.tracks.clear();
-        for (plate, color, track) in stored.tracks {
-            if let Some(vehicle) = VehicleKey::from_stored(&plate, color) {
-                self.tracks.insert(vehicle, track);
-            }
-        }
+        self.tracks.restore(stored.tracks);
         self.sets = stored.sets;
-        self.ranking = stored.ranking;
-        self.sudden = stored.sudden.into_iter().collect();
+        self.buckets = stored.buckets;
         Ok(())
     }
 }

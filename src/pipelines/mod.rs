@@ -39,8 +39,8 @@ pub use archive::{read_archive_day, Archive, CleanPasses};
 pub use checkpoint_speed::{batch_checkpoint_speed, mean_kmh, CheckpointSpeed, SPEED_WINDOWS_S};
 pub use cloned_plates::{batch_cloned_plates, pair_id, ClonedPlateRule, ClonedPlates, CLONED_PLATE};
 pub use congestion::{
-    batch_congestion, batch_sudden_congestion, congestion_level, sudden_id, AreaTable, Congestion, SegmentTable,
-    SEGMENT_METRIC, SUDDEN_CONGESTION,
+    batch_congestion, batch_sudden_congestion, congestion_level, sudden_id, AreaTable, Congestion, CongestionEnv,
+    CongestionPartial, CongestionWindows, SegmentSums, SegmentTable, SEGMENT_METRIC, SUDDEN_CONGESTION,
 };
 pub use device_health::{ClockSkews, DeviceHealth, CLOCK_SKEW, DEVICE_SILENT, UNREADABLE_PLATES};
 pub use first_entry::{
@@ -68,9 +68,15 @@ pub const PER_VEHICLE: [&str; 3] = ["high_frequency", "trajectories", "first_ent
 
 /// The pipelines whose results add up over input partitions (a vehicle's passes are all in
 /// one): scale-out runs them beside each input partition too and merges their partial results
-/// per key (see `crate::kafka::Merge`). Every other pipeline runs in the aggregate stage.
-/// Top-N runs there as [`TopNBuckets`].
-pub const PARTIAL: [&str; 4] = ["flow_counts", "origin_counts", "checkpoint_speed", "top_n"];
+/// per key (see `crate::kafka::Merge`): Top-N runs there as [`TopNBuckets`], congestion as
+/// [`CongestionPartial`] (traversals are per vehicle; areas, Top-N segments and sudden
+/// congestion are the merge's). Every other pipeline runs in the aggregate stage.
+pub const PARTIAL: [&str; 5] = ["flow_counts", "origin_counts", "checkpoint_speed", "top_n", "segment_congestion"];
+
+/// The operators the partition stage runs in place of their one-instance forms.
+pub fn partial_forms(city: &Arc<City>) -> Vec<Box<dyn Operator>> {
+    vec![Box::new(TopNBuckets::new(city)), Box::new(CongestionPartial::new(city))]
+}
 
 /// Every pipeline of the service, in the order they run.
 pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> anyhow::Result<Vec<Box<dyn Operator>>> {

@@ -203,26 +203,88 @@ impl Operator for TopN {
     }
 }
 
-/// Top-N's part in scale-out's per-vehicle stage: the passes of one input partition per
-/// checkpoint in 5 s buckets, each bucket's counts emitted once the partition's watermark has
-/// passed its end and a count again whenever it changes later (`crate::kafka::Merge` ranks the
-/// sums). A pass is late here as [`TopN`] judges it: when the first window holding it is past
-/// the allowed lateness; it still counts while the last one is not.
-pub struct TopNBuckets {
-    keys: Vec<Arc<str>>,
+/// Counts per key in the 5 s buckets of one input partition, for scale-out's merge to rank
+/// ([`SlidingRanking`] over the partitions' sums): a bucket's counts go out once the watermark
+/// has passed its end, and a key's again whenever it changes. A change is taken while the last
+/// window holding it is within the allowed lateness, and is on time (as in
+/// [`SlidingRanking::add`]) while the first one is.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BucketCounts {
     buckets: BTreeMap<i64, Bucket>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Bucket {
-    counts: BTreeMap<u32, u64>,
+    /// Per key: (count, changes taken).
+    counts: BTreeMap<u32, (u64, u64)>,
     emitted: bool,
     dirty: BTreeSet<u32>,
 }
 
+impl BucketCounts {
+    /// Adds `delta` to key `idx` at `ts`. Returns false when the change is late for the first
+    /// window holding `ts`.
+    pub fn add(&mut self, ts: i64, idx: u32, delta: i32, watermark: i64, lateness_ms: i64) -> bool {
+        let bucket = tumbling_start(ts, SLIDE_MS);
+        let on_time = !is_late(bucket + SLIDE_MS, watermark, lateness_ms);
+        if is_late(bucket + WINDOW_MS, watermark, lateness_ms) {
+            return on_time;
+        }
+        let b = self.buckets.entry(bucket).or_default();
+        let (count, updates) = b.counts.entry(idx).or_default();
+        *count = count.saturating_add_signed(i64::from(delta));
+        *updates += 1;
+        if b.emitted {
+            b.dirty.insert(idx);
+        }
+        on_time
+    }
+
+    /// Emits the buckets the watermark completes and the changed counts of those emitted
+    /// (`names` names the keys), then forgets the buckets no open window holds.
+    pub fn emit(
+        &mut self,
+        metric: &'static str,
+        names: &[Arc<str>],
+        watermark: i64,
+        lateness_ms: i64,
+        out: &mut Vec<TopNBucketRow>,
+    ) {
+        for (&start, b) in self.buckets.iter_mut() {
+            if start + SLIDE_MS > watermark {
+                break;
+            }
+            let changed: Vec<u32> = if b.emitted {
+                std::mem::take(&mut b.dirty).into_iter().collect()
+            } else {
+                b.counts.keys().copied().collect()
+            };
+            b.emitted = true;
+            for idx in changed {
+                let (count, updates) = b.counts[&idx];
+                let key_id = names[idx as usize].clone();
+                out.push(TopNBucketRow { metric, key_id, bucket_start: start, count, updates });
+            }
+        }
+        self.buckets.retain(|start, _| !is_late(start + WINDOW_MS, watermark, lateness_ms));
+    }
+
+    /// Whether every key is one of `width`.
+    pub fn fits(&self, width: usize) -> bool {
+        self.buckets.values().flat_map(|b| b.counts.keys()).all(|k| (*k as usize) < width)
+    }
+}
+
+/// Top-N's part in scale-out's per-vehicle stage: one input partition's passes per checkpoint
+/// in 5 s buckets ([`BucketCounts`]).
+pub struct TopNBuckets {
+    keys: Vec<Arc<str>>,
+    buckets: BucketCounts,
+}
+
 impl TopNBuckets {
     pub fn new(city: &Arc<City>) -> TopNBuckets {
-        TopNBuckets { keys: city.checkpoints.iter().map(|c| c.id.clone()).collect(), buckets: BTreeMap::new() }
+        TopNBuckets { keys: city.checkpoints.iter().map(|c| c.id.clone()).collect(), buckets: BucketCounts::default() }
     }
 }
 
@@ -238,39 +300,15 @@ impl Operator for TopNBuckets {
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
         for (i, pass) in passes.iter().enumerate() {
-            let bucket = tumbling_start(pass.ts.ms(), SLIDE_MS);
-            if is_late(bucket + SLIDE_MS, watermark, lateness) {
+            if !self.buckets.add(pass.ts.ms(), pass.checkpoint.0, 1, watermark, lateness) {
                 ctx.late.push((i, LATE_LABEL));
-            }
-            if is_late(bucket + WINDOW_MS, watermark, lateness) {
-                continue;
-            }
-            let b = self.buckets.entry(bucket).or_default();
-            *b.counts.entry(pass.checkpoint.0).or_default() += 1;
-            if b.emitted {
-                b.dirty.insert(pass.checkpoint.0);
             }
         }
     }
 
     fn on_watermark(&mut self, ctx: &mut Context<'_>) {
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
-        for (&start, b) in self.buckets.iter_mut() {
-            if start + SLIDE_MS > watermark {
-                break;
-            }
-            let changed: Vec<u32> = if b.emitted {
-                std::mem::take(&mut b.dirty).into_iter().collect()
-            } else {
-                b.counts.keys().copied().collect()
-            };
-            b.emitted = true;
-            for cp in changed {
-                let checkpoint_id = self.keys[cp as usize].clone();
-                ctx.out.top_n_buckets.push(TopNBucketRow { checkpoint_id, bucket_start: start, passes: b.counts[&cp] });
-            }
-        }
-        self.buckets.retain(|start, _| !is_late(start + WINDOW_MS, watermark, lateness));
+        self.buckets.emit(CHECKPOINT_METRIC, &self.keys, watermark, lateness, &mut ctx.out.top_n_buckets);
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
@@ -279,12 +317,8 @@ impl Operator for TopNBuckets {
 
     fn restore(&mut self, blob: &StateBlob) -> anyhow::Result<()> {
         check_version(self.name(), blob.version, STATE_VERSION)?;
-        let buckets: BTreeMap<i64, Bucket> = serde_json::from_slice(&blob.bytes)?;
-        let n = self.keys.len() as u32;
-        anyhow::ensure!(
-            buckets.values().flat_map(|b| b.counts.keys()).all(|cp| *cp < n),
-            "top_n state names a checkpoint this city does not have"
-        );
+        let buckets: BucketCounts = serde_json::from_slice(&blob.bytes)?;
+        anyhow::ensure!(buckets.fits(self.keys.len()), "top_n state names a checkpoint this city does not have");
         self.buckets = buckets;
         Ok(())
     }
