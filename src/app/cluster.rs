@@ -234,7 +234,8 @@ impl Shared {
             local
         };
         let lateness = self.config.core.allowed_lateness.as_millis();
-        let (merge, position) = match latest {
+        let idle = self.config.core.idle_timeout.as_millis();
+        let (mut merge, position) = match latest {
             Some(c) => {
                 let (_, blob) = c
                     .engine
@@ -243,15 +244,11 @@ impl Shared {
                     .find(|(name, _)| name == MERGE_PART)
                     .with_context(|| format!("{}'s checkpoint has no merge state", dir.display()))?;
                 let mut merge: Merge = blob.decode(MERGE_PART, MERGE_STATE_VERSION, MERGE_STATE_VERSION)?;
-                merge.resume(wall_ms());
+                merge.resume(wall_ms(), lateness, idle);
                 (merge, merge_position(&c)?)
             }
-            None => {
-                let idle = self.config.core.idle_timeout.as_millis();
-                (Merge::new(input_partitions as u32, lateness, idle, wall_ms()), MergePosition::default())
-            }
+            None => (Merge::new(input_partitions as u32, lateness, idle, wall_ms()), MergePosition::default()),
         };
-        let mut merge = merge;
         merge.attach(&self.city, self.config.pipelines.top_n);
         if position.offset.is_some() {
             merge.adopt_alerts(&stored_alerts(&self.store, merge.watermark(), lateness).await?);

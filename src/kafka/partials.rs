@@ -336,10 +336,12 @@ impl Merge {
         }
     }
 
-    /// Resumes the merge (restored from a checkpoint) at processing time `now`: every input
-    /// partition has the idle timeout again to be heard from before it stops holding the
-    /// watermark back (the time the merge was down is not theirs).
-    pub fn resume(&mut self, now: i64) {
+    /// Resumes the merge (restored from a checkpoint) at processing time `now`, under the
+    /// configuration's lateness and idle timeout (not the snapshot's): every input partition
+    /// has the idle timeout again to be heard from before it stops holding the watermark back
+    /// (the time the merge was down is not theirs).
+    pub fn resume(&mut self, now: i64, allowed_lateness_ms: i64, idle_timeout_ms: i64) {
+        (self.allowed_lateness_ms, self.idle_timeout_ms) = (allowed_lateness_ms, idle_timeout_ms);
         for s in self.sources.values_mut() {
             s.moved_at = now;
         }
@@ -762,6 +764,40 @@ mod tests {
             updates: 1,
         };
         assert!(format!("{:#}", merge.apply(unknown, 0).unwrap_err()).contains("segment S9"));
+    }
+
+    #[test]
+    fn a_merge_restored_from_its_snapshot_goes_on_where_it_was() {
+        let city = support::city(vec![checkpoint("A", "R1"), checkpoint("B", "R1")], &["R1"]);
+        let mut merge = Merge::new(2, 60_000, IDLE, 0);
+        merge.attach(&city, 10);
+        let top = |from, cp: &str, count| Partial::TopN {
+            from,
+            metric: CHECKPOINT_METRIC.into(),
+            key_id: cp.into(),
+            bucket_start: 0,
+            count,
+            updates: count,
+        };
+        for partial in [flow(0, "k", 0, 2), top(0, "A", 2), watermark(0, 30_000), flow(1, "k", 0, 1), top(1, "B", 3)] {
+            merge.apply(partial, 0).unwrap();
+        }
+        let mut out = ResultBatch::default();
+        merge.advance(0, &mut out).unwrap();
+        let blob = crate::core::StateBlob::encode(1, &merge, &Default::default()).unwrap();
+        let mut restored: Merge = blob.decode("merge", 1, 1).unwrap();
+        restored.resume(0, 60_000, IDLE);
+        restored.attach(&city, 10);
+        for m in [&mut merge, &mut restored] {
+            m.apply(watermark(1, 30_000), 0).unwrap();
+        }
+        let (mut want, mut got) = (ResultBatch::default(), ResultBatch::default());
+        merge.advance(0, &mut want).unwrap();
+        restored.advance(0, &mut got).unwrap();
+        assert_eq!(got.flow_counts, want.flow_counts);
+        assert_eq!(got.top_n, want.top_n);
+        assert_eq!(want.flow_counts.len(), 1, "{:?}", want.flow_counts);
+        assert_eq!(want.top_n.len(), 6, "the windows ending 5 s to 30 s: {:?}", want.top_n);
     }
 
     #[test]

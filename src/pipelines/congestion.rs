@@ -273,11 +273,6 @@ impl CongestionWindows {
         self.ranking.add(ts, segment as usize, delta, width, watermark, lateness_ms);
     }
 
-    /// The (segment, window)s held.
-    pub fn held(&self) -> usize {
-        self.sets.iter().flat_map(|s| s.values()).map(|w| w.segments.len()).sum()
-    }
-
     /// Emits a completed window's new or changed rows; returns the segments it emitted.
     fn emit_window(env: &CongestionEnv, size_s: u32, start: i64, w: &mut Window, out: &mut ResultBatch) -> Vec<u32> {
         // On first emission every segment the window saw goes out, a segment whose traversals
