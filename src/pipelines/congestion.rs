@@ -164,6 +164,31 @@ impl Tracks {
         ])
     }
 
+    /// Takes a batch of passes: each traversal a pass makes (`delta` 1) or splits (-1) goes to
+    /// `on` with the pass's index in the batch. A pass late for every window it could change is
+    /// recorded as such instead.
+    fn take_batch(
+        &mut self,
+        passes: &[Pass],
+        ctx: &mut Context<'_>,
+        mut on: impl FnMut(usize, Traversal, i32, &mut Vec<(usize, &'static str)>),
+    ) {
+        let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
+        let horizon = self.horizon(watermark, lateness);
+        for (i, pass) in passes.iter().enumerate() {
+            let Some(vehicle) = pass.vehicle() else { continue };
+            // Every window a pass can change is at or after its own 1 min window.
+            if is_late(tumbling_start(pass.ts.ms(), 60_000) + 60_000, watermark, lateness) {
+                ctx.late.extend(LATE_LABELS.map(|l| (i, l)));
+                continue;
+            }
+            let Some(changes) = self.take(vehicle, pass, horizon) else { continue };
+            for (t, delta) in changes.into_iter().filter_map(|(t, delta)| Some((t?, delta))) {
+                on(i, t, delta, ctx.late);
+            }
+        }
+    }
+
     /// Forgets, from time to time, every vehicle's passes before the horizon, and vehicles with
     /// none left.
     fn sweep(&mut self, watermark: i64, lateness_ms: i64) {
@@ -188,6 +213,20 @@ impl Tracks {
             if let Some(vehicle) = VehicleKey::from_stored(&plate, color) {
                 self.tracks.insert(vehicle, track);
             }
+        }
+    }
+}
+
+/// Adds (`delta` = 1) or retracts (-1) a traversal in every window of `sets` (one per size).
+fn add_to_windows(sets: &mut [BTreeMap<i64, Window>], t: Traversal, delta: i32) {
+    for (set, size_s) in sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
+        let w = set.entry(tumbling_start(t.at, i64::from(size_s) * 1000)).or_default();
+        let s = w.segments.entry(t.segment).or_default();
+        s.traversals = s.traversals.saturating_add_signed(delta);
+        s.dt_ms += i64::from(delta) * t.dt_ms;
+        s.updates += 1;
+        if w.emitted {
+            w.dirty.insert(t.segment);
         }
     }
 }
@@ -243,16 +282,7 @@ impl CongestionWindows {
     /// Adds (`delta` = 1) or retracts (-1) a traversal in every window and the ranking.
     /// Returns false when the ranking could no longer take it.
     fn apply(&mut self, env: &CongestionEnv, t: Traversal, delta: i32, watermark: i64, lateness_ms: i64) -> bool {
-        for (set, size_s) in self.sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
-            let w = set.entry(tumbling_start(t.at, i64::from(size_s) * 1000)).or_default();
-            let s = w.segments.entry(t.segment).or_default();
-            s.traversals = s.traversals.saturating_add_signed(delta);
-            s.dt_ms += i64::from(delta) * t.dt_ms;
-            s.updates += 1;
-            if w.emitted {
-                w.dirty.insert(t.segment);
-            }
-        }
+        add_to_windows(&mut self.sets, t, delta);
         let width = env.names.names.len();
         self.ranking.add(t.at, t.segment as usize, delta, width, watermark, lateness_ms)
     }
@@ -561,21 +591,12 @@ impl Operator for Congestion {
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
-        let horizon = self.tracks.horizon(watermark, lateness);
-        for (i, pass) in passes.iter().enumerate() {
-            let Some(vehicle) = pass.vehicle() else { continue };
-            // Every window a pass can change is at or after its own 1 min window.
-            if is_late(tumbling_start(pass.ts.ms(), 60_000) + 60_000, watermark, lateness) {
-                ctx.late.extend(LATE_LABELS.map(|l| (i, l)));
-                continue;
+        let (env, windows) = (&self.env, &mut self.windows);
+        self.tracks.take_batch(passes, ctx, |i, t, delta, late| {
+            if !windows.apply(env, t, delta, watermark, lateness) {
+                late.push((i, RANKING_LATE_LABEL));
             }
-            let Some(changes) = self.tracks.take(vehicle, pass, horizon) else { continue };
-            for (t, delta) in changes.into_iter().filter_map(|(t, delta)| Some((t?, delta))) {
-                if !self.windows.apply(&self.env, t, delta, watermark, lateness) {
-                    ctx.late.push((i, RANKING_LATE_LABEL));
-                }
-            }
-        }
+        });
     }
 
     fn on_watermark(&mut self, ctx: &mut Context<'_>) {
@@ -662,30 +683,13 @@ impl Operator for CongestionPartial {
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
-        let horizon = self.tracks.horizon(watermark, lateness);
-        for (i, pass) in passes.iter().enumerate() {
-            let Some(vehicle) = pass.vehicle() else { continue };
-            if is_late(tumbling_start(pass.ts.ms(), 60_000) + 60_000, watermark, lateness) {
-                ctx.late.extend(LATE_LABELS.map(|l| (i, l)));
-                continue;
+        let (sets, buckets) = (&mut self.sets, &mut self.buckets);
+        self.tracks.take_batch(passes, ctx, |i, t, delta, late| {
+            add_to_windows(sets, t, delta);
+            if !buckets.add(t.at, t.segment, delta, watermark, lateness) {
+                late.push((i, RANKING_LATE_LABEL));
             }
-            let Some(changes) = self.tracks.take(vehicle, pass, horizon) else { continue };
-            for (t, delta) in changes.into_iter().filter_map(|(t, delta)| Some((t?, delta))) {
-                for (set, size_s) in self.sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
-                    let w = set.entry(tumbling_start(t.at, i64::from(size_s) * 1000)).or_default();
-                    let s = w.segments.entry(t.segment).or_default();
-                    s.traversals = s.traversals.saturating_add_signed(delta);
-                    s.dt_ms += i64::from(delta) * t.dt_ms;
-                    s.updates += 1;
-                    if w.emitted {
-                        w.dirty.insert(t.segment);
-                    }
-                }
-                if !self.buckets.add(t.at, t.segment, delta, watermark, lateness) {
-                    ctx.late.push((i, RANKING_LATE_LABEL));
-                }
-            }
-        }
+        });
     }
 
     fn on_watermark(&mut self, ctx: &mut Context<'_>) {
