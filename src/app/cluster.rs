@@ -249,7 +249,9 @@ impl Shared {
             }
             None => (Merge::new(input_partitions as u32, lateness, idle, wall_ms()), MergePosition::default()),
         };
-        merge.attach(&self.city, self.config.pipelines.top_n);
+        merge
+            .attach(&self.city, self.config.pipelines.top_n)
+            .with_context(|| format!("restoring {}", dir.display()))?;
         if position.offset.is_some() {
             merge.adopt_alerts(&stored_alerts(&self.store, merge.watermark(), lateness).await?);
         }

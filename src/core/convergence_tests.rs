@@ -410,7 +410,7 @@ fn the_scale_out_stages_give_the_single_engines_results() {
     let mut aggregate = engine(city, &Backend::Memory);
     aggregate.drop_operators(&[crate::pipelines::PER_VEHICLE.as_slice(), &crate::pipelines::PARTIAL].concat());
     let mut merge = Merge::new(PARTITIONS, LATENESS, 60_000, 0);
-    merge.attach(city, 10);
+    merge.attach(city, 10).unwrap();
     let clocks = Clocks { future_now: None, processing_now: 0 };
     let (mut want, mut got) = (ResultBatch::default(), ResultBatch::default());
     // The partition stage's output: partials to the merge (then the partition's watermark),

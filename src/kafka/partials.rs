@@ -320,12 +320,20 @@ impl Merge {
     }
 
     /// The city whose checkpoints Top-N ranks (keeping `top_n`) and whose segments congestion
-    /// has: set on a new merge and on one restored, before any message.
-    pub fn attach(&mut self, city: &Arc<City>, top_n: usize) {
+    /// has: set on a new merge and on one restored, before any message. A restored state that
+    /// names more checkpoints or segments than the city has is refused.
+    pub fn attach(&mut self, city: &Arc<City>, top_n: usize) -> anyhow::Result<()> {
         let names: Vec<Arc<str>> = city.checkpoints.iter().map(|c| c.id.clone()).collect();
         let index = names.iter().enumerate().map(|(i, name)| (name.clone(), i as u32)).collect();
         let congestion = CongestionEnv::new(city, top_n);
+        let (checkpoints, segments) = (names.len(), congestion.segments());
+        let fits = self.ranking.fits(checkpoints)
+            && self.congestion.fits(segments)
+            && self.top_n_parts.keys().all(|(s, _, i)| (*i as usize) < if *s { segments } else { checkpoints })
+            && self.segment_parts.keys().all(|(_, i, _, _)| (*i as usize) < segments);
+        anyhow::ensure!(fits, "the merge state was taken with another city (checkpoints or segments differ)");
         self.env = Some(Env { keys: RankedKeys::new(names), index, n: top_n, congestion });
+        Ok(())
     }
 
     /// Sudden congestion raised or retracted after the restored state (see
@@ -411,6 +419,9 @@ impl Merge {
                     return Ok(());
                 }
                 let parts = self.top_n_parts.entry((segments, bucket_start, idx)).or_default();
+                // A bucket first seen counts as changed (one instance writes a window a count
+                // was taken back from, empty).
+                let new = parts.is_empty();
                 let before: u64 = parts.values().map(|(_, c)| c).sum();
                 let seen = parts.entry(from).or_default();
                 *seen = (*seen).max((updates, count));
@@ -418,7 +429,7 @@ impl Merge {
                 let delta = i32::try_from(after as i64 - before as i64).context("a Top-N bucket moved by 2^31")?;
                 let (watermark, lateness) = (self.current, self.allowed_lateness_ms);
                 match (delta, segments) {
-                    (0, _) => {}
+                    (0, _) if !new => {}
                     (_, true) => self.congestion.rank(&env.congestion, idx, bucket_start, delta, watermark, lateness),
                     (_, false) => {
                         let width = env.keys.names.len();
@@ -685,7 +696,7 @@ mod tests {
     fn top_n_ranks_the_sums_of_every_partitions_buckets() {
         let mut merge = Merge::new(2, 60_000, IDLE, 0);
         let city = support::city(vec![checkpoint("B", "R1"), checkpoint("A", "R1"), checkpoint("C", "R1")], &["R1"]);
-        merge.attach(&city, 2);
+        merge.attach(&city, 2).unwrap();
         let bucket = |from, cp: &str, bucket_start, count: u64| Partial::TopN {
             from,
             metric: CHECKPOINT_METRIC.into(),
@@ -729,7 +740,7 @@ mod tests {
         let segment = support::segment("S1", 0, 1, 1_000.0, 60.0, crate::reference::RoadClass::Arterial, "R1");
         let city =
             support::city_with_segments(vec![checkpoint("A", "R1"), checkpoint("B", "R1")], vec![segment], &["R1"]);
-        merge.attach(&city, 10);
+        merge.attach(&city, 10).unwrap();
         let sums = |from, traversals, dt_ms, updates| Partial::Segment {
             from,
             segment_id: "S1".into(),
@@ -770,7 +781,7 @@ mod tests {
     fn a_merge_restored_from_its_snapshot_goes_on_where_it_was() {
         let city = support::city(vec![checkpoint("A", "R1"), checkpoint("B", "R1")], &["R1"]);
         let mut merge = Merge::new(2, 60_000, IDLE, 0);
-        merge.attach(&city, 10);
+        merge.attach(&city, 10).unwrap();
         let top = |from, cp: &str, count| Partial::TopN {
             from,
             metric: CHECKPOINT_METRIC.into(),
@@ -787,7 +798,7 @@ mod tests {
         let blob = crate::core::StateBlob::encode(1, &merge, &Default::default()).unwrap();
         let mut restored: Merge = blob.decode("merge", 1, 1).unwrap();
         restored.resume(0, 60_000, IDLE);
-        restored.attach(&city, 10);
+        restored.attach(&city, 10).unwrap();
         for m in [&mut merge, &mut restored] {
             m.apply(watermark(1, 30_000), 0).unwrap();
         }
@@ -798,6 +809,40 @@ mod tests {
         assert_eq!(got.top_n, want.top_n);
         assert_eq!(want.flow_counts.len(), 1, "{:?}", want.flow_counts);
         assert_eq!(want.top_n.len(), 6, "the windows ending 5 s to 30 s: {:?}", want.top_n);
+        let mut elsewhere: Merge = blob.decode("merge", 1, 1).unwrap();
+        let smaller = support::city(vec![checkpoint("A", "R1")], &["R1"]);
+        let refused = elsewhere.attach(&smaller, 10).unwrap_err();
+        assert!(format!("{refused:#}").contains("another city"), "{refused:#}");
+    }
+
+    #[test]
+    fn top_n_windows_before_the_first_bucket_seen_wait_for_the_watermark() {
+        let city = support::city(vec![checkpoint("A", "R1"), checkpoint("B", "R1")], &["R1"]);
+        let mut merge = Merge::new(2, 600_000, IDLE, 0);
+        merge.attach(&city, 10).unwrap();
+        let top = |from, cp: &str, bucket_start| Partial::TopN {
+            from,
+            metric: CHECKPOINT_METRIC.into(),
+            key_id: cp.into(),
+            bucket_start,
+            count: 1,
+            updates: 1,
+        };
+        // Partition 0's first bucket (100 s) reaches the merge before partition 1's (0 s).
+        for partial in [top(0, "A", 100_000), watermark(0, 200_000), top(1, "B", 0), watermark(1, 30_000)] {
+            merge.apply(partial, 0).unwrap();
+        }
+        let mut out = ResultBatch::default();
+        merge.advance(0, &mut out).unwrap();
+        let ends: Vec<i64> = out.top_n.iter().map(|w| w.window_end).collect();
+        assert_eq!(ends, vec![5_000, 10_000, 15_000, 20_000, 25_000, 30_000], "none past the watermark");
+        merge.apply(watermark(1, 60_000), 0).unwrap();
+        let mut out = ResultBatch::default();
+        merge.advance(0, &mut out).unwrap();
+        assert_eq!(
+            out.top_n.iter().map(|w| w.window_end).collect::<Vec<_>>(),
+            vec![35_000, 40_000, 45_000, 50_000, 55_000, 60_000]
+        );
     }
 
     #[test]

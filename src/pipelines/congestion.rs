@@ -236,18 +236,25 @@ fn add_to_windows(sets: &mut [BTreeMap<i64, Window>], t: Traversal, delta: i32) 
 pub struct CongestionEnv {
     city: Arc<City>,
     names: RankedKeys,
+    index: FxHashMap<Arc<str>, u32>,
     top_n: usize,
 }
 
 impl CongestionEnv {
     pub fn new(city: &Arc<City>, top_n: usize) -> CongestionEnv {
         let names = RankedKeys::new(city.segments.iter().map(|s| s.id.clone()).collect());
-        CongestionEnv { city: city.clone(), names, top_n }
+        let index = city.segments.iter().enumerate().map(|(i, s)| (s.id.clone(), i as u32)).collect();
+        CongestionEnv { city: city.clone(), names, index, top_n }
     }
 
     /// The index of segment `id`.
     pub fn segment(&self, id: &str) -> Option<u32> {
-        self.names.names.iter().position(|name| &**name == id).map(|i| i as u32)
+        self.index.get(id).copied()
+    }
+
+    /// How many segments the city has.
+    pub fn segments(&self) -> usize {
+        self.names.names.len()
     }
 }
 
@@ -433,7 +440,7 @@ impl CongestionWindows {
     }
 
     /// Whether the state fits a city of `segments` segments.
-    fn fits(&self, segments: usize) -> bool {
+    pub fn fits(&self, segments: usize) -> bool {
         self.sets.len() == CONGESTION_WINDOWS_S.len()
             && self.sets.iter().flat_map(|s| s.values()).all(|w| w.segments.keys().all(|i| (*i as usize) < segments))
             && self.ranking.fits(segments)

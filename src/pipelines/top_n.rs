@@ -70,7 +70,10 @@ impl SlidingRanking {
         out: &mut Vec<TopNWindow>,
     ) {
         // A corrected window goes out even when it became empty: it replaces the stored one.
-        for end in std::mem::take(&mut self.dirty) {
+        // One the watermark has not passed yet (a bucket before the first one counted, arrived
+        // later) waits for it.
+        let later = self.dirty.split_off(&watermark.saturating_add(1));
+        for end in std::mem::replace(&mut self.dirty, later) {
             out.push(self.window(metric, keys, n, end));
         }
         let Some(mut end) = self.next_end else { return };
