@@ -580,6 +580,12 @@ mod tests {
         Partial::Watermark { from, watermark }
     }
 
+    /// Input partition `from`'s count of `count` passes at checkpoint `cp` in a 5 s bucket.
+    fn bucket(from: u32, cp: &str, bucket_start: i64, count: u64) -> Partial {
+        let (metric, key_id) = (CHECKPOINT_METRIC.into(), cp.into());
+        Partial::TopN { from, metric, key_id, bucket_start, count, updates: count }
+    }
+
     const IDLE: i64 = 600_000;
 
     fn written(merge: &mut Merge) -> Vec<(String, i64, u64, u32)> {
@@ -697,14 +703,6 @@ mod tests {
         let mut merge = Merge::new(2, 60_000, IDLE, 0);
         let city = support::city(vec![checkpoint("B", "R1"), checkpoint("A", "R1"), checkpoint("C", "R1")], &["R1"]);
         merge.attach(&city, 2).unwrap();
-        let bucket = |from, cp: &str, bucket_start, count: u64| Partial::TopN {
-            from,
-            metric: CHECKPOINT_METRIC.into(),
-            key_id: cp.into(),
-            bucket_start,
-            count,
-            updates: count,
-        };
         // B: 1 + 1, A: 2, C: 1 in the first bucket; A once more, sent again by a restarted
         // partition 1 (its older total, then the same one).
         for partial in [bucket(0, "B", 0, 1), bucket(0, "A", 0, 2), bucket(1, "B", 0, 1), bucket(1, "C", 0, 1)] {
@@ -782,15 +780,9 @@ mod tests {
         let city = support::city(vec![checkpoint("A", "R1"), checkpoint("B", "R1")], &["R1"]);
         let mut merge = Merge::new(2, 60_000, IDLE, 0);
         merge.attach(&city, 10).unwrap();
-        let top = |from, cp: &str, count| Partial::TopN {
-            from,
-            metric: CHECKPOINT_METRIC.into(),
-            key_id: cp.into(),
-            bucket_start: 0,
-            count,
-            updates: count,
-        };
-        for partial in [flow(0, "k", 0, 2), top(0, "A", 2), watermark(0, 30_000), flow(1, "k", 0, 1), top(1, "B", 3)] {
+        for partial in
+            [flow(0, "k", 0, 2), bucket(0, "A", 0, 2), watermark(0, 30_000), flow(1, "k", 0, 1), bucket(1, "B", 0, 3)]
+        {
             merge.apply(partial, 0).unwrap();
         }
         let mut out = ResultBatch::default();
@@ -820,16 +812,8 @@ mod tests {
         let city = support::city(vec![checkpoint("A", "R1"), checkpoint("B", "R1")], &["R1"]);
         let mut merge = Merge::new(2, 600_000, IDLE, 0);
         merge.attach(&city, 10).unwrap();
-        let top = |from, cp: &str, bucket_start| Partial::TopN {
-            from,
-            metric: CHECKPOINT_METRIC.into(),
-            key_id: cp.into(),
-            bucket_start,
-            count: 1,
-            updates: 1,
-        };
         // Partition 0's first bucket (100 s) reaches the merge before partition 1's (0 s).
-        for partial in [top(0, "A", 100_000), watermark(0, 200_000), top(1, "B", 0), watermark(1, 30_000)] {
+        for partial in [bucket(0, "A", 100_000, 1), watermark(0, 200_000), bucket(1, "B", 0, 1), watermark(1, 30_000)] {
             merge.apply(partial, 0).unwrap();
         }
         let mut out = ResultBatch::default();
