@@ -246,6 +246,8 @@ async fn a_replay_killed_at_random_points_and_resumed_ends_with_the_uninterrupte
             .arg("--checkpoint-dir")
             .arg(&checkpoints)
             .env("PASSFLOW__CORE__CHECKPOINT_INTERVAL", "25ms")
+            // Many batches, so that kills land between many checkpoints.
+            .env("PASSFLOW__CORE__REPLAY_BATCH", "2048")
             .env("RUST_LOG", "info,passflow::core::driver=debug")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -461,6 +463,9 @@ async fn a_backfill_of_a_day_whose_passes_came_after_the_lateness_gives_the_on_t
         let mut config = Config::default();
         config.city.dir = dir.to_path_buf();
         config.core.allowed_lateness = HumanDuration::from_secs(lateness_s);
+        // Batches of minutes of this small city's traffic, so that the watermark moves through
+        // the day (one batch of the whole file would take every pass on time).
+        config.core.replay_batch = 2048;
         ReplayOptions {
             config,
             input: ReplayInput::File(dir.join("passes.jsonl")),

@@ -12,6 +12,9 @@ fn options(store_url: &str) -> ReplayOptions {
 fn options_for(dir: &std::path::Path, store_url: &str) -> ReplayOptions {
     let mut config = Config::default();
     config.city.dir = dir.to_path_buf();
+    // Batches of a few minutes of this small city's traffic: the store is written many times
+    // during a replay, as a larger city's would be.
+    config.core.replay_batch = 2048;
     ReplayOptions {
         config,
         input: ReplayInput::File(dir.join("passes.jsonl")),

@@ -23,10 +23,9 @@ use tokio::sync::mpsc;
 
 /// The longest window any pipeline keeps open: a local day, 25 h when the clocks go back.
 const LONGEST_WINDOW_MS: i64 = 25 * 3_600_000;
-/// Lines handed from the reader thread to the engine at a time.
-const LINES_PER_BATCH: usize = 4_096;
-/// Batches in flight between the reader and the engine (backpressure beyond that).
-const BATCHES_IN_FLIGHT: usize = 8;
+/// Batches in flight between the reader and the engine (backpressure beyond that; one of the
+/// default `core.replay_batch` lines holds some 30 MB).
+const BATCHES_IN_FLIGHT: usize = 2;
 
 pub enum ReplayInput {
     File(PathBuf),
@@ -79,15 +78,30 @@ impl fmt::Display for ReplaySummary {
 }
 
 /// A run of consecutive lines: `first_line` is the 1-based number of the first; `end` the byte
-/// offset just after the last.
+/// offset just after the last. The engine hands a batch back once done with it, and the reader
+/// fills it again (its buffers are tens of megabytes, which fresh pages would cost again).
+#[derive(Default)]
 struct LineBatch {
     first_line: u64,
-    lines: Vec<Vec<u8>>,
+    /// The lines, one after another, without their line ends.
+    text: Vec<u8>,
+    /// Where each line is in `text`.
+    lines: Vec<std::ops::Range<usize>>,
     /// Each line decoded and validated on the reader thread.
     judged: Vec<Judged>,
     end: u64,
     /// Number of the line that ends at `end` (blank lines count).
     end_line: u64,
+}
+
+impl LineBatch {
+    /// Empty, its lines to start after line `line_no`, which ends at `offset`.
+    fn reset(&mut self, line_no: u64, offset: u64) {
+        self.text.clear();
+        self.lines.clear();
+        self.judged.clear();
+        (self.first_line, self.end, self.end_line) = (line_no + 1, offset, line_no);
+    }
 }
 
 /// Where a replay is in its input: the checkpointed source position.
@@ -221,22 +235,29 @@ pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
         .unwrap_or_default();
     let (source_name, reader) = open_input(&options.input, start.offset)?;
     let (tx, mut rx) = mpsc::channel::<LineBatch>(BATCHES_IN_FLIGHT);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<LineBatch>();
     let (validator, now_ms) = (driver.engine.validator(), options.now_ms);
-    let reader_thread = std::thread::spawn(move || read_lines(reader, start, validator, now_ms, tx));
+    let batch_lines = config.core.replay_batch.max(1);
+    let reader_thread = std::thread::Builder::new()
+        .name("passflow-reader".into())
+        .spawn(move || read_lines(reader, start, batch_lines, validator, now_ms, tx, done_rx))
+        .context("starting the input reader")?;
     let started = Instant::now();
     let mut position = start;
     let mut records_this_run = 0;
-    while let Some(batch) = rx.recv().await {
-        let records = batch
-            .lines
+    while let Some(mut batch) = rx.recv().await {
+        let LineBatch { first_line, text, lines, judged, .. } = &mut batch;
+        let records = lines
             .iter()
             .enumerate()
-            .map(|(i, line)| Record { partition: 0, seq: batch.first_line + i as u64, bytes: line })
+            .map(|(i, line)| Record { partition: 0, seq: *first_line + i as u64, bytes: &text[line.clone()] })
             .collect();
         let clocks = Clocks { future_now: options.now_ms, processing_now: wall_ms() };
-        driver.engine.process_judged(&source_name, records, batch.judged, clocks);
+        driver.engine.process_judged(&source_name, records, judged, clocks);
         records_this_run += batch.lines.len() as u64;
         position = FilePosition { offset: batch.end, line: batch.end_line };
+        // The reader may have ended: the batch is then dropped.
+        let _ = done_tx.send(batch);
         driver.after_batch(|| serde_json::json!(position)).await?;
     }
     reader_thread.join().map_err(|_| anyhow::anyhow!("the input reader panicked"))??;
@@ -273,55 +294,61 @@ fn open_input(input: &ReplayInput, offset: u64) -> anyhow::Result<(String, Box<d
 
 /// Reads non-empty lines in batches of consecutive lines, decoding and validating them here (so
 /// that the engine's thread only deduplicates and runs the pipelines), until the input ends or
-/// the engine stops listening.
+/// the engine stops listening. Batches the engine is `done` with are filled again.
 fn read_lines(
     reader: Box<dyn Read + Send>,
     start: FilePosition,
+    batch_lines: usize,
     validator: Validator,
     now_ms: Option<i64>,
     tx: mpsc::Sender<LineBatch>,
+    done: std::sync::mpsc::Receiver<LineBatch>,
 ) -> anyhow::Result<()> {
     let mut reader = BufReader::with_capacity(1 << 20, reader);
     let (mut offset, mut line_no) = (start.offset, start.line);
-    let empty = |line_no: u64, offset: u64| LineBatch {
-        first_line: line_no + 1,
-        lines: Vec::with_capacity(LINES_PER_BATCH),
-        judged: Vec::new(),
-        end: offset,
-        end_line: line_no,
+    let next = |line_no: u64, offset: u64| {
+        let mut batch = done.try_recv().unwrap_or_default();
+        batch.reset(line_no, offset);
+        batch
     };
-    let mut batch = empty(line_no, offset);
+    let judge = |batch: &mut LineBatch| {
+        let LineBatch { text, lines, judged, .. } = batch;
+        judged.extend(lines.iter().map(|line| validator.judge(&text[line.clone()], now_ms)));
+    };
+    let mut batch = next(line_no, offset);
     loop {
-        let mut line = Vec::with_capacity(256);
-        let n = reader.read_until(b'\n', &mut line).context("reading the input")?;
+        let from = batch.text.len();
+        let n = reader.read_until(b'\n', &mut batch.text).context("reading the input")?;
         if n == 0 {
             break;
         }
         offset += n as u64;
         line_no += 1;
-        while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            line.pop();
+        while batch.text.len() > from && matches!(batch.text.last(), Some(b'\n' | b'\r')) {
+            batch.text.pop();
         }
-        let blank = line.iter().all(u8::is_ascii_whitespace);
-        if !blank {
+        let blank = batch.text[from..].iter().all(u8::is_ascii_whitespace);
+        if blank {
+            batch.text.truncate(from);
+        } else {
             if batch.lines.is_empty() {
                 batch.first_line = line_no;
             }
-            batch.lines.push(line);
+            batch.lines.push(from..batch.text.len());
         }
         batch.end = offset;
         batch.end_line = line_no;
         // A blank line ends a batch too, so that the lines of a batch are consecutive.
-        if batch.lines.len() == LINES_PER_BATCH || (blank && !batch.lines.is_empty()) {
-            let mut full = std::mem::replace(&mut batch, empty(line_no, offset));
-            full.judged = full.lines.iter().map(|l| validator.judge(l, now_ms)).collect();
+        if batch.lines.len() == batch_lines || (blank && !batch.lines.is_empty()) {
+            let mut full = std::mem::replace(&mut batch, next(line_no, offset));
+            judge(&mut full);
             if tx.blocking_send(full).is_err() {
                 return Ok(());
             }
         }
     }
     if !batch.lines.is_empty() {
-        batch.judged = batch.lines.iter().map(|l| validator.judge(l, now_ms)).collect();
+        judge(&mut batch);
         let _ = tx.blocking_send(batch);
     }
     Ok(())

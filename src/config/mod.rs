@@ -172,6 +172,11 @@ pub struct CoreConfig {
     pub checkpoint_interval: HumanDuration,
     /// Threads the pipelines of a large batch run on; 0: one per core.
     pub threads: usize,
+    /// Lines a replay hands the engine at a time. The watermark moves between batches, and the
+    /// pipelines emit the rows a batch changed once per batch: large batches are much faster
+    /// (a vehicle passing again updates its rows once a batch, not once a pass), and judge
+    /// lateness more coarsely (a pass is late only against the batches before its own).
+    pub replay_batch: usize,
 }
 
 impl CoreConfig {
@@ -193,6 +198,7 @@ impl Default for CoreConfig {
             max_clock_skew: HumanDuration::from_secs(300),
             checkpoint_interval: HumanDuration::from_secs(10),
             threads: 0,
+            replay_batch: 65_536,
         }
     }
 }

@@ -145,6 +145,8 @@ pub struct Engine {
     /// Scale-out's per-vehicle stage: valid passes are forwarded (with what they were late for)
     /// instead of written to `late_passes`.
     forwarded: Option<Vec<Forwarded>>,
+    /// The room of the last batch's passes (see [`Engine::process_judged`]).
+    passes: Vec<Pass>,
 }
 
 impl Engine {
@@ -162,6 +164,7 @@ impl Engine {
             out,
             processing_now: i64::MIN,
             forwarded: None,
+            passes: Vec::new(),
         }
     }
 
@@ -206,10 +209,10 @@ impl Engine {
         forwarded: Vec<(Record<'a>, Vec<&str>)>,
         processing_now: i64,
     ) {
-        let judged = forwarded.iter().map(|(r, _)| self.ingest.validator().judge(r.bytes, None)).collect();
+        let mut judged = forwarded.iter().map(|(r, _)| self.ingest.validator().judge(r.bytes, None)).collect();
         let (records, late): (Vec<Record<'a>>, Vec<Vec<&str>>) = forwarded.into_iter().unzip();
         let prior = late.into_iter().map(|labels| labels.into_iter().filter_map(static_label).collect()).collect();
-        self.admit_and_run(source, records, judged, prior, processing_now);
+        self.admit_and_run(source, records, &mut judged, prior, processing_now);
     }
 
     /// Drops the named operators (scale-out runs them in another stage).
@@ -244,13 +247,20 @@ impl Engine {
     pub fn process<'a>(&mut self, source: &str, records: impl IntoIterator<Item = Record<'a>>, clocks: Clocks) {
         let records: Vec<Record<'a>> = records.into_iter().collect();
         let validator = self.ingest.validator();
-        let judged = self.parallel.map(&records, |r| validator.judge(r.bytes, clocks.future_now));
-        self.process_judged(source, records, judged, clocks);
+        let mut judged = self.parallel.map(&records, |r| validator.judge(r.bytes, clocks.future_now));
+        self.process_judged(source, records, &mut judged, clocks);
     }
 
     /// Takes a batch of records already judged (decoded and validated, e.g. on a reader thread
-    /// with [`Engine::validator`]); `judged[i]` belongs to `records[i]`.
-    pub fn process_judged<'a>(&mut self, source: &str, records: Vec<Record<'a>>, judged: Vec<Judged>, clocks: Clocks) {
+    /// with [`Engine::validator`]); `judged[i]` belongs to `records[i]`. `judged` is emptied,
+    /// its room kept for the caller's next batch.
+    pub fn process_judged<'a>(
+        &mut self,
+        source: &str,
+        records: Vec<Record<'a>>,
+        judged: &mut Vec<Judged>,
+        clocks: Clocks,
+    ) {
         self.admit_and_run(source, records, judged, Vec::new(), clocks.processing_now);
     }
 
@@ -259,23 +269,25 @@ impl Engine {
         &mut self,
         source: &str,
         records: Vec<Record<'a>>,
-        judged: Vec<Judged>,
+        judged: &mut Vec<Judged>,
         mut prior: Vec<Vec<&'static str>>,
         processing_now: i64,
     ) {
         let watermark = self.watermarks.current();
-        let outcomes = self.ingest.admit(judged);
-        let mut passes: Vec<Pass> = Vec::with_capacity(records.len());
+        // The passes buffer of the last batch, reused: a batch's passes are tens of megabytes.
+        let mut passes = std::mem::take(&mut self.passes);
         let mut raw: Vec<&'a [u8]> = Vec::with_capacity(records.len());
         let mut late = Vec::new();
-        for (i, (record, outcome)) in records.into_iter().zip(outcomes).enumerate() {
+        let Engine { ingest, watermarks, forwarded, out, .. } = self;
+        ingest.admit_each(judged, |i, outcome| {
+            let record = &records[i];
             match outcome {
                 Outcome::Valid(pass) => {
-                    self.watermarks.observe(record.partition, pass.ts.ms(), processing_now);
+                    watermarks.observe(record.partition, pass.ts.ms(), processing_now);
                     if let Some(labels) = prior.get_mut(i) {
                         late.extend(std::mem::take(labels).into_iter().map(|l| (passes.len(), l)));
                     }
-                    if let Some(forwarded) = &mut self.forwarded {
+                    if let Some(forwarded) = forwarded {
                         let (partition, seq, bytes) = (record.partition, record.seq, record.bytes.to_vec());
                         forwarded.push(Forwarded { partition, seq, bytes, late: Vec::new() });
                     }
@@ -283,7 +295,7 @@ impl Engine {
                     raw.push(record.bytes);
                 }
                 Outcome::Duplicate => {}
-                Outcome::Rejected(reason) => self.out.dead_letters.push(DeadLetter {
+                Outcome::Rejected(reason) => out.dead_letters.push(DeadLetter {
                     id: match record.partition {
                         0 => format!("{source}:{}", record.seq),
                         p => format!("{source}:{p}:{}", record.seq),
@@ -293,8 +305,10 @@ impl Engine {
                     received_at: processing_now,
                 }),
             }
-        }
+        });
         self.run_operators(watermark, &passes, &raw, late, processing_now);
+        passes.clear();
+        self.passes = passes;
     }
 
     /// Takes passes decoded and validated elsewhere, each with its content digest (benchmarks

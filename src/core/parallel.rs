@@ -1,7 +1,10 @@
 //! The operators of one batch on several threads. Operators that share state in-process (the
 //! same [`Operator::thread_group`]) run in their listed order on one thread; every group
 //! collects its output apart, and the outputs are merged in the order the groups are listed,
-//! so what the engine emits does not depend on which thread ran what, or when.
+//! so what the engine emits does not depend on which thread ran what, or when. The helper
+//! threads live as long as the engine: a thread started per batch would start with an empty
+//! allocator heap and give its memory back at its end, and the kernel would zero it again for
+//! the next.
 
 use super::operator::{Context, Operator};
 use crate::results::ResultBatch;
@@ -21,6 +24,8 @@ pub(super) type Step<'f> = &'f (dyn Fn(&mut dyn Operator, &mut Context<'_>) + Sy
 /// first (a long group started last would leave the other threads idle).
 pub(super) struct Parallel {
     threads: usize,
+    /// The `threads - 1` helpers (the calling thread is the other), started on first use.
+    pool: Option<rayon::ThreadPool>,
     /// Batches of at least this many passes run in parallel.
     pub min_passes: usize,
     /// Each group's running time in its last run, ns.
@@ -38,7 +43,7 @@ struct Group<'o> {
 
 impl Parallel {
     pub fn new(threads: usize) -> Parallel {
-        Parallel { threads: threads.max(1), min_passes: MIN_PASSES, cost: FxHashMap::default() }
+        Parallel { threads: threads.max(1), pool: None, min_passes: MIN_PASSES, cost: FxHashMap::default() }
     }
 
     /// Whether a batch of `passes` runs on several threads.
@@ -47,13 +52,13 @@ impl Parallel {
     }
 
     /// `f` of every item, in order; a large batch is cut into one run of items per thread.
-    pub fn map<T: Sync, U: Send>(&self, items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
+    pub fn map<T: Sync, U: Send>(&mut self, items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
         if !self.takes(items.len()) {
             return items.iter().map(f).collect();
         }
         let f = &f;
         let runs = items.chunks(items.len().div_ceil(self.threads));
-        on_threads(runs.map(|run| move || run.iter().map(f).collect::<Vec<U>>()).collect())
+        self.on_threads(runs.map(|run| move || run.iter().map(f).collect::<Vec<U>>()).collect())
             .into_iter()
             .flatten()
             .collect()
@@ -101,7 +106,8 @@ impl Parallel {
             }
             group.nanos = started.elapsed().as_nanos() as u64;
         };
-        on_threads((0..self.threads.min(order.len())).map(|_| &work).collect());
+        let workers = self.threads.min(order.len());
+        self.on_threads((0..workers).map(|_| &work).collect());
         for group in groups {
             let mut group = group.into_inner().expect("no group panicked");
             out.append(&mut group.out);
@@ -109,24 +115,30 @@ impl Parallel {
             self.cost.insert(group.name, group.nanos);
         }
     }
-}
 
-/// Runs `jobs`, the first on the calling thread and each other on a thread of its own, and
-/// returns their results in order. A job's panic is raised here once every job has ended.
-fn on_threads<R: Send>(jobs: Vec<impl FnOnce() -> R + Send>) -> Vec<R> {
-    let mut jobs = jobs.into_iter();
-    let Some(own) = jobs.next() else { return Vec::new() };
-    std::thread::scope(|scope| {
-        let helpers: Vec<_> = jobs.map(|job| scope.spawn(job)).collect();
-        let mut results = vec![own()];
-        for helper in helpers {
-            match helper.join() {
-                Ok(result) => results.push(result),
-                Err(panic) => std::panic::resume_unwind(panic),
+    /// Runs `jobs`, the first on the calling thread and the others on the helpers, and returns
+    /// their results in order. A job's panic is raised here once every job has ended.
+    fn on_threads<R: Send>(&mut self, jobs: Vec<impl FnOnce() -> R + Send>) -> Vec<R> {
+        let mut jobs = jobs.into_iter();
+        let Some(own) = jobs.next() else { return Vec::new() };
+        let helpers = self.threads - 1;
+        let pool = self.pool.get_or_insert_with(|| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(helpers)
+                .thread_name(|i| format!("passflow-ops-{i}"))
+                .build()
+                .expect("the operators' helper threads start")
+        });
+        let mut results: Vec<Option<R>> = std::iter::repeat_with(|| None).take(jobs.len() + 1).collect();
+        let (first, rest) = results.split_first_mut().expect("one result per job");
+        pool.in_place_scope(|scope| {
+            for (job, slot) in jobs.zip(rest) {
+                scope.spawn(move |_| *slot = Some(job()));
             }
-        }
-        results
-    })
+            *first = Some(own());
+        });
+        results.into_iter().map(|r| r.expect("every job ran")).collect()
+    }
 }
 
 #[cfg(test)]
@@ -135,7 +147,7 @@ mod tests {
 
     #[test]
     fn a_parallel_map_keeps_the_order_of_its_items_at_every_size() {
-        let parallel = Parallel::new(3);
+        let mut parallel = Parallel::new(3);
         for len in [0, 1, MIN_PASSES - 1, MIN_PASSES, MIN_PASSES + 1, 10_007] {
             let items: Vec<u64> = (0..len as u64).collect();
             let mapped = parallel.map(&items, |i| i * 7 + 1);

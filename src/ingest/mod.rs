@@ -102,12 +102,20 @@ impl Ingest {
     }
 
     /// Deduplicates records already judged, in order, and counts them.
-    pub fn admit(&mut self, judged: Vec<Judged>) -> Vec<Outcome> {
+    pub fn admit(&mut self, mut judged: Vec<Judged>) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(judged.len());
+        self.admit_each(&mut judged, |_, outcome| outcomes.push(outcome));
+        outcomes
+    }
+
+    /// Deduplicates the records judged in `judged`, emptying it (its room is kept for the next
+    /// batch), counts them and hands `each` every record's place in the batch and outcome, in
+    /// order.
+    pub fn admit_each(&mut self, judged: &mut Vec<Judged>, mut each: impl FnMut(usize, Outcome)) {
         let keys: Vec<(Text, u64, i64)> =
             judged.iter().filter_map(|j| j.as_ref().ok()).map(|(p, d)| (p.pass_id.clone(), *d, p.ts.ms())).collect();
         let mut verdicts = self.dedup.check_batch(&keys).into_iter();
-        let mut outcomes = Vec::with_capacity(judged.len());
-        for j in judged {
+        for (i, j) in judged.drain(..).enumerate() {
             let outcome = match j {
                 Err(reason) => Outcome::Rejected(reason),
                 Ok((pass, _)) => match verdicts.next() {
@@ -117,9 +125,8 @@ impl Ingest {
                 },
             };
             self.stats.count(&outcome);
-            outcomes.push(outcome);
+            each(i, outcome);
         }
-        outcomes
     }
 }
 

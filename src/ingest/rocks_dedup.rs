@@ -205,7 +205,7 @@ impl Flush {
     fn start(db: Arc<DB>, ids: FxHashMap<Text, (u64, i64)>, oldest_kept: i64) -> Flush {
         let ids = Arc::new(ids);
         let to_write = ids.clone();
-        let writer = std::thread::spawn(move || {
+        let writer = std::thread::Builder::new().name("passflow-dedup".into()).spawn(move || {
             // Straight into one write batch, with one key buffer.
             let mut batch = rocksdb::WriteBatch::default();
             let mut key = ID_PREFIX.to_vec();
@@ -219,6 +219,8 @@ impl Flush {
                 tracing::error!(error = %e, "writing deduplication state to the scratch database failed");
             }
         });
+        // As `std::thread::spawn` does, a thread that cannot start is fatal.
+        let writer = writer.expect("the deduplication writer starts");
         Flush { ids, writer }
     }
 
