@@ -258,14 +258,26 @@ fn sorted_writes<'a>(ids: impl Iterator<Item = (&'a Text, &'a (u64, i64))>, olde
 }
 
 /// The ids not expired before `oldest_kept`, in key order (the memtable then inserts each key
-/// next to the one before, much cheaper).
+/// next to the one before, much cheaper). They are sorted by their first 16 bytes as one
+/// number first: one comparison of two registers settles almost every pair.
 fn live_in_order<'a>(
     ids: impl Iterator<Item = (&'a Text, &'a (u64, i64))>,
     oldest_kept: i64,
 ) -> Vec<(&'a Text, &'a (u64, i64))> {
-    let mut ids: Vec<_> = ids.filter(|(_, (_, ts))| *ts >= oldest_kept).collect();
-    ids.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    ids
+    let mut ids: Vec<_> =
+        ids.filter(|(_, (_, ts))| *ts >= oldest_kept).map(|(id, v)| (leading_bytes(id.as_bytes()), id, v)).collect();
+    ids.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+    ids.into_iter().map(|(_, id, v)| (id, v)).collect()
+}
+
+/// The first 16 bytes of `bytes` (zeros past its end) as a big-endian number: numbers in the
+/// order of their byte strings, except that strings equal in their first 16 bytes (or
+/// differing only by trailing zero bytes) tie.
+fn leading_bytes(bytes: &[u8]) -> u128 {
+    let mut lead = [0; 16];
+    let n = bytes.len().min(16);
+    lead[..n].copy_from_slice(&bytes[..n]);
+    u128::from_be_bytes(lead)
 }
 
 fn id_key(id: &str) -> Vec<u8> {
@@ -515,7 +527,20 @@ mod tests {
 
     #[test]
     fn writes_come_in_the_byte_order_of_the_ids() {
-        let ids = ["b", "ab", "ab\u{0}", "ab\u{0}x", "abc", "0123456789abcdefX", "0123456789abcdef", "长ID", ""];
+        let ids = [
+            "b",
+            "ab",
+            "ab\u{0}",
+            "ab\u{0}x",
+            "abc",
+            "0123456789abcdefX",
+            "0123456789abcdef",
+            "0123456789abcdef\u{0}",
+            "0123456789abcdeé",
+            "0123456789abcdeeé",
+            "长ID",
+            "",
+        ];
         let values: Vec<(Text, (u64, i64))> = ids.iter().map(|id| (Text::from(*id), (1, 5))).collect();
         let keys: Vec<Vec<u8>> = sorted_writes(values.iter().map(|(id, v)| (id, v)), 0)
             .into_iter()
