@@ -17,7 +17,10 @@ const POW10: [f64; 16] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10
 
 /// The record's fields, when it has the common shape (see the module's note).
 pub(super) fn scan(json: &[u8]) -> Option<RawPass<'_>> {
-    let mut s = Scanner { bytes: json, at: 0 };
+    // The whole record is checked as UTF-8 once (`serde_json` judges one that is not); its
+    // strings are then cut from it at their quotes, which are character boundaries.
+    let text = std::str::from_utf8(json).ok()?;
+    let mut s = Scanner { text, bytes: json, at: 0 };
     let mut raw = RawPass::default();
     s.skip_ws();
     s.expect(b'{')?;
@@ -64,6 +67,8 @@ pub(super) fn scan(json: &[u8]) -> Option<RawPass<'_>> {
 }
 
 struct Scanner<'a> {
+    text: &'a str,
+    /// `text`'s bytes.
     bytes: &'a [u8],
     at: usize,
 }
@@ -100,14 +105,14 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// A string without escapes or control characters, as valid UTF-8.
+    /// A string without escapes or control characters.
     fn string(&mut self) -> Option<&'a str> {
         self.expect(b'"')?;
         let from = self.at;
         let len = self.bytes[from..].iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
         self.at = from + len;
         self.expect(b'"')?;
-        std::str::from_utf8(&self.bytes[from..from + len]).ok()
+        self.text.get(from..from + len)
     }
 
     fn value(&mut self) -> Option<Scalar<'a>> {

@@ -79,6 +79,12 @@ fn anything_unusual_is_left_to_serde_json() {
         assert!(scan(json.as_bytes()).is_none(), "{json}");
     }
     assert!(scan(b"{\"pass_id\":\"\xff\"}").is_none(), "invalid UTF-8");
+    assert!(scan(b"{\"pass_id\":\"p1\",\"x\xff\":1}").is_none(), "invalid UTF-8 in an ignored key");
+    assert!(scan(b"{\"pass_id\":\"p1\"} \xe8").is_none(), "invalid UTF-8 after the record");
+    let long = "{\"plate\":\"赣A12345\",\"vehicle_type\":\"货车\"}";
+    let raw = scan(long.as_bytes()).expect("valid UTF-8 beyond ASCII");
+    assert!(matches!(raw.plate, Scalar::Str(ref p) if p == "赣A12345"));
+    assert!(matches!(raw.vehicle_type, Scalar::Str(ref v) if v == "货车"));
 }
 
 /// Pieces of records, tricky and plain, for the property below.
