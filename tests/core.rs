@@ -465,7 +465,7 @@ async fn a_backfill_of_a_day_whose_passes_came_after_the_lateness_gives_the_on_t
         config.core.allowed_lateness = HumanDuration::from_secs(lateness_s);
         // Batches of minutes of this small city's traffic, so that the watermark moves through
         // the day (one batch of the whole file would take every pass on time).
-        config.core.replay_batch = 2048;
+        config.core.replay_batch = std::num::NonZeroUsize::new(2048).unwrap();
         ReplayOptions {
             config,
             input: ReplayInput::File(dir.join("passes.jsonl")),

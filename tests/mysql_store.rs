@@ -14,7 +14,7 @@ fn options_for(dir: &std::path::Path, store_url: &str) -> ReplayOptions {
     config.city.dir = dir.to_path_buf();
     // Batches of a few minutes of this small city's traffic: the store is written many times
     // during a replay, as a larger city's would be.
-    config.core.replay_batch = 2048;
+    config.core.replay_batch = std::num::NonZeroUsize::new(2048).unwrap();
     ReplayOptions {
         config,
         input: ReplayInput::File(dir.join("passes.jsonl")),

@@ -237,7 +237,7 @@ pub async fn replay(options: ReplayOptions) -> anyhow::Result<ReplaySummary> {
     let (tx, mut rx) = mpsc::channel::<LineBatch>(BATCHES_IN_FLIGHT);
     let (done_tx, done_rx) = std::sync::mpsc::channel::<LineBatch>();
     let (validator, now_ms) = (driver.engine.validator(), options.now_ms);
-    let batch_lines = config.core.replay_batch.max(1);
+    let batch_lines = config.core.replay_batch.get();
     let reader_thread = std::thread::Builder::new()
         .name("passflow-reader".into())
         .spawn(move || read_lines(reader, start, batch_lines, validator, now_ms, tx, done_rx))

@@ -176,7 +176,7 @@ pub struct CoreConfig {
     /// pipelines emit the rows a batch changed once per batch: large batches are much faster
     /// (a vehicle passing again updates its rows once a batch, not once a pass), and judge
     /// lateness more coarsely (a pass is late only against the batches before its own).
-    pub replay_batch: usize,
+    pub replay_batch: std::num::NonZeroUsize,
 }
 
 impl CoreConfig {
@@ -198,7 +198,7 @@ impl Default for CoreConfig {
             max_clock_skew: HumanDuration::from_secs(300),
             checkpoint_interval: HumanDuration::from_secs(10),
             threads: 0,
-            replay_batch: 65_536,
+            replay_batch: std::num::NonZeroUsize::new(65_536).expect("not zero"),
         }
     }
 }
@@ -417,6 +417,7 @@ mod tests {
         });
         Jail::expect_with(|jail| {
             assert!(load_in(jail, None, &[("PASSFLOW__CORE__ALLOWED_LATENESS", "soon")]).is_err());
+            assert!(load_in(jail, None, &[("PASSFLOW__CORE__REPLAY_BATCH", "0")]).is_err());
             assert!(load_in(jail, Some("missing.toml"), &[]).is_err());
             Ok(())
         });
