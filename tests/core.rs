@@ -234,7 +234,9 @@ async fn a_replay_killed_at_random_points_and_resumed_ends_with_the_uninterrupte
     assert!(made.success());
     let work = tempfile::tempdir().unwrap();
     let clean = format!("sqlite://{}", work.path().join("clean.db").display());
-    assert!(replay_cmd(day.path(), &clean).status().unwrap().success());
+    // The batches of the killed runs below: the batch size decides what is late.
+    let batch = ("PASSFLOW__CORE__REPLAY_BATCH", "2048");
+    assert!(replay_cmd(day.path(), &clean).env(batch.0, batch.1).status().unwrap().success());
 
     let crashed = format!("sqlite://{}", work.path().join("crashed.db").display());
     let checkpoints = work.path().join("checkpoints");
@@ -247,7 +249,7 @@ async fn a_replay_killed_at_random_points_and_resumed_ends_with_the_uninterrupte
             .arg(&checkpoints)
             .env("PASSFLOW__CORE__CHECKPOINT_INTERVAL", "25ms")
             // Many batches, so that kills land between many checkpoints.
-            .env("PASSFLOW__CORE__REPLAY_BATCH", "2048")
+            .env(batch.0, batch.1)
             .env("RUST_LOG", "info,passflow::core::driver=debug")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 /// Batches of at least this many passes run on several threads (smaller ones are not worth
-/// starting threads for).
+/// handing to the helpers).
 const MIN_PASSES: usize = 512;
 
 /// What the operators do: one call per operator, with its context.
