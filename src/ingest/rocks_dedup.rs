@@ -219,9 +219,8 @@ impl Flush {
                 tracing::error!(error = %e, "writing deduplication state to the scratch database failed");
             }
         });
-        // As `std::thread::spawn` does, a thread that cannot start is fatal.
-        let writer = writer.expect("the deduplication writer starts");
-        Flush { ids, writer }
+        // As with `std::thread::spawn`, a thread that cannot start is fatal.
+        Flush { ids, writer: writer.expect("the deduplication writer starts") }
     }
 
     fn wait(self) {

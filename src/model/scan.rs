@@ -20,7 +20,7 @@ pub(super) fn scan(json: &[u8]) -> Option<RawPass<'_>> {
     // The whole record is checked as UTF-8 once (`serde_json` judges one that is not); its
     // strings are then cut from it at their quotes, which are character boundaries.
     let text = std::str::from_utf8(json).ok()?;
-    let mut s = Scanner { text, bytes: json, at: 0 };
+    let mut s = Scanner { text, at: 0 };
     let mut raw = RawPass::default();
     s.skip_ws();
     s.expect(b'{')?;
@@ -68,14 +68,16 @@ pub(super) fn scan(json: &[u8]) -> Option<RawPass<'_>> {
 
 struct Scanner<'a> {
     text: &'a str,
-    /// `text`'s bytes.
-    bytes: &'a [u8],
     at: usize,
 }
 
 impl<'a> Scanner<'a> {
+    fn bytes(&self) -> &'a [u8] {
+        self.text.as_bytes()
+    }
+
     fn peek(&self) -> Option<u8> {
-        self.bytes.get(self.at).copied()
+        self.bytes().get(self.at).copied()
     }
 
     fn expect(&mut self, byte: u8) -> Option<()> {
@@ -109,7 +111,7 @@ impl<'a> Scanner<'a> {
     fn string(&mut self) -> Option<&'a str> {
         self.expect(b'"')?;
         let from = self.at;
-        let len = self.bytes[from..].iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        let len = self.bytes()[from..].iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
         self.at = from + len;
         self.expect(b'"')?;
         self.text.get(from..from + len)
@@ -127,7 +129,7 @@ impl<'a> Scanner<'a> {
     }
 
     fn literal(&mut self, word: &[u8], value: Scalar<'a>) -> Option<Scalar<'a>> {
-        self.bytes[self.at..].starts_with(word).then(|| self.at += word.len())?;
+        self.bytes()[self.at..].starts_with(word).then(|| self.at += word.len())?;
         Some(value)
     }
 
@@ -139,7 +141,7 @@ impl<'a> Scanner<'a> {
             while matches!(s.peek(), Some(b'0'..=b'9')) {
                 s.at += 1;
             }
-            &s.bytes[from..s.at]
+            &s.bytes()[from..s.at]
         };
         let whole = digits(self);
         // A leading zero stands alone (`01` is not JSON).
