@@ -300,6 +300,41 @@ async fn a_replay_killed_at_random_points_and_resumed_ends_with_the_uninterrupte
     assert_eq!(sa.late_passes().await.unwrap(), sb.late_passes().await.unwrap());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_runs_only_the_named_pipelines_and_one_enabled_later_starts_empty() {
+    let dir = small_day();
+    let work = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", work.path().join("some.db").display());
+    let checkpoints = work.path().join("checkpoints");
+    let out = replay_cmd(dir, &url)
+        .args(["--pipelines", "flow_counts,high_frequency", "--checkpoint-dir"])
+        .arg(&checkpoints)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let store = Store::open(&url).await.unwrap();
+    assert_eq!(table(&url).await, oracle(dir), "flow counts as the batch computation");
+    let (city, all) = passes(dir);
+    assert_eq!(store.high_frequency().await.unwrap().len(), batch_high_frequency(&city, TZ, &all, 8).len());
+    assert!(!store.high_frequency().await.unwrap().is_empty());
+    assert!(store.origin_counts().await.unwrap().is_empty(), "origin counts did not run");
+    assert!(store.top_n().await.unwrap().is_empty(), "Top-N did not run");
+    assert!(store.segment_congestion().await.unwrap().is_empty(), "congestion did not run");
+    assert!(store.trajectories().await.unwrap().is_empty(), "trajectories did not run");
+
+    // Every pipeline on the same checkpoints: the two restore their state, the rest start empty.
+    let out = replay_cmd(dir, &url).arg("--checkpoint-dir").arg(&checkpoints).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("it starts empty") && log.contains("trajectories"), "restored from the checkpoint: {log}");
+    assert_eq!(table(&url).await, oracle(dir), "flow counts unchanged");
+
+    let out = replay_cmd(dir, &url).args(["--pipelines", "flow_counts,flows"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown pipeline `flows`") && err.contains("segment_congestion"), "{err}");
+}
+
 fn service_config(state: &Path) -> passflow::config::Config {
     let mut config = crate::support::service_config(state);
     config.source.simulator.vehicles = 2_000;

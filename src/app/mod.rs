@@ -16,6 +16,7 @@ pub use run::{create_savepoint, run, RunHandle};
 pub use simulate::simulate;
 
 use crate::config::Config;
+use anyhow::Context;
 use crate::model::parse_event_time;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -95,6 +96,10 @@ pub enum Command {
         /// again.
         #[arg(long)]
         checkpoint_dir: Option<PathBuf>,
+        /// Run only these pipelines (comma-separated; default: pipelines.enabled of the
+        /// configuration).
+        #[arg(long, value_delimiter = ',')]
+        pipelines: Option<Vec<String>>,
     },
 }
 
@@ -227,9 +232,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Replay { city, input, store, now, checkpoint_dir } => {
+        Command::Replay { city, input, store, now, checkpoint_dir, pipelines } => {
             if let Some(city) = city {
                 config.city.dir = city;
+            }
+            if let Some(pipelines) = pipelines {
+                crate::pipelines::check_names(&pipelines).context("--pipelines")?;
+                config.pipelines.enabled = pipelines;
             }
             let tz = config.city.tz()?;
             let now_ms = now

@@ -170,6 +170,7 @@ pub fn build_engine(
         },
         first_entry_key_prefix: config.pipelines.first_entry.key_prefix.clone(),
         time_zone: config.city.tz()?,
+        enabled: config.pipelines.enabled.clone(),
     };
     let pipelines = pipelines::all(city, &pipeline_settings)?;
     Ok(Engine::new(city.clone(), ingest, pipelines, settings))

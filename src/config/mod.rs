@@ -48,6 +48,9 @@ impl Default for ArchiveConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelinesConfig {
+    /// The pipelines that run (all of them by default; see `crate::pipelines::NAMES`). One
+    /// left out computes nothing and its tables stay as they are.
+    pub enabled: Vec<String>,
     /// How many checkpoints the Top-N ranking keeps.
     pub top_n: usize,
     /// Passes at one checkpoint in one local day that make a vehicle high-frequency.
@@ -64,6 +67,7 @@ pub struct PipelinesConfig {
 impl Default for PipelinesConfig {
     fn default() -> Self {
         PipelinesConfig {
+            enabled: crate::pipelines::NAMES.map(String::from).to_vec(),
             top_n: 10,
             high_frequency_passes: 8,
             cloned_plates: Default::default(),
@@ -364,6 +368,7 @@ impl Config {
         let env = Env::prefixed("PASSFLOW__").split("__");
         let config: Config = figment.merge(env).extract().context("invalid configuration")?;
         config.city.tz()?;
+        crate::pipelines::check_names(&config.pipelines.enabled).context("pipelines.enabled")?;
         Ok(config)
     }
 }
@@ -389,6 +394,21 @@ mod tests {
         assert_eq!(c.core.max_clock_skew.as_millis(), 300_000);
         assert_eq!(c.city.time_zone, "Asia/Shanghai");
         assert_eq!(c.api.listen, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn every_pipeline_runs_by_default_and_the_enabled_list_is_checked() {
+        assert_eq!(Config::default().pipelines.enabled, crate::pipelines::NAMES);
+        Jail::expect_with(|jail| {
+            jail.create_file("p.toml", "[pipelines]\nenabled = [\"flow_counts\", \"top_n\"]\n")?;
+            let c = load_in(jail, Some("p.toml"), &[]).unwrap();
+            assert_eq!(c.pipelines.enabled, ["flow_counts", "top_n"]);
+            let c = load_in(jail, Some("p.toml"), &[("PASSFLOW__PIPELINES__ENABLED", "[origin_counts]")]).unwrap();
+            assert_eq!(c.pipelines.enabled, ["origin_counts"]);
+            let err = load_in(jail, None, &[("PASSFLOW__PIPELINES__ENABLED", "[flow_count]")]).unwrap_err();
+            assert!(format!("{err:#}").contains("pipelines.enabled: unknown pipeline `flow_count`"), "{err:#}");
+            Ok(())
+        });
     }
 
     #[test]

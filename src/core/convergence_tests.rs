@@ -88,6 +88,7 @@ fn engine(city: &Arc<City>, backend: &Backend) -> Engine {
                 first_entry_store: "embedded".into(),
                 first_entry_key_prefix: String::new(),
                 time_zone: TZ,
+                enabled: crate::pipelines::NAMES.map(String::from).to_vec(),
             },
         )
         .unwrap(),

@@ -461,7 +461,14 @@ impl Engine {
         super::check_version("dedup", dedup.version, DEDUP_STATE_VERSION)?;
         self.ingest.dedup_mut().restore(&dedup.bytes)?;
         for op in &mut self.operators {
-            op.restore(part(op.name())?)?;
+            // A pipeline enabled since the checkpoint was taken has no state in it.
+            match snapshot.parts.iter().find(|(n, _)| n == op.name()) {
+                Some((_, blob)) => op.restore(blob)?,
+                None => tracing::warn!(
+                    pipeline = op.name(),
+                    "the checkpoint holds no state for this pipeline (it was not enabled then): it starts empty"
+                ),
+            }
         }
         self.watermarks =
             core.watermarks.with_settings(self.settings.out_of_orderness_ms, self.settings.idle_timeout_ms);

@@ -78,31 +78,62 @@ pub fn partial_forms(city: &Arc<City>) -> Vec<Box<dyn Operator>> {
     vec![Box::new(TopNBuckets::new(city)), Box::new(CongestionPartial::new(city))]
 }
 
-/// Every pipeline of the service, in the order they run.
+/// Every analytic pipeline of the service, in the order they run: what `pipelines.enabled`
+/// names. (The archive and the clean-pass output are turned on by their own settings.)
+pub const NAMES: [&str; 13] = [
+    "flow_counts",
+    "origin_counts",
+    "top_n",
+    "high_frequency",
+    "checkpoint_speed",
+    "segment_congestion",
+    "cloned_plate",
+    "trajectories",
+    "restrictions",
+    "first_entry",
+    "traffic_surge",
+    "watchlist",
+    "device_health",
+];
+
+/// Checks a list of pipeline names: each one known, none twice.
+pub fn check_names(names: &[String]) -> anyhow::Result<()> {
+    for (i, name) in names.iter().enumerate() {
+        anyhow::ensure!(
+            NAMES.contains(&name.as_str()),
+            "unknown pipeline `{name}` (the pipelines are: {})",
+            NAMES.join(", ")
+        );
+        anyhow::ensure!(!names[..i].contains(name), "pipeline `{name}` is named twice");
+    }
+    Ok(())
+}
+
+/// The enabled pipelines of the service, in the order they run.
 pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> anyhow::Result<Vec<Box<dyn Operator>>> {
-    let first_entries: Box<dyn FirstEntryStore> = match settings.first_entry_store.as_str() {
-        "embedded" => Box::new(EmbeddedFirstEntries::default()),
-        other => match other.strip_prefix("rocksdb:") {
-            Some(path) => Box::new(RocksFirstEntries::open(std::path::Path::new(path))?),
-            None => Box::new(RedisFirstEntries::open(other, &settings.first_entry_key_prefix)?),
-        },
-    };
     let skews: Arc<ClockSkews> = Default::default();
-    let mut all: Vec<Box<dyn Operator>> = vec![
-        Box::new(FlowCounts::new(city)),
-        Box::new(OriginCounts::new(city, &settings.local_prefixes)),
-        Box::new(TopN::new(city, settings.top_n)),
-        Box::new(HighFrequency::new(city, settings.time_zone, settings.high_frequency_passes)),
-        Box::new(CheckpointSpeed::new(city)),
-        Box::new(Congestion::new(city, settings.top_n)),
-        Box::new(ClonedPlates::new(city, settings.cloned_plates, skews.clone())),
-        Box::new(Trajectories::new(city, settings.time_zone)),
-        Box::new(Restrictions::new(city, settings.time_zone, &settings.local_prefixes)),
-        Box::new(FirstEntry::new(city, first_entries)),
-        Box::new(TrafficSurge::new(city, settings.surge)),
-        Box::new(Watch::new(city, settings.watchlist.clone())),
-        Box::new(DeviceHealth::new(city, skews)),
-    ];
+    let mut all: Vec<Box<dyn Operator>> = Vec::new();
+    for name in NAMES.into_iter().filter(|n| settings.enabled.iter().any(|e| e == n)) {
+        all.push(match name {
+            "flow_counts" => Box::new(FlowCounts::new(city)),
+            "origin_counts" => Box::new(OriginCounts::new(city, &settings.local_prefixes)),
+            "top_n" => Box::new(TopN::new(city, settings.top_n)),
+            "high_frequency" => {
+                Box::new(HighFrequency::new(city, settings.time_zone, settings.high_frequency_passes))
+            }
+            "checkpoint_speed" => Box::new(CheckpointSpeed::new(city)),
+            "segment_congestion" => Box::new(Congestion::new(city, settings.top_n)),
+            "cloned_plate" => Box::new(ClonedPlates::new(city, settings.cloned_plates, skews.clone())),
+            "trajectories" => Box::new(Trajectories::new(city, settings.time_zone)),
+            "restrictions" => Box::new(Restrictions::new(city, settings.time_zone, &settings.local_prefixes)),
+            // The first-entry store (Redis, say) is opened only when the pipeline runs.
+            "first_entry" => Box::new(FirstEntry::new(city, first_entry_store(settings)?)),
+            "traffic_surge" => Box::new(TrafficSurge::new(city, settings.surge)),
+            "watchlist" => Box::new(Watch::new(city, settings.watchlist.clone())),
+            "device_health" => Box::new(DeviceHealth::new(city, skews.clone())),
+            other => unreachable!("`{other}` is listed in NAMES and built above"),
+        });
+    }
     if let Some(dir) = &settings.archive_dir {
         all.push(Box::new(Archive::new(city, settings.time_zone, dir)));
     }
@@ -110,6 +141,16 @@ pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> anyhow::Result<Vec<
         all.push(Box::new(CleanPasses::new(city)));
     }
     Ok(all)
+}
+
+fn first_entry_store(settings: &PipelineSettings) -> anyhow::Result<Box<dyn FirstEntryStore>> {
+    Ok(match settings.first_entry_store.as_str() {
+        "embedded" => Box::new(EmbeddedFirstEntries::default()),
+        other => match other.strip_prefix("rocksdb:") {
+            Some(path) => Box::new(RocksFirstEntries::open(std::path::Path::new(path))?),
+            None => Box::new(RedisFirstEntries::open(other, &settings.first_entry_key_prefix)?),
+        },
+    })
 }
 
 /// What the pipelines take from the configuration.
@@ -134,4 +175,59 @@ pub struct PipelineSettings {
     pub first_entry_key_prefix: String,
     /// The city's time zone (local days).
     pub time_zone: chrono_tz::Tz,
+    /// The pipelines that run (names of [`NAMES`]).
+    pub enabled: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(enabled: &[&str]) -> PipelineSettings {
+        PipelineSettings {
+            local_prefixes: vec!["赣A".into()],
+            top_n: 10,
+            high_frequency_passes: 8,
+            cloned_plates: Default::default(),
+            surge: Default::default(),
+            watchlist: WatchList::in_memory(),
+            archive_dir: None,
+            clean_passes: false,
+            // Not a store: opening it fails.
+            first_entry_store: "nonsense://".into(),
+            first_entry_key_prefix: String::new(),
+            time_zone: chrono_tz::Asia::Shanghai,
+            enabled: enabled.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    fn names(operators: &[Box<dyn Operator>]) -> Vec<&'static str> {
+        operators.iter().map(|op| op.name()).collect()
+    }
+
+    #[test]
+    fn every_name_builds_its_pipeline_and_only_the_enabled_ones_are_built_in_their_order() {
+        let city = test_support::city(vec![test_support::checkpoint("KK0001", "r1")], &["r1"]);
+        let mut all_but_first_entry = NAMES.to_vec();
+        all_but_first_entry.retain(|n| *n != "first_entry");
+        let built = all(&city, &settings(&all_but_first_entry)).expect("no first-entry store is opened");
+        assert_eq!(names(&built), all_but_first_entry);
+        let built = all(&city, &settings(&["top_n", "flow_counts"])).unwrap();
+        assert_eq!(names(&built), ["flow_counts", "top_n"]);
+        assert!(all(&city, &settings(&["first_entry"])).is_err(), "its store is opened, and is not one");
+        let mut embedded = settings(&NAMES);
+        embedded.first_entry_store = "embedded".into();
+        assert_eq!(names(&all(&city, &embedded).unwrap()), NAMES);
+    }
+
+    #[test]
+    fn an_unknown_or_repeated_name_is_refused_with_the_known_ones() {
+        let list = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert!(check_names(&list(&NAMES)).is_ok());
+        assert!(check_names(&[]).is_ok());
+        let err = check_names(&list(&["flow_counts", "flows"])).unwrap_err().to_string();
+        assert!(err.contains("unknown pipeline `flows`") && err.contains("device_health"), "{err}");
+        let err = check_names(&list(&["top_n", "top_n"])).unwrap_err().to_string();
+        assert!(err.contains("`top_n` is named twice"), "{err}");
+    }
 }
