@@ -78,6 +78,11 @@ impl Seen {
         })
     }
 
+    /// Its time and checkpoint: what judging it takes.
+    fn mark(&self, slot: u32) -> Mark {
+        Mark { ts: self.ts, cp: self.cp, slot }
+    }
+
     fn of(p: &Pass) -> Seen {
         Seen {
             ts: p.ts.ms(),
@@ -86,6 +91,62 @@ impl Seen {
             plate_type: p.plate_type.clone(),
             vehicle_type: p.vehicle_type.clone(),
         }
+    }
+}
+
+/// A pass in a vehicle's list: its time and checkpoint, and the slot of [`Slab`] that holds
+/// the rest (read only for an alert). A vehicle's list is searched and shifted on each of its
+/// passes, so it is kept a few cache lines long.
+#[derive(Clone, Copy, Debug)]
+struct Mark {
+    ts: i64,
+    cp: u32,
+    slot: u32,
+}
+
+/// The passes of every vehicle's list, in slots reused once their mark is dropped.
+#[derive(Default)]
+struct Slab {
+    slots: Vec<Seen>,
+    free: Vec<u32>,
+}
+
+impl Slab {
+    fn put(&mut self, seen: Seen) -> Mark {
+        match self.free.pop() {
+            Some(slot) => {
+                let mark = seen.mark(slot);
+                self.slots[slot as usize] = seen;
+                mark
+            }
+            None => {
+                let mark = seen.mark(u32::try_from(self.slots.len()).expect("fewer than 2^32 passes held"));
+                self.slots.push(seen);
+                mark
+            }
+        }
+    }
+
+    fn get(&self, mark: &Mark) -> &Seen {
+        &self.slots[mark.slot as usize]
+    }
+
+    fn drop_marks(&mut self, marks: impl Iterator<Item = Mark>) {
+        self.free.extend(marks.map(|m| m.slot));
+    }
+
+    fn clear(&mut self) {
+        self.slots.clear();
+        self.free.clear();
+    }
+}
+
+/// A vehicle's list as stored: its passes in full, in the shape the state has always had.
+struct StoredList<'a>(&'a [Mark], &'a Slab);
+
+impl Serialize for StoredList<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|m| self.1.get(m)))
     }
 }
 
@@ -140,8 +201,8 @@ impl Judge {
     }
 
     /// The pass's time with its camera's known clock skew taken off.
-    fn true_ts(&self, s: &Seen) -> i64 {
-        s.ts - self.skew(s.cp)
+    fn true_ts(&self, (ts, cp): (i64, u32)) -> i64 {
+        ts - self.skew(cp)
     }
 
     fn skew(&self, checkpoint: u32) -> i64 {
@@ -160,14 +221,14 @@ impl Judge {
     }
 
     /// Whether two passes of one vehicle conflict, on skew-corrected times.
-    fn conflicting(&self, a: &Seen, b: &Seen) -> bool {
-        self.rule.conflicts(self.distance_m(a.cp, b.cp), self.true_ts(a) - self.true_ts(b))
+    fn conflicting(&self, a: (i64, u32), b: (i64, u32)) -> bool {
+        self.rule.conflicts(self.distance_m(a.1, b.1), self.true_ts(a) - self.true_ts(b))
     }
 
     fn alert(&self, vehicle: &VehicleKey, a: &Seen, b: &Seen) -> AlertRow {
         let (first, later) = if (a.ts, a.pass_id.as_bytes()) <= (b.ts, b.pass_id.as_bytes()) { (a, b) } else { (b, a) };
         let distance = self.distance_m(a.cp, b.cp);
-        let dt = self.true_ts(later) - self.true_ts(first);
+        let dt = self.true_ts((later.ts, later.cp)) - self.true_ts((first.ts, first.cp));
         let corrections: BTreeMap<&str, f64> = [a, b]
             .iter()
             .filter(|s| self.skew(s.cp) != 0)
@@ -218,7 +279,8 @@ pub struct ClonedPlates {
     raised: BTreeMap<String, Raised>,
     /// Passes further apart in time than this never conflict.
     span_ms: i64,
-    seen: FxHashMap<VehicleKey, Vec<Seen>>,
+    seen: FxHashMap<VehicleKey, Vec<Mark>>,
+    slab: Slab,
     /// The partners of the pass being judged (kept to reuse its allocation).
     partners: Vec<Seen>,
     sweeps: Every,
@@ -240,6 +302,7 @@ impl ClonedPlates {
             rejudge: false,
             raised: BTreeMap::new(),
             seen: FxHashMap::default(),
+            slab: Slab::default(),
             partners: Vec::new(),
             sweeps: Every::new(SWEEP_EVERY_MS),
             snapshot_len: AtomicUsize::new(0),
@@ -298,21 +361,24 @@ impl Operator for ClonedPlates {
             let x = Seen::of(pass);
             // One look-up of the vehicle's passes: judged against, then joined.
             let list = self.seen.entry(vehicle).or_default();
-            let from = list.partition_point(|s| s.ts <= x.ts - span);
-            for y in list[from..].iter().take_while(|s| s.ts < x.ts + span) {
-                // The same pass again has the same time (a resend with another is refused).
-                if (y.ts != x.ts || y.pass_id != x.pass_id) && self.judge.conflicting(&x, y) {
-                    partners.push(y.clone());
+            let from = list.partition_point(|m| m.ts <= x.ts - span);
+            for m in list[from..].iter().take_while(|m| m.ts < x.ts + span) {
+                if self.judge.conflicting((x.ts, x.cp), (m.ts, m.cp)) {
+                    // The same pass again has the same time (a resend with another is refused).
+                    let y = self.slab.get(m);
+                    if y.ts != x.ts || y.pass_id != x.pass_id {
+                        partners.push(y.clone());
+                    }
                 }
             }
-            let old = list.partition_point(|s| s.ts < horizon);
-            list.drain(..old);
-            let at = list.partition_point(|s| s.ts <= x.ts);
+            let old = list.partition_point(|m| m.ts < horizon);
+            self.slab.drop_marks(list.drain(..old));
+            let at = list.partition_point(|m| m.ts <= x.ts);
             if partners.is_empty() {
-                list.insert(at, x);
+                list.insert(at, self.slab.put(x));
                 continue;
             }
-            list.insert(at, x.clone());
+            list.insert(at, self.slab.put(x.clone()));
             let vehicle = pass.vehicle().expect("a readable plate, as above");
             for y in partners.drain(..) {
                 let mut alert = self.judge.alert(&vehicle, &x, &y);
@@ -345,7 +411,7 @@ impl Operator for ClonedPlates {
             let gone: Vec<String> = self
                 .raised
                 .iter()
-                .filter(|(_, r)| r.active && !self.judge.conflicting(&r.a, &r.b))
+                .filter(|(_, r)| r.active && !self.judge.conflicting((r.a.ts, r.a.cp), (r.b.ts, r.b.cp)))
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in gone {
@@ -365,9 +431,10 @@ impl Operator for ClonedPlates {
         self.raised.retain(|_, r| r.a.ts.max(r.b.ts) >= keep);
         let horizon = self.horizon(ctx.watermark, ctx.allowed_lateness_ms);
         if self.sweeps.due(horizon) {
+            let slab = &mut self.slab;
             self.seen.retain(|_, list| {
-                let old = list.partition_point(|s| s.ts < horizon);
-                list.drain(..old);
+                let old = list.partition_point(|m| m.ts < horizon);
+                slab.drop_marks(list.drain(..old));
                 !list.is_empty()
             });
         }
@@ -396,7 +463,8 @@ impl Operator for ClonedPlates {
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
-        let seen = SeqOf::new(self.seen.iter().map(|(v, list)| (v.plate.as_str(), v.color.code(), list)));
+        let lists = self.seen.iter().map(|(v, list)| (v.plate.as_str(), v.color.code(), StoredList(list, &self.slab)));
+        let seen = SeqOf::new(lists);
         StateBlob::encode(STATE_VERSION, &(seen, &self.raised), &self.snapshot_len)
     }
 
@@ -409,10 +477,12 @@ impl Operator for ClonedPlates {
             "cloned_plate state names a checkpoint this city does not have"
         );
         self.seen.clear();
+        self.slab.clear();
         self.raised = raised;
         for (plate, color, list) in stored {
             if let Some(vehicle) = VehicleKey::from_stored(&plate, color) {
-                self.seen.insert(vehicle, list);
+                let marks = list.into_iter().map(|s| self.slab.put(s)).collect();
+                self.seen.insert(vehicle, marks);
             }
         }
         Ok(())
