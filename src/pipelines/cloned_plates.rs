@@ -94,7 +94,7 @@ impl Seen {
     }
 }
 
-/// A pass in a vehicle's list: its time and checkpoint, and the slot of [`Slab`] that holds
+/// A pass in a vehicle's list: its time and checkpoint, and its slot in [`Slab`], which holds
 /// the rest (read only for an alert). A vehicle's list is searched and shifted on each of its
 /// passes, so it is kept a few cache lines long.
 #[derive(Clone, Copy, Debug)]
@@ -104,40 +104,57 @@ struct Mark {
     slot: u32,
 }
 
-/// The passes of every vehicle's list, in slots reused once their mark is dropped.
+/// Passes a slab chunk holds.
+const CHUNK: usize = 1 << 16;
+
+/// The passes of every vehicle's list in the order they came, in chunks: written one after
+/// another (a slot reused at random would cost a cache miss a pass), and a chunk let go at a
+/// sweep once every pass in it is behind the horizon — the sweep has then dropped its marks.
+/// Slots count on from the first chunk's, wrapping: the passes held at once are far fewer
+/// than 2^32.
 #[derive(Default)]
 struct Slab {
-    slots: Vec<Seen>,
-    free: Vec<u32>,
+    chunks: std::collections::VecDeque<Chunk>,
+    /// The slot of the first pass of the first chunk.
+    first: u32,
+}
+
+struct Chunk {
+    passes: Vec<Seen>,
+    /// The newest time of a pass in it.
+    newest: i64,
 }
 
 impl Slab {
     fn put(&mut self, seen: Seen) -> Mark {
-        match self.free.pop() {
-            Some(slot) => {
-                let mark = seen.mark(slot);
-                self.slots[slot as usize] = seen;
-                mark
-            }
-            None => {
-                let mark = seen.mark(u32::try_from(self.slots.len()).expect("fewer than 2^32 passes held"));
-                self.slots.push(seen);
-                mark
-            }
+        if self.chunks.back().is_none_or(|c| c.passes.len() == CHUNK) {
+            self.chunks.push_back(Chunk { passes: Vec::with_capacity(CHUNK), newest: i64::MIN });
         }
+        let held = (self.chunks.len() - 1) * CHUNK;
+        let chunk = self.chunks.back_mut().expect("one was pushed above");
+        let mark = seen.mark(self.first.wrapping_add((held + chunk.passes.len()) as u32));
+        chunk.newest = chunk.newest.max(seen.ts);
+        chunk.passes.push(seen);
+        mark
     }
 
     fn get(&self, mark: &Mark) -> &Seen {
-        &self.slots[mark.slot as usize]
+        let at = mark.slot.wrapping_sub(self.first) as usize;
+        &self.chunks[at / CHUNK].passes[at % CHUNK]
     }
 
-    fn drop_marks(&mut self, marks: impl Iterator<Item = Mark>) {
-        self.free.extend(marks.map(|m| m.slot));
+    /// Lets go of the full chunks, oldest first, whose passes are all before `horizon` (call
+    /// once no mark before it is left).
+    fn sweep(&mut self, horizon: i64) {
+        while self.chunks.len() > 1 && self.chunks.front().is_some_and(|c| c.newest < horizon) {
+            self.chunks.pop_front();
+            self.first = self.first.wrapping_add(CHUNK as u32);
+        }
     }
 
     fn clear(&mut self) {
-        self.slots.clear();
-        self.free.clear();
+        self.chunks.clear();
+        self.first = 0;
     }
 }
 
@@ -372,7 +389,7 @@ impl Operator for ClonedPlates {
                 }
             }
             let old = list.partition_point(|m| m.ts < horizon);
-            self.slab.drop_marks(list.drain(..old));
+            list.drain(..old);
             let at = list.partition_point(|m| m.ts <= x.ts);
             if partners.is_empty() {
                 list.insert(at, self.slab.put(x));
@@ -431,12 +448,12 @@ impl Operator for ClonedPlates {
         self.raised.retain(|_, r| r.a.ts.max(r.b.ts) >= keep);
         let horizon = self.horizon(ctx.watermark, ctx.allowed_lateness_ms);
         if self.sweeps.due(horizon) {
-            let slab = &mut self.slab;
             self.seen.retain(|_, list| {
                 let old = list.partition_point(|m| m.ts < horizon);
-                slab.drop_marks(list.drain(..old));
+                list.drain(..old);
                 !list.is_empty()
             });
+            self.slab.sweep(horizon);
         }
     }
 

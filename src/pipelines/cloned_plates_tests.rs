@@ -127,3 +127,24 @@ fn a_camera_found_skewed_takes_back_the_alerts_only_its_clock_made() {
     let (later, _) = run(&mut op, &[pass("赣A2", 0, 2_000_000), pass("赣A2", 1, 2_060_000)], 1_000_000);
     assert!(later.is_empty(), "{later:?}");
 }
+
+#[test]
+fn the_slab_reads_every_pass_back_across_chunks_and_slot_wrap_and_lets_go_of_old_chunks() {
+    let mut slab = Slab { first: u32::MAX - 10, ..Slab::default() };
+    let seen = |i: usize| Seen::of(&pass("赣A12345", 0, i as i64 * 1000));
+    let marks: Vec<Mark> = (0..3 * CHUNK + 5).map(|i| slab.put(seen(i))).collect();
+    assert_eq!(slab.chunks.len(), 4);
+    for (i, m) in marks.iter().enumerate() {
+        assert_eq!((slab.get(m).ts, m.ts), (i as i64 * 1000, i as i64 * 1000));
+    }
+    // The first two chunks hold passes before the horizon; the third does not, all of it.
+    slab.sweep((2 * CHUNK) as i64 * 1000 + 1);
+    assert_eq!(slab.chunks.len(), 2);
+    for (i, m) in marks.iter().enumerate().skip(2 * CHUNK) {
+        assert_eq!(slab.get(m).ts, i as i64 * 1000);
+    }
+    // The chunk being filled is kept, whatever the horizon.
+    slab.sweep(i64::MAX);
+    assert_eq!(slab.chunks.len(), 1);
+    assert_eq!(slab.get(&marks[3 * CHUNK + 4]).ts, (3 * CHUNK + 4) as i64 * 1000);
+}
