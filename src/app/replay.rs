@@ -307,16 +307,30 @@ fn read_lines(
 ) -> anyhow::Result<()> {
     let mut reader = BufReader::with_capacity(1 << 20, reader);
     let (mut offset, mut line_no) = (start.offset, start.line);
-    let next = |line_no: u64, offset: u64| {
-        let mut batch = done.try_recv().unwrap_or_default();
-        batch.reset(line_no, offset);
-        batch
+    // Batches in circulation: those in flight, the engine's and the one being filled. Past
+    // that many the reader waits for one back rather than make another: a new batch's buffers
+    // are tens of megabytes of fresh pages for the kernel to fault in and zero.
+    let mut made = 0;
+    let mut next = |line_no: u64, offset: u64| {
+        let batch = match done.try_recv() {
+            Ok(batch) => Some(batch),
+            Err(_) if made < BATCHES_IN_FLIGHT + 2 => {
+                made += 1;
+                Some(LineBatch::default())
+            }
+            // `None`: the engine has stopped.
+            Err(_) => done.recv().ok(),
+        };
+        batch.map(|mut batch| {
+            batch.reset(line_no, offset);
+            batch
+        })
     };
     let judge = |batch: &mut LineBatch| {
         let LineBatch { text, lines, judged, .. } = batch;
         judged.extend(lines.iter().map(|line| validator.judge(&text[line.clone()], now_ms)));
     };
-    let mut batch = next(line_no, offset);
+    let Some(mut batch) = next(line_no, offset) else { return Ok(()) };
     loop {
         let from = batch.text.len();
         let n = reader.read_until(b'\n', &mut batch.text).context("reading the input")?;
@@ -341,11 +355,13 @@ fn read_lines(
         batch.end_line = line_no;
         // A blank line ends a batch too, so that the lines of a batch are consecutive.
         if batch.lines.len() == batch_lines || (blank && !batch.lines.is_empty()) {
-            let mut full = std::mem::replace(&mut batch, next(line_no, offset));
+            let mut full = std::mem::take(&mut batch);
             judge(&mut full);
             if tx.blocking_send(full).is_err() {
                 return Ok(());
             }
+            let Some(empty) = next(line_no, offset) else { return Ok(()) };
+            batch = empty;
         }
     }
     if !batch.lines.is_empty() {
