@@ -57,15 +57,16 @@ impl PlateRead {
     /// Parses a camera's plate string; the unreadable markers (`-`, empty, `无牌`, `未识别`, …)
     /// become [`PlateRead::Unreadable`].
     pub fn parse(raw: &str) -> PlateRead {
-        let text: String = raw
-            .chars()
-            .filter(|c| !c.is_whitespace() && *c != '·' && *c != '•')
-            .map(|c| c.to_ascii_uppercase())
-            .collect();
+        let kept = |c: &char| !c.is_whitespace() && *c != '·' && *c != '•';
+        // Almost every plate comes normalised already: it is then taken as it is.
+        let text: Text = match raw.chars().all(|c| kept(&c) && !c.is_ascii_lowercase()) {
+            true => raw.into(),
+            false => raw.chars().filter(kept).map(|c| c.to_ascii_uppercase()).collect::<String>().into(),
+        };
         if UNREADABLE.contains(&text.as_str()) || text.chars().all(|c| c == '-' || c == '*') {
             return PlateRead::Unreadable;
         }
-        PlateRead::Readable(Plate::from_normalised(text))
+        PlateRead::Readable(Plate { text })
     }
 
     pub fn plate(&self) -> Option<&Plate> {
@@ -91,10 +92,6 @@ pub struct Plate {
 }
 
 impl Plate {
-    fn from_normalised(text: String) -> Plate {
-        Plate { text: Text::from(text) }
-    }
-
     pub fn as_str(&self) -> &str {
         self.text.as_str()
     }
