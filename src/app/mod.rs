@@ -16,8 +16,8 @@ pub use run::{create_savepoint, run, RunHandle};
 pub use simulate::simulate;
 
 use crate::config::Config;
-use anyhow::Context;
 use crate::model::parse_event_time;
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 

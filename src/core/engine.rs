@@ -446,14 +446,8 @@ impl Engine {
     }
 
     pub fn restore(&mut self, snapshot: &EngineSnapshot) -> anyhow::Result<()> {
-        let part = |name: &str| {
-            snapshot
-                .parts
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, b)| b)
-                .ok_or_else(|| anyhow::anyhow!("the snapshot has no state for `{name}`"))
-        };
+        let find = |name: &str| snapshot.parts.iter().find(|(n, _)| n == name).map(|(_, b)| b);
+        let part = |name: &str| find(name).ok_or_else(|| anyhow::anyhow!("the snapshot has no state for `{name}`"));
         let core = part("core")?;
         super::check_version("core", core.version, CORE_STATE_VERSION)?;
         let core: CoreState = serde_json::from_slice(&core.bytes)?;
@@ -462,8 +456,8 @@ impl Engine {
         self.ingest.dedup_mut().restore(&dedup.bytes)?;
         for op in &mut self.operators {
             // A pipeline enabled since the checkpoint was taken has no state in it.
-            match snapshot.parts.iter().find(|(n, _)| n == op.name()) {
-                Some((_, blob)) => op.restore(blob)?,
+            match find(op.name()) {
+                Some(blob) => op.restore(blob)?,
                 None => tracing::warn!(
                     pipeline = op.name(),
                     "the checkpoint holds no state for this pipeline (it was not enabled then): it starts empty"

@@ -151,11 +151,6 @@ impl Slab {
             self.first = self.first.wrapping_add(CHUNK as u32);
         }
     }
-
-    fn clear(&mut self) {
-        self.chunks.clear();
-        self.first = 0;
-    }
 }
 
 /// A vehicle's list as stored: its passes in full, in the shape the state has always had.
@@ -494,7 +489,7 @@ impl Operator for ClonedPlates {
             "cloned_plate state names a checkpoint this city does not have"
         );
         self.seen.clear();
-        self.slab.clear();
+        self.slab = Slab::default();
         self.raised = raised;
         for (plate, color, list) in stored {
             if let Some(vehicle) = VehicleKey::from_stored(&plate, color) {

@@ -118,9 +118,7 @@ pub fn all(city: &Arc<City>, settings: &PipelineSettings) -> anyhow::Result<Vec<
             "flow_counts" => Box::new(FlowCounts::new(city)),
             "origin_counts" => Box::new(OriginCounts::new(city, &settings.local_prefixes)),
             "top_n" => Box::new(TopN::new(city, settings.top_n)),
-            "high_frequency" => {
-                Box::new(HighFrequency::new(city, settings.time_zone, settings.high_frequency_passes))
-            }
+            "high_frequency" => Box::new(HighFrequency::new(city, settings.time_zone, settings.high_frequency_passes)),
             "checkpoint_speed" => Box::new(CheckpointSpeed::new(city)),
             "segment_congestion" => Box::new(Congestion::new(city, settings.top_n)),
             "cloned_plate" => Box::new(ClonedPlates::new(city, settings.cloned_plates, skews.clone())),
