@@ -327,6 +327,10 @@ async fn a_replay_runs_only_the_named_pipelines_and_one_enabled_later_starts_emp
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("it starts empty") && log.contains("trajectories"), "restored from the checkpoint: {log}");
+    let started_empty =
+        |name: &str| log.lines().any(|l| l.contains("it starts empty") && l.contains(&format!("\"{name}\"")));
+    assert!(started_empty("trajectories"), "{log}");
+    assert!(!started_empty("flow_counts") && !started_empty("high_frequency"), "{log}");
     assert_eq!(table(&url).await, oracle(dir), "flow counts unchanged");
 
     let out = replay_cmd(dir, &url).args(["--pipelines", "flow_counts,flows"]).output().unwrap();
