@@ -40,7 +40,8 @@ fn bench_day(
     Ok((city, day))
 }
 
-/// `all_pipelines`: every pipeline instead of flow counts alone.
+/// `all_pipelines`: every pipeline instead of flow counts alone, whatever the configuration
+/// enables.
 pub fn bench_core(config: &Config, vehicles: u32, repeat: u32, all_pipelines: bool) -> anyhow::Result<CoreBenchResult> {
     let tz = config.city.tz()?;
     let (city, day) = bench_day(config, vehicles)?;
@@ -65,10 +66,10 @@ pub fn bench_core(config: &Config, vehicles: u32, repeat: u32, all_pipelines: bo
             })
         })
         .collect();
-    let mut engine = build_engine(config, &city, false, None, &crate::pipelines::WatchList::in_memory())?;
-    if !all_pipelines {
-        engine.keep_operators(&["flow_counts"]);
-    }
+    let mut config = config.clone();
+    config.pipelines.enabled =
+        if all_pipelines { crate::pipelines::NAMES.map(String::from).to_vec() } else { vec!["flow_counts".to_owned()] };
+    let mut engine = build_engine(&config, &city, false, None, &crate::pipelines::WatchList::in_memory())?;
     let clocks = Clocks { future_now: None, processing_now: 0 };
     let started = Instant::now();
     let mut rows = 0;

@@ -63,6 +63,11 @@ fn backends() -> (Vec<Backend>, tempfile::TempDir) {
 }
 
 fn engine(city: &Arc<City>, backend: &Backend) -> Engine {
+    engine_with(city, backend, &crate::pipelines::NAMES)
+}
+
+/// An engine running the pipelines named in `enabled`.
+fn engine_with(city: &Arc<City>, backend: &Backend, enabled: &[&str]) -> Engine {
     let validator = Validator::new(city.clone(), TZ, PlateColorScheme::Police, 300_000);
     let ingest = match backend {
         Backend::Memory => Ingest::new(validator, Deduplicator::new(LATENESS + 10_000)),
@@ -88,7 +93,7 @@ fn engine(city: &Arc<City>, backend: &Backend) -> Engine {
                 first_entry_store: "embedded".into(),
                 first_entry_key_prefix: String::new(),
                 time_zone: TZ,
-                enabled: crate::pipelines::NAMES.map(String::from).to_vec(),
+                enabled: enabled.iter().map(|n| n.to_string()).collect(),
             },
         )
         .unwrap(),
@@ -379,6 +384,67 @@ fn converges(seed: u64) -> Result<(), TestCaseError> {
         );
     }
     Ok(())
+}
+
+/// A checkpoint of some pipelines restores into an engine running them all: the ones that ran
+/// go on from their state over the rest of the input and end with the batch results, the others
+/// start empty. A part missing for an operator that ran is refused.
+#[test]
+fn pipelines_enabled_after_a_checkpoint_start_empty_and_the_others_resume() {
+    let (city, records) = day();
+    let (backends, _dir) = backends();
+    let backend = &backends[0];
+    let half = records.len() / 2;
+    let clocks = Clocks { future_now: None, processing_now: 0 };
+    let feed = |e: &mut Engine, part: &[(String, Pass)], from: usize| {
+        let lines = part.iter().enumerate().map(|(i, (l, _))| Record {
+            partition: 0,
+            seq: (from + i) as u64,
+            bytes: l.as_bytes(),
+        });
+        e.process("test", lines, clocks);
+    };
+    let (mut table, mut origins, mut late) = (Table::new(), Origins::default(), Vec::new());
+    let mut first = engine_with(city, backend, &["flow_counts", "high_frequency"]);
+    feed(&mut first, &records[..half], 0);
+    upsert(&mut table, &mut origins, &mut first, &mut late);
+    let snapshot = checkpoint(&mut first, backend, 1);
+    assert!(origins.trajectories.is_empty());
+
+    let mut second = engine(city, backend);
+    second.restore(&snapshot).unwrap();
+    feed(&mut second, &records[half..], half);
+    second.finish();
+    upsert(&mut table, &mut origins, &mut second, &mut late);
+    assert!(late.is_empty(), "{} passes late", late.len());
+    let all: Vec<&Pass> = records.iter().map(|(_, p)| p).collect();
+    let diff = differences(&counts(&table), &expected(city, &all));
+    assert!(diff.is_empty(), "{} flow counts differ, e.g. {:?}", diff.len(), &diff[..diff.len().min(5)]);
+    let owned: Vec<Pass> = records.iter().map(|(_, p)| p.clone()).collect();
+    assert_eq!(origins.high_frequency, batch_high_frequency(city, TZ, &owned, 3), "high-frequency resumed");
+    // Trajectories started at the checkpoint: they are the second half's.
+    let trajectories: BTreeMap<_, _> = origins.trajectories.into_iter().map(|(k, (_, t))| (k, t)).collect();
+    let want: BTreeMap<(String, u8, String), Vec<i64>> =
+        crate::pipelines::batch_trajectories(city, TZ, &owned[half..]).into_iter().map(|(k, (t, _))| (k, t)).collect();
+    assert!(!want.is_empty());
+    assert!(
+        trajectories == want,
+        "trajectories differ from the batch computation over the passes after the checkpoint"
+    );
+
+    // A checkpoint that lacks the part of an operator that ran, or that does not say which ran.
+    let mut full = engine(city, backend);
+    feed(&mut full, &records[..half], 0);
+    let mut damaged = checkpoint(&mut full, backend, 2);
+    damaged.parts.retain(|(name, _)| name != "trajectories");
+    let err = engine(city, backend).restore(&damaged).unwrap_err().to_string();
+    assert!(err.contains("no state for `trajectories`, which ran"), "{err}");
+    let core = damaged.parts.iter_mut().find(|(name, _)| name == "core").unwrap();
+    let mut value: serde_json::Value = serde_json::from_slice(&core.1.bytes).unwrap();
+    value.as_object_mut().unwrap().remove("operators").expect("the core part names the operators");
+    core.1.bytes = serde_json::to_vec(&value).unwrap();
+    let err = engine(city, backend).restore(&damaged).unwrap_err().to_string();
+    assert!(err.contains("a build or a stage that did not run it"), "{err}");
 }
 
 /// Scale-out's stages — per input partition (keyed by vehicle) the per-vehicle pipelines and

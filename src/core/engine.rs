@@ -127,6 +127,10 @@ fn static_label(label: &str) -> Option<&'static str> {
 struct CoreState {
     watermarks: WatermarkTracker,
     stats: IngestStats,
+    /// The operators that ran when the checkpoint was taken (absent from checkpoints written
+    /// before pipelines could be left out, when every operator ran).
+    #[serde(default)]
+    operators: Option<Vec<String>>,
 }
 
 const CORE_STATE_VERSION: u32 = 1;
@@ -436,7 +440,11 @@ impl Engine {
 
     /// The core's parts and each operator's state (`states`, in the order of the operators).
     fn snapshot_with(&self, dedup: Vec<u8>, states: Vec<StateBlob>) -> anyhow::Result<EngineSnapshot> {
-        let core = CoreState { watermarks: self.watermarks.clone(), stats: self.ingest.stats.clone() };
+        let core = CoreState {
+            watermarks: self.watermarks.clone(),
+            stats: self.ingest.stats.clone(),
+            operators: Some(self.operators.iter().map(|op| op.name().to_owned()).collect()),
+        };
         let mut parts = vec![
             ("core".to_owned(), StateBlob { version: CORE_STATE_VERSION, bytes: serde_json::to_vec(&core)? }),
             ("dedup".to_owned(), StateBlob { version: DEDUP_STATE_VERSION, bytes: dedup }),
@@ -455,14 +463,23 @@ impl Engine {
         super::check_version("dedup", dedup.version, DEDUP_STATE_VERSION)?;
         self.ingest.dedup_mut().restore(&dedup.bytes)?;
         for op in &mut self.operators {
-            // A pipeline enabled since the checkpoint was taken has no state in it.
-            match find(op.name()) {
-                Some(blob) => op.restore(blob)?,
-                None => tracing::warn!(
-                    pipeline = op.name(),
-                    "the checkpoint holds no state for this pipeline (it was not enabled then): it starts empty"
-                ),
-            }
+            let name = op.name();
+            let Some(blob) = find(name) else {
+                // A pipeline enabled since the checkpoint was taken has no state in it; any other
+                // missing part is a damaged checkpoint, or one of another build or stage.
+                match &core.operators {
+                    Some(ran) if !ran.iter().any(|n| n == name) => tracing::warn!(
+                        pipeline = name,
+                        "the checkpoint holds no state for this pipeline (it was not enabled then): it starts empty"
+                    ),
+                    Some(_) => anyhow::bail!("the snapshot has no state for `{name}`, which ran when it was taken"),
+                    None => anyhow::bail!(
+                        "the snapshot has no state for `{name}`: it was written by a build or a stage that did not run it"
+                    ),
+                }
+                continue;
+            };
+            op.restore(blob)?;
         }
         self.watermarks =
             core.watermarks.with_settings(self.settings.out_of_orderness_ms, self.settings.idle_timeout_ms);
