@@ -127,8 +127,8 @@ fn static_label(label: &str) -> Option<&'static str> {
 struct CoreState {
     watermarks: WatermarkTracker,
     stats: IngestStats,
-    /// The operators that ran when the checkpoint was taken (absent from checkpoints written
-    /// before pipelines could be left out, when every operator ran).
+    /// The operators that ran when the checkpoint was taken (absent from checkpoints of earlier
+    /// builds, which did not record them).
     #[serde(default)]
     operators: Option<Vec<String>>,
 }
@@ -179,7 +179,7 @@ impl Engine {
         self.parallel.min_passes = passes;
     }
 
-    /// Keeps only the named operators (benchmarks measure one pipeline this way).
+    /// Keeps only the named operators (a scale-out stage runs its share of the pipelines).
     pub fn keep_operators(&mut self, names: &[&str]) {
         self.operators.retain(|op| names.contains(&op.name()));
     }
@@ -461,25 +461,34 @@ impl Engine {
         let core: CoreState = serde_json::from_slice(&core.bytes)?;
         let dedup = part("dedup")?;
         super::check_version("dedup", dedup.version, DEDUP_STATE_VERSION)?;
-        self.ingest.dedup_mut().restore(&dedup.bytes)?;
-        for op in &mut self.operators {
+        // Every part is accounted for before any state is touched: a refused snapshot leaves
+        // the state (the deduplication ids and first entries in RocksDB) as it was.
+        let mut parts = Vec::with_capacity(self.operators.len());
+        for op in &self.operators {
             let name = op.name();
-            let Some(blob) = find(name) else {
+            parts.push(match (find(name), &core.operators) {
+                (Some(blob), _) => Some(blob),
                 // A pipeline enabled since the checkpoint was taken has no state in it; any other
                 // missing part is a damaged checkpoint, or one of another build or stage.
-                match &core.operators {
-                    Some(ran) if !ran.iter().any(|n| n == name) => tracing::warn!(
+                (None, Some(ran)) if !ran.iter().any(|n| n == name) => {
+                    tracing::warn!(
                         pipeline = name,
                         "the checkpoint holds no state for this pipeline (it was not enabled then): it starts empty"
-                    ),
-                    Some(_) => anyhow::bail!("the snapshot has no state for `{name}`, which ran when it was taken"),
-                    None => anyhow::bail!(
-                        "the snapshot has no state for `{name}`: it was written by a build or a stage that did not run it"
-                    ),
+                    );
+                    None
                 }
-                continue;
-            };
-            op.restore(blob)?;
+                (None, Some(_)) => anyhow::bail!("the snapshot has no state for `{name}`, which ran when it was taken"),
+                (None, None) => anyhow::bail!(
+                    "the snapshot has no state for `{name}` and does not say which pipelines ran (an earlier build \
+                     or another stage wrote it): enable only the pipelines that ran then, or start from an empty state"
+                ),
+            });
+        }
+        self.ingest.dedup_mut().restore(&dedup.bytes)?;
+        for (op, blob) in self.operators.iter_mut().zip(parts) {
+            if let Some(blob) = blob {
+                op.restore(blob)?;
+            }
         }
         self.watermarks =
             core.watermarks.with_settings(self.settings.out_of_orderness_ms, self.settings.idle_timeout_ms);

@@ -24,10 +24,13 @@ use std::sync::Arc;
 
 pub const ID_PREFIX: &[u8] = b"dedup/id/";
 const COMMITTED_KEY: &[u8] = b"dedup/committed";
-/// Ids a scratch database holds in memory before it writes them through: just under what a map
-/// of 2^22 slots takes (some 170 MB; twice that while one set is being written). Writing ids
-/// costs more CPU than holding them, so a replay of a few million passes writes none.
-const AUTOFLUSH: usize = 3_500_000;
+/// Ids a scratch database holds in memory before it writes them through: what a map of 2^22
+/// slots takes (some 170 MB) with room for a replay batch before it would grow; while one set
+/// is being written, the next fills another. Writing ids costs more CPU than holding them, so
+/// a replay of a few million passes writes none.
+const AUTOFLUSH: usize = 3_400_000;
+/// Ids written through in one write: a write's batch and sorting stay small.
+const WRITE_CHUNK: usize = 200_000;
 /// Filter bits per id: about 1% of new ids cost a read.
 const BITS_PER_ID: usize = 10;
 /// Ids a filter is first sized for (1.25 MB): a city's day then needs one or two more
@@ -208,17 +211,20 @@ impl Flush {
         let ids = Arc::new(ids);
         let to_write = ids.clone();
         let writer = std::thread::Builder::new().name("passflow-dedup".into()).spawn(move || {
-            // Straight into one write batch, with one key buffer.
-            let mut batch = rocksdb::WriteBatch::default();
+            let mut live = to_write.iter().filter(|(_, (_, ts))| *ts >= oldest_kept).peekable();
             let mut key = ID_PREFIX.to_vec();
-            for (id, (digest, ts)) in live_in_order(to_write.iter(), oldest_kept) {
-                key.truncate(ID_PREFIX.len());
-                key.extend_from_slice(id.as_bytes());
-                batch.put(&key, value(*digest, *ts));
-            }
-            // A scratch database needs no durability.
-            if let Err(e) = crate::core::write_batch(&db, &[], Some(batch), false) {
-                tracing::error!(error = %e, "writing deduplication state to the scratch database failed");
+            while live.peek().is_some() {
+                // Each chunk in key order, straight into one write batch, with one key buffer.
+                let mut batch = rocksdb::WriteBatch::default();
+                for (id, (digest, ts)) in in_order(live.by_ref().take(WRITE_CHUNK)) {
+                    key.truncate(ID_PREFIX.len());
+                    key.extend_from_slice(id.as_bytes());
+                    batch.put(&key, value(*digest, *ts));
+                }
+                // A scratch database needs no durability.
+                if let Err(e) = crate::core::write_batch(&db, &[], Some(batch), false) {
+                    tracing::error!(error = %e, "writing deduplication state to the scratch database failed");
+                }
             }
         });
         // As with `std::thread::spawn`, a thread that cannot start is fatal.
@@ -252,22 +258,18 @@ fn for_each_stored(db: &DB, mut f: impl FnMut(&[u8], u64, i64) -> anyhow::Result
 
 /// Puts of the ids not expired before `oldest_kept`, in key order.
 fn sorted_writes<'a>(ids: impl Iterator<Item = (&'a Text, &'a (u64, i64))>, oldest_kept: i64) -> Vec<StateWrite> {
-    live_in_order(ids, oldest_kept)
+    in_order(ids.filter(|(_, (_, ts))| *ts >= oldest_kept))
         .into_iter()
         .map(|(id, (digest, ts))| StateWrite::Put(id_key(id), value(*digest, *ts).to_vec()))
         .collect()
 }
 
-/// The ids not expired before `oldest_kept`, in key order (the memtable then inserts each key
-/// next to the one before, much cheaper). They are sorted by their first 32 bytes as two
+/// `ids` in key order (the memtable then inserts each key next to the one before, much
+/// cheaper). They are sorted by their first 32 bytes as two
 /// numbers first: a comparison of registers settles almost every pair, also for ids that
 /// share a long prefix (a date, a checkpoint).
-fn live_in_order<'a>(
-    ids: impl Iterator<Item = (&'a Text, &'a (u64, i64))>,
-    oldest_kept: i64,
-) -> Vec<(&'a Text, &'a (u64, i64))> {
-    let mut ids: Vec<_> =
-        ids.filter(|(_, (_, ts))| *ts >= oldest_kept).map(|(id, v)| (leading_bytes(id.as_bytes()), id, v)).collect();
+fn in_order<'a>(ids: impl Iterator<Item = (&'a Text, &'a (u64, i64))>) -> Vec<(&'a Text, &'a (u64, i64))> {
+    let mut ids: Vec<_> = ids.map(|(id, v)| (leading_bytes(id.as_bytes()), id, v)).collect();
     ids.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
     ids.into_iter().map(|(_, id, v)| (id, v)).collect()
 }
@@ -649,6 +651,34 @@ mod tests {
         let false_positives = (ids..ids + unseen).filter(|i| filter.may_hold(hash(*i))).count();
         // About 1% for each generation filled (the first), less for one three quarters full.
         assert!(false_positives < 4_000, "{false_positives} of {unseen} unseen ids pass the filter");
+    }
+
+    #[test]
+    fn a_scratch_set_larger_than_one_write_reaches_rocksdb_whole_and_is_read_back() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = open(dir.path());
+        let n = WRITE_CHUNK + WRITE_CHUNK / 2;
+        let mut dedup =
+            RocksDedup::new(db.clone(), Arc::new(AtomicI64::new(i64::MIN)), i64::MAX / 4, Some(n)).expect("empty");
+        let ids: Vec<(Text, u64, i64)> =
+            (0..n).map(|i| (Text::from(format!("pass-{i:07}")), i as u64, 1_000)).collect();
+        for batch in ids.chunks(4096) {
+            assert!(dedup.check_batch(batch).iter().all(|v| *v == DedupVerdict::First));
+        }
+        // Written in two writes; once done, the ids are read from RocksDB alone.
+        dedup.settle();
+        assert_eq!(dedup.pending(), 0);
+        let mut stored = 0;
+        for_each_stored(&db, |_, _, _| {
+            stored += 1;
+            Ok(())
+        })
+        .expect("readable");
+        assert_eq!(stored, n);
+        let again: Vec<(Text, u64, i64)> = ids.iter().step_by(997).cloned().collect();
+        assert!(dedup.check_batch(&again).iter().all(|v| *v == DedupVerdict::Identical));
+        let changed: Vec<(Text, u64, i64)> = again.iter().map(|(id, d, ts)| (id.clone(), d + 1, *ts)).collect();
+        assert!(dedup.check_batch(&changed).iter().all(|v| *v == DedupVerdict::Conflicting));
     }
 
     #[test]
