@@ -321,8 +321,15 @@ impl ClonedPlates {
         }
     }
 
+    /// How far back a pass that is on time may find a partner: as far as a pass is read back
+    /// (the span, widened by the camera clock skews known), so that whether a partner is still
+    /// held never depends on when lists were last trimmed.
+    fn span(&self) -> i64 {
+        self.span_ms + 2 * self.judge.largest_skew
+    }
+
     fn horizon(&self, watermark: i64, lateness_ms: i64) -> i64 {
-        watermark.saturating_sub(lateness_ms).saturating_sub(self.span_ms)
+        watermark.saturating_sub(lateness_ms).saturating_sub(self.span())
     }
 
     /// Takes in skews found since the last look (and marks the raised alerts for judging).
@@ -361,7 +368,7 @@ impl Operator for ClonedPlates {
         self.refresh_skews();
         let horizon = self.horizon(ctx.watermark, ctx.allowed_lateness_ms);
         // Skew corrections can bring passes further apart on their cameras' clocks together.
-        let span = self.span_ms + 2 * self.judge.largest_skew;
+        let span = self.span();
         let mut partners = std::mem::take(&mut self.partners);
         for (i, pass) in passes.iter().enumerate() {
             let Some(vehicle) = pass.vehicle() else { continue };
@@ -491,8 +498,10 @@ impl Operator for ClonedPlates {
         self.seen.clear();
         self.slab = Slab::default();
         self.raised = raised;
-        for (plate, color, list) in stored {
+        for (plate, color, mut list) in stored {
             if let Some(vehicle) = VehicleKey::from_stored(&plate, color) {
+                // Lists are trimmed from the front: they must be in time order.
+                list.sort_by_key(|s| s.ts);
                 let marks = list.into_iter().map(|s| self.slab.put(s)).collect();
                 self.seen.insert(vehicle, marks);
             }

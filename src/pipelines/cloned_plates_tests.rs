@@ -129,6 +129,28 @@ fn a_camera_found_skewed_takes_back_the_alerts_only_its_clock_made() {
 }
 
 #[test]
+fn a_partner_within_the_span_widened_by_a_skew_is_kept_whenever_the_lists_are_trimmed() {
+    // B's clock runs 10 min ahead: A at T and B at T + 660 s on the cameras' clocks are 60 s
+    // apart (5 km: 200 km/h), further apart than the span without the skew.
+    let t = 10_000_000;
+    let (a, b) = (pass("赣A1", 0, t), pass("赣A1", 1, t + 660_000));
+    // A watermark at which B is on time and A is behind the horizon the skew does not widen.
+    let watermark = t + 300_000 + 3_600_000;
+    for sweep_first in [false, true] {
+        let skews: Arc<ClockSkews> = Default::default();
+        skews.set(1, 600_000);
+        let mut op = ClonedPlates::new(&city(), ClonedPlateRule::default(), skews);
+        run(&mut op, std::slice::from_ref(&a), i64::MIN);
+        if sweep_first {
+            run(&mut op, &[], watermark);
+        }
+        let (alerts, late) = run(&mut op, std::slice::from_ref(&b), watermark);
+        assert!(late.is_empty());
+        assert_eq!(alerts.len(), 1, "swept first: {sweep_first}");
+    }
+}
+
+#[test]
 fn the_slab_reads_every_pass_back_across_chunks_and_slot_wrap_and_lets_go_of_old_chunks() {
     let mut slab = Slab { first: u32::MAX - 10, ..Slab::default() };
     let seen = |i: usize| Seen::of(&pass("赣A12345", 0, i as i64 * 1000));
