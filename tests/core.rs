@@ -490,6 +490,39 @@ fn first_entries_in_redis_are_the_earliest_inbound_pass_once_whatever_the_order_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_redis_that_stops_answering_holds_first_entries_back_until_it_answers_again() {
+    use passflow::pipelines::{Candidate, FirstEntryStore, RedisFirstEntries};
+    let url = redis_url();
+    let proxy = crate::support::Proxy::start(url.trim_start_matches("redis://").split('/').next().unwrap()).await;
+    let prefix = format!("passflow-test-stall:{}:{}:", std::process::id(), chrono::Utc::now().timestamp_millis());
+    let mut store = RedisFirstEntries::open(&format!("redis://{}", proxy.addr), &prefix)
+        .unwrap()
+        .with_reply_timeout(Duration::from_millis(300));
+    let candidate = |vehicle: &str, ts: i64| Candidate {
+        vehicle: vehicle.into(),
+        ts,
+        pass_id: format!("{vehicle}-{ts}"),
+        checkpoint_id: "KK0001".into(),
+    };
+    assert_eq!(store.offer(&[candidate("赣A1:2", 100)]).unwrap(), [Some(0)]);
+    // The server takes connections and never answers: the offer waits, and goes through once
+    // it answers again.
+    proxy.stall();
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(store.offer(&[candidate("赣A1:2", 50), candidate("赣A2:2", 70)]).map_err(|e| e.to_string()));
+    });
+    assert!(result.recv_timeout(Duration::from_secs(2)).is_err(), "answered while stalled");
+    proxy.restore();
+    let revisions = result.recv_timeout(Duration::from_secs(30)).expect("the offer went through once Redis answered");
+    assert_eq!(revisions.unwrap(), [Some(1), Some(0)], "the earlier pass replaced the first; the new vehicle's first");
+    let mut connection = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut connection).unwrap();
+    assert_eq!(keys.len(), 2);
+    let _: () = redis::cmd("DEL").arg(&keys).query(&mut connection).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_backfill_of_a_day_whose_passes_came_after_the_lateness_gives_the_on_time_tables() {
     use passflow::app::{backfill, replay, BackfillOptions, ReplayInput, ReplayOptions};
     use passflow::config::{Config, HumanDuration};

@@ -191,13 +191,18 @@ end
 return out
 "#;
 
-/// First entries in Redis, under `key_prefix`. While Redis is unreachable the pipeline waits
-/// (retrying with back-off): nothing is dropped.
+/// How long a reply from Redis is waited for before the connection is given up and the offer
+/// made again on a new one (offering the same passes again is harmless).
+const REDIS_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// First entries in Redis, under `key_prefix`. While Redis is unreachable, or does not answer,
+/// the pipeline waits (retrying with back-off): nothing is dropped.
 pub struct RedisFirstEntries {
     client: redis::Client,
     connection: Option<redis::Connection>,
     script: redis::Script,
     key_prefix: String,
+    reply_timeout: Duration,
 }
 
 impl RedisFirstEntries {
@@ -208,12 +213,24 @@ impl RedisFirstEntries {
             connection: None,
             script: redis::Script::new(OFFER_SCRIPT),
             key_prefix: key_prefix.to_owned(),
+            reply_timeout: REDIS_REPLY_TIMEOUT,
         })
+    }
+
+    /// Waits this long for a reply (not zero) instead of the default 30 s.
+    pub fn with_reply_timeout(mut self, timeout: Duration) -> RedisFirstEntries {
+        self.reply_timeout = timeout;
+        self
     }
 
     fn try_offer(&mut self, candidates: &[Candidate]) -> redis::RedisResult<Vec<i64>> {
         if self.connection.is_none() {
-            self.connection = Some(self.client.get_connection_with_timeout(Duration::from_secs(5))?);
+            let connection = self.client.get_connection_with_timeout(Duration::from_secs(5))?;
+            // Without these, a server that stops answering (a dead host, a lost network) would
+            // hold the pipeline on one read for ever.
+            connection.set_read_timeout(Some(self.reply_timeout))?;
+            connection.set_write_timeout(Some(self.reply_timeout))?;
+            self.connection = Some(connection);
         }
         let connection = self.connection.as_mut().expect("connected above");
         let mut invocation = self.script.prepare_invoke();

@@ -101,6 +101,8 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 pub struct Proxy {
     pub addr: std::net::SocketAddr,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Connections are taken and held open without a byte forwarded (a server that hangs).
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
     connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
@@ -110,35 +112,70 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
         let addr = listener.local_addr().unwrap();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (target, flag, held) = (target.to_owned(), cut.clone(), connections.clone());
+        let (target, flag, stall, held) = (target.to_owned(), cut.clone(), stalled.clone(), connections.clone());
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if flag.load(Ordering::SeqCst) {
                     continue;
                 }
-                let target = target.clone();
+                let (target, stall) = (target.clone(), stall.clone());
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                    let (mut from_client, mut to_client) = inbound.split();
+                    let (mut from_server, mut to_server) = outbound.split();
+                    let up = tokio::io::copy(&mut from_client, &mut to_server);
+                    // Replies go back until a stall: from then on the connection stays open and
+                    // nothing more comes back.
+                    let down = async {
+                        let mut buf = vec![0; 16 * 1024];
+                        loop {
+                            let n = from_server.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<(), std::io::Error>(());
+                            }
+                            if stall.load(Ordering::SeqCst) {
+                                std::future::pending::<()>().await;
+                            }
+                            to_client.write_all(&buf[..n]).await?;
+                        }
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
                     }
                 });
                 held.lock().unwrap().push(task.abort_handle());
             }
         });
-        Proxy { addr, cut, connections }
+        Proxy { addr, cut, stalled, connections }
     }
 
-    /// Drops every connection and refuses new ones.
-    pub fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    /// Plays a server that hangs: requests still go through, and connections stay open, but
+    /// no reply comes back on any connection, old or new.
+    pub fn stall(&self) {
+        self.stalled.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn drop_connections(&self) {
         for c in self.connections.lock().unwrap().drain(..) {
             c.abort();
         }
     }
 
+    /// Drops every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.drop_connections();
+    }
+
+    /// Forwards again (on connections made from now on: those that met a stall stay silent,
+    /// as a hung server's do).
     pub fn restore(&self) {
         self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.stalled.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
