@@ -5,7 +5,9 @@
 //! Deliveries live in a durable queue (an SQLite file) before the checkpoint that covers their
 //! alerts completes, so an alert survives a restart; a replay enqueues the same (endpoint,
 //! alert id, revision) once. Cloned-plate notifications are throttled to one per vehicle per
-//! hour: the pairs found in that hour join the pending notification.
+//! hour: the pairs found in that hour join the pending notification, and a change to a pair it
+//! lists (a retraction) is sent as its next revision. A delivery is marked as being sent while
+//! its request is out, so a change made meanwhile is never folded into a body already sent.
 //!
 //! Each request carries `X-Passflow-Alert-Id` (the stable alert id), `X-Passflow-Alert-Revision`,
 //! `Idempotency-Key` (`<alert id>/<revision>`), `X-Passflow-Timestamp` (ms) and
@@ -139,6 +141,8 @@ impl Webhooks {
             .journal_mode(SqliteJournalMode::Wal);
         let pool = SqlitePoolOptions::new().max_connections(2).connect_with(options).await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        // Sends a stop or crash interrupted are made again.
+        sqlx::query("UPDATE deliveries SET state = 'pending' WHERE state = 'sending'").execute(&pool).await?;
         let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
         Ok(Arc::new(Webhooks {
             pool,
@@ -163,17 +167,14 @@ impl Webhooks {
                     self.join_notice(&mut tx, &endpoint.name, a, now_ms).await?;
                     continue;
                 }
-                sqlx::query(
-                    "INSERT OR IGNORE INTO deliveries (endpoint, alert_id, revision, body, created_at, next_at) \
-                     VALUES (?, ?, ?, ?, ?, ?)",
+                self.insert_delivery(
+                    &mut tx,
+                    &endpoint.name,
+                    &a.alert_id,
+                    i64::from(a.revision),
+                    &alert_body(a),
+                    now_ms,
                 )
-                .bind(&endpoint.name)
-                .bind(&a.alert_id)
-                .bind(i64::from(a.revision))
-                .bind(alert_body(a).to_string())
-                .bind(now_ms)
-                .bind(now_ms)
-                .execute(&mut *tx)
                 .await?;
             }
         }
@@ -182,8 +183,10 @@ impl Webhooks {
     }
 
     /// One notification per vehicle and hour (of the alert's time) lists its pairs: a pair
-    /// joins the pending notification; once that was sent, later pairs of the hour stay in
-    /// the alerts table only.
+    /// joins the notification while it waits to be sent; once it has gone out, later pairs of
+    /// the hour stay in the alerts table only. A pair it lists that changes (retracted, or
+    /// raised again) changes the notification: where it waits, when it has never been tried,
+    /// or else as its next revision (which replaces one waiting for a retry).
     async fn join_notice(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
@@ -194,55 +197,88 @@ impl Webhooks {
         let hour = a.ts - a.ts.rem_euclid(HOUR_MS);
         let vehicle = format!("{}/{}", a.plate.as_deref().unwrap_or(""), a.plate_color.unwrap_or(0));
         let id = stable_id("cloned_plate_notice", &[vehicle.as_bytes(), hour.to_string().as_bytes()]);
-        let existing: Option<(String, String)> =
-            sqlx::query_as("SELECT body, state FROM deliveries WHERE endpoint = ? AND alert_id = ? AND revision = 0")
-                .bind(endpoint)
-                .bind(&id)
-                .fetch_optional(&mut **tx)
-                .await?;
+        let latest: Option<(i64, String, String, i64)> = sqlx::query_as(
+            "SELECT revision, body, state, attempts FROM deliveries WHERE endpoint = ? AND alert_id = ? \
+             ORDER BY revision DESC LIMIT 1",
+        )
+        .bind(endpoint)
+        .bind(&id)
+        .fetch_optional(&mut **tx)
+        .await?;
         let pair = alert_body(a);
-        match existing {
-            None => {
-                let body = serde_json::json!({
-                    "schema_version": SCHEMA_VERSION,
-                    "alert_id": id,
-                    "kind": "cloned_plate",
-                    "ts": a.ts,
-                    "plate": a.plate.as_deref(),
-                    "plate_color": a.plate_color,
-                    "severity": a.severity,
-                    "status": "active",
-                    "revision": 0,
-                    "hour_start": hour,
-                    "pairs": [pair],
-                });
-                sqlx::query(
-                    "INSERT INTO deliveries (endpoint, alert_id, revision, body, created_at, next_at) \
-                     VALUES (?, ?, 0, ?, ?, ?)",
-                )
+        let Some((revision, body, state, attempts)) = latest else {
+            let body = serde_json::json!({
+                "schema_version": SCHEMA_VERSION,
+                "alert_id": id,
+                "kind": "cloned_plate",
+                "ts": a.ts,
+                "plate": a.plate.as_deref(),
+                "plate_color": a.plate_color,
+                "severity": a.severity,
+                "status": a.status,
+                "revision": 0,
+                "hour_start": hour,
+                "pairs": [pair],
+            });
+            return self.insert_delivery(tx, endpoint, &id, 0, &body, now_ms).await;
+        };
+        let mut body: serde_json::Value = serde_json::from_str(&body)?;
+        let pairs = body["pairs"].as_array_mut().ok_or_else(|| anyhow::anyhow!("a notice without pairs"))?;
+        match pairs.iter().position(|p| p["alert_id"] == pair["alert_id"]) {
+            // Known already (a replay).
+            Some(i) if pairs[i]["revision"].as_i64() >= pair["revision"].as_i64() => return Ok(()),
+            Some(i) => pairs[i] = pair,
+            None if state == "delivered" || state == "dead" => return Ok(()),
+            None => pairs.push(pair),
+        }
+        let active = pairs.iter().any(|p| p["status"] == "active");
+        body["status"] = serde_json::json!(if active { "active" } else { "retracted" });
+        if state == "pending" && attempts == 0 {
+            sqlx::query("UPDATE deliveries SET body = ? WHERE endpoint = ? AND alert_id = ? AND revision = ?")
+                .bind(body.to_string())
                 .bind(endpoint)
                 .bind(&id)
-                .bind(body.to_string())
-                .bind(now_ms)
-                .bind(now_ms)
+                .bind(revision)
                 .execute(&mut **tx)
                 .await?;
-            }
-            Some((body, state)) if state == "pending" => {
-                let mut body: serde_json::Value = serde_json::from_str(&body)?;
-                let pairs = body["pairs"].as_array_mut().ok_or_else(|| anyhow::anyhow!("a notice without pairs"))?;
-                if !pairs.iter().any(|p| p["alert_id"] == pair["alert_id"]) {
-                    pairs.push(pair);
-                    sqlx::query("UPDATE deliveries SET body = ? WHERE endpoint = ? AND alert_id = ? AND revision = 0")
-                        .bind(body.to_string())
-                        .bind(endpoint)
-                        .bind(&id)
-                        .execute(&mut **tx)
-                        .await?;
-                }
-            }
-            Some(_) => {}
+            return Ok(());
         }
+        // Tried, sent or being sent: the receiver may hold this revision already.
+        if state == "pending" {
+            sqlx::query(
+                "UPDATE deliveries SET state = 'superseded' WHERE endpoint = ? AND alert_id = ? AND revision = ?",
+            )
+            .bind(endpoint)
+            .bind(&id)
+            .bind(revision)
+            .execute(&mut **tx)
+            .await?;
+        }
+        body["revision"] = serde_json::json!(revision + 1);
+        self.insert_delivery(tx, endpoint, &id, revision + 1, &body, now_ms).await
+    }
+
+    async fn insert_delivery(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        endpoint: &str,
+        alert_id: &str,
+        revision: i64,
+        body: &serde_json::Value,
+        now_ms: i64,
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT OR IGNORE INTO deliveries (endpoint, alert_id, revision, body, created_at, next_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(endpoint)
+        .bind(alert_id)
+        .bind(revision)
+        .bind(body.to_string())
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 
@@ -289,6 +325,21 @@ impl Webhooks {
             let window = &mut sent[i];
             window.retain(|t| *t > now_ms - 60_000);
             if endpoint.per_minute > 0 && window.len() >= endpoint.per_minute as usize {
+                continue;
+            }
+            // Marked as being sent, unless a notification changed since it was read (it is sent
+            // as it is now in a later round); a change from now on becomes its next revision.
+            let claimed = sqlx::query(
+                "UPDATE deliveries SET state = 'sending' \
+                 WHERE endpoint = ? AND alert_id = ? AND revision = ? AND state = 'pending' AND body = ?",
+            )
+            .bind(&name)
+            .bind(&alert_id)
+            .bind(revision)
+            .bind(&body)
+            .execute(&self.pool)
+            .await?;
+            if claimed.rows_affected() == 0 {
                 continue;
             }
             window.push(now_ms);
@@ -382,6 +433,6 @@ impl Webhooks {
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetch_all(&self.pool).await?;
         let get = |s: &str| rows.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
-        Ok(QueueCounts { pending: get("pending"), delivered: get("delivered"), dead: get("dead") })
+        Ok(QueueCounts { pending: get("pending") + get("sending"), delivered: get("delivered"), dead: get("dead") })
     }
 }

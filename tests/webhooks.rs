@@ -127,6 +127,61 @@ async fn every_alert_reaches_a_receiver_that_fails_goes_away_and_recovers_across
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_retracted_pair_of_a_sent_notification_goes_out_as_its_next_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver { healthy: Arc::new(AtomicBool::new(true)), ..Receiver::default() };
+    let (addr, _server) = serve(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let hooks = Webhooks::open(&config_for(dir.path(), addr, 3600), &Metrics::new()).await.unwrap();
+    let hour = 3_600_000 * 100;
+    let now = 1_000_000;
+    let mut sent = vec![Vec::new()];
+    let deliver_all = |hooks: &Arc<Webhooks>, sent: &mut Vec<Vec<i64>>| {
+        let (hooks, mut taken) = (hooks.clone(), std::mem::take(sent));
+        async move {
+            while hooks.deliver_due(&mut taken, now).await.unwrap() {}
+            taken
+        }
+    };
+    let retracted =
+        |id: &str| AlertRow { status: "retracted", revision: 1, ..alert(id, "cloned_plate", "赣A12345", hour + 10) };
+    hooks.enqueue(&[alert("cloned_plate-a", "cloned_plate", "赣A12345", hour + 10)], now).await.unwrap();
+    sent = deliver_all(&hooks, &mut sent).await;
+    // A new pair of the hour after the notification went out: no second notification.
+    hooks.enqueue(&[alert("cloned_plate-b", "cloned_plate", "赣A12345", hour + 20)], now).await.unwrap();
+    assert_eq!(hooks.counts().await.unwrap().pending, 0);
+    // The pair it listed is retracted: the notification's next revision says so, once.
+    hooks.enqueue(&[retracted("cloned_plate-a")], now).await.unwrap();
+    hooks.enqueue(&[retracted("cloned_plate-a")], now).await.unwrap();
+    sent = deliver_all(&hooks, &mut sent).await;
+    {
+        let received = receiver.received.lock().unwrap();
+        assert_eq!(received.len(), 2, "{received:?}");
+        let (first, second) = (&received[0], &received[1]);
+        assert_eq!(first.0, second.0, "one notification id");
+        assert_eq!((first.1.ends_with("/0"), second.1.ends_with("/1")), (true, true), "idempotency keys");
+        assert_eq!(second.3["revision"], 1);
+        assert_eq!(second.3["status"], "retracted");
+        let pairs = second.3["pairs"].as_array().unwrap();
+        assert_eq!(pairs.len(), 1);
+        assert_eq!(
+            (pairs[0]["alert_id"].as_str(), pairs[0]["status"].as_str()),
+            (Some("cloned_plate-a"), Some("retracted"))
+        );
+    }
+    // A notification not yet sent takes the change where it waits: one request, its last state.
+    hooks.enqueue(&[alert("cloned_plate-c", "cloned_plate", "赣A7", hour + 30)], now).await.unwrap();
+    hooks.enqueue(&[AlertRow { plate: Some("赣A7".into()), ..retracted("cloned_plate-c") }], now).await.unwrap();
+    deliver_all(&hooks, &mut sent).await;
+    let received = receiver.received.lock().unwrap();
+    assert_eq!(received.len(), 3);
+    assert_eq!(
+        (received[2].1.ends_with("/0"), &received[2].3["pairs"][0]["status"]),
+        (true, &serde_json::json!("retracted"))
+    );
+    assert_eq!(received[2].3["status"], "retracted");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_delivery_failing_past_the_give_up_time_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::default();
