@@ -37,7 +37,7 @@ const HOUR_MS: i64 = 3_600_000;
 pub struct WebhookConfig {
     /// The durable delivery queue.
     pub queue: PathBuf,
-    /// A delivery failing for longer than this is dead-lettered.
+    /// A delivery failing for longer than this (since its first failure) is dead-lettered.
     pub give_up_after: HumanDuration,
     pub endpoints: Vec<EndpointConfig>,
 }
@@ -108,6 +108,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_at INTEGER NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',
     last_error TEXT,
+    failing_since INTEGER,
     PRIMARY KEY (endpoint, alert_id, revision)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_at);
@@ -141,6 +142,14 @@ impl Webhooks {
             .journal_mode(SqliteJournalMode::Wal);
         let pool = SqlitePoolOptions::new().max_connections(2).connect_with(options).await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        // A queue made before deliveries recorded when they began to fail.
+        let (has_failing_since,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM pragma_table_info('deliveries') WHERE name = 'failing_since'")
+                .fetch_one(&pool)
+                .await?;
+        if has_failing_since == 0 {
+            sqlx::query("ALTER TABLE deliveries ADD COLUMN failing_since INTEGER").execute(&pool).await?;
+        }
         // Sends a stop or crash interrupted are made again.
         sqlx::query("UPDATE deliveries SET state = 'pending' WHERE state = 'sending'").execute(&pool).await?;
         let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
@@ -282,16 +291,31 @@ impl Webhooks {
         Ok(())
     }
 
-    /// Delivers what is due until `stop` turns true; sleeps while nothing is.
+    /// Delivers what is due until `stop` turns true; sleeps while nothing is. An error of the
+    /// queue itself (its disk, say) is logged and the round tried again a little later: the
+    /// service goes on, and the deliveries wait in the queue.
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut sent: Vec<Vec<i64>> = vec![Vec::new(); self.config.endpoints.len()];
+        let mut failing = Duration::ZERO;
         while !*stop.borrow() {
-            let busy = self.deliver_due(&mut sent, chrono::Utc::now().timestamp_millis()).await?;
-            if !busy {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    _ = stop.changed() => {}
+            let pause = match self.deliver_due(&mut sent, chrono::Utc::now().timestamp_millis()).await {
+                Ok(true) => {
+                    failing = Duration::ZERO;
+                    continue;
                 }
+                Ok(false) => {
+                    failing = Duration::ZERO;
+                    Duration::from_millis(200)
+                }
+                Err(e) => {
+                    failing = (failing * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+                    tracing::error!(error = %format!("{e:#}"), retry_in_s = failing.as_secs(), "the webhook queue failed");
+                    failing
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => {}
             }
         }
         Ok(())
@@ -299,15 +323,15 @@ impl Webhooks {
 
     /// One round over the due deliveries; returns whether any was attempted.
     pub async fn deliver_due(&self, sent: &mut [Vec<i64>], now_ms: i64) -> anyhow::Result<bool> {
-        let due: Vec<(String, String, i64, String, i64, i64)> = sqlx::query_as(
-            "SELECT endpoint, alert_id, revision, body, created_at, attempts FROM deliveries \
+        let due: Vec<(String, String, i64, String, Option<i64>, i64)> = sqlx::query_as(
+            "SELECT endpoint, alert_id, revision, body, failing_since, attempts FROM deliveries \
              WHERE state = 'pending' AND next_at <= ? ORDER BY next_at LIMIT 200",
         )
         .bind(now_ms)
         .fetch_all(&self.pool)
         .await?;
         let mut attempted = false;
-        for (name, alert_id, revision, body, created_at, attempts) in due {
+        for (name, alert_id, revision, body, failing_since, attempts) in due {
             let Some(i) = self.config.endpoints.iter().position(|e| e.name == name) else {
                 self.set_state(
                     &name,
@@ -351,7 +375,19 @@ impl Webhooks {
                 }
                 Err(e) => {
                     self.failed.inc();
-                    let give_up = created_at + self.config.give_up_after.as_millis() <= now_ms;
+                    // Failing for the give-up time, counted from the first failure (not from when
+                    // it was queued: the service may have been down meanwhile).
+                    let since = failing_since.unwrap_or(now_ms);
+                    sqlx::query(
+                        "UPDATE deliveries SET failing_since = ? WHERE endpoint = ? AND alert_id = ? AND revision = ?",
+                    )
+                    .bind(since)
+                    .bind(&name)
+                    .bind(&alert_id)
+                    .bind(revision)
+                    .execute(&self.pool)
+                    .await?;
+                    let give_up = since + self.config.give_up_after.as_millis() <= now_ms;
                     let error = format!("{e:#}");
                     if give_up {
                         self.dead.inc();

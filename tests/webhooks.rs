@@ -182,14 +182,43 @@ async fn a_retracted_pair_of_a_sent_notification_goes_out_as_its_next_revision()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_queue_of_an_earlier_version_is_taken_up_and_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver { healthy: Arc::new(AtomicBool::new(true)), ..Receiver::default() };
+    let (addr, _server) = serve(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let config = config_for(dir.path(), addr, 60);
+    // The table as the first version made it, with one delivery waiting.
+    let url = format!("sqlite://{}?mode=rwc", config.queue.display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE deliveries (endpoint TEXT NOT NULL, alert_id TEXT NOT NULL, revision INTEGER NOT NULL, \
+         body TEXT NOT NULL, created_at INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, \
+         next_at INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'pending', last_error TEXT, \
+         PRIMARY KEY (endpoint, alert_id, revision)); \
+         INSERT INTO deliveries (endpoint, alert_id, revision, body, created_at, next_at) \
+         VALUES ('desk', 'traffic_surge-7', 0, '{}', 1000, 1000);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let hooks = Webhooks::open(&config, &Metrics::new()).await.unwrap();
+    hooks.deliver_due(&mut [Vec::new()], 2_000).await.unwrap();
+    assert_eq!(hooks.counts().await.unwrap(), QueueCounts { pending: 0, delivered: 1, dead: 0 });
+    assert_eq!(receiver.received.lock().unwrap()[0].0, "traffic_surge-7");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_delivery_failing_past_the_give_up_time_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::default();
     let (addr, _server) = serve(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
     let metrics = Metrics::new();
     let hooks = Webhooks::open(&config_for(dir.path(), addr, 60), &metrics).await.unwrap();
-    let t0 = 1_000_000;
-    hooks.enqueue(&[alert("traffic_surge-9", "traffic_surge", "", t0)], t0).await.unwrap();
+    // Queued two hours before its first attempt (the service was down): the give-up time counts
+    // from the first failure.
+    hooks.enqueue(&[alert("traffic_surge-9", "traffic_surge", "", 1_000_000)], 1_000_000).await.unwrap();
+    let t0 = 1_000_000 + 7_200_000;
     let mut sent = vec![Vec::new()];
     hooks.deliver_due(&mut sent, t0).await.unwrap();
     assert_eq!(hooks.counts().await.unwrap().pending, 1);
