@@ -30,6 +30,8 @@ pub const SCHEMA_VERSION: u32 = 1;
 const BASE_BACKOFF_MS: i64 = 500;
 const MAX_BACKOFF_MS: i64 = 5 * 60_000;
 const HOUR_MS: i64 = 3_600_000;
+/// Deliveries to one endpoint in one round at most.
+const ROUND: usize = 200;
 
 /// `[webhooks]` in the configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -321,36 +323,68 @@ impl Webhooks {
         Ok(())
     }
 
-    /// One round over the due deliveries; returns whether any was attempted.
+    /// One round over the due deliveries; returns whether any was attempted. The endpoints are
+    /// served at the same time, each its due deliveries in turn (as many as its rate allows),
+    /// so one that is slow, down or rate-limited holds up no other.
     pub async fn deliver_due(&self, sent: &mut [Vec<i64>], now_ms: i64) -> anyhow::Result<bool> {
-        let due: Vec<(String, String, i64, String, Option<i64>, i64)> = sqlx::query_as(
-            "SELECT endpoint, alert_id, revision, body, failing_since, attempts FROM deliveries \
-             WHERE state = 'pending' AND next_at <= ? ORDER BY next_at LIMIT 200",
+        self.dead_letter_unconfigured(now_ms).await?;
+        let rounds = self
+            .config
+            .endpoints
+            .iter()
+            .zip(sent.iter_mut())
+            .map(|(endpoint, window)| self.deliver_to(endpoint, window, now_ms));
+        let mut attempted = false;
+        for round in futures::future::join_all(rounds).await {
+            attempted |= round?;
+        }
+        Ok(attempted)
+    }
+
+    /// Deliveries waiting for an endpoint no longer configured are dead-lettered.
+    async fn dead_letter_unconfigured(&self, now_ms: i64) -> anyhow::Result<()> {
+        let waiting: Vec<(String,)> =
+            sqlx::query_as("SELECT DISTINCT endpoint FROM deliveries WHERE state = 'pending'")
+                .fetch_all(&self.pool)
+                .await?;
+        for (name,) in waiting {
+            if self.config.endpoints.iter().all(|e| e.name != name) {
+                sqlx::query(
+                    "UPDATE deliveries SET state = 'dead', last_error = 'endpoint no longer configured', next_at = ? \
+                     WHERE endpoint = ? AND state = 'pending'",
+                )
+                .bind(now_ms)
+                .bind(&name)
+                .execute(&self.pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One round of `endpoint`'s due deliveries, within its rate (`window`: its sends of the
+    /// last minute).
+    async fn deliver_to(&self, endpoint: &EndpointConfig, window: &mut Vec<i64>, now_ms: i64) -> anyhow::Result<bool> {
+        window.retain(|t| *t > now_ms - 60_000);
+        let room = match endpoint.per_minute {
+            0 => ROUND,
+            n => (n as usize).saturating_sub(window.len()).min(ROUND),
+        };
+        if room == 0 {
+            return Ok(false);
+        }
+        let due: Vec<(String, i64, String, Option<i64>, i64)> = sqlx::query_as(
+            "SELECT alert_id, revision, body, failing_since, attempts FROM deliveries \
+             WHERE endpoint = ? AND state = 'pending' AND next_at <= ? ORDER BY next_at LIMIT ?",
         )
+        .bind(&endpoint.name)
         .bind(now_ms)
+        .bind(room as i64)
         .fetch_all(&self.pool)
         .await?;
+        let name = endpoint.name.as_str();
         let mut attempted = false;
-        for (name, alert_id, revision, body, failing_since, attempts) in due {
-            let Some(i) = self.config.endpoints.iter().position(|e| e.name == name) else {
-                self.set_state(
-                    &name,
-                    &alert_id,
-                    revision,
-                    "dead",
-                    Some("endpoint no longer configured"),
-                    attempts,
-                    now_ms,
-                )
-                .await?;
-                continue;
-            };
-            let endpoint = &self.config.endpoints[i];
-            let window = &mut sent[i];
-            window.retain(|t| *t > now_ms - 60_000);
-            if endpoint.per_minute > 0 && window.len() >= endpoint.per_minute as usize {
-                continue;
-            }
+        for (alert_id, revision, body, failing_since, attempts) in due {
             // Marked as being sent, unless a notification changed since it was read (it is sent
             // as it is now in a later round); a change from now on becomes its next revision.
             let claimed = sqlx::query(

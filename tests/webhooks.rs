@@ -209,6 +209,33 @@ async fn a_queue_of_an_earlier_version_is_taken_up_and_delivered() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_endpoint_at_its_rate_limit_with_a_backlog_holds_up_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver { healthy: Arc::new(AtomicBool::new(true)), ..Receiver::default() };
+    let (addr, _server) = serve(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let mut config = config_for(dir.path(), addr, 3600);
+    config.endpoints[0].per_minute = 1;
+    config.endpoints.push(EndpointConfig {
+        name: "police".into(),
+        kinds: vec!["watchlist".into()],
+        per_minute: 0,
+        ..config.endpoints[0].clone()
+    });
+    let hooks = Webhooks::open(&config, &Metrics::new()).await.unwrap();
+    // A backlog for the rate-limited desk, queued before the police's one alert.
+    let backlog: Vec<AlertRow> =
+        (0..300).map(|i| alert(&format!("traffic_surge-{i}"), "traffic_surge", "", 1_000)).collect();
+    hooks.enqueue(&backlog, 1_000).await.unwrap();
+    hooks.enqueue(&[alert("watchlist-1", "watchlist", "赣A1", 2_000)], 2_000).await.unwrap();
+    let mut sent = vec![Vec::new(), Vec::new()];
+    assert!(hooks.deliver_due(&mut sent, 3_000).await.unwrap());
+    let received = receiver.received.lock().unwrap();
+    let ids: Vec<&str> = received.iter().map(|r| r.0.as_str()).collect();
+    assert!(ids.contains(&"watchlist-1"), "the police's alert waited behind the desk's backlog: {ids:?}");
+    assert_eq!(ids.iter().filter(|id| id.starts_with("traffic_surge")).count(), 1, "the desk gets one a minute");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_delivery_failing_past_the_give_up_time_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::default();
