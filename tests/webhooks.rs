@@ -236,6 +236,22 @@ async fn an_endpoint_at_its_rate_limit_with_a_backlog_holds_up_no_other() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn deliveries_for_an_endpoint_taken_out_of_the_configuration_are_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver { healthy: Arc::new(AtomicBool::new(true)), ..Receiver::default() };
+    let (addr, _server) = serve(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let mut config = config_for(dir.path(), addr, 3600);
+    let hooks = Webhooks::open(&config, &Metrics::new()).await.unwrap();
+    hooks.enqueue(&[alert("traffic_surge-1", "traffic_surge", "", 1_000)], 1_000).await.unwrap();
+    drop(hooks);
+    config.endpoints[0].name = "desk-2".into();
+    let hooks = Webhooks::open(&config, &Metrics::new()).await.unwrap();
+    assert!(!hooks.deliver_due(&mut [Vec::new()], 2_000).await.unwrap());
+    assert_eq!(hooks.counts().await.unwrap(), QueueCounts { pending: 0, delivered: 0, dead: 1 });
+    assert!(receiver.received.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_delivery_failing_past_the_give_up_time_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::default();
