@@ -128,19 +128,24 @@ impl FirstEntryStore for RocksFirstEntries {
     }
 
     /// Checkpoints carry nothing (the store is durable on its own); a savepoint's records are
-    /// merged in, the earlier pass winning as in [`FirstEntryStore::offer`].
+    /// merged in, the earlier pass winning as in [`FirstEntryStore::offer`]. One that replaces a
+    /// record of this store takes a revision above it, so that its row, once emitted, replaces
+    /// the row written for the record it replaced.
     fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         if bytes.is_empty() {
             return Ok(());
         }
         let records: BTreeMap<String, Stored> =
             serde_json::from_slice(bytes).context("reading the first entries of a savepoint")?;
-        for (vehicle, record) in records {
+        for (vehicle, mut record) in records {
             let stored: Option<Stored> =
                 self.db.get(vehicle.as_bytes())?.map(|v| serde_json::from_slice(&v)).transpose()?;
-            if stored.is_none_or(|s| (record.0, record.1.as_bytes()) < (s.0, s.1.as_bytes())) {
-                self.db.put(vehicle.as_bytes(), serde_json::to_vec(&record)?)?;
+            match stored {
+                Some(s) if (record.0, record.1.as_bytes()) >= (s.0, s.1.as_bytes()) => continue,
+                Some(s) => record.3 = record.3.max(s.3 + 1),
+                None => {}
             }
+            self.db.put(vehicle.as_bytes(), serde_json::to_vec(&record)?)?;
         }
         self.db.flush_wal(true)?;
         Ok(())
@@ -345,4 +350,36 @@ pub fn batch_first_entry(city: &City, passes: &[Pass]) -> BTreeMap<String, (i64,
         }
     }
     first
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_savepoints_earlier_first_entry_replaces_a_stored_one_above_its_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = RocksFirstEntries::open(dir.path()).unwrap();
+        let candidate = |ts: i64, id: &str| Candidate {
+            vehicle: "赣A1:2".into(),
+            ts,
+            pass_id: id.into(),
+            checkpoint_id: "KK0001".into(),
+        };
+        // Stored here at revision 2 (two earlier passes came in late).
+        store.offer(&[candidate(300, "c")]).unwrap();
+        store.offer(&[candidate(250, "b")]).unwrap();
+        assert_eq!(store.offer(&[candidate(200, "a")]).unwrap(), [Some(2)]);
+        // A savepoint holds an earlier pass at revision 0, and a later one of another vehicle.
+        let saved: BTreeMap<String, Stored> = [
+            ("赣A1:2".to_owned(), (100, "x".to_owned(), "KK0002".to_owned(), 0)),
+            ("赣A2:2".to_owned(), (500, "y".to_owned(), "KK0003".to_owned(), 0)),
+        ]
+        .into();
+        store.restore(&serde_json::to_vec(&saved).unwrap()).unwrap();
+        assert_eq!(store.offer(&[candidate(100, "x")]).unwrap(), [Some(3)], "above the row written for `a`");
+        assert_eq!(store.offer(&[candidate(200, "a")]).unwrap(), [None], "no longer the first");
+        let second = Candidate { vehicle: "赣A2:2".into(), ..candidate(500, "y") };
+        assert_eq!(store.offer(&[second]).unwrap(), [Some(0)]);
+    }
 }
