@@ -41,6 +41,13 @@ async fn serve(receiver: Receiver, addr: SocketAddr) -> (SocketAddr, tokio::task
     (addr, tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }))
 }
 
+/// A folder for the queue and a receiver that answers every request, served.
+async fn healthy_receiver() -> (tempfile::TempDir, Receiver, SocketAddr, tokio::task::JoinHandle<()>) {
+    let receiver = Receiver { healthy: Arc::new(AtomicBool::new(true)), ..Receiver::default() };
+    let (addr, server) = serve(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    (tempfile::tempdir().unwrap(), receiver, addr, server)
+}
+
 fn alert(id: &str, kind: &'static str, plate: &str, ts: i64) -> AlertRow {
     AlertRow {
         alert_id: id.into(),
@@ -128,9 +135,7 @@ async fn every_alert_reaches_a_receiver_that_fails_goes_away_and_recovers_across
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retracted_pair_of_a_sent_notification_goes_out_as_its_next_revision() {
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver { healthy: Arc::new(AtomicBool::new(true)), ..Receiver::default() };
-    let (addr, _server) = serve(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let (dir, receiver, addr, _server) = healthy_receiver().await;
     let hooks = Webhooks::open(&config_for(dir.path(), addr, 3600), &Metrics::new()).await.unwrap();
     let hour = 3_600_000 * 100;
     let now = 1_000_000;
@@ -183,9 +188,7 @@ async fn a_retracted_pair_of_a_sent_notification_goes_out_as_its_next_revision()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_queue_of_an_earlier_version_is_taken_up_and_delivered() {
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver { healthy: Arc::new(AtomicBool::new(true)), ..Receiver::default() };
-    let (addr, _server) = serve(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let (dir, receiver, addr, _server) = healthy_receiver().await;
     let config = config_for(dir.path(), addr, 60);
     // The table as the first version made it, with one delivery waiting.
     let url = format!("sqlite://{}?mode=rwc", config.queue.display());
@@ -210,9 +213,7 @@ async fn a_queue_of_an_earlier_version_is_taken_up_and_delivered() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_endpoint_at_its_rate_limit_with_a_backlog_holds_up_no_other() {
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver { healthy: Arc::new(AtomicBool::new(true)), ..Receiver::default() };
-    let (addr, _server) = serve(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let (dir, receiver, addr, _server) = healthy_receiver().await;
     let mut config = config_for(dir.path(), addr, 3600);
     config.endpoints[0].per_minute = 1;
     config.endpoints.push(EndpointConfig {
@@ -237,9 +238,7 @@ async fn an_endpoint_at_its_rate_limit_with_a_backlog_holds_up_no_other() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn deliveries_for_an_endpoint_taken_out_of_the_configuration_are_dead_lettered() {
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver { healthy: Arc::new(AtomicBool::new(true)), ..Receiver::default() };
-    let (addr, _server) = serve(receiver.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let (dir, receiver, addr, _server) = healthy_receiver().await;
     let mut config = config_for(dir.path(), addr, 3600);
     let hooks = Webhooks::open(&config, &Metrics::new()).await.unwrap();
     hooks.enqueue(&[alert("traffic_surge-1", "traffic_surge", "", 1_000)], 1_000).await.unwrap();
