@@ -154,6 +154,7 @@ impl Webhooks {
         }
         // Sends a stop or crash interrupted are made again.
         sqlx::query("UPDATE deliveries SET state = 'pending' WHERE state = 'sending'").execute(&pool).await?;
+        Webhooks::dead_letter_unconfigured(&pool, config, chrono::Utc::now().timestamp_millis()).await?;
         let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
         Ok(Arc::new(Webhooks {
             pool,
@@ -327,7 +328,6 @@ impl Webhooks {
     /// served at the same time, each its due deliveries in turn (as many as its rate allows),
     /// so one that is slow, down or rate-limited holds up no other.
     pub async fn deliver_due(&self, sent: &mut [Vec<i64>], now_ms: i64) -> anyhow::Result<bool> {
-        self.dead_letter_unconfigured(now_ms).await?;
         let rounds = self
             .config
             .endpoints
@@ -341,21 +341,20 @@ impl Webhooks {
         Ok(attempted)
     }
 
-    /// Deliveries waiting for an endpoint no longer configured are dead-lettered.
-    async fn dead_letter_unconfigured(&self, now_ms: i64) -> anyhow::Result<()> {
+    /// Deliveries waiting for an endpoint no longer configured are dead-lettered (on opening:
+    /// the endpoints are those of the configuration).
+    async fn dead_letter_unconfigured(pool: &SqlitePool, config: &WebhookConfig, now_ms: i64) -> anyhow::Result<()> {
         let waiting: Vec<(String,)> =
-            sqlx::query_as("SELECT DISTINCT endpoint FROM deliveries WHERE state = 'pending'")
-                .fetch_all(&self.pool)
-                .await?;
+            sqlx::query_as("SELECT DISTINCT endpoint FROM deliveries WHERE state = 'pending'").fetch_all(pool).await?;
         for (name,) in waiting {
-            if self.config.endpoints.iter().all(|e| e.name != name) {
+            if config.endpoints.iter().all(|e| e.name != name) {
                 sqlx::query(
                     "UPDATE deliveries SET state = 'dead', last_error = 'endpoint no longer configured', next_at = ? \
                      WHERE endpoint = ? AND state = 'pending'",
                 )
                 .bind(now_ms)
                 .bind(&name)
-                .execute(&self.pool)
+                .execute(pool)
                 .await?;
             }
         }
@@ -391,7 +390,7 @@ impl Webhooks {
                 "UPDATE deliveries SET state = 'sending' \
                  WHERE endpoint = ? AND alert_id = ? AND revision = ? AND state = 'pending' AND body = ?",
             )
-            .bind(&name)
+            .bind(name)
             .bind(&alert_id)
             .bind(revision)
             .bind(&body)
@@ -402,47 +401,42 @@ impl Webhooks {
             }
             window.push(now_ms);
             attempted = true;
-            match self.post(endpoint, &alert_id, revision, &body, now_ms).await {
+            let (state, error, next_at, failing) = match self.post(endpoint, &alert_id, revision, &body, now_ms).await {
                 Ok(()) => {
                     self.delivered.inc();
-                    self.set_state(&name, &alert_id, revision, "delivered", None, attempts + 1, now_ms).await?;
+                    ("delivered", None, now_ms, None)
                 }
                 Err(e) => {
                     self.failed.inc();
                     // Failing for the give-up time, counted from the first failure (not from when
                     // it was queued: the service may have been down meanwhile).
                     let since = failing_since.unwrap_or(now_ms);
-                    sqlx::query(
-                        "UPDATE deliveries SET failing_since = ? WHERE endpoint = ? AND alert_id = ? AND revision = ?",
-                    )
-                    .bind(since)
-                    .bind(&name)
-                    .bind(&alert_id)
-                    .bind(revision)
-                    .execute(&self.pool)
-                    .await?;
-                    let give_up = since + self.config.give_up_after.as_millis() <= now_ms;
                     let error = format!("{e:#}");
-                    if give_up {
+                    if since + self.config.give_up_after.as_millis() <= now_ms {
                         self.dead.inc();
                         tracing::error!(endpoint = %name, alert_id, error, "webhook delivery given up: dead-lettered");
-                        self.set_state(&name, &alert_id, revision, "dead", Some(&error), attempts + 1, now_ms).await?;
+                        ("dead", Some(error), now_ms, Some(since))
                     } else {
                         let backoff = (BASE_BACKOFF_MS << attempts.clamp(0, 20)).min(MAX_BACKOFF_MS);
                         tracing::warn!(endpoint = %name, alert_id, error, retry_in_ms = backoff, "webhook delivery failed");
-                        self.set_state(
-                            &name,
-                            &alert_id,
-                            revision,
-                            "pending",
-                            Some(&error),
-                            attempts + 1,
-                            now_ms + backoff,
-                        )
-                        .await?;
+                        ("pending", Some(error), now_ms + backoff, Some(since))
                     }
                 }
-            }
+            };
+            sqlx::query(
+                "UPDATE deliveries SET state = ?, last_error = ?, attempts = ?, next_at = ?, failing_since = ? \
+                 WHERE endpoint = ? AND alert_id = ? AND revision = ?",
+            )
+            .bind(state)
+            .bind(error)
+            .bind(attempts + 1)
+            .bind(next_at)
+            .bind(failing)
+            .bind(name)
+            .bind(&alert_id)
+            .bind(revision)
+            .execute(&self.pool)
+            .await?;
         }
         Ok(attempted)
     }
@@ -468,33 +462,6 @@ impl Webhooks {
             .send()
             .await?;
         anyhow::ensure!(response.status().is_success(), "the receiver answered {}", response.status());
-        Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn set_state(
-        &self,
-        endpoint: &str,
-        alert_id: &str,
-        revision: i64,
-        state: &str,
-        error: Option<&str>,
-        attempts: i64,
-        next_at: i64,
-    ) -> anyhow::Result<()> {
-        sqlx::query(
-            "UPDATE deliveries SET state = ?, last_error = ?, attempts = ?, next_at = ? \
-             WHERE endpoint = ? AND alert_id = ? AND revision = ?",
-        )
-        .bind(state)
-        .bind(error)
-        .bind(attempts)
-        .bind(next_at)
-        .bind(endpoint)
-        .bind(alert_id)
-        .bind(revision)
-        .execute(&self.pool)
-        .await?;
         Ok(())
     }
 

@@ -76,7 +76,7 @@ pub async fn backfill(options: BackfillOptions) -> anyhow::Result<BackfillSummar
     config.state.backend = StateBackendKind::Memory;
     config.pipelines.first_entry.store = "embedded".into();
     // The day's rows of every table are replaced: every pipeline recomputes its own.
-    config.pipelines.enabled = crate::pipelines::NAMES.map(String::from).to_vec();
+    config.pipelines.enabled = crate::pipelines::every_name();
     let mut engine = build_engine(&config, &city, false, None, &WatchList::in_memory())?;
     engine.assign(0, 0);
     let clocks = Clocks { future_now: None, processing_now: chrono::Utc::now().timestamp_millis() };

@@ -68,7 +68,7 @@ pub fn bench_core(config: &Config, vehicles: u32, repeat: u32, all_pipelines: bo
         .collect();
     let mut config = config.clone();
     config.pipelines.enabled =
-        if all_pipelines { crate::pipelines::NAMES.map(String::from).to_vec() } else { vec!["flow_counts".to_owned()] };
+        if all_pipelines { crate::pipelines::every_name() } else { vec!["flow_counts".to_owned()] };
     let mut engine = build_engine(&config, &city, false, None, &crate::pipelines::WatchList::in_memory())?;
     let clocks = Clocks { future_now: None, processing_now: 0 };
     let started = Instant::now();

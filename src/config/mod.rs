@@ -67,7 +67,7 @@ pub struct PipelinesConfig {
 impl Default for PipelinesConfig {
     fn default() -> Self {
         PipelinesConfig {
-            enabled: crate::pipelines::NAMES.map(String::from).to_vec(),
+            enabled: crate::pipelines::every_name(),
             top_n: 10,
             high_frequency_passes: 8,
             cloned_plates: Default::default(),

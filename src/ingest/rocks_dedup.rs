@@ -211,7 +211,7 @@ impl Flush {
         let ids = Arc::new(ids);
         let to_write = ids.clone();
         let writer = std::thread::Builder::new().name("passflow-dedup".into()).spawn(move || {
-            let mut live = to_write.iter().filter(|(_, (_, ts))| *ts >= oldest_kept).peekable();
+            let mut live = live(to_write.iter(), oldest_kept).peekable();
             let mut key = ID_PREFIX.to_vec();
             while live.peek().is_some() {
                 // Each chunk in key order, straight into one write batch, with one key buffer.
@@ -258,16 +258,24 @@ fn for_each_stored(db: &DB, mut f: impl FnMut(&[u8], u64, i64) -> anyhow::Result
 
 /// Puts of the ids not expired before `oldest_kept`, in key order.
 fn sorted_writes<'a>(ids: impl Iterator<Item = (&'a Text, &'a (u64, i64))>, oldest_kept: i64) -> Vec<StateWrite> {
-    in_order(ids.filter(|(_, (_, ts))| *ts >= oldest_kept))
+    in_order(live(ids, oldest_kept))
         .into_iter()
         .map(|(id, (digest, ts))| StateWrite::Put(id_key(id), value(*digest, *ts).to_vec()))
         .collect()
 }
 
+/// The ids not expired before `oldest_kept`.
+fn live<'a>(
+    ids: impl Iterator<Item = (&'a Text, &'a (u64, i64))>,
+    oldest_kept: i64,
+) -> impl Iterator<Item = (&'a Text, &'a (u64, i64))> {
+    ids.filter(move |(_, (_, ts))| *ts >= oldest_kept)
+}
+
 /// `ids` in key order (the memtable then inserts each key next to the one before, much
-/// cheaper). They are sorted by their first 32 bytes as two
-/// numbers first: a comparison of registers settles almost every pair, also for ids that
-/// share a long prefix (a date, a checkpoint).
+/// cheaper). They are sorted by their first 32 bytes as two numbers first: a comparison of
+/// registers settles almost every pair, also for ids that share a long prefix (a date, a
+/// checkpoint).
 fn in_order<'a>(ids: impl Iterator<Item = (&'a Text, &'a (u64, i64))>) -> Vec<(&'a Text, &'a (u64, i64))> {
     let mut ids: Vec<_> = ids.map(|(id, v)| (leading_bytes(id.as_bytes()), id, v)).collect();
     ids.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));

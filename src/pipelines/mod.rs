@@ -96,6 +96,11 @@ pub const NAMES: [&str; 13] = [
     "device_health",
 ];
 
+/// [`NAMES`] as `pipelines.enabled` holds them: every pipeline enabled.
+pub fn every_name() -> Vec<String> {
+    NAMES.map(String::from).to_vec()
+}
+
 /// Checks a list of pipeline names: each one known, none twice.
 pub fn check_names(names: &[String]) -> anyhow::Result<()> {
     for (i, name) in names.iter().enumerate() {
