@@ -101,7 +101,7 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 pub struct Proxy {
     pub addr: std::net::SocketAddr,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// Connections are taken and held open without a byte forwarded (a server that hangs).
+    /// No reply goes back any more, on any connection (a server that hangs).
     stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
     connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
@@ -159,16 +159,12 @@ impl Proxy {
         self.stalled.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    fn drop_connections(&self) {
-        for c in self.connections.lock().unwrap().drain(..) {
-            c.abort();
-        }
-    }
-
     /// Drops every connection and refuses new ones.
     pub fn cut(&self) {
         self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.drop_connections();
+        for c in self.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
     }
 
     /// Forwards again (on connections made from now on: those that met a stall stay silent,
