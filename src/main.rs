@@ -7,14 +7,18 @@ use passflow::app::{self, Cli};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() {
     let cli = Cli::parse();
     app::init_tracing();
-    match app::dispatch(cli).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let code = match app::dispatch(cli).await {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            1
         }
-    }
+    };
+    // Exits here rather than by dropping the runtime, which would wait for a task that a stop
+    // left held by a dependency.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    std::process::exit(code)
 }

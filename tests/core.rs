@@ -522,6 +522,37 @@ async fn a_redis_that_stops_answering_holds_first_entries_back_until_it_answers_
     let _: () = redis::cmd("DEL").arg(&keys).query(&mut connection).unwrap();
 }
 
+/// Switching from the embedded first-entry store to Redis through a savepoint: its records are
+/// merged into Redis, the earlier pass winning, above the revision of a record it replaces.
+#[test]
+fn a_savepoints_first_entries_are_merged_into_redis_the_earlier_pass_winning() {
+    use passflow::pipelines::{Candidate, EmbeddedFirstEntries, FirstEntryStore, RedisFirstEntries};
+    let url = redis_url();
+    let prefix = format!("passflow-test-merge:{}:{}:", std::process::id(), chrono::Utc::now().timestamp_millis());
+    let candidate = |vehicle: &str, ts: i64, pass_id: &str| Candidate {
+        vehicle: vehicle.into(),
+        ts,
+        pass_id: pass_id.into(),
+        checkpoint_id: "KK0001".into(),
+    };
+    let mut redis = RedisFirstEntries::open(&url, &prefix).unwrap();
+    redis.offer(&[candidate("赣A1:2", 300, "c"), candidate("赣A3:2", 100, "z")]).unwrap();
+    assert_eq!(redis.offer(&[candidate("赣A1:2", 200, "b")]).unwrap(), [Some(1)], "stored at revision 1");
+    let mut embedded = EmbeddedFirstEntries::default();
+    embedded
+        .offer(&[candidate("赣A1:2", 100, "a"), candidate("赣A2:2", 500, "y"), candidate("赣A3:2", 400, "w")])
+        .unwrap();
+    redis.restore(&embedded.export().unwrap()).unwrap();
+    assert_eq!(redis.offer(&[candidate("赣A1:2", 100, "a")]).unwrap(), [Some(2)], "above the row written for `b`");
+    assert_eq!(redis.offer(&[candidate("赣A1:2", 200, "b")]).unwrap(), [None], "no longer the first");
+    assert_eq!(redis.offer(&[candidate("赣A2:2", 500, "y")]).unwrap(), [Some(0)], "a vehicle new to Redis");
+    assert_eq!(redis.offer(&[candidate("赣A3:2", 100, "z")]).unwrap(), [Some(0)], "the savepoint's later pass lost");
+    let mut connection = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut connection).unwrap();
+    assert_eq!(keys.len(), 3);
+    let _: () = redis::cmd("DEL").arg(&keys).query(&mut connection).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backfill_of_a_day_whose_passes_came_after_the_lateness_gives_the_on_time_tables() {
     use passflow::app::{backfill, replay, BackfillOptions, ReplayInput, ReplayOptions};

@@ -214,6 +214,52 @@ async fn a_retraction_deletes_the_stored_row_unless_a_newer_one_is_stored_in_bot
     db.drop_now().await;
 }
 
+fn first_entry(ts: i64, pass_id: &str, revision: u32) -> passflow::results::FirstEntryRow {
+    passflow::results::FirstEntryRow {
+        plate: "赣A12345".into(),
+        plate_color: 2,
+        ts,
+        checkpoint_id: format!("KK{pass_id}").into(),
+        pass_id: pass_id.into(),
+        revision,
+    }
+}
+
+/// A vehicle's stored first entry is its earliest pass, whatever revision a row carries: a
+/// first-entry store that lost its records (Redis without persistence, restarted) offers the
+/// vehicle's next pass as a first entry again, at revision 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_later_pass_never_replaces_a_stored_first_entry_in_both_stores() {
+    let db = TestDatabase::create("first_entry").await;
+    let dir = tempfile::tempdir().unwrap();
+    for url in [db.url.clone(), format!("sqlite://{}", dir.path().join("f.db").display())] {
+        let store = Store::open(&url).await.unwrap();
+        let write = |rows: Vec<passflow::results::FirstEntryRow>| {
+            let batch = passflow::results::ResultBatch { first_entry: rows, ..Default::default() };
+            store.write(batch)
+        };
+        let stored =
+            || async { store.first_entries().await.unwrap().into_iter().map(|r| (r.2, r.4, r.5)).collect::<Vec<_>>() };
+        write(vec![first_entry(2_000, "p2", 0)]).await.unwrap();
+        write(vec![first_entry(3_000, "p3", 0), first_entry(5_000, "p5", 7)]).await.unwrap();
+        assert_eq!(stored().await, [(2_000, "p2".to_owned(), 0)], "{}", store.kind());
+        // An earlier pass (a late one, or a tie on time broken by the pass id) replaces it.
+        write(vec![first_entry(2_000, "p1", 1)]).await.unwrap();
+        assert_eq!(stored().await, [(2_000, "p1".to_owned(), 1)], "{}", store.kind());
+        write(vec![first_entry(1_000, "p0", 2)]).await.unwrap();
+        write(vec![first_entry(1_000, "p0", 2)]).await.unwrap();
+        let rows = store.first_entries().await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].2, rows[0].3.as_str(), rows[0].4.as_str(), rows[0].5),
+            (1_000, "KKp0", "p0", 2),
+            "{}",
+            store.kind()
+        );
+    }
+    db.drop_now().await;
+}
+
 /// SQLite takes result batches through its writer connection while the API's connections
 /// write too (acknowledgements, watch list, purges): each waits for the other's lock, none
 /// fails and nothing is lost.

@@ -396,10 +396,12 @@ pub async fn pipeline(
                         seq: f.offset as u64,
                         bytes: f.payload.as_deref().unwrap_or_default(),
                     });
-                    task.engine.process("kafka", records, Clocks { future_now: Some(now), processing_now: now });
+                    tokio::task::block_in_place(|| {
+                        task.engine.process("kafka", records, Clocks { future_now: Some(now), processing_now: now })
+                    });
                     metrics.observe_ingest(&before, task.engine.stats());
                 }
-                None => task.engine.tick(now),
+                None => tokio::task::block_in_place(|| task.engine.tick(now)),
             }
             observe_partition_watermarks(&metrics, &task.engine, now);
             task_output(&shared, &mut producers, *p, task).await?;
@@ -409,7 +411,7 @@ pub async fn pipeline(
         // again).
         if bounded && tasks.values().any(|t| !t.ended) && input.finished() {
             for (p, task) in tasks.iter_mut().filter(|(_, t)| !t.ended) {
-                task.engine.finish();
+                tokio::task::block_in_place(|| task.engine.finish());
                 task_output(&shared, &mut producers, *p, task).await?;
             }
             let mut all: Vec<(i32, &mut Task)> = tasks.iter_mut().map(|(p, t)| (*p, t)).collect();
@@ -497,7 +499,7 @@ pub async fn pipeline(
                 }
             }
             if passes.is_empty() {
-                agg.engine.tick(now);
+                tokio::task::block_in_place(|| agg.engine.tick(now));
             } else {
                 let forwarded = passes
                     .iter()
@@ -506,12 +508,12 @@ pub async fn pipeline(
                         (record, late.iter().map(String::as_str).collect())
                     })
                     .collect();
-                agg.engine.process_forwarded("kafka", forwarded, now);
+                tokio::task::block_in_place(|| agg.engine.process_forwarded("kafka", forwarded, now));
             }
             let all_ended = agg.position.ended.len() >= input_partitions;
             if bounded && all_ended && !agg.position.finished {
                 tracing::info!("every input partition has been read to its end; closing every window");
-                agg.engine.finish();
+                tokio::task::block_in_place(|| agg.engine.finish());
                 agg.position.finished = true;
                 shared.flush(&mut agg.engine).await?;
                 checkpoint_aggregate(&shared, &mut producers.states, agg, &repartition, true).await?;

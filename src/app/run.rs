@@ -35,6 +35,9 @@ pub struct RunHandle {
     tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
     /// The store writer (awaited by the pipeline task).
     writer: tokio::task::AbortHandle,
+    /// How long a stop waits for the tasks.
+    stop_timeout: Duration,
+    signals: StopSignals,
 }
 
 impl RunHandle {
@@ -61,7 +64,7 @@ impl RunHandle {
     /// Runs until Ctrl-C, SIGTERM or the end of a task, then stops the rest.
     pub async fn wait(mut self) -> anyhow::Result<()> {
         let outcome = tokio::select! {
-            _ = shutdown_signal() => { tracing::info!("shutdown requested"); Ok(()) }
+            _ = self.signals.received() => { tracing::info!("shutdown requested"); Ok(()) }
             Some(done) = self.tasks.join_next() => match done {
                 Ok((name, Ok(()))) => { tracing::info!(task = name, "task finished"); Ok(()) }
                 Ok((name, Err(e))) => Err(e.context(format!("the {name} task failed"))),
@@ -69,22 +72,48 @@ impl RunHandle {
             },
         };
         self.stop();
-        while let Ok(Some(done)) = tokio::time::timeout(Duration::from_secs(30), self.tasks.join_next()).await {
+        let deadline = tokio::time::Instant::now() + self.stop_timeout;
+        while let Ok(Some(done)) = tokio::time::timeout_at(deadline, self.tasks.join_next()).await {
             if let Ok((name, Err(e))) = done {
                 tracing::error!(task = name, error = %format!("{e:#}"), "task failed while stopping");
             }
         }
         eprintln!();
+        if !self.tasks.is_empty() {
+            // A task held by a dependency (a store call that retries until it answers) does
+            // not see the stop; its work since the last checkpoint is done again on start.
+            let left = self.tasks.len();
+            return Err(anyhow::anyhow!(
+                "{left} task(s) did not stop within {:?} (core.stop_timeout): exiting without them and without a last checkpoint; the input since the last completed checkpoint is read again on start",
+                self.stop_timeout
+            ));
+        }
         outcome
     }
 }
 
-async fn shutdown_signal() {
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// Ctrl-C and SIGTERM, listened for from the start: one that comes while the service is
+/// still starting stops it like any other (rather than killing it with no last checkpoint).
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn listen() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listening = |kind| signal(kind).context("listening for Ctrl-C and SIGTERM");
+        Ok(StopSignals {
+            interrupt: listening(SignalKind::interrupt())?,
+            terminate: listening(SignalKind::terminate())?,
+        })
+    }
+
+    async fn received(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
     }
 }
 
@@ -95,6 +124,7 @@ pub(super) fn wall_ms() -> i64 {
 /// Starts the service on `config` (resuming from a savepoint when given) and returns once it
 /// is serving.
 pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Result<RunHandle> {
+    let signals = StopSignals::listen()?;
     let city =
         Arc::new(City::load(&config.city.dir).with_context(|| format!("loading city {}", config.city.dir.display()))?);
     let store = Store::open(&config.store.url).await?;
@@ -192,7 +222,15 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
     let purger = Store::open(&config.store.url).await?;
     tasks.spawn(purge(purger, config.store.clone(), stopped.clone()));
     tasks.spawn(progress(metrics.clone(), stopped));
-    Ok(RunHandle { api_addr, metrics, stop, tasks, writer: writer_abort })
+    Ok(RunHandle {
+        api_addr,
+        metrics,
+        stop,
+        tasks,
+        writer: writer_abort,
+        stop_timeout: config.core.stop_timeout.0,
+        signals,
+    })
 }
 
 /// The single-instance pipeline's engine, restored from the newest checkpoint, and its source
@@ -339,10 +377,10 @@ async fn pipeline(
         if batch.is_empty() {
             if source.finished() {
                 tracing::info!("the bounded source has been read to its end; closing every window");
-                driver.engine.finish();
+                tokio::task::block_in_place(|| driver.engine.finish());
                 break;
             }
-            driver.engine.tick(now);
+            tokio::task::block_in_place(|| driver.engine.tick(now));
             observe_watermarks(&metrics, &driver.engine, now);
             if let Some(saved) = driver.after_batch(|| source.position()).await? {
                 source.checkpointed(&saved);
@@ -358,7 +396,13 @@ async fn pipeline(
         }
         let before = driver.engine.stats().clone();
         let records = batch.iter().map(|(partition, seq, bytes)| Record { partition: *partition, seq: *seq, bytes });
-        driver.engine.process(source.name(), records, Clocks { future_now: Some(now), processing_now: now });
+        // The engine runs off the runtime's workers (block_in_place), here and below: a batch
+        // takes a while, and a first-entry store that retries until Redis answers can hold it
+        // for long. A worker held that long can leave the runtime's I/O unpolled, and with it
+        // the API, the signals that stop the service, and the stop timeout.
+        tokio::task::block_in_place(|| {
+            driver.engine.process(source.name(), records, Clocks { future_now: Some(now), processing_now: now })
+        });
         metrics.observe_ingest(&before, driver.engine.stats());
         observe_watermarks(&metrics, &driver.engine, now);
         if let Some(saved) = driver.after_batch(|| source.position()).await? {

@@ -174,6 +174,9 @@ pub struct CoreConfig {
     pub max_clock_skew: HumanDuration,
     /// How often a checkpoint is taken.
     pub checkpoint_interval: HumanDuration,
+    /// How long a stop waits for the pipeline (its last checkpoint) and the other tasks; one
+    /// still held by a dependency then is left, and the process exits without it.
+    pub stop_timeout: HumanDuration,
     /// Threads the pipelines of a large batch run on; 0: one per core.
     pub threads: usize,
     /// Lines a replay hands the engine at a time. The watermark moves between batches, and the
@@ -201,6 +204,7 @@ impl Default for CoreConfig {
             allowed_lateness: HumanDuration::from_secs(6 * 3600),
             max_clock_skew: HumanDuration::from_secs(300),
             checkpoint_interval: HumanDuration::from_secs(10),
+            stop_timeout: HumanDuration::from_secs(30),
             threads: 0,
             replay_batch: std::num::NonZeroUsize::new(65_536).expect("not zero"),
         }

@@ -165,8 +165,10 @@ pub fn coalesce_batch(batch: &mut ResultBatch) {
     batch.restriction_summary = coalesce_by(std::mem::take(&mut batch.restriction_summary), |r| {
         ((r.day.clone(), r.checkpoint_id.clone(), r.rule_id.clone()), r.violations)
     });
-    batch.first_entry =
-        coalesce_by(std::mem::take(&mut batch.first_entry), |r| ((r.plate.clone(), r.plate_color), r.revision));
+    // A vehicle's first entry is its earliest pass, whatever the revision (the store's guard).
+    batch.first_entry = coalesce_by(std::mem::take(&mut batch.first_entry), |r| {
+        ((r.plate.clone(), r.plate_color), std::cmp::Reverse((r.ts, r.pass_id.clone())))
+    });
     batch.origin_counts = coalesce_by(std::mem::take(&mut batch.origin_counts), |r| {
         ((r.region_id.clone(), r.window_start, r.origin_province.clone(), r.origin_city.clone()), r.revision)
     });
@@ -217,12 +219,13 @@ pub fn coalesce(rows: Vec<FlowCountRow>) -> Vec<FlowCountRow> {
     coalesce_by(rows, |r| ((r.level, r.key_id.clone(), r.window_s, r.window_start), r.revision))
 }
 
-/// Keeps one row per key (`key_of` gives the key and the revision): the highest revision.
-pub fn coalesce_by<R, K: std::hash::Hash + Eq>(rows: Vec<R>, key_of: impl Fn(&R) -> (K, u32)) -> Vec<R> {
+/// Keeps one row per key (`key_of` gives the key and the row's place in the key's order, a
+/// revision say): the last in that order; of equals, the last given.
+pub fn coalesce_by<R, K: std::hash::Hash + Eq, O: Ord>(rows: Vec<R>, key_of: impl Fn(&R) -> (K, O)) -> Vec<R> {
     use std::collections::hash_map::Entry;
     // Sized for every row at once (growing it would rehash it over and again), and one look-up
     // a row.
-    let mut best: FxHashMap<K, (u32, R)> = FxHashMap::with_capacity_and_hasher(rows.len(), Default::default());
+    let mut best: FxHashMap<K, (O, R)> = FxHashMap::with_capacity_and_hasher(rows.len(), Default::default());
     for row in rows {
         let (key, revision) = key_of(&row);
         match best.entry(key) {
@@ -261,6 +264,24 @@ mod tests {
         assert!(sink.send(batch()).now_or_never().is_none(), "the engine waits once the queue is full");
         let _ = rx.recv().await;
         sink.send(batch()).now_or_never().expect("room again").unwrap();
+    }
+
+    #[test]
+    fn coalescing_keeps_each_vehicles_earliest_first_entry_whatever_its_revision() {
+        let entry = |ts: i64, pass_id: &str, revision: u32| crate::results::FirstEntryRow {
+            plate: "赣A1".into(),
+            plate_color: 2,
+            ts,
+            checkpoint_id: "KK1".into(),
+            pass_id: pass_id.into(),
+            revision,
+        };
+        let mut batch = ResultBatch {
+            first_entry: vec![entry(200, "b", 1), entry(200, "a", 0), entry(300, "c", 5), entry(200, "a", 0)],
+            ..ResultBatch::default()
+        };
+        coalesce_batch(&mut batch);
+        assert_eq!(batch.first_entry, vec![entry(200, "a", 0)]);
     }
 
     #[test]

@@ -161,10 +161,8 @@ impl FirstEntryStore for RocksFirstEntries {
     }
 }
 
-/// Compares and sets every candidate of a batch in one round trip. KEYS: one hash per
-/// vehicle; ARGV: ts, pass_id, checkpoint_id per key. Returns one revision per key, or -1.
-/// Ties on ts are broken by the pass ids' bytes (not the locale's collation).
-const OFFER_SCRIPT: &str = r#"
+/// Whether pass id `a` sorts before `b` by their bytes (not the locale's collation).
+const BYTES_LESS: &str = r#"
 local function bytes_less(a, b)
   local n = math.min(#a, #b)
   for i = 1, n do
@@ -173,6 +171,11 @@ local function bytes_less(a, b)
   end
   return #a < #b
 end
+"#;
+
+/// Compares and sets every candidate of a batch in one round trip. KEYS: one hash per
+/// vehicle; ARGV: ts, pass_id, checkpoint_id per key. Returns one revision per key, or -1.
+const OFFER_SCRIPT: &str = r#"
 local out = {}
 for i, key in ipairs(KEYS) do
   local ts, id, cp = tonumber(ARGV[3 * i - 2]), ARGV[3 * i - 1], ARGV[3 * i]
@@ -196,6 +199,31 @@ end
 return out
 "#;
 
+/// Merges a savepoint's records: KEYS one hash per vehicle; ARGV ts, pass_id, checkpoint_id,
+/// revision per key. A record earlier than the stored one replaces it, under a revision above
+/// the stored one's (its row, once emitted, replaces the row written for the stored one).
+const MERGE_SCRIPT: &str = r#"
+for i, key in ipairs(KEYS) do
+  local ts, id, cp, rev = tonumber(ARGV[4 * i - 3]), ARGV[4 * i - 2], ARGV[4 * i - 1], tonumber(ARGV[4 * i])
+  local cur = redis.call('HMGET', key, 'ts', 'pass_id', 'rev')
+  local set = not cur[1]
+  if not set then
+    local cts = tonumber(cur[1])
+    if ts < cts or (ts == cts and bytes_less(id, cur[2])) then
+      set = true
+      rev = math.max(rev, tonumber(cur[3]) + 1)
+    end
+  end
+  if set then
+    redis.call('HSET', key, 'ts', ARGV[4 * i - 3], 'pass_id', id, 'checkpoint_id', cp, 'rev', rev)
+  end
+end
+return #KEYS
+"#;
+
+/// Records merged per round trip when a savepoint is restored.
+const RECORDS_PER_TRIP: usize = 1000;
+
 /// How long a reply from Redis is waited for before the connection is given up and the offer
 /// made again on a new one (offering the same passes again is harmless).
 const REDIS_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -205,7 +233,8 @@ const REDIS_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct RedisFirstEntries {
     client: redis::Client,
     connection: Option<redis::Connection>,
-    script: redis::Script,
+    offer_script: redis::Script,
+    merge_script: redis::Script,
     key_prefix: String,
     reply_timeout: Duration,
 }
@@ -216,7 +245,8 @@ impl RedisFirstEntries {
         Ok(RedisFirstEntries {
             client,
             connection: None,
-            script: redis::Script::new(OFFER_SCRIPT),
+            offer_script: redis::Script::new(&format!("{BYTES_LESS}{OFFER_SCRIPT}")),
+            merge_script: redis::Script::new(&format!("{BYTES_LESS}{MERGE_SCRIPT}")),
             key_prefix: key_prefix.to_owned(),
             reply_timeout: REDIS_REPLY_TIMEOUT,
         })
@@ -228,22 +258,44 @@ impl RedisFirstEntries {
         self
     }
 
-    fn try_offer(&mut self, candidates: &[Candidate]) -> redis::RedisResult<Vec<i64>> {
-        if self.connection.is_none() {
-            let connection = self.client.get_connection_with_timeout(Duration::from_secs(5))?;
-            // Without these, a server that stops answering (a dead host, a lost network) would
-            // hold the pipeline on one read for ever.
-            connection.set_read_timeout(Some(self.reply_timeout))?;
-            connection.set_write_timeout(Some(self.reply_timeout))?;
-            self.connection = Some(connection);
+    fn key(&self, vehicle: &str) -> String {
+        format!("{}first_entry:{vehicle}", self.key_prefix)
+    }
+
+    fn connect(&self) -> redis::RedisResult<redis::Connection> {
+        let connection = self.client.get_connection_with_timeout(Duration::from_secs(5))?;
+        // Without these, a server that stops answering (a dead host, a lost network) would
+        // hold the pipeline on one read for ever.
+        connection.set_read_timeout(Some(self.reply_timeout))?;
+        connection.set_write_timeout(Some(self.reply_timeout))?;
+        Ok(connection)
+    }
+
+    /// `call` on a connection, made again on a new one with back-off until it succeeds (each
+    /// call here may be made again harmlessly).
+    fn retrying<T>(
+        &mut self,
+        what: &str,
+        mut call: impl FnMut(&Self, &mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> T {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let connection = match self.connection.take() {
+                Some(c) => Ok(c),
+                None => self.connect(),
+            };
+            match connection.and_then(|mut c| call(self, &mut c).map(|answer| (c, answer))) {
+                Ok((connection, answer)) => {
+                    self.connection = Some(connection);
+                    return answer;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "first-entry store (Redis) failed to {what}; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
         }
-        let connection = self.connection.as_mut().expect("connected above");
-        let mut invocation = self.script.prepare_invoke();
-        for c in candidates {
-            invocation.key(format!("{}first_entry:{}", self.key_prefix, c.vehicle));
-            invocation.arg(c.ts).arg(&c.pass_id).arg(&c.checkpoint_id);
-        }
-        invocation.invoke(connection)
     }
 }
 
@@ -252,18 +304,39 @@ impl FirstEntryStore for RedisFirstEntries {
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.try_offer(candidates) {
-                Ok(revisions) => return Ok(revisions.into_iter().map(|r| u32::try_from(r).ok()).collect()),
-                Err(e) => {
-                    self.connection = None;
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "first-entry store (Redis) failed; retrying");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
+        let revisions: Vec<i64> = self.retrying("offer first entries", |this, connection| {
+            let mut invocation = this.offer_script.prepare_invoke();
+            for c in candidates {
+                invocation.key(this.key(&c.vehicle));
+                invocation.arg(c.ts).arg(&c.pass_id).arg(&c.checkpoint_id);
             }
+            invocation.invoke(connection)
+        });
+        Ok(revisions.into_iter().map(|r| u32::try_from(r).ok()).collect())
+    }
+
+    /// Checkpoints and savepoints carry nothing of Redis (it is shared, and stays where it is);
+    /// the records of the embedded stores that a savepoint or checkpoint carries are merged in,
+    /// the earlier pass winning as in [`FirstEntryStore::offer`].
+    fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
         }
+        let records: Vec<(String, Stored)> = serde_json::from_slice::<BTreeMap<String, Stored>>(bytes)
+            .context("reading the first entries of a savepoint")?
+            .into_iter()
+            .collect();
+        for chunk in records.chunks(RECORDS_PER_TRIP) {
+            let _: i64 = self.retrying("merge a savepoint's first entries", |this, connection| {
+                let mut invocation = this.merge_script.prepare_invoke();
+                for (vehicle, (ts, pass_id, checkpoint_id, revision)) in chunk {
+                    invocation.key(this.key(vehicle));
+                    invocation.arg(ts).arg(pass_id).arg(checkpoint_id).arg(revision);
+                }
+                invocation.invoke(connection)
+            });
+        }
+        Ok(())
     }
 }
 

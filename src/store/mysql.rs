@@ -1,8 +1,8 @@
 //! The MySQL store; its tables come from the migrations under `migrations/`, applied on open.
 
 use super::tables::{
-    delete_keys, delete_retracted, retractions, sort_by_key, statement, top_n_rows, top_n_windows, upserts, Table, Val,
-    TOP_N, TOP_N_WINDOW_KEYS,
+    delete_keys, delete_retracted, retractions, sort_by_key, statement, top_n_rows, top_n_windows, upserts, Guard,
+    Table, Val, TOP_N, TOP_N_WINDOW_KEYS,
 };
 use crate::results::ResultBatch;
 use sqlx::mysql::MySqlPoolOptions;
@@ -132,19 +132,27 @@ fn insert_head(table: &Table) -> String {
     format!("INSERT INTO {} ({}) ", table.name, table.columns())
 }
 
-/// `ON DUPLICATE KEY UPDATE c = IF(VALUES(guard) >= guard, VALUES(c), c), …, guard =
-/// GREATEST(…)`: the guard goes last, the others compare against the stored guard before it
-/// changes. Without a guard the first row stands.
+/// `ON DUPLICATE KEY UPDATE c = IF(VALUES(guard) >= guard, VALUES(c), c), …`, or for an earliest-first guard `c = IF((VALUES(a), VALUES(b)) <= (a, b),
+/// VALUES(c), c)`. MySQL assigns in order, each seeing the ones before: the guard's columns go
+/// last, the least significant first, so every condition still compares the stored row (once
+/// `b` is set, `(VALUES(a), VALUES(b)) <= (a, b)` holds just when it held before). Without a
+/// guard the first row stands.
 fn upsert_tail(table: &Table) -> String {
-    let Some(guard) = table.guard else {
-        return format!(" ON DUPLICATE KEY UPDATE `{0}` = `{0}`", table.keys[0]);
+    let (condition, last): (String, Vec<&str>) = match table.guard {
+        None => return format!(" ON DUPLICATE KEY UPDATE `{0}` = `{0}`", table.keys[0]),
+        Some(Guard::Highest(guard)) => (format!("VALUES(`{guard}`) >= `{guard}`"), vec![guard]),
+        Some(Guard::Earliest { by, .. }) => {
+            let new: Vec<String> = by.iter().map(|c| format!("VALUES(`{c}`)")).collect();
+            let stored: Vec<String> = by.iter().map(|c| format!("`{c}`")).collect();
+            (format!("({}) <= ({})", new.join(", "), stored.join(", ")), by.iter().rev().copied().collect())
+        }
     };
-    let mut set: Vec<String> = table
+    let set: Vec<String> = table
         .values
         .iter()
-        .filter(|c| **c != guard)
-        .map(|c| format!("`{c}` = IF(VALUES(`{guard}`) >= `{guard}`, VALUES(`{c}`), `{c}`)"))
+        .filter(|c| !last.contains(c))
+        .chain(&last)
+        .map(|c| format!("`{c}` = IF({condition}, VALUES(`{c}`), `{c}`)"))
         .collect();
-    set.push(format!("`{guard}` = GREATEST(`{guard}`, VALUES(`{guard}`))"));
     format!(" ON DUPLICATE KEY UPDATE {}", set.join(", "))
 }

@@ -1,7 +1,7 @@
 //! The embedded SQLite store (one file, WAL mode).
 
 use super::tables::{
-    retractions, sort_by_key, top_n_rows, top_n_windows, upserts, Table, Val, TOP_N, TOP_N_WINDOW_KEYS,
+    retractions, sort_by_key, top_n_rows, top_n_windows, upserts, Guard, Table, Val, TOP_N, TOP_N_WINDOW_KEYS,
 };
 use crate::results::ResultBatch;
 use rusqlite::types::{ToSqlOutput, Value, ValueRef};
@@ -272,7 +272,7 @@ pub(super) fn write_rows(tx: &rusqlite::Transaction, batch: &ResultBatch) -> rus
         each(tx, &format!("{}{}", insert_one(table), upsert_tail(table)), &rows)?;
     }
     for (table, rows) in retractions(batch) {
-        each(tx, &delete_one(table, table.keys, table.guard), &rows)?;
+        each(tx, &delete_one(table, table.keys, table.revision()), &rows)?;
     }
     each(tx, &delete_one(&TOP_N, TOP_N_WINDOW_KEYS, None), &top_n_windows(batch))?;
     each(tx, &insert_one(&TOP_N), &top_n_rows(batch))
@@ -292,18 +292,20 @@ fn delete_one(table: &Table, keys: &[&str], guard: Option<&str>) -> String {
     format!("DELETE FROM {} WHERE {}", table.name, conditions.join(" AND "))
 }
 
-/// ` ON CONFLICT (keys) DO UPDATE SET … WHERE excluded.guard >= table.guard`, or `DO NOTHING`.
+/// ` ON CONFLICT (keys) DO UPDATE SET … WHERE excluded.guard >= table.guard` (or
+/// `(excluded.a, excluded.b) <= (table.a, table.b)` for an earliest-first guard), or
+/// `DO NOTHING`.
 fn upsert_tail(table: &Table) -> String {
     let keys = table.keys.join(", ");
-    match table.guard {
-        None => format!(" ON CONFLICT ({keys}) DO NOTHING"),
-        Some(guard) => {
-            let set: Vec<String> = table.values.iter().map(|c| format!("{c} = excluded.{c}")).collect();
-            format!(
-                " ON CONFLICT ({keys}) DO UPDATE SET {} WHERE excluded.{guard} >= {}.{guard}",
-                set.join(", "),
-                table.name
-            )
+    let condition = match table.guard {
+        None => return format!(" ON CONFLICT ({keys}) DO NOTHING"),
+        Some(Guard::Highest(guard)) => format!("excluded.{guard} >= {}.{guard}", table.name),
+        Some(Guard::Earliest { by, .. }) => {
+            let new: Vec<String> = by.iter().map(|c| format!("excluded.{c}")).collect();
+            let stored: Vec<String> = by.iter().map(|c| format!("{}.{c}", table.name)).collect();
+            format!("({}) <= ({})", new.join(", "), stored.join(", "))
         }
-    }
+    };
+    let set: Vec<String> = table.values.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+    format!(" ON CONFLICT ({keys}) DO UPDATE SET {} WHERE {condition}", set.join(", "))
 }

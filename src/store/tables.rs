@@ -24,12 +24,34 @@ pub(super) struct Table {
     pub name: &'static str,
     pub keys: &'static [&'static str],
     pub values: &'static [&'static str],
-    /// The value column that orders updates: a stored row is replaced only by one with an
-    /// equal or higher value. `None`: the first row stands.
-    pub guard: Option<&'static str>,
+    /// What orders a key's rows: a stored row is replaced only by one that comes no earlier.
+    /// `None`: the first row stands.
+    pub guard: Option<Guard>,
+}
+
+/// The order of a key's rows.
+#[derive(Clone, Copy)]
+pub(super) enum Guard {
+    /// By this column (a revision, or a count that only grows); an equal row replaces the
+    /// stored one (a replay writes the same again).
+    Highest(&'static str),
+    /// By these columns compared as a tuple, the earliest standing; an equal row replaces the
+    /// stored one (a vehicle's first entry is its
+    /// earliest pass whatever revision a row carries: a first-entry store that lost records
+    /// offers later passes as first entries again, at revision 0); `revision` numbers the rows
+    /// for readers.
+    Earliest { by: &'static [&'static str], revision: &'static str },
 }
 
 impl Table {
+    /// The column that numbers a key's rows, if any.
+    pub fn revision(&self) -> Option<&'static str> {
+        match self.guard? {
+            Guard::Highest(column) => Some(column),
+            Guard::Earliest { revision, .. } => Some(revision),
+        }
+    }
+
     pub fn columns(&self) -> String {
         self.keys.iter().chain(self.values).map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
     }
@@ -39,37 +61,37 @@ const FLOW_COUNTS: Table = Table {
     name: "flow_counts",
     keys: &["level", "key_id", "window_s", "window_start"],
     values: &["passes", "revision"],
-    guard: Some("revision"),
+    guard: Some(Guard::Highest("revision")),
 };
 const ORIGIN_COUNTS: Table = Table {
     name: "origin_counts",
     keys: &["region_id", "window_s", "window_start", "origin_province", "origin_city"],
     values: &["scope", "vehicles", "revision"],
-    guard: Some("revision"),
+    guard: Some(Guard::Highest("revision")),
 };
 const HIGH_FREQUENCY: Table = Table {
     name: "high_frequency",
     keys: &["day", "checkpoint_id", "plate", "plate_color"],
     values: &["first_ts", "last_ts", "passes"],
-    guard: Some("passes"),
+    guard: Some(Guard::Highest("passes")),
 };
 const CHECKPOINT_SPEED: Table = Table {
     name: "checkpoint_speed",
     keys: &["checkpoint_id", "window_s", "window_start"],
     values: &["samples", "mean_speed_kmh", "revision"],
-    guard: Some("revision"),
+    guard: Some(Guard::Highest("revision")),
 };
 const SEGMENT_CONGESTION: Table = Table {
     name: "segment_congestion",
     keys: &["segment_id", "window_s", "window_start"],
     values: &["traversals", "mean_speed_kmh", "travel_time_index", "congestion_level", "revision"],
-    guard: Some("revision"),
+    guard: Some(Guard::Highest("revision")),
 };
 const AREA_CONGESTION: Table = Table {
     name: "area_congestion",
     keys: &["level", "key_id", "window_s", "window_start"],
     values: &["mean_speed_kmh", "travel_time_index", "congestion_level", "revision"],
-    guard: Some("revision"),
+    guard: Some(Guard::Highest("revision")),
 };
 const ALERTS: Table = Table {
     name: "alerts",
@@ -86,13 +108,13 @@ const ALERTS: Table = Table {
         "status",
         "revision",
     ],
-    guard: Some("revision"),
+    guard: Some(Guard::Highest("revision")),
 };
 const TRAJECTORIES: Table = Table {
     name: "trajectories",
     keys: &["plate", "plate_color", "day"],
     values: &["passes", "times", "checkpoints", "intervals_s", "revision"],
-    guard: Some("revision"),
+    guard: Some(Guard::Highest("revision")),
 };
 const RESTRICTION_VIOLATIONS: Table = Table {
     name: "restriction_violations",
@@ -104,13 +126,13 @@ const RESTRICTION_SUMMARY: Table = Table {
     name: "restriction_summary",
     keys: &["day", "checkpoint_id", "rule_id"],
     values: &["vehicles", "violations"],
-    guard: Some("violations"),
+    guard: Some(Guard::Highest("violations")),
 };
 const FIRST_ENTRY: Table = Table {
     name: "first_entry",
     keys: &["plate", "plate_color"],
     values: &["ts", "checkpoint_id", "pass_id", "revision"],
-    guard: Some("revision"),
+    guard: Some(Guard::Earliest { by: &["ts", "pass_id"], revision: "revision" }),
 };
 const LATE_PASSES: Table = Table {
     name: "late_passes",
@@ -398,7 +420,7 @@ where
     String: Encode<'q, DB> + Type<DB>,
     Option<i64>: Encode<'q, DB> + Type<DB>,
 {
-    let guard = table.guard.unwrap_or("revision");
+    let guard = table.revision().unwrap_or("revision");
     let mut q = QueryBuilder::new(format!("DELETE FROM {} WHERE ", table.name));
     let mut conditions = q.separated(" AND ");
     for (column, v) in table.keys.iter().zip(row).chain(std::iter::once((&guard, &row[row.len() - 1]))) {
@@ -597,7 +619,7 @@ pub fn for_each_json_row(batch: &ResultBatch, mut each: impl FnMut(JsonRow<'_>))
     }
     for (table, rows) in upserts(batch) {
         let columns: Vec<&str> = table.keys.iter().chain(table.values).copied().collect();
-        let guard = table.guard.and_then(|g| columns.iter().position(|c| *c == g));
+        let guard = table.revision().and_then(|g| columns.iter().position(|c| *c == g));
         for values in rows {
             let revision = guard.map(|i| if let Val::Int(v) = values[i] { v } else { 0 });
             key.clear();
