@@ -32,6 +32,8 @@ const MAX_BACKOFF_MS: i64 = 5 * 60_000;
 const HOUR_MS: i64 = 3_600_000;
 /// Deliveries to one endpoint in one round at most.
 const ROUND: usize = 200;
+/// How often the queue is pruned of deliveries kept long enough.
+const PRUNE_EVERY_MS: i64 = 10 * 60_000;
 
 /// `[webhooks]` in the configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -41,6 +43,13 @@ pub struct WebhookConfig {
     pub queue: PathBuf,
     /// A delivery failing for longer than this (since its first failure) is dead-lettered.
     pub give_up_after: HumanDuration,
+    /// Delivered deliveries (and revisions a later one replaced) are deleted from the queue
+    /// this long after they were sent. A replay of input older than that sends its alerts
+    /// again (under the same idempotency keys).
+    pub keep_delivered: HumanDuration,
+    /// Dead-lettered deliveries are deleted this long after they were given up, unless sent
+    /// again before (`POST /api/v1/admin/webhooks/redrive`).
+    pub keep_dead: HumanDuration,
     pub endpoints: Vec<EndpointConfig>,
 }
 
@@ -49,6 +58,8 @@ impl Default for WebhookConfig {
         WebhookConfig {
             queue: "data/webhooks.db".into(),
             give_up_after: HumanDuration::from_secs(24 * 3600),
+            keep_delivered: HumanDuration::from_secs(7 * 24 * 3600),
+            keep_dead: HumanDuration::from_secs(30 * 24 * 3600),
             endpoints: Vec::new(),
         }
     }
@@ -300,8 +311,17 @@ impl Webhooks {
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut sent: Vec<Vec<i64>> = vec![Vec::new(); self.config.endpoints.len()];
         let mut failing = Duration::ZERO;
+        let mut pruned_at = None;
         while !*stop.borrow() {
-            let pause = match self.deliver_due(&mut sent, chrono::Utc::now().timestamp_millis()).await {
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let round = async {
+                if pruned_at.is_none_or(|t| now_ms - t >= PRUNE_EVERY_MS) {
+                    self.prune(now_ms).await?;
+                    pruned_at = Some(now_ms);
+                }
+                self.deliver_due(&mut sent, now_ms).await
+            };
+            let pause = match round.await {
                 Ok(true) => {
                     failing = Duration::ZERO;
                     continue;
@@ -463,6 +483,48 @@ impl Webhooks {
             .await?;
         anyhow::ensure!(response.status().is_success(), "the receiver answered {}", response.status());
         Ok(())
+    }
+
+    /// Deletes the deliveries kept long enough (see [`WebhookConfig::keep_delivered`] and
+    /// [`WebhookConfig::keep_dead`]); returns how many. A delivery's `next_at` is when it ended.
+    pub async fn prune(&self, now_ms: i64) -> anyhow::Result<u64> {
+        let mut deleted = 0;
+        for (states, kept) in
+            [("'delivered', 'superseded'", &self.config.keep_delivered), ("'dead'", &self.config.keep_dead)]
+        {
+            deleted += sqlx::query(&format!("DELETE FROM deliveries WHERE state IN ({states}) AND next_at < ?"))
+                .bind(now_ms.saturating_sub(kept.as_millis()))
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, "webhook queue pruned of deliveries kept long enough");
+        }
+        Ok(deleted)
+    }
+
+    /// Sends dead-lettered deliveries again, from now on, as if new (their give-up time counts
+    /// afresh): those of `endpoint`, or of every configured endpoint. Returns how many.
+    pub async fn redrive(&self, endpoint: Option<&str>, now_ms: i64) -> anyhow::Result<u64> {
+        let mut redriven = 0;
+        for e in self.config.endpoints.iter().filter(|e| endpoint.is_none_or(|name| e.name == name)) {
+            redriven += sqlx::query(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_at = ?, failing_since = NULL \
+                 WHERE endpoint = ? AND state = 'dead'",
+            )
+            .bind(now_ms)
+            .bind(&e.name)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        Ok(redriven)
+    }
+
+    /// Whether `name` is a configured endpoint.
+    pub fn has_endpoint(&self, name: &str) -> bool {
+        self.config.endpoints.iter().any(|e| e.name == name)
     }
 
     /// Deliveries by state.

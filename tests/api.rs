@@ -40,6 +40,7 @@ async fn serve_with(
         auth: Arc::new(passflow::api::Auth::new(tokens, audit)),
         live_alerts: tokio::sync::broadcast::channel(16).0,
         limits: Arc::new(passflow::api::Limits::new(limit_per_second, vec!["https://ops.example.org".into()])),
+        webhooks: None,
     };
     let listener = api::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -68,6 +68,8 @@ fn config_for(dir: &std::path::Path, addr: SocketAddr, give_up_s: u64) -> Webhoo
     WebhookConfig {
         queue: dir.join("webhooks.db"),
         give_up_after: passflow::config::HumanDuration::from_secs(give_up_s),
+        keep_delivered: passflow::config::HumanDuration::from_secs(3600),
+        keep_dead: passflow::config::HumanDuration::from_secs(2 * 3600),
         endpoints: vec![EndpointConfig {
             name: "desk".into(),
             url: format!("http://{addr}/hook"),
@@ -359,6 +361,50 @@ async fn a_plate_put_on_the_watch_list_through_the_api_raises_a_watchlist_webhoo
     assert_eq!(missing.status().as_u16(), 404);
     let file = std::fs::read_to_string(dir.path().join("watchlist.csv")).unwrap();
     assert!(!file.contains(&plate) && file.lines().count() == plates.len(), "the file keeps the other entries");
+    // Dead-lettered deliveries are sent again on request (none are dead here).
+    let redrive = format!("http://{}/api/v1/admin/webhooks/redrive", handle.api_addr);
+    let unknown = client.post(&redrive).json(&serde_json::json!({ "endpoint": "nope" })).send().await.unwrap();
+    assert_eq!(unknown.status().as_u16(), 404);
+    let all = client.post(&redrive).json(&serde_json::json!({})).send().await.unwrap();
+    assert_eq!(all.status().as_u16(), 200);
+    assert_eq!(all.json::<serde_json::Value>().await.unwrap(), serde_json::json!({ "redriven": 0 }));
     handle.stop();
     tokio::time::timeout(std::time::Duration::from_secs(10), handle.wait()).await.expect("stops promptly").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_deliveries_are_sent_again_on_request_and_ended_ones_pruned_once_kept_long_enough() {
+    let (dir, receiver, addr, _server) = healthy_receiver().await;
+    // Give up after a minute; delivered ones are kept an hour, dead ones two.
+    let hooks = Webhooks::open(&config_for(dir.path(), addr, 60), &Metrics::new()).await.unwrap();
+    let surge = |n: u32| alert(&format!("traffic_surge-{n}"), "traffic_surge", "", 1_000);
+    let counts = |pending, delivered, dead| QueueCounts { pending, delivered, dead };
+    let (t0, mut sent) = (10_000_000, vec![Vec::new()]);
+    hooks.enqueue(&[surge(1)], t0).await.unwrap();
+    hooks.deliver_due(&mut sent, t0).await.unwrap();
+    receiver.healthy.store(false, Ordering::SeqCst);
+    hooks.enqueue(&[surge(2)], t0).await.unwrap();
+    hooks.deliver_due(&mut sent, t0 + 1_000).await.unwrap();
+    hooks.deliver_due(&mut sent, t0 + 62_000).await.unwrap();
+    assert_eq!(hooks.counts().await.unwrap(), counts(0, 1, 1));
+    // Sent again once the receiver is back, and its give-up time counts afresh.
+    receiver.healthy.store(true, Ordering::SeqCst);
+    assert_eq!(hooks.redrive(Some("nope"), t0 + 100_000).await.unwrap(), 0);
+    assert_eq!(hooks.redrive(Some("desk"), t0 + 100_000).await.unwrap(), 1);
+    assert!(hooks.deliver_due(&mut sent, t0 + 100_000).await.unwrap());
+    assert_eq!(hooks.counts().await.unwrap(), counts(0, 2, 0));
+    let got: Vec<String> = receiver.received.lock().unwrap().iter().map(|r| r.0.clone()).collect();
+    assert_eq!(got.iter().filter(|id| id.as_str() == "traffic_surge-2").count(), 1, "{got:?}");
+    // One more, dead at t0 + 261 s.
+    receiver.healthy.store(false, Ordering::SeqCst);
+    hooks.enqueue(&[surge(3)], t0 + 200_000).await.unwrap();
+    hooks.deliver_due(&mut sent, t0 + 200_000).await.unwrap();
+    hooks.deliver_due(&mut sent, t0 + 261_000).await.unwrap();
+    assert_eq!(hooks.counts().await.unwrap(), counts(0, 2, 1));
+    assert_eq!(hooks.prune(t0 + 3_600_000).await.unwrap(), 0, "nothing kept an hour yet");
+    assert_eq!(hooks.prune(t0 + 3_600_001).await.unwrap(), 1, "the first delivered");
+    assert_eq!(hooks.counts().await.unwrap(), counts(0, 1, 1));
+    assert_eq!(hooks.prune(t0 + 261_000 + 7_200_000).await.unwrap(), 1, "the second delivered; the dead kept");
+    assert_eq!(hooks.prune(t0 + 261_000 + 7_200_001).await.unwrap(), 1, "the dead, two hours on");
+    assert_eq!(hooks.counts().await.unwrap(), counts(0, 0, 0));
 }

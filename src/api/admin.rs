@@ -1,5 +1,7 @@
 //! Admin calls: `POST /api/v1/admin/savepoint {"to": DIR}` takes a checkpoint and exports it as
-//! a savepoint; `passflow savepoint create` is its client.
+//! a savepoint (`passflow savepoint create` is its client); `POST
+//! /api/v1/admin/webhooks/redrive {"endpoint": NAME}` sends dead-lettered webhook deliveries
+//! again, those of one endpoint or (`{}`) of all.
 
 use super::AppState;
 use axum::extract::State;
@@ -45,6 +47,28 @@ pub async fn savepoint(State(state): State<AppState>, Json(request): Json<Savepo
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({ "error": "unavailable", "message": "the pipeline stopped" })),
         ),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveRequest {
+    #[serde(default)]
+    endpoint: Option<String>,
+}
+
+pub async fn redrive_webhooks(State(state): State<AppState>, Json(request): Json<RedriveRequest>) -> impl IntoResponse {
+    let error =
+        |status, code: &str, message: String| (status, Json(serde_json::json!({ "error": code, "message": message })));
+    let Some(webhooks) = &state.webhooks else {
+        return error(StatusCode::NOT_FOUND, "not_found", "no webhook endpoint is configured".into());
+    };
+    if let Some(name) = request.endpoint.as_deref().filter(|name| !webhooks.has_endpoint(name)) {
+        return error(StatusCode::NOT_FOUND, "not_found", format!("no webhook endpoint `{name}` is configured"));
+    }
+    match webhooks.redrive(request.endpoint.as_deref(), chrono::Utc::now().timestamp_millis()).await {
+        Ok(n) => (StatusCode::OK, Json(serde_json::json!({ "redriven": n }))),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("the webhook queue failed: {e:#}")),
     }
 }
 

@@ -38,6 +38,8 @@ pub struct AppState {
     /// Alerts as they are written (JSON), for `/api/v1/alerts/stream`.
     pub live_alerts: tokio::sync::broadcast::Sender<Arc<str>>,
     pub limits: Arc<limits::Limits>,
+    /// The webhook queue, when endpoints are configured.
+    pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -47,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/admin/savepoint", post(admin::savepoint))
+        .route("/api/v1/admin/webhooks/redrive", post(admin::redrive_webhooks))
         .route("/api/v1/admin/watchlist", get(watchlist::list).post(watchlist::put))
         .route("/api/v1/admin/watchlist/{plate}", delete(watchlist::remove))
         .route("/api/v1/openapi.json", get(openapi::document))

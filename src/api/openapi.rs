@@ -331,6 +331,21 @@ fn calls() -> Vec<Call> {
             ok: (200, fields(&[("checkpoint_id", int()), ("to", string())])),
             not_found: false,
         },
+        Call {
+            method: "post",
+            path: "/api/v1/admin/webhooks/redrive",
+            summary: "Send dead-lettered webhook deliveries again, of one endpoint or of all",
+            params: vec![],
+            body: Some(json!({
+                "type": "object",
+                "additionalProperties": false,
+                "properties": {
+                    "endpoint": { "type": "string", "description": "the endpoint's name; left out: every endpoint" },
+                },
+            })),
+            ok: (200, fields(&[("redriven", int())])),
+            not_found: true,
+        },
     ]
 }
 

@@ -159,6 +159,10 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
     let (admin_tx, admin_rx) = mpsc::channel(4);
     let mut tasks = JoinSet::new();
     let (live_alerts, _) = tokio::sync::broadcast::channel(1024);
+    let webhooks = match config.webhooks.endpoints.is_empty() {
+        true => None,
+        false => Some(crate::webhooks::Webhooks::open(&config.webhooks, &metrics).await?),
+    };
     let api_store = Arc::new(Store::open(&config.store.url).await?);
     let state = AppState {
         live_alerts: live_alerts.clone(),
@@ -169,15 +173,12 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
         city: city.clone(),
         auth: Arc::new(crate::api::Auth::new(config.api.tokens.clone(), config.api.audit_log.clone())),
         limits: Arc::new(crate::api::Limits::new(config.api.requests_per_second, config.api.cors_origins.clone())),
+        webhooks: webhooks.clone(),
     };
     let mut api_stop = stopped.clone();
     tasks.spawn(async move {
         tokio::select! { r = api::serve(listener, state) => ("api", r), _ = api_stop.wait_for(|s| *s) => ("api", Ok(())) }
     });
-    let webhooks = match config.webhooks.endpoints.is_empty() {
-        true => None,
-        false => Some(crate::webhooks::Webhooks::open(&config.webhooks, &metrics).await?),
-    };
     if let Some(webhooks) = &webhooks {
         let (webhooks, stopped) = (webhooks.clone(), stopped.clone());
         tasks.spawn(async move { ("webhooks", webhooks.run(stopped).await) });
