@@ -522,6 +522,30 @@ async fn a_redis_that_stops_answering_holds_first_entries_back_until_it_answers_
     let _: () = redis::cmd("DEL").arg(&keys).query(&mut connection).unwrap();
 }
 
+/// A Redis that refuses the offer (a key of another type under the prefix) holds the pipeline
+/// back, without losing the offer, until the key is put right.
+#[test]
+fn a_redis_that_refuses_first_entries_holds_them_back_until_put_right() {
+    use passflow::pipelines::{Candidate, FirstEntryStore, RedisFirstEntries};
+    let url = redis_url();
+    let prefix = format!("passflow-test-refused:{}:{}:", std::process::id(), chrono::Utc::now().timestamp_millis());
+    let mut connection = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let key = format!("{prefix}first_entry:赣A9:2");
+    let _: () = redis::cmd("SET").arg(&key).arg("not a hash").query(&mut connection).unwrap();
+    let mut store = RedisFirstEntries::open(&url, &prefix).unwrap();
+    let candidate =
+        Candidate { vehicle: "赣A9:2".into(), ts: 100, pass_id: "a".into(), checkpoint_id: "KK0001".into() };
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(store.offer(&[candidate]).map_err(|e| e.to_string()));
+    });
+    assert!(result.recv_timeout(Duration::from_secs(1)).is_err(), "answered while refused");
+    let _: () = redis::cmd("DEL").arg(&key).query(&mut connection).unwrap();
+    let revisions = result.recv_timeout(Duration::from_secs(30)).expect("the offer went through once put right");
+    assert_eq!(revisions.unwrap(), [Some(0)]);
+    let _: () = redis::cmd("DEL").arg(&key).query(&mut connection).unwrap();
+}
+
 /// Switching from the embedded first-entry store to Redis through a savepoint: its records are
 /// merged into Redis, the earlier pass winning, above the revision of a record it replaces.
 #[test]

@@ -237,6 +237,8 @@ pub struct RedisFirstEntries {
     merge_script: redis::Script,
     key_prefix: String,
     reply_timeout: Duration,
+    /// Whether Redis's persistence has been looked at (once, on the first connection).
+    durability_checked: bool,
 }
 
 impl RedisFirstEntries {
@@ -249,6 +251,7 @@ impl RedisFirstEntries {
             merge_script: redis::Script::new(&format!("{BYTES_LESS}{MERGE_SCRIPT}")),
             key_prefix: key_prefix.to_owned(),
             reply_timeout: REDIS_REPLY_TIMEOUT,
+            durability_checked: false,
         })
     }
 
@@ -271,6 +274,20 @@ impl RedisFirstEntries {
         Ok(connection)
     }
 
+    /// Warns, once, when Redis keeps no append-only file: first entries written since its last
+    /// snapshot are then lost when it restarts (see the README). A server that does not allow
+    /// `CONFIG GET` is not asked again.
+    fn warn_unless_durable(&mut self, connection: &mut redis::Connection) {
+        if std::mem::replace(&mut self.durability_checked, true) {
+            return;
+        }
+        let appendonly: redis::RedisResult<Vec<String>> =
+            redis::cmd("CONFIG").arg("GET").arg("appendonly").query(connection);
+        if appendonly.is_ok_and(|answer| answer.get(1).is_some_and(|v| v == "no")) {
+            tracing::warn!("the first-entry Redis keeps no append-only file (appendonly no): first entries it loses in a restart are raised again by the vehicles' next inbound passes (on the Kafka output; the first_entry table keeps the earliest)");
+        }
+    }
+
     /// `call` on a connection, made again on a new one with back-off until it succeeds (each
     /// call here may be made again harmlessly).
     fn retrying<T>(
@@ -282,7 +299,10 @@ impl RedisFirstEntries {
         loop {
             let connection = match self.connection.take() {
                 Some(c) => Ok(c),
-                None => self.connect(),
+                None => self.connect().map(|mut c| {
+                    self.warn_unless_durable(&mut c);
+                    c
+                }),
             };
             match connection.and_then(|mut c| call(self, &mut c).map(|answer| (c, answer))) {
                 Ok((connection, answer)) => {
@@ -290,7 +310,16 @@ impl RedisFirstEntries {
                     return answer;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "first-entry store (Redis) failed to {what}; retrying");
+                    let retry_in_ms = backoff.as_millis() as u64;
+                    // Refused rather than failed: that does not pass by itself, but may be put
+                    // right in Redis while the pipeline waits.
+                    if matches!(e.retry_method(), redis::RetryMethod::NoRetry)
+                        || e.kind() == redis::ErrorKind::AuthenticationFailed
+                    {
+                        tracing::error!(error = %e, retry_in_ms, "first-entry store (Redis) refused to {what}: check its credentials, its ACL and the keys under the prefix; the pipeline waits and retries");
+                    } else {
+                        tracing::warn!(error = %e, retry_in_ms, "first-entry store (Redis) failed to {what}; retrying");
+                    }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
