@@ -504,21 +504,34 @@ impl Webhooks {
         Ok(deleted)
     }
 
-    /// Sends dead-lettered deliveries again, from now on, as if new (their give-up time counts
-    /// afresh): those of `endpoint`, or of every configured endpoint. Returns how many.
+    /// Sends dead-lettered deliveries again, from now on, their give-up time counted afresh:
+    /// those of `endpoint`, or of every configured endpoint. Only an alert's latest revision
+    /// is sent again (an earlier dead one is superseded by it), and a redriven delivery keeps
+    /// its attempts: it was tried, so a change to it becomes its next revision. Returns how
+    /// many are sent again.
     pub async fn redrive(&self, endpoint: Option<&str>, now_ms: i64) -> anyhow::Result<u64> {
+        let mut tx = self.pool.begin().await?;
         let mut redriven = 0;
         for e in self.config.endpoints.iter().filter(|e| endpoint.is_none_or(|name| e.name == name)) {
+            sqlx::query(
+                "UPDATE deliveries SET state = 'superseded' WHERE endpoint = ? AND state = 'dead' AND EXISTS \
+                 (SELECT 1 FROM deliveries later WHERE later.endpoint = deliveries.endpoint \
+                  AND later.alert_id = deliveries.alert_id AND later.revision > deliveries.revision)",
+            )
+            .bind(&e.name)
+            .execute(&mut *tx)
+            .await?;
             redriven += sqlx::query(
-                "UPDATE deliveries SET state = 'pending', attempts = 0, next_at = ?, failing_since = NULL \
+                "UPDATE deliveries SET state = 'pending', next_at = ?, failing_since = NULL \
                  WHERE endpoint = ? AND state = 'dead'",
             )
             .bind(now_ms)
             .bind(&e.name)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?
             .rows_affected();
         }
+        tx.commit().await?;
         Ok(redriven)
     }
 

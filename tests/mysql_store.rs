@@ -246,13 +246,18 @@ async fn a_later_pass_never_replaces_a_stored_first_entry_in_both_stores() {
         // An earlier pass (a late one, or a tie on time broken by the pass id) replaces it.
         write(vec![first_entry(2_000, "p1", 1)]).await.unwrap();
         assert_eq!(stored().await, [(2_000, "p1".to_owned(), 1)], "{}", store.kind());
-        write(vec![first_entry(1_000, "p0", 2)]).await.unwrap();
-        write(vec![first_entry(1_000, "p0", 2)]).await.unwrap();
+        // Earlier in time with a larger pass id wins whole (MySQL sets the columns in turn);
+        // later in time with a smaller one loses.
+        write(vec![first_entry(1_000, "p9", 2)]).await.unwrap();
+        assert_eq!(stored().await, [(1_000, "p9".to_owned(), 2)], "{}", store.kind());
+        write(vec![first_entry(1_500, "a", 3)]).await.unwrap();
+        write(vec![first_entry(1_000, "p0", 3)]).await.unwrap();
+        write(vec![first_entry(1_000, "p0", 3)]).await.unwrap();
         let rows = store.first_entries().await.unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(
             (rows[0].2, rows[0].3.as_str(), rows[0].4.as_str(), rows[0].5),
-            (1_000, "KKp0", "p0", 2),
+            (1_000, "KKp0", "p0", 3),
             "{}",
             store.kind()
         );

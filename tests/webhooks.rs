@@ -377,34 +377,44 @@ async fn dead_deliveries_are_sent_again_on_request_and_ended_ones_pruned_once_ke
     let (dir, receiver, addr, _server) = healthy_receiver().await;
     // Give up after a minute; delivered ones are kept an hour, dead ones two.
     let hooks = Webhooks::open(&config_for(dir.path(), addr, 60), &Metrics::new()).await.unwrap();
-    let surge = |n: u32| alert(&format!("traffic_surge-{n}"), "traffic_surge", "", 1_000);
+    let surge = |n: u32, revision: u32| AlertRow {
+        revision,
+        ..alert(&format!("traffic_surge-{n}"), "traffic_surge", "", 1_000)
+    };
     let counts = |pending, delivered, dead| QueueCounts { pending, delivered, dead };
     let (t0, mut sent) = (10_000_000, vec![Vec::new()]);
-    hooks.enqueue(&[surge(1)], t0).await.unwrap();
+    hooks.enqueue(&[surge(1, 0)], t0).await.unwrap();
     hooks.deliver_due(&mut sent, t0).await.unwrap();
     receiver.healthy.store(false, Ordering::SeqCst);
-    hooks.enqueue(&[surge(2)], t0).await.unwrap();
+    // Two revisions of one alert, both given up.
+    hooks.enqueue(&[surge(2, 0), surge(2, 1)], t0).await.unwrap();
     hooks.deliver_due(&mut sent, t0 + 1_000).await.unwrap();
     hooks.deliver_due(&mut sent, t0 + 62_000).await.unwrap();
-    assert_eq!(hooks.counts().await.unwrap(), counts(0, 1, 1));
-    // Sent again once the receiver is back, and its give-up time counts afresh.
+    assert_eq!(hooks.counts().await.unwrap(), counts(0, 1, 2));
+    // Sent again once the receiver is back, its latest revision only, and its give-up time
+    // counts afresh.
     receiver.healthy.store(true, Ordering::SeqCst);
     assert_eq!(hooks.redrive(Some("nope"), t0 + 100_000).await.unwrap(), 0);
     assert_eq!(hooks.redrive(Some("desk"), t0 + 100_000).await.unwrap(), 1);
     assert!(hooks.deliver_due(&mut sent, t0 + 100_000).await.unwrap());
     assert_eq!(hooks.counts().await.unwrap(), counts(0, 2, 0));
-    let got: Vec<String> = receiver.received.lock().unwrap().iter().map(|r| r.0.clone()).collect();
-    assert_eq!(got.iter().filter(|id| id.as_str() == "traffic_surge-2").count(), 1, "{got:?}");
+    let keys: Vec<String> = receiver.received.lock().unwrap().iter().map(|r| r.1.clone()).collect();
+    assert_eq!(keys, ["traffic_surge-1/0", "traffic_surge-2/1"]);
     // One more, dead at t0 + 261 s.
     receiver.healthy.store(false, Ordering::SeqCst);
-    hooks.enqueue(&[surge(3)], t0 + 200_000).await.unwrap();
+    hooks.enqueue(&[surge(3, 0)], t0 + 200_000).await.unwrap();
     hooks.deliver_due(&mut sent, t0 + 200_000).await.unwrap();
     hooks.deliver_due(&mut sent, t0 + 261_000).await.unwrap();
     assert_eq!(hooks.counts().await.unwrap(), counts(0, 2, 1));
     assert_eq!(hooks.prune(t0 + 3_600_000).await.unwrap(), 0, "nothing kept an hour yet");
     assert_eq!(hooks.prune(t0 + 3_600_001).await.unwrap(), 1, "the first delivered");
     assert_eq!(hooks.counts().await.unwrap(), counts(0, 1, 1));
-    assert_eq!(hooks.prune(t0 + 261_000 + 7_200_000).await.unwrap(), 1, "the second delivered; the dead kept");
-    assert_eq!(hooks.prune(t0 + 261_000 + 7_200_001).await.unwrap(), 1, "the dead, two hours on");
+    let two_hours_after_the_dead = t0 + 261_000 + 7_200_000;
+    assert_eq!(
+        hooks.prune(two_hours_after_the_dead).await.unwrap(),
+        2,
+        "the second delivered and its superseded revision"
+    );
+    assert_eq!(hooks.prune(two_hours_after_the_dead + 1).await.unwrap(), 1, "the dead, two hours on");
     assert_eq!(hooks.counts().await.unwrap(), counts(0, 0, 0));
 }

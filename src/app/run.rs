@@ -82,38 +82,62 @@ impl RunHandle {
         if !self.tasks.is_empty() {
             // A task held by a dependency (a store call that retries until it answers) does
             // not see the stop; its work since the last checkpoint is done again on start.
-            let left = self.tasks.len();
-            return Err(anyhow::anyhow!(
-                "{left} task(s) did not stop within {:?} (core.stop_timeout): exiting without them and without a last checkpoint; the input since the last completed checkpoint is read again on start",
+            let left = anyhow::anyhow!(
+                "{} task(s) did not stop within {:?} (core.stop_timeout): exiting without them and without a last checkpoint; the input since the last completed checkpoint is read again on start",
+                self.tasks.len(),
                 self.stop_timeout
-            ));
+            );
+            return Err(match outcome {
+                Ok(()) => left,
+                Err(e) => e.context(left),
+            });
         }
         outcome
     }
 }
 
-/// Ctrl-C and SIGTERM, listened for from the start: one that comes while the service is
-/// still starting stops it like any other (rather than killing it with no last checkpoint).
+/// Ctrl-C and SIGTERM, listened for from the start on a task of their own. Until the service
+/// has started (a restore, say, can wait long for Redis) one ends the process at once, as it
+/// would without a handler: there is nothing to checkpoint yet. From then on it asks for a
+/// stop.
 struct StopSignals {
-    interrupt: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
+    started: Arc<std::sync::atomic::AtomicBool>,
+    requested: mpsc::UnboundedReceiver<()>,
 }
 
 impl StopSignals {
     fn listen() -> anyhow::Result<StopSignals> {
         use tokio::signal::unix::{signal, SignalKind};
         let listening = |kind| signal(kind).context("listening for Ctrl-C and SIGTERM");
-        Ok(StopSignals {
-            interrupt: listening(SignalKind::interrupt())?,
-            terminate: listening(SignalKind::terminate())?,
-        })
+        let (mut interrupt, mut terminate) = (listening(SignalKind::interrupt())?, listening(SignalKind::terminate())?);
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (request, requested) = mpsc::unbounded_channel();
+        let has_started = started.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+                if !has_started.load(std::sync::atomic::Ordering::SeqCst) {
+                    eprintln!("error: stopped while starting");
+                    std::process::exit(1);
+                }
+                if request.send(()).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(StopSignals { started, requested })
+    }
+
+    /// From now on a signal asks for a stop.
+    fn started(&self) {
+        self.started.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     async fn received(&mut self) {
-        tokio::select! {
-            _ = self.interrupt.recv() => {}
-            _ = self.terminate.recv() => {}
-        }
+        self.requested.recv().await;
     }
 }
 
@@ -223,6 +247,7 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
     let purger = Store::open(&config.store.url).await?;
     tasks.spawn(purge(purger, config.store.clone(), stopped.clone()));
     tasks.spawn(progress(metrics.clone(), stopped));
+    signals.started();
     Ok(RunHandle {
         api_addr,
         metrics,

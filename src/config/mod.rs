@@ -373,6 +373,13 @@ impl Config {
         let config: Config = figment.merge(env).extract().context("invalid configuration")?;
         config.city.tz()?;
         crate::pipelines::check_names(&config.pipelines.enabled).context("pipelines.enabled")?;
+        // An alert's notification can change until its hour has passed by the lateness; a
+        // notification's revisions are numbered from the rows kept in the queue.
+        let changing = config.core.allowed_lateness.as_millis() + 3_600_000;
+        anyhow::ensure!(
+            config.webhooks.keep_delivered.as_millis() >= changing && config.webhooks.keep_dead.as_millis() >= changing,
+            "webhooks.keep_delivered and webhooks.keep_dead must be at least core.allowed_lateness + 1h (alerts change until then)"
+        );
         Ok(config)
     }
 }
@@ -443,6 +450,13 @@ mod tests {
             assert!(load_in(jail, None, &[("PASSFLOW__CORE__ALLOWED_LATENESS", "soon")]).is_err());
             assert!(load_in(jail, None, &[("PASSFLOW__CORE__REPLAY_BATCH", "0")]).is_err());
             assert!(load_in(jail, Some("missing.toml"), &[]).is_err());
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            let short = [("PASSFLOW__CORE__ALLOWED_LATENESS", "6h"), ("PASSFLOW__WEBHOOKS__KEEP_DELIVERED", "6h")];
+            let err = load_in(jail, None, &short).unwrap_err();
+            assert!(err.to_string().contains("keep_delivered"), "{err}");
+            assert!(load_in(jail, None, &[("PASSFLOW__WEBHOOKS__KEEP_DELIVERED", "7h")]).is_ok());
             Ok(())
         });
     }

@@ -165,9 +165,11 @@ fn upsert(table: &mut Table, origins: &mut Origins, engine: &mut Engine, late: &
             origins.alert_rows.insert(a.alert_id.clone(), a);
         }
     }
+    // As the store's guard: the earliest pass stands, whatever the revision.
     for r in out.first_entry {
         let key = format!("{}:{}", r.plate, r.plate_color);
-        if origins.first_entry.get(&key).is_none_or(|(rev, _)| *rev <= r.revision) {
+        let earliest = |(_, (ts, id, _)): &(u32, (i64, String, String))| (r.ts, &*r.pass_id) <= (*ts, id.as_str());
+        if origins.first_entry.get(&key).is_none_or(earliest) {
             origins.first_entry.insert(key, (r.revision, (r.ts, r.pass_id.to_string(), r.checkpoint_id.to_string())));
         }
     }

@@ -313,8 +313,8 @@ impl RedisFirstEntries {
                     let retry_in_ms = backoff.as_millis() as u64;
                     // Refused rather than failed: that does not pass by itself, but may be put
                     // right in Redis while the pipeline waits.
-                    if matches!(e.retry_method(), redis::RetryMethod::NoRetry)
-                        || e.kind() == redis::ErrorKind::AuthenticationFailed
+                    if e.kind() == redis::ErrorKind::AuthenticationFailed
+                        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM" | "WRONGTYPE"))
                     {
                         tracing::error!(error = %e, retry_in_ms, "first-entry store (Redis) refused to {what}: check its credentials, its ACL and the keys under the prefix; the pipeline waits and retries");
                     } else {
