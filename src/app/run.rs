@@ -18,6 +18,7 @@ use anyhow::Context;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -101,7 +102,7 @@ impl RunHandle {
 /// would without a handler: there is nothing to checkpoint yet. From then on it asks for a
 /// stop.
 struct StopSignals {
-    started: Arc<std::sync::atomic::AtomicBool>,
+    started: Arc<AtomicBool>,
     requested: mpsc::UnboundedReceiver<()>,
 }
 
@@ -110,7 +111,7 @@ impl StopSignals {
         use tokio::signal::unix::{signal, SignalKind};
         let listening = |kind| signal(kind).context("listening for Ctrl-C and SIGTERM");
         let (mut interrupt, mut terminate) = (listening(SignalKind::interrupt())?, listening(SignalKind::terminate())?);
-        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started = Arc::new(AtomicBool::new(false));
         let (request, requested) = mpsc::unbounded_channel();
         let has_started = started.clone();
         tokio::spawn(async move {
@@ -119,7 +120,7 @@ impl StopSignals {
                     _ = interrupt.recv() => {}
                     _ = terminate.recv() => {}
                 }
-                if !has_started.load(std::sync::atomic::Ordering::SeqCst) {
+                if !has_started.load(Ordering::SeqCst) {
                     eprintln!("error: stopped while starting");
                     std::process::exit(1);
                 }
@@ -133,7 +134,7 @@ impl StopSignals {
 
     /// From now on a signal asks for a stop.
     fn started(&self) {
-        self.started.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.started.store(true, Ordering::SeqCst);
     }
 
     async fn received(&mut self) {

@@ -161,8 +161,9 @@ impl FirstEntryStore for RocksFirstEntries {
     }
 }
 
-/// Whether pass id `a` sorts before `b` by their bytes (not the locale's collation).
-const BYTES_LESS: &str = r#"
+/// What both scripts share: the order of passes (ties on time broken by the pass ids' bytes,
+/// not the locale's collation) and the writing of a record.
+const PRELUDE: &str = r#"
 local function bytes_less(a, b)
   local n = math.min(#a, #b)
   for i = 1, n do
@@ -170,6 +171,14 @@ local function bytes_less(a, b)
     if x ~= y then return x < y end
   end
   return #a < #b
+end
+-- Whether the pass (ts, id) comes before the stored one (`cur`: HMGET ts, pass_id, rev).
+local function earlier(ts, id, cur)
+  local cts = tonumber(cur[1])
+  return ts < cts or (ts == cts and bytes_less(id, cur[2]))
+end
+local function put(key, ts_text, id, cp, rev)
+  redis.call('HSET', key, 'ts', ts_text, 'pass_id', id, 'checkpoint_id', cp, 'rev', rev)
 end
 "#;
 
@@ -181,19 +190,15 @@ for i, key in ipairs(KEYS) do
   local ts, id, cp = tonumber(ARGV[3 * i - 2]), ARGV[3 * i - 1], ARGV[3 * i]
   local cur = redis.call('HMGET', key, 'ts', 'pass_id', 'rev')
   if not cur[1] then
-    redis.call('HSET', key, 'ts', ARGV[3 * i - 2], 'pass_id', id, 'checkpoint_id', cp, 'rev', 0)
+    put(key, ARGV[3 * i - 2], id, cp, 0)
     out[i] = 0
+  elseif earlier(ts, id, cur) then
+    out[i] = tonumber(cur[3]) + 1
+    put(key, ARGV[3 * i - 2], id, cp, out[i])
+  elseif id == cur[2] then
+    out[i] = tonumber(cur[3])
   else
-    local cts, rev = tonumber(cur[1]), tonumber(cur[3])
-    if ts < cts or (ts == cts and bytes_less(id, cur[2])) then
-      rev = rev + 1
-      redis.call('HSET', key, 'ts', ARGV[3 * i - 2], 'pass_id', id, 'checkpoint_id', cp, 'rev', rev)
-      out[i] = rev
-    elseif id == cur[2] then
-      out[i] = rev
-    else
-      out[i] = -1
-    end
+    out[i] = -1
   end
 end
 return out
@@ -206,16 +211,10 @@ const MERGE_SCRIPT: &str = r#"
 for i, key in ipairs(KEYS) do
   local ts, id, cp, rev = tonumber(ARGV[4 * i - 3]), ARGV[4 * i - 2], ARGV[4 * i - 1], tonumber(ARGV[4 * i])
   local cur = redis.call('HMGET', key, 'ts', 'pass_id', 'rev')
-  local set = not cur[1]
-  if not set then
-    local cts = tonumber(cur[1])
-    if ts < cts or (ts == cts and bytes_less(id, cur[2])) then
-      set = true
-      rev = math.max(rev, tonumber(cur[3]) + 1)
-    end
-  end
-  if set then
-    redis.call('HSET', key, 'ts', ARGV[4 * i - 3], 'pass_id', id, 'checkpoint_id', cp, 'rev', rev)
+  if not cur[1] then
+    put(key, ARGV[4 * i - 3], id, cp, rev)
+  elseif earlier(ts, id, cur) then
+    put(key, ARGV[4 * i - 3], id, cp, math.max(rev, tonumber(cur[3]) + 1))
   end
 end
 return #KEYS
@@ -247,8 +246,8 @@ impl RedisFirstEntries {
         Ok(RedisFirstEntries {
             client,
             connection: None,
-            offer_script: redis::Script::new(&format!("{BYTES_LESS}{OFFER_SCRIPT}")),
-            merge_script: redis::Script::new(&format!("{BYTES_LESS}{MERGE_SCRIPT}")),
+            offer_script: redis::Script::new(&format!("{PRELUDE}{OFFER_SCRIPT}")),
+            merge_script: redis::Script::new(&format!("{PRELUDE}{MERGE_SCRIPT}")),
             key_prefix: key_prefix.to_owned(),
             reply_timeout: REDIS_REPLY_TIMEOUT,
             durability_checked: false,

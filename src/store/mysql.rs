@@ -132,11 +132,12 @@ fn insert_head(table: &Table) -> String {
     format!("INSERT INTO {} ({}) ", table.name, table.columns())
 }
 
-/// `ON DUPLICATE KEY UPDATE c = IF(VALUES(guard) >= guard, VALUES(c), c), …`, or for an earliest-first guard `c = IF((VALUES(a), VALUES(b)) <= (a, b),
-/// VALUES(c), c)`. MySQL assigns in order, each seeing the ones before: the guard's columns go
-/// last, the least significant first, so every condition still compares the stored row (once
-/// `b` is set, `(VALUES(a), VALUES(b)) <= (a, b)` holds just when it held before). Without a
-/// guard the first row stands.
+/// `ON DUPLICATE KEY UPDATE c = IF(VALUES(guard) >= guard, VALUES(c), c), …`, or for an
+/// earliest-first guard `c = IF((VALUES(a), VALUES(b)) <= (a, b), VALUES(c), c)`. MySQL assigns
+/// in order, each seeing the ones before: the guard's columns go last, the least significant
+/// first, so every condition still compares the stored row (once `b` is set,
+/// `(VALUES(a), VALUES(b)) <= (a, b)` holds just when it held before). Without a guard the
+/// first row stands.
 fn upsert_tail(table: &Table) -> String {
     let (condition, last): (String, Vec<&str>) = match table.guard {
         None => return format!(" ON DUPLICATE KEY UPDATE `{0}` = `{0}`", table.keys[0]),

@@ -36,10 +36,9 @@ pub(super) enum Guard {
     /// stored one (a replay writes the same again).
     Highest(&'static str),
     /// By these columns compared as a tuple, the earliest standing; an equal row replaces the
-    /// stored one (a vehicle's first entry is its
-    /// earliest pass whatever revision a row carries: a first-entry store that lost records
-    /// offers later passes as first entries again, at revision 0); `revision` numbers the rows
-    /// for readers.
+    /// stored one. A vehicle's first entry is its earliest pass whatever revision a row
+    /// carries: a first-entry store that lost records offers later passes as first entries
+    /// again, at revision 0. `revision` numbers the rows for readers.
     Earliest { by: &'static [&'static str], revision: &'static str },
 }
 
