@@ -24,9 +24,9 @@ use std::sync::Arc;
 
 pub const ID_PREFIX: &[u8] = b"dedup/id/";
 const COMMITTED_KEY: &[u8] = b"dedup/committed";
-/// Ids a scratch database holds in memory before it writes them through: what a map of 2^22
-/// slots takes (some 170 MB) with room for a replay batch before it would grow; while one set
-/// is being written, the next fills another. Writing ids costs more CPU than holding them, so
+/// Ids a scratch database holds in memory before it writes them through: what an index of 2^22
+/// slots takes with room for a replay batch before it would grow (some 190 MB with the ids);
+/// while one set is being written, the next fills another. Writing ids costs more CPU than holding them, so
 /// a replay of a few million passes writes none.
 const AUTOFLUSH: usize = 3_400_000;
 /// Ids written through in one write: a write's batch and sorting stay small.
@@ -124,18 +124,7 @@ impl IdFilter {
     }
 
     fn may_hold(&self, hash: u64) -> bool {
-        self.may_hold_since(0, hash)
-    }
-
-    /// Whether generation `first` or a newer one may hold the id: ids inserted since the
-    /// newest was generation `first` are all there.
-    fn may_hold_since(&self, first: usize, hash: u64) -> bool {
-        self.generations[first.min(self.generations.len() - 1)..].iter().rev().any(|g| g.may_hold(hash))
-    }
-
-    /// The newest generation's place: where ids go now.
-    fn newest(&self) -> usize {
-        self.generations.len() - 1
+        self.generations.iter().rev().any(|g| g.may_hold(hash))
     }
 
     fn current(&mut self) -> &mut Bloom {
@@ -178,6 +167,69 @@ impl IdFilter {
     }
 }
 
+/// Ids with their (digest, event time), in the order they came, found through a table of their
+/// places. A new id costs an append and one slot of four bytes: a map of the ids themselves
+/// moves 40-byte entries each time it grows, and a new id would miss the cache twice in it.
+#[derive(Default)]
+struct IdSet {
+    ids: Vec<(Text, (u64, i64))>,
+    places: hashbrown::HashTable<u32>,
+}
+
+impl IdSet {
+    fn with_capacity(n: usize) -> IdSet {
+        IdSet { ids: Vec::with_capacity(n), places: hashbrown::HashTable::with_capacity(n) }
+    }
+
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn clear(&mut self) {
+        self.ids.clear();
+        self.places.clear();
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Text, &(u64, i64))> {
+        self.ids.iter().map(|(id, v)| (id, v))
+    }
+
+    /// The (digest, ts) of `id`, whose [`IdFilter::hash`] is `hash`.
+    fn get(&self, id: &str, hash: u64) -> Option<&(u64, i64)> {
+        let ids = &self.ids;
+        self.places.find(hash, |&i| ids[i as usize].0.as_bytes() == id.as_bytes()).map(|&i| &ids[i as usize].1)
+    }
+
+    /// Puts `id` in, or gives the (digest, ts) it has already, which `replace` may overwrite.
+    fn insert(
+        &mut self,
+        id: &Text,
+        hash: u64,
+        value: (u64, i64),
+        replace: impl FnOnce(&(u64, i64)) -> bool,
+    ) -> Option<(u64, i64)> {
+        let ids = &mut self.ids;
+        let place = |&i: &u32| IdFilter::hash(ids[i as usize].0.as_bytes());
+        match self.places.entry(hash, |&i| ids[i as usize].0.as_bytes() == id.as_bytes(), place) {
+            hashbrown::hash_table::Entry::Occupied(at) => {
+                let held = &mut ids[*at.get() as usize].1;
+                match replace(held) {
+                    true => {
+                        *held = value;
+                        None
+                    }
+                    false => Some(*held),
+                }
+            }
+            hashbrown::hash_table::Entry::Vacant(at) => {
+                at.insert(u32::try_from(ids.len()).expect("fewer than 2^32 ids a set"));
+                ids.push((id.clone(), value));
+                None
+            }
+        }
+    }
+}
+
 pub struct RocksDedup {
     db: Arc<DB>,
     /// Event time before which stored ids are expired (shared with the compaction filter).
@@ -186,10 +238,10 @@ pub struct RocksDedup {
     _scratch: Option<tempfile::TempDir>,
     horizon_ms: i64,
     /// Ids accepted since the last checkpoint: (digest, ts).
-    pending: FxHashMap<Text, (u64, i64)>,
+    pending: IdSet,
     /// The ids of checkpoints taken and not yet saved (at most one while the driver saves in
     /// the background), held in memory until [`DedupBackend::committed`]: (checkpoint, ids).
-    committing: Vec<(u64, FxHashMap<Text, (u64, i64)>)>,
+    committing: Vec<(u64, IdSet)>,
     max_ts: i64,
     /// Without checkpoints: write pending ids through once there are this many.
     autoflush: Option<usize>,
@@ -201,13 +253,13 @@ pub struct RocksDedup {
 
 /// A set of ids a writer thread is putting in RocksDB; they are read from here until it is done.
 struct Flush {
-    ids: Arc<FxHashMap<Text, (u64, i64)>>,
+    ids: Arc<IdSet>,
     writer: std::thread::JoinHandle<()>,
 }
 
 impl Flush {
     /// Writes `ids` (those not expired before `oldest_kept`) to `db` on a thread of its own.
-    fn start(db: Arc<DB>, ids: FxHashMap<Text, (u64, i64)>, oldest_kept: i64) -> Flush {
+    fn start(db: Arc<DB>, ids: IdSet, oldest_kept: i64) -> Flush {
         let ids = Arc::new(ids);
         let to_write = ids.clone();
         let writer = std::thread::Builder::new().name("passflow-dedup".into()).spawn(move || {
@@ -325,7 +377,7 @@ impl RocksDedup {
             cutoff,
             _scratch: None,
             horizon_ms,
-            pending: FxHashMap::default(),
+            pending: IdSet::default(),
             committing: Vec::new(),
             max_ts: i64::MIN,
             autoflush,
@@ -346,6 +398,8 @@ impl RocksDedup {
         let db = crate::core::checkpoint::open_state_db(dir.path(), cutoff.clone())?;
         let mut dedup = RocksDedup::new(Arc::new(db), cutoff, horizon_ms, Some(AUTOFLUSH))?;
         dedup._scratch = Some(dir);
+        // Room for a full set at once: the pages are touched only as ids arrive.
+        dedup.pending = IdSet::with_capacity(AUTOFLUSH);
         Ok(dedup)
     }
 
@@ -356,7 +410,7 @@ impl RocksDedup {
         let oldest_kept = self.oldest_kept();
         self.cutoff.fetch_max(oldest_kept, Ordering::Relaxed);
         // The next set is made as large at once (growing it rehashes it over and again).
-        let next = FxHashMap::with_capacity_and_hasher(self.pending.len(), Default::default());
+        let next = IdSet::with_capacity(self.pending.len());
         let ids = std::mem::replace(&mut self.pending, next);
         self.flushing = Some(Flush::start(self.db.clone(), ids, oldest_kept));
     }
@@ -369,12 +423,12 @@ impl RocksDedup {
     }
 
     /// The digest of an id held in memory (pending, in a checkpoint being saved, or being
-    /// written) and not expired.
-    fn in_memory(&self, id: &str) -> Option<u64> {
+    /// written) and not expired; `hash` is its [`IdFilter::hash`].
+    fn in_memory(&self, id: &str, hash: u64) -> Option<u64> {
         self.pending
-            .get(id)
-            .or_else(|| self.committing.iter().find_map(|(_, ids)| ids.get(id)))
-            .or_else(|| self.flushing.as_ref().and_then(|f| f.ids.get(id)))
+            .get(id, hash)
+            .or_else(|| self.committing.iter().find_map(|(_, ids)| ids.get(id, hash)))
+            .or_else(|| self.flushing.as_ref().and_then(|f| f.ids.get(id, hash)))
             .filter(|(_, ts)| *ts >= self.oldest_kept())
             .map(|(digest, _)| *digest)
     }
@@ -407,16 +461,16 @@ impl RocksDedup {
 impl DedupBackend for RocksDedup {
     fn check_batch(&mut self, items: &[(Text, u64, i64)]) -> Vec<DedupVerdict> {
         let hashes: Vec<u64> = items.iter().map(|(id, _, _)| IdFilter::hash(id.as_bytes())).collect();
-        // Each generation is probed once an id (a probe is a cache miss): ids of this batch go
-        // into the newest generation (or ones opened after it), which alone is probed again.
-        let newest = self.filter.newest();
+        // Each id is probed once in the filter (a probe is a cache miss), before the batch:
+        // every id in memory, and every live one stored, is in it.
         let held: Vec<bool> = hashes.iter().map(|hash| self.filter.may_hold(*hash)).collect();
         // Only an id the filter may hold and that is not in memory can be in RocksDB.
         let unknown: Vec<&Text> = items
             .iter()
+            .zip(&hashes)
             .zip(&held)
-            .filter(|((id, _, _), held)| **held && self.in_memory(id).is_none())
-            .map(|((id, _, _), _)| id)
+            .filter(|(((id, _, _), hash), held)| **held && self.in_memory(id, **hash).is_none())
+            .map(|(((id, _, _), _), _)| id)
             .collect();
         let stored: FxHashMap<&str, u64> = unknown
             .iter()
@@ -426,18 +480,20 @@ impl DedupBackend for RocksDedup {
             .collect();
         let mut verdicts = Vec::with_capacity(items.len());
         for (((id, digest, ts), hash), held) in items.iter().zip(hashes).zip(held) {
-            // Every id in memory, and every live one stored, is in the filter: a new id (almost
-            // every pass) costs no look-up before it is put in pending.
-            let first = if held || self.filter.may_hold_since(newest, hash) {
-                self.in_memory(id).or_else(|| stored.get(&**id).copied())
-            } else {
-                None
+            // An id the filter did not hold is new (almost every pass), unless an earlier
+            // copy in this batch is pending: putting it in pending finds that copy. An expired
+            // entry is taken over.
+            let earlier = match held {
+                true => self.in_memory(id, hash).or_else(|| stored.get(&**id).copied()),
+                false => None,
             };
+            let oldest_kept = self.oldest_kept();
+            let first = earlier
+                .or_else(|| self.pending.insert(id, hash, (*digest, *ts), |(_, at)| *at < oldest_kept).map(|(d, _)| d));
             verdicts.push(match first {
                 Some(d) if d == *digest => DedupVerdict::Identical,
                 Some(_) => DedupVerdict::Conflicting,
                 None => {
-                    self.pending.insert(id.clone(), (*digest, *ts));
                     self.filter.insert(hash, *ts);
                     self.max_ts = self.max_ts.max(*ts);
                     DedupVerdict::First
@@ -456,7 +512,8 @@ impl DedupBackend for RocksDedup {
         // durable (`committed`); the ids of an earlier one not saved yet are written again
         // with this one: a failed or abandoned checkpoint loses nothing.
         self.settle();
-        let ids = std::mem::take(&mut self.pending);
+        let room = self.pending.len();
+        let ids = std::mem::replace(&mut self.pending, IdSet::with_capacity(room));
         let earlier = self.committing.iter().flat_map(|(_, ids)| ids.iter());
         let mut writes = sorted_writes(ids.iter().chain(earlier), self.oldest_kept());
         self.committing.push((checkpoint_id, ids));
@@ -507,7 +564,7 @@ impl DedupBackend for RocksDedup {
             }
             Ok(())
         })?;
-        for (id, (digest, ts)) in self.committing.iter().flat_map(|(_, ids)| ids).chain(&self.pending) {
+        for (id, (digest, ts)) in self.committing.iter().flat_map(|(_, ids)| ids.iter()).chain(self.pending.iter()) {
             memory.check(id, *digest, *ts);
         }
         memory.export()
@@ -585,7 +642,10 @@ mod tests {
         let first = dedup.check_batch(&items(&[("a", 1, 1_000), ("b", 2, 2_000), ("c", 3, 3_000)]));
         assert_eq!(first, [DedupVerdict::First, DedupVerdict::First, DedupVerdict::First]);
         assert_eq!(dedup.pending(), 0, "handed to the writer");
-        assert!(dedup.flushing.as_ref().is_some_and(|f| f.ids.contains_key("c")), "readable while written");
+        assert!(
+            dedup.flushing.as_ref().is_some_and(|f| f.ids.get("c", IdFilter::hash(b"c")).is_some()),
+            "readable while written"
+        );
         dedup.settle();
         let again = dedup.check_batch(&items(&[("a", 1, 1_000), ("b", 9, 2_000), ("d", 4, 4_000)]));
         assert_eq!(again, [DedupVerdict::Identical, DedupVerdict::Conflicting, DedupVerdict::First]);

@@ -66,6 +66,28 @@ pub(super) fn scan(json: &[u8]) -> Option<RawPass<'_>> {
     (s.at == json.len()).then_some(raw)
 }
 
+/// The length of the plain string that starts `bytes`: the place of its first quote, backslash
+/// or control character (`None` when there is none). Eight bytes a step, each word tested for
+/// all three at once: for each test, the lowest byte it flags is a true match (a false flag
+/// only ever comes above a true one), so the lowest flag of the three is the answer.
+fn plain_len(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Flags the bytes of `x` that are zero.
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let mut at = 0;
+    while let Some(word) = bytes.get(at..at + 8) {
+        let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+        let below_space = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+        let found = zero(x ^ (ONES * u64::from(b'"'))) | zero(x ^ (ONES * u64::from(b'\\'))) | below_space;
+        if found != 0 {
+            return Some(at + found.trailing_zeros() as usize / 8);
+        }
+        at += 8;
+    }
+    bytes[at..].iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20).map(|i| at + i)
+}
+
 struct Scanner<'a> {
     text: &'a str,
     at: usize,
@@ -86,9 +108,13 @@ impl<'a> Scanner<'a> {
 
     /// JSON's whitespace (not every ASCII space: a form feed is an error).
     fn skip_ws(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            self.at += 1;
+        let bytes = self.bytes();
+        // Counted in a local: the scanner's own field would be stored at every byte.
+        let mut at = self.at;
+        while matches!(bytes.get(at), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            at += 1;
         }
+        self.at = at;
     }
 
     /// After a member: `true` at a comma (another member follows), `false` at the closing brace.
@@ -111,7 +137,7 @@ impl<'a> Scanner<'a> {
     fn string(&mut self) -> Option<&'a str> {
         self.expect(b'"')?;
         let from = self.at;
-        let len = self.bytes()[from..].iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        let len = plain_len(&self.bytes()[from..])?;
         self.at = from + len;
         self.expect(b'"')?;
         self.text.get(from..from + len)
@@ -137,11 +163,10 @@ impl<'a> Scanner<'a> {
     /// up to 15 significant digits (its value is then exactly the division `serde_json` does).
     fn number(&mut self) -> Option<Scalar<'a>> {
         let digits = |s: &mut Scanner<'a>| {
-            let from = s.at;
-            while matches!(s.peek(), Some(b'0'..=b'9')) {
-                s.at += 1;
-            }
-            &s.bytes()[from..s.at]
+            let rest = &s.bytes()[s.at..];
+            let len = rest.iter().position(|b| !b.is_ascii_digit()).unwrap_or(rest.len());
+            s.at += len;
+            &rest[..len]
         };
         let whole = digits(self);
         // A leading zero stands alone (`01` is not JSON).

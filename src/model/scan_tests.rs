@@ -148,3 +148,17 @@ proptest! {
         prop_assert!(agrees(&json), "{}", json);
     }
 }
+
+proptest! {
+    #[test]
+    fn a_plain_string_ends_at_its_first_quote_backslash_or_control_byte(
+        bytes in proptest::collection::vec(prop_oneof![Just(b'"'), Just(b'\\'), 0u8..0x20, 0x20u8..=0xff], 0..40),
+        from in 0usize..40,
+    ) {
+        // Every offset, so that the stop falls in every place of a word and past the words.
+        let from = from.min(bytes.len());
+        let rest = &bytes[from..];
+        let naive = rest.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20);
+        prop_assert_eq!(plain_len(rest), naive);
+    }
+}

@@ -45,6 +45,8 @@ pub struct HighFrequency {
     days_of: LocalDays,
     threshold: u32,
     days: BTreeMap<NaiveDate, Day>,
+    /// The most vehicles an open day has (or the last one closed): a new day's room.
+    day_vehicles: usize,
     /// The length of the last snapshot (see [`StateBlob::encode`]).
     snapshot_len: AtomicUsize,
 }
@@ -56,12 +58,20 @@ impl HighFrequency {
             days_of: LocalDays::new(tz),
             threshold: threshold.max(1),
             days: BTreeMap::new(),
+            day_vehicles: 0,
             snapshot_len: AtomicUsize::new(0),
         }
     }
 
     fn tally(&mut self, day: NaiveDate, end: i64, checkpoint: u32, vehicle: VehicleKey, ts: i64) {
-        let d = self.days.entry(day).or_insert_with(|| Day { end, ..Day::default() });
+        // A new day's table starts as large as the largest open one's: grown from nothing it
+        // would be copied over each time it doubles, for every vehicle of the city.
+        let room = self.day_vehicles;
+        let d = self.days.entry(day).or_insert_with(|| Day {
+            end,
+            tallies: FxHashMap::with_capacity_and_hasher(room, Default::default()),
+            ..Day::default()
+        });
         let at = d.tallies.entry(vehicle.clone()).or_default();
         let t = match at.iter().position(|(cp, _)| *cp == checkpoint) {
             Some(i) => &mut at[i].1,
@@ -126,6 +136,7 @@ impl Operator for HighFrequency {
         self.emit(&mut ctx.out.high_frequency);
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
         self.days.retain(|_, d| !is_late(d.end, watermark, lateness));
+        self.day_vehicles = self.days.values().map(|d| d.tallies.len()).max().unwrap_or(self.day_vehicles);
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {

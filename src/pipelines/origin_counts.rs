@@ -11,6 +11,7 @@ use crate::reference::{City, OriginScope};
 use crate::results::OriginCountRow;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -75,6 +76,8 @@ pub struct OriginCounts {
     /// Origin index by plate prefix (or the plate itself when it has none).
     by_prefix: FxHashMap<Arc<str>, u32>,
     windows: BTreeMap<i64, Window>,
+    /// The most vehicles an open window has seen (or the last one closed): a new window's room.
+    windows_len: usize,
 }
 
 impl OriginCounts {
@@ -92,14 +95,16 @@ impl OriginCounts {
             origin_ids: FxHashMap::default(),
             by_prefix: FxHashMap::default(),
             windows: BTreeMap::new(),
+            windows_len: 0,
         }
     }
 
     fn origin_id(&mut self, plate: &crate::model::Plate) -> u32 {
-        let key: Arc<str> = plate.prefix().unwrap_or(plate.as_str()).into();
-        if let Some(id) = self.by_prefix.get(&key) {
+        let key = plate.prefix().unwrap_or(plate.as_str());
+        if let Some(id) = self.by_prefix.get(key) {
             return *id;
         }
+        let key: Arc<str> = key.into();
         let origin = plate_origin(&self.city, &self.local_prefixes, plate);
         let next = self.origins.len() as u32;
         let id = *self.origin_ids.entry(origin.clone()).or_insert(next);
@@ -112,8 +117,20 @@ impl OriginCounts {
 
     fn count(&mut self, start: i64, region: u32, vehicle: VehicleKey) {
         let origin = self.origin_id(&vehicle.plate);
-        let w = self.windows.entry(start).or_default();
+        let w = match self.windows.entry(start) {
+            Entry::Occupied(w) => w.into_mut(),
+            // As large as the largest window open: a set grown from nothing rehashes each time
+            // it doubles.
+            Entry::Vacant(at) => {
+                let room = self.windows_len.max(1);
+                at.insert(Window {
+                    seen: FxHashSet::with_capacity_and_hasher(room, Default::default()),
+                    ..Window::default()
+                })
+            }
+        };
         if w.seen.insert((region, vehicle)) {
+            self.windows_len = self.windows_len.max(w.seen.len());
             *w.counts.entry((region, origin)).or_default() += 1;
             if w.emitted {
                 w.dirty.insert((region, origin));
@@ -184,6 +201,7 @@ impl Operator for OriginCounts {
         for start in finished {
             windows.remove(&start);
         }
+        self.windows_len = windows.values().map(|w| w.seen.len()).max().unwrap_or(self.windows_len);
         self.windows = windows;
     }
 
