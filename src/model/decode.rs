@@ -10,7 +10,6 @@ use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::fmt;
 use std::hash::Hasher;
-use std::sync::Arc;
 
 /// Highest spot speed accepted as a reading, km/h.
 const MAX_SPEED_KMH: f64 = 400.0;
@@ -38,7 +37,7 @@ pub struct PassOf<C> {
 }
 
 /// A decoded pass record, its checkpoint not yet looked up.
-pub type PassRecord = PassOf<Arc<str>>;
+pub type PassRecord = PassOf<Text>;
 
 impl<C> PassOf<C> {
     /// The same pass with its checkpoint known another way.
@@ -244,9 +243,11 @@ impl<'a> Scalar<'a> {
     fn unbounded_text(self, field: &'static str) -> Result<Option<Cow<'a, str>>, RejectReason> {
         match self {
             Scalar::Absent | Scalar::Null => Ok(None),
-            Scalar::Str(s) if s.trim().is_empty() => Ok(None),
-            Scalar::Str(s) if s.len() == s.trim().len() => Ok(Some(s)),
-            Scalar::Str(s) => Ok(Some(Cow::Owned(s.trim().to_owned()))),
+            Scalar::Str(s) => Ok(match s.trim() {
+                "" => None,
+                trimmed if trimmed.len() == s.len() => Some(s),
+                trimmed => Some(Cow::Owned(trimmed.to_owned())),
+            }),
             Scalar::Int(i) => Ok(Some(Cow::Owned(i.to_string()))),
             _ => Err(RejectReason::BadField(field)),
         }

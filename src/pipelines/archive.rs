@@ -7,7 +7,7 @@
 //! and deduplicates by pass id.
 
 use crate::core::{Context, Operator, StateBlob};
-use crate::model::Pass;
+use crate::model::{Pass, Text};
 use crate::reference::City;
 use crate::results::CleanPassRow;
 use chrono::NaiveDate;
@@ -64,7 +64,7 @@ impl Archive {
 
     fn write(&mut self, passes: &[Pass]) -> std::io::Result<()> {
         for p in passes {
-            let line = p.clone().at(self.city.checkpoint(p.checkpoint).id.clone()).to_canonical_json();
+            let line = p.clone().at(Text::new(&self.city.checkpoint(p.checkpoint).id)).to_canonical_json();
             let part = self.part(p.ts.local_date(self.tz))?;
             part.write_all(line.as_bytes())?;
             part.write_all(b"\n")?;
@@ -140,7 +140,7 @@ impl Operator for CleanPasses {
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         ctx.out.clean_passes.extend(passes.iter().map(|p| CleanPassRow {
             pass_id: p.pass_id.clone(),
-            line: p.clone().at(self.city.checkpoint(p.checkpoint).id.clone()).to_canonical_json(),
+            line: p.clone().at(Text::new(&self.city.checkpoint(p.checkpoint).id)).to_canonical_json(),
         }));
     }
 

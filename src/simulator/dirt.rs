@@ -5,7 +5,7 @@
 use super::fleet::{misread, Vehicle};
 use super::labels::{ClockSkewLabel, Labels, OutageLabel};
 use super::roads::TruePass;
-use crate::model::{CheckpointIdx, EventTime, PassRecord, PlateColor, PlateRead};
+use crate::model::{CheckpointIdx, EventTime, PassRecord, PlateColor, PlateRead, Text};
 use crate::reference::{City, RoadClass};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -162,7 +162,7 @@ impl Spoiler<'_> {
             plate,
             plate_color: if unreadable { PlateColor::Other } else { v.color },
             plate_type: v.plate_type.into(),
-            checkpoint: cp.id.clone(),
+            checkpoint: Text::new(&cp.id),
             device_id: Some(format!("{}-{}", cp.id, p.direction.code()).into()),
             direction: p.direction,
             lane,
