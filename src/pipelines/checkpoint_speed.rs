@@ -69,19 +69,29 @@ impl Operator for CheckpointSpeed {
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         for (set, (size_s, label)) in self.sets.iter_mut().zip(SPEED_WINDOWS_S.iter().zip(LATE_LABELS)) {
             let size_ms = i64::from(*size_s) * 1000;
-            for (i, pass) in passes.iter().enumerate() {
-                let Some(speed) = pass.speed_kmh else { continue };
-                let start = tumbling_start(pass.ts.ms(), size_ms);
+            let window = |pass: &Pass| tumbling_start(pass.ts.ms(), size_ms);
+            // Passes come in runs of one window: each run looks its window up once.
+            let mut first = 0;
+            for run in passes.chunk_by(|a, b| window(a) == window(b)) {
+                let (start, at) = (window(&run[0]), first);
+                first += run.len();
+                let speeds = run.iter().enumerate().filter_map(|(j, p)| Some((at + j, p.checkpoint.0, p.speed_kmh?)));
                 if is_late(start + size_ms, ctx.watermark, ctx.allowed_lateness_ms) {
-                    ctx.late.push((i, label));
+                    ctx.late.extend(speeds.map(|(i, _, _)| (i, label)));
+                    continue;
+                }
+                let mut speeds = speeds.peekable();
+                if speeds.peek().is_none() {
                     continue;
                 }
                 let w = set.entry(start).or_default();
-                let s = w.sums.entry(pass.checkpoint.0).or_default();
-                s.0 += 1;
-                s.1 += milli(speed);
-                if w.emitted && !w.dirty.contains(&pass.checkpoint.0) {
-                    w.dirty.push(pass.checkpoint.0);
+                for (_, cp, speed) in speeds {
+                    let s = w.sums.entry(cp).or_default();
+                    s.0 += 1;
+                    s.1 += milli(speed);
+                    if w.emitted && !w.dirty.contains(&cp) {
+                        w.dirty.push(cp);
+                    }
                 }
             }
         }

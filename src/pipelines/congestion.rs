@@ -86,7 +86,9 @@ struct Traversal {
 
 /// The segments as the traversal rule needs them.
 struct Roads {
-    by_ends: FxHashMap<(u32, u32), u32>,
+    /// Per checkpoint (from), its segments as (to, segment): a checkpoint starts a handful, so
+    /// a short scan finds one faster than a hash look-up.
+    from: Vec<Vec<(u32, u32)>>,
     /// 6 × free-flow time per segment, ms.
     bound_ms: Vec<f64>,
     longest_ms: i64,
@@ -94,18 +96,22 @@ struct Roads {
 
 impl Roads {
     fn new(city: &City) -> Roads {
-        let mut by_ends = FxHashMap::default();
+        let mut from = vec![Vec::new(); city.checkpoints.len()];
         for (i, s) in city.segments.iter().enumerate() {
-            by_ends.entry((s.from.0, s.to.0)).or_insert(i as u32);
+            let starts: &mut Vec<(u32, u32)> = &mut from[s.from.0 as usize];
+            // The first segment of a pair of ends is the one.
+            if !starts.iter().any(|(to, _)| *to == s.to.0) {
+                starts.push((s.to.0, i as u32));
+            }
         }
         let bound_ms: Vec<f64> = city.segments.iter().map(|s| FREE_FLOW_FACTOR * s.free_flow_ms()).collect();
         let longest_ms = bound_ms.iter().fold(0.0f64, |a, b| a.max(*b)).ceil() as i64;
-        Roads { by_ends, bound_ms, longest_ms }
+        Roads { from, bound_ms, longest_ms }
     }
 
     /// The traversal two adjacent passes make, if they make one.
     fn traversal(&self, a: Point, b: Point) -> Option<Traversal> {
-        let segment = *self.by_ends.get(&(a.cp, b.cp))?;
+        let (_, segment) = *self.from.get(a.cp as usize)?.iter().find(|(to, _)| *to == b.cp)?;
         let dt_ms = b.ts - a.ts;
         (dt_ms > 0 && dt_ms as f64 <= self.bound_ms[segment as usize]).then_some(Traversal { segment, at: b.ts, dt_ms })
     }

@@ -38,14 +38,30 @@ impl SlidingRanking {
     /// Adds `delta` to key `idx` (of `width` keys) at `ts`. Returns false when the first window
     /// holding `ts` is already past the allowed lateness (the change misses that window).
     pub fn add(&mut self, ts: i64, idx: usize, delta: i32, width: usize, watermark: i64, lateness_ms: i64) -> bool {
+        self.add_each(ts, std::iter::once(idx), delta, width, watermark, lateness_ms)
+    }
+
+    /// As [`SlidingRanking::add`] for each key of `keys` (a run of passes of one bucket), with
+    /// one look-up of the bucket.
+    pub fn add_each(
+        &mut self,
+        ts: i64,
+        keys: impl Iterator<Item = usize>,
+        delta: i32,
+        width: usize,
+        watermark: i64,
+        lateness_ms: i64,
+    ) -> bool {
         let bucket = tumbling_start(ts, SLIDE_MS);
         let (first_end, last_end) = (bucket + SLIDE_MS, bucket + WINDOW_MS);
         let on_time = !is_late(first_end, watermark, lateness_ms);
         if is_late(last_end, watermark, lateness_ms) {
             return on_time;
         }
-        let count = &mut self.buckets.entry(bucket).or_insert_with(|| vec![0; width])[idx];
-        *count = count.saturating_add_signed(delta);
+        let counts = self.buckets.entry(bucket).or_insert_with(|| vec![0; width]);
+        for idx in keys {
+            counts[idx] = counts[idx].saturating_add_signed(delta);
+        }
         let next_end = *self.next_end.get_or_insert(first_end);
         // Windows already emitted that hold this bucket and are still open are re-emitted.
         let mut end = first_end;
@@ -180,11 +196,14 @@ impl Operator for TopN {
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         let width = self.keys.names.len();
-        for (i, pass) in passes.iter().enumerate() {
-            let idx = pass.checkpoint.0 as usize;
-            if !self.state.add(pass.ts.ms(), idx, 1, width, ctx.watermark, ctx.allowed_lateness_ms) {
-                ctx.late.push((i, LATE_LABEL));
+        // Passes come in runs of one 5 s bucket: each run looks its bucket up once.
+        let mut first = 0;
+        for run in passes.chunk_by(|a, b| tumbling_start(a.ts.ms(), SLIDE_MS) == tumbling_start(b.ts.ms(), SLIDE_MS)) {
+            let keys = run.iter().map(|p| p.checkpoint.0 as usize);
+            if !self.state.add_each(run[0].ts.ms(), keys, 1, width, ctx.watermark, ctx.allowed_lateness_ms) {
+                ctx.late.extend((first..first + run.len()).map(|i| (i, LATE_LABEL)));
             }
+            first += run.len();
         }
     }
 
