@@ -28,16 +28,39 @@ struct Tally {
     last_ts: i64,
 }
 
+/// A vehicle's tally at one checkpoint as held: times in ms since the day's start, so that a
+/// vehicle's tallies take half the room to scan.
+#[derive(Clone, Copy, Debug)]
+struct Count {
+    checkpoint: u32,
+    passes: u32,
+    first: u32,
+    last: u32,
+}
+
 #[derive(Default)]
 struct Day {
+    /// Midnight that starts the day, epoch ms.
+    start: i64,
     /// Midnight that ends the day, epoch ms.
     end: i64,
     /// Each vehicle's tally at each checkpoint it passed, by checkpoint index: one entry per
     /// vehicle (a city-day has some ten times fewer vehicles than vehicle-checkpoint pairs,
     /// and a vehicle passes a few checkpoints), so a pass probes a much smaller table.
-    tallies: FxHashMap<VehicleKey, Vec<(u32, Tally)>>,
+    tallies: FxHashMap<VehicleKey, Vec<Count>>,
     /// Entries at or over the threshold changed since they were last written.
     dirty: FxHashSet<(u32, VehicleKey)>,
+}
+
+impl Day {
+    /// The tally of `vehicle` at `checkpoint`, in epoch ms.
+    fn tally(&self, vehicle: &VehicleKey, checkpoint: u32) -> Option<Tally> {
+        self.tallies.get(vehicle)?.iter().find(|c| c.checkpoint == checkpoint).map(|c| self.stored(c))
+    }
+
+    fn stored(&self, c: &Count) -> Tally {
+        Tally { passes: c.passes, first_ts: self.start + i64::from(c.first), last_ts: self.start + i64::from(c.last) }
+    }
 }
 
 pub struct HighFrequency {
@@ -63,27 +86,31 @@ impl HighFrequency {
         }
     }
 
-    fn tally(&mut self, day: NaiveDate, end: i64, checkpoint: u32, vehicle: VehicleKey, ts: i64) {
+    /// Counts a pass at `ts`, in the day of `start` and `end`.
+    fn tally(&mut self, (day, start, end): (NaiveDate, i64, i64), checkpoint: u32, vehicle: VehicleKey, ts: i64) {
         // A new day's table starts as large as the largest open one's: grown from nothing it
         // would be copied over each time it doubles, for every vehicle of the city.
         let room = self.day_vehicles;
         let d = self.days.entry(day).or_insert_with(|| Day {
+            start,
             end,
             tallies: FxHashMap::with_capacity_and_hasher(room, Default::default()),
             ..Day::default()
         });
+        // A day is at most 25 h long: its times fit.
+        let at_ms = u32::try_from(ts - start).expect("a pass's time is within its day");
         let at = d.tallies.entry(vehicle.clone()).or_default();
-        let t = match at.iter().position(|(cp, _)| *cp == checkpoint) {
-            Some(i) => &mut at[i].1,
+        let c = match at.iter().position(|c| c.checkpoint == checkpoint) {
+            Some(i) => &mut at[i],
             None => {
-                at.push((checkpoint, Tally { passes: 0, first_ts: ts, last_ts: ts }));
-                &mut at.last_mut().expect("just pushed").1
+                at.push(Count { checkpoint, passes: 0, first: at_ms, last: at_ms });
+                at.last_mut().expect("just pushed")
             }
         };
-        t.passes += 1;
-        t.first_ts = t.first_ts.min(ts);
-        t.last_ts = t.last_ts.max(ts);
-        if t.passes >= self.threshold {
+        c.passes += 1;
+        c.first = c.first.min(at_ms);
+        c.last = c.last.max(at_ms);
+        if c.passes >= self.threshold {
             d.dirty.insert((checkpoint, vehicle));
         }
     }
@@ -94,8 +121,8 @@ impl HighFrequency {
                 continue;
             }
             let day = day.to_string();
-            for key in d.dirty.drain() {
-                let t = d.tallies[&key.1].iter().find(|(cp, _)| *cp == key.0).expect("a dirty entry is tallied").1;
+            for key in std::mem::take(&mut d.dirty) {
+                let t = d.tally(&key.1, key.0).expect("a dirty entry is tallied");
                 out.push(HighFrequencyRow {
                     day: day.clone(),
                     checkpoint_id: self.city.checkpoints[key.0 as usize].id.clone(),
@@ -122,12 +149,12 @@ impl Operator for HighFrequency {
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         for (i, pass) in passes.iter().enumerate() {
             let Some(vehicle) = pass.vehicle() else { continue };
-            let (day, _, end) = self.days_of.of(pass.ts.ms());
-            if is_late(end, ctx.watermark, ctx.allowed_lateness_ms) {
+            let day = self.days_of.of(pass.ts.ms());
+            if is_late(day.2, ctx.watermark, ctx.allowed_lateness_ms) {
                 ctx.late.push((i, LATE_LABEL));
                 continue;
             }
-            self.tally(day, end, pass.checkpoint.0, vehicle, pass.ts.ms());
+            self.tally(day, pass.checkpoint.0, vehicle, pass.ts.ms());
         }
         self.emit(&mut ctx.out.high_frequency);
     }
@@ -145,8 +172,10 @@ impl Operator for HighFrequency {
             day,
             tallies: SeqOf::counted(
                 d.tallies.iter().flat_map(|(v, at)| {
-                    at.iter()
-                        .map(|(cp, t)| (*cp, v.plate.as_str(), v.color.code(), t, d.dirty.contains(&(*cp, v.clone()))))
+                    at.iter().map(|c| {
+                        let dirty = d.dirty.contains(&(c.checkpoint, v.clone()));
+                        (c.checkpoint, v.plate.as_str(), v.color.code(), d.stored(c), dirty)
+                    })
                 }),
                 d.tallies.values().map(Vec::len).sum(),
             ),
@@ -158,8 +187,8 @@ impl Operator for HighFrequency {
         let stored: Vec<StoredDay> = blob.decode(self.name(), STATE_VERSION, JSON_STATE_VERSION)?;
         self.days.clear();
         for s in stored {
-            let end = self.days_of.end(s.day);
-            let d = self.days.entry(s.day).or_insert_with(|| Day { end, ..Day::default() });
+            let (start, end) = (crate::simulator::day_start_ms(s.day, self.days_of.tz()), self.days_of.end(s.day));
+            let d = self.days.entry(s.day).or_insert_with(|| Day { start, end, ..Day::default() });
             for (cp, plate, color, tally, dirty) in s.tallies {
                 anyhow::ensure!(
                     (cp as usize) < self.city.checkpoints.len(),
@@ -169,7 +198,11 @@ impl Operator for HighFrequency {
                 if dirty {
                     d.dirty.insert((cp, vehicle.clone()));
                 }
-                d.tallies.entry(vehicle).or_default().push((cp, tally));
+                let at = |ts: i64| u32::try_from(ts - start).ok().filter(|_| ts < end);
+                let (Some(first), Some(last)) = (at(tally.first_ts), at(tally.last_ts)) else {
+                    anyhow::bail!("high_frequency state holds a pass outside its day {}", s.day);
+                };
+                d.tallies.entry(vehicle).or_default().push(Count { checkpoint: cp, passes: tally.passes, first, last });
             }
         }
         Ok(())
