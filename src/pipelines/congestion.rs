@@ -170,17 +170,13 @@ impl Tracks {
         ])
     }
 
-    /// Takes a batch of passes: each traversal a pass makes (`delta` 1) or splits (-1) goes to
-    /// `on` with the pass's index in the batch. A pass late for every window it could change is
-    /// recorded as such instead.
-    fn take_batch(
-        &mut self,
-        passes: &[Pass],
-        ctx: &mut Context<'_>,
-        mut on: impl FnMut(usize, Traversal, i32, &mut Vec<(usize, &'static str)>),
-    ) {
+    /// Takes a batch of passes: the traversals they make (`delta` 1) or split (-1), in order,
+    /// each with its pass's index in the batch. A pass late for every window it could change
+    /// is recorded as such instead.
+    fn take_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) -> Vec<(usize, Traversal, i32)> {
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
         let horizon = self.horizon(watermark, lateness);
+        let mut changes = Vec::with_capacity(passes.len() + passes.len() / 4);
         for (i, pass) in passes.iter().enumerate() {
             let Some(vehicle) = pass.vehicle() else { continue };
             // Every window a pass can change is at or after its own 1 min window.
@@ -188,11 +184,10 @@ impl Tracks {
                 ctx.late.extend(LATE_LABELS.map(|l| (i, l)));
                 continue;
             }
-            let Some(changes) = self.take(vehicle, pass, horizon) else { continue };
-            for (t, delta) in changes.into_iter().filter_map(|(t, delta)| Some((t?, delta))) {
-                on(i, t, delta, ctx.late);
-            }
+            let Some(made) = self.take(vehicle, pass, horizon) else { continue };
+            changes.extend(made.into_iter().filter_map(|(t, delta)| Some((i, t?, delta))));
         }
+        changes
     }
 
     /// Forgets, from time to time, every vehicle's passes before the horizon, and vehicles with
@@ -223,16 +218,27 @@ impl Tracks {
     }
 }
 
-/// Adds (`delta` = 1) or retracts (-1) a traversal in every window of `sets` (one per size).
-fn add_to_windows(sets: &mut [BTreeMap<i64, Window>], t: Traversal, delta: i32) {
+/// Adds (`delta` = 1) or retracts (-1) each traversal of a batch, (pass, traversal, delta), in
+/// every window of `sets` (one per size).
+fn add_to_windows(sets: &mut [BTreeMap<i64, Window>], changes: &[(usize, Traversal, i32)]) {
     for (set, size_s) in sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
-        let w = set.entry(tumbling_start(t.at, i64::from(size_s) * 1000)).or_default();
-        let s = w.segments.entry(t.segment).or_default();
-        s.traversals = s.traversals.saturating_add_signed(delta);
-        s.dt_ms += i64::from(delta) * t.dt_ms;
-        s.updates += 1;
-        if w.emitted {
-            w.dirty.insert(t.segment);
+        let size_ms = i64::from(size_s) * 1000;
+        // Traversals come in runs of one window: each run looks its window up once.
+        let mut current: Option<(i64, &mut Window)> = None;
+        for &(_, t, delta) in changes {
+            let start = tumbling_start(t.at, size_ms);
+            let w = match current.take() {
+                Some((s, w)) if s == start => w,
+                _ => set.entry(start).or_default(),
+            };
+            let s = w.segments.entry(t.segment).or_default();
+            s.traversals = s.traversals.saturating_add_signed(delta);
+            s.dt_ms += i64::from(delta) * t.dt_ms;
+            s.updates += 1;
+            if w.emitted {
+                w.dirty.insert(t.segment);
+            }
+            current = Some((start, w));
         }
     }
 }
@@ -292,12 +298,17 @@ impl Default for CongestionWindows {
 }
 
 impl CongestionWindows {
-    /// Adds (`delta` = 1) or retracts (-1) a traversal in every window and the ranking.
-    /// Returns false when the ranking could no longer take it.
-    fn apply(&mut self, env: &CongestionEnv, t: Traversal, delta: i32, watermark: i64, lateness_ms: i64) -> bool {
-        add_to_windows(&mut self.sets, t, delta);
+    /// Adds (`delta` = 1) or retracts (-1) each traversal of a batch, (pass, traversal,
+    /// delta), in every window and the ranking; a pass whose traversal the ranking could no
+    /// longer take goes to `late`.
+    fn apply(&mut self, env: &CongestionEnv, changes: &[(usize, Traversal, i32)], ctx: &mut Context<'_>) {
+        add_to_windows(&mut self.sets, changes);
         let width = env.names.names.len();
-        self.ranking.add(t.at, t.segment as usize, delta, width, watermark, lateness_ms)
+        for &(i, t, delta) in changes {
+            if !self.ranking.add(t.at, t.segment as usize, delta, width, ctx.watermark, ctx.allowed_lateness_ms) {
+                ctx.late.push((i, RANKING_LATE_LABEL));
+            }
+        }
     }
 
     /// Sets segment `segment`'s sums in the window of `window_s` starting at `start` (scale-out:
@@ -603,13 +614,8 @@ impl Operator for Congestion {
     }
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
-        let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
-        let (env, windows) = (&self.env, &mut self.windows);
-        self.tracks.take_batch(passes, ctx, |i, t, delta, late| {
-            if !windows.apply(env, t, delta, watermark, lateness) {
-                late.push((i, RANKING_LATE_LABEL));
-            }
-        });
+        let changes = self.tracks.take_batch(passes, ctx);
+        self.windows.apply(&self.env, &changes, ctx);
     }
 
     fn on_watermark(&mut self, ctx: &mut Context<'_>) {
@@ -696,13 +702,13 @@ impl Operator for CongestionPartial {
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
-        let (sets, buckets) = (&mut self.sets, &mut self.buckets);
-        self.tracks.take_batch(passes, ctx, |i, t, delta, late| {
-            add_to_windows(sets, t, delta);
-            if !buckets.add(t.at, t.segment, delta, watermark, lateness) {
-                late.push((i, RANKING_LATE_LABEL));
+        let changes = self.tracks.take_batch(passes, ctx);
+        add_to_windows(&mut self.sets, &changes);
+        for (i, t, delta) in changes {
+            if !self.buckets.add(t.at, t.segment, delta, watermark, lateness) {
+                ctx.late.push((i, RANKING_LATE_LABEL));
             }
-        });
+        }
     }
 
     fn on_watermark(&mut self, ctx: &mut Context<'_>) {
