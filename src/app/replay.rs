@@ -15,7 +15,7 @@ use crate::reference::City;
 use crate::store::Store;
 use anyhow::Context;
 use std::fmt;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,7 +83,8 @@ impl fmt::Display for ReplaySummary {
 #[derive(Default)]
 struct LineBatch {
     first_line: u64,
-    /// The lines, one after another, without their line ends.
+    /// The input the lines were read from, line ends and blank lines included (and, while the
+    /// reader fills it, input not yet split into lines).
     text: Vec<u8>,
     /// Where each line is in `text`.
     lines: Vec<std::ops::Range<usize>>,
@@ -293,6 +294,9 @@ fn open_input(input: &ReplayInput, offset: u64) -> anyhow::Result<(String, Box<d
     }
 }
 
+/// Bytes read from the input at a time.
+const READ_CHUNK: u64 = 1 << 20;
+
 /// Reads non-empty lines in batches of consecutive lines, decoding and validating them here (so
 /// that the engine's thread only deduplicates and runs the pipelines), until the input ends or
 /// the engine stops listening. Batches the engine is `done` with are filled again.
@@ -305,7 +309,7 @@ fn read_lines(
     tx: mpsc::Sender<LineBatch>,
     done: std::sync::mpsc::Receiver<LineBatch>,
 ) -> anyhow::Result<()> {
-    let mut reader = BufReader::with_capacity(1 << 20, reader);
+    let mut reader = reader;
     let (mut offset, mut line_no) = (start.offset, start.line);
     // Batches in circulation: those in flight, the engine's and the one being filled. Past
     // that many the reader waits for one back rather than make another: a new batch's buffers
@@ -331,37 +335,54 @@ fn read_lines(
         judged.extend(lines.iter().map(|line| validator.judge(&text[line.clone()], now_ms)));
     };
     let Some(mut batch) = next(line_no, offset) else { return Ok(()) };
+    // The input is read straight into the batch's text, a chunk at a time, and split into lines
+    // there; what follows the last line of a full batch starts the next one. `unread`: where
+    // the bytes not yet split into lines start; `scanned`: how far they hold no line end.
+    let (mut unread, mut scanned, mut ended) = (0, 0, false);
+    let mut carry = Vec::new();
     loop {
-        let from = batch.text.len();
-        let n = reader.read_until(b'\n', &mut batch.text).context("reading the input")?;
-        if n == 0 {
-            break;
-        }
-        offset += n as u64;
+        let line_end = loop {
+            if let Some(i) = memchr::memchr(b'\n', &batch.text[scanned..]) {
+                break Some(scanned + i + 1);
+            }
+            scanned = batch.text.len();
+            if ended {
+                // A last line without a line end.
+                break (batch.text.len() > unread).then_some(batch.text.len());
+            }
+            let chunk = (&mut reader).take(READ_CHUNK).read_to_end(&mut batch.text).context("reading the input")?;
+            ended = chunk == 0;
+        };
+        let Some(line_end) = line_end else { break };
+        offset += (line_end - unread) as u64;
         line_no += 1;
-        while batch.text.len() > from && matches!(batch.text.last(), Some(b'\n' | b'\r')) {
-            batch.text.pop();
+        let mut end = line_end;
+        while end > unread && matches!(batch.text[end - 1], b'\n' | b'\r') {
+            end -= 1;
         }
-        let blank = batch.text[from..].iter().all(u8::is_ascii_whitespace);
-        if blank {
-            batch.text.truncate(from);
-        } else {
+        let blank = batch.text[unread..end].iter().all(u8::is_ascii_whitespace);
+        if !blank {
             if batch.lines.is_empty() {
                 batch.first_line = line_no;
             }
-            batch.lines.push(from..batch.text.len());
+            batch.lines.push(unread..end);
         }
+        (unread, scanned) = (line_end, line_end);
         batch.end = offset;
         batch.end_line = line_no;
         // A blank line ends a batch too, so that the lines of a batch are consecutive.
         if batch.lines.len() == batch_lines || (blank && !batch.lines.is_empty()) {
             let mut full = std::mem::take(&mut batch);
+            carry.clear();
+            carry.extend_from_slice(&full.text[unread..]);
             judge(&mut full);
             if tx.blocking_send(full).is_err() {
                 return Ok(());
             }
             let Some(empty) = next(line_no, offset) else { return Ok(()) };
             batch = empty;
+            batch.text.extend_from_slice(&carry);
+            (unread, scanned) = (0, 0);
         }
     }
     if !batch.lines.is_empty() {
@@ -369,4 +390,47 @@ fn read_lines(
         let _ = tx.blocking_send(batch);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every batch the reader makes of `input`: (first line, lines, end offset, end line).
+    fn batches(input: &str, batch_lines: usize) -> Vec<(u64, Vec<String>, u64, u64)> {
+        let city = Arc::new(crate::simulator::sample_city());
+        let validator = Validator::new(city, chrono_tz::Asia::Shanghai, crate::model::PlateColorScheme::Police, 0);
+        let (tx, mut rx) = mpsc::channel(BATCHES_IN_FLIGHT);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let input: Box<dyn Read + Send> = Box::new(std::io::Cursor::new(input.as_bytes().to_vec()));
+        let start = FilePosition::default();
+        let reader = std::thread::spawn(move || read_lines(input, start, batch_lines, validator, None, tx, done_rx));
+        let mut out = Vec::new();
+        while let Some(batch) = rx.blocking_recv() {
+            let text = |l: &std::ops::Range<usize>| String::from_utf8(batch.text[l.clone()].to_vec()).unwrap();
+            assert_eq!(batch.judged.len(), batch.lines.len(), "every line judged");
+            out.push((batch.first_line, batch.lines.iter().map(text).collect(), batch.end, batch.end_line));
+            let _ = done_tx.send(batch);
+        }
+        reader.join().unwrap().unwrap();
+        out
+    }
+
+    fn lines(l: &[&str]) -> Vec<String> {
+        l.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn lines_lose_their_ends_a_full_batch_passes_the_rest_on_and_the_last_line_needs_no_end() {
+        assert_eq!(
+            batches("a\r\nbb\n\n  \nccc\nd\ne", 2),
+            vec![(1, lines(&["a", "bb"]), 6, 2), (5, lines(&["ccc", "d"]), 16, 6), (7, lines(&["e"]), 17, 7)]
+        );
+    }
+
+    #[test]
+    fn a_blank_line_ends_a_batch_so_that_its_lines_are_consecutive() {
+        assert_eq!(batches("a\nb\n\nc\n", 10), vec![(1, lines(&["a", "b"]), 5, 3), (4, lines(&["c"]), 7, 4)]);
+        assert_eq!(batches("\n\n", 10), vec![], "blank lines alone make no batch");
+    }
 }
