@@ -294,8 +294,8 @@ fn open_input(input: &ReplayInput, offset: u64) -> anyhow::Result<(String, Box<d
     }
 }
 
-/// Bytes read from the input at a time.
-const READ_CHUNK: u64 = 1 << 20;
+/// Bytes read from the input at a time, at most.
+const READ_CHUNK: usize = 1 << 20;
 
 /// Reads non-empty lines in batches of consecutive lines, decoding and validating them here (so
 /// that the engine's thread only deduplicates and runs the pipelines), until the input ends or
@@ -350,8 +350,18 @@ fn read_lines(
                 // A last line without a line end.
                 break (batch.text.len() > unread).then_some(batch.text.len());
             }
-            let chunk = (&mut reader).take(READ_CHUNK).read_to_end(&mut batch.text).context("reading the input")?;
-            ended = chunk == 0;
+            // One read, which gives what the input has (a slow pipe's lines are not held back
+            // until a whole chunk has come).
+            let len = batch.text.len();
+            batch.text.resize(len + READ_CHUNK, 0);
+            let read = loop {
+                match reader.read(&mut batch.text[len..]) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    read => break read,
+                }
+            };
+            batch.text.truncate(len + read.as_ref().map_or(0, |n| *n));
+            ended = read.context("reading the input")? == 0;
         };
         let Some(line_end) = line_end else { break };
         offset += (line_end - unread) as u64;

@@ -198,7 +198,8 @@ impl Operator for HighFrequency {
                 if dirty {
                     d.dirty.insert((cp, vehicle.clone()));
                 }
-                let at = |ts: i64| u32::try_from(ts - start).ok().filter(|_| ts < end);
+                // Not bounded by `end`: a day whose next date a time zone skipped lasts past it.
+                let at = |ts: i64| u32::try_from(ts - start).ok();
                 let (Some(first), Some(last)) = (at(tally.first_ts), at(tally.last_ts)) else {
                     anyhow::bail!("high_frequency state holds a pass outside its day {}", s.day);
                 };

@@ -99,7 +99,7 @@ fn a_state_an_earlier_build_wrote_as_json_restores_and_the_binary_one_is_smaller
 #[test]
 fn a_state_with_a_pass_outside_its_day_is_refused() {
     let mut op = HighFrequency::new(&city(), TZ, 4);
-    for (first, last) in [(DAY - 1, DAY + H), (DAY + H, DAY + 24 * H)] {
+    for (first, last) in [(DAY - 1, DAY + H), (DAY + H, DAY + 50 * 24 * H)] {
         let json = format!(
             r#"[{{"day":"2026-03-02","tallies":[[0,"赣A1",2,{{"passes":3,"first_ts":{first},"last_ts":{last}}},false]]}}]"#
         );
