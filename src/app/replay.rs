@@ -297,11 +297,26 @@ fn open_input(input: &ReplayInput, offset: u64) -> anyhow::Result<(String, Box<d
 /// Bytes read from the input at a time, at most.
 const READ_CHUNK: usize = 1 << 20;
 
+/// Appends what one read of `reader` gives (up to [`READ_CHUNK`] bytes: a slow pipe's lines are
+/// not held back until a whole chunk has come) to `text`; returns how many bytes, 0 at the end.
+fn read_more(reader: &mut dyn Read, text: &mut Vec<u8>) -> std::io::Result<usize> {
+    let len = text.len();
+    text.resize(len + READ_CHUNK, 0);
+    let read = loop {
+        match reader.read(&mut text[len..]) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            read => break read,
+        }
+    };
+    text.truncate(len + read.as_ref().map_or(0, |n| *n));
+    read
+}
+
 /// Reads non-empty lines in batches of consecutive lines, decoding and validating them here (so
 /// that the engine's thread only deduplicates and runs the pipelines), until the input ends or
 /// the engine stops listening. Batches the engine is `done` with are filled again.
 fn read_lines(
-    reader: Box<dyn Read + Send>,
+    mut reader: Box<dyn Read + Send>,
     start: FilePosition,
     batch_lines: usize,
     validator: Validator,
@@ -309,7 +324,6 @@ fn read_lines(
     tx: mpsc::Sender<LineBatch>,
     done: std::sync::mpsc::Receiver<LineBatch>,
 ) -> anyhow::Result<()> {
-    let mut reader = reader;
     let (mut offset, mut line_no) = (start.offset, start.line);
     // Batches in circulation: those in flight, the engine's and the one being filled. Past
     // that many the reader waits for one back rather than make another: a new batch's buffers
@@ -350,18 +364,7 @@ fn read_lines(
                 // A last line without a line end.
                 break (batch.text.len() > unread).then_some(batch.text.len());
             }
-            // One read, which gives what the input has (a slow pipe's lines are not held back
-            // until a whole chunk has come).
-            let len = batch.text.len();
-            batch.text.resize(len + READ_CHUNK, 0);
-            let read = loop {
-                match reader.read(&mut batch.text[len..]) {
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    read => break read,
-                }
-            };
-            batch.text.truncate(len + read.as_ref().map_or(0, |n| *n));
-            ended = read.context("reading the input")? == 0;
+            ended = read_more(&mut reader, &mut batch.text).context("reading the input")? == 0;
         };
         let Some(line_end) = line_end else { break };
         offset += (line_end - unread) as u64;

@@ -7,11 +7,23 @@
 use chrono::NaiveDate;
 use chrono_tz::Tz;
 
-use crate::model::EventTime;
+use crate::model::{EventTime, Pass};
 
 /// The start of the tumbling window of `size_ms` that contains `ts`.
 pub fn tumbling_start(ts: i64, size_ms: i64) -> i64 {
     ts.div_euclid(size_ms) * size_ms
+}
+
+/// A batch's passes in runs of one tumbling window of `size_ms` (passes come mostly in time
+/// order, so a run's window is looked up once): (the place of the run's first pass in the
+/// batch, the window's start, the run).
+pub fn window_runs(passes: &[Pass], size_ms: i64) -> impl Iterator<Item = (usize, i64, &[Pass])> {
+    let window = move |pass: &Pass| tumbling_start(pass.ts.ms(), size_ms);
+    let mut first = 0;
+    passes.chunk_by(move |a, b| window(a) == window(b)).map(move |run| {
+        first += run.len();
+        (first - run.len(), window(&run[0]), run)
+    })
 }
 
 /// The starts of every sliding window (`size_ms` long, every `slide_ms`) that contains `ts`,

@@ -26,8 +26,8 @@ pub const ID_PREFIX: &[u8] = b"dedup/id/";
 const COMMITTED_KEY: &[u8] = b"dedup/committed";
 /// Ids a scratch database holds in memory before it writes them through: what an index of 2^22
 /// slots takes with room for a replay batch before it would grow (some 190 MB with the ids);
-/// while one set is being written, the next fills another. Writing ids costs more CPU than holding them, so
-/// a replay of a few million passes writes none.
+/// while one set is being written, the next fills another. Writing ids costs more CPU than
+/// holding them, so a replay of a few million passes writes none.
 const AUTOFLUSH: usize = 3_400_000;
 /// Ids written through in one write: a write's batch and sorting stay small.
 const WRITE_CHUNK: usize = 200_000;
@@ -200,26 +200,19 @@ impl IdSet {
         self.places.find(hash, |&i| ids[i as usize].0.as_bytes() == id.as_bytes()).map(|&i| &ids[i as usize].1)
     }
 
-    /// Puts `id` in, or gives the (digest, ts) it has already, which `replace` may overwrite.
-    fn insert(
-        &mut self,
-        id: &Text,
-        hash: u64,
-        value: (u64, i64),
-        replace: impl FnOnce(&(u64, i64)) -> bool,
-    ) -> Option<(u64, i64)> {
+    /// Puts `id` in, or gives the (digest, ts) it holds already; one held with a time before
+    /// `oldest_kept` has expired and is taken over.
+    fn insert(&mut self, id: &Text, hash: u64, value: (u64, i64), oldest_kept: i64) -> Option<(u64, i64)> {
         let ids = &mut self.ids;
         let place = |&i: &u32| IdFilter::hash(ids[i as usize].0.as_bytes());
         match self.places.entry(hash, |&i| ids[i as usize].0.as_bytes() == id.as_bytes(), place) {
             hashbrown::hash_table::Entry::Occupied(at) => {
                 let held = &mut ids[*at.get() as usize].1;
-                match replace(held) {
-                    true => {
-                        *held = value;
-                        None
-                    }
-                    false => Some(*held),
+                if held.1 >= oldest_kept {
+                    return Some(*held);
                 }
+                *held = value;
+                None
             }
             hashbrown::hash_table::Entry::Vacant(at) => {
                 at.insert(u32::try_from(ids.len()).expect("fewer than 2^32 ids a set"));
@@ -488,8 +481,7 @@ impl DedupBackend for RocksDedup {
                 false => None,
             };
             let oldest_kept = self.oldest_kept();
-            let first = earlier
-                .or_else(|| self.pending.insert(id, hash, (*digest, *ts), |(_, at)| *at < oldest_kept).map(|(d, _)| d));
+            let first = earlier.or_else(|| self.pending.insert(id, hash, (*digest, *ts), oldest_kept).map(|(d, _)| d));
             verdicts.push(match first {
                 Some(d) if d == *digest => DedupVerdict::Identical,
                 Some(_) => DedupVerdict::Conflicting,

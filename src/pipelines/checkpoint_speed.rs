@@ -2,7 +2,7 @@
 //! mean, per checkpoint in 1 min and 5 min windows. Speeds are summed in whole thousandths of a
 //! km/h, so the mean does not depend on the order passes arrive in.
 
-use crate::core::window::{is_complete, is_late, tumbling_start};
+use crate::core::window::{is_complete, is_late, tumbling_start, window_runs};
 use crate::core::{check_version, Context, Operator, StateBlob};
 use crate::model::Pass;
 use crate::reference::City;
@@ -69,12 +69,7 @@ impl Operator for CheckpointSpeed {
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         for (set, (size_s, label)) in self.sets.iter_mut().zip(SPEED_WINDOWS_S.iter().zip(LATE_LABELS)) {
             let size_ms = i64::from(*size_s) * 1000;
-            let window = |pass: &Pass| tumbling_start(pass.ts.ms(), size_ms);
-            // Passes come in runs of one window: each run looks its window up once.
-            let mut first = 0;
-            for run in passes.chunk_by(|a, b| window(a) == window(b)) {
-                let (start, at) = (window(&run[0]), first);
-                first += run.len();
+            for (at, start, run) in window_runs(passes, size_ms) {
                 let speeds = run.iter().enumerate().filter_map(|(j, p)| Some((at + j, p.checkpoint.0, p.speed_kmh?)));
                 if is_late(start + size_ms, ctx.watermark, ctx.allowed_lateness_ms) {
                     ctx.late.extend(speeds.map(|(i, _, _)| (i, label)));

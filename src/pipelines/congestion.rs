@@ -98,7 +98,7 @@ impl Roads {
     fn new(city: &City) -> Roads {
         let mut from = vec![Vec::new(); city.checkpoints.len()];
         for (i, s) in city.segments.iter().enumerate() {
-            let starts: &mut Vec<(u32, u32)> = &mut from[s.from.0 as usize];
+            let starts = &mut from[s.from.0 as usize];
             // The first segment of a pair of ends is the one.
             if !starts.iter().any(|(to, _)| *to == s.to.0) {
                 starts.push((s.to.0, i as u32));

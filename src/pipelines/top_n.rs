@@ -3,7 +3,7 @@
 //! pass are left out, and a corrected window is replaced whole (its `window_end` rewritten).
 //! Passes are counted per checkpoint in 5 s buckets; a window is the sum of its buckets.
 
-use crate::core::window::{is_late, tumbling_start};
+use crate::core::window::{is_late, tumbling_start, window_runs};
 use crate::core::{check_version, Context, Operator, StateBlob};
 use crate::model::Pass;
 use crate::reference::City;
@@ -41,8 +41,8 @@ impl SlidingRanking {
         self.add_each(ts, std::iter::once(idx), delta, width, watermark, lateness_ms)
     }
 
-    /// As [`SlidingRanking::add`] for each key of `keys` (a run of passes of one bucket), with
-    /// one look-up of the bucket.
+    /// As [`SlidingRanking::add`] for each key of `keys` (a run of passes of the bucket of
+    /// `ts`), with one look-up of the bucket.
     pub fn add_each(
         &mut self,
         ts: i64,
@@ -196,14 +196,11 @@ impl Operator for TopN {
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         let width = self.keys.names.len();
-        // Passes come in runs of one 5 s bucket: each run looks its bucket up once.
-        let mut first = 0;
-        for run in passes.chunk_by(|a, b| tumbling_start(a.ts.ms(), SLIDE_MS) == tumbling_start(b.ts.ms(), SLIDE_MS)) {
+        for (first, bucket, run) in window_runs(passes, SLIDE_MS) {
             let keys = run.iter().map(|p| p.checkpoint.0 as usize);
-            if !self.state.add_each(run[0].ts.ms(), keys, 1, width, ctx.watermark, ctx.allowed_lateness_ms) {
+            if !self.state.add_each(bucket, keys, 1, width, ctx.watermark, ctx.allowed_lateness_ms) {
                 ctx.late.extend((first..first + run.len()).map(|i| (i, LATE_LABEL)));
             }
-            first += run.len();
         }
     }
 
