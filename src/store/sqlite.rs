@@ -9,6 +9,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 
 const SCHEMA: &str = "
@@ -159,10 +160,14 @@ CREATE TABLE IF NOT EXISTS late_passes (
 /// by one rusqlite connection on a blocking thread, each row bound to a prepared statement that
 /// is compiled once per connection: the write path is the store's bottleneck in a replay, and
 /// a per-row prepared upsert costs a few microseconds where a multi-row sqlx statement costs
-/// several times that in argument conversion and hand-over to sqlx's worker.
+/// several times that in argument conversion and hand-over to sqlx's worker. The write-ahead
+/// log is copied back into the database by a thread of its own (see [`spawn_checkpointer`]),
+/// not by the commits.
 pub struct SqliteStore {
     pub(super) pool: SqlitePool,
     writer: Arc<Mutex<rusqlite::Connection>>,
+    /// Wakes the checkpointer after a commit.
+    checkpoints: SyncSender<()>,
 }
 
 impl SqliteStore {
@@ -192,7 +197,8 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
         let writer = open_writer(path)?;
-        Ok(SqliteStore { pool, writer: Arc::new(Mutex::new(writer)) })
+        let checkpoints = spawn_checkpointer(path)?;
+        Ok(SqliteStore { pool, writer: Arc::new(Mutex::new(writer)), checkpoints })
     }
 
     /// Writes a batch in one transaction: rows upserted by key, a stored higher revision kept.
@@ -205,27 +211,68 @@ impl SqliteStore {
         &self,
         work: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let writer = Arc::clone(&self.writer);
+        let (writer, checkpoints) = (Arc::clone(&self.writer), self.checkpoints.clone());
         tokio::task::spawn_blocking(move || {
             let mut conn = writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             work(&tx)?;
             tx.commit()?;
+            // A wake-up already pending covers this commit too.
+            let _ = checkpoints.try_send(());
             Ok(())
         })
         .await?
     }
 }
 
-/// The connection that writes result batches.
+/// The connection that writes result batches. Its commits leave the write-ahead log to the
+/// checkpointer.
 fn open_writer(path: &str) -> anyhow::Result<rusqlite::Connection> {
     let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
     // Upserts land all over the key space: a large page cache keeps them from rewriting the
     // same pages again and again.
-    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -262144; PRAGMA temp_store = memory;")?;
+    conn.execute_batch(
+        "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -262144; PRAGMA temp_store = memory; \
+         PRAGMA wal_autocheckpoint = 0;",
+    )?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
+}
+
+/// Frames (pages) the write-ahead log may hold before the checkpointer makes the writer wait
+/// for a complete checkpoint (64 MB of 4 KB pages).
+const WAL_LIMIT_FRAMES: i64 = 16_384;
+
+/// Starts the thread that copies the write-ahead log back into the database after commits, on
+/// a connection of its own: SQLite would otherwise do it inside the commit that fills the log
+/// past a thousand pages, with the writer waiting. Its passive checkpoints never block the
+/// writer; the writer starts the log over once one has copied all of it. Should the log still
+/// reach [`WAL_LIMIT_FRAMES`] (a commit came before every checkpoint ended), a restarting
+/// checkpoint holds the next commit back until the log is copied, so it stays bounded. The
+/// thread ends with the store.
+fn spawn_checkpointer(path: &str) -> anyhow::Result<SyncSender<()>> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    let (wake, woken) = sync_channel::<()>(1);
+    std::thread::Builder::new().name("passflow-sqlite-checkpoint".into()).spawn(move || {
+        while woken.recv().is_ok() {
+            if let Err(e) = checkpoint(&conn) {
+                // The log stays for the next round: nothing is lost.
+                tracing::warn!(error = %e, "SQLite checkpoint failed");
+            }
+        }
+    })?;
+    Ok(wake)
+}
+
+/// One passive checkpoint, and a restarting one when the log is still at its limit.
+fn checkpoint(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let frames = |mode: &str| conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| row.get::<_, i64>(1));
+    if frames("PASSIVE")? >= WAL_LIMIT_FRAMES {
+        frames("RESTART")?;
+    }
+    Ok(())
 }
 
 /// SQLite's "database is locked" or "busy".
@@ -308,4 +355,41 @@ fn upsert_tail(table: &Table) -> String {
     };
     let set: Vec<String> = table.values.iter().map(|c| format!("{c} = excluded.{c}")).collect();
     format!(" ON CONFLICT ({keys}) DO UPDATE SET {} WHERE {condition}", set.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::FlowCountRow;
+
+    /// Rows the writer commits reach the database file without a later commit or the store's
+    /// closing: the writer never checkpoints, so only the checkpointer can have copied them.
+    #[tokio::test]
+    async fn committed_rows_are_checkpointed_into_the_database_file_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.db");
+        let store = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
+        // The schema may still be in the log: copy it first, so the file's size is the tables'.
+        let admin = rusqlite::Connection::open(&path).unwrap();
+        admin.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        let rows = (0..20_000)
+            .map(|i| FlowCountRow {
+                level: "checkpoint",
+                key_id: format!("KK{i:05}").into(),
+                window_s: 30,
+                window_start: 1_772_409_600_000,
+                passes: i,
+                revision: 0,
+            })
+            .collect();
+        store.write(Arc::new(ResultBatch { flow_counts: rows, ..ResultBatch::default() })).await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::fs::metadata(&path).unwrap().len() <= before {
+            assert!(std::time::Instant::now() < deadline, "the database file stayed at {before} bytes");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let stored: i64 = admin.query_row("SELECT COUNT(*) FROM flow_counts", [], |r| r.get(0)).unwrap();
+        assert_eq!(stored, 20_000);
+    }
 }
