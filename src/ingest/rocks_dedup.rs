@@ -455,8 +455,20 @@ impl DedupBackend for RocksDedup {
     fn check_batch(&mut self, items: &[(Text, u64, i64)]) -> Vec<DedupVerdict> {
         let hashes: Vec<u64> = items.iter().map(|(id, _, _)| IdFilter::hash(id.as_bytes())).collect();
         // Each id is probed once in the filter (a probe is a cache miss), before the batch:
-        // every id in memory, and every live one stored, is in it.
-        let held: Vec<bool> = hashes.iter().map(|hash| self.filter.may_hold(*hash)).collect();
+        // every id in memory, and every live one stored, is in it. An id it does not hold is
+        // new and goes into it at once, while its block is at hand (a later copy in the batch
+        // is then held, and found pending).
+        let held: Vec<bool> = items
+            .iter()
+            .zip(&hashes)
+            .map(|((_, _, ts), hash)| {
+                let held = self.filter.may_hold(*hash);
+                if !held {
+                    self.filter.insert(*hash, *ts);
+                }
+                held
+            })
+            .collect();
         // Only an id the filter may hold and that is not in memory can be in RocksDB.
         let unknown: Vec<&Text> = items
             .iter()
@@ -486,7 +498,11 @@ impl DedupBackend for RocksDedup {
                 Some(d) if d == *digest => DedupVerdict::Identical,
                 Some(_) => DedupVerdict::Conflicting,
                 None => {
-                    self.filter.insert(hash, *ts);
+                    // A new id the filter seemed to hold is put in the newest generation too:
+                    // the one that seemed to hold it may be dropped before it expires.
+                    if held {
+                        self.filter.insert(hash, *ts);
+                    }
                     self.max_ts = self.max_ts.max(*ts);
                     DedupVerdict::First
                 }

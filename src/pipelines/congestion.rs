@@ -32,8 +32,8 @@ const SUDDEN_WINDOW_MS: i64 = 300_000;
 /// A traversal takes at most this many free-flow times.
 const FREE_FLOW_FACTOR: f64 = 6.0;
 /// How often (event time) tracks of vehicles gone quiet are swept out. A vehicle's passes
-/// before the horizon are also cut whenever it passes again, so a sweep only frees memory;
-/// each one visits every vehicle, so it runs hourly, not every few minutes.
+/// before the horizon are cut whenever it passes again, so a sweep only frees memory; each one
+/// visits every vehicle, so it runs hourly, not every few minutes.
 const SWEEP_EVERY_MS: i64 = 60 * 60_000;
 const STATE_VERSION: u32 = 2;
 /// States written before the binary encoding, as JSON.
@@ -137,8 +137,22 @@ struct Window {
 /// back: the per-vehicle half of congestion.
 struct Tracks {
     roads: Roads,
-    tracks: FxHashMap<VehicleKey, Vec<Point>>,
+    tracks: FxHashMap<VehicleKey, Track>,
     sweeps: Every,
+}
+
+/// A vehicle's passes in time order, and the newest one's time: a sweep finds the vehicles
+/// gone quiet without reading every vehicle's passes.
+#[derive(Default)]
+struct Track {
+    newest: i64,
+    points: Vec<Point>,
+}
+
+impl Track {
+    fn of(points: Vec<Point>) -> Track {
+        Track { newest: points.last().map_or(i64::MIN, |p| p.ts), points }
+    }
 }
 
 impl Tracks {
@@ -155,9 +169,10 @@ impl Tracks {
     /// the ones it makes (1). `None` when the track holds it already.
     fn take(&mut self, vehicle: VehicleKey, pass: &Pass, horizon: i64) -> Option<[(Option<Traversal>, i32); 3]> {
         let x = Point::of(pass);
-        let track = self.tracks.entry(vehicle).or_default();
+        let Track { newest, points: track } = self.tracks.entry(vehicle).or_default();
         let Err(at) = track.binary_search_by(|p| p.order().cmp(&x.order())) else { return None };
         track.insert(at, x);
+        *newest = (*newest).max(x.ts);
         let prev = at.checked_sub(1).map(|j| track[j]);
         let next = track.get(at + 1).copied();
         let old = track.partition_point(|p| p.ts < horizon);
@@ -190,16 +205,12 @@ impl Tracks {
         changes
     }
 
-    /// Forgets, from time to time, every vehicle's passes before the horizon, and vehicles with
-    /// none left.
+    /// Forgets, from time to time, the vehicles whose passes are all before the horizon (the
+    /// others lose theirs as they pass again).
     fn sweep(&mut self, watermark: i64, lateness_ms: i64) {
         let horizon = self.horizon(watermark, lateness_ms);
         if self.sweeps.due(horizon) {
-            self.tracks.retain(|_, track| {
-                let old = track.partition_point(|p| p.ts < horizon);
-                track.drain(..old);
-                !track.is_empty()
-            });
+            self.tracks.retain(|_, track| track.newest >= horizon);
         }
     }
 
@@ -212,7 +223,7 @@ impl Tracks {
         self.tracks.clear();
         for (plate, color, track) in stored {
             if let Some(vehicle) = VehicleKey::from_stored(&plate, color) {
-                self.tracks.insert(vehicle, track);
+                self.tracks.insert(vehicle, Track::of(track));
             }
         }
     }
@@ -633,7 +644,7 @@ impl Operator for Congestion {
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
         // Written straight from the maps, in the shape of `Stored`.
         let stored = StoredRef {
-            tracks: SeqOf::new(self.tracks.tracks.iter().map(|(v, t)| (v.plate.as_str(), v.color.code(), t))),
+            tracks: SeqOf::new(self.tracks.tracks.iter().map(|(v, t)| (v.plate.as_str(), v.color.code(), &t.points))),
             sets: &self.windows.sets,
             ranking: &self.windows.ranking,
             sudden: SeqOf::new(self.windows.sudden.iter()),
@@ -744,7 +755,8 @@ impl Operator for CongestionPartial {
     }
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
-        let tracks = self.tracks.tracks.iter().map(|(v, t)| (v.plate.as_str().to_owned(), v.color.code(), t.clone()));
+        let tracks =
+            self.tracks.tracks.iter().map(|(v, t)| (v.plate.as_str().to_owned(), v.color.code(), t.points.clone()));
         let stored = PartialStored { tracks: tracks.collect(), sets: self.sets.clone(), buckets: self.buckets.clone() };
         StateBlob::encode(STATE_VERSION, &stored, &AtomicUsize::new(0))
     }
