@@ -4,14 +4,13 @@
 //! Counts are exact: each window keeps the set of vehicles it has seen, and windows are dropped
 //! once the allowed lateness has passed them.
 
-use crate::core::window::{is_complete, is_late, tumbling_start};
+use crate::core::window::{is_complete, is_late, tumbling_start, window_runs};
 use crate::core::{check_version, Context, Operator, StateBlob};
 use crate::model::{Pass, VehicleKey};
 use crate::reference::{City, OriginScope};
 use crate::results::OriginCountRow;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
-use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -115,22 +114,24 @@ impl OriginCounts {
         id
     }
 
-    fn count(&mut self, start: i64, region: u32, vehicle: VehicleKey) {
+    /// The window that starts at `start`, taken out of the open ones while passes are counted
+    /// in it; a new one is as large as the largest open one (a set grown from nothing rehashes
+    /// each time it doubles).
+    fn take_window(&mut self, start: i64) -> Window {
+        self.windows.remove(&start).unwrap_or_else(|| Window {
+            seen: FxHashSet::with_capacity_and_hasher(self.windows_len.max(1), Default::default()),
+            ..Window::default()
+        })
+    }
+
+    fn put_window(&mut self, start: i64, w: Window) {
+        self.windows_len = self.windows_len.max(w.seen.len());
+        self.windows.insert(start, w);
+    }
+
+    fn count(&mut self, w: &mut Window, region: u32, vehicle: VehicleKey) {
         let origin = self.origin_id(&vehicle.plate);
-        let w = match self.windows.entry(start) {
-            Entry::Occupied(w) => w.into_mut(),
-            // As large as the largest window open: a set grown from nothing rehashes each time
-            // it doubles.
-            Entry::Vacant(at) => {
-                let room = self.windows_len.max(1);
-                at.insert(Window {
-                    seen: FxHashSet::with_capacity_and_hasher(room, Default::default()),
-                    ..Window::default()
-                })
-            }
-        };
         if w.seen.insert((region, vehicle)) {
-            self.windows_len = self.windows_len.max(w.seen.len());
             *w.counts.entry((region, origin)).or_default() += 1;
             if w.emitted {
                 w.dirty.insert((region, origin));
@@ -167,14 +168,21 @@ impl Operator for OriginCounts {
     }
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
-        for (i, pass) in passes.iter().enumerate() {
-            let Some(vehicle) = pass.vehicle() else { continue };
-            let start = tumbling_start(pass.ts.ms(), WINDOW_MS);
+        for (at, start, run) in window_runs(passes, WINDOW_MS) {
+            let vehicles = run.iter().enumerate().filter_map(|(j, p)| Some((at + j, p.checkpoint.0, p.vehicle()?)));
             if is_late(start + WINDOW_MS, ctx.watermark, ctx.allowed_lateness_ms) {
-                ctx.late.push((i, LATE_LABEL));
+                ctx.late.extend(vehicles.map(|(i, _, _)| (i, LATE_LABEL)));
                 continue;
             }
-            self.count(start, self.region_of[pass.checkpoint.0 as usize], vehicle);
+            let mut vehicles = vehicles.peekable();
+            if vehicles.peek().is_none() {
+                continue;
+            }
+            let mut w = self.take_window(start);
+            for (_, checkpoint, vehicle) in vehicles {
+                self.count(&mut w, self.region_of[checkpoint as usize], vehicle);
+            }
+            self.put_window(start, w);
         }
     }
 
@@ -228,10 +236,12 @@ impl Operator for OriginCounts {
                 s.seen.iter().all(|(r, _, _)| (*r as usize) < self.city.regions.len()),
                 "origin_counts state names a region this city does not have"
             );
+            let mut w = self.take_window(s.start);
             for (region, plate, color) in s.seen {
                 let Some(vehicle) = VehicleKey::from_stored(&plate, color) else { continue };
-                self.count(s.start, region, vehicle);
+                self.count(&mut w, region, vehicle);
             }
+            self.put_window(s.start, w);
             let dirty: FxHashSet<(u32, u32)> = s
                 .dirty
                 .into_iter()
