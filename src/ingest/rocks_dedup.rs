@@ -457,7 +457,7 @@ impl DedupBackend for RocksDedup {
         // Each id is probed once in the filter (a probe is a cache miss), before the batch:
         // every id in memory, and every live one stored, is in it. An id it does not hold is
         // new and goes into it at once, while its block is at hand (a later copy in the batch
-        // is then held, and found pending).
+        // is then held: looked up in RocksDB, which does not have it, and found pending).
         let held: Vec<bool> = items
             .iter()
             .zip(&hashes)
@@ -485,9 +485,9 @@ impl DedupBackend for RocksDedup {
             .collect();
         let mut verdicts = Vec::with_capacity(items.len());
         for (((id, digest, ts), hash), held) in items.iter().zip(hashes).zip(held) {
-            // An id the filter did not hold is new (almost every pass), unless an earlier
-            // copy in this batch is pending: putting it in pending finds that copy. An expired
-            // entry is taken over.
+            // An id the filter did not hold is new (almost every pass); one it held may have
+            // an earlier copy pending (from this batch or an earlier one) or stored. Putting an
+            // id in pending finds a pending copy; an expired entry is taken over.
             let earlier = match held {
                 true => self.in_memory(id, hash).or_else(|| stored.get(&**id).copied()),
                 false => None,

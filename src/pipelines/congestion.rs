@@ -143,10 +143,15 @@ struct Tracks {
 
 /// A vehicle's passes in time order, and the newest one's time: a sweep finds the vehicles
 /// gone quiet without reading every vehicle's passes.
-#[derive(Default)]
 struct Track {
     newest: i64,
     points: Vec<Point>,
+}
+
+impl Default for Track {
+    fn default() -> Track {
+        Track::of(Vec::new())
+    }
 }
 
 impl Track {

@@ -9,6 +9,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 
@@ -168,6 +169,9 @@ pub struct SqliteStore {
     writer: Arc<Mutex<rusqlite::Connection>>,
     /// Wakes the checkpointer after a commit.
     checkpoints: SyncSender<()>,
+    /// Set by the checkpointer when the log has reached its limit: the writer then copies it
+    /// all after its next commit.
+    log_full: Arc<AtomicBool>,
 }
 
 impl SqliteStore {
@@ -193,12 +197,15 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .pragma("temp_store", "memory");
+            .pragma("temp_store", "memory")
+            // Commits of the API's changes leave the log to the checkpointer too.
+            .pragma("wal_autocheckpoint", "0");
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
         let writer = open_writer(path)?;
-        let checkpoints = spawn_checkpointer(path)?;
-        Ok(SqliteStore { pool, writer: Arc::new(Mutex::new(writer)), checkpoints })
+        let log_full = Arc::new(AtomicBool::new(false));
+        let checkpoints = spawn_checkpointer(path, Arc::clone(&log_full))?;
+        Ok(SqliteStore { pool, writer: Arc::new(Mutex::new(writer)), checkpoints, log_full })
     }
 
     /// Writes a batch in one transaction: rows upserted by key, a stored higher revision kept.
@@ -211,17 +218,29 @@ impl SqliteStore {
         &self,
         work: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let (writer, checkpoints) = (Arc::clone(&self.writer), self.checkpoints.clone());
+        let (writer, checkpoints, log_full) =
+            (Arc::clone(&self.writer), self.checkpoints.clone(), Arc::clone(&self.log_full));
         tokio::task::spawn_blocking(move || {
             let mut conn = writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             work(&tx)?;
             tx.commit()?;
+            if log_full.swap(false, Ordering::Relaxed) {
+                // The writer's next commit waits for the copy, and then starts the log over.
+                if let Err(e) = checkpoint_all(&conn) {
+                    tracing::warn!(error = %e, "SQLite checkpoint failed");
+                }
+            }
             // A wake-up already pending covers this commit too.
             let _ = checkpoints.try_send(());
             Ok(())
         })
         .await?
+    }
+
+    /// Has the checkpointer look at the log (after a change through the pool).
+    pub(super) fn checkpoint_soon(&self) {
+        let _ = self.checkpoints.try_send(());
     }
 }
 
@@ -234,44 +253,45 @@ fn open_writer(path: &str) -> anyhow::Result<rusqlite::Connection> {
     // same pages again and again.
     conn.execute_batch(
         "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -262144; PRAGMA temp_store = memory; \
-         PRAGMA wal_autocheckpoint = 0;",
+         PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;",
     )?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
 
-/// Frames (pages) the write-ahead log may hold before the checkpointer makes the writer wait
-/// for a complete checkpoint (64 MB of 4 KB pages).
+/// Frames (pages) the write-ahead log may hold before the writer copies it all itself (64 MB
+/// of 4 KB pages).
 const WAL_LIMIT_FRAMES: i64 = 16_384;
 
 /// Starts the thread that copies the write-ahead log back into the database after commits, on
 /// a connection of its own: SQLite would otherwise do it inside the commit that fills the log
 /// past a thousand pages, with the writer waiting. Its passive checkpoints never block the
-/// writer; the writer starts the log over once one has copied all of it. Should the log still
-/// reach [`WAL_LIMIT_FRAMES`] (a commit came before every checkpoint ended), a restarting
-/// checkpoint holds the next commit back until the log is copied, so it stays bounded. The
-/// thread ends with the store.
-fn spawn_checkpointer(path: &str) -> anyhow::Result<SyncSender<()>> {
+/// writer, which starts the log over once one has copied all of it. A writer that commits again
+/// before that lets the log grow; once it holds [`WAL_LIMIT_FRAMES`], `log_full` has the writer
+/// copy it all after its next commit, so it stays bounded (and `journal_size_limit` cuts the
+/// file back). A failed checkpoint leaves the log to the next round: nothing is lost. The thread
+/// ends with the store.
+fn spawn_checkpointer(path: &str, log_full: Arc<AtomicBool>) -> anyhow::Result<SyncSender<()>> {
     let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
     let (wake, woken) = sync_channel::<()>(1);
     std::thread::Builder::new().name("passflow-sqlite-checkpoint".into()).spawn(move || {
         while woken.recv().is_ok() {
-            if let Err(e) = checkpoint(&conn) {
-                // The log stays for the next round: nothing is lost.
-                tracing::warn!(error = %e, "SQLite checkpoint failed");
+            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get::<_, i64>(1)) {
+                Ok(frames) if frames >= WAL_LIMIT_FRAMES => log_full.store(true, Ordering::Relaxed),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "SQLite checkpoint failed"),
             }
         }
     })?;
     Ok(wake)
 }
 
-/// One passive checkpoint, and a restarting one when the log is still at its limit.
-fn checkpoint(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
-    let frames = |mode: &str| conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| row.get::<_, i64>(1));
-    if frames("PASSIVE")? >= WAL_LIMIT_FRAMES {
-        frames("RESTART")?;
-    }
+/// Copies the whole log into the database, waiting for readers of older snapshots; the next
+/// write starts the log over.
+fn checkpoint_all(conn: &rusqlite::Connection) -> anyhow::Result<()> {
+    let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |row| row.get(0))?;
+    anyhow::ensure!(busy == 0, "readers held the write-ahead log for 30 s; it is copied at a later commit");
     Ok(())
 }
 
