@@ -15,7 +15,6 @@ use crate::model::{decode_record, PlateColorScheme};
 use crate::pipelines::{read_archive_day, WatchList};
 use crate::reference::City;
 use crate::results::ResultBatch;
-use crate::simulator::day_start_ms;
 use crate::store::Store;
 use anyhow::Context;
 use chrono::NaiveDate;
@@ -44,8 +43,7 @@ pub async fn backfill(options: BackfillOptions) -> anyhow::Result<BackfillSummar
     let tz = config.city.tz()?;
     let city =
         Arc::new(City::load(&config.city.dir).with_context(|| format!("loading city {}", config.city.dir.display()))?);
-    let (start, end) =
-        (day_start_ms(options.day, tz), options.day.succ_opt().map_or(i64::MAX, |d| day_start_ms(d, tz)));
+    let (start, end) = crate::core::window::LocalDays::new(tz).bounds(options.day);
     let (from, to) = (start - MARGIN_MS, end + MARGIN_MS);
     let store = Store::open(&options.store_url).await?;
 

@@ -140,9 +140,14 @@ impl LocalDays {
             return (day, start, end);
         }
         let day = local_day(ts, self.tz);
-        let (start, end) = (crate::simulator::day_start_ms(day, self.tz), self.end(day));
+        let (start, end) = self.bounds(day);
         self.recent = Some((start, end, day));
         (day, start, end)
+    }
+
+    /// The instants `day` starts and ends (its local midnight and the next).
+    pub fn bounds(&self, day: NaiveDate) -> (i64, i64) {
+        (crate::simulator::day_start_ms(day, self.tz), self.end(day))
     }
 
     /// The instant `day` ends (the next local midnight).

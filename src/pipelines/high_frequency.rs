@@ -187,7 +187,7 @@ impl Operator for HighFrequency {
         let stored: Vec<StoredDay> = blob.decode(self.name(), STATE_VERSION, JSON_STATE_VERSION)?;
         self.days.clear();
         for s in stored {
-            let (start, end) = (crate::simulator::day_start_ms(s.day, self.days_of.tz()), self.days_of.end(s.day));
+            let (start, end) = self.days_of.bounds(s.day);
             let d = self.days.entry(s.day).or_insert_with(|| Day { start, end, ..Day::default() });
             for (cp, plate, color, tally, dirty) in s.tallies {
                 anyhow::ensure!(

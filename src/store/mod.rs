@@ -123,11 +123,7 @@ impl Store {
     /// Runs a change for the API; returns the rows it touched.
     pub async fn execute(&self, sql: &str, binds: Vec<Bind>) -> anyhow::Result<u64> {
         Ok(match self {
-            Store::Sqlite(s) => {
-                let changed = bound(sql, binds).execute(&s.pool).await?.rows_affected();
-                s.checkpoint_soon();
-                changed
-            }
+            Store::Sqlite(s) => s.change(bound(sql, binds)).await?,
             Store::MySql(s) => bound(sql, binds).execute(&s.pool).await?.rows_affected(),
             Store::Null => 0,
         })
@@ -172,11 +168,7 @@ impl Store {
         T: for<'q> sqlx::Encode<'q, sqlx::MySql> + sqlx::Type<sqlx::MySql>,
     {
         Ok(match self {
-            Store::Sqlite(s) => {
-                let deleted = sqlx::query(sql).bind(bound).execute(&s.pool).await?.rows_affected();
-                s.checkpoint_soon();
-                deleted
-            }
+            Store::Sqlite(s) => s.change(sqlx::query(sql).bind(bound)).await?,
             Store::MySql(s) => sqlx::query(sql).bind(bound).execute(&s.pool).await?.rows_affected(),
             Store::Null => 0,
         })

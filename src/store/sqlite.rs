@@ -238,9 +238,15 @@ impl SqliteStore {
         .await?
     }
 
-    /// Has the checkpointer look at the log (after a change through the pool).
-    pub(super) fn checkpoint_soon(&self) {
+    /// Runs a change through the pool (the API's, retention's) and has the checkpointer look
+    /// at the log; returns the rows it touched.
+    pub(super) async fn change<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    ) -> anyhow::Result<u64> {
+        let touched = query.execute(&self.pool).await?.rows_affected();
         let _ = self.checkpoints.try_send(());
+        Ok(touched)
     }
 }
 
@@ -248,7 +254,7 @@ impl SqliteStore {
 /// checkpointer.
 fn open_writer(path: &str) -> anyhow::Result<rusqlite::Connection> {
     let conn = rusqlite::Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     // Upserts land all over the key space: a large page cache keeps them from rewriting the
     // same pages again and again.
     conn.execute_batch(
@@ -258,6 +264,9 @@ fn open_writer(path: &str) -> anyhow::Result<rusqlite::Connection> {
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
+
+/// How long the writer and the checkpointer wait for a lock another connection holds.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Frames (pages) the write-ahead log may hold before the writer copies it all itself (64 MB
 /// of 4 KB pages).
@@ -273,7 +282,7 @@ const WAL_LIMIT_FRAMES: i64 = 16_384;
 /// ends with the store.
 fn spawn_checkpointer(path: &str, log_full: Arc<AtomicBool>) -> anyhow::Result<SyncSender<()>> {
     let conn = rusqlite::Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     let (wake, woken) = sync_channel::<()>(1);
     std::thread::Builder::new().name("passflow-sqlite-checkpoint".into()).spawn(move || {
         while woken.recv().is_ok() {
@@ -291,7 +300,7 @@ fn spawn_checkpointer(path: &str, log_full: Arc<AtomicBool>) -> anyhow::Result<S
 /// write starts the log over.
 fn checkpoint_all(conn: &rusqlite::Connection) -> anyhow::Result<()> {
     let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |row| row.get(0))?;
-    anyhow::ensure!(busy == 0, "readers held the write-ahead log for 30 s; it is copied at a later commit");
+    anyhow::ensure!(busy == 0, "readers held the write-ahead log for {BUSY_TIMEOUT:?}; it is copied at a later commit");
     Ok(())
 }
 
