@@ -63,14 +63,20 @@ impl PassRecord {
     /// to the same record has the same digest, whatever aliases or time format it used.
     pub fn content_digest(&self) -> u64 {
         let mut h = Fnv1a::default();
-        for part in [&*self.pass_id, self.plate.as_str(), &*self.plate_type, &*self.checkpoint] {
-            h.write(part.as_bytes());
+        // Bytes, not `str`s: the text was checked when it was decoded.
+        fn optional(t: &Option<Text>) -> &[u8] {
+            t.as_ref().map_or(b"", Text::as_bytes)
+        }
+        for part in
+            [self.pass_id.as_bytes(), self.plate.as_bytes(), self.plate_type.as_bytes(), self.checkpoint.as_bytes()]
+        {
+            h.write(part);
             h.write_u8(0xff);
         }
-        h.write(self.device_id.as_deref().unwrap_or("").as_bytes());
-        h.write_u8(0xff);
-        h.write(self.vehicle_type.as_deref().unwrap_or("").as_bytes());
-        h.write_u8(0xff);
+        for part in [optional(&self.device_id), optional(&self.vehicle_type)] {
+            h.write(part);
+            h.write_u8(0xff);
+        }
         h.write_u8(self.plate_color.code());
         h.write_u8(self.direction.code());
         h.write_u8(self.lane);

@@ -193,3 +193,22 @@ fn content_digest_sees_a_corrected_read() {
     let b = decode(&with("plate", serde_json::json!("赣A12845"))).unwrap();
     assert_ne!(a.content_digest(), b.content_digest());
 }
+
+/// The digest is kept in deduplication state across restarts and upgrades: it stays FNV-1a
+/// over the fields' bytes, each text followed by 0xff, then the codes and the time.
+#[test]
+fn content_digest_keeps_its_layout() {
+    let r = decode(&canonical().to_string()).unwrap();
+    let mut bytes = Vec::new();
+    let texts = [&*r.pass_id, r.plate.as_str(), &*r.plate_type, &*r.checkpoint];
+    for text in texts.into_iter().chain([r.device_id.as_deref().unwrap(), r.vehicle_type.as_deref().unwrap()]) {
+        bytes.extend_from_slice(text.as_bytes());
+        bytes.push(0xff);
+    }
+    bytes.extend([r.plate_color.code(), r.direction.code(), r.lane]);
+    bytes.extend(r.ts.ms().to_ne_bytes());
+    bytes.extend(r.speed_kmh.unwrap().to_bits().to_ne_bytes());
+    let fnv =
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3));
+    assert_eq!(r.content_digest(), fnv);
+}

@@ -2,6 +2,7 @@
 
 use super::text::Text;
 use super::PlateColor;
+use std::borrow::Cow;
 use std::fmt;
 
 /// The 31 province-level abbreviations of mainland China.
@@ -59,14 +60,14 @@ impl PlateRead {
     pub fn parse(raw: &str) -> PlateRead {
         let kept = |c: &char| !c.is_whitespace() && *c != '·' && *c != '•';
         // Almost every plate comes normalised already: it is then taken as it is.
-        let text: Text = match raw.chars().all(|c| kept(&c) && !c.is_ascii_lowercase()) {
+        let text: Cow<'_, str> = match raw.chars().all(|c| kept(&c) && !c.is_ascii_lowercase()) {
             true => raw.into(),
             false => raw.chars().filter(kept).map(|c| c.to_ascii_uppercase()).collect::<String>().into(),
         };
-        if UNREADABLE.contains(&text.as_str()) || text.chars().all(|c| c == '-' || c == '*') {
+        if UNREADABLE.contains(&&*text) || text.chars().all(|c| c == '-' || c == '*') {
             return PlateRead::Unreadable;
         }
-        PlateRead::Readable(Plate { text })
+        PlateRead::Readable(Plate { text: text.into() })
     }
 
     pub fn plate(&self) -> Option<&Plate> {
@@ -79,6 +80,11 @@ impl PlateRead {
     /// The text to write back out: the plate, or `-` when unreadable.
     pub fn as_str(&self) -> &str {
         self.plate().map_or("-", Plate::as_str)
+    }
+
+    /// [`PlateRead::as_str`]'s bytes, unchecked (see [`Text::as_bytes`]).
+    pub fn as_bytes(&self) -> &[u8] {
+        self.plate().map_or(b"-", |p| p.text.as_bytes())
     }
 }
 
@@ -107,10 +113,11 @@ impl Plate {
 
     /// Province + issuing-authority letter (`赣A`), the key of the plate-prefix table.
     pub fn prefix(&self) -> Option<&str> {
-        let mut chars = self.as_str().char_indices();
+        let text = self.as_str();
+        let mut chars = text.char_indices();
         let (_, first) = chars.next()?;
         let (i, letter) = chars.next()?;
-        (PROVINCES.contains(&first) && letter.is_ascii_uppercase()).then(|| &self.as_str()[..i + letter.len_utf8()])
+        (PROVINCES.contains(&first) && letter.is_ascii_uppercase()).then(|| &text[..i + letter.len_utf8()])
     }
 
     /// The characters after the prefix (the whole text for plates without one).

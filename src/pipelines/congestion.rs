@@ -175,13 +175,22 @@ impl Tracks {
     fn take(&mut self, vehicle: VehicleKey, pass: &Pass, horizon: i64) -> Option<[(Option<Traversal>, i32); 3]> {
         let x = Point::of(pass);
         let Track { newest, points: track } = self.tracks.entry(vehicle).or_default();
-        let Err(at) = track.binary_search_by(|p| p.order().cmp(&x.order())) else { return None };
+        // Passes mostly come in time order: a pass after the newest one is not searched for.
+        let at = match track.last() {
+            Some(last) if last.order() < x.order() => track.len(),
+            _ => match track.binary_search_by(|p| p.order().cmp(&x.order())) {
+                Ok(_) => return None,
+                Err(at) => at,
+            },
+        };
         track.insert(at, x);
         *newest = (*newest).max(x.ts);
         let prev = at.checked_sub(1).map(|j| track[j]);
         let next = track.get(at + 1).copied();
-        let old = track.partition_point(|p| p.ts < horizon);
-        track.drain(..old);
+        if track[0].ts < horizon {
+            let old = track.partition_point(|p| p.ts < horizon);
+            track.drain(..old);
+        }
         let roads = &self.roads;
         Some([
             (prev.zip(next).and_then(|(p, q)| roads.traversal(p, q)), -1),

@@ -130,8 +130,10 @@ impl OriginCounts {
     }
 
     fn count(&mut self, w: &mut Window, region: u32, vehicle: VehicleKey) {
-        let origin = self.origin_id(&vehicle.plate);
+        // A vehicle seen before in the window needs no origin.
+        let plate = vehicle.plate.clone();
         if w.seen.insert((region, vehicle)) {
+            let origin = self.origin_id(&plate);
             *w.counts.entry((region, origin)).or_default() += 1;
             if w.emitted {
                 w.dirty.insert((region, origin));
