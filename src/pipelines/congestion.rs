@@ -248,20 +248,32 @@ impl Tracks {
 fn add_to_windows(sets: &mut [BTreeMap<i64, Window>], changes: &[(usize, Traversal, i32)]) {
     for (set, size_s) in sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
         let size_ms = i64::from(size_s) * 1000;
-        // Traversals come in runs of one window: each run looks its window up once.
-        let mut current: Option<(i64, &mut Window)> = None;
+        // A batch's traversals fall in a few windows of a few hundred segments: they are summed
+        // per window and segment first, and each sum is added to its window's tree once.
+        let mut sums: FxHashMap<(i64, u32), (i64, i64, u32)> = FxHashMap::default();
         for &(_, t, delta) in changes {
-            let start = tumbling_start(t.at, size_ms);
+            let (traversals, dt_ms, updates) = sums.entry((tumbling_start(t.at, size_ms), t.segment)).or_default();
+            *traversals += i64::from(delta);
+            *dt_ms += i64::from(delta) * t.dt_ms;
+            *updates += 1;
+        }
+        let mut sums: Vec<_> = sums.into_iter().collect();
+        sums.sort_unstable_by_key(|(key, _)| *key);
+        // Sums come in runs of one window: each run looks its window up once.
+        let mut current: Option<(i64, &mut Window)> = None;
+        for ((start, segment), (traversals, dt_ms, updates)) in sums {
             let w = match current.take() {
                 Some((s, w)) if s == start => w,
                 _ => set.entry(start).or_default(),
             };
-            let s = w.segments.entry(t.segment).or_default();
-            s.traversals = s.traversals.saturating_add_signed(delta);
-            s.dt_ms += i64::from(delta) * t.dt_ms;
-            s.updates += 1;
+            let s = w.segments.entry(segment).or_default();
+            // A retraction follows the addition it takes back: a window's count never goes
+            // below zero along the way, so the batch's net change is added at once.
+            s.traversals = (i64::from(s.traversals) + traversals).clamp(0, i64::from(u32::MAX)) as u32;
+            s.dt_ms += dt_ms;
+            s.updates += updates;
             if w.emitted {
-                w.dirty.insert(t.segment);
+                w.dirty.insert(segment);
             }
             current = Some((start, w));
         }
