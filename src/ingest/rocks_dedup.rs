@@ -200,6 +200,30 @@ impl IdSet {
         self.places.find(hash, |&i| ids[i as usize].0.as_bytes() == id.as_bytes()).map(|&i| &ids[i as usize].1)
     }
 
+    /// Puts in a batch's ids the filter did not hold, (id, hash, (digest, ts)): a live id is
+    /// always held, so one found here has expired and is taken over. They go in by their
+    /// places in the table, one after the next in memory, where in the order they came each
+    /// would miss the cache.
+    fn insert_new<'a>(&mut self, new: impl Iterator<Item = (&'a Text, u64, (u64, i64))>) {
+        let mut new: Vec<_> = new.collect();
+        let ids = &mut self.ids;
+        let place = |&i: &u32| IdFilter::hash(ids[i as usize].0.as_bytes());
+        self.places.reserve(new.len(), place);
+        // A hash's place is its low bits, as many as the table has slots.
+        let slots = (self.places.capacity() * 8 / 7).next_power_of_two() as u64;
+        new.sort_unstable_by_key(|(_, hash, _)| hash & (slots - 1));
+        for (id, hash, value) in new {
+            let place = |&i: &u32| IdFilter::hash(ids[i as usize].0.as_bytes());
+            match self.places.entry(hash, |&i| ids[i as usize].0.as_bytes() == id.as_bytes(), place) {
+                hashbrown::hash_table::Entry::Occupied(at) => ids[*at.get() as usize].1 = value,
+                hashbrown::hash_table::Entry::Vacant(at) => {
+                    at.insert(u32::try_from(ids.len()).expect("fewer than 2^32 ids a set"));
+                    ids.push((id.clone(), value));
+                }
+            }
+        }
+    }
+
     /// Puts `id` in, or gives the (digest, ts) it holds already; one held with a time before
     /// `oldest_kept` has expired and is taken over.
     fn insert(&mut self, id: &Text, hash: u64, value: (u64, i64), oldest_kept: i64) -> Option<(u64, i64)> {
@@ -457,7 +481,7 @@ impl DedupBackend for RocksDedup {
         // Each id is probed once in the filter (a probe is a cache miss), before the batch:
         // every id in memory, and every live one stored, is in it. An id it does not hold is
         // new and goes into it at once, while its block is at hand (a later copy in the batch
-        // is then held: looked up in RocksDB, which does not have it, and found pending).
+        // is then held, and found pending).
         let held: Vec<bool> = items
             .iter()
             .zip(&hashes)
@@ -469,6 +493,10 @@ impl DedupBackend for RocksDedup {
                 held
             })
             .collect();
+        // The ids it did not hold are new: they are pending at once (a later copy in the batch
+        // finds its first there).
+        let new = items.iter().zip(&hashes).zip(&held).filter(|(_, held)| !**held);
+        self.pending.insert_new(new.map(|(((id, digest, ts), hash), _)| (id, *hash, (*digest, *ts))));
         // Only an id the filter may hold and that is not in memory can be in RocksDB.
         let unknown: Vec<&Text> = items
             .iter()
@@ -485,13 +513,16 @@ impl DedupBackend for RocksDedup {
             .collect();
         let mut verdicts = Vec::with_capacity(items.len());
         for (((id, digest, ts), hash), held) in items.iter().zip(hashes).zip(held) {
-            // An id the filter did not hold is new (almost every pass); one it held may have
-            // an earlier copy pending (from this batch or an earlier one) or stored. Putting an
-            // id in pending finds a pending copy; an expired entry is taken over.
-            let earlier = match held {
-                true => self.in_memory(id, hash).or_else(|| stored.get(&**id).copied()),
-                false => None,
-            };
+            // An id the filter did not hold is new (almost every pass) and pending already.
+            if !held {
+                self.max_ts = self.max_ts.max(*ts);
+                verdicts.push(DedupVerdict::First);
+                continue;
+            }
+            // One it held may have an earlier copy pending (from this batch or an earlier
+            // one) or stored. Putting an id in pending finds a pending copy; an expired entry
+            // is taken over.
+            let earlier = self.in_memory(id, hash).or_else(|| stored.get(&**id).copied());
             let oldest_kept = self.oldest_kept();
             let first = earlier.or_else(|| self.pending.insert(id, hash, (*digest, *ts), oldest_kept).map(|(d, _)| d));
             verdicts.push(match first {
@@ -500,9 +531,7 @@ impl DedupBackend for RocksDedup {
                 None => {
                     // A new id the filter seemed to hold is put in the newest generation too:
                     // the one that seemed to hold it may be dropped before it expires.
-                    if held {
-                        self.filter.insert(hash, *ts);
-                    }
+                    self.filter.insert(hash, *ts);
                     self.max_ts = self.max_ts.max(*ts);
                     DedupVerdict::First
                 }
