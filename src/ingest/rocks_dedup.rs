@@ -601,7 +601,10 @@ impl DedupBackend for RocksDedup {
             }
             Ok(())
         })?;
-        for (id, (digest, ts)) in self.committing.iter().flat_map(|(_, ids)| ids.iter()).chain(self.pending.iter()) {
+        // Only the live ones, as from RocksDB: what is exported then does not depend on the
+        // order ids are held in (expiry in `memory` follows the order they are checked in).
+        let held = self.committing.iter().flat_map(|(_, ids)| ids.iter()).chain(self.pending.iter());
+        for (id, (digest, ts)) in live(held, oldest_kept) {
             memory.check(id, *digest, *ts);
         }
         memory.export()
@@ -691,6 +694,22 @@ mod tests {
             RocksDedup::new(db, Arc::new(AtomicI64::new(i64::MIN)), 3_600_000, None).expect("state readable");
         let verdicts = reopened.check_batch(&items(&[("c", 3, 3_000), ("c", 7, 3_000), ("e", 5, 5_000)]));
         assert_eq!(verdicts, [DedupVerdict::Identical, DedupVerdict::Conflicting, DedupVerdict::First]);
+    }
+
+    #[test]
+    fn an_export_holds_the_live_ids_whatever_order_they_came_in() {
+        let hour = 3_600_000;
+        // One batch: an id then one a horizon later (the first has expired), and the reverse.
+        for batch in [[("old", 1, 0), ("new", 2, hour + 120_000)], [("new", 2, hour + 120_000), ("old", 1, 0)]] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let mut dedup =
+                RocksDedup::new(open(dir.path()), Arc::new(AtomicI64::new(i64::MIN)), hour, None).expect("empty state");
+            dedup.check_batch(&items(&batch));
+            let mut memory = Deduplicator::new(hour);
+            memory.restore(&dedup.export().expect("exports")).expect("reads back");
+            assert_eq!(memory.len(), 1, "only the live id: {batch:?}");
+            assert_eq!(memory.check(&Text::from("new"), 2, hour + 120_000), DedupVerdict::Identical);
+        }
     }
 
     #[test]
