@@ -206,21 +206,14 @@ impl IdSet {
     /// would miss the cache.
     fn insert_new<'a>(&mut self, new: impl Iterator<Item = (&'a Text, u64, (u64, i64))>) {
         let mut new: Vec<_> = new.collect();
-        let ids = &mut self.ids;
-        let place = |&i: &u32| IdFilter::hash(ids[i as usize].0.as_bytes());
-        self.places.reserve(new.len(), place);
+        let ids = &self.ids;
+        self.places.reserve(new.len(), |&i| IdFilter::hash(ids[i as usize].0.as_bytes()));
         // A hash's place is its low bits, as many as the table has slots.
         let slots = (self.places.capacity() * 8 / 7).next_power_of_two() as u64;
         new.sort_unstable_by_key(|(_, hash, _)| hash & (slots - 1));
         for (id, hash, value) in new {
-            let place = |&i: &u32| IdFilter::hash(ids[i as usize].0.as_bytes());
-            match self.places.entry(hash, |&i| ids[i as usize].0.as_bytes() == id.as_bytes(), place) {
-                hashbrown::hash_table::Entry::Occupied(at) => ids[*at.get() as usize].1 = value,
-                hashbrown::hash_table::Entry::Vacant(at) => {
-                    at.insert(u32::try_from(ids.len()).expect("fewer than 2^32 ids a set"));
-                    ids.push((id.clone(), value));
-                }
-            }
+            // Any held copy is taken over.
+            self.insert(id, hash, value, i64::MAX);
         }
     }
 

@@ -67,13 +67,15 @@ impl PassRecord {
         fn optional(t: &Option<Text>) -> &[u8] {
             t.as_ref().map_or(b"", Text::as_bytes)
         }
-        for part in
-            [self.pass_id.as_bytes(), self.plate.as_bytes(), self.plate_type.as_bytes(), self.checkpoint.as_bytes()]
-        {
-            h.write(part);
-            h.write_u8(0xff);
-        }
-        for part in [optional(&self.device_id), optional(&self.vehicle_type)] {
+        let texts = [
+            self.pass_id.as_bytes(),
+            self.plate.as_bytes(),
+            self.plate_type.as_bytes(),
+            self.checkpoint.as_bytes(),
+            optional(&self.device_id),
+            optional(&self.vehicle_type),
+        ];
+        for part in texts {
             h.write(part);
             h.write_u8(0xff);
         }
