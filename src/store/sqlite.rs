@@ -226,7 +226,8 @@ impl SqliteStore {
             work(&tx)?;
             tx.commit()?;
             if log_full.swap(false, Ordering::Relaxed) {
-                // The writer's next commit waits for the copy, and then starts the log over.
+                // The log has reached its limit: it is copied all now, before the next commit
+                // (which then starts it over).
                 if let Err(e) = checkpoint_all(&conn) {
                     tracing::warn!(error = %e, "SQLite checkpoint failed");
                 }
