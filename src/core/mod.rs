@@ -9,6 +9,7 @@
 //! - `checkpoint.rs`: checkpoints in RocksDB, savepoints in a directory.
 //! - `sink.rs`: the bounded hand-over to the stores, with checkpoint barriers.
 //! - `driver.rs`: an engine between a source and the sink, checkpointing on schedule.
+//! - `vehicle_table.rs`: state keyed by vehicle, looked up a batch at a time.
 
 pub mod checkpoint;
 pub mod driver;
@@ -16,6 +17,7 @@ mod engine;
 mod operator;
 mod parallel;
 pub mod sink;
+mod vehicle_table;
 pub mod watermark;
 pub mod window;
 
@@ -23,6 +25,7 @@ pub use engine::{
     apply_writes, write_batch, Clocks, Engine, EngineSettings, EngineSnapshot, Forwarded, Record, StateWrite,
 };
 pub use operator::{check_version, pairs, Context, Operator, SeqOf, StateBlob};
+pub use vehicle_table::{prefetch, VehicleTable};
 
 #[cfg(test)]
 mod convergence_tests;

@@ -145,6 +145,34 @@ impl LocalDays {
         (day, start, end)
     }
 
+    /// A batch's passes of a known vehicle whose local day is still open, in runs of one day:
+    /// (the day with its start and end, the places of its passes in the batch). The places of
+    /// the others of a known vehicle, late for their day, go to `late`.
+    pub fn vehicle_runs(
+        &mut self,
+        passes: &[Pass],
+        watermark: i64,
+        allowed_lateness_ms: i64,
+        mut late: impl FnMut(usize),
+    ) -> Vec<((NaiveDate, i64, i64), Vec<usize>)> {
+        let mut runs: Vec<((NaiveDate, i64, i64), Vec<usize>)> = Vec::new();
+        for (i, pass) in passes.iter().enumerate() {
+            if pass.plate.plate().is_none() {
+                continue;
+            }
+            let day = self.of(pass.ts.ms());
+            if is_late(day.2, watermark, allowed_lateness_ms) {
+                late(i);
+                continue;
+            }
+            match runs.last_mut() {
+                Some((d, run)) if d.0 == day.0 => run.push(i),
+                _ => runs.push((day, vec![i])),
+            }
+        }
+        runs
+    }
+
     /// The instants `day` starts and ends (its local midnight and the next).
     pub fn bounds(&self, day: NaiveDate) -> (i64, i64) {
         (crate::simulator::day_start_ms(day, self.tz), self.end(day))

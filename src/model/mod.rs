@@ -16,7 +16,7 @@ mod time;
 
 pub use codes::{Direction, PlateColor, PlateColorScheme};
 pub use decode::{decode_record, fnv1a64, PassOf, PassRecord};
-pub use plate::{Plate, PlateKind, PlateRead, VehicleKey, PROVINCES};
+pub use plate::{Plate, PlateKind, PlateRead, VehicleKey, VehicleRef, PROVINCES};
 pub use reject::RejectReason;
 pub use text::Text;
 pub use time::{parse_event_time, EventTime, DAY_MS, MIN_VALID_TS_MS};
@@ -35,6 +35,11 @@ impl Pass {
             PlateRead::Readable(plate) => Some(VehicleKey::new(plate.clone(), self.plate_color)),
             PlateRead::Unreadable => None,
         }
+    }
+
+    /// The vehicle this pass belongs to, borrowed; `None` when the plate was unreadable.
+    pub fn vehicle_ref(&self) -> Option<VehicleRef<'_>> {
+        Some((self.plate.plate()?, self.plate_color))
     }
 }
 

@@ -188,6 +188,9 @@ pub struct VehicleKey {
     pub color: PlateColor,
 }
 
+/// A vehicle as a pass holds it: its plate and colour, borrowed.
+pub type VehicleRef<'a> = (&'a Plate, PlateColor);
+
 impl VehicleKey {
     pub fn new(plate: Plate, color: PlateColor) -> VehicleKey {
         VehicleKey { plate, color }

@@ -9,7 +9,7 @@
 
 use super::device_health::ClockSkews;
 use crate::core::window::{is_late, Every};
-use crate::core::{Context, Operator, SeqOf, StateBlob};
+use crate::core::{Context, Operator, SeqOf, StateBlob, VehicleTable};
 use crate::model::{Pass, Text, VehicleKey, DAY_MS};
 use crate::reference::{haversine_m, City};
 use crate::results::AlertRow;
@@ -291,7 +291,7 @@ pub struct ClonedPlates {
     raised: BTreeMap<String, Raised>,
     /// Passes further apart in time than this never conflict.
     span_ms: i64,
-    seen: FxHashMap<VehicleKey, Vec<Mark>>,
+    seen: VehicleTable<Vec<Mark>>,
     slab: Slab,
     /// The partners of the pass being judged (kept to reuse its allocation).
     partners: Vec<Seen>,
@@ -313,7 +313,7 @@ impl ClonedPlates {
             judged_generation: 0,
             rejudge: false,
             raised: BTreeMap::new(),
-            seen: FxHashMap::default(),
+            seen: VehicleTable::default(),
             slab: Slab::default(),
             partners: Vec::new(),
             sweeps: Every::new(SWEEP_EVERY_MS),
@@ -370,16 +370,24 @@ impl Operator for ClonedPlates {
         // Skew corrections can bring passes further apart on their cameras' clocks together.
         let span = self.span();
         let mut partners = std::mem::take(&mut self.partners);
+        let (mut taken, mut vehicles) = (Vec::new(), Vec::new());
         for (i, pass) in passes.iter().enumerate() {
-            let Some(vehicle) = pass.vehicle() else { continue };
+            let Some(vehicle) = pass.vehicle_ref() else { continue };
             // The partners of a pass this late may already be forgotten.
             if is_late(pass.ts.ms(), ctx.watermark, ctx.allowed_lateness_ms) {
                 ctx.late.push((i, LATE_LABEL));
                 continue;
             }
+            taken.push(i);
+            vehicles.push(vehicle);
+        }
+        let places = self.seen.resolve(&vehicles, Vec::new);
+        for (j, (&i, &place)) in taken.iter().zip(&places).enumerate() {
+            self.seen.prefetch_ahead_with(&places, j, |list| list.last());
+            let pass = &passes[i];
             let x = Seen::of(pass);
             // One look-up of the vehicle's passes: judged against, then joined.
-            let list = self.seen.entry(vehicle).or_default();
+            let list = self.seen.value_mut(place);
             let from = list.partition_point(|m| m.ts <= x.ts - span);
             for m in list[from..].iter().take_while(|m| m.ts < x.ts + span) {
                 if self.judge.conflicting((x.ts, x.cp), (m.ts, m.cp)) {
@@ -398,9 +406,9 @@ impl Operator for ClonedPlates {
                 continue;
             }
             list.insert(at, self.slab.put(x.clone()));
-            let vehicle = pass.vehicle().expect("a readable plate, as above");
+            let vehicle = self.seen.key(place);
             for y in partners.drain(..) {
-                let mut alert = self.judge.alert(&vehicle, &x, &y);
+                let mut alert = self.judge.alert(vehicle, &x, &y);
                 // Found again (the input replayed after a restart): the same alert, or raised
                 // again above the revision that retracted it.
                 alert.revision = match self.raised.get(&alert.alert_id) {

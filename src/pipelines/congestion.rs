@@ -12,8 +12,8 @@
 
 use super::top_n::{batch_ranking, BucketCounts, RankedKeys, SlidingRanking};
 use crate::core::window::{is_complete, is_late, tumbling_start, Every};
-use crate::core::{Context, Operator, SeqOf, StateBlob};
-use crate::model::{fnv1a64, Pass, VehicleKey};
+use crate::core::{Context, Operator, SeqOf, StateBlob, VehicleTable};
+use crate::model::{fnv1a64, Pass, VehicleKey, VehicleRef};
 use crate::reference::{City, RoadClass, Segment};
 use crate::results::ResultBatch;
 use crate::results::{AlertRow, AreaCongestionRow, SegmentCongestionRow, SegmentSumsRow};
@@ -137,7 +137,7 @@ struct Window {
 /// back: the per-vehicle half of congestion.
 struct Tracks {
     roads: Roads,
-    tracks: FxHashMap<VehicleKey, Track>,
+    tracks: VehicleTable<Track>,
     sweeps: Every,
 }
 
@@ -162,7 +162,7 @@ impl Track {
 
 impl Tracks {
     fn new(city: &City) -> Tracks {
-        Tracks { roads: Roads::new(city), tracks: FxHashMap::default(), sweeps: Every::new(SWEEP_EVERY_MS) }
+        Tracks { roads: Roads::new(city), tracks: VehicleTable::default(), sweeps: Every::new(SWEEP_EVERY_MS) }
     }
 
     /// Passes before this can no longer pair with a pass that is on time.
@@ -170,11 +170,11 @@ impl Tracks {
         watermark.saturating_sub(lateness_ms).saturating_sub(60_000).saturating_sub(self.roads.longest_ms)
     }
 
-    /// Takes `pass` of `vehicle` into its track: the traversal it splits (retracted, -1) and
-    /// the ones it makes (1). `None` when the track holds it already.
-    fn take(&mut self, vehicle: VehicleKey, pass: &Pass, horizon: i64) -> Option<[(Option<Traversal>, i32); 3]> {
+    /// Takes `pass` into the track at `at`: the traversal it splits (retracted, -1) and the
+    /// ones it makes (1). `None` when the track holds it already.
+    fn take(&mut self, at: u32, pass: &Pass, horizon: i64) -> Option<[(Option<Traversal>, i32); 3]> {
         let x = Point::of(pass);
-        let Track { newest, points: track } = self.tracks.entry(vehicle).or_default();
+        let Track { newest, points: track } = self.tracks.value_mut(at);
         // Passes mostly come in time order: a pass after the newest one is not searched for.
         let at = match track.last() {
             Some(last) if last.order() < x.order() => track.len(),
@@ -205,15 +205,22 @@ impl Tracks {
     fn take_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) -> Vec<(usize, Traversal, i32)> {
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
         let horizon = self.horizon(watermark, lateness);
-        let mut changes = Vec::with_capacity(passes.len() + passes.len() / 4);
+        let (mut taken, mut vehicles): (Vec<usize>, Vec<VehicleRef<'_>>) = (Vec::new(), Vec::new());
         for (i, pass) in passes.iter().enumerate() {
-            let Some(vehicle) = pass.vehicle() else { continue };
+            let Some(vehicle) = pass.vehicle_ref() else { continue };
             // Every window a pass can change is at or after its own 1 min window.
             if is_late(tumbling_start(pass.ts.ms(), 60_000) + 60_000, watermark, lateness) {
                 ctx.late.extend(LATE_LABELS.map(|l| (i, l)));
                 continue;
             }
-            let Some(made) = self.take(vehicle, pass, horizon) else { continue };
+            taken.push(i);
+            vehicles.push(vehicle);
+        }
+        let places = self.tracks.resolve(&vehicles, Track::default);
+        let mut changes = Vec::with_capacity(passes.len() + passes.len() / 4);
+        for (j, (&i, &at)) in taken.iter().zip(&places).enumerate() {
+            self.tracks.prefetch_ahead_with(&places, j, |t| t.points.last());
+            let Some(made) = self.take(at, &passes[i], horizon) else { continue };
             changes.extend(made.into_iter().filter_map(|(t, delta)| Some((i, t?, delta))));
         }
         changes

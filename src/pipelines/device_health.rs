@@ -16,12 +16,11 @@
 //!   max(20 %, 3 × the city's share in that window), over at least 50 passes.
 
 use crate::core::window::{is_complete, tumbling_start, Every};
-use crate::core::{Context, Operator, StateBlob};
-use crate::model::{stable_id, Pass, VehicleKey};
+use crate::core::{Context, Operator, StateBlob, VehicleTable};
+use crate::model::{stable_id, Pass};
 use crate::reference::City;
 use crate::results::AlertRow;
 use rustc_hash::FxHashMap;
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
@@ -89,7 +88,7 @@ pub struct DeviceHealth {
     skews: Arc<ClockSkews>,
     checkpoints: Vec<Checkpoint>,
     /// Each vehicle's latest pass: (ts, checkpoint).
-    last_pass: FxHashMap<VehicleKey, (i64, u32)>,
+    last_pass: VehicleTable<Option<(i64, u32)>>,
     /// Sweeps of `last_pass` (entries too old to start a trip are ignored before they are
     /// swept).
     sweeps: Every,
@@ -109,7 +108,7 @@ impl DeviceHealth {
             city: city.clone(),
             skews,
             checkpoints: (0..city.checkpoints.len()).map(|_| Checkpoint::default()).collect(),
-            last_pass: FxHashMap::default(),
+            last_pass: VehicleTable::default(),
             sweeps: Every::new(SWEEP_EVERY_MS),
             trips: FxHashMap::default(),
             plates: BTreeMap::new(),
@@ -252,6 +251,8 @@ impl Operator for DeviceHealth {
         let mut closed = Vec::new();
         // A pass before this starts no trip (whichever batch it came in).
         let trips_from = ctx.watermark.saturating_sub(MAX_TRIP_MS);
+        // The passes of known vehicles, and their vehicles.
+        let (mut known, mut vehicles) = (Vec::new(), Vec::new());
         for p in passes {
             let (ts, cp) = (p.ts.ms(), p.checkpoint.0);
             let c = &mut self.checkpoints[cp as usize];
@@ -263,27 +264,26 @@ impl Operator for DeviceHealth {
             c.last_ts = Some(c.last_ts.map_or(ts, |l| l.max(ts)));
             let counts = self.plates.entry(tumbling_start(ts, HOUR_MS)).or_insert_with(|| vec![(0, 0); width]);
             counts[cp as usize].0 += 1;
-            let Some(vehicle) = p.vehicle() else {
+            let Some(vehicle) = p.vehicle_ref() else {
                 counts[cp as usize].1 += 1;
                 continue;
             };
-            // Travel times from each vehicle's latest pass (by event time) to a later one: a
-            // pass arriving after a later one of its vehicle makes no trip (it would pair passes
-            // that are not adjacent in time).
+            known.push(p);
+            vehicles.push(vehicle);
+        }
+        // Travel times from each vehicle's latest pass (by event time) to a later one: a pass
+        // arriving after a later one of its vehicle makes no trip (it would pair passes that are
+        // not adjacent in time).
+        let places = self.last_pass.resolve(&vehicles, || None);
+        for (j, (p, &place)) in known.iter().zip(&places).enumerate() {
+            self.last_pass.prefetch_ahead(&places, j);
+            let (ts, cp) = (p.ts.ms(), p.checkpoint.0);
             // One look-up of the vehicle: read, then moved on.
-            let prev = match self.last_pass.entry(vehicle) {
-                Entry::Vacant(slot) => {
-                    slot.insert((ts, cp));
-                    None
-                }
-                Entry::Occupied(mut slot) => {
-                    let prev = Some(*slot.get()).filter(|(prev_ts, _)| *prev_ts >= trips_from);
-                    if prev.is_none_or(|(prev_ts, _)| ts > prev_ts) {
-                        slot.insert((ts, cp));
-                    }
-                    prev
-                }
-            };
+            let last = self.last_pass.value_mut(place);
+            let prev = last.filter(|(prev_ts, _)| *prev_ts >= trips_from);
+            if prev.is_none_or(|(prev_ts, _)| ts > prev_ts) {
+                *last = Some((ts, cp));
+            }
             if let Some((prev_ts, prev_cp)) = prev {
                 let dt = ts - prev_ts;
                 if prev_cp != cp && dt > 0 && dt < MAX_TRIP_MS {
@@ -330,7 +330,7 @@ impl Operator for DeviceHealth {
         }
         // A sweep visits every vehicle: once per sweep interval, not at every watermark.
         if self.sweeps.due(watermark) {
-            self.last_pass.retain(|_, (ts, _)| *ts >= watermark.saturating_sub(MAX_TRIP_MS));
+            self.last_pass.retain(|_, last| last.is_some_and(|(ts, _)| ts >= watermark.saturating_sub(MAX_TRIP_MS)));
         }
         // Silences longer than a day are not judged again; nor is older city traffic kept.
         let keep = watermark.saturating_sub(26 * HOUR_MS);

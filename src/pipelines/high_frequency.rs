@@ -4,13 +4,13 @@
 //! the allowed lateness). `passes` only grows, so it orders a row's updates in the store.
 
 use crate::core::window::{is_late, LocalDays};
-use crate::core::{Context, Operator, SeqOf, StateBlob};
+use crate::core::{Context, Operator, SeqOf, StateBlob, VehicleTable};
 use crate::model::{Pass, VehicleKey};
 use crate::reference::City;
 use crate::results::HighFrequencyRow;
 use chrono::NaiveDate;
 use chrono_tz::Tz;
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashSet;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicUsize;
@@ -47,15 +47,16 @@ struct Day {
     /// Each vehicle's tally at each checkpoint it passed, by checkpoint index: one entry per
     /// vehicle (a city-day has some ten times fewer vehicles than vehicle-checkpoint pairs,
     /// and a vehicle passes a few checkpoints), so a pass probes a much smaller table.
-    tallies: FxHashMap<VehicleKey, Vec<Count>>,
-    /// Entries at or over the threshold changed since they were last written.
-    dirty: FxHashSet<(u32, VehicleKey)>,
+    tallies: VehicleTable<Vec<Count>>,
+    /// Entries at or over the threshold changed since they were last written: (checkpoint,
+    /// the vehicle's place in `tallies`; a day's vehicles keep their places).
+    dirty: FxHashSet<(u32, u32)>,
 }
 
 impl Day {
-    /// The tally of `vehicle` at `checkpoint`, in epoch ms.
-    fn tally(&self, vehicle: &VehicleKey, checkpoint: u32) -> Option<Tally> {
-        self.tallies.get(vehicle)?.iter().find(|c| c.checkpoint == checkpoint).map(|c| self.stored(c))
+    /// The tally of the vehicle at `place` at `checkpoint`, in epoch ms.
+    fn tally(&self, place: u32, checkpoint: u32) -> Option<Tally> {
+        self.tallies.value(place).iter().find(|c| c.checkpoint == checkpoint).map(|c| self.stored(c))
     }
 
     fn stored(&self, c: &Count) -> Tally {
@@ -86,32 +87,39 @@ impl HighFrequency {
         }
     }
 
-    /// Counts a pass at `ts`, in the day of `start` and `end`.
-    fn tally(&mut self, (day, start, end): (NaiveDate, i64, i64), checkpoint: u32, vehicle: VehicleKey, ts: i64) {
+    /// Counts a run of passes of one day, of `start` and `end`: `run` holds their places in
+    /// `passes`.
+    fn tally_run(&mut self, (day, start, end): (NaiveDate, i64, i64), passes: &[Pass], run: &[usize]) {
         // A new day's table starts as large as the largest open one's: grown from nothing it
         // would be copied over each time it doubles, for every vehicle of the city.
         let room = self.day_vehicles;
         let d = self.days.entry(day).or_insert_with(|| Day {
             start,
             end,
-            tallies: FxHashMap::with_capacity_and_hasher(room, Default::default()),
+            tallies: VehicleTable::with_capacity(room),
             ..Day::default()
         });
-        // A day is at most 25 h long: its times fit.
-        let at_ms = u32::try_from(ts - start).expect("a pass's time is within its day");
-        let at = d.tallies.entry(vehicle.clone()).or_default();
-        let c = match at.iter().position(|c| c.checkpoint == checkpoint) {
-            Some(i) => &mut at[i],
-            None => {
-                at.push(Count { checkpoint, passes: 0, first: at_ms, last: at_ms });
-                at.last_mut().expect("just pushed")
+        let vehicles: Vec<_> = run.iter().filter_map(|i| passes[*i].vehicle_ref()).collect();
+        let places = d.tallies.resolve(&vehicles, Vec::new);
+        for (j, (&i, &place)) in run.iter().zip(&places).enumerate() {
+            d.tallies.prefetch_ahead_with(&places, j, |counts| counts.first());
+            let (checkpoint, ts) = (passes[i].checkpoint.0, passes[i].ts.ms());
+            // A day is at most 25 h long: its times fit.
+            let at_ms = u32::try_from(ts - start).expect("a pass's time is within its day");
+            let at = d.tallies.value_mut(place);
+            let c = match at.iter().position(|c| c.checkpoint == checkpoint) {
+                Some(k) => &mut at[k],
+                None => {
+                    at.push(Count { checkpoint, passes: 0, first: at_ms, last: at_ms });
+                    at.last_mut().expect("just pushed")
+                }
+            };
+            c.passes += 1;
+            c.first = c.first.min(at_ms);
+            c.last = c.last.max(at_ms);
+            if c.passes >= self.threshold {
+                d.dirty.insert((checkpoint, place));
             }
-        };
-        c.passes += 1;
-        c.first = c.first.min(at_ms);
-        c.last = c.last.max(at_ms);
-        if c.passes >= self.threshold {
-            d.dirty.insert((checkpoint, vehicle));
         }
     }
 
@@ -121,13 +129,14 @@ impl HighFrequency {
                 continue;
             }
             let day = day.to_string();
-            for key in std::mem::take(&mut d.dirty) {
-                let t = d.tally(&key.1, key.0).expect("a dirty entry is tallied");
+            for (checkpoint, place) in std::mem::take(&mut d.dirty) {
+                let t = d.tally(place, checkpoint).expect("a dirty entry is tallied");
+                let vehicle = d.tallies.key(place);
                 out.push(HighFrequencyRow {
                     day: day.clone(),
-                    checkpoint_id: self.city.checkpoints[key.0 as usize].id.clone(),
-                    plate: key.1.plate.as_str().into(),
-                    plate_color: key.1.color.code(),
+                    checkpoint_id: self.city.checkpoints[checkpoint as usize].id.clone(),
+                    plate: vehicle.plate.as_str().into(),
+                    plate_color: vehicle.color.code(),
                     passes: t.passes,
                     first_ts: t.first_ts,
                     last_ts: t.last_ts,
@@ -147,14 +156,11 @@ impl Operator for HighFrequency {
     }
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
-        for (i, pass) in passes.iter().enumerate() {
-            let Some(vehicle) = pass.vehicle() else { continue };
-            let day = self.days_of.of(pass.ts.ms());
-            if is_late(day.2, ctx.watermark, ctx.allowed_lateness_ms) {
-                ctx.late.push((i, LATE_LABEL));
-                continue;
-            }
-            self.tally(day, pass.checkpoint.0, vehicle, pass.ts.ms());
+        let late = &mut *ctx.late;
+        let runs =
+            self.days_of.vehicle_runs(passes, ctx.watermark, ctx.allowed_lateness_ms, |i| late.push((i, LATE_LABEL)));
+        for (day, run) in runs {
+            self.tally_run(day, passes, &run);
         }
         self.emit(&mut ctx.out.high_frequency);
     }
@@ -171,9 +177,9 @@ impl Operator for HighFrequency {
         let days = self.days.iter().map(|(day, d)| StoredDayRef {
             day,
             tallies: SeqOf::counted(
-                d.tallies.iter().flat_map(|(v, at)| {
-                    at.iter().map(|c| {
-                        let dirty = d.dirty.contains(&(c.checkpoint, v.clone()));
+                d.tallies.iter().enumerate().flat_map(move |(place, (v, at))| {
+                    at.iter().map(move |c| {
+                        let dirty = d.dirty.contains(&(c.checkpoint, place as u32));
                         (c.checkpoint, v.plate.as_str(), v.color.code(), d.stored(c), dirty)
                     })
                 }),
@@ -195,15 +201,16 @@ impl Operator for HighFrequency {
                     "high_frequency state names a checkpoint this city does not have"
                 );
                 let Some(vehicle) = VehicleKey::from_stored(&plate, color) else { continue };
-                if dirty {
-                    d.dirty.insert((cp, vehicle.clone()));
-                }
                 // Not bounded by `end`: a day whose next date a time zone skipped lasts past it.
                 let at = |ts: i64| u32::try_from(ts - start).ok();
                 let (Some(first), Some(last)) = (at(tally.first_ts), at(tally.last_ts)) else {
                     anyhow::bail!("high_frequency state holds a pass outside its day {}", s.day);
                 };
-                d.tallies.entry(vehicle).or_default().push(Count { checkpoint: cp, passes: tally.passes, first, last });
+                let place = d.tallies.place_or_insert_with((&vehicle.plate, vehicle.color), Vec::new);
+                d.tallies.value_mut(place).push(Count { checkpoint: cp, passes: tally.passes, first, last });
+                if dirty {
+                    d.dirty.insert((cp, place));
+                }
             }
         }
         Ok(())

@@ -11,13 +11,12 @@
 //! old; a replay writes each vehicle-day a few times instead of once a minute of its data.
 
 use crate::core::window::{is_late, LocalDays};
-use crate::core::{Context, Operator, SeqOf, StateBlob};
+use crate::core::{Context, Operator, SeqOf, StateBlob, VehicleTable};
 use crate::model::{fnv1a64, Pass, Text, VehicleKey};
 use crate::reference::City;
 use crate::results::TrajectoryRow;
 use chrono::NaiveDate;
 use chrono_tz::Tz;
-use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicUsize;
@@ -51,9 +50,10 @@ struct Track {
 #[derive(Default)]
 struct Day {
     end: i64,
-    vehicles: FxHashMap<VehicleKey, Track>,
-    /// The vehicles changed since they were last written, once each.
-    dirty: Vec<VehicleKey>,
+    vehicles: VehicleTable<Track>,
+    /// The places in `vehicles` of the vehicles changed since they were last written, once
+    /// each (a day's vehicles keep their places).
+    dirty: Vec<u32>,
 }
 
 pub struct Trajectories {
@@ -93,10 +93,10 @@ impl Day {
             return;
         }
         let day = Text::new(&day.to_string());
-        for vehicle in self.dirty.drain(..) {
-            let Some(track) = self.vehicles.get_mut(&vehicle) else { continue };
+        for place in self.dirty.drain(..) {
+            let track = self.vehicles.value_mut(place);
             track.dirty = false;
-            out.push(trajectory_row(city, &day, &vehicle, &track.stops));
+            out.push(trajectory_row(city, &day, self.vehicles.key(place), &self.vehicles.value(place).stops));
         }
     }
 }
@@ -122,21 +122,24 @@ impl Operator for Trajectories {
     }
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
-        for (i, pass) in passes.iter().enumerate() {
-            let Some(vehicle) = pass.vehicle() else { continue };
-            let (day, _, end) = self.days_of.of(pass.ts.ms());
-            if is_late(end, ctx.watermark, ctx.allowed_lateness_ms) {
-                ctx.late.push((i, LATE_LABEL));
-                continue;
-            }
-            let stop = Stop { ts: pass.ts.ms(), tie: fnv1a64(pass.pass_id.as_bytes()), cp: pass.checkpoint.0 };
+        let late = &mut *ctx.late;
+        let runs =
+            self.days_of.vehicle_runs(passes, ctx.watermark, ctx.allowed_lateness_ms, |i| late.push((i, LATE_LABEL)));
+        for ((day, _, end), run) in runs {
             let d = self.days.entry(day).or_insert_with(|| Day { end, ..Day::default() });
-            let track = d.vehicles.entry(vehicle).or_default();
-            if let Err(at) = track.stops.binary_search(&stop) {
-                track.stops.insert(at, stop);
-                if !track.dirty {
-                    track.dirty = true;
-                    d.dirty.push(pass.vehicle().expect("a readable plate, as above"));
+            let vehicles: Vec<_> = run.iter().filter_map(|i| passes[*i].vehicle_ref()).collect();
+            let places = d.vehicles.resolve(&vehicles, Track::default);
+            for (j, (&i, &place)) in run.iter().zip(&places).enumerate() {
+                d.vehicles.prefetch_ahead_with(&places, j, |t| t.stops.last());
+                let pass = &passes[i];
+                let stop = Stop { ts: pass.ts.ms(), tie: fnv1a64(pass.pass_id.as_bytes()), cp: pass.checkpoint.0 };
+                let track = d.vehicles.value_mut(place);
+                if let Err(at) = track.stops.binary_search(&stop) {
+                    track.stops.insert(at, stop);
+                    if !track.dirty {
+                        track.dirty = true;
+                        d.dirty.push(place);
+                    }
                 }
             }
         }
@@ -189,10 +192,10 @@ impl Operator for Trajectories {
             let d = self.days.entry(s.day).or_insert_with(|| Day { end, ..Day::default() });
             for (plate, color, stops, dirty) in s.vehicles {
                 let Some(vehicle) = VehicleKey::from_stored(&plate, color) else { continue };
+                let place = d.vehicles.place_or_insert_with((&vehicle.plate, vehicle.color), || Track { stops, dirty });
                 if dirty {
-                    d.dirty.push(vehicle.clone());
+                    d.dirty.push(place);
                 }
-                d.vehicles.insert(vehicle, Track { stops, dirty });
             }
         }
         Ok(())
