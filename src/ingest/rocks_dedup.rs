@@ -37,6 +37,9 @@ const BITS_PER_ID: usize = 10;
 /// generations, and a new id is probed in each.
 const MIN_FILTER_IDS: usize = 1 << 20;
 
+/// How many ids ahead a batch's filter probes ask for their blocks.
+const FILTER_AHEAD: usize = 16;
+
 /// A blocked Bloom filter: an id sets 8 bits in one 512-bit block (one cache line).
 struct Bloom {
     blocks: Vec<[u64; 8]>,
@@ -87,6 +90,11 @@ impl Bloom {
         self.newest = self.newest.max(ts);
     }
 
+    /// Asks for the block of `hash` to be brought into the cache.
+    fn prefetch(&self, hash: u64) {
+        crate::core::prefetch(&self.blocks[self.probes(hash).0]);
+    }
+
     fn may_hold(&self, hash: u64) -> bool {
         let (block, mut bits) = self.probes(hash);
         let block = &self.blocks[block];
@@ -125,6 +133,12 @@ impl IdFilter {
 
     fn may_hold(&self, hash: u64) -> bool {
         self.generations.iter().rev().any(|g| g.may_hold(hash))
+    }
+
+    /// Asks for the blocks of `hash` in every generation to be brought into the cache (a new
+    /// id is probed in each).
+    fn prefetch(&self, hash: u64) {
+        self.generations.iter().for_each(|g| g.prefetch(hash));
     }
 
     fn current(&mut self) -> &mut Bloom {
@@ -205,7 +219,9 @@ impl IdSet {
     /// places in the table, one after the next in memory, where in the order they came each
     /// would miss the cache.
     fn insert_new<'a>(&mut self, new: impl Iterator<Item = (&'a Text, u64, (u64, i64))>) {
-        let mut new: Vec<_> = new.collect();
+        // Copied out in the order they came (one read after the next): taken by their places
+        // instead, each would be a miss of its own.
+        let mut new: Vec<_> = new.map(|(id, hash, value)| (id.clone(), hash, value)).collect();
         let ids = &self.ids;
         self.places.reserve(new.len(), |&i| IdFilter::hash(ids[i as usize].0.as_bytes()));
         // A hash's place is its low bits, as many as the table has slots.
@@ -213,13 +229,18 @@ impl IdSet {
         new.sort_unstable_by_key(|(_, hash, _)| hash & (slots - 1));
         for (id, hash, value) in new {
             // Any held copy is taken over.
-            self.insert(id, hash, value, i64::MAX);
+            self.insert_owned(id, hash, value, i64::MAX);
         }
     }
 
     /// Puts `id` in, or gives the (digest, ts) it holds already; one held with a time before
     /// `oldest_kept` has expired and is taken over.
     fn insert(&mut self, id: &Text, hash: u64, value: (u64, i64), oldest_kept: i64) -> Option<(u64, i64)> {
+        self.insert_owned(id.clone(), hash, value, oldest_kept)
+    }
+
+    /// [`IdSet::insert`] of an id of one's own.
+    fn insert_owned(&mut self, id: Text, hash: u64, value: (u64, i64), oldest_kept: i64) -> Option<(u64, i64)> {
         let ids = &mut self.ids;
         let place = |&i: &u32| IdFilter::hash(ids[i as usize].0.as_bytes());
         match self.places.entry(hash, |&i| ids[i as usize].0.as_bytes() == id.as_bytes(), place) {
@@ -233,7 +254,7 @@ impl IdSet {
             }
             hashbrown::hash_table::Entry::Vacant(at) => {
                 at.insert(u32::try_from(ids.len()).expect("fewer than 2^32 ids a set"));
-                ids.push((id.clone(), value));
+                ids.push((id, value));
                 None
             }
         }
@@ -478,7 +499,13 @@ impl DedupBackend for RocksDedup {
         let held: Vec<bool> = items
             .iter()
             .zip(&hashes)
-            .map(|((_, _, ts), hash)| {
+            .enumerate()
+            .map(|(i, ((_, _, ts), hash))| {
+                // The blocks of the ids a few places on are asked for ahead, so that the
+                // probes' cache misses overlap.
+                if let Some(ahead) = hashes.get(i + FILTER_AHEAD) {
+                    self.filter.prefetch(*ahead);
+                }
                 let held = self.filter.may_hold(*hash);
                 if !held {
                     self.filter.insert(*hash, *ts);
