@@ -18,11 +18,14 @@ pub fn tumbling_start(ts: i64, size_ms: i64) -> i64 {
 /// order, so a run's window is looked up once): (the place of the run's first pass in the
 /// batch, the window's start, the run).
 pub fn window_runs(passes: &[Pass], size_ms: i64) -> impl Iterator<Item = (usize, i64, &[Pass])> {
-    let window = move |pass: &Pass| tumbling_start(pass.ts.ms(), size_ms);
     let mut first = 0;
-    passes.chunk_by(move |a, b| window(a) == window(b)).map(move |run| {
-        first += run.len();
-        (first - run.len(), window(&run[0]), run)
+    std::iter::from_fn(move || {
+        let rest = &passes[first..];
+        let start = tumbling_start(rest.first()?.ts.ms(), size_ms);
+        // A run ends at the first pass outside its window (one division a run, not a pass).
+        let len = rest.iter().position(|p| !(start..start + size_ms).contains(&p.ts.ms())).unwrap_or(rest.len());
+        first += len;
+        Some((first - len, start, &rest[..len]))
     })
 }
 
@@ -96,6 +99,45 @@ mod tests {
         let on_boundary: Vec<i64> = sliding_starts(60_000, 60_000, 5_000).collect();
         assert_eq!(on_boundary.first(), Some(&5_000));
         assert_eq!(on_boundary.last(), Some(&60_000));
+    }
+
+    #[test]
+    fn window_runs_cut_a_batch_wherever_a_pass_leaves_the_window_of_the_run() {
+        use crate::pipelines::test_support::pass;
+        // A window's last ms, the next window's first, a pass back in the first window, and
+        // one two windows on, before the epoch too.
+        let times = [-1, 0, 29_999, 30_000, 59_999, 10, 95_000, 95_001];
+        let passes: Vec<Pass> = times.iter().map(|ts| pass("赣A12345", 1, *ts)).collect();
+        let runs: Vec<(usize, i64, usize)> = window_runs(&passes, 30_000).map(|(at, s, r)| (at, s, r.len())).collect();
+        assert_eq!(runs, [(0, -30_000, 1), (1, 0, 2), (3, 30_000, 2), (5, 0, 1), (6, 90_000, 2)]);
+        assert_eq!(window_runs(&[], 30_000).count(), 0);
+    }
+
+    #[test]
+    fn vehicle_runs_group_a_batch_by_local_day_and_leave_out_unreadable_plates_and_closed_days() {
+        use crate::model::DAY_MS;
+        use crate::pipelines::test_support::pass;
+        use chrono::Datelike;
+        let tz = chrono_tz::Asia::Shanghai;
+        let midnight = 1_772_380_800_000; // 2 March 2026 in Shanghai
+        let passes: Vec<Pass> = [
+            ("赣A1", midnight - 1),
+            ("-", midnight - 2),
+            ("赣A2", midnight),
+            ("赣A3", midnight + 5),
+            ("赣A4", midnight - DAY_MS - 5),
+            ("赣A5", midnight - 3),
+        ]
+        .iter()
+        .map(|(plate, ts)| pass(plate, 1, *ts))
+        .collect();
+        let mut late = Vec::new();
+        // The watermark has closed 28 February (its end plus an hour's lateness).
+        let runs = LocalDays::new(tz).vehicle_runs(&passes, midnight - DAY_MS + 3_600_000, 3_600_000, |i| late.push(i));
+        let days: Vec<(u32, Vec<usize>)> = runs.iter().map(|((d, _, _), run)| (d.day(), run.clone())).collect();
+        assert_eq!(days, [(1, vec![0]), (2, vec![2, 3]), (1, vec![5])]);
+        assert_eq!(late, [4]);
+        assert_eq!(runs[1].0 .1, midnight);
     }
 
     #[test]

@@ -37,11 +37,20 @@ pub struct CheckpointSpeed {
     city: Arc<City>,
     /// Per window size: windows by start.
     sets: Vec<BTreeMap<i64, Window>>,
+    /// A run's (samples, sum) per checkpoint before they go into its window, and the
+    /// checkpoints it holds: a window's map is then looked up once a checkpoint and run.
+    run_sums: Vec<(u32, i64)>,
+    run_checkpoints: Vec<u32>,
 }
 
 impl CheckpointSpeed {
     pub fn new(city: &Arc<City>) -> CheckpointSpeed {
-        CheckpointSpeed { city: city.clone(), sets: vec![BTreeMap::new(); SPEED_WINDOWS_S.len()] }
+        CheckpointSpeed {
+            city: city.clone(),
+            sets: vec![BTreeMap::new(); SPEED_WINDOWS_S.len()],
+            run_sums: vec![(0, 0); city.checkpoints.len()],
+            run_checkpoints: Vec::new(),
+        }
     }
 
     fn row(&self, window_s: u32, start: i64, cp: u32, (samples, sum): (u32, i64)) -> CheckpointSpeedRow {
@@ -67,7 +76,8 @@ impl Operator for CheckpointSpeed {
     }
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
-        for (set, (size_s, label)) in self.sets.iter_mut().zip(SPEED_WINDOWS_S.iter().zip(LATE_LABELS)) {
+        let CheckpointSpeed { sets, run_sums, run_checkpoints, .. } = self;
+        for (set, (size_s, label)) in sets.iter_mut().zip(SPEED_WINDOWS_S.iter().zip(LATE_LABELS)) {
             let size_ms = i64::from(*size_s) * 1000;
             for (at, start, run) in window_runs(passes, size_ms) {
                 let speeds = run.iter().enumerate().filter_map(|(j, p)| Some((at + j, p.checkpoint.0, p.speed_kmh?)));
@@ -79,11 +89,20 @@ impl Operator for CheckpointSpeed {
                 if speeds.peek().is_none() {
                     continue;
                 }
-                let w = set.entry(start).or_default();
                 for (_, cp, speed) in speeds {
-                    let s = w.sums.entry(cp).or_default();
+                    let s = &mut run_sums[cp as usize];
+                    if s.0 == 0 {
+                        run_checkpoints.push(cp);
+                    }
                     s.0 += 1;
                     s.1 += milli(speed);
+                }
+                let w = set.entry(start).or_default();
+                for cp in run_checkpoints.drain(..) {
+                    let (samples, sum) = std::mem::take(&mut run_sums[cp as usize]);
+                    let s = w.sums.entry(cp).or_default();
+                    s.0 += samples;
+                    s.1 += sum;
                     if w.emitted && !w.dirty.contains(&cp) {
                         w.dirty.push(cp);
                     }

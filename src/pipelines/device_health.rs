@@ -15,7 +15,7 @@
 //! - `unreadable_plates`: a checkpoint's share of unreadable plates in a 1 h window at least
 //!   max(20 %, 3 × the city's share in that window), over at least 50 passes.
 
-use crate::core::window::{is_complete, tumbling_start, Every};
+use crate::core::window::{is_complete, tumbling_start, window_runs, Every};
 use crate::core::{Context, Operator, StateBlob, VehicleTable};
 use crate::model::{stable_id, Pass};
 use crate::reference::City;
@@ -253,23 +253,27 @@ impl Operator for DeviceHealth {
         let trips_from = ctx.watermark.saturating_sub(MAX_TRIP_MS);
         // The passes of known vehicles, and their vehicles.
         let (mut known, mut vehicles) = (Vec::new(), Vec::new());
-        for p in passes {
-            let (ts, cp) = (p.ts.ms(), p.checkpoint.0);
-            let c = &mut self.checkpoints[cp as usize];
-            *c.minutes.entry(tumbling_start(ts, MINUTE_MS)).or_default() += 1;
-            *self.city_minutes.entry(tumbling_start(ts, MINUTE_MS)).or_default() += 1;
-            if let Some(last) = c.last_ts.filter(|l| ts - l >= MIN_SILENCE_MS) {
-                closed.push((cp as usize, last, ts));
+        // Runs of one minute (within one hour): the city's minute and the hour's counts looked
+        // up once a run.
+        for (_, minute, run) in window_runs(passes, MINUTE_MS) {
+            *self.city_minutes.entry(minute).or_default() += run.len() as u32;
+            let counts = self.plates.entry(tumbling_start(minute, HOUR_MS)).or_insert_with(|| vec![(0, 0); width]);
+            for p in run {
+                let (ts, cp) = (p.ts.ms(), p.checkpoint.0);
+                let c = &mut self.checkpoints[cp as usize];
+                *c.minutes.entry(minute).or_default() += 1;
+                if let Some(last) = c.last_ts.filter(|l| ts - l >= MIN_SILENCE_MS) {
+                    closed.push((cp as usize, last, ts));
+                }
+                c.last_ts = Some(c.last_ts.map_or(ts, |l| l.max(ts)));
+                counts[cp as usize].0 += 1;
+                let Some(vehicle) = p.vehicle_ref() else {
+                    counts[cp as usize].1 += 1;
+                    continue;
+                };
+                known.push(p);
+                vehicles.push(vehicle);
             }
-            c.last_ts = Some(c.last_ts.map_or(ts, |l| l.max(ts)));
-            let counts = self.plates.entry(tumbling_start(ts, HOUR_MS)).or_insert_with(|| vec![(0, 0); width]);
-            counts[cp as usize].0 += 1;
-            let Some(vehicle) = p.vehicle_ref() else {
-                counts[cp as usize].1 += 1;
-                continue;
-            };
-            known.push(p);
-            vehicles.push(vehicle);
         }
         // Travel times from each vehicle's latest pass (by event time) to a later one: a pass
         // arriving after a later one of its vehicle makes no trip (it would pair passes that are

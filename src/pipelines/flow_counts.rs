@@ -207,7 +207,11 @@ impl Operator for FlowCounts {
         for (set_idx, set) in self.sets.iter_mut().enumerate() {
             let mut current: Option<(i64, &mut Window)> = None;
             for (i, pass) in passes.iter().enumerate() {
-                let start = tumbling_start(pass.ts.ms(), set.size_ms);
+                // The current window's start, without a division, when the pass is in it.
+                let start = match &current {
+                    Some((s, _)) if (*s..s + set.size_ms).contains(&pass.ts.ms()) => *s,
+                    _ => tumbling_start(pass.ts.ms(), set.size_ms),
+                };
                 if is_late(start + set.size_ms, ctx.watermark, ctx.allowed_lateness_ms) {
                     ctx.late.push((i, LATE_LABELS[set_idx]));
                     continue;
