@@ -124,12 +124,12 @@ impl<V> VehicleTable<V> {
 
     /// Puts `value` under `vehicle`, in place of any value it had.
     pub fn insert(&mut self, vehicle: VehicleKey, value: V) {
-        let mut value = Some(value);
-        let at = self.find_or_insert(hash_of((&vehicle.plate, vehicle.color)), (&vehicle.plate, vehicle.color), || {
-            value.take().expect("made once")
-        });
-        if let Some(value) = value {
-            self.entries[at as usize].1 = value;
+        let held = (&vehicle.plate, vehicle.color);
+        match self.find(held) {
+            Some(at) => self.entries[at as usize].1 = value,
+            None => {
+                self.place_or_insert_with(held, || value);
+            }
         }
     }
 

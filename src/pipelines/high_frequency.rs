@@ -99,7 +99,8 @@ impl HighFrequency {
             tallies: VehicleTable::with_capacity(room),
             ..Day::default()
         });
-        let vehicles: Vec<_> = run.iter().filter_map(|i| passes[*i].vehicle_ref()).collect();
+        let vehicles: Vec<_> =
+            run.iter().map(|i| passes[*i].vehicle_ref().expect("a day's run holds known vehicles only")).collect();
         let places = d.tallies.resolve(&vehicles, Vec::new);
         for (j, (&i, &place)) in run.iter().zip(&places).enumerate() {
             d.tallies.prefetch_ahead_with(&places, j, |counts| counts.first());

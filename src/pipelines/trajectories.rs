@@ -127,7 +127,8 @@ impl Operator for Trajectories {
             self.days_of.vehicle_runs(passes, ctx.watermark, ctx.allowed_lateness_ms, |i| late.push((i, LATE_LABEL)));
         for ((day, _, end), run) in runs {
             let d = self.days.entry(day).or_insert_with(|| Day { end, ..Day::default() });
-            let vehicles: Vec<_> = run.iter().filter_map(|i| passes[*i].vehicle_ref()).collect();
+            let vehicles: Vec<_> =
+                run.iter().map(|i| passes[*i].vehicle_ref().expect("a day's run holds known vehicles only")).collect();
             let places = d.vehicles.resolve(&vehicles, Track::default);
             for (j, (&i, &place)) in run.iter().zip(&places).enumerate() {
                 d.vehicles.prefetch_ahead_with(&places, j, |t| t.stops.last());
