@@ -234,6 +234,17 @@ pub(super) enum Scalar<'a> {
     Compound,
 }
 
+/// `s` without leading and trailing whitespace, as `str::trim`, which decodes characters at
+/// both ends: text that begins and ends with a visible ASCII character, as nearly every id
+/// and code does, is returned as it is (no whitespace character is an ASCII byte above space).
+fn trim(s: &str) -> &str {
+    let visible = |b: &u8| (b'!'..0x80).contains(b);
+    match (s.as_bytes().first(), s.as_bytes().last()) {
+        (Some(first), Some(last)) if visible(first) && visible(last) => s,
+        _ => s.trim(),
+    }
+}
+
 impl<'a> Scalar<'a> {
     /// A required identifier: a non-empty string, or an integer written out.
     fn text(self, field: &'static str) -> Result<Cow<'a, str>, RejectReason> {
@@ -251,7 +262,7 @@ impl<'a> Scalar<'a> {
     fn unbounded_text(self, field: &'static str) -> Result<Option<Cow<'a, str>>, RejectReason> {
         match self {
             Scalar::Absent | Scalar::Null => Ok(None),
-            Scalar::Str(s) => Ok(match s.trim() {
+            Scalar::Str(s) => Ok(match trim(&s) {
                 "" => None,
                 trimmed if trimmed.len() == s.len() => Some(s),
                 trimmed => Some(Cow::Owned(trimmed.to_owned())),
@@ -276,7 +287,7 @@ impl<'a> Scalar<'a> {
             Scalar::Absent | Scalar::Null => Err(RejectReason::MissingField(field)),
             Scalar::Int(i) => Ok(i),
             Scalar::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => Ok(f as i64),
-            Scalar::Str(s) => s.trim().parse().map_err(|_| RejectReason::BadField(field)),
+            Scalar::Str(s) => trim(&s).parse().map_err(|_| RejectReason::BadField(field)),
             _ => Err(RejectReason::BadField(field)),
         }
     }

@@ -212,3 +212,10 @@ fn content_digest_keeps_its_layout() {
         bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3));
     assert_eq!(r.content_digest(), fnv);
 }
+
+#[test]
+fn trimming_gives_what_str_trim_gives_with_or_without_its_ascii_shortcut() {
+    for s in ["", " ", "KK0017", " KK0017", "KK0017\t", "\u{3000}KK0017", "KK0017\u{a0}", "赣A1", "a", "~", "\u{7f}"] {
+        assert_eq!(super::trim(s), s.trim(), "{s:?}");
+    }
+}

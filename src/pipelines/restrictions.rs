@@ -6,7 +6,7 @@
 
 use crate::core::window::{is_late, LocalDays};
 use crate::core::{check_version, Context, Operator, StateBlob};
-use crate::model::{Pass, VehicleKey};
+use crate::model::Pass;
 use crate::reference::{City, RestrictedVehicle};
 use crate::results::{RestrictionSummaryRow, RestrictionViolationRow};
 use chrono::{NaiveDate, Timelike};
@@ -32,6 +32,9 @@ pub struct Restrictions {
     local_prefixes: Vec<String>,
     /// (day, checkpoint, rule index) → summary.
     summaries: BTreeMap<(NaiveDate, u32, u32), Summary>,
+    /// For each checkpoint, the rules whose zone holds it (indices, in the rules' order): a
+    /// pass outside every zone is looked at no further.
+    zones: Vec<Vec<u32>>,
 }
 
 impl Restrictions {
@@ -41,6 +44,14 @@ impl Restrictions {
             days_of: LocalDays::new(tz),
             local_prefixes: local_prefixes.to_vec(),
             summaries: BTreeMap::new(),
+            zones: city
+                .checkpoints
+                .iter()
+                .map(|checkpoint| {
+                    let rules = city.restrictions.iter().flat_map(|r| r.rules.iter().enumerate());
+                    rules.filter(|(_, rule)| rule.covers(checkpoint)).map(|(i, _)| i as u32).collect()
+                })
+                .collect(),
         }
     }
 
@@ -72,7 +83,8 @@ impl Restrictions {
     }
 }
 
-/// The rules one pass violates: (rule index, rule id).
+/// The rules one pass violates: (rule index, rule id), each rule judged on its own (the batch
+/// computation's way; the operator looks only at the rules of the pass's checkpoint).
 fn violations<'a>(
     city: &'a City,
     local_prefixes: &[String],
@@ -107,16 +119,28 @@ impl Operator for Restrictions {
             return;
         }
         let city = self.city.clone();
+        let Some(rules) = &city.restrictions else { return };
         for (i, pass) in passes.iter().enumerate() {
-            let Some(vehicle) = pass.vehicle() else { continue };
+            let cp = pass.checkpoint.0;
+            if self.zones[cp as usize].is_empty() {
+                continue;
+            }
+            let Some((plate, color)) = pass.vehicle_ref() else { continue };
             let (day, end, hour) = self.local(pass.ts.ms());
+            let mut in_force =
+                self.zones[cp as usize].iter().filter(|r| rules.rules[**r as usize].in_hours(hour)).peekable();
+            if in_force.peek().is_none() {
+                continue;
+            }
+            let local = self.local_prefixes.iter().any(|p| plate.as_str().starts_with(p.as_str()));
+            let vehicle = RestrictedVehicle { plate, color, plate_type: &pass.plate_type, local };
             let summary_open = !is_late(end, ctx.watermark, ctx.allowed_lateness_ms);
-            for (rule, rule_id) in violations(&city, &self.local_prefixes, pass, day, hour) {
+            for &rule in in_force.filter(|r| rules.rules[**r as usize].restricts(rules, day, &vehicle)) {
                 ctx.out.restriction_violations.push(RestrictionViolationRow {
                     pass_id: pass.pass_id.clone(),
-                    rule_id: rule_id.into(),
-                    plate: vehicle.plate.as_str().into(),
-                    plate_color: vehicle.color.code(),
+                    rule_id: rules.rules[rule as usize].id.as_str().into(),
+                    plate: plate.as_str().into(),
+                    plate_color: color.code(),
                     checkpoint_id: city.checkpoint(pass.checkpoint).id.clone(),
                     ts: pass.ts.ms(),
                     day: day.to_string(),
@@ -125,9 +149,9 @@ impl Operator for Restrictions {
                     ctx.late.push((i, SUMMARY_LATE_LABEL));
                     continue;
                 }
-                let s = self.summaries.entry((day, pass.checkpoint.0, rule)).or_default();
+                let s = self.summaries.entry((day, cp, rule)).or_default();
                 s.violations += 1;
-                s.vehicles.insert(vehicle_label(&vehicle));
+                s.vehicles.insert(vehicle_label(plate.as_str(), color.code()));
                 s.dirty = true;
             }
         }
@@ -160,8 +184,8 @@ impl Operator for Restrictions {
     }
 }
 
-fn vehicle_label(v: &VehicleKey) -> String {
-    format!("{}/{}", v.plate.as_str(), v.color.code())
+fn vehicle_label(plate: &str, color: u8) -> String {
+    format!("{plate}/{color}")
 }
 
 /// The batch computation: every violation as (pass_id, rule_id), and summaries by (day,
@@ -184,7 +208,7 @@ pub fn batch_restrictions(
                 .entry((day.to_string(), city.checkpoint(p.checkpoint).id.to_string(), rule.to_owned()))
                 .or_default();
             s.0 += 1;
-            s.1.insert(vehicle_label(&v));
+            s.1.insert(vehicle_label(v.plate.as_str(), v.color.code()));
         }
     }
     (found, summaries.into_iter().map(|(k, (n, v))| (k, (n, v.len() as u32))).collect())

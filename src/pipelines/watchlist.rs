@@ -116,14 +116,26 @@ impl WatchList {
         Ok(())
     }
 
-    /// The entry a pass's vehicle matches.
-    fn matching(&self, plate: &str, color: u8) -> Option<WatchEntry> {
+    /// Each pass of `passes` whose vehicle the list holds, with the entry it matches (the
+    /// colour's own, else the one for every colour). The list is read under one lock a batch,
+    /// and an empty one is not looked at pass by pass.
+    fn matches<'p>(&self, passes: &'p [Pass]) -> Vec<(&'p Pass, WatchEntry)> {
         let entries = self.entries.read().expect("watch list lock");
-        let list = entries.get(plate)?;
-        list.iter()
-            .find(|e| e.plate_color == Some(color))
-            .or_else(|| list.iter().find(|e| e.plate_color.is_none()))
-            .cloned()
+        if entries.is_empty() {
+            return Vec::new();
+        }
+        passes
+            .iter()
+            .filter_map(|pass| {
+                let (plate, color) = pass.vehicle_ref()?;
+                let list = entries.get(plate.as_str())?;
+                let entry = list
+                    .iter()
+                    .find(|e| e.plate_color == Some(color.code()))
+                    .or_else(|| list.iter().find(|e| e.plate_color.is_none()))?;
+                Some((pass, entry.clone()))
+            })
+            .collect()
     }
 }
 
@@ -148,9 +160,8 @@ impl Operator for Watch {
     }
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
-        for pass in passes {
+        for (pass, entry) in self.list.matches(passes) {
             let Some(vehicle) = pass.vehicle() else { continue };
-            let Some(entry) = self.list.matching(vehicle.plate.as_str(), vehicle.color.code()) else { continue };
             let checkpoint = self.city.checkpoint(pass.checkpoint);
             let details = serde_json::json!({
                 "reason": entry.reason,
@@ -189,6 +200,7 @@ impl Operator for Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::PlateColor;
     use crate::pipelines::test_support::{self as support, checkpoint};
     use crate::results::ResultBatch;
 
@@ -224,5 +236,29 @@ mod tests {
         let mut ctx = support::context(i64::MAX, 0, &mut out, &mut late);
         op.process_batch(&[support::pass("赣A12345", 0, 3_000)], &mut ctx);
         assert!(out.alerts.is_empty());
+    }
+
+    #[test]
+    fn a_colour_of_its_own_comes_before_the_entry_for_every_colour_and_unreadable_plates_match_nothing() {
+        let list = WatchList::in_memory();
+        let entry = |color: Option<u8>, reason: &str| WatchEntry {
+            plate: "赣A12345".into(),
+            plate_color: color,
+            reason: reason.into(),
+            severity: "low".into(),
+        };
+        list.put(entry(None, "any colour")).unwrap();
+        list.put(entry(Some(PlateColor::Blue.code()), "blue")).unwrap();
+        let city = support::city(vec![checkpoint("A", "R1")], &["R1"]);
+        let mut op = Watch::new(&city, list);
+        let blue = support::pass("赣A12345", 0, 1_000);
+        let yellow = Pass { plate_color: PlateColor::Yellow, ..support::pass("赣A12345", 0, 2_000) };
+        let unreadable = Pass { plate: PlateRead::Unreadable, ..support::pass("赣A12345", 0, 3_000) };
+        let (mut out, mut late) = (ResultBatch::default(), Vec::new());
+        let mut ctx = support::context(i64::MAX, 0, &mut out, &mut late);
+        op.process_batch(&[blue, yellow, unreadable], &mut ctx);
+        let reasons: Vec<(i64, bool)> = out.alerts.iter().map(|a| (a.ts, a.details.contains("\"blue\""))).collect();
+        assert_eq!(reasons, [(1_000, true), (2_000, false)]);
+        assert!(out.alerts[1].details.contains("any colour"));
     }
 }
