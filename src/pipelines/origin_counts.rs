@@ -6,7 +6,7 @@
 
 use crate::core::window::{is_complete, is_late, tumbling_start, window_runs};
 use crate::core::{check_version, Context, Operator, StateBlob};
-use crate::model::{Pass, VehicleKey};
+use crate::model::{Pass, Text, VehicleKey};
 use crate::reference::{City, OriginScope};
 use crate::results::OriginCountRow;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -72,8 +72,9 @@ pub struct OriginCounts {
     region_of: Vec<u32>,
     origins: Vec<PlateOrigin>,
     origin_ids: FxHashMap<PlateOrigin, u32>,
-    /// Origin index by plate prefix (or the plate itself when it has none).
-    by_prefix: FxHashMap<Arc<str>, u32>,
+    /// Origin index by plate prefix (or the plate itself when it has none), looked up by
+    /// `Text` (inline buffers compared, no call to compare slices).
+    by_prefix: FxHashMap<Text, u32>,
     windows: BTreeMap<i64, Window>,
     /// The most vehicles an open window has seen (or the last one closed): a new window's room.
     windows_len: usize,
@@ -99,11 +100,10 @@ impl OriginCounts {
     }
 
     fn origin_id(&mut self, plate: &crate::model::Plate) -> u32 {
-        let key = plate.prefix().unwrap_or(plate.as_str());
-        if let Some(id) = self.by_prefix.get(key) {
+        let key = Text::new(plate.prefix().unwrap_or(plate.as_str()));
+        if let Some(id) = self.by_prefix.get(&key) {
             return *id;
         }
-        let key: Arc<str> = key.into();
         let origin = plate_origin(&self.city, &self.local_prefixes, plate);
         let next = self.origins.len() as u32;
         let id = *self.origin_ids.entry(origin.clone()).or_insert(next);

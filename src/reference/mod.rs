@@ -12,10 +12,9 @@ pub use prefixes::{Origin, OriginScope, PrefixTable};
 pub use restrictions::{Calendar, RestrictedVehicle, RestrictionRule, RestrictionRules, Weekday};
 pub use tables::{Checkpoint, Region, RoadClass, Segment};
 
-use crate::model::{CheckpointIdx, Direction};
+use crate::model::{CheckpointIdx, Direction, Text};
 use rustc_hash::FxHashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// A reference-data error, naming where it is.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +38,7 @@ pub struct City {
     /// Why `restrictions.toml` could not be used, when it could not: the restriction pipeline
     /// reports it; everything else runs.
     pub restrictions_error: Option<String>,
-    by_id: FxHashMap<Arc<str>, CheckpointIdx>,
+    by_id: CheckpointIds,
 }
 
 impl City {
@@ -89,6 +88,11 @@ impl City {
         self.by_id.get(id).copied()
     }
 
+    /// As [`City::checkpoint_idx`], for an id held as [`Text`] (a decoded pass's).
+    pub fn checkpoint_idx_of(&self, id: &Text) -> Option<CheckpointIdx> {
+        self.by_id.get(id).copied()
+    }
+
     pub fn checkpoint(&self, idx: CheckpointIdx) -> &Checkpoint {
         &self.checkpoints[idx.0 as usize]
     }
@@ -101,8 +105,12 @@ impl City {
     }
 }
 
-fn index(checkpoints: &[Checkpoint]) -> FxHashMap<Arc<str>, CheckpointIdx> {
-    checkpoints.iter().enumerate().map(|(i, c)| (c.id.clone(), CheckpointIdx(i as u32))).collect()
+/// Checkpoints by id. Keyed by [`Text`], so a decoded pass's id (a `Text` too) is looked up
+/// comparing inline buffers, not by a call to compare slices; `&str` look-ups work as well.
+pub type CheckpointIds = FxHashMap<Text, CheckpointIdx>;
+
+fn index(checkpoints: &[Checkpoint]) -> CheckpointIds {
+    checkpoints.iter().enumerate().map(|(i, c)| (Text::new(&c.id), CheckpointIdx(i as u32))).collect()
 }
 
 /// Great-circle distance in metres (haversine, Earth radius 6,371,008.8 m).

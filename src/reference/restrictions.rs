@@ -18,14 +18,12 @@
 //! working_weekends = { "2026-09-27" = "mon" } # follows that weekday's rule
 //! ```
 
-use super::{Checkpoint, ReferenceError, Region};
-use crate::model::{CheckpointIdx, Plate, PlateColor};
+use super::{Checkpoint, CheckpointIds, ReferenceError, Region};
+use crate::model::{Plate, PlateColor};
 use chrono::{Datelike, NaiveDate};
-use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -89,7 +87,7 @@ impl RestrictionRules {
     pub fn read(
         file: &Path,
         regions: &[Region],
-        checkpoints: &FxHashMap<Arc<str>, CheckpointIdx>,
+        checkpoints: &CheckpointIds,
     ) -> Result<RestrictionRules, ReferenceError> {
         let err = |message: String| ReferenceError::File { file: file.to_owned(), message };
         let text = std::fs::read_to_string(file).map_err(|e| err(e.to_string()))?;
@@ -99,7 +97,7 @@ impl RestrictionRules {
         Ok(rules)
     }
 
-    fn check(&self, regions: &[Region], checkpoints: &FxHashMap<Arc<str>, CheckpointIdx>) -> Result<(), String> {
+    fn check(&self, regions: &[Region], checkpoints: &CheckpointIds) -> Result<(), String> {
         for rule in &self.rules {
             let [start, end] = rule.hours;
             if start >= end || end > 24 {
@@ -174,7 +172,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("restrictions.toml");
         std::fs::write(&file, text).unwrap();
-        RestrictionRules::read(&file, &regions, &FxHashMap::default())
+        RestrictionRules::read(&file, &regions, &CheckpointIds::default())
     }
 
     const SAMPLE: &str = r#"

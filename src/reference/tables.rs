@@ -1,8 +1,8 @@
 //! The three required tables of a city folder: regions, checkpoints and segments.
 
-use super::ReferenceError;
+use super::{CheckpointIds, ReferenceError};
 use crate::model::{CheckpointIdx, Direction};
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashSet;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -151,7 +151,7 @@ pub(super) fn read_checkpoints(file: &Path, regions: &[Region]) -> Result<Vec<Ch
 
 pub(super) fn read_segments(
     file: &Path,
-    checkpoints: &FxHashMap<Arc<str>, CheckpointIdx>,
+    checkpoints: &CheckpointIds,
     regions: &[Region],
 ) -> Result<Vec<Segment>, ReferenceError> {
     let mut seen = FxHashSet::default();
