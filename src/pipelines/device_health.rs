@@ -254,14 +254,19 @@ impl Operator for DeviceHealth {
         // The passes of known vehicles, and their vehicles.
         let (mut known, mut vehicles) = (Vec::new(), Vec::new());
         // Runs of one minute (within one hour): the city's minute and the hour's counts looked
-        // up once a run.
+        // up once a run, and each checkpoint's minute once a run too, its passes counted in
+        // `in_run` first (`touched`: the checkpoints the run counted).
+        let (mut in_run, mut touched) = (vec![0u32; width], Vec::new());
         for (_, minute, run) in window_runs(passes, MINUTE_MS) {
             *self.city_minutes.entry(minute).or_default() += run.len() as u32;
             let counts = self.plates.entry(tumbling_start(minute, HOUR_MS)).or_insert_with(|| vec![(0, 0); width]);
             for p in run {
                 let (ts, cp) = (p.ts.ms(), p.checkpoint.0);
+                if in_run[cp as usize] == 0 {
+                    touched.push(cp);
+                }
+                in_run[cp as usize] += 1;
                 let c = &mut self.checkpoints[cp as usize];
-                *c.minutes.entry(minute).or_default() += 1;
                 if let Some(last) = c.last_ts.filter(|l| ts - l >= MIN_SILENCE_MS) {
                     closed.push((cp as usize, last, ts));
                 }
@@ -273,6 +278,10 @@ impl Operator for DeviceHealth {
                 };
                 known.push(p);
                 vehicles.push(vehicle);
+            }
+            for cp in touched.drain(..) {
+                let n = std::mem::take(&mut in_run[cp as usize]);
+                *self.checkpoints[cp as usize].minutes.entry(minute).or_default() += n;
             }
         }
         // Travel times from each vehicle's latest pass (by event time) to a later one: a pass
