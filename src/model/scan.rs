@@ -24,6 +24,8 @@ pub(super) fn scan(json: &[u8]) -> Option<RawPass<'_>> {
     let text = simdutf8::basic::from_utf8(json).ok()?;
     let mut s = Scanner { text, at: 0 };
     let mut raw = RawPass::default();
+    // The field that came last, and what has followed each field (see [`FOLLOWS`]).
+    let (mut last, mut follows) = (START, FOLLOWS.get());
     s.skip_ws();
     s.expect(b'{')?;
     s.skip_ws();
@@ -31,32 +33,27 @@ pub(super) fn scan(json: &[u8]) -> Option<RawPass<'_>> {
         s.at += 1;
     } else {
         loop {
-            let key = s.string()?;
-            s.skip_ws();
-            s.expect(b':')?;
+            let predicted = follows[last] as usize;
+            let field = if s.field_name(predicted) {
+                Some(predicted)
+            } else {
+                let key = s.string()?;
+                s.skip_ws();
+                s.expect(b':')?;
+                field_of(key)
+            };
             s.skip_ws();
             let value = s.value()?;
-            let slot = match key {
-                "pass_id" | "GCXH" => Some(&mut raw.pass_id),
-                "plate" | "HPHM" => Some(&mut raw.plate),
-                "plate_color" | "HPYS" => Some(&mut raw.plate_color),
-                "plate_type" | "HPZL" => Some(&mut raw.plate_type),
-                "checkpoint_id" | "KKBH" => Some(&mut raw.checkpoint_id),
-                "device_id" | "SBBH" => Some(&mut raw.device_id),
-                "direction" | "FXBH" => Some(&mut raw.direction),
-                "lane" | "CDH" => Some(&mut raw.lane),
-                "ts" | "GCSJ" => Some(&mut raw.ts),
-                "speed_kmh" | "CLSD" => Some(&mut raw.speed_kmh),
-                "vehicle_type" | "CLLX" => Some(&mut raw.vehicle_type),
-                // Other fields are ignored, as `serde_json` ignores them.
-                _ => None,
-            };
-            if let Some(slot) = slot {
+            // Other fields are ignored, as `serde_json` ignores them.
+            if let Some(field) = field {
+                let slot = slot(&mut raw, field);
                 // A field given twice is an error `serde_json` reports.
                 if !matches!(slot, Scalar::Absent) {
                     return None;
                 }
                 *slot = value;
+                follows[last] = field as u8;
+                last = field;
             }
             s.skip_ws();
             if !s.next_member()? {
@@ -65,7 +62,115 @@ pub(super) fn scan(json: &[u8]) -> Option<RawPass<'_>> {
         }
     }
     s.skip_ws();
+    if follows != FOLLOWS.get() {
+        FOLLOWS.set(follows);
+    }
     (s.at == json.len()).then_some(raw)
+}
+
+/// The fields the reader fills, by their canonical names (their platform aliases are in
+/// [`field_of`]), in the order passflow writes them.
+const FIELDS: [&str; 11] = [
+    "pass_id",
+    "plate",
+    "plate_color",
+    "plate_type",
+    "checkpoint_id",
+    "device_id",
+    "direction",
+    "lane",
+    "ts",
+    "speed_kmh",
+    "vehicle_type",
+];
+
+/// The place in [`FIELDS`] of a record's key, canonical name or alias.
+fn field_of(key: &str) -> Option<usize> {
+    Some(match key {
+        "pass_id" | "GCXH" => 0,
+        "plate" | "HPHM" => 1,
+        "plate_color" | "HPYS" => 2,
+        "plate_type" | "HPZL" => 3,
+        "checkpoint_id" | "KKBH" => 4,
+        "device_id" | "SBBH" => 5,
+        "direction" | "FXBH" => 6,
+        "lane" | "CDH" => 7,
+        "ts" | "GCSJ" => 8,
+        "speed_kmh" | "CLSD" => 9,
+        "vehicle_type" | "CLLX" => 10,
+        _ => return None,
+    })
+}
+
+/// Where field `field` of [`FIELDS`] goes.
+fn slot<'r, 'a>(raw: &'r mut RawPass<'a>, field: usize) -> &'r mut Scalar<'a> {
+    match field {
+        0 => &mut raw.pass_id,
+        1 => &mut raw.plate,
+        2 => &mut raw.plate_color,
+        3 => &mut raw.plate_type,
+        4 => &mut raw.checkpoint_id,
+        5 => &mut raw.device_id,
+        6 => &mut raw.direction,
+        7 => &mut raw.lane,
+        8 => &mut raw.ts,
+        9 => &mut raw.speed_kmh,
+        _ => &mut raw.vehicle_type,
+    }
+}
+
+/// A field's name as it starts a member, `"name":`, as the 16 bytes it is compared with (a
+/// little-endian word, zero-padded) and the mask of its length.
+struct Name {
+    word: u128,
+    mask: u128,
+    len: usize,
+}
+
+const fn name(field: &str) -> Name {
+    let field = field.as_bytes();
+    let len = field.len() + 3;
+    assert!(len <= 16, "a name the reader predicts fits one word");
+    let mut bytes = [0u8; 16];
+    bytes[0] = b'"';
+    let mut i = 0;
+    while i < field.len() {
+        bytes[i + 1] = field[i];
+        i += 1;
+    }
+    bytes[len - 2] = b'"';
+    bytes[len - 1] = b':';
+    let mask = if len == 16 { u128::MAX } else { (1 << (8 * len)) - 1 };
+    Name { word: u128::from_le_bytes(bytes), mask, len }
+}
+
+const NAMES: [Name; 11] = [
+    name(FIELDS[0]),
+    name(FIELDS[1]),
+    name(FIELDS[2]),
+    name(FIELDS[3]),
+    name(FIELDS[4]),
+    name(FIELDS[5]),
+    name(FIELDS[6]),
+    name(FIELDS[7]),
+    name(FIELDS[8]),
+    name(FIELDS[9]),
+    name(FIELDS[10]),
+];
+
+/// [`FOLLOWS`]' place for the start of a record.
+const START: usize = FIELDS.len();
+
+thread_local! {
+    /// For each field (and the start of a record, at [`START`]), the field that followed it in
+    /// the last record this thread read. A source writes its fields in one order, so the next
+    /// record's keys are first compared whole with the names this predicts, a word compare
+    /// each instead of reading the key as a string and matching it against every name; a key
+    /// that is not the predicted one is read as before. What a record reads as does not depend
+    /// on it. It starts as [`FIELDS`]' own order.
+    static FOLLOWS: std::cell::Cell<[u8; START + 1]> = const {
+        std::cell::Cell::new([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 0])
+    };
 }
 
 /// The length of the plain string that starts `bytes`: the place of its first quote, backslash
@@ -98,6 +203,18 @@ struct Scanner<'a> {
 impl<'a> Scanner<'a> {
     fn bytes(&self) -> &'a [u8] {
         self.text.as_bytes()
+    }
+
+    /// When field `field`'s canonical name, `"name":`, is next, steps past it.
+    fn field_name(&mut self, field: usize) -> bool {
+        let name = &NAMES[field];
+        let Some(word) = self.bytes().get(self.at..self.at + 16) else { return false };
+        let word = u128::from_le_bytes(word.try_into().expect("sixteen bytes"));
+        let named = (word ^ name.word) & name.mask == 0;
+        if named {
+            self.at += name.len;
+        }
+        named
     }
 
     fn peek(&self) -> Option<u8> {

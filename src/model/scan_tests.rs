@@ -87,6 +87,42 @@ fn anything_unusual_is_left_to_serde_json() {
     assert!(matches!(raw.vehicle_type, Scalar::Str(ref v) if v == "货车"));
 }
 
+/// Records of sources that order their fields differently, read in turn: each is read as
+/// `serde_json` reads it, whatever order the reader was predicting from the one before.
+#[test]
+fn records_whose_fields_come_in_other_orders_read_the_same_in_any_sequence() {
+    let fields = [
+        r#""checkpoint_id":"KK0017""#,
+        r#""device_id":"KK0017-4""#,
+        r#""direction":4"#,
+        r#""lane":1"#,
+        r#""pass_id":"X20260302000023""#,
+        r#""plate":"赣A04209""#,
+        r#""plate_color":2"#,
+        r#""plate_type":"02""#,
+        r#""speed_kmh":46.9"#,
+        r#""ts":1772380836688"#,
+        r#""vehicle_type":"K33""#,
+    ];
+    let record = |order: &[usize]| format!("{{{}}}", order.iter().map(|i| fields[*i]).collect::<Vec<_>>().join(","));
+    let sorted: Vec<usize> = (0..fields.len()).collect();
+    let reversed: Vec<usize> = sorted.iter().rev().copied().collect();
+    let canonical = [4, 5, 6, 7, 0, 1, 2, 3, 9, 8, 10];
+    let partial = [9, 4, 2];
+    let with_alias = record(&sorted).replace("\"ts\"", "\"GCSJ\"").replace("\"plate\"", "\"HPHM\"");
+    let twice = record(&sorted).replace("\"lane\":1", "\"lane\":1,\"lane\":2");
+    let records = [record(&sorted), record(&reversed), record(&canonical), record(&partial), with_alias, twice];
+    for round in 0..3 {
+        for (i, json) in records.iter().enumerate() {
+            assert!(agrees(json), "round {round}: {json}");
+            assert_eq!(scan(json.as_bytes()).is_some(), i != records.len() - 1, "{json}");
+        }
+    }
+    let raw = scan(records[1].as_bytes()).unwrap();
+    assert!(matches!(raw.ts, Scalar::Int(1_772_380_836_688)));
+    assert!(matches!(raw.checkpoint_id, Scalar::Str(Cow::Borrowed("KK0017"))));
+}
+
 /// Pieces of records, tricky and plain, for the property below.
 fn piece() -> impl Strategy<Value = String> {
     let keys = prop::sample::select(vec![
