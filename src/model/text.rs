@@ -22,7 +22,7 @@ enum Repr {
 impl Text {
     pub fn new(text: &str) -> Text {
         Text(match text.len() {
-            len if len <= INLINE => Repr::Inline { len: len as u8, bytes: inline(text.as_bytes()) },
+            len if len <= INLINE => Repr::Inline { len: len as u8, bytes: padded(text.as_bytes()) },
             _ => Repr::Heap(text.into()),
         })
     }
@@ -48,23 +48,28 @@ impl Text {
     }
 }
 
-/// `src` (at most [`INLINE`] bytes) zero-padded, copied in at most two fixed-size moves that may
-/// overlap: a copy of a length known only at run time would be a call to `memcpy`, which costs
-/// more than the few bytes of an id.
+/// `src` (at most [`INLINE`] bytes), zero-padded. Read as at most three little-endian words
+/// (overlapping loads, the bytes past its end shifted out) and written at fixed places: a copy
+/// of a length known only at run time would be a call to `memcpy`, or stores at a varying
+/// place that the processor cannot forward to the wider loads that move the text on, each of
+/// which then waits for them to land.
 #[inline]
-fn inline(src: &[u8]) -> [u8; INLINE] {
-    fn two<const N: usize>(bytes: &mut [u8; INLINE], src: &[u8]) {
-        let len = src.len();
-        bytes[..N].copy_from_slice(&src[..N]);
-        bytes[len - N..len].copy_from_slice(&src[len - N..]);
-    }
+fn padded(src: &[u8]) -> [u8; INLINE] {
+    let len = src.len();
+    let word = |at: usize| u64::from_le_bytes(src[at..at + 8].try_into().expect("eight bytes"));
+    let half = |at: usize| u64::from(u32::from_le_bytes(src[at..at + 4].try_into().expect("four bytes")));
+    // Bytes 0..8, 8..16 and 16..22.
+    let (a, b, c) = match len {
+        17.. => (word(0), word(8), word(len - 8) >> (8 * (24 - len))),
+        9..=16 => (word(0), word(len - 8) >> (8 * (16 - len)), 0),
+        8 => (word(0), 0, 0),
+        4..=7 => (half(0) | (half(len - 4) >> (8 * (8 - len))) << 32, 0, 0),
+        _ => (src.iter().rev().fold(0, |w, b| w << 8 | u64::from(*b)), 0, 0),
+    };
     let mut bytes = [0; INLINE];
-    match src.len() {
-        16.. => two::<16>(&mut bytes, src),
-        8.. => two::<8>(&mut bytes, src),
-        4.. => two::<4>(&mut bytes, src),
-        len => bytes[..len].copy_from_slice(src),
-    }
+    bytes[..8].copy_from_slice(&a.to_le_bytes());
+    bytes[8..16].copy_from_slice(&b.to_le_bytes());
+    bytes[16..].copy_from_slice(&c.to_le_bytes()[..INLINE - 16]);
     bytes
 }
 
