@@ -370,7 +370,7 @@ impl Operator for ClonedPlates {
         // Skew corrections can bring passes further apart on their cameras' clocks together.
         let span = self.span();
         let mut partners = std::mem::take(&mut self.partners);
-        let (mut taken, mut vehicles) = (Vec::new(), Vec::new());
+        let (mut taken, mut vehicles) = (Vec::with_capacity(passes.len()), Vec::with_capacity(passes.len()));
         for (i, pass) in passes.iter().enumerate() {
             let Some(vehicle) = pass.vehicle_ref() else { continue };
             // The partners of a pass this late may already be forgotten.

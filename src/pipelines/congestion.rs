@@ -205,7 +205,8 @@ impl Tracks {
     fn take_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) -> Vec<(usize, Traversal, i32)> {
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
         let horizon = self.horizon(watermark, lateness);
-        let (mut taken, mut vehicles): (Vec<usize>, Vec<VehicleRef<'_>>) = (Vec::new(), Vec::new());
+        let (mut taken, mut vehicles): (Vec<usize>, Vec<VehicleRef<'_>>) =
+            (Vec::with_capacity(passes.len()), Vec::with_capacity(passes.len()));
         for (i, pass) in passes.iter().enumerate() {
             let Some(vehicle) = pass.vehicle_ref() else { continue };
             // Every window a pass can change is at or after its own 1 min window.

@@ -252,7 +252,7 @@ impl Operator for DeviceHealth {
         // A pass before this starts no trip (whichever batch it came in).
         let trips_from = ctx.watermark.saturating_sub(MAX_TRIP_MS);
         // The passes of known vehicles, and their vehicles.
-        let (mut known, mut vehicles) = (Vec::new(), Vec::new());
+        let (mut known, mut vehicles) = (Vec::with_capacity(passes.len()), Vec::with_capacity(passes.len()));
         // Runs of one minute (within one hour): the city's minute and the hour's counts looked
         // up once a run, and each checkpoint's minute once a run too, its passes counted in
         // `in_run` first (`touched`: the checkpoints the run counted).
