@@ -383,6 +383,8 @@ impl Operator for ClonedPlates {
         }
         let places = self.seen.resolve(&vehicles, Vec::new);
         for (j, (&i, &place)) in taken.iter().zip(&places).enumerate() {
+            // A list is searched from its middle and cut at its start: both its ends are asked for.
+            self.seen.prefetch_ahead_with(&places, j, |list| list.first());
             self.seen.prefetch_ahead_with(&places, j, |list| list.last());
             let pass = &passes[i];
             let x = Seen::of(pass);
