@@ -220,6 +220,8 @@ impl Tracks {
         let places = self.tracks.resolve(&vehicles, Track::default);
         let mut changes = Vec::with_capacity(passes.len() + passes.len() / 4);
         for (j, (&i, &at)) in taken.iter().zip(&places).enumerate() {
+            // A pass goes after the newest point, and the points behind the horizon are cut from the start.
+            self.tracks.prefetch_ahead_with(&places, j, |t| t.points.first());
             self.tracks.prefetch_ahead_with(&places, j, |t| t.points.last());
             let Some(made) = self.take(at, &passes[i], horizon) else { continue };
             changes.extend(made.into_iter().filter_map(|(t, delta)| Some((i, t?, delta))));
