@@ -39,7 +39,7 @@ impl Validator {
 
     /// Resolves the checkpoint and checks the time against `now_ms` (when there is a clock).
     pub fn validate(&self, record: PassRecord, now_ms: Option<i64>) -> Result<Pass, RejectReason> {
-        let checkpoint = self.city.checkpoint_idx_of(&record.checkpoint).ok_or(RejectReason::UnknownCheckpoint)?;
+        let checkpoint = self.city.checkpoint_idx(&record.checkpoint).ok_or(RejectReason::UnknownCheckpoint)?;
         if now_ms.is_some_and(|now| record.ts.ms() > now + self.max_clock_skew_ms) {
             return Err(RejectReason::FutureTimestamp);
         }

@@ -144,22 +144,30 @@ const fn name(field: &str) -> Name {
     Name { word: u128::from_le_bytes(bytes), mask, len }
 }
 
-const NAMES: [Name; 11] = [
-    name(FIELDS[0]),
-    name(FIELDS[1]),
-    name(FIELDS[2]),
-    name(FIELDS[3]),
-    name(FIELDS[4]),
-    name(FIELDS[5]),
-    name(FIELDS[6]),
-    name(FIELDS[7]),
-    name(FIELDS[8]),
-    name(FIELDS[9]),
-    name(FIELDS[10]),
-];
+const NAMES: [Name; FIELDS.len()] = {
+    let mut names = [const { name("") }; FIELDS.len()];
+    let mut i = 0;
+    while i < FIELDS.len() {
+        names[i] = name(FIELDS[i]);
+        i += 1;
+    }
+    names
+};
 
 /// [`FOLLOWS`]' place for the start of a record.
 const START: usize = FIELDS.len();
+
+/// [`FIELDS`]' own order as [`FOLLOWS`] holds it: each field followed by the next, the start
+/// by the first.
+const FIELDS_ORDER: [u8; START + 1] = {
+    let mut order = [0; START + 1];
+    let mut i = 0;
+    while i + 1 < FIELDS.len() {
+        order[i] = (i + 1) as u8;
+        i += 1;
+    }
+    order
+};
 
 thread_local! {
     /// For each field (and the start of a record, at [`START`]), the field that followed it in
@@ -168,9 +176,7 @@ thread_local! {
     /// each instead of reading the key as a string and matching it against every name; a key
     /// that is not the predicted one is read as before. What a record reads as does not depend
     /// on it. It starts as [`FIELDS`]' own order.
-    static FOLLOWS: std::cell::Cell<[u8; START + 1]> = const {
-        std::cell::Cell::new([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 0])
-    };
+    static FOLLOWS: std::cell::Cell<[u8; START + 1]> = const { std::cell::Cell::new(FIELDS_ORDER) };
 }
 
 /// The length of the plain string that starts `bytes`: the place of its first quote, backslash

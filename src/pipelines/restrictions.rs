@@ -83,6 +83,13 @@ impl Restrictions {
     }
 }
 
+/// What the rules look at of a pass's vehicle; `None` when its plate was unreadable.
+fn restricted<'p>(local_prefixes: &[String], pass: &'p Pass) -> Option<RestrictedVehicle<'p>> {
+    let (plate, color) = pass.vehicle_ref()?;
+    let local = local_prefixes.iter().any(|p| plate.as_str().starts_with(p.as_str()));
+    Some(RestrictedVehicle { plate, color, plate_type: &pass.plate_type, local })
+}
+
 /// The rules one pass violates: (rule index, rule id), each rule judged on its own (the batch
 /// computation's way; the operator looks only at the rules of the pass's checkpoint).
 fn violations<'a>(
@@ -92,10 +99,10 @@ fn violations<'a>(
     day: NaiveDate,
     hour: f64,
 ) -> Vec<(u32, &'a str)> {
-    let (Some(rules), Some(v)) = (city.restrictions.as_ref(), pass.vehicle()) else { return Vec::new() };
+    let (Some(rules), Some(restricted)) = (city.restrictions.as_ref(), restricted(local_prefixes, pass)) else {
+        return Vec::new();
+    };
     let checkpoint = city.checkpoint(pass.checkpoint);
-    let local = local_prefixes.iter().any(|p| v.plate.as_str().starts_with(p.as_str()));
-    let restricted = RestrictedVehicle { plate: &v.plate, color: v.color, plate_type: &pass.plate_type, local };
     rules
         .rules
         .iter()
@@ -115,9 +122,6 @@ impl Operator for Restrictions {
     }
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
-        if self.city.restrictions.is_none() {
-            return;
-        }
         let city = self.city.clone();
         let Some(rules) = &city.restrictions else { return };
         for (i, pass) in passes.iter().enumerate() {
@@ -125,15 +129,14 @@ impl Operator for Restrictions {
             if self.zones[cp as usize].is_empty() {
                 continue;
             }
-            let Some((plate, color)) = pass.vehicle_ref() else { continue };
+            let Some(vehicle) = restricted(&self.local_prefixes, pass) else { continue };
             let (day, end, hour) = self.local(pass.ts.ms());
             let mut in_force =
                 self.zones[cp as usize].iter().filter(|r| rules.rules[**r as usize].in_hours(hour)).peekable();
             if in_force.peek().is_none() {
                 continue;
             }
-            let local = self.local_prefixes.iter().any(|p| plate.as_str().starts_with(p.as_str()));
-            let vehicle = RestrictedVehicle { plate, color, plate_type: &pass.plate_type, local };
+            let (plate, color) = (vehicle.plate, vehicle.color);
             let summary_open = !is_late(end, ctx.watermark, ctx.allowed_lateness_ms);
             for &rule in in_force.filter(|r| rules.rules[**r as usize].restricts(rules, day, &vehicle)) {
                 ctx.out.restriction_violations.push(RestrictionViolationRow {

@@ -5,7 +5,7 @@
 //! arrive.
 
 use crate::core::{Context, Operator, StateBlob};
-use crate::model::{stable_id, Pass, PlateRead};
+use crate::model::{stable_id, Pass, PlateRead, VehicleRef};
 use crate::reference::City;
 use crate::results::AlertRow;
 use serde::{Deserialize, Serialize};
@@ -119,7 +119,7 @@ impl WatchList {
     /// Each pass of `passes` whose vehicle the list holds, with the entry it matches (the
     /// colour's own, else the one for every colour). The list is read under one lock a batch,
     /// and an empty one is not looked at pass by pass.
-    fn matches<'p>(&self, passes: &'p [Pass]) -> Vec<(&'p Pass, WatchEntry)> {
+    fn matches<'p>(&self, passes: &'p [Pass]) -> Vec<(&'p Pass, VehicleRef<'p>, WatchEntry)> {
         let entries = self.entries.read().expect("watch list lock");
         if entries.is_empty() {
             return Vec::new();
@@ -133,7 +133,7 @@ impl WatchList {
                     .iter()
                     .find(|e| e.plate_color == Some(color.code()))
                     .or_else(|| list.iter().find(|e| e.plate_color.is_none()))?;
-                Some((pass, entry.clone()))
+                Some((pass, (plate, color), entry.clone()))
             })
             .collect()
     }
@@ -160,8 +160,7 @@ impl Operator for Watch {
     }
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
-        for (pass, entry) in self.list.matches(passes) {
-            let Some(vehicle) = pass.vehicle() else { continue };
+        for (pass, (plate, color), entry) in self.list.matches(passes) {
             let checkpoint = self.city.checkpoint(pass.checkpoint);
             let details = serde_json::json!({
                 "reason": entry.reason,
@@ -175,8 +174,8 @@ impl Operator for Watch {
                 alert_id: stable_id(WATCHLIST, &[pass.pass_id.as_bytes()]),
                 kind: WATCHLIST,
                 ts: pass.ts.ms(),
-                plate: Some(vehicle.plate.as_str().into()),
-                plate_color: Some(vehicle.color.code()),
+                plate: Some(plate.as_str().into()),
+                plate_color: Some(color.code()),
                 checkpoint_id: Some(checkpoint.id.clone()),
                 segment_id: None,
                 severity: SEVERITIES.iter().find(|s| **s == entry.severity).copied().unwrap_or("medium"),

@@ -84,12 +84,13 @@ impl City {
         }
     }
 
-    pub fn checkpoint_idx(&self, id: &str) -> Option<CheckpointIdx> {
-        self.by_id.get(id).copied()
-    }
-
-    /// As [`City::checkpoint_idx`], for an id held as [`Text`] (a decoded pass's).
-    pub fn checkpoint_idx_of(&self, id: &Text) -> Option<CheckpointIdx> {
+    /// The checkpoint of an id given as `&str`, or as [`Text`] (a decoded pass's, then compared
+    /// inline).
+    pub fn checkpoint_idx<Q>(&self, id: &Q) -> Option<CheckpointIdx>
+    where
+        Text: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
         self.by_id.get(id).copied()
     }
 
