@@ -346,7 +346,7 @@ fn read_lines(
     };
     let judge = |batch: &mut LineBatch| {
         let LineBatch { text, lines, judged, .. } = batch;
-        judged.extend(lines.iter().map(|line| validator.judge(&text[line.clone()], now_ms)));
+        validator.judge_all(lines.iter().map(|line| &text[line.clone()]), now_ms, judged);
     };
     let Some(mut batch) = next(line_no, offset) else { return Ok(()) };
     // The input is read straight into the batch's text, a chunk at a time, and split into lines

@@ -251,7 +251,9 @@ impl Engine {
     pub fn process<'a>(&mut self, source: &str, records: impl IntoIterator<Item = Record<'a>>, clocks: Clocks) {
         let records: Vec<Record<'a>> = records.into_iter().collect();
         let validator = self.ingest.validator();
-        let mut judged = self.parallel.map(&records, |r| validator.judge(r.bytes, clocks.future_now));
+        let mut judged = self
+            .parallel
+            .map_runs(&records, |run, out| validator.judge_all(run.iter().map(|r| r.bytes), clocks.future_now, out));
         self.process_judged(source, records, &mut judged, clocks);
     }
 

@@ -51,17 +51,30 @@ impl Parallel {
         self.threads > 1 && passes >= self.min_passes
     }
 
-    /// `f` of every item, in order; a large batch is cut into one run of items per thread.
-    pub fn map<T: Sync, U: Send>(&mut self, items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
+    /// What `f` appends for runs of the items, in order: `f(run, out)` appends one value per
+    /// item of `run`. A large batch is cut into one run per thread.
+    pub fn map_runs<T: Sync, U: Send>(&mut self, items: &[T], f: impl Fn(&[T], &mut Vec<U>) + Sync) -> Vec<U> {
+        let mut out = Vec::with_capacity(items.len());
         if !self.takes(items.len()) {
-            return items.iter().map(f).collect();
+            f(items, &mut out);
+            return out;
         }
         let f = &f;
         let runs = items.chunks(items.len().div_ceil(self.threads));
-        self.on_threads(runs.map(|run| move || run.iter().map(f).collect::<Vec<U>>()).collect())
-            .into_iter()
-            .flatten()
-            .collect()
+        let parts = self.on_threads(
+            runs.map(|run| {
+                move || {
+                    let mut part = Vec::with_capacity(run.len());
+                    f(run, &mut part);
+                    part
+                }
+            })
+            .collect(),
+        );
+        for mut part in parts {
+            out.append(&mut part);
+        }
+        out
     }
 
     /// Runs `step` on every operator; rows go to `out` and late passes to `late`, in the order
@@ -146,11 +159,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_parallel_map_keeps_the_order_of_its_items_at_every_size() {
+    fn a_parallel_map_of_runs_keeps_the_order_of_its_items_at_every_size() {
         let mut parallel = Parallel::new(3);
         for len in [0, 1, MIN_PASSES - 1, MIN_PASSES, MIN_PASSES + 1, 10_007] {
             let items: Vec<u64> = (0..len as u64).collect();
-            let mapped = parallel.map(&items, |i| i * 7 + 1);
+            let mapped = parallel.map_runs(&items, |run, out| out.extend(run.iter().map(|i| i * 7 + 1)));
             assert_eq!(mapped, items.iter().map(|i| i * 7 + 1).collect::<Vec<_>>(), "{len} items");
         }
     }

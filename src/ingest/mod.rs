@@ -92,7 +92,8 @@ impl Ingest {
 
     /// Takes a batch of raw records; the deduplication state is consulted once for all.
     pub fn accept_batch(&mut self, raws: &[&[u8]], now_ms: Option<i64>) -> Vec<Outcome> {
-        let judged = raws.iter().map(|raw| self.validator.judge(raw, now_ms)).collect();
+        let mut judged = Vec::with_capacity(raws.len());
+        self.validator.judge_all(raws.iter().copied(), now_ms, &mut judged);
         self.admit(judged)
     }
 

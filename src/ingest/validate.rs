@@ -37,6 +37,19 @@ impl Validator {
         self.validate(record, now_ms).map(|pass| (pass, digest))
     }
 
+    /// [`Validator::judge`] of each of `raws`, appended to `out` in order: the passes' digests
+    /// are computed after, several side by side.
+    pub fn judge_all<'r>(&self, raws: impl IntoIterator<Item = &'r [u8]>, now_ms: Option<i64>, out: &mut Vec<Judged>) {
+        let from = out.len();
+        out.extend(raws.into_iter().map(|raw| {
+            let record = crate::model::decode_record(raw, self.tz, self.colors)?;
+            self.validate(record, now_ms).map(|pass| (pass, 0))
+        }));
+        // A valid pass's checkpoint id is the one its record gave: it was looked up exactly.
+        let valid = out[from..].iter_mut().filter_map(|judged| judged.as_mut().ok());
+        crate::model::fill_digests(valid, |checkpoint| self.city.checkpoint(*checkpoint).id.as_bytes());
+    }
+
     /// Resolves the checkpoint and checks the time against `now_ms` (when there is a clock).
     pub fn validate(&self, record: PassRecord, now_ms: Option<i64>) -> Result<Pass, RejectReason> {
         let checkpoint = self.city.checkpoint_idx(&record.checkpoint).ok_or(RejectReason::UnknownCheckpoint)?;

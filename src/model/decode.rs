@@ -9,7 +9,6 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::fmt;
-use std::hash::Hasher;
 
 /// Highest spot speed accepted as a reading, km/h.
 const MAX_SPEED_KMH: f64 = 400.0;
@@ -62,29 +61,7 @@ impl PassRecord {
     /// A stable 64-bit digest of the record's content (not its spelling): a resend that decodes
     /// to the same record has the same digest, whatever aliases or time format it used.
     pub fn content_digest(&self) -> u64 {
-        let mut h = Fnv1a::default();
-        // Bytes, not `str`s: the text was checked when it was decoded.
-        fn optional(t: &Option<Text>) -> &[u8] {
-            t.as_ref().map_or(b"", Text::as_bytes)
-        }
-        let texts = [
-            self.pass_id.as_bytes(),
-            self.plate.as_bytes(),
-            self.plate_type.as_bytes(),
-            self.checkpoint.as_bytes(),
-            optional(&self.device_id),
-            optional(&self.vehicle_type),
-        ];
-        for part in texts {
-            h.write(part);
-            h.write_u8(0xff);
-        }
-        h.write_u8(self.plate_color.code());
-        h.write_u8(self.direction.code());
-        h.write_u8(self.lane);
-        h.write_i64(self.ts.ms());
-        h.write_u32(self.speed_kmh.map_or(u32::MAX, f32::to_bits));
-        h.finish()
+        super::digest::digest(self, self.checkpoint.as_bytes())
     }
 
     /// The canonical JSON form (canonical field names, `ts` in epoch milliseconds).
@@ -338,33 +315,6 @@ impl<'de> Visitor<'de> for ScalarVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
         Ok(Scalar::Compound)
-    }
-}
-
-/// FNV-1a, 64 bit, of some bytes: a digest that never changes between builds (it is stored).
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h = Fnv1a::default();
-    h.write(bytes);
-    h.finish()
-}
-
-/// FNV-1a, 64 bit: a digest that never changes between builds (it is stored in state).
-struct Fnv1a(u64);
-
-impl Default for Fnv1a {
-    fn default() -> Self {
-        Fnv1a(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for Fnv1a {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
     }
 }
 

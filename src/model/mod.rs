@@ -8,6 +8,7 @@
 
 mod codes;
 mod decode;
+mod digest;
 mod plate;
 mod reject;
 mod scan;
@@ -15,7 +16,8 @@ mod text;
 mod time;
 
 pub use codes::{Direction, PlateColor, PlateColorScheme};
-pub use decode::{decode_record, fnv1a64, PassOf, PassRecord};
+pub use decode::{decode_record, PassOf, PassRecord};
+pub use digest::{fill_digests, fnv1a64};
 pub use plate::{Plate, PlateKind, PlateRead, VehicleKey, VehicleRef, PROVINCES};
 pub use reject::RejectReason;
 pub use text::Text;

@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 
 /// Bytes held inline (longer text goes to the heap).
-const INLINE: usize = 22;
+pub(crate) const INLINE: usize = 22;
 
 /// Text compared, hashed and ordered as a `str`. Up to 22 bytes it is held inline: making one
 /// allocates nothing, a copy is a copy with no shared reference count for threads to contend
@@ -33,6 +33,15 @@ impl Text {
         match &self.0 {
             Repr::Inline { len, bytes } => &bytes[..*len as usize],
             Repr::Heap(text) => text.as_bytes(),
+        }
+    }
+
+    /// The bytes followed by zeros to [`INLINE`] bytes, when they are held inline: copied as one
+    /// buffer of fixed size, they move without a call to `memcpy`.
+    pub(crate) fn inline_buffer(&self) -> Option<&[u8; INLINE]> {
+        match &self.0 {
+            Repr::Inline { bytes, .. } => Some(bytes),
+            Repr::Heap(_) => None,
         }
     }
 
