@@ -121,6 +121,21 @@ fn fnv1a64_lanes(inputs: [&[u8]; LANES]) -> [u64; LANES] {
     h
 }
 
+/// [`fnv1a64`] of each of `inputs`, in order, four side by side.
+pub fn fnv1a64_each<'a>(inputs: impl IntoIterator<Item = &'a [u8]>) -> Vec<u64> {
+    let mut inputs = inputs.into_iter();
+    let mut out = Vec::with_capacity(inputs.size_hint().0);
+    loop {
+        match std::array::from_fn::<_, LANES, _>(|_| inputs.next()) {
+            [Some(a), Some(b), Some(c), Some(d)] => out.extend(fnv1a64_lanes([a, b, c, d])),
+            rest => {
+                out.extend(rest.into_iter().flatten().map(fnv1a64));
+                return out;
+            }
+        }
+    }
+}
+
 /// Sets the digest of every `(pass, digest)` of `passes`, as [`digest`] gives it;
 /// `checkpoint(c)` is the id of the checkpoint known as `c`. Four passes at a time.
 pub fn fill_digests<'a, C: 'a, I: AsRef<[u8]>>(
@@ -213,5 +228,10 @@ mod tests {
         assert_eq!(fnv1a64_lanes(inputs), inputs.map(fnv1a64));
         assert_eq!(fnv1a64(b""), OFFSET);
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c, "the published FNV-1a 64 of \"a\"");
+        let ids: Vec<String> = (0..11).map(|i| "x".repeat(i * 3)).collect();
+        for n in 0..ids.len() {
+            let each = fnv1a64_each(ids[..n].iter().map(|id| id.as_bytes()));
+            assert_eq!(each, ids[..n].iter().map(|id| fnv1a64(id.as_bytes())).collect::<Vec<_>>(), "{n} ids");
+        }
     }
 }

@@ -17,7 +17,7 @@ mod time;
 
 pub use codes::{Direction, PlateColor, PlateColorScheme};
 pub use decode::{decode_record, PassOf, PassRecord};
-pub use digest::{fill_digests, fnv1a64};
+pub use digest::{fill_digests, fnv1a64, fnv1a64_each};
 pub use plate::{Plate, PlateKind, PlateRead, VehicleKey, VehicleRef, PROVINCES};
 pub use reject::RejectReason;
 pub use text::Text;

@@ -13,7 +13,7 @@
 use super::top_n::{batch_ranking, BucketCounts, RankedKeys, SlidingRanking};
 use crate::core::window::{is_complete, is_late, tumbling_start, Every};
 use crate::core::{Context, Operator, SeqOf, StateBlob, VehicleTable};
-use crate::model::{fnv1a64, Pass, VehicleKey, VehicleRef};
+use crate::model::{fnv1a64, fnv1a64_each, Pass, VehicleKey, VehicleRef};
 use crate::reference::{City, RoadClass, Segment};
 use crate::results::ResultBatch;
 use crate::results::{AlertRow, AreaCongestionRow, SegmentCongestionRow, SegmentSumsRow};
@@ -68,7 +68,12 @@ struct Point {
 
 impl Point {
     fn of(pass: &Pass) -> Point {
-        Point { ts: pass.ts.ms(), tie: fnv1a64(pass.pass_id.as_bytes()), cp: pass.checkpoint.0 }
+        Point::tied(pass, fnv1a64(pass.pass_id.as_bytes()))
+    }
+
+    /// The point of `pass`, `tie` being the hash of its id.
+    fn tied(pass: &Pass, tie: u64) -> Point {
+        Point { ts: pass.ts.ms(), tie, cp: pass.checkpoint.0 }
     }
 
     fn order(&self) -> (i64, u64) {
@@ -170,10 +175,9 @@ impl Tracks {
         watermark.saturating_sub(lateness_ms).saturating_sub(60_000).saturating_sub(self.roads.longest_ms)
     }
 
-    /// Takes `pass` into the track at `at`: the traversal it splits (retracted, -1) and the
-    /// ones it makes (1). `None` when the track holds it already.
-    fn take(&mut self, at: u32, pass: &Pass, horizon: i64) -> Option<[(Option<Traversal>, i32); 3]> {
-        let x = Point::of(pass);
+    /// Takes the point of a pass into the track at `at`: the traversal it splits (retracted,
+    /// -1) and the ones it makes (1). `None` when the track holds it already.
+    fn take(&mut self, at: u32, x: Point, horizon: i64) -> Option<[(Option<Traversal>, i32); 3]> {
         let Track { newest, points: track } = self.tracks.value_mut(at);
         // Passes mostly come in time order: a pass after the newest one is not searched for.
         let at = match track.last() {
@@ -218,12 +222,13 @@ impl Tracks {
             vehicles.push(vehicle);
         }
         let places = self.tracks.resolve(&vehicles, Track::default);
+        let ties = fnv1a64_each(taken.iter().map(|&i| passes[i].pass_id.as_bytes()));
         let mut changes = Vec::with_capacity(passes.len() + passes.len() / 4);
-        for (j, (&i, &at)) in taken.iter().zip(&places).enumerate() {
+        for (j, ((&i, &at), &tie)) in taken.iter().zip(&places).zip(&ties).enumerate() {
             // A pass goes after the newest point, and the points behind the horizon are cut from the start.
             self.tracks.prefetch_ahead_with(&places, j, |t| t.points.first());
             self.tracks.prefetch_ahead_with(&places, j, |t| t.points.last());
-            let Some(made) = self.take(at, &passes[i], horizon) else { continue };
+            let Some(made) = self.take(at, Point::tied(&passes[i], tie), horizon) else { continue };
             changes.extend(made.into_iter().filter_map(|(t, delta)| Some((i, t?, delta))));
         }
         changes
