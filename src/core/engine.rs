@@ -213,7 +213,8 @@ impl Engine {
         forwarded: Vec<(Record<'a>, Vec<&str>)>,
         processing_now: i64,
     ) {
-        let mut judged = forwarded.iter().map(|(r, _)| self.ingest.validator().judge(r.bytes, None)).collect();
+        let mut judged = Vec::with_capacity(forwarded.len());
+        self.ingest.validator().judge_all(forwarded.iter().map(|(r, _)| r.bytes), None, &mut judged);
         let (records, late): (Vec<Record<'a>>, Vec<Vec<&str>>) = forwarded.into_iter().unzip();
         let prior = late.into_iter().map(|labels| labels.into_iter().filter_map(static_label).collect()).collect();
         self.admit_and_run(source, records, &mut judged, prior, processing_now);

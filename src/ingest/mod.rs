@@ -170,6 +170,36 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_is_judged_as_each_record_alone_digests_included() {
+        let lines: Vec<String> = (0..11)
+            .map(|i| {
+                let line = LINE.replace("\"p1\"", &format!("\"p{}\"", "1".repeat(i + 1)));
+                if i == 6 {
+                    line.replace("KK0001", "KK9999")
+                } else {
+                    line.replace("12345", &format!("1234{i}"))
+                }
+            })
+            .collect();
+        let validator = ingest().validator().clone();
+        let mut judged = Vec::new();
+        validator.judge_all(lines.iter().map(|l| l.as_bytes()), None, &mut judged);
+        assert_eq!(judged.len(), lines.len());
+        for (line, judged) in lines.iter().zip(&judged) {
+            let record = crate::model::decode_record(line.as_bytes(), validator.tz(), validator.colors()).unwrap();
+            match judged {
+                Ok((pass, digest)) => {
+                    assert_eq!(*digest, record.content_digest(), "{line}");
+                    assert_eq!(pass.pass_id, record.pass_id);
+                }
+                Err(reason) => {
+                    assert_eq!((reason.code(), &*record.checkpoint), ("unknown_checkpoint".into(), "KK9999"))
+                }
+            }
+        }
+    }
+
+    #[test]
     fn resends_are_dropped_when_identical_and_dead_lettered_when_different() {
         let mut i = ingest();
         assert!(matches!(i.accept(LINE.as_bytes(), None), Outcome::Valid(_)));

@@ -29,16 +29,10 @@ impl Validator {
         self.colors
     }
 
-    /// Decodes and validates one raw record: a pass with its content digest, or the reason it
-    /// is not one. Stateless, so it can run on another thread than the engine.
-    pub fn judge(&self, raw: &[u8], now_ms: Option<i64>) -> Judged {
-        let record = crate::model::decode_record(raw, self.tz, self.colors)?;
-        let digest = record.content_digest();
-        self.validate(record, now_ms).map(|pass| (pass, digest))
-    }
-
-    /// [`Validator::judge`] of each of `raws`, appended to `out` in order: the passes' digests
-    /// are computed after, several side by side.
+    /// Decodes and validates raw records, appending to `out`, in order, each one's pass with its
+    /// content digest, or the reason it is not one. Stateless, so it can run on another thread
+    /// than the engine. The digests are computed once the batch is decoded, several side by
+    /// side.
     pub fn judge_all<'r>(&self, raws: impl IntoIterator<Item = &'r [u8]>, now_ms: Option<i64>, out: &mut Vec<Judged>) {
         let from = out.len();
         out.extend(raws.into_iter().map(|raw| {

@@ -61,7 +61,7 @@ fn parts<'a, C>(pass: &'a PassOf<C>, checkpoint: &'a [u8]) -> [Part<'a>; 6] {
     ]
 }
 
-/// How many bytes the digest of `pass` reads.
+/// How many bytes the digest reads of a pass whose texts are `parts`.
 fn digested_len(parts: &[Part<'_>; 6]) -> usize {
     parts.iter().map(|p| p.0.len() + 1).sum::<usize>() + TAIL
 }
