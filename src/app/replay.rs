@@ -99,7 +99,7 @@ impl LineBatch {
     /// Empty, its lines to start after line `line_no`, which ends at `offset`, with room for
     /// `lines` lines of `text` bytes in all (a buffer grown as it fills is copied each time it
     /// doubles, into fresh pages).
-    fn reset(&mut self, line_no: u64, offset: u64, (lines, text): (usize, usize)) {
+    fn reset(&mut self, line_no: u64, offset: u64, lines: usize, text: usize) {
         self.text.clear();
         self.lines.clear();
         self.judged.clear();
@@ -334,10 +334,10 @@ fn read_lines(
     // that many the reader waits for one back rather than make another: a new batch's buffers
     // are tens of megabytes of fresh pages for the kernel to fault in and zero.
     let mut made = 0;
-    // The room a batch is given: its lines, and the text of the last full batch and an eighth
-    // more (at first, none: the first batch's text grows as it is read).
-    let mut room = (batch_lines, 0);
-    let mut next = |line_no: u64, offset: u64, room: (usize, usize)| {
+    // The text a batch is given room for: the last full batch's and an eighth more (at first,
+    // none: the first batch's text grows as it is read).
+    let mut text_room = 0;
+    let mut next = |line_no: u64, offset: u64, text_room: usize| {
         let batch = match done.try_recv() {
             Ok(batch) => Some(batch),
             Err(_) if made < BATCHES_IN_FLIGHT + 2 => {
@@ -348,7 +348,7 @@ fn read_lines(
             Err(_) => done.recv().ok(),
         };
         batch.map(|mut batch| {
-            batch.reset(line_no, offset, room);
+            batch.reset(line_no, offset, batch_lines, text_room);
             batch
         })
     };
@@ -356,7 +356,7 @@ fn read_lines(
         let LineBatch { text, lines, judged, .. } = batch;
         validator.judge_all(lines.iter().map(|line| &text[line.clone()]), now_ms, judged);
     };
-    let Some(mut batch) = next(line_no, offset, room) else { return Ok(()) };
+    let Some(mut batch) = next(line_no, offset, text_room) else { return Ok(()) };
     // The input is read straight into the batch's text, a chunk at a time, and split into lines
     // there; what follows the last line of a full batch starts the next one. `unread`: where
     // the bytes not yet split into lines start; `scanned`: how far they hold no line end.
@@ -394,14 +394,14 @@ fn read_lines(
         // A blank line ends a batch too, so that the lines of a batch are consecutive.
         if batch.lines.len() == batch_lines || (blank && !batch.lines.is_empty()) {
             let mut full = std::mem::take(&mut batch);
-            room.1 = room.1.max(full.text.len() + full.text.len() / 8 + READ_CHUNK);
+            text_room = text_room.max(full.text.len() + full.text.len() / 8 + READ_CHUNK);
             carry.clear();
             carry.extend_from_slice(&full.text[unread..]);
             judge(&mut full);
             if tx.blocking_send(full).is_err() {
                 return Ok(());
             }
-            let Some(empty) = next(line_no, offset, room) else { return Ok(()) };
+            let Some(empty) = next(line_no, offset, text_room) else { return Ok(()) };
             batch = empty;
             batch.text.extend_from_slice(&carry);
             (unread, scanned) = (0, 0);

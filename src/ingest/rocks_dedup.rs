@@ -221,13 +221,11 @@ impl IdSet {
     fn insert_new<'a>(&mut self, new: impl Iterator<Item = (&'a Text, u64, (u64, i64))>) {
         // Copied out in the order they came (one read after the next): taken by their places
         // instead, each would be a miss of its own.
-        let mut new: Vec<_> = {
-            // A filter's size hint has no lower bound: collected as they come, the ids would be
-            // copied each time the list doubled.
-            let mut all = Vec::with_capacity(new.size_hint().1.unwrap_or(0));
-            all.extend(new.map(|(id, hash, value)| (id.clone(), hash, value)));
-            all
-        };
+        // Made at the batch's size: a filter's size hint has no lower bound, and collected as
+        // they come the ids would be copied each time the list doubled.
+        let mut all = Vec::with_capacity(new.size_hint().1.unwrap_or(0));
+        all.extend(new.map(|(id, hash, value)| (id.clone(), hash, value)));
+        let mut new = all;
         let ids = &self.ids;
         self.places.reserve(new.len(), |&i| IdFilter::hash(ids[i as usize].0.as_bytes()));
         // A hash's place is its low bits, as many as the table has slots.
