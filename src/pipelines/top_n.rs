@@ -95,11 +95,26 @@ impl SlidingRanking {
         let Some(mut end) = self.next_end else { return };
         // After the last bucket every window is empty: stop there.
         let last = self.buckets.keys().next_back().map_or(end, |b| b + WINDOW_MS);
+        // The sums of the window last emitted: the next one, a bucket on, is made from them.
+        let mut sliding: Option<(i64, Vec<u64>)> = None;
         while end <= watermark && end <= last {
+            let sums = match sliding.take() {
+                Some((before, mut sums)) if before + SLIDE_MS == end => {
+                    // The bucket the window gains is added and the one it loses taken off.
+                    for (bucket, sign) in [(end - SLIDE_MS, 1), (end - WINDOW_MS - SLIDE_MS, -1)] {
+                        for (s, c) in sums.iter_mut().zip(self.buckets.get(&bucket).into_iter().flatten()) {
+                            *s = s.wrapping_add_signed(sign * i64::from(*c));
+                        }
+                    }
+                    sums
+                }
+                _ => self.sums(keys.names.len(), end),
+            };
             // An empty window goes out only when something was counted in it and taken back
             // (a row written before a crash may hold it).
             let touched = self.buckets.range(end - WINDOW_MS..end).next().is_some();
-            out.extend(Some(self.window(metric, keys, n, end)).filter(|w| touched || !w.entries.is_empty()));
+            out.extend(Some(ranked(metric, keys, n, end, &sums)).filter(|w| touched || !w.entries.is_empty()));
+            sliding = Some((end, sums));
             end += SLIDE_MS;
         }
         self.next_end = Some(end);
@@ -109,20 +124,30 @@ impl SlidingRanking {
 
     /// The ranking of the window that ends at `end`.
     fn window(&self, metric: &'static str, keys: &RankedKeys, n: usize, end: i64) -> TopNWindow {
-        let mut sums = vec![0u64; keys.names.len()];
+        ranked(metric, keys, n, end, &self.sums(keys.names.len(), end))
+    }
+
+    /// Each of the `width` keys' count in the window that ends at `end`.
+    fn sums(&self, width: usize, end: i64) -> Vec<u64> {
+        let mut sums = vec![0u64; width];
         for (_, counts) in self.buckets.range(end - WINDOW_MS..end) {
             for (s, c) in sums.iter_mut().zip(counts) {
                 *s += u64::from(*c);
             }
         }
-        let entries = keys.rank(&sums, n);
-        TopNWindow { metric, window_s: TOP_N_WINDOW_S, slide_s: TOP_N_SLIDE_S, window_end: end, entries }
+        sums
     }
 
     /// Whether every bucket holds exactly `width` keys (a restored state fits the city).
     pub fn fits(&self, width: usize) -> bool {
         self.buckets.values().all(|b| b.len() == width)
     }
+}
+
+/// The window that ends at `end`, ranked from its keys' counts.
+fn ranked(metric: &'static str, keys: &RankedKeys, n: usize, end: i64, sums: &[u64]) -> TopNWindow {
+    let entries = keys.rank(sums, n);
+    TopNWindow { metric, window_s: TOP_N_WINDOW_S, slide_s: TOP_N_SLIDE_S, window_end: end, entries }
 }
 
 /// The keys a ranking ranks, by index, with each one's place in the order of their names
