@@ -215,9 +215,8 @@ impl IdSet {
     }
 
     /// Puts in a batch's ids the filter did not hold, (id, hash, (digest, ts)): a live id is
-    /// always held, so one found here has expired and is taken over. They go in by their
-    /// places in the table, one after the next in memory, where in the order they came each
-    /// would miss the cache.
+    /// always held, so one found here has expired and is taken over. They go in by the regions
+    /// of their places in the table (see [`by_region`]).
     fn insert_new<'a>(&mut self, new: impl Iterator<Item = (&'a Text, u64, (u64, i64))>) {
         // Made at the batch's size: a filter's size hint has no lower bound, and collected as
         // they come the ids would be copied each time the list doubled.

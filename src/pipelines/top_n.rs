@@ -95,27 +95,21 @@ impl SlidingRanking {
         let Some(mut end) = self.next_end else { return };
         // After the last bucket every window is empty: stop there.
         let last = self.buckets.keys().next_back().map_or(end, |b| b + WINDOW_MS);
-        // The sums of the window last emitted: the next one, a bucket on, is made from them.
-        let mut sliding: Option<(i64, Vec<u64>)> = None;
+        // The sums of the window being emitted: made once, then moved on a bucket at a time.
+        let mut sums = None;
         while end <= watermark && end <= last {
-            let sums = match sliding.take() {
-                Some((before, mut sums)) if before + SLIDE_MS == end => {
-                    // The bucket the window gains is added and the one it loses taken off.
-                    for (bucket, sign) in [(end - SLIDE_MS, 1), (end - WINDOW_MS - SLIDE_MS, -1)] {
-                        for (s, c) in sums.iter_mut().zip(self.buckets.get(&bucket).into_iter().flatten()) {
-                            *s = s.wrapping_add_signed(sign * i64::from(*c));
-                        }
-                    }
-                    sums
-                }
-                _ => self.sums(keys.names.len(), end),
-            };
+            let sums = sums.get_or_insert_with(|| self.sums(keys.names.len(), end));
             // An empty window goes out only when something was counted in it and taken back
             // (a row written before a crash may hold it).
             let touched = self.buckets.range(end - WINDOW_MS..end).next().is_some();
-            out.extend(Some(ranked(metric, keys, n, end, &sums)).filter(|w| touched || !w.entries.is_empty()));
-            sliding = Some((end, sums));
+            out.extend(Some(ranked(metric, keys, n, end, sums)).filter(|w| touched || !w.entries.is_empty()));
             end += SLIDE_MS;
+            // The next window gains the bucket this one ended with and loses its first.
+            for (bucket, sign) in [(end - SLIDE_MS, 1), (end - WINDOW_MS - SLIDE_MS, -1)] {
+                for (s, c) in sums.iter_mut().zip(self.buckets.get(&bucket).into_iter().flatten()) {
+                    *s = s.wrapping_add_signed(sign * i64::from(*c));
+                }
+            }
         }
         self.next_end = Some(end);
         let keep_from = watermark.saturating_sub(lateness_ms).saturating_sub(WINDOW_MS);
