@@ -221,15 +221,14 @@ impl IdSet {
         // Made at the batch's size: a filter's size hint has no lower bound, and collected as
         // they come the ids would be copied each time the list doubled.
         let mut all = Vec::with_capacity(new.size_hint().1.unwrap_or(0));
-        all.extend(new);
+        all.extend(new.map(|(id, hash, value)| (id.clone(), hash, value)));
         let ids = &self.ids;
         self.places.reserve(all.len(), |&i| IdFilter::hash(ids[i as usize].0.as_bytes()));
         // A hash's place is its low bits, as many as the table has slots.
         let slots = (self.places.capacity() * 8 / 7).next_power_of_two();
-        for at in by_region(&all, slots) {
-            let (id, hash, value) = all[at as usize];
+        for (id, hash, value) in by_region(all, |(_, hash, _)| *hash, slots, (Text::new(""), 0, (0, 0))) {
             // Any held copy is taken over.
-            self.insert_owned(id.clone(), hash, value, i64::MAX);
+            self.insert_owned(id, hash, value, i64::MAX);
         }
     }
 
@@ -264,28 +263,30 @@ impl IdSet {
 /// The regions [`by_region`] cuts a table's slots into.
 const REGIONS: usize = 1024;
 
-/// The places in `new` of its ids, (id, hash, value), in the order of the regions of a table
-/// of `slots` slots their hashes' places fall in (in the order they came within one): put in
-/// in that order, one after the next lands near the one before, where in the order they came
-/// each would miss the cache. Two passes of a counting sort, where a sort by place would
-/// compare each id some sixteen times.
-fn by_region<T, V>(new: &[(T, u64, V)], slots: usize) -> Vec<u32> {
+/// `new`, whose items have hashes `hash`, in the order of the regions of a table of `slots`
+/// slots their hashes' places fall in (in the order they came within one): put in in that
+/// order, one after the next lands near the one before, where in the order they came each
+/// would miss the cache. Two passes of a counting sort, where a sort by place would compare
+/// each id some sixteen times; the items themselves are moved, each to its place in the
+/// result (`fill` holds the places until then), so that neither the sort nor the caller reads
+/// a batch of megabytes out of order.
+fn by_region<T: Clone>(new: Vec<T>, hash: impl Fn(&T) -> u64, slots: usize, fill: T) -> Vec<T> {
     let shift = slots.trailing_zeros().saturating_sub(REGIONS.trailing_zeros());
-    let region = |hash: u64| ((hash & (slots as u64 - 1)) >> shift) as usize;
+    let region = |item: &T| ((hash(item) & (slots as u64 - 1)) >> shift) as usize;
     let mut starts = vec![0u32; REGIONS + 1];
-    for (_, hash, _) in new {
-        starts[region(*hash) + 1] += 1;
+    for item in &new {
+        starts[region(item) + 1] += 1;
     }
     for r in 1..starts.len() {
         starts[r] += starts[r - 1];
     }
-    let mut order = vec![0u32; new.len()];
-    for (at, (_, hash, _)) in new.iter().enumerate() {
-        let next = &mut starts[region(*hash)];
-        order[*next as usize] = at as u32;
+    let mut out = vec![fill; new.len()];
+    for item in new {
+        let next = &mut starts[region(&item)];
+        out[*next as usize] = item;
         *next += 1;
     }
-    order
+    out
 }
 
 pub struct RocksDedup {
@@ -685,16 +686,16 @@ mod tests {
     #[test]
     fn new_ids_are_put_in_by_the_region_of_their_place_and_in_the_order_they_came_within_one() {
         for slots in [16usize, 1 << 10, 1 << 16] {
-            let new: Vec<((), u64, usize)> =
-                (0..5_000u64).map(|i| ((), i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i << 40), i as usize)).collect();
-            let order = by_region(&new, slots);
-            let mut seen = order.clone();
-            seen.sort_unstable();
-            assert!(seen.iter().copied().eq(0..new.len() as u32), "every id once ({slots} slots)");
-            let region = |at: u32| (new[at as usize].1 & (slots as u64 - 1)) * REGIONS as u64 / slots as u64;
-            for pair in order.windows(2) {
-                let (a, b) = (region(pair[0]), region(pair[1]));
-                assert!(a < b || (a == b && pair[0] < pair[1]), "{pair:?} out of order ({slots} slots)");
+            let new: Vec<(u64, u32)> =
+                (0..5_000u64).map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i << 40), i as u32)).collect();
+            let sorted = by_region(new.clone(), |(hash, _)| *hash, slots, (0, u32::MAX));
+            let mut seen: Vec<(u64, u32)> = sorted.clone();
+            seen.sort_unstable_by_key(|(_, at)| *at);
+            assert_eq!(seen, new, "every id once, as it was ({slots} slots)");
+            let region = |hash: u64| (hash & (slots as u64 - 1)) * REGIONS as u64 / slots as u64;
+            for pair in sorted.windows(2) {
+                let ((a, i), (b, j)) = ((region(pair[0].0), pair[0].1), (region(pair[1].0), pair[1].1));
+                assert!(a < b || (a == b && i < j), "{pair:?} out of order ({slots} slots)");
             }
         }
     }
