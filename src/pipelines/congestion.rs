@@ -356,11 +356,11 @@ impl CongestionWindows {
     fn apply(&mut self, env: &CongestionEnv, changes: &[(usize, Traversal, i32)], ctx: &mut Context<'_>) {
         add_to_windows(&mut self.sets, changes);
         let width = env.names.names.len();
-        for &(i, t, delta) in changes {
-            if !self.ranking.add(t.at, t.segment as usize, delta, width, ctx.watermark, ctx.allowed_lateness_ms) {
-                ctx.late.push((i, RANKING_LATE_LABEL));
-            }
-        }
+        let change = |&(_, t, delta): &(usize, Traversal, i32)| (t.at, t.segment as usize, delta);
+        let late = &mut *ctx.late;
+        self.ranking.add_all(changes, change, width, (ctx.watermark, ctx.allowed_lateness_ms), |&(i, _, _)| {
+            late.push((i, RANKING_LATE_LABEL))
+        });
     }
 
     /// Sets segment `segment`'s sums in the window of `window_s` starting at `start` (scale-out:
@@ -419,19 +419,18 @@ impl CongestionWindows {
         watermark: i64,
         out: &mut Vec<AlertRow>,
     ) {
-        let level = |w: i64| -> Option<Option<(u8, f64)>> {
+        // The level of each window from two before `start` to two after, `None` for one not
+        // complete or not kept: each pattern reads three neighbours of them.
+        let levels = [-2, -1, 0, 1, 2].map(|k| {
+            let w = start + k * SUDDEN_WINDOW_MS;
             if !is_complete(w + SUDDEN_WINDOW_MS, watermark) {
                 return None;
             }
-            let window = five.get(&w)?;
-            let s = window.segments.get(&segment).copied().unwrap_or_default();
-            let row = segment_row(&env.city.segments[segment as usize], 300, w, s);
-            Some((s.traversals > 0).then_some((row.congestion_level, row.mean_speed_kmh)))
-        };
-        for first in [start - SUDDEN_WINDOW_MS, start, start + SUDDEN_WINDOW_MS] {
-            let (Some(before), Some(at), Some(after)) =
-                (level(first - SUDDEN_WINDOW_MS), level(first), level(first + SUDDEN_WINDOW_MS))
-            else {
+            let s = five.get(&w)?.segments.get(&segment).copied().unwrap_or_default();
+            Some(segment_level(&env.city.segments[segment as usize], s))
+        });
+        for (k, first) in [start - SUDDEN_WINDOW_MS, start, start + SUDDEN_WINDOW_MS].into_iter().enumerate() {
+            let [Some(before), Some(at), Some(after)] = [levels[k], levels[k + 1], levels[k + 2]] else {
                 continue;
             };
             let holds =
@@ -600,6 +599,15 @@ fn segment_row(segment: &Segment, window_s: u32, start: i64, s: SegmentSums) -> 
         congestion_level: if s.traversals == 0 { 0 } else { congestion_level(segment.road_class, speed) },
         revision: s.updates.saturating_sub(1),
     }
+}
+
+/// A segment's level and mean speed in a window of sums `s`, as its row gives them (`None`
+/// without traversals), without making the row.
+fn segment_level(segment: &Segment, s: SegmentSums) -> Option<(u8, f64)> {
+    (s.traversals > 0).then(|| {
+        let speed = segment.length_m * 3600.0 / (s.dt_ms as f64 / f64::from(s.traversals));
+        (congestion_level(segment.road_class, speed), round2(speed))
+    })
 }
 
 #[derive(Default)]

@@ -251,3 +251,16 @@ fn two_congested_windows_right_after_a_free_one_raise_a_sudden_congestion_alert(
     assert_eq!(retracted.len(), 1, "{retracted:?}");
     assert_eq!((retracted[0].status, retracted[0].revision), ("retracted", 1));
 }
+
+proptest::proptest! {
+    /// The level and mean speed sudden congestion judges by are those of the segment's row.
+    #[test]
+    fn a_segments_level_is_that_of_its_row(traversals in 0u32..50, dt_ms in 1i64..2_000_000, class in 0usize..3) {
+        let class = [RoadClass::Expressway, RoadClass::Arterial, RoadClass::Secondary][class];
+        let s = segment("S", 0, 1, 1234.5, 50.0, class, "R1");
+        let sums = SegmentSums { traversals, dt_ms: dt_ms * i64::from(traversals), updates: traversals };
+        let row = segment_row(&s, 300, 0, sums);
+        let want = (traversals > 0).then_some((row.congestion_level, row.mean_speed_kmh));
+        proptest::prop_assert_eq!(segment_level(&s, sums), want);
+    }
+}

@@ -74,6 +74,36 @@ impl SlidingRanking {
         on_time
     }
 
+    /// As [`SlidingRanking::add`] for each of `items`, in order, `change` giving an item's
+    /// (ts, key, delta): a run of items in one bucket with one delta is added with one look-up
+    /// of the bucket. `late` is called with each item whose first window it missed.
+    pub fn add_all<T>(
+        &mut self,
+        items: &[T],
+        change: impl Fn(&T) -> (i64, usize, i32),
+        width: usize,
+        (watermark, lateness_ms): (i64, i64),
+        mut late: impl FnMut(&T),
+    ) {
+        let mut rest = items;
+        while let Some(first) = rest.first() {
+            let (ts, _, delta) = change(first);
+            let bucket = tumbling_start(ts, SLIDE_MS);
+            let len = rest
+                .iter()
+                .take_while(|item| {
+                    let (at, _, d) = change(item);
+                    d == delta && (bucket..bucket + SLIDE_MS).contains(&at)
+                })
+                .count();
+            let (run, after) = rest.split_at(len);
+            if !self.add_each(ts, run.iter().map(|item| change(item).1), delta, width, watermark, lateness_ms) {
+                run.iter().for_each(&mut late);
+            }
+            rest = after;
+        }
+    }
+
     /// Emits the windows the watermark completes and the corrected ones, then forgets buckets
     /// no open window holds. `names` names the keys.
     pub fn emit(

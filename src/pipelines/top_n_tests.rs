@@ -74,3 +74,37 @@ proptest::proptest! {
         proptest::prop_assert_eq!(keys.rank(&values, n), plain);
     }
 }
+
+proptest::proptest! {
+    /// Adding a batch's changes by runs of one bucket and delta leaves the ranking as adding
+    /// them one at a time does, and finds the same changes late.
+    #[test]
+    fn changes_added_by_runs_are_added_as_one_by_one(
+        changes in proptest::collection::vec((0i64..90_000, 0usize..3, proptest::bool::ANY), 0..60),
+        watermark in 0i64..60_000,
+        then in 60_000i64..200_000,
+    ) {
+        let changes: Vec<(i64, usize, i32)> =
+            changes.into_iter().map(|(ts, key, add)| (ts, key, if add { 1 } else { -1 })).collect();
+        let lateness = 20_000;
+        let (mut by_runs, mut one_by_one) = (SlidingRanking::default(), SlidingRanking::default());
+        // Both first see the same earlier changes and emit, so that later ones mark windows dirty.
+        for r in [&mut by_runs, &mut one_by_one] {
+            r.add(10_000, 1, 1, 3, i64::MIN, lateness);
+            r.emit("m", &RankedKeys::new(vec!["A".into(), "B".into(), "C".into()]), 3, watermark, lateness, &mut Vec::new());
+        }
+        let mut late_by_runs = Vec::new();
+        by_runs.add_all(&changes, |c| *c, 3, (watermark, lateness), |c| late_by_runs.push(*c));
+        let late_one_by_one: Vec<(i64, usize, i32)> = changes
+            .iter()
+            .filter(|&&(ts, key, delta)| !one_by_one.add(ts, key, delta, 3, watermark, lateness))
+            .copied()
+            .collect();
+        proptest::prop_assert_eq!(late_by_runs, late_one_by_one);
+        let keys = RankedKeys::new(vec!["A".into(), "B".into(), "C".into()]);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        by_runs.emit("m", &keys, 3, then, lateness, &mut a);
+        one_by_one.emit("m", &keys, 3, then, lateness, &mut b);
+        proptest::prop_assert_eq!(a, b);
+    }
+}
