@@ -86,12 +86,12 @@ proptest::proptest! {
     ) {
         let changes: Vec<(i64, usize, i32)> =
             changes.into_iter().map(|(ts, key, add)| (ts, key, if add { 1 } else { -1 })).collect();
-        let lateness = 20_000;
+        let (lateness, keys) = (20_000, RankedKeys::new(vec!["A".into(), "B".into(), "C".into()]));
         let (mut by_runs, mut one_by_one) = (SlidingRanking::default(), SlidingRanking::default());
-        // Both first see the same earlier changes and emit, so that later ones mark windows dirty.
+        // Both first see the same earlier change and emit, so that later ones mark windows dirty.
         for r in [&mut by_runs, &mut one_by_one] {
             r.add(10_000, 1, 1, 3, i64::MIN, lateness);
-            r.emit("m", &RankedKeys::new(vec!["A".into(), "B".into(), "C".into()]), 3, watermark, lateness, &mut Vec::new());
+            r.emit("m", &keys, 3, watermark, lateness, &mut Vec::new());
         }
         let mut late_by_runs = Vec::new();
         by_runs.add_all(&changes, |c| *c, 3, (watermark, lateness), |c| late_by_runs.push(*c));
@@ -101,7 +101,6 @@ proptest::proptest! {
             .copied()
             .collect();
         proptest::prop_assert_eq!(late_by_runs, late_one_by_one);
-        let keys = RankedKeys::new(vec!["A".into(), "B".into(), "C".into()]);
         let (mut a, mut b) = (Vec::new(), Vec::new());
         by_runs.emit("m", &keys, 3, then, lateness, &mut a);
         one_by_one.emit("m", &keys, 3, then, lateness, &mut b);
