@@ -583,26 +583,22 @@ pub fn sudden_id(segment_id: &str, first: i64) -> String {
 
 /// The row of one segment's window.
 fn segment_row(segment: &Segment, window_s: u32, start: i64, s: SegmentSums) -> SegmentCongestionRow {
-    let (speed, tti) = if s.traversals == 0 {
-        (0.0, 0.0)
-    } else {
-        let mean_dt = s.dt_ms as f64 / f64::from(s.traversals);
-        (segment.length_m * 3600.0 / mean_dt, mean_dt / segment.free_flow_ms())
-    };
+    let (level, speed) = segment_level(segment, s).unwrap_or((0, 0.0));
+    let tti = if s.traversals == 0 { 0.0 } else { s.dt_ms as f64 / f64::from(s.traversals) / segment.free_flow_ms() };
     SegmentCongestionRow {
         segment_id: segment.id.clone(),
         window_s,
         window_start: start,
         traversals: s.traversals,
-        mean_speed_kmh: round2(speed),
+        mean_speed_kmh: speed,
         travel_time_index: round2(tti),
-        congestion_level: if s.traversals == 0 { 0 } else { congestion_level(segment.road_class, speed) },
+        congestion_level: level,
         revision: s.updates.saturating_sub(1),
     }
 }
 
-/// A segment's level and mean speed in a window of sums `s`, as its row gives them (`None`
-/// without traversals), without making the row.
+/// A segment's level and mean speed (rounded as its row holds it) in a window of sums `s`;
+/// `None` without traversals. Sudden congestion judges by it without making the row.
 fn segment_level(segment: &Segment, s: SegmentSums) -> Option<(u8, f64)> {
     (s.traversals > 0).then(|| {
         let speed = segment.length_m * 3600.0 / (s.dt_ms as f64 / f64::from(s.traversals));
