@@ -284,40 +284,47 @@ impl<'a> Scanner<'a> {
         Some(value)
     }
 
+    /// The run of digits at the scanner: its value (exact up to 19 digits; longer runs are
+    /// refused by the callers) and its length, read in one pass.
+    fn digits(&mut self) -> (u64, usize) {
+        let rest = &self.bytes()[self.at..];
+        let (mut value, mut len) = (0u64, 0);
+        while let Some(digit) = rest.get(len).map(|b| b.wrapping_sub(b'0')).filter(|d| *d < 10) {
+            value = value.wrapping_mul(10).wrapping_add(u64::from(digit));
+            len += 1;
+        }
+        self.at += len;
+        (value, len)
+    }
+
     /// A non-negative number without an exponent: an integer of up to 18 digits, or a decimal of
     /// up to 15 significant digits (its value is then exactly the division `serde_json` does).
     fn number(&mut self) -> Option<Scalar<'a>> {
-        let digits = |s: &mut Scanner<'a>| {
-            let rest = &s.bytes()[s.at..];
-            let len = rest.iter().position(|b| !b.is_ascii_digit()).unwrap_or(rest.len());
-            s.at += len;
-            &rest[..len]
-        };
-        let whole = digits(self);
+        let leading = self.peek();
+        let (whole, whole_len) = self.digits();
         // A leading zero stands alone (`01` is not JSON).
-        if whole.len() > 1 && whole[0] == b'0' {
+        if whole_len > 1 && leading == Some(b'0') {
             return None;
         }
-        let fraction = match self.peek() {
+        let (fraction, fraction_len) = match self.peek() {
             Some(b'.') => {
                 self.at += 1;
-                let fraction = digits(self);
-                (!fraction.is_empty()).then_some(fraction)?
+                let (fraction, len) = self.digits();
+                (len > 0).then_some((fraction, len))?
             }
-            _ => &[][..],
+            _ => (0, 0),
         };
         if matches!(self.peek(), Some(b'e' | b'E')) {
             return None;
         }
-        let value = |digits: &[u8]| digits.iter().fold(0u64, |v, d| v * 10 + u64::from(d - b'0'));
-        if fraction.is_empty() {
-            return (whole.len() <= MAX_INT_DIGITS).then(|| Scalar::Int(value(whole) as i64));
+        if fraction_len == 0 {
+            return (whole_len <= MAX_INT_DIGITS).then_some(Scalar::Int(whole as i64));
         }
-        if whole.len() + fraction.len() > MAX_DIGITS {
+        if whole_len + fraction_len > MAX_DIGITS {
             return None;
         }
-        let significand = value(whole) * 10u64.pow(fraction.len() as u32) + value(fraction);
-        Some(Scalar::Float(significand as f64 / POW10[fraction.len()]))
+        let significand = whole * 10u64.pow(fraction_len as u32) + fraction;
+        Some(Scalar::Float(significand as f64 / POW10[fraction_len]))
     }
 }
 

@@ -5,7 +5,7 @@
 //! and one that a correction removes is marked `retracted`, never deleted. Windows without a
 //! pass count 0.
 
-use crate::core::window::{is_late, tumbling_start};
+use crate::core::window::{is_late, tumbling_start, window_runs};
 use crate::core::{check_version, Context, Operator, StateBlob};
 use crate::model::{stable_id, Pass};
 use crate::reference::City;
@@ -234,18 +234,22 @@ impl Operator for TrafficSurge {
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         let width = self.city.checkpoints.len();
-        for (i, pass) in passes.iter().enumerate() {
-            let w = tumbling_start(pass.ts.ms(), WINDOW_MS);
+        // Runs of one window: its counts looked up once a run, not once a pass.
+        for (first, w, run) in window_runs(passes, WINDOW_MS) {
             if is_late(w + WINDOW_MS, ctx.watermark, ctx.allowed_lateness_ms) {
-                ctx.late.push((i, LATE_LABEL));
+                ctx.late.extend((first..first + run.len()).map(|i| (i, LATE_LABEL)));
                 continue;
             }
-            let cp = pass.checkpoint.0;
-            self.state.counts.entry(w).or_insert_with(|| vec![0; width])[cp as usize] += 1;
+            let counts = self.state.counts.entry(w).or_insert_with(|| vec![0; width]);
+            for pass in run {
+                counts[pass.checkpoint.0 as usize] += 1;
+            }
             self.state.history_from = Some(self.state.history_from.map_or(w, |h| h.min(w)));
             if self.state.next.is_some_and(|next| w < next) {
-                let d = self.state.dirty_from.entry(cp).or_insert(w);
-                *d = (*d).min(w);
+                for pass in run {
+                    let d = self.state.dirty_from.entry(pass.checkpoint.0).or_insert(w);
+                    *d = (*d).min(w);
+                }
             }
         }
     }

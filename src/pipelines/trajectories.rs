@@ -58,6 +58,8 @@ struct Day {
 
 pub struct Trajectories {
     city: Arc<City>,
+    /// Each checkpoint's id as a row holds it (made once, not once a stop written).
+    checkpoint_ids: Vec<Text>,
     days_of: LocalDays,
     days: BTreeMap<NaiveDate, Day>,
     /// The processing time of the last emission (`None`: none since start or restore).
@@ -70,6 +72,7 @@ impl Trajectories {
     pub fn new(city: &Arc<City>, tz: Tz) -> Trajectories {
         Trajectories {
             city: city.clone(),
+            checkpoint_ids: city.checkpoints.iter().map(|c| Text::new(&c.id)).collect(),
             days_of: LocalDays::new(tz),
             days: BTreeMap::new(),
             emitted_at: None,
@@ -80,7 +83,7 @@ impl Trajectories {
     /// Writes every vehicle changed since it was last written.
     fn emit(&mut self, ctx: &mut Context<'_>) {
         for (day, d) in &mut self.days {
-            d.emit(&self.city, day, &mut ctx.out.trajectories);
+            d.emit(&self.checkpoint_ids, day, &mut ctx.out.trajectories);
         }
         self.emitted_at = Some(ctx.processing_now);
     }
@@ -88,7 +91,7 @@ impl Trajectories {
 
 impl Day {
     /// Writes the vehicles changed since they were last written.
-    fn emit(&mut self, city: &City, day: &NaiveDate, out: &mut Vec<TrajectoryRow>) {
+    fn emit(&mut self, checkpoint_ids: &[Text], day: &NaiveDate, out: &mut Vec<TrajectoryRow>) {
         if self.dirty.is_empty() {
             return;
         }
@@ -96,18 +99,18 @@ impl Day {
         for place in self.dirty.drain(..) {
             let track = self.vehicles.value_mut(place);
             track.dirty = false;
-            out.push(trajectory_row(city, &day, self.vehicles.key(place), &self.vehicles.value(place).stops));
+            out.push(trajectory_row(checkpoint_ids, &day, self.vehicles.key(place), &self.vehicles.value(place).stops));
         }
     }
 }
 
-fn trajectory_row(city: &City, day: &Text, vehicle: &VehicleKey, stops: &[Stop]) -> TrajectoryRow {
+fn trajectory_row(checkpoint_ids: &[Text], day: &Text, vehicle: &VehicleKey, stops: &[Stop]) -> TrajectoryRow {
     TrajectoryRow {
         plate: vehicle.plate.text().clone(),
         plate_color: vehicle.color.code(),
         day: day.clone(),
         times: stops.iter().map(|s| s.ts).collect(),
-        checkpoints: stops.iter().map(|s| Text::new(&city.checkpoints[s.cp as usize].id)).collect(),
+        checkpoints: stops.iter().map(|s| checkpoint_ids[s.cp as usize].clone()).collect(),
         revision: stops.len().saturating_sub(1) as u32,
     }
 }
@@ -153,11 +156,11 @@ impl Operator for Trajectories {
             self.emit(ctx);
         }
         let (watermark, lateness) = (ctx.watermark, ctx.allowed_lateness_ms);
-        let (city, out) = (&self.city, &mut ctx.out.trajectories);
+        let (checkpoint_ids, out) = (&self.checkpoint_ids, &mut ctx.out.trajectories);
         self.days.retain(|day, d| {
             let closed = is_late(d.end, watermark, lateness);
             if closed {
-                d.emit(city, day, out);
+                d.emit(checkpoint_ids, day, out);
             }
             !closed
         });
