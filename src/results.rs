@@ -303,6 +303,8 @@ impl ResultBatch {
         self.len() == 0
     }
 
+    /// Moves `other`'s rows to the end of this batch's (a table this batch has no rows of
+    /// takes `other`'s list whole, without copying its rows).
     pub fn append(&mut self, other: &mut ResultBatch) {
         let ResultBatch {
             flow_counts,
@@ -323,23 +325,32 @@ impl ResultBatch {
             top_n_buckets,
             segment_sums,
         } = other;
-        self.flow_counts.append(flow_counts);
-        self.origin_counts.append(origin_counts);
-        self.top_n.append(top_n);
-        self.high_frequency.append(high_frequency);
-        self.checkpoint_speed.append(checkpoint_speed);
-        self.segment_congestion.append(segment_congestion);
-        self.area_congestion.append(area_congestion);
-        self.alerts.append(alerts);
-        self.trajectories.append(trajectories);
-        self.restriction_violations.append(restriction_violations);
-        self.restriction_summary.append(restriction_summary);
-        self.first_entry.append(first_entry);
-        self.late_passes.append(late_passes);
-        self.dead_letters.append(dead_letters);
-        self.clean_passes.append(clean_passes);
-        self.top_n_buckets.append(top_n_buckets);
-        self.segment_sums.append(segment_sums);
+        move_rows(&mut self.flow_counts, flow_counts);
+        move_rows(&mut self.origin_counts, origin_counts);
+        move_rows(&mut self.top_n, top_n);
+        move_rows(&mut self.high_frequency, high_frequency);
+        move_rows(&mut self.checkpoint_speed, checkpoint_speed);
+        move_rows(&mut self.segment_congestion, segment_congestion);
+        move_rows(&mut self.area_congestion, area_congestion);
+        move_rows(&mut self.alerts, alerts);
+        move_rows(&mut self.trajectories, trajectories);
+        move_rows(&mut self.restriction_violations, restriction_violations);
+        move_rows(&mut self.restriction_summary, restriction_summary);
+        move_rows(&mut self.first_entry, first_entry);
+        move_rows(&mut self.late_passes, late_passes);
+        move_rows(&mut self.dead_letters, dead_letters);
+        move_rows(&mut self.clean_passes, clean_passes);
+        move_rows(&mut self.top_n_buckets, top_n_buckets);
+        move_rows(&mut self.segment_sums, segment_sums);
+    }
+}
+
+/// `from`'s rows moved to the end of `into`'s, `from` left empty.
+fn move_rows<T>(into: &mut Vec<T>, from: &mut Vec<T>) {
+    if into.is_empty() {
+        std::mem::swap(into, from);
+    } else {
+        into.append(from);
     }
 }
 
@@ -373,5 +384,24 @@ mod tests {
         });
         b.append(&mut c);
         assert_eq!((b.len(), c.len()), (2, 0));
+    }
+
+    #[test]
+    fn appended_rows_follow_the_rows_held_whether_their_table_had_any_or_not() {
+        let bucket = |key: &str| TopNBucketRow {
+            metric: "checkpoint_flow",
+            key_id: key.into(),
+            bucket_start: 0,
+            count: 1,
+            updates: 1,
+        };
+        let keys = |b: &ResultBatch| b.top_n_buckets.iter().map(|r| r.key_id.to_string()).collect::<Vec<_>>();
+        let (mut held, mut more) = (ResultBatch::default(), ResultBatch::default());
+        more.top_n_buckets.extend([bucket("A"), bucket("B")]);
+        held.append(&mut more);
+        assert_eq!((keys(&held), more.len()), (vec!["A".to_owned(), "B".to_owned()], 0));
+        more.top_n_buckets.push(bucket("C"));
+        held.append(&mut more);
+        assert_eq!((keys(&held), more.len()), (vec!["A".to_owned(), "B".to_owned(), "C".to_owned()], 0));
     }
 }

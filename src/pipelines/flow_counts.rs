@@ -163,6 +163,9 @@ impl FlowCounts {
 
     fn emit(&self, size_ms: i64, start: i64, w: &mut Window, out: &mut Vec<FlowCountRow>) {
         let window_s = (size_ms / 1000) as u32;
+        // Room made for every row at once (grown as they come, the list is copied each time
+        // it doubles).
+        out.reserve(if w.emitted { w.dirty.len() } else { w.counts.iter().filter(|n| **n > 0).count() });
         let mut row = |slot: u32, w: &mut Window| {
             let s = slot as usize;
             let (level, key_id) = &self.keys.keys[s];
