@@ -618,7 +618,7 @@ fn the_scale_out_stages_give_the_single_engines_results() {
 /// Seeds that once failed, checked on every run.
 #[test]
 fn known_hard_seeds_converge() {
-    for seed in [8070631050882296324u64, 10823530687630801562] {
+    for seed in [8070631050882296324u64, 10823530687630801562, 2859374491044953778] {
         converges(seed).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     }
 }

@@ -29,6 +29,9 @@ const RANKING_LATE_LABEL: &str = "top_n_segments/1m";
 pub const SEGMENT_METRIC: &str = "segment_flow";
 pub const SUDDEN_CONGESTION: &str = "sudden_congestion";
 const SUDDEN_WINDOW_MS: i64 = 300_000;
+/// A 5 min window is let go this many windows after its start, plus the allowed lateness: a
+/// change to either of the two windows after it judges a sudden-congestion pattern that reads it.
+const SUDDEN_KEPT_WINDOWS: i64 = 3;
 /// A traversal takes at most this many free-flow times.
 const FREE_FLOW_FACTOR: f64 = 6.0;
 /// How often (event time) tracks of vehicles gone quiet are swept out. A vehicle's passes
@@ -484,11 +487,17 @@ impl CongestionWindows {
         }
         for (set, size_s) in sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
             let size_ms = i64::from(size_s) * 1000;
-            set.retain(|start, _| !is_late(start + size_ms, watermark, lateness_ms));
+            // A 5 min window is kept, unchanged, two windows past its lateness: sudden
+            // congestion judges a change by the two windows before it, as the batch does.
+            let kept_ms = if size_ms == SUDDEN_WINDOW_MS { SUDDEN_KEPT_WINDOWS * size_ms } else { size_ms };
+            set.retain(|start, _| !is_late(start + kept_ms, watermark, lateness_ms));
         }
-        let oldest = sets[five].keys().next().copied().unwrap_or(i64::MAX);
-        self.sudden.retain(|(_, first), _| *first + SUDDEN_WINDOW_MS >= oldest);
-        self.rejudge.retain(|(_, first)| *first + SUDDEN_WINDOW_MS >= oldest);
+        // A pattern is forgotten once its last window is let go: by the watermark, not by the
+        // oldest window held (a restored state may hold none yet, and the alerts it adopted
+        // would be forgotten before their windows come again).
+        let let_go = watermark.saturating_sub(lateness_ms).saturating_sub(SUDDEN_KEPT_WINDOWS * SUDDEN_WINDOW_MS);
+        self.sudden.retain(|(_, first), _| *first + SUDDEN_WINDOW_MS > let_go);
+        self.rejudge.retain(|(_, first)| *first + SUDDEN_WINDOW_MS > let_go);
         self.sets = sets;
         self.ranking.emit(SEGMENT_METRIC, &env.names, env.top_n, watermark, lateness_ms, &mut out.top_n);
     }

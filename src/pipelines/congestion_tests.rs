@@ -252,6 +252,40 @@ fn two_congested_windows_right_after_a_free_one_raise_a_sudden_congestion_alert(
     assert_eq!((retracted[0].status, retracted[0].revision), ("retracted", 1));
 }
 
+/// Runs `passes` then a watermark at `then` through `op`: its sudden-congestion alerts.
+fn sudden_alerts(op: &mut Congestion, passes: &[Pass], then: i64) -> Vec<AlertRow> {
+    let (mut out, mut late) = (ResultBatch::default(), Vec::new());
+    let mut ctx = support::context(i64::MIN, 3_600_000, &mut out, &mut late);
+    op.process_batch(passes, &mut ctx);
+    ctx.watermark = then;
+    op.on_watermark(&mut ctx);
+    out.alerts.into_iter().filter(|a| a.kind == SUDDEN_CONGESTION).collect()
+}
+
+#[test]
+fn an_adopted_sudden_congestion_is_raised_again_above_its_revision_by_a_state_that_held_no_window_yet() {
+    let city = city();
+    // Window 0 free on AB, windows 1 and 2 congested (as in the test above).
+    let passes = [
+        pass("赣A1", 0, 100_000),
+        pass("赣A1", 1, 160_000),
+        pass("赣A2", 0, 100_000),
+        pass("赣A2", 1, 400_000),
+        pass("赣A3", 0, 350_000),
+        pass("赣A3", 1, 650_000),
+    ];
+    let mut stored = sudden_alerts(&mut Congestion::new(&city, 10), &passes, 2_000_000).remove(0);
+    // The store holds it retracted at revision 1 (raised and retracted before a crash).
+    (stored.status, stored.revision) = ("retracted", 1);
+    let mut restored = Congestion::new(&city, 10);
+    restored.adopt_alerts(std::slice::from_ref(&stored));
+    // A first watermark comes before any window is held.
+    assert!(sudden_alerts(&mut restored, &[], 50_000).is_empty());
+    let again = sudden_alerts(&mut restored, &passes, 2_000_000);
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!((&again[0].alert_id, again[0].status, again[0].revision), (&stored.alert_id, "active", 2));
+}
+
 proptest::proptest! {
     /// The level and mean speed sudden congestion judges by are those of the segment's row.
     #[test]
