@@ -211,11 +211,9 @@ fn collect(
     }
 }
 
-#[test]
-fn two_congested_windows_right_after_a_free_one_raise_a_sudden_congestion_alert() {
-    let city = city();
-    let mut op = Congestion::new(&city, 10);
-    let passes = [
+/// AB free in 5 min window 0 and congested in windows 1 and 2.
+fn free_then_congested() -> [Pass; 6] {
+    [
         // 5 min window 0: AB at 60 km/h (level 1).
         pass("赣A1", 0, 100_000),
         pass("赣A1", 1, 160_000),
@@ -224,13 +222,25 @@ fn two_congested_windows_right_after_a_free_one_raise_a_sudden_congestion_alert(
         pass("赣A2", 1, 400_000),
         pass("赣A3", 0, 350_000),
         pass("赣A3", 1, 650_000),
-    ];
+    ]
+}
+
+/// Runs `passes` then a watermark at `then` through `op`: its sudden-congestion alerts.
+fn sudden_alerts(op: &mut Congestion, passes: &[Pass], then: i64) -> Vec<AlertRow> {
     let (mut out, mut late) = (ResultBatch::default(), Vec::new());
     let mut ctx = support::context(i64::MIN, 3_600_000, &mut out, &mut late);
-    op.process_batch(&passes, &mut ctx);
-    ctx.watermark = 2_000_000;
+    op.process_batch(passes, &mut ctx);
+    ctx.watermark = then;
     op.on_watermark(&mut ctx);
-    let alerts: Vec<&AlertRow> = out.alerts.iter().filter(|a| a.kind == SUDDEN_CONGESTION).collect();
+    out.alerts.into_iter().filter(|a| a.kind == SUDDEN_CONGESTION).collect()
+}
+
+#[test]
+fn two_congested_windows_right_after_a_free_one_raise_a_sudden_congestion_alert() {
+    let city = city();
+    let mut op = Congestion::new(&city, 10);
+    let passes = free_then_congested();
+    let alerts = sudden_alerts(&mut op, &passes, 2_000_000);
     assert_eq!(alerts.len(), 1, "{alerts:?}");
     assert_eq!((alerts[0].alert_id.clone(), alerts[0].status), (sudden_id("AB", 300_000), "active"));
     let details: serde_json::Value = serde_json::from_str(&alerts[0].details).unwrap();
@@ -252,28 +262,10 @@ fn two_congested_windows_right_after_a_free_one_raise_a_sudden_congestion_alert(
     assert_eq!((retracted[0].status, retracted[0].revision), ("retracted", 1));
 }
 
-/// Runs `passes` then a watermark at `then` through `op`: its sudden-congestion alerts.
-fn sudden_alerts(op: &mut Congestion, passes: &[Pass], then: i64) -> Vec<AlertRow> {
-    let (mut out, mut late) = (ResultBatch::default(), Vec::new());
-    let mut ctx = support::context(i64::MIN, 3_600_000, &mut out, &mut late);
-    op.process_batch(passes, &mut ctx);
-    ctx.watermark = then;
-    op.on_watermark(&mut ctx);
-    out.alerts.into_iter().filter(|a| a.kind == SUDDEN_CONGESTION).collect()
-}
-
 #[test]
 fn an_adopted_sudden_congestion_is_raised_again_above_its_revision_by_a_state_that_held_no_window_yet() {
     let city = city();
-    // Window 0 free on AB, windows 1 and 2 congested (as in the test above).
-    let passes = [
-        pass("赣A1", 0, 100_000),
-        pass("赣A1", 1, 160_000),
-        pass("赣A2", 0, 100_000),
-        pass("赣A2", 1, 400_000),
-        pass("赣A3", 0, 350_000),
-        pass("赣A3", 1, 650_000),
-    ];
+    let passes = free_then_congested();
     let mut stored = sudden_alerts(&mut Congestion::new(&city, 10), &passes, 2_000_000).remove(0);
     // The store holds it retracted at revision 1 (raised and retracted before a crash).
     (stored.status, stored.revision) = ("retracted", 1);
