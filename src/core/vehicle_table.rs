@@ -43,17 +43,9 @@ impl<V> Default for VehicleTable<V> {
 
 fn hash_of((plate, color): VehicleRef<'_>) -> u64 {
     let mut h = rustc_hash::FxHasher::default();
-    match plate.text().inline_buffer() {
-        // A plate held inline is zero-padded: its three words, read at fixed places, hash as
-        // its bytes would (equal plates, equal words) without a loop over its length.
-        Some(bytes) => {
-            let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("eight bytes"));
-            let tail = u64::from(u32::from_le_bytes(bytes[16..20].try_into().expect("four bytes")))
-                | u64::from(u16::from_le_bytes(bytes[20..22].try_into().expect("two bytes"))) << 32;
-            h.write_u64(word(0));
-            h.write_u64(word(8));
-            h.write_u64(tail);
-        }
+    // A plate held inline hashes as its three words (equal plates, equal words).
+    match plate.text().inline_words() {
+        Some(words) => words.iter().for_each(|w| h.write_u64(*w)),
         None => h.write(plate.text().as_bytes()),
     }
     h.write_u8(color.code());

@@ -45,6 +45,18 @@ impl Text {
         }
     }
 
+    /// [`Text::inline_buffer`] as three little-endian words (the last holds bytes 16..22):
+    /// equal texts held inline have equal words, read at fixed places without a loop over
+    /// their length.
+    pub(crate) fn inline_words(&self) -> Option<[u64; 3]> {
+        self.inline_buffer().map(|bytes| {
+            let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("eight bytes"));
+            let tail = u64::from(u32::from_le_bytes(bytes[16..20].try_into().expect("four bytes")))
+                | u64::from(u16::from_le_bytes(bytes[20..22].try_into().expect("two bytes"))) << 32;
+            [word(0), word(8), tail]
+        })
+    }
+
     pub fn as_str(&self) -> &str {
         match &self.0 {
             // SAFETY: inline bytes are only ever written by `Text::new`, which copies a whole

@@ -485,19 +485,22 @@ impl CongestionWindows {
             self.rejudge.remove(&(segment, first));
             self.judge_sudden(env, &sets[five], segment, first, watermark, &mut out.alerts);
         }
+        // A 5 min window is kept, unchanged, two windows past its lateness: sudden congestion
+        // judges a change by the two windows before it, as the batch does.
+        let let_go = |start: i64, size_ms: i64| {
+            let kept_ms = if size_ms == SUDDEN_WINDOW_MS { SUDDEN_KEPT_WINDOWS * size_ms } else { size_ms };
+            is_late(start + kept_ms, watermark, lateness_ms)
+        };
         for (set, size_s) in sets.iter_mut().zip(CONGESTION_WINDOWS_S) {
             let size_ms = i64::from(size_s) * 1000;
-            // A 5 min window is kept, unchanged, two windows past its lateness: sudden
-            // congestion judges a change by the two windows before it, as the batch does.
-            let kept_ms = if size_ms == SUDDEN_WINDOW_MS { SUDDEN_KEPT_WINDOWS * size_ms } else { size_ms };
-            set.retain(|start, _| !is_late(start + kept_ms, watermark, lateness_ms));
+            set.retain(|start, _| !let_go(*start, size_ms));
         }
         // A pattern is forgotten once its last window is let go: by the watermark, not by the
         // oldest window held (a restored state may hold none yet, and the alerts it adopted
         // would be forgotten before their windows come again).
-        let let_go = watermark.saturating_sub(lateness_ms).saturating_sub(SUDDEN_KEPT_WINDOWS * SUDDEN_WINDOW_MS);
-        self.sudden.retain(|(_, first), _| *first + SUDDEN_WINDOW_MS > let_go);
-        self.rejudge.retain(|(_, first)| *first + SUDDEN_WINDOW_MS > let_go);
+        let last_let_go = |first: i64| let_go(first + SUDDEN_WINDOW_MS, SUDDEN_WINDOW_MS);
+        self.sudden.retain(|(_, first), _| !last_let_go(*first));
+        self.rejudge.retain(|(_, first)| !last_let_go(*first));
         self.sets = sets;
         self.ranking.emit(SEGMENT_METRIC, &env.names, env.top_n, watermark, lateness_ms, &mut out.top_n);
     }
