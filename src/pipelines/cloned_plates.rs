@@ -15,6 +15,7 @@ use crate::reference::{haversine_m, City};
 use crate::results::AlertRow;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -291,7 +292,8 @@ pub struct ClonedPlates {
     raised: BTreeMap<String, Raised>,
     /// Passes further apart in time than this never conflict.
     span_ms: i64,
-    seen: VehicleTable<Vec<Mark>>,
+    /// A vehicle's passes within the span behind the horizon: a few, held in the table's entry.
+    seen: VehicleTable<SmallVec<[Mark; 4]>>,
     slab: Slab,
     /// The partners of the pass being judged (kept to reuse its allocation).
     partners: Vec<Seen>,
@@ -381,7 +383,7 @@ impl Operator for ClonedPlates {
             taken.push(i);
             vehicles.push(vehicle);
         }
-        let places = self.seen.resolve(&vehicles, Vec::new);
+        let places = self.seen.resolve(&vehicles, SmallVec::new);
         for (j, (&i, &place)) in taken.iter().zip(&places).enumerate() {
             // A list is searched from its middle and cut at its start: both its ends are asked for.
             self.seen.prefetch_ahead_with(&places, j, |list| list.first());

@@ -19,6 +19,7 @@ use crate::results::ResultBatch;
 use crate::results::{AlertRow, AreaCongestionRow, SegmentCongestionRow, SegmentSumsRow};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -153,7 +154,9 @@ struct Tracks {
 /// gone quiet without reading every vehicle's passes.
 struct Track {
     newest: i64,
-    points: Vec<Point>,
+    /// A vehicle holds a few points at once (the horizon is minutes long): they lie in the
+    /// table's entry, where growing a list from nothing cost an allocation and two copies.
+    points: SmallVec<[Point; 4]>,
 }
 
 impl Default for Track {
@@ -164,7 +167,7 @@ impl Default for Track {
 
 impl Track {
     fn of(points: Vec<Point>) -> Track {
-        Track { newest: points.last().map_or(i64::MIN, |p| p.ts), points }
+        Track { newest: points.last().map_or(i64::MIN, |p| p.ts), points: SmallVec::from_vec(points) }
     }
 }
 
@@ -701,7 +704,9 @@ impl Operator for Congestion {
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
         // Written straight from the maps, in the shape of `Stored`.
         let stored = StoredRef {
-            tracks: SeqOf::new(self.tracks.tracks.iter().map(|(v, t)| (v.plate.as_str(), v.color.code(), &t.points))),
+            tracks: SeqOf::new(
+                self.tracks.tracks.iter().map(|(v, t)| (v.plate.as_str(), v.color.code(), &t.points[..])),
+            ),
             sets: &self.windows.sets,
             ranking: &self.windows.ranking,
             sudden: SeqOf::new(self.windows.sudden.iter()),
@@ -813,7 +818,7 @@ impl Operator for CongestionPartial {
 
     fn snapshot(&self) -> anyhow::Result<StateBlob> {
         let tracks =
-            self.tracks.tracks.iter().map(|(v, t)| (v.plate.as_str().to_owned(), v.color.code(), t.points.clone()));
+            self.tracks.tracks.iter().map(|(v, t)| (v.plate.as_str().to_owned(), v.color.code(), t.points.to_vec()));
         let stored = PartialStored { tracks: tracks.collect(), sets: self.sets.clone(), buckets: self.buckets.clone() };
         StateBlob::encode(STATE_VERSION, &stored, &AtomicUsize::new(0))
     }

@@ -12,6 +12,7 @@ use chrono::NaiveDate;
 use chrono_tz::Tz;
 use rustc_hash::FxHashSet;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -46,8 +47,9 @@ struct Day {
     end: i64,
     /// Each vehicle's tally at each checkpoint it passed, by checkpoint index: one entry per
     /// vehicle (a city-day has some ten times fewer vehicles than vehicle-checkpoint pairs,
-    /// and a vehicle passes a few checkpoints), so a pass probes a much smaller table.
-    tallies: VehicleTable<Vec<Count>>,
+    /// and a vehicle passes a few checkpoints), so a pass probes a much smaller table. The
+    /// first few lie in the table's entry, without an allocation.
+    tallies: VehicleTable<SmallVec<[Count; 4]>>,
     /// Entries at or over the threshold changed since they were last written: (checkpoint,
     /// the vehicle's place in `tallies`; a day's vehicles keep their places).
     dirty: FxHashSet<(u32, u32)>,
@@ -101,7 +103,7 @@ impl HighFrequency {
         });
         let vehicles: Vec<_> =
             run.iter().map(|i| passes[*i].vehicle_ref().expect("a day's run holds known vehicles only")).collect();
-        let places = d.tallies.resolve(&vehicles, Vec::new);
+        let places = d.tallies.resolve(&vehicles, SmallVec::new);
         for (j, (&i, &place)) in run.iter().zip(&places).enumerate() {
             d.tallies.prefetch_ahead_with(&places, j, |counts| counts.first());
             let (checkpoint, ts) = (passes[i].checkpoint.0, passes[i].ts.ms());
@@ -184,7 +186,7 @@ impl Operator for HighFrequency {
                         (c.checkpoint, v.plate.as_str(), v.color.code(), d.stored(c), dirty)
                     })
                 }),
-                d.tallies.values().map(Vec::len).sum(),
+                d.tallies.values().map(|at| at.len()).sum(),
             ),
         });
         StateBlob::encode(STATE_VERSION, &SeqOf::new(days), &self.snapshot_len)
@@ -207,7 +209,7 @@ impl Operator for HighFrequency {
                 let (Some(first), Some(last)) = (at(tally.first_ts), at(tally.last_ts)) else {
                     anyhow::bail!("high_frequency state holds a pass outside its day {}", s.day);
                 };
-                let place = d.tallies.place_or_insert_with((&vehicle.plate, vehicle.color), Vec::new);
+                let place = d.tallies.place_or_insert_with((&vehicle.plate, vehicle.color), SmallVec::new);
                 d.tallies.value_mut(place).push(Count { checkpoint: cp, passes: tally.passes, first, last });
                 if dirty {
                     d.dirty.insert((cp, place));
