@@ -545,6 +545,28 @@ async fn two_and_three_instances_in_one_group_give_the_tables_of_one() {
     }
 }
 
+/// A bounded scale-out run with more instances than input partitions: the instance given no
+/// partition of the input (it may run the aggregate stage or a merge task) ends as well, once
+/// every stage has finished, and the tables are those of one instance.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_given_no_input_partition_ends_with_the_others() {
+    let day = small_day();
+    let work = tempfile::tempdir().unwrap();
+    let want = replayed_tables(work.path()).await;
+    let (_broker, brokers) = Tansu::start();
+    let dir = work.path().join("spare");
+    let config = scale_out_config(&dir, &brokers, "spare");
+    create(&brokers, &[("passes-spare", 1), ("repartition-spare", 1), ("partials-spare", 2)]).await;
+    produce_day_paced(brokers.clone(), "passes-spare".into(), day.join("passes.jsonl"), None).await;
+    std::fs::create_dir_all(&dir).unwrap();
+    let children: Vec<std::process::Child> =
+        (0..2).map(|i| start_instance(&config, free_port(), &dir.join(format!("instance-{i}.toml")))).collect();
+    for (i, child) in children.into_iter().enumerate() {
+        wait_success(child, &format!("instance {i} of 2 on one input partition")).await;
+    }
+    check_tables(&config, &want).await;
+}
+
 /// Scale-out with a state topic: two instances without a shared `state.dir` (as on two
 /// machines). The first is killed mid-stream and started again on an empty `state.dir` (a new
 /// machine): its partitions (and perhaps the aggregate stage) go to the second, which takes

@@ -43,8 +43,8 @@
 //! read to the end, checkpoints there and sends an end marker on both internal topics; the
 //! aggregate stage and each merge task close every window once they have every input
 //! partition's marker, and leave `state.dir/aggregate.finished` (`merge-N.finished`). Each
-//! instance stops once its partitions are read and every merge task and the aggregate stage
-//! have finished.
+//! instance stops once its partitions are read (or the group gave it none) and every merge
+//! task and the aggregate stage have finished.
 
 use super::replay::{adopt_stored_alerts, build_engine, stored_alerts};
 use super::run::{observe_kafka, observe_partition_watermarks, observe_watermarks, wall_ms, IDLE_POLL};
@@ -533,7 +533,9 @@ pub async fn pipeline(
             let _ = reply
                 .send(Err("savepoints are not available in scale-out mode (each partition has its own state)".into()));
         }
-        let stage_one_done = !tasks.is_empty() && tasks.values().all(|t| t.ended);
+        // An instance the group gave no input partition (more instances than partitions) has
+        // no stage one of its own: it ends once the stages it may run have finished.
+        let stage_one_done = if tasks.is_empty() { input.given_nothing() } else { tasks.values().all(|t| t.ended) };
         if bounded
             && stage_one_done
             && stages_finished(&shared, merge_partitions, &mut producers.states, &mut finish_checked)?

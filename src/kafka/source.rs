@@ -120,6 +120,8 @@ pub struct KafkaSource {
     last_error_log: Option<Instant>,
     /// Partitions may go to another consumer of the group (scale-out).
     moves: bool,
+    /// The group has given this consumer an assignment (perhaps of no partition).
+    joined: bool,
     /// Keep each message's key and headers.
     headers: bool,
 }
@@ -205,6 +207,7 @@ impl KafkaSource {
             last_contact: None,
             last_error_log: None,
             moves: false,
+            joined: false,
             headers: false,
         })
     }
@@ -292,6 +295,7 @@ impl KafkaSource {
                     }
                 }
                 GroupEvent::Assigned(partitions) => {
+                    self.joined = true;
                     let lost: Vec<i32> = self.revoked.iter().filter(|p| !partitions.contains(p)).copied().collect();
                     anyhow::ensure!(
                         lost.is_empty(),
@@ -418,6 +422,12 @@ impl KafkaSource {
             return false;
         }
         self.at_end_since.get_or_insert_with(Instant::now).elapsed() >= END_QUIET
+    }
+
+    /// The group has given this consumer no partition (in a group with more consumers than
+    /// the topic has partitions): in a bounded run, it has nothing of its own to read.
+    pub fn given_nothing(&self) -> bool {
+        self.joined && self.assigned.is_empty() && self.revoked.is_empty()
     }
 
     /// Stops (or restarts) fetching while the pipeline behind is full.
