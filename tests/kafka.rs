@@ -556,8 +556,9 @@ async fn an_instance_given_no_input_partition_ends_with_the_others() {
     let (_broker, brokers) = Tansu::start();
     let dir = work.path().join("spare");
     let config = scale_out_config(&dir, &brokers, "spare");
-    create(&brokers, &[("passes-spare", 1), ("repartition-spare", 1), ("partials-spare", 2)]).await;
-    produce_day_paced(brokers.clone(), "passes-spare".into(), day.join("passes.jsonl"), None).await;
+    let (input, scale_out) = (&config.kafka.input.topic, &config.kafka.scale_out);
+    create(&brokers, &[(input.as_str(), 1), (&scale_out.repartition_topic, 1), (&scale_out.partials_topic, 2)]).await;
+    produce_day_paced(brokers.clone(), input.clone(), day.join("passes.jsonl"), None).await;
     std::fs::create_dir_all(&dir).unwrap();
     let children: Vec<std::process::Child> =
         (0..2).map(|i| start_instance(&config, free_port(), &dir.join(format!("instance-{i}.toml")))).collect();
