@@ -428,8 +428,10 @@ impl Tansu {
     }
 }
 
-/// A `passflow run` process on `config` with its API on `api_port`.
-fn start_instance(config: &Config, api_port: u16, file: &Path) -> std::process::Child {
+/// A `passflow run` process: an instance on `config`, its API on a free port picked as it starts (one picked earlier may
+/// be taken meanwhile by a process of another test): (the instance, its API port).
+fn start_instance(config: &Config, file: &Path) -> (std::process::Child, u16) {
+    let api_port = free_port();
     let mut config = config.clone();
     config.api.listen = format!("127.0.0.1:{api_port}");
     std::fs::write(file, toml::to_string(&config).unwrap()).unwrap();
@@ -437,20 +439,21 @@ fn start_instance(config: &Config, api_port: u16, file: &Path) -> std::process::
     let stderr = match std::env::var("PASSFLOW_TEST_LOGS") {
         Ok(dir) => {
             let name = format!("{}-{api_port}.log", file.file_stem().unwrap().to_string_lossy());
-            // Appended: an instance started again on the same port keeps its first run's log.
+            // Appended: a later run given the same port by chance keeps the earlier one's log.
             let log = std::fs::OpenOptions::new().create(true).append(true).open(Path::new(&dir).join(name));
             std::process::Stdio::from(log.unwrap())
         }
         Err(_) => std::process::Stdio::piped(),
     };
-    crate::support::passflow()
+    let child = crate::support::passflow()
         .arg("--config")
         .arg(file)
         .arg("run")
         .stdout(std::process::Stdio::null())
         .stderr(stderr)
         .spawn()
-        .unwrap()
+        .unwrap();
+    (child, api_port)
 }
 
 /// Waits for a bounded run to end well (its stderr in the failure message otherwise); returns
@@ -518,23 +521,23 @@ async fn two_and_three_instances_in_one_group_give_the_tables_of_one() {
                 None
             }
         };
-        let ports: Vec<u16> = (0..instances).map(|_| free_port()).collect();
         let file = |i: usize| dir.join(format!("instance-{i}.toml"));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut children: Vec<std::process::Child> =
-            (0..2).map(|i| start_instance(&config, ports[i], &file(i))).collect();
+        let (mut children, ports): (Vec<std::process::Child>, Vec<u16>) =
+            (0..2).map(|i| start_instance(&config, &file(i))).unzip();
         if let Some(producing) = producing {
             // A third instance joins once the first two are reading; then the first is killed
             // and started again: its partitions (and perhaps the aggregate stage) move twice,
             // while the day is still being produced.
             wait_for_records(ports[0], &mut children[0]).await;
-            children.push(start_instance(&config, ports[2], &file(2)));
-            wait_for_records(ports[2], &mut children[2]).await;
+            let (third, third_port) = start_instance(&config, &file(2));
+            children.push(third);
+            wait_for_records(third_port, &mut children[2]).await;
             assert!(!producing.is_finished(), "the day was produced to its end before the third instance read");
             let mut first = children.remove(0);
             first.kill().unwrap();
             let _ = first.wait();
-            children.insert(0, start_instance(&config, ports[0], &file(0)));
+            children.insert(0, start_instance(&config, &file(0)).0);
             assert!(!producing.is_finished(), "the day was produced to its end before the first instance restarted");
             producing.await.unwrap();
         }
@@ -561,7 +564,7 @@ async fn an_instance_given_no_input_partition_ends_with_the_others() {
     produce_day_paced(brokers.clone(), input.clone(), day.join("passes.jsonl"), None).await;
     std::fs::create_dir_all(&dir).unwrap();
     let children: Vec<std::process::Child> =
-        (0..2).map(|i| start_instance(&config, free_port(), &dir.join(format!("instance-{i}.toml")))).collect();
+        (0..2).map(|i| start_instance(&config, &dir.join(format!("instance-{i}.toml"))).0).collect();
     for (i, child) in children.into_iter().enumerate() {
         wait_success(child, &format!("instance {i} of 2 on one input partition")).await;
     }
@@ -591,11 +594,12 @@ async fn instances_on_separate_state_dirs_move_partition_state_through_the_state
         config.state.dir = dir.join(format!("state-{i}"));
         config
     };
-    let ports = [free_port(), free_port()];
     let file = |i: usize| dir.join(format!("instance-{i}.toml"));
-    let mut first = start_instance(&machine(0), ports[0], &file(0));
-    let second = start_instance(&machine(1), ports[1], &file(1));
-    wait_for_records(ports[0], &mut first).await;
+    let (mut first, first_port) = start_instance(&machine(0), &file(0));
+    let (second, second_port) = start_instance(&machine(1), &file(1));
+    // (instance, API port) of every run, for the logs kept.
+    let mut runs = vec![(0, first_port), (1, second_port)];
+    wait_for_records(first_port, &mut first).await;
     // Killed once every partition's state has been published twice (so the first instance's
     // are, whichever it holds, and after it had read records: the first may come before),
     // while records are still to come. The day is read in about a second, so both instances
@@ -615,7 +619,7 @@ async fn instances_on_separate_state_dirs_move_partition_state_through_the_state
         assert!(std::time::Instant::now() < deadline, "no state published within 120 s");
         signal(killed, "-CONT");
         signal(held, "-CONT");
-        read = received(ports[0]).await.unwrap_or(0) + received(ports[1]).await.unwrap_or(0);
+        read = received(first_port).await.unwrap_or(0) + received(second_port).await.unwrap_or(0);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The second is held from here until the first is back (so that it cannot read the day
@@ -626,9 +630,10 @@ async fn instances_on_separate_state_dirs_move_partition_state_through_the_state
     first.kill().unwrap();
     let _ = first.wait();
     std::fs::remove_dir_all(dir.join("state-0")).unwrap();
-    let mut first = start_instance(&machine(0), ports[0], &file(0));
+    let (mut first, first_port) = start_instance(&machine(0), &file(0));
+    runs.push((0, first_port));
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    while received(ports[0]).await.unwrap_or(0) == 0 && first.try_wait().unwrap().is_none() {
+    while received(first_port).await.unwrap_or(0) == 0 && first.try_wait().unwrap().is_none() {
         assert!(std::time::Instant::now() < deadline, "the restarted instance read no record within 180 s");
         signal(held, "-CONT");
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -639,7 +644,7 @@ async fn instances_on_separate_state_dirs_move_partition_state_through_the_state
     let mut logs = wait_success(first, "the restarted first instance").await;
     logs.push_str(&wait_success(second, "the second").await);
     if let Ok(kept) = std::env::var("PASSFLOW_TEST_LOGS") {
-        for (i, port) in ports.iter().enumerate() {
+        for (i, port) in runs {
             logs.push_str(&std::fs::read_to_string(Path::new(&kept).join(format!("instance-{i}-{port}.log"))).unwrap());
         }
     }
@@ -687,19 +692,18 @@ async fn a_day_through_tansu_with_sigkills_and_a_stopped_broker_loses_and_double
     let want = replayed_tables(work.path()).await;
     let (broker, brokers) = Tansu::start();
     let mut config = service_config(work.path(), day, &brokers);
-    let api_port = free_port();
     // Smaller steps still: the runs are killed while the day is far from read.
     config.kafka.input.max_batch = 100;
     config.kafka.client.insert("max.poll.interval.ms".into(), "10000".into());
     create_topics(&brokers, &config).await;
     produce_day(&brokers, &day.join("passes.jsonl")).await;
     let config_file = work.path().join("passflow.toml");
-    let start = || start_instance(&config, api_port, &config_file);
+    let start = || start_instance(&config, &config_file);
 
     // Two runs killed with SIGKILL while they are reading.
     let mut kills = 0;
     for delay_ms in [150u64, 300] {
-        let mut child = start();
+        let (mut child, api_port) = start();
         wait_for_records(api_port, &mut child).await;
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         if let Some(status) = child.try_wait().unwrap() {
@@ -714,7 +718,7 @@ async fn a_day_through_tansu_with_sigkills_and_a_stopped_broker_loses_and_double
     assert_eq!(kills, 2);
 
     // The last run: the broker stops answering for a while, then comes back.
-    let mut child = start();
+    let (mut child, api_port) = start();
     wait_for_records(api_port, &mut child).await;
     signal(broker.0.id(), "-STOP");
     // While the broker is stopped, /readyz says so and names what waits for it.
