@@ -232,7 +232,18 @@ impl<'a> Scanner<'a> {
     }
 
     /// JSON's whitespace (not every ASCII space: a form feed is an error).
+    #[inline(always)]
     fn skip_ws(&mut self) {
+        // A compact record has none: a byte above the space ends it at once (one compare
+        // instead of four, some thirty times a record).
+        if self.peek().is_some_and(|b| b > b' ') {
+            return;
+        }
+        self.skip_ws_run();
+    }
+
+    #[inline(never)]
+    fn skip_ws_run(&mut self) {
         let bytes = self.bytes();
         // Counted in a local: the scanner's own field would be stored at every byte.
         let mut at = self.at;
