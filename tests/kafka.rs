@@ -456,16 +456,31 @@ fn start_instance(config: &Config, file: &Path) -> (std::process::Child, u16) {
     (child, api_port)
 }
 
+/// How long a bounded run is waited for: well inside the 5 minutes after which nextest stops
+/// a test, so that a run that does not end is reported with its log (a stopped test shows none).
+const RUN_END_WAIT: Duration = Duration::from_secs(150);
+
 /// Waits for a bounded run to end well (its stderr in the failure message otherwise); returns
-/// its stderr.
+/// its stderr. One that has not ended within [`RUN_END_WAIT`] is killed, and the failure
+/// message holds the end of its log.
 async fn wait_success(child: std::process::Child, what: &str) -> String {
     // (A child left running when this panics is killed as the test ends: see `passflow()`.)
-    let waited =
-        tokio::time::timeout(Duration::from_secs(300), tokio::task::spawn_blocking(move || child.wait_with_output()))
-            .await;
-    let Ok(out) = waited else { panic!("{what} did not end within 300 s") };
+    let pid = child.id();
+    let mut waiting = tokio::task::spawn_blocking(move || child.wait_with_output());
+    let (out, ended) = match tokio::time::timeout(RUN_END_WAIT, &mut waiting).await {
+        Ok(out) => (out, true),
+        Err(_) => {
+            signal(pid, "-KILL");
+            (waiting.await, false)
+        }
+    };
     let out = out.unwrap().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !ended {
+        // The end of the log (or, with PASSFLOW_TEST_LOGS, the file it went to).
+        let tail: String = stderr.chars().rev().take(20_000).collect::<Vec<_>>().into_iter().rev().collect();
+        panic!("{what} did not end within {} s; killed. The end of its log:\n{tail}", RUN_END_WAIT.as_secs());
+    }
     assert!(out.status.success(), "{what} failed:\n{stderr}");
     stderr
 }
