@@ -428,8 +428,8 @@ impl Tansu {
     }
 }
 
-/// A `passflow run` process: an instance on `config`, its API on a free port picked as it starts (one picked earlier may
-/// be taken meanwhile by a process of another test): (the instance, its API port).
+/// A `passflow run` process on `config`, and its API port: a free port picked as the instance
+/// starts (one picked earlier may be taken meanwhile by another test's process).
 fn start_instance(config: &Config, file: &Path) -> (std::process::Child, u16) {
     let api_port = free_port();
     let mut config = config.clone();
@@ -467,20 +467,16 @@ async fn wait_success(child: std::process::Child, what: &str) -> String {
     // (A child left running when this panics is killed as the test ends: see `passflow()`.)
     let pid = child.id();
     let mut waiting = tokio::task::spawn_blocking(move || child.wait_with_output());
-    let (out, ended) = match tokio::time::timeout(RUN_END_WAIT, &mut waiting).await {
-        Ok(out) => (out, true),
-        Err(_) => {
-            signal(pid, "-KILL");
-            (waiting.await, false)
-        }
+    let Ok(out) = tokio::time::timeout(RUN_END_WAIT, &mut waiting).await else {
+        signal(pid, "-KILL");
+        let out = waiting.await.unwrap().unwrap();
+        // The end of the log (empty with PASSFLOW_TEST_LOGS: the log is in that folder).
+        let log = String::from_utf8_lossy(&out.stderr);
+        let tail = &log[log.char_indices().rev().nth(19_999).map_or(0, |(at, _)| at)..];
+        panic!("{what} did not end within {} s; killed. The end of its log:\n{tail}", RUN_END_WAIT.as_secs());
     };
     let out = out.unwrap().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    if !ended {
-        // The end of the log (or, with PASSFLOW_TEST_LOGS, the file it went to).
-        let tail: String = stderr.chars().rev().take(20_000).collect::<Vec<_>>().into_iter().rev().collect();
-        panic!("{what} did not end within {} s; killed. The end of its log:\n{tail}", RUN_END_WAIT.as_secs());
-    }
     assert!(out.status.success(), "{what} failed:\n{stderr}");
     stderr
 }
