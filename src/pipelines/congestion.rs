@@ -631,48 +631,69 @@ struct AreaSums {
     updates: u32,
 }
 
-/// The rows of every region (with any segment in the window) and the city, from the window's
-/// segments in index order. An area whose segments all lost their traversals is a retraction.
-fn area_rows(city: &City, window_s: u32, start: i64, segments: &BTreeMap<u32, SegmentSums>) -> Vec<AreaCongestionRow> {
-    let mut areas: BTreeMap<(&'static str, Arc<str>), AreaSums> = BTreeMap::new();
-    for (i, s) in segments {
-        let segment = &city.segments[*i as usize];
-        for key in [("region", segment.region_id.clone()), ("city", Arc::from("all"))] {
-            let a = areas.entry(key).or_default();
-            a.updates += s.updates;
-            if s.traversals > 0 {
-                let mean_dt = s.dt_ms as f64 / f64::from(s.traversals);
-                let level = congestion_level(segment.road_class, segment.length_m * 3600.0 / mean_dt);
-                a.length_m += segment.length_m;
-                a.time_ms += mean_dt;
-                a.free_ms += segment.free_flow_ms();
-                a.length_levels += segment.length_m * f64::from(level);
-            }
+impl AreaSums {
+    /// Adds one segment of the area with its sums in the window.
+    fn add(&mut self, segment: &Segment, s: &SegmentSums) {
+        self.updates += s.updates;
+        if s.traversals > 0 {
+            let mean_dt = s.dt_ms as f64 / f64::from(s.traversals);
+            let level = congestion_level(segment.road_class, segment.length_m * 3600.0 / mean_dt);
+            self.length_m += segment.length_m;
+            self.time_ms += mean_dt;
+            self.free_ms += segment.free_flow_ms();
+            self.length_levels += segment.length_m * f64::from(level);
         }
     }
-    areas
-        .into_iter()
-        .map(|((level, key_id), a)| {
-            let retracted = a.length_m == 0.0;
-            let (speed, tti, congestion) = if retracted {
-                (0.0, 0.0, 0)
-            } else {
-                let mean_level = (a.length_levels / a.length_m + 0.5).floor() as u8;
-                (a.length_m * 3600.0 / a.time_ms, a.time_ms / a.free_ms, mean_level)
-            };
-            AreaCongestionRow {
-                level,
-                key_id,
-                window_s,
-                window_start: start,
-                mean_speed_kmh: round2(speed),
-                travel_time_index: round2(tti),
-                congestion_level: congestion,
-                revision: a.updates.saturating_sub(1),
-                retracted,
+
+    fn row(self, level: &'static str, key_id: Arc<str>, window_s: u32, start: i64) -> AreaCongestionRow {
+        let retracted = self.length_m == 0.0;
+        let (speed, tti, congestion) = if retracted {
+            (0.0, 0.0, 0)
+        } else {
+            let mean_level = (self.length_levels / self.length_m + 0.5).floor() as u8;
+            (self.length_m * 3600.0 / self.time_ms, self.time_ms / self.free_ms, mean_level)
+        };
+        AreaCongestionRow {
+            level,
+            key_id,
+            window_s,
+            window_start: start,
+            mean_speed_kmh: round2(speed),
+            travel_time_index: round2(tti),
+            congestion_level: congestion,
+            revision: self.updates.saturating_sub(1),
+            retracted,
+        }
+    }
+}
+
+/// The rows of the city and of every region with any segment in the window (in that order,
+/// the regions by id), from the window's segments in index order. An area whose segments all
+/// lost their traversals is a retraction.
+fn area_rows(city: &City, window_s: u32, start: i64, segments: &BTreeMap<u32, SegmentSums>) -> Vec<AreaCongestionRow> {
+    if segments.is_empty() {
+        return Vec::new();
+    }
+    // A city has a handful of regions: a segment's is found by a walk through those seen.
+    let mut whole = AreaSums::default();
+    let mut regions: Vec<(&Arc<str>, AreaSums)> = Vec::new();
+    for (i, s) in segments {
+        let segment = &city.segments[*i as usize];
+        let at = match regions.iter().position(|(id, _)| **id == segment.region_id) {
+            Some(at) => at,
+            None => {
+                regions.push((&segment.region_id, AreaSums::default()));
+                regions.len() - 1
             }
-        })
-        .collect()
+        };
+        regions[at].1.add(segment, s);
+        whole.add(segment, s);
+    }
+    regions.sort_by(|a, b| a.0.cmp(b.0));
+    let mut rows = Vec::with_capacity(regions.len() + 1);
+    rows.push(whole.row("city", Arc::from("all"), window_s, start));
+    rows.extend(regions.into_iter().map(|(id, a)| a.row("region", id.clone(), window_s, start)));
+    rows
 }
 
 impl Operator for Congestion {

@@ -65,10 +65,16 @@ proptest::proptest! {
     /// (names here are out of index order), zeros left out, at most N.
     #[test]
     fn ranking_by_index_equals_the_plain_ranking(
-        values in proptest::collection::vec(0u64..4, 0..40),
-        n in 0usize..12,
+        values in proptest::collection::vec(0u64..4, 0..120),
+        n in proptest::prop_oneof![0usize..12, 30usize..40, 60usize..130],
+        wide in proptest::option::of(0usize..120),
     ) {
-        let names: Vec<Arc<str>> = (0..values.len()).map(|i| Arc::from(format!("K{}", (i * 7) % 41))).collect();
+        // Now and then one value too large for the ranking's words.
+        let mut values = values;
+        if let Some(v) = wide.and_then(|i| values.get_mut(i)) {
+            *v += u64::from(u32::MAX);
+        }
+        let names: Vec<Arc<str>> = (0..values.len()).map(|i| Arc::from(format!("K{}", (i * 7) % 127))).collect();
         let keys = RankedKeys::new(names.clone());
         let plain = rank(names.into_iter().zip(values.iter().copied()), n);
         proptest::prop_assert_eq!(keys.rank(&values, n), plain);
