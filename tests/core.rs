@@ -431,12 +431,18 @@ fn offer_all(
     op: &mut passflow::pipelines::FirstEntry,
     passes: &[passflow::model::Pass],
 ) -> Vec<passflow::results::FirstEntryRow> {
-    use passflow::core::{Context, Operator};
+    use passflow::core::{Context, Operator, NO_BATCH};
     let mut rows = Vec::new();
     for chunk in passes.chunks(97) {
         let (mut out, mut late) = (passflow::results::ResultBatch::default(), Vec::new());
-        let mut ctx =
-            Context { watermark: i64::MAX, allowed_lateness_ms: 0, processing_now: 0, out: &mut out, late: &mut late };
+        let mut ctx = Context {
+            watermark: i64::MAX,
+            allowed_lateness_ms: 0,
+            processing_now: 0,
+            out: &mut out,
+            late: &mut late,
+            batch: &NO_BATCH,
+        };
         op.process_batch(chunk, &mut ctx);
         assert!(late.is_empty(), "first entry is exempt from lateness");
         rows.extend(out.first_entry);
@@ -581,7 +587,7 @@ fn a_savepoints_first_entries_are_merged_into_redis_the_earlier_pass_winning() {
 async fn a_backfill_of_a_day_whose_passes_came_after_the_lateness_gives_the_on_time_tables() {
     use passflow::app::{backfill, replay, BackfillOptions, ReplayInput, ReplayOptions};
     use passflow::config::{Config, HumanDuration};
-    use passflow::core::{Context, Operator};
+    use passflow::core::{Context, Operator, NO_BATCH};
     let dir = small_day();
     let out = tempfile::tempdir().unwrap();
     let (late_url, on_time_url) = (
@@ -618,8 +624,14 @@ async fn a_backfill_of_a_day_whose_passes_came_after_the_lateness_gives_the_on_t
     let mut op = passflow::pipelines::Archive::new(&city, TZ, &archive);
     let in_time: Vec<passflow::model::Pass> = all.iter().filter(|p| !late_ids.contains(&*p.pass_id)).cloned().collect();
     let (mut sink, mut missed) = (passflow::results::ResultBatch::default(), Vec::new());
-    let mut ctx =
-        Context { watermark: 0, allowed_lateness_ms: 0, processing_now: 0, out: &mut sink, late: &mut missed };
+    let mut ctx = Context {
+        watermark: 0,
+        allowed_lateness_ms: 0,
+        processing_now: 0,
+        out: &mut sink,
+        late: &mut missed,
+        batch: &NO_BATCH,
+    };
     op.process_batch(&in_time, &mut ctx);
     op.on_checkpoint(1, &mut ctx);
 

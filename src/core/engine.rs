@@ -1,7 +1,7 @@
 //! The engine: records in, results out. It runs ingestion, judges lateness against the
 //! watermark, drives every operator through its lifecycle and snapshots the lot.
 
-use super::operator::{Context, Operator, StateBlob};
+use super::operator::{BatchMemo, Context, Operator, StateBlob, NO_BATCH};
 use super::parallel::{Parallel, Step};
 use super::watermark::WatermarkTracker;
 use crate::ingest::{DeadLetter, Ingest, IngestStats, Judged, Outcome, Validator};
@@ -346,29 +346,37 @@ impl Engine {
     ) {
         let batch = passes.len();
         self.processing_now = self.processing_now.max(processing_now);
-        late.extend(self.with_operators(watermark, batch, &|op, ctx| op.process_batch(passes, ctx)));
+        let memo = BatchMemo::new(passes);
+        late.extend(self.with_operators(watermark, batch, &memo, &|op, ctx| op.process_batch(passes, ctx)));
         self.record_late(late, passes, raw, processing_now);
         self.advance(processing_now, batch);
     }
 
     /// Runs `step` on every operator with a context at `watermark`, on the engine's threads
-    /// when the work is for a large `batch` of passes; returns the passes they marked late.
-    fn with_operators(&mut self, watermark: i64, batch: usize, step: Step<'_>) -> Vec<(usize, &'static str)> {
+    /// when the work is for a large `batch` of passes (`memo`'s); returns the passes they
+    /// marked late.
+    fn with_operators(
+        &mut self,
+        watermark: i64,
+        batch: usize,
+        memo: &BatchMemo<'_>,
+        step: Step<'_>,
+    ) -> Vec<(usize, &'static str)> {
         let mut late = Vec::new();
-        let (lateness, now) = (self.settings.allowed_lateness_ms, self.processing_now);
-        if self.parallel.takes(batch) {
-            self.parallel.run(&mut self.operators, watermark, lateness, now, &mut self.out, &mut late, step);
-            return late;
-        }
         let mut ctx = Context {
             watermark,
-            allowed_lateness_ms: lateness,
-            processing_now: now,
+            allowed_lateness_ms: self.settings.allowed_lateness_ms,
+            processing_now: self.processing_now,
             out: &mut self.out,
             late: &mut late,
+            batch: memo,
         };
-        for op in &mut self.operators {
-            step(op.as_mut(), &mut ctx);
+        if self.parallel.takes(batch) {
+            self.parallel.run(&mut self.operators, &mut ctx, step);
+        } else {
+            for op in &mut self.operators {
+                step(op.as_mut(), &mut ctx);
+            }
         }
         late
     }
@@ -382,7 +390,7 @@ impl Engine {
     pub fn finish(&mut self) {
         let watermark = self.watermarks.finish();
         // Every open window is emitted: as much work as the largest batch.
-        self.with_operators(watermark, usize::MAX, &|op, ctx| {
+        self.with_operators(watermark, usize::MAX, &NO_BATCH, &|op, ctx| {
             op.on_watermark(ctx);
             op.on_close(ctx);
         });
@@ -395,7 +403,7 @@ impl Engine {
 
     /// Tells the operators a checkpoint barrier passes.
     pub fn barrier(&mut self, id: u64) {
-        let late = self.with_operators(self.watermarks.current(), 0, &|op, ctx| op.on_checkpoint(id, ctx));
+        let late = self.with_operators(self.watermarks.current(), 0, &NO_BATCH, &|op, ctx| op.on_checkpoint(id, ctx));
         debug_assert!(late.is_empty(), "a barrier carries no passes");
     }
 
@@ -505,7 +513,7 @@ impl Engine {
         let before = self.watermarks.current();
         let watermark = self.watermarks.advance(processing_now, self.settings.live);
         if watermark > before {
-            self.with_operators(watermark, batch, &|op, ctx| op.on_watermark(ctx));
+            self.with_operators(watermark, batch, &NO_BATCH, &|op, ctx| op.on_watermark(ctx));
         }
     }
 

@@ -24,7 +24,7 @@ pub mod window;
 pub use engine::{
     apply_writes, write_batch, Clocks, Engine, EngineSettings, EngineSnapshot, Forwarded, Record, StateWrite,
 };
-pub use operator::{check_version, pairs, Context, Operator, SeqOf, StateBlob};
+pub use operator::{check_version, pairs, BatchMemo, Context, Operator, SeqOf, StateBlob, NO_BATCH};
 pub use vehicle_table::{prefetch, VehicleTable};
 
 #[cfg(test)]

@@ -2,10 +2,39 @@
 //! same lifecycle — batches of passes, watermark advances, checkpoint barriers, close — with
 //! its state declared, versioned and snapshotted through [`Operator::snapshot`].
 
-use crate::model::Pass;
+use crate::model::{fnv1a64_each, Pass};
 use crate::results::ResultBatch;
 use bincode::Options as _;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+/// What more than one operator derives from a batch's passes, derived once for the batch by
+/// the first to ask (operators of other groups may ask at the same time, on another thread).
+pub struct BatchMemo<'p> {
+    passes: &'p [Pass],
+    id_digests: OnceLock<Vec<u64>>,
+}
+
+impl<'p> BatchMemo<'p> {
+    pub const fn new(passes: &'p [Pass]) -> BatchMemo<'p> {
+        BatchMemo { passes, id_digests: OnceLock::new() }
+    }
+
+    /// FNV-1a of each pass's id, in the order of `passes`: this memo's when they are the passes
+    /// it was made for, else computed.
+    pub fn id_digests(&self, passes: &[Pass]) -> Cow<'_, [u64]> {
+        let digests = |passes: &[Pass]| fnv1a64_each(passes.iter().map(|p| p.pass_id.as_bytes()));
+        if std::ptr::eq(self.passes, passes) {
+            Cow::Borrowed(self.id_digests.get_or_init(|| digests(passes)))
+        } else {
+            Cow::Owned(digests(passes))
+        }
+    }
+}
+
+/// A memo of no batch: work outside a batch (watermarks, closing), and tests.
+pub static NO_BATCH: BatchMemo<'static> = BatchMemo::new(&[]);
 
 /// What an operator sees of the engine while it runs.
 pub struct Context<'a> {
@@ -19,6 +48,8 @@ pub struct Context<'a> {
     pub out: &'a mut ResultBatch,
     /// Passes of the batch that were late for some window: (index in the batch, what missed it).
     pub late: &'a mut Vec<(usize, &'static str)>,
+    /// What the batch's passes give more than one operator ([`NO_BATCH`] outside a batch).
+    pub batch: &'a BatchMemo<'a>,
 }
 
 /// An operator's state as bytes, with the version of its encoding.
@@ -188,5 +219,28 @@ pub mod pairs {
         V: Deserialize<'de>,
     {
         Vec::<(K, V)>::deserialize(d).map(|pairs| pairs.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fnv1a64;
+    use crate::pipelines::test_support::pass;
+
+    #[test]
+    fn a_batch_memo_gives_each_pass_its_id_digest_and_computes_them_for_other_passes() {
+        let passes: Vec<Pass> = (0..9).map(|i| pass("赣A12345", 0, i * 1000)).collect();
+        let want: Vec<u64> = passes.iter().map(|p| fnv1a64(p.pass_id.as_bytes())).collect();
+        let memo = BatchMemo::new(&passes);
+        let first = memo.id_digests(&passes);
+        assert!(matches!(first, Cow::Borrowed(_)), "the memo's own passes are digested once");
+        assert_eq!(*first, want[..]);
+        assert_eq!(*memo.id_digests(&passes), want[..]);
+        // A part of the batch is not the batch: its digests are its own.
+        let part = memo.id_digests(&passes[3..]);
+        assert!(matches!(part, Cow::Owned(_)));
+        assert_eq!(*part, want[3..]);
+        assert_eq!(*NO_BATCH.id_digests(&passes[..2]), want[..2]);
     }
 }

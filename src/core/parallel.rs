@@ -77,18 +77,9 @@ impl Parallel {
         out
     }
 
-    /// Runs `step` on every operator; rows go to `out` and late passes to `late`, in the order
-    /// of the groups as listed.
-    pub fn run(
-        &mut self,
-        operators: &mut [Box<dyn Operator>],
-        watermark: i64,
-        allowed_lateness_ms: i64,
-        processing_now: i64,
-        out: &mut ResultBatch,
-        late: &mut Vec<(usize, &'static str)>,
-        step: Step<'_>,
-    ) {
+    /// Runs `step` on every operator, each group with a context of its own like `ctx`; their
+    /// rows and late passes then go to `ctx`'s, in the order of the groups as listed.
+    pub fn run(&mut self, operators: &mut [Box<dyn Operator>], ctx: &mut Context<'_>, step: Step<'_>) {
         let mut groups: Vec<Group<'_>> = Vec::new();
         for op in operators.iter_mut() {
             let name = op.thread_group();
@@ -107,13 +98,15 @@ impl Parallel {
         order.sort_by_key(|i| std::cmp::Reverse(self.cost.get(groups[*i].name).copied().unwrap_or(0)));
         let groups: Vec<Mutex<Group<'_>>> = groups.into_iter().map(Mutex::new).collect();
         let next = AtomicUsize::new(0);
+        let (watermark, allowed_lateness_ms, processing_now, batch) =
+            (ctx.watermark, ctx.allowed_lateness_ms, ctx.processing_now, ctx.batch);
         let work = || loop {
             let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
             let mut guard = groups[i].lock().expect("a group is run once");
             let group = &mut *guard;
             let started = Instant::now();
-            let mut ctx =
-                Context { watermark, allowed_lateness_ms, processing_now, out: &mut group.out, late: &mut group.late };
+            let (out, late) = (&mut group.out, &mut group.late);
+            let mut ctx = Context { watermark, allowed_lateness_ms, processing_now, out, late, batch };
             for op in &mut group.operators {
                 step(op.as_mut(), &mut ctx);
             }
@@ -123,8 +116,8 @@ impl Parallel {
         self.on_threads((0..workers).map(|_| &work).collect());
         for group in groups {
             let mut group = group.into_inner().expect("no group panicked");
-            out.append(&mut group.out);
-            late.append(&mut group.late);
+            ctx.out.append(&mut group.out);
+            ctx.late.append(&mut group.late);
             self.cost.insert(group.name, group.nanos);
         }
     }

@@ -13,7 +13,7 @@
 use super::top_n::{batch_ranking, BucketCounts, RankedKeys, SlidingRanking};
 use crate::core::window::{is_complete, is_late, tumbling_start, Every};
 use crate::core::{Context, Operator, SeqOf, StateBlob, VehicleTable};
-use crate::model::{fnv1a64, fnv1a64_each, Pass, VehicleKey, VehicleRef};
+use crate::model::{fnv1a64, Pass, VehicleKey, VehicleRef};
 use crate::reference::{City, RoadClass, Segment};
 use crate::results::ResultBatch;
 use crate::results::{AlertRow, AreaCongestionRow, SegmentCongestionRow, SegmentSumsRow};
@@ -228,13 +228,13 @@ impl Tracks {
             vehicles.push(vehicle);
         }
         let places = self.tracks.resolve(&vehicles, Track::default);
-        let ties = fnv1a64_each(taken.iter().map(|&i| passes[i].pass_id.as_bytes()));
+        let ties = ctx.batch.id_digests(passes);
         let mut changes = Vec::with_capacity(passes.len() + passes.len() / 4);
-        for (j, ((&i, &at), &tie)) in taken.iter().zip(&places).zip(&ties).enumerate() {
+        for (j, (&i, &at)) in taken.iter().zip(&places).enumerate() {
             // A pass goes after the newest point, and the points behind the horizon are cut from the start.
             self.tracks.prefetch_ahead_with(&places, j, |t| t.points.first());
             self.tracks.prefetch_ahead_with(&places, j, |t| t.points.last());
-            let Some(made) = self.take(at, Point::tied(&passes[i], tie), horizon) else { continue };
+            let Some(made) = self.take(at, Point::tied(&passes[i], ties[i]), horizon) else { continue };
             changes.extend(made.into_iter().filter_map(|(t, delta)| Some((i, t?, delta))));
         }
         changes

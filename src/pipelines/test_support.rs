@@ -1,6 +1,6 @@
 //! Small hand-made cities and passes for the pipelines' unit tests.
 
-use crate::core::Context;
+use crate::core::{Context, NO_BATCH};
 use crate::model::{CheckpointIdx, Direction, EventTime, Pass, PlateColor, PlateRead};
 use crate::reference::{Checkpoint, City, Region, RoadClass, Segment};
 use crate::results::ResultBatch;
@@ -14,7 +14,7 @@ pub fn context<'a>(
     out: &'a mut ResultBatch,
     late: &'a mut Vec<(usize, &'static str)>,
 ) -> Context<'a> {
-    Context { watermark, allowed_lateness_ms: lateness_ms, processing_now: 0, out, late }
+    Context { watermark, allowed_lateness_ms: lateness_ms, processing_now: 0, out, late, batch: &NO_BATCH }
 }
 
 /// An arterial checkpoint in `region`, not on the boundary, without bus lanes.

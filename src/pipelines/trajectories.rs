@@ -12,7 +12,7 @@
 
 use crate::core::window::{is_late, LocalDays};
 use crate::core::{Context, Operator, SeqOf, StateBlob, VehicleTable};
-use crate::model::{fnv1a64, fnv1a64_each, Pass, Text, VehicleKey};
+use crate::model::{fnv1a64, Pass, Text, VehicleKey};
 use crate::reference::City;
 use crate::results::TrajectoryRow;
 use chrono::NaiveDate;
@@ -125,6 +125,7 @@ impl Operator for Trajectories {
     }
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
+        let ties = ctx.batch.id_digests(passes);
         let late = &mut *ctx.late;
         let runs =
             self.days_of.vehicle_runs(passes, ctx.watermark, ctx.allowed_lateness_ms, |i| late.push((i, LATE_LABEL)));
@@ -133,11 +134,10 @@ impl Operator for Trajectories {
             let vehicles: Vec<_> =
                 run.iter().map(|i| passes[*i].vehicle_ref().expect("a day's run holds known vehicles only")).collect();
             let places = d.vehicles.resolve(&vehicles, Track::default);
-            let ties = fnv1a64_each(run.iter().map(|&i| passes[i].pass_id.as_bytes()));
-            for (j, ((&i, &place), &tie)) in run.iter().zip(&places).zip(&ties).enumerate() {
+            for (j, (&i, &place)) in run.iter().zip(&places).enumerate() {
                 d.vehicles.prefetch_ahead_with(&places, j, |t| t.stops.last());
                 let pass = &passes[i];
-                let stop = Stop { ts: pass.ts.ms(), tie, cp: pass.checkpoint.0 };
+                let stop = Stop { ts: pass.ts.ms(), tie: ties[i], cp: pass.checkpoint.0 };
                 let track = d.vehicles.value_mut(place);
                 if let Err(at) = track.stops.binary_search(&stop) {
                     track.stops.insert(at, stop);
