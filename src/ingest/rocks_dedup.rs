@@ -181,18 +181,36 @@ impl IdFilter {
     }
 }
 
+/// How many ids ahead a batch's new ids ask for the slots they will take.
+const SET_AHEAD: usize = 16;
+
 /// Ids with their (digest, event time), in the order they came, found through a table of their
-/// places. A new id costs an append and one slot of four bytes: a map of the ids themselves
-/// moves 40-byte entries each time it grows, and a new id would miss the cache twice in it.
-#[derive(Default)]
+/// places: open addressing with linear probing, each slot a word holding a tag of the id's hash
+/// and its place in `ids` (0 is empty), the table at most three quarters full. A new id costs
+/// an append and one slot: a map of the ids themselves would move 40-byte entries each time it
+/// grew, and a new id would miss the cache twice in it. A batch's new ids go in by the regions
+/// of their slots, each asking ahead for the slot of the one [`SET_AHEAD`] places on, so that
+/// their cache misses overlap instead of following one another.
 struct IdSet {
     ids: Vec<(Text, (u64, i64))>,
-    places: hashbrown::HashTable<u32>,
+    /// (tag << 32) | (place + 1), or 0.
+    slots: Vec<u64>,
+}
+
+impl Default for IdSet {
+    fn default() -> Self {
+        IdSet::with_capacity(0)
+    }
+}
+
+/// The slots that hold `n` ids at most three quarters full.
+fn slots_for(n: usize) -> usize {
+    (n * 4).div_ceil(3).max(16)
 }
 
 impl IdSet {
     fn with_capacity(n: usize) -> IdSet {
-        IdSet { ids: Vec::with_capacity(n), places: hashbrown::HashTable::with_capacity(n) }
+        IdSet { ids: Vec::with_capacity(n), slots: vec![0; slots_for(n)] }
     }
 
     fn len(&self) -> usize {
@@ -201,17 +219,70 @@ impl IdSet {
 
     fn clear(&mut self) {
         self.ids.clear();
-        self.places.clear();
+        self.slots.fill(0);
     }
 
     fn iter(&self) -> impl Iterator<Item = (&Text, &(u64, i64))> {
         self.ids.iter().map(|(id, v)| (id, v))
     }
 
+    /// Where a search for an id whose [`IdFilter::hash`] is `hash` starts: from the high bits of
+    /// the hash mixed once more (FxHash's own are weak), scaled to the table. Its low half is
+    /// the tag.
+    fn home(&self, mixed: u64) -> usize {
+        ((u128::from(mixed) * self.slots.len() as u128) >> 64) as usize
+    }
+
+    /// The region of the table (of [`REGIONS`]) where `mixed` starts: its top bits, in the
+    /// order of [`IdSet::home`] whatever the table's size.
+    fn region(mixed: u64) -> usize {
+        (mixed >> (64 - REGIONS.trailing_zeros())) as usize
+    }
+
+    /// The slot holding `id`, and its place, or the empty slot where it would go.
+    fn probe(&self, mixed: u64, id: &[u8]) -> (usize, Option<u32>) {
+        let tag = mixed & 0xffff_ffff;
+        let mut i = self.home(mixed);
+        loop {
+            match self.slots[i] {
+                0 => return (i, None),
+                slot if slot >> 32 == tag && self.ids[(slot as u32 - 1) as usize].0.as_bytes() == id => {
+                    return (i, Some(slot as u32 - 1));
+                }
+                _ => i = if i + 1 == self.slots.len() { 0 } else { i + 1 },
+            }
+        }
+    }
+
+    /// The first empty slot from where `mixed` starts.
+    fn vacant(&self, mixed: u64) -> usize {
+        let mut i = self.home(mixed);
+        while self.slots[i] != 0 {
+            i = if i + 1 == self.slots.len() { 0 } else { i + 1 };
+        }
+        i
+    }
+
     /// The (digest, ts) of `id`, whose [`IdFilter::hash`] is `hash`.
     fn get(&self, id: &str, hash: u64) -> Option<&(u64, i64)> {
-        let ids = &self.ids;
-        self.places.find(hash, |&i| ids[i as usize].0.as_bytes() == id.as_bytes()).map(|&i| &ids[i as usize].1)
+        let (_, found) = self.probe(mix(hash), id.as_bytes());
+        found.map(|at| &self.ids[at as usize].1)
+    }
+
+    /// Room for `more` ids besides those held, the table made anew twice as large (or more)
+    /// when it would be too full.
+    fn reserve(&mut self, more: usize) {
+        let want = self.ids.len() + more;
+        if want * 4 <= self.slots.len() * 3 {
+            return;
+        }
+        self.ids.reserve(more);
+        self.slots = vec![0; slots_for(want.max(self.slots.len() * 3 / 2))];
+        for at in 0..self.ids.len() {
+            let mixed = mix(IdFilter::hash(self.ids[at].0.as_bytes()));
+            let slot = self.vacant(mixed);
+            self.slots[slot] = (mixed << 32) | (at as u64 + 1);
+        }
     }
 
     /// Puts in a batch's ids the filter did not hold, (id, hash, (digest, ts)): a live id is
@@ -221,39 +292,41 @@ impl IdSet {
         // Made at the batch's size: a filter's size hint has no lower bound, and collected as
         // they come the ids would be copied each time the list doubled.
         let mut all = Vec::with_capacity(new.size_hint().1.unwrap_or(0));
-        all.extend(new.map(|(id, hash, value)| (id.clone(), hash, value)));
-        let ids = &self.ids;
-        self.places.reserve(all.len(), |&i| IdFilter::hash(ids[i as usize].0.as_bytes()));
-        // A hash's place is its low bits, as many as the table has slots.
-        let slots = (self.places.capacity() * 8 / 7).next_power_of_two();
-        for (id, hash, value) in by_region(all, |(_, hash, _)| *hash, slots, (Text::new(""), 0, (0, 0))) {
+        all.extend(new.map(|(id, hash, value)| (id.clone(), mix(hash), value)));
+        self.reserve(all.len());
+        let all = by_region(all, |(_, mixed, _)| IdSet::region(*mixed), (Text::new(""), 0, (0, 0)));
+        let homes: Vec<usize> = all.iter().map(|(_, mixed, _)| self.home(*mixed)).collect();
+        for (k, (id, mixed, value)) in all.into_iter().enumerate() {
+            if let Some(&ahead) = homes.get(k + SET_AHEAD) {
+                crate::core::prefetch(&self.slots[ahead]);
+            }
             // Any held copy is taken over.
-            self.insert_owned(id, hash, value, i64::MAX);
+            self.put(id, mixed, value, i64::MAX);
         }
     }
 
     /// Puts `id` in, or gives the (digest, ts) it holds already; one held with a time before
     /// `oldest_kept` has expired and is taken over.
     fn insert(&mut self, id: &Text, hash: u64, value: (u64, i64), oldest_kept: i64) -> Option<(u64, i64)> {
-        self.insert_owned(id.clone(), hash, value, oldest_kept)
+        self.reserve(1);
+        self.put(id.clone(), mix(hash), value, oldest_kept)
     }
 
-    /// [`IdSet::insert`] of an id of one's own.
-    fn insert_owned(&mut self, id: Text, hash: u64, value: (u64, i64), oldest_kept: i64) -> Option<(u64, i64)> {
-        let ids = &mut self.ids;
-        let place = |&i: &u32| IdFilter::hash(ids[i as usize].0.as_bytes());
-        match self.places.entry(hash, |&i| ids[i as usize].0.as_bytes() == id.as_bytes(), place) {
-            hashbrown::hash_table::Entry::Occupied(at) => {
-                let held = &mut ids[*at.get() as usize].1;
+    /// [`IdSet::insert`] of an id of one's own, with room for it, by its mixed hash.
+    fn put(&mut self, id: Text, mixed: u64, value: (u64, i64), oldest_kept: i64) -> Option<(u64, i64)> {
+        match self.probe(mixed, id.as_bytes()) {
+            (_, Some(at)) => {
+                let held = &mut self.ids[at as usize].1;
                 if held.1 >= oldest_kept {
                     return Some(*held);
                 }
                 *held = value;
                 None
             }
-            hashbrown::hash_table::Entry::Vacant(at) => {
-                at.insert(u32::try_from(ids.len()).expect("fewer than 2^32 ids a set"));
-                ids.push((id, value));
+            (slot, None) => {
+                let at = u32::try_from(self.ids.len()).ok().filter(|at| *at < u32::MAX).expect("fewer than 2^32 ids a set");
+                self.slots[slot] = (mixed << 32) | u64::from(at + 1);
+                self.ids.push((id, value));
                 None
             }
         }
@@ -263,16 +336,13 @@ impl IdSet {
 /// The regions [`by_region`] cuts a table's slots into.
 const REGIONS: usize = 1024;
 
-/// `new`, whose items have hashes `hash`, in the order of the regions of a table of `slots`
-/// slots their hashes' places fall in (in the order they came within one): put in in that
-/// order, one after the next lands near the one before, where in the order they came each
-/// would miss the cache. Two passes of a counting sort, where a sort by place would compare
-/// each id some sixteen times; the items themselves are moved, each to its place in the
-/// result (`fill` holds the places until then), so that neither the sort nor the caller reads
-/// a batch of megabytes out of order.
-fn by_region<T: Clone>(new: Vec<T>, hash: impl Fn(&T) -> u64, slots: usize, fill: T) -> Vec<T> {
-    let shift = slots.trailing_zeros().saturating_sub(REGIONS.trailing_zeros());
-    let region = |item: &T| ((hash(item) & (slots as u64 - 1)) >> shift) as usize;
+/// `new`, in the order of the regions (of [`REGIONS`]) that `region` gives, and in the order
+/// they came within one: put in in that order, one after the next lands near the one before,
+/// where in the order they came each would miss the cache. Two passes of a counting sort, where
+/// a sort by place would compare each id some sixteen times; the items themselves are moved,
+/// each to its place in the result (`fill` holds the places until then), so that neither the
+/// sort nor the caller reads a batch of megabytes out of order.
+fn by_region<T: Clone>(new: Vec<T>, region: impl Fn(&T) -> usize, fill: T) -> Vec<T> {
     let mut starts = vec![0u32; REGIONS + 1];
     for item in &new {
         starts[region(item) + 1] += 1;
@@ -685,19 +755,55 @@ mod tests {
 
     #[test]
     fn new_ids_are_put_in_by_the_region_of_their_place_and_in_the_order_they_came_within_one() {
-        for slots in [16usize, 1 << 10, 1 << 16] {
-            let new: Vec<(u64, u32)> =
-                (0..5_000u64).map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i << 40), i as u32)).collect();
-            let sorted = by_region(new.clone(), |(hash, _)| *hash, slots, (0, u32::MAX));
-            let mut seen: Vec<(u64, u32)> = sorted.clone();
-            seen.sort_unstable_by_key(|(_, at)| *at);
-            assert_eq!(seen, new, "every id once, as it was ({slots} slots)");
-            let region = |hash: u64| (hash & (slots as u64 - 1)) * REGIONS as u64 / slots as u64;
-            for pair in sorted.windows(2) {
-                let ((a, i), (b, j)) = ((region(pair[0].0), pair[0].1), (region(pair[1].0), pair[1].1));
-                assert!(a < b || (a == b && i < j), "{pair:?} out of order ({slots} slots)");
-            }
+        let new: Vec<(u64, u32)> =
+            (0..5_000u64).map(|i| (mix(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i << 40), i as u32)).collect();
+        let sorted = by_region(new.clone(), |(mixed, _)| IdSet::region(*mixed), (0, u32::MAX));
+        let mut seen: Vec<(u64, u32)> = sorted.clone();
+        seen.sort_unstable_by_key(|(_, at)| *at);
+        assert_eq!(seen, new, "every id once, as it was");
+        for pair in sorted.windows(2) {
+            let ((a, i), (b, j)) = ((IdSet::region(pair[0].0), pair[0].1), (IdSet::region(pair[1].0), pair[1].1));
+            assert!(a < b || (a == b && i < j), "{pair:?} out of order");
         }
+        for slots in [16usize, 1 << 10, 1 << 16, 100_003] {
+            let set = IdSet { ids: Vec::new(), slots: vec![0; slots] };
+            // Each region's slots (least, most) lie at or after the ones of the region before.
+            let mut spans: std::collections::BTreeMap<usize, (usize, usize)> = Default::default();
+            for (mixed, _) in &sorted {
+                let (home, span) = (set.home(*mixed), spans.entry(IdSet::region(*mixed)).or_insert((usize::MAX, 0)));
+                *span = (span.0.min(home), span.1.max(home));
+            }
+            let spans: Vec<(usize, usize)> = spans.into_values().collect();
+            assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "regions in the order of their slots ({slots} slots)");
+        }
+    }
+
+    #[test]
+    fn an_id_set_finds_each_id_it_holds_through_growth_and_takes_over_expired_ones() {
+        let mut set = IdSet::with_capacity(4);
+        let id = |i: u32| Text::from(format!("pass-{i}").as_str());
+        let hash = |t: &Text| IdFilter::hash(t.as_bytes());
+        let first: Vec<Text> = (0..3_000).map(id).collect();
+        set.insert_new(first.iter().map(|t| (t, hash(t), (u64::from(t.as_bytes()[5]), 10))));
+        for i in 3_000..6_000 {
+            let t = id(i);
+            assert_eq!(set.insert(&t, hash(&t), (7, 20), 0), None, "{t} is new");
+        }
+        assert_eq!(set.len(), 6_000);
+        assert!(set.slots.len() * 3 >= set.len() * 4, "at most three quarters full");
+        for i in 0..6_000 {
+            let t = id(i);
+            let want = if i < 3_000 { (u64::from(t.as_bytes()[5]), 10) } else { (7, 20) };
+            assert_eq!(set.get(&t, hash(&t)), Some(&want), "{t}");
+        }
+        assert_eq!(set.get("pass-6000", hash(&id(6_000))), None);
+        let t = id(5);
+        assert_eq!(set.insert(&t, hash(&t), (9, 30), 10), Some((u64::from(b'5'), 10)), "live: the held copy stands");
+        assert_eq!(set.insert(&t, hash(&t), (9, 30), 11), None, "expired: taken over");
+        assert_eq!(set.get(&t, hash(&t)), Some(&(9, 30)));
+        assert_eq!(set.len(), 6_000, "taken over in place");
+        set.clear();
+        assert_eq!((set.len(), set.get(&t, hash(&t))), (0, None));
     }
 
     #[test]
