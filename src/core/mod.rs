@@ -25,7 +25,7 @@ pub use engine::{
     apply_writes, write_batch, Clocks, Engine, EngineSettings, EngineSnapshot, Forwarded, Record, StateWrite,
 };
 pub use operator::{check_version, pairs, BatchMemo, Context, Operator, SeqOf, StateBlob, NO_BATCH};
-pub use vehicle_table::{prefetch, VehicleTable};
+pub use vehicle_table::{hash_of as vehicle_hash, prefetch, VehicleTable};
 
 #[cfg(test)]
 mod convergence_tests;

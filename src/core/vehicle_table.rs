@@ -41,7 +41,9 @@ impl<V> Default for VehicleTable<V> {
     }
 }
 
-fn hash_of((plate, color): VehicleRef<'_>) -> u64 {
+/// A vehicle's hash, from its plate's inline words (or bytes) and colour: its high bits are the
+/// strong ones.
+pub fn hash_of((plate, color): VehicleRef<'_>) -> u64 {
     let mut h = rustc_hash::FxHasher::default();
     // A plate held inline hashes as its three words (equal plates, equal words).
     match plate.text().inline_words() {

@@ -324,7 +324,8 @@ impl IdSet {
                 None
             }
             (slot, None) => {
-                let at = u32::try_from(self.ids.len()).ok().filter(|at| *at < u32::MAX).expect("fewer than 2^32 ids a set");
+                let at =
+                    u32::try_from(self.ids.len()).ok().filter(|at| *at < u32::MAX).expect("fewer than 2^32 ids a set");
                 self.slots[slot] = (mixed << 32) | u64::from(at + 1);
                 self.ids.push((id, value));
                 None

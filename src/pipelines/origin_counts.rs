@@ -4,11 +4,15 @@
 //! Counts are exact: each window keeps the set of vehicles it has seen, and windows are dropped
 //! once the allowed lateness has passed them.
 
+use crate::core::vehicle_hash;
 use crate::core::window::{is_complete, is_late, tumbling_start, window_runs};
 use crate::core::{check_version, Context, Operator, StateBlob};
+use crate::model::VehicleRef;
 use crate::model::{Pass, Text, VehicleKey};
 use crate::reference::{City, OriginScope};
 use crate::results::OriginCountRow;
+use hashbrown::hash_table::Entry;
+use hashbrown::HashTable;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -58,11 +62,20 @@ pub fn plate_origin(city: &City, local_prefixes: &[String], plate: &crate::model
 
 #[derive(Default)]
 struct Window {
-    seen: FxHashSet<(u32, VehicleKey)>,
+    /// The vehicles seen, each with its region, by [`seen_hash`]: looked up by reference, a
+    /// vehicle's key is only copied when it is new to the window.
+    seen: HashTable<(u32, VehicleKey)>,
     /// Distinct vehicles per (region, origin).
     counts: FxHashMap<(u32, u32), u32>,
     dirty: FxHashSet<(u32, u32)>,
     emitted: bool,
+}
+
+/// The hash of a vehicle seen in a region: the vehicle's, its strong high bits folded into the
+/// low ones that place it in a table.
+fn seen_hash(region: u32, vehicle: VehicleRef<'_>) -> u64 {
+    let h = vehicle_hash(vehicle) ^ u64::from(region).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^ (h >> 29)
 }
 
 pub struct OriginCounts {
@@ -75,6 +88,10 @@ pub struct OriginCounts {
     /// Origin index by plate prefix (or the plate itself when it has none), looked up by
     /// `Text` (inline buffers compared, no call to compare slices).
     by_prefix: FxHashMap<Text, u32>,
+    /// Origin index by a plate's first four bytes, when they are a province's character and a
+    /// letter (almost every plate): the prefix is then those bytes, found without reading
+    /// the plate's characters or making a `Text` of them.
+    by_head: FxHashMap<u32, u32>,
     windows: BTreeMap<i64, Window>,
     /// The most vehicles an open window has seen (or the last one closed): a new window's room.
     windows_len: usize,
@@ -94,12 +111,26 @@ impl OriginCounts {
             origins: Vec::new(),
             origin_ids: FxHashMap::default(),
             by_prefix: FxHashMap::default(),
+            by_head: FxHashMap::default(),
             windows: BTreeMap::new(),
             windows_len: 0,
         }
     }
 
     fn origin_id(&mut self, plate: &crate::model::Plate) -> u32 {
+        // A province's character takes three bytes and the letter one.
+        let head = plate.text().as_bytes().get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("four bytes")));
+        if let Some(id) = head.and_then(|head| self.by_head.get(&head)) {
+            return *id;
+        }
+        let id = self.origin_id_of_prefix(plate);
+        if let Some(head) = head.filter(|_| plate.prefix().is_some_and(|p| p.len() == 4)) {
+            self.by_head.insert(head, id);
+        }
+        id
+    }
+
+    fn origin_id_of_prefix(&mut self, plate: &crate::model::Plate) -> u32 {
         let key = Text::new(plate.prefix().unwrap_or(plate.as_str()));
         if let Some(id) = self.by_prefix.get(&key) {
             return *id;
@@ -118,10 +149,9 @@ impl OriginCounts {
     /// in it; a new one is as large as the largest open one (a set grown from nothing rehashes
     /// each time it doubles).
     fn take_window(&mut self, start: i64) -> Window {
-        self.windows.remove(&start).unwrap_or_else(|| Window {
-            seen: FxHashSet::with_capacity_and_hasher(self.windows_len.max(1), Default::default()),
-            ..Window::default()
-        })
+        self.windows
+            .remove(&start)
+            .unwrap_or_else(|| Window { seen: HashTable::with_capacity(self.windows_len.max(1)), ..Window::default() })
     }
 
     fn put_window(&mut self, start: i64, w: Window) {
@@ -129,15 +159,18 @@ impl OriginCounts {
         self.windows.insert(start, w);
     }
 
-    fn count(&mut self, w: &mut Window, region: u32, vehicle: VehicleKey) {
-        // A vehicle seen before in the window needs no origin.
-        let plate = vehicle.plate.clone();
-        if w.seen.insert((region, vehicle)) {
-            let origin = self.origin_id(&plate);
-            *w.counts.entry((region, origin)).or_default() += 1;
-            if w.emitted {
-                w.dirty.insert((region, origin));
-            }
+    fn count(&mut self, w: &mut Window, region: u32, (plate, color): VehicleRef<'_>) {
+        let hash = seen_hash(region, (plate, color));
+        let same = |(r, v): &(u32, VehicleKey)| *r == region && v.color == color && v.plate == *plate;
+        let Entry::Vacant(vacant) = w.seen.entry(hash, same, |(r, v)| seen_hash(*r, (&v.plate, v.color))) else {
+            // A vehicle seen before in the window needs no origin.
+            return;
+        };
+        vacant.insert((region, VehicleKey::new(plate.clone(), color)));
+        let origin = self.origin_id(plate);
+        *w.counts.entry((region, origin)).or_default() += 1;
+        if w.emitted {
+            w.dirty.insert((region, origin));
         }
     }
 
@@ -171,7 +204,7 @@ impl Operator for OriginCounts {
 
     fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
         for (at, start, run) in window_runs(passes, WINDOW_MS) {
-            let vehicles = run.iter().enumerate().filter_map(|(j, p)| Some((at + j, p.checkpoint.0, p.vehicle()?)));
+            let vehicles = run.iter().enumerate().filter_map(|(j, p)| Some((at + j, p.checkpoint.0, p.vehicle_ref()?)));
             if is_late(start + WINDOW_MS, ctx.watermark, ctx.allowed_lateness_ms) {
                 ctx.late.extend(vehicles.map(|(i, _, _)| (i, LATE_LABEL)));
                 continue;
@@ -241,7 +274,7 @@ impl Operator for OriginCounts {
             let mut w = self.take_window(s.start);
             for (region, plate, color) in s.seen {
                 let Some(vehicle) = VehicleKey::from_stored(&plate, color) else { continue };
-                self.count(&mut w, region, vehicle);
+                self.count(&mut w, region, (&vehicle.plate, vehicle.color));
             }
             self.put_window(s.start, w);
             let dirty: FxHashSet<(u32, u32)> = s

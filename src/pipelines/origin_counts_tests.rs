@@ -101,3 +101,40 @@ fn the_batch_oracle_counts_distinct_vehicles() {
     let oracle = batch_origin_counts(&city(), &local(), &passes);
     assert_eq!(oracle.values().copied().collect::<Vec<_>>(), vec![1, 1]);
 }
+
+#[test]
+fn plates_sharing_their_first_bytes_get_the_origin_of_their_own_prefix_as_the_oracle_does() {
+    // Known prefixes, a prefix of a known province the table lacks, characters that are no
+    // province (their plates have no prefix), short and ASCII plates, each head seen twice.
+    let plates = [
+        "赣A12345",
+        "赣A54321",
+        "赣Z11111",
+        "赣Z22222",
+        "使A1234",
+        "使A5678",
+        "粤B33333",
+        "粤B44444",
+        "WJ12345",
+        "WJ12346",
+        "赣",
+        "赣A",
+        "-",
+        "领A1234",
+    ];
+    let passes: Vec<Pass> =
+        plates.iter().enumerate().map(|(i, p)| pass(&i.to_string(), p, 0, 1_000 + i as i64)).collect();
+    let mut op = OriginCounts::new(&city(), &local());
+    let (rows, _) = run(&mut op, &passes, i64::MIN, 300_000);
+    let got: BTreeMap<(String, i64, String, String, String), u64> = rows
+        .iter()
+        .map(|r| {
+            let key =
+                (r.region_id.to_string(), r.window_start, r.origin_province.to_string(), r.origin_city.to_string());
+            ((key.0, key.1, key.2, key.3, r.scope.to_owned()), r.vehicles)
+        })
+        .collect();
+    assert_eq!(got, batch_origin_counts(&city(), &local(), &passes));
+    let unknown_city = got.iter().find(|((_, _, province, city, _), _)| province == "江西" && city == "未知");
+    assert_eq!(unknown_city.map(|(_, n)| *n), Some(2), "赣Z is Jiangxi's, its city unknown");
+}
