@@ -4,7 +4,7 @@
 use super::operator::{BatchMemo, Context, Operator, StateBlob, NO_BATCH};
 use super::parallel::{Parallel, Step};
 use super::watermark::WatermarkTracker;
-use crate::ingest::{DeadLetter, Ingest, IngestStats, Judged, Outcome, Validator};
+use crate::ingest::{Admitted, DeadLetter, Ingest, IngestStats, Judged, Validator};
 use crate::model::{Pass, Text};
 use crate::reference::City;
 use crate::results::{LatePassRow, ResultBatch};
@@ -286,23 +286,23 @@ impl Engine {
         let mut raw: Vec<&'a [u8]> = Vec::with_capacity(records.len());
         let mut late = Vec::new();
         let Engine { ingest, watermarks, forwarded, out, .. } = self;
-        ingest.admit_each(judged, |i, outcome| {
+        ingest.admit_into(judged, &mut passes, |i, admitted, passes| {
             let record = &records[i];
-            match outcome {
-                Outcome::Valid(pass) => {
+            match admitted {
+                Admitted::Valid => {
+                    let (at, pass) = (passes.len() - 1, passes.last().expect("a valid record's pass is the last"));
                     watermarks.observe(record.partition, pass.ts.ms(), processing_now);
                     if let Some(labels) = prior.get_mut(i) {
-                        late.extend(std::mem::take(labels).into_iter().map(|l| (passes.len(), l)));
+                        late.extend(std::mem::take(labels).into_iter().map(|l| (at, l)));
                     }
                     if let Some(forwarded) = forwarded {
                         let (partition, seq, bytes) = (record.partition, record.seq, record.bytes.to_vec());
                         forwarded.push(Forwarded { partition, seq, bytes, late: Vec::new() });
                     }
-                    passes.push(pass);
                     raw.push(record.bytes);
                 }
-                Outcome::Duplicate => {}
-                Outcome::Rejected(reason) => out.dead_letters.push(DeadLetter {
+                Admitted::Duplicate => {}
+                Admitted::Rejected(reason) => out.dead_letters.push(DeadLetter {
                     id: match record.partition {
                         0 => format!("{source}:{}", record.seq),
                         p => format!("{source}:{p}:{}", record.seq),

@@ -33,6 +33,15 @@ pub enum Outcome {
     Rejected(RejectReason),
 }
 
+/// What became of one record admitted into a batch of passes ([`Ingest::admit_into`]): a valid
+/// one is the batch's last pass.
+#[derive(Debug)]
+pub enum Admitted {
+    Valid,
+    Duplicate,
+    Rejected(RejectReason),
+}
+
 /// Counts of what ingestion saw.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IngestStats {
@@ -51,15 +60,16 @@ impl IngestStats {
         self.dead_letters.values().sum()
     }
 
-    fn count(&mut self, outcome: &Outcome) {
+    /// Counts a record; `pass` is the valid one it became.
+    fn count(&mut self, admitted: &Admitted, pass: Option<&Pass>) {
         self.records += 1;
-        match outcome {
-            Outcome::Valid(pass) => {
+        match admitted {
+            Admitted::Valid => {
                 self.valid += 1;
-                self.unreadable_plates += u64::from(pass.plate.plate().is_none());
+                self.unreadable_plates += u64::from(pass.is_some_and(|p| p.plate.plate().is_none()));
             }
-            Outcome::Duplicate => self.duplicates += 1,
-            Outcome::Rejected(reason) => *self.dead_letters.entry(reason.code()).or_default() += 1,
+            Admitted::Duplicate => self.duplicates += 1,
+            Admitted::Rejected(reason) => *self.dead_letters.entry(reason.code()).or_default() += 1,
         }
     }
 }
@@ -104,29 +114,47 @@ impl Ingest {
 
     /// Deduplicates records already judged, in order, and counts them.
     pub fn admit(&mut self, mut judged: Vec<Judged>) -> Vec<Outcome> {
-        let mut outcomes = Vec::with_capacity(judged.len());
-        self.admit_each(&mut judged, |_, outcome| outcomes.push(outcome));
-        outcomes
+        let (mut passes, mut admitted) = (Vec::new(), Vec::with_capacity(judged.len()));
+        self.admit_into(&mut judged, &mut passes, |_, a, _| admitted.push(a));
+        let mut passes = passes.into_iter();
+        admitted
+            .into_iter()
+            .map(|a| match a {
+                Admitted::Valid => Outcome::Valid(passes.next().expect("a pass for every valid record")),
+                Admitted::Duplicate => Outcome::Duplicate,
+                Admitted::Rejected(reason) => Outcome::Rejected(reason),
+            })
+            .collect()
     }
 
     /// Deduplicates the records judged in `judged`, emptying it (its room is kept for the next
-    /// batch), counts them and hands `each` every record's place in the batch and outcome, in
-    /// order.
-    pub fn admit_each(&mut self, judged: &mut Vec<Judged>, mut each: impl FnMut(usize, Outcome)) {
+    /// batch), and counts them; each valid pass is moved onto `passes` (once: a pass is some
+    /// 150 bytes, and handed on by value it would be copied at every step). `each` is told, in
+    /// order, every record's place in the batch and what became of it, with `passes` so far.
+    pub fn admit_into(
+        &mut self,
+        judged: &mut Vec<Judged>,
+        passes: &mut Vec<Pass>,
+        mut each: impl FnMut(usize, Admitted, &[Pass]),
+    ) {
         let keys: Vec<(Text, u64, i64)> =
             judged.iter().filter_map(|j| j.as_ref().ok()).map(|(p, d)| (p.pass_id.clone(), *d, p.ts.ms())).collect();
         let mut verdicts = self.dedup.check_batch(&keys).into_iter();
         for (i, j) in judged.drain(..).enumerate() {
-            let outcome = match j {
-                Err(reason) => Outcome::Rejected(reason),
+            let admitted = match j {
+                Err(reason) => Admitted::Rejected(reason),
                 Ok((pass, _)) => match verdicts.next() {
-                    Some(DedupVerdict::Identical) => Outcome::Duplicate,
-                    Some(DedupVerdict::Conflicting) => Outcome::Rejected(RejectReason::ConflictingDuplicate),
-                    _ => Outcome::Valid(pass),
+                    Some(DedupVerdict::Identical) => Admitted::Duplicate,
+                    Some(DedupVerdict::Conflicting) => Admitted::Rejected(RejectReason::ConflictingDuplicate),
+                    _ => {
+                        passes.push(pass);
+                        Admitted::Valid
+                    }
                 },
             };
-            self.stats.count(&outcome);
-            each(i, outcome);
+            let pass = matches!(admitted, Admitted::Valid).then(|| passes.last()).flatten();
+            self.stats.count(&admitted, pass);
+            each(i, admitted, passes);
         }
     }
 }
