@@ -56,7 +56,7 @@ impl Bloom {
     fn new(ids: usize, opened_at: i64) -> Bloom {
         let capacity = ids.max(MIN_FILTER_IDS);
         let blocks = (capacity * BITS_PER_ID).div_ceil(512);
-        Bloom { blocks: vec![[0; 8]; blocks], capacity, ids: 0, newest: i64::MIN, opened_at }
+        Bloom { blocks: written_zeros(blocks), capacity, ids: 0, newest: i64::MIN, opened_at }
     }
 
     fn is_full(&self) -> bool {
@@ -100,6 +100,16 @@ impl Bloom {
         let block = &self.blocks[block];
         bits.all(|(word, bit)| block[word] & bit != 0)
     }
+}
+
+/// `n` zeros, written now. Zeroed lazily (as `vec![0; n]` is, by fresh pages), a table read
+/// before its page was ever written (a probe for an id not there) would map the kernel's
+/// shared page of zeros there, and the first write after it would fault a second time: in a
+/// set of millions of ids, tens of thousands of page faults more.
+fn written_zeros<T: Clone + Default>(n: usize) -> Vec<T> {
+    let mut zeros = Vec::with_capacity(n);
+    zeros.resize(n, T::default());
+    zeros
 }
 
 /// SplitMix64's finaliser: every bit of the result depends on every bit of `z`.
@@ -210,7 +220,7 @@ fn slots_for(n: usize) -> usize {
 
 impl IdSet {
     fn with_capacity(n: usize) -> IdSet {
-        IdSet { ids: Vec::with_capacity(n), slots: vec![0; slots_for(n)] }
+        IdSet { ids: Vec::with_capacity(n), slots: written_zeros(slots_for(n)) }
     }
 
     fn len(&self) -> usize {
@@ -277,7 +287,7 @@ impl IdSet {
             return;
         }
         self.ids.reserve(more);
-        self.slots = vec![0; slots_for(want.max(self.slots.len() * 3 / 2))];
+        self.slots = written_zeros(slots_for(want.max(self.slots.len() * 3 / 2)));
         for at in 0..self.ids.len() {
             let mixed = mix(IdFilter::hash(self.ids[at].0.as_bytes()));
             let slot = self.vacant(mixed);
@@ -294,12 +304,12 @@ impl IdSet {
         let mut all = Vec::with_capacity(new.size_hint().1.unwrap_or(0));
         all.extend(new.map(|(id, hash, value)| (id.clone(), mix(hash), value)));
         self.reserve(all.len());
-        let all = by_region(all, |(_, mixed, _)| IdSet::region(*mixed), (Text::new(""), 0, (0, 0)));
-        let homes: Vec<usize> = all.iter().map(|(_, mixed, _)| self.home(*mixed)).collect();
-        for (k, (id, mixed, value)) in all.into_iter().enumerate() {
-            if let Some(&ahead) = homes.get(k + SET_AHEAD) {
-                crate::core::prefetch(&self.slots[ahead]);
+        let mut all = by_region(all, |(_, mixed, _)| IdSet::region(*mixed), (Text::new(""), 0, (0, 0)));
+        for k in 0..all.len() {
+            if let Some((_, ahead, _)) = all.get(k + SET_AHEAD) {
+                crate::core::prefetch(&self.slots[self.home(*ahead)]);
             }
+            let (id, mixed, value) = std::mem::replace(&mut all[k], (Text::new(""), 0, (0, 0)));
             // Any held copy is taken over.
             self.put(id, mixed, value, i64::MAX);
         }
