@@ -304,12 +304,16 @@ impl IdSet {
         let mut all = Vec::with_capacity(new.size_hint().1.unwrap_or(0));
         all.extend(new.map(|(id, hash, value)| (id.clone(), mix(hash), value)));
         self.reserve(all.len());
-        let mut all = by_region(all, |(_, mixed, _)| IdSet::region(*mixed), (Text::new(""), 0, (0, 0)));
-        for k in 0..all.len() {
-            if let Some((_, ahead, _)) = all.get(k + SET_AHEAD) {
-                crate::core::prefetch(&self.slots[self.home(*ahead)]);
+        let mut coming = by_region(all, |(_, mixed, _)| IdSet::region(*mixed), (Text::new(""), 0, (0, 0))).into_iter();
+        // The ids to put in next, each one's slot asked for as it joins them.
+        let mut queued = std::collections::VecDeque::with_capacity(SET_AHEAD);
+        loop {
+            while queued.len() < SET_AHEAD {
+                let Some(item) = coming.next() else { break };
+                crate::core::prefetch(&self.slots[self.home(item.1)]);
+                queued.push_back(item);
             }
-            let (id, mixed, value) = std::mem::replace(&mut all[k], (Text::new(""), 0, (0, 0)));
+            let Some((id, mixed, value)) = queued.pop_front() else { break };
             // Any held copy is taken over.
             self.put(id, mixed, value, i64::MAX);
         }
