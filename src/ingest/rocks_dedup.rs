@@ -821,6 +821,72 @@ mod tests {
         assert_eq!((set.len(), set.get(&t, hash(&t))), (0, None));
     }
 
+    /// What an id set is asked to do, on ids drawn from a small pool (so that they repeat).
+    #[derive(Clone, Debug)]
+    enum SetOp {
+        /// A batch of new ids: the last copy of an id in it wins.
+        New(Vec<(u16, i64)>),
+        /// One id with its time, and the oldest time still kept.
+        Insert(u16, i64, i64),
+        Get(u16),
+    }
+
+    fn set_op() -> impl proptest::strategy::Strategy<Value = SetOp> {
+        use proptest::prelude::*;
+        let id = 0u16..600;
+        prop_oneof![
+            proptest::collection::vec((id.clone(), 0i64..100), 0..300).prop_map(SetOp::New),
+            (id.clone(), 0i64..100, 0i64..100).prop_map(|(i, ts, kept)| SetOp::Insert(i, ts, kept)),
+            id.prop_map(SetOp::Get),
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn an_id_set_answers_as_a_map_of_its_ids_would_through_growth(
+            ops in proptest::collection::vec(set_op(), 1..40),
+            first_room in 0usize..64,
+        ) {
+            let mut set = IdSet::with_capacity(first_room);
+            let mut model: std::collections::HashMap<u16, (u64, i64)> = Default::default();
+            let text = |i: u16| Text::from(format!("id-{i}").repeat(usize::from(i % 5) + 1).as_str());
+            let hash = |t: &Text| IdFilter::hash(t.as_bytes());
+            for (n, op) in ops.into_iter().enumerate() {
+                let digest = n as u64;
+                match op {
+                    SetOp::New(batch) => {
+                        let ids: Vec<(Text, i64)> = batch.iter().map(|(i, ts)| (text(*i), *ts)).collect();
+                        set.insert_new(ids.iter().map(|(t, ts)| (t, hash(t), (digest, *ts))));
+                        for (i, ts) in batch {
+                            model.insert(i, (digest, ts));
+                        }
+                    }
+                    SetOp::Insert(i, ts, kept) => {
+                        let t = text(i);
+                        let want = match model.get(&i) {
+                            Some(held) if held.1 >= kept => Some(*held),
+                            _ => {
+                                model.insert(i, (digest, ts));
+                                None
+                            }
+                        };
+                        proptest::prop_assert_eq!(set.insert(&t, hash(&t), (digest, ts), kept), want);
+                    }
+                    SetOp::Get(i) => {
+                        let t = text(i);
+                        proptest::prop_assert_eq!(set.get(&t, hash(&t)).copied(), model.get(&i).copied());
+                    }
+                }
+                proptest::prop_assert_eq!(set.len(), model.len());
+                proptest::prop_assert!(set.slots.len() * 3 >= set.len() * 4, "at most three quarters full");
+            }
+            for (i, held) in &model {
+                let t = text(*i);
+                proptest::prop_assert_eq!(set.get(&t, hash(&t)), Some(held));
+            }
+        }
+    }
+
     #[test]
     fn writes_come_in_the_byte_order_of_the_ids() {
         let ids = [
