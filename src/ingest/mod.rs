@@ -60,13 +60,13 @@ impl IngestStats {
         self.dead_letters.values().sum()
     }
 
-    /// Counts a record; `pass` is the valid one it became.
-    fn count(&mut self, admitted: &Admitted, pass: Option<&Pass>) {
+    /// Counts a record; a valid one is the last of `passes`.
+    fn count(&mut self, admitted: &Admitted, passes: &[Pass]) {
         self.records += 1;
         match admitted {
             Admitted::Valid => {
                 self.valid += 1;
-                self.unreadable_plates += u64::from(pass.is_some_and(|p| p.plate.plate().is_none()));
+                self.unreadable_plates += u64::from(passes.last().is_some_and(|p| p.plate.plate().is_none()));
             }
             Admitted::Duplicate => self.duplicates += 1,
             Admitted::Rejected(reason) => *self.dead_letters.entry(reason.code()).or_default() += 1,
@@ -152,8 +152,7 @@ impl Ingest {
                     }
                 },
             };
-            let pass = matches!(admitted, Admitted::Valid).then(|| passes.last()).flatten();
-            self.stats.count(&admitted, pass);
+            self.stats.count(&admitted, passes);
             each(i, admitted, passes);
         }
     }

@@ -259,7 +259,7 @@ impl IdSet {
                 slot if slot >> 32 == tag && self.ids[(slot as u32 - 1) as usize].0.as_bytes() == id => {
                     return (i, Some(slot as u32 - 1));
                 }
-                _ => i = if i + 1 == self.slots.len() { 0 } else { i + 1 },
+                _ => i = self.after(i),
             }
         }
     }
@@ -268,9 +268,18 @@ impl IdSet {
     fn vacant(&self, mixed: u64) -> usize {
         let mut i = self.home(mixed);
         while self.slots[i] != 0 {
-            i = if i + 1 == self.slots.len() { 0 } else { i + 1 };
+            i = self.after(i);
         }
         i
+    }
+
+    /// The slot after slot `i`, the first after the last.
+    fn after(&self, i: usize) -> usize {
+        if i + 1 == self.slots.len() {
+            0
+        } else {
+            i + 1
+        }
     }
 
     /// The (digest, ts) of `id`, whose [`IdFilter::hash`] is `hash`.

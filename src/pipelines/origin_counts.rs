@@ -7,8 +7,7 @@
 use crate::core::vehicle_hash;
 use crate::core::window::{is_complete, is_late, tumbling_start, window_runs};
 use crate::core::{check_version, Context, Operator, StateBlob};
-use crate::model::VehicleRef;
-use crate::model::{Pass, Text, VehicleKey};
+use crate::model::{Pass, Text, VehicleKey, VehicleRef};
 use crate::reference::{City, OriginScope};
 use crate::results::OriginCountRow;
 use hashbrown::hash_table::Entry;
