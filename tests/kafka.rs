@@ -236,6 +236,32 @@ async fn create(brokers: &str, topics: &[(&str, i32)]) {
 
 /// The service's tables equal the replay's.
 async fn check_tables(config: &Config, want: &BTreeMap<&'static str, Vec<String>>) {
+    let differ = table_differences(config, want).await;
+    assert!(differ.is_empty(), "tables differ from the file replay:\n{}", differ.join("\n"));
+}
+
+/// [`check_tables`] for a scale-out run: a failure shows what the instances' logs (`logs`, their
+/// stderr) say of partitions and stages — where each stage's partitions were, when each ended,
+/// and how many passes and partials each counted.
+async fn check_cluster_tables(config: &Config, want: &BTreeMap<&'static str, Vec<String>>, logs: &str) {
+    let differ = table_differences(config, want).await;
+    if !differ.is_empty() {
+        let stages: Vec<&str> = logs
+            .lines()
+            .filter(|l| {
+                ["passflow::app::cluster", "passflow::kafka::source", "ERROR", "WARN"].iter().any(|k| l.contains(k))
+            })
+            .collect();
+        panic!(
+            "tables differ from the file replay:\n{}\nThe instances' logs:\n{}",
+            differ.join("\n"),
+            stages.join("\n")
+        );
+    }
+}
+
+/// How the tables of `config`'s store differ from `want`, table by table.
+async fn table_differences(config: &Config, want: &BTreeMap<&'static str, Vec<String>>) -> Vec<String> {
     let got = tables(&config.store.url).await;
     let mut differ = Vec::new();
     for (table, rows) in want {
@@ -250,7 +276,7 @@ async fn check_tables(config: &Config, want: &BTreeMap<&'static str, Vec<String>
             ));
         }
     }
-    assert!(differ.is_empty(), "tables differ from the file replay:\n{}", differ.join("\n"));
+    differ
 }
 
 /// The output topics agree with the replay's tables, with no (key, epoch, revision) twice with
@@ -552,10 +578,11 @@ async fn two_and_three_instances_in_one_group_give_the_tables_of_one() {
             assert!(!producing.is_finished(), "the day was produced to its end before the first instance restarted");
             producing.await.unwrap();
         }
+        let mut logs = String::new();
         for (i, child) in children.into_iter().enumerate() {
-            wait_success(child, &format!("instance {i} of {instances}")).await;
+            logs.push_str(&wait_success(child, &format!("instance {i} of {instances}")).await);
         }
-        check_tables(&config, &want).await;
+        check_cluster_tables(&config, &want, &logs).await;
     }
 }
 
@@ -576,10 +603,11 @@ async fn an_instance_given_no_input_partition_ends_with_the_others() {
     std::fs::create_dir_all(&dir).unwrap();
     let children: Vec<std::process::Child> =
         (0..2).map(|i| start_instance(&config, &dir.join(format!("instance-{i}.toml"))).0).collect();
+    let mut logs = String::new();
     for (i, child) in children.into_iter().enumerate() {
-        wait_success(child, &format!("instance {i} of 2 on one input partition")).await;
+        logs.push_str(&wait_success(child, &format!("instance {i} of 2 on one input partition")).await);
     }
-    check_tables(&config, &want).await;
+    check_cluster_tables(&config, &want, &logs).await;
 }
 
 /// Scale-out with a state topic: two instances without a shared `state.dir` (as on two
@@ -659,7 +687,7 @@ async fn instances_on_separate_state_dirs_move_partition_state_through_the_state
             logs.push_str(&std::fs::read_to_string(Path::new(&kept).join(format!("instance-{i}-{port}.log"))).unwrap());
         }
     }
-    check_tables(&config, &want).await;
+    check_cluster_tables(&config, &want, &logs).await;
     assert!(
         logs.contains("state taken from the state topic"),
         "no instance took a partition's state from the state topic"

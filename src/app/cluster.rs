@@ -95,6 +95,8 @@ struct Task {
     ended: bool,
     /// The watermark last sent to the partials topic.
     watermark_sent: i64,
+    /// Partial results sent since this process opened the task (for the log).
+    partials_sent: u64,
 }
 
 /// Where the aggregate stage stands: its place in the repartition topic and the input
@@ -206,7 +208,7 @@ impl Shared {
         engine.assign(partition as u32, wall_ms());
         let next = latest.as_ref().map(progress).transpose()?.flatten();
         tracing::info!(partition, offset = ?next, "per-vehicle task opened");
-        Ok(Task { engine, checkpoints, next_id, next, ended: false, watermark_sent: i64::MIN })
+        Ok(Task { engine, checkpoints, next_id, next, ended: false, watermark_sent: i64::MIN, partials_sent: 0 })
     }
 
     /// Opens the merge task of partition `partition` of the partials topic: the state in
@@ -421,6 +423,16 @@ pub async fn pipeline(
                 producers.forwarder.end(*p as u32).await?;
                 producers.partials.send(*p as u32, Vec::new(), Some(Partial::End { from: *p as u32 })).await?;
                 task.ended = true;
+                let stats = task.engine.stats();
+                tracing::info!(
+                    partition = p,
+                    offset = ?task.next,
+                    valid = stats.valid,
+                    duplicates = stats.duplicates,
+                    late = stats.late,
+                    partials = task.partials_sent,
+                    "partition read to its end; every window closed, end markers sent"
+                );
             }
             producers.forwarder.flush().await?;
             producers.partials.flush().await?;
@@ -458,7 +470,13 @@ pub async fn pipeline(
             task.merge.advance(now, &mut out)?;
             shared.send(out).await?;
             if bounded && task.merge.finished() && !task.position.finished {
-                tracing::info!(partition = p, "every input partition has ended; every merged window is written");
+                let counts = task.merge.counts();
+                tracing::info!(
+                    partition = p,
+                    partials = counts.taken,
+                    ignored = counts.ignored,
+                    "every input partition has ended; every merged window is written"
+                );
                 task.position.finished = true;
                 checkpoint_merges(&shared, &mut producers.states, &mut [(*p, task)], &partials, true).await?;
                 std::fs::write(shared.finished_marker(&merge_key(*p)), b"")?;
@@ -571,6 +589,7 @@ async fn task_output(
     let watermark = task.engine.watermark();
     let moved = watermark > task.watermark_sent;
     if moved || !partials.is_empty() {
+        task.partials_sent += partials.len() as u64;
         let marker = moved.then_some(Partial::Watermark { from, watermark });
         producers.partials.send(from, partials, marker).await?;
         task.watermark_sent = watermark;

@@ -150,6 +150,20 @@ impl Partial {
         flows.chain(origins).chain(speeds).chain(buckets).chain(segments).collect()
     }
 
+    /// The end of the window a partial result counts towards (Top-N: of the last sliding
+    /// window its bucket is in); `None` for the markers.
+    fn window_end(&self) -> Option<i64> {
+        let end = |start: i64, seconds: u32| start + i64::from(seconds) * 1000;
+        match self {
+            Partial::Flow { window_s, window_start, .. }
+            | Partial::Speed { window_s, window_start, .. }
+            | Partial::Segment { window_s, window_start, .. } => Some(end(*window_start, *window_s)),
+            Partial::Origin { window_start, .. } => Some(end(*window_start, ORIGIN_WINDOW_S)),
+            Partial::TopN { bucket_start, .. } => Some(end(*bucket_start, TOP_N_WINDOW_S)),
+            Partial::Watermark { .. } | Partial::End { .. } => None,
+        }
+    }
+
     /// The aggregate key the topic's partition is chosen by (markers go to every partition).
     fn key(&self) -> String {
         match self {
@@ -295,6 +309,17 @@ pub struct Merge {
     /// Set by [`Merge::attach`] (the city's, not part of the state).
     #[serde(skip)]
     env: Option<Env>,
+    /// Partials taken since this process opened the merge, and those ignored because their
+    /// window had been let go (sent again after a restart): for the log.
+    #[serde(skip)]
+    counted: PartialCounts,
+}
+
+/// How many partials a merge has taken and ignored (see [`Merge::counts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PartialCounts {
+    pub taken: u64,
+    pub ignored: u64,
 }
 
 impl Merge {
@@ -316,6 +341,7 @@ impl Merge {
             segment_parts: BTreeMap::new(),
             congestion: CongestionWindows::default(),
             env: None,
+            counted: PartialCounts::default(),
         }
     }
 
@@ -384,28 +410,28 @@ impl Merge {
     /// Takes one message. A partial of a window the merge has already let go of (every input
     /// partition was past its lateness) is one sent again after a restart: it was merged.
     pub fn apply(&mut self, partial: Partial, now: i64) -> anyhow::Result<()> {
-        let forgotten = |end: i64, merge: &Merge| merge.watermark() >= end.saturating_add(merge.allowed_lateness_ms);
+        let end = partial.window_end();
+        if let Some(end) = end {
+            if self.watermark() >= end.saturating_add(self.allowed_lateness_ms) {
+                self.counted.ignored += 1;
+                return Ok(());
+            }
+            self.counted.taken += 1;
+        }
+        // (The markers have no window.)
+        let end = end.unwrap_or(i64::MAX);
         match partial {
             Partial::Flow { from, level, key_id, window_s, window_start, passes } => {
-                let end = window_start + i64::from(window_s) * 1000;
-                if !forgotten(end, self) {
-                    let key = (end, level, key_id, window_s, window_start);
-                    self.flows.entry(key).or_default().take(from, (passes, 0));
-                }
+                let key = (end, level, key_id, window_s, window_start);
+                self.flows.entry(key).or_default().take(from, (passes, 0));
             }
             Partial::Origin { from, region_id, window_start, origin_province, origin_city, scope, vehicles } => {
-                let end = window_start + i64::from(ORIGIN_WINDOW_S) * 1000;
-                if !forgotten(end, self) {
-                    let key = (end, region_id, window_start, origin_province, origin_city, scope);
-                    self.origins.entry(key).or_default().take(from, (vehicles, 0));
-                }
+                let key = (end, region_id, window_start, origin_province, origin_city, scope);
+                self.origins.entry(key).or_default().take(from, (vehicles, 0));
             }
             Partial::Speed { from, checkpoint_id, window_s, window_start, samples, sum_milli } => {
-                let end = window_start + i64::from(window_s) * 1000;
-                if !forgotten(end, self) {
-                    let key = (end, checkpoint_id, window_s, window_start);
-                    self.speeds.entry(key).or_default().take(from, (u64::from(samples), sum_milli));
-                }
+                let key = (end, checkpoint_id, window_s, window_start);
+                self.speeds.entry(key).or_default().take(from, (u64::from(samples), sum_milli));
             }
             Partial::TopN { from, metric, key_id, bucket_start, count, updates } => {
                 let env = self.env.as_ref().context("a partial reached a merge without its city")?;
@@ -414,10 +440,6 @@ impl Merge {
                     if segments { env.congestion.segment(&key_id) } else { env.index.get(key_id.as_str()).copied() };
                 let idx =
                     idx.with_context(|| format!("a Top-N partial names {key_id}, which this city does not have"))?;
-                let last_window_end = bucket_start + i64::from(TOP_N_WINDOW_S) * 1000;
-                if forgotten(last_window_end, self) {
-                    return Ok(());
-                }
                 let parts = self.top_n_parts.entry((segments, bucket_start, idx)).or_default();
                 // A bucket first seen counts as changed (one instance writes a window a count
                 // was taken back from, empty).
@@ -442,10 +464,6 @@ impl Merge {
                 let idx = env.congestion.segment(&segment_id).with_context(|| {
                     format!("a congestion partial names segment {segment_id}, which this city does not have")
                 })?;
-                let end = window_start + i64::from(window_s) * 1000;
-                if forgotten(end, self) {
-                    return Ok(());
-                }
                 let parts = self.segment_parts.entry((end, idx, window_s, window_start)).or_default();
                 let seen = parts.entry(from).or_default();
                 if updates >= seen.updates {
@@ -541,6 +559,11 @@ impl Merge {
         self.origins.retain(|k, _| !done(k.0));
         self.speeds.retain(|k, _| !done(k.0));
         Ok(())
+    }
+
+    /// The partials taken and ignored since this process opened the merge.
+    pub fn counts(&self) -> PartialCounts {
+        self.counted
     }
 
     /// The (key, window)s held.
@@ -646,6 +669,7 @@ mod tests {
         merge.apply(flow(0, "k", 0, 1), 0).unwrap();
         assert_eq!(written(&mut merge), vec![]);
         assert_eq!(merge.held(), 1, "the resend of a window let go is not taken as a new window");
+        assert_eq!(merge.counts(), PartialCounts { taken: 2, ignored: 1 }, "markers are not counted");
     }
 
     #[test]
