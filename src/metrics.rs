@@ -28,6 +28,8 @@ pub struct Metrics {
     /// Scale-out: the (key, window)s this instance's merge tasks hold (partial results of
     /// windows that may still change).
     pub merge_held: prometheus::IntGauge,
+    /// Scale-out: partial results the merge tasks ignored because their window had been let go.
+    pub merge_ignored: prometheus::IntCounter,
     /// Result rows emitted (first emissions and corrections), by table.
     pub result_rows: IntCounterVec,
     /// HTTP request latency by route (the matched path pattern, so the label set is bounded).
@@ -133,6 +135,12 @@ impl Metrics {
         )
         .expect("valid metric name");
         registry.register(Box::new(merge_held.clone())).expect("metric registered once");
+        let merge_ignored = prometheus::IntCounter::new(
+            "passflow_merge_partials_ignored_total",
+            "Scale-out: partial results this instance's merge tasks ignored because their window had been let go (sent again after a restart; without one, partials that came after their partition's end or its idle timeout).",
+        )
+        .expect("valid metric name");
+        registry.register(Box::new(merge_ignored.clone())).expect("metric registered once");
         let result_rows = IntCounterVec::new(
             Opts::new("passflow_result_rows_total", "Result rows emitted (first emissions and corrections), by table."),
             &["table"],
@@ -182,6 +190,7 @@ impl Metrics {
             checkpoint_last_seconds,
             state_pending_ids,
             merge_held,
+            merge_ignored,
             result_rows,
             http_seconds,
             pipeline_heartbeat_ms,

@@ -461,9 +461,11 @@ pub async fn pipeline(
         for f in polled.records {
             let Some(task) = merges.get_mut(&f.partition) else { continue };
             task.position.offset = Some(f.offset + 1);
+            let ignored = task.merge.counts().ignored;
             for partial in Partial::read(&f)? {
                 task.merge.apply(partial, now)?;
             }
+            metrics.merge_ignored.inc_by(task.merge.counts().ignored - ignored);
         }
         for (p, task) in merges.iter_mut() {
             let mut out = ResultBatch::default();
