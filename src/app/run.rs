@@ -236,6 +236,11 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
             Box::pin(pipeline(source, driver, admin_rx, metrics.clone(), stopped.clone()))
         }
     };
+    let purger = Store::open(&config.store.url).await?;
+    // From here a signal asks for a stop. Set before the pipeline is spawned: it may be seen at
+    // work (a log line, a metric) before this function returns, and a stop asked for then is a
+    // stop of a running service.
+    signals.started();
     tasks.spawn(async move {
         let result = work.await;
         // The writer ends once the driver, which holds the last sink handle, is gone.
@@ -245,10 +250,8 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
         };
         ("pipeline", result.and(written))
     });
-    let purger = Store::open(&config.store.url).await?;
     tasks.spawn(purge(purger, config.store.clone(), stopped.clone()));
     tasks.spawn(progress(metrics.clone(), stopped));
-    signals.started();
     Ok(RunHandle {
         api_addr,
         metrics,
