@@ -104,16 +104,6 @@ impl Ingest {
     pub fn accept_batch(&mut self, raws: &[&[u8]], now_ms: Option<i64>) -> Vec<Outcome> {
         let mut judged = Vec::with_capacity(raws.len());
         self.validator.judge_all(raws.iter().copied(), now_ms, &mut judged);
-        self.admit(judged)
-    }
-
-    /// A validator for judging records elsewhere (another thread) before [`Ingest::admit`].
-    pub fn validator(&self) -> &Validator {
-        &self.validator
-    }
-
-    /// Deduplicates records already judged, in order, and counts them.
-    pub fn admit(&mut self, mut judged: Vec<Judged>) -> Vec<Outcome> {
         let (mut passes, mut admitted) = (Vec::new(), Vec::with_capacity(judged.len()));
         self.admit_into(&mut judged, &mut passes, |_, a, _| admitted.push(a));
         let mut passes = passes.into_iter();
@@ -125,6 +115,11 @@ impl Ingest {
                 Admitted::Rejected(reason) => Outcome::Rejected(reason),
             })
             .collect()
+    }
+
+    /// A validator for judging records elsewhere (another thread) before [`Ingest::admit_into`].
+    pub fn validator(&self) -> &Validator {
+        &self.validator
     }
 
     /// Deduplicates the records judged in `judged`, emptying it (its room is kept for the next
