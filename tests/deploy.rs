@@ -132,3 +132,21 @@ fn the_docker_files_hold_together() {
         assert!(sources.contains(&format!("uid: {uid}")), "datasource {uid} is not provisioned");
     }
 }
+
+/// `scripts/build-pgo` gives its profile flags to passflow's own crate alone: a dependency
+/// given them would be compiled again (RocksDB's C++ with it).
+#[test]
+fn the_pgo_build_gives_its_flags_to_passflow_alone() {
+    let rustc_args = |crate_name: &str| {
+        let out = std::process::Command::new(repo("scripts/pgo-rustc"))
+            .args(["echo", "--crate-name", crate_name, "src/lib.rs"])
+            .env("PASSFLOW_PGO_FLAGS", "-Cprofile-use=/tmp/p.profdata")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(rustc_args("passflow"), "--crate-name passflow src/lib.rs -Cprofile-use=/tmp/p.profdata\n");
+    assert_eq!(rustc_args("passflow_helper"), "--crate-name passflow_helper src/lib.rs\n");
+    assert_eq!(rustc_args("rocksdb"), "--crate-name rocksdb src/lib.rs\n");
+}
