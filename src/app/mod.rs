@@ -78,7 +78,8 @@ pub enum Command {
         #[arg(long)]
         city: Option<PathBuf>,
     },
-    /// Replay a JSON-lines pass file through decoding, validation and deduplication.
+    /// Replay a JSON-lines pass file through decoding, validation, deduplication and the
+    /// pipelines into the store, and print the passes/s.
     Replay {
         /// City folder (default: city.dir of the configuration).
         #[arg(long)]
