@@ -59,10 +59,7 @@ async fn mysql_going_away_mid_replay_pauses_the_replay_and_loses_nothing() {
     let db = TestDatabase::create("outage").await;
     // Create the tables first, straight to the server.
     drop(Store::open(&db.url).await.unwrap());
-    let server = db.url.trim_start_matches("mysql://").split_once('@').map(|(_, rest)| rest).unwrap();
-    let (host_port, database) = server.split_once('/').unwrap();
-    let proxy = crate::support::Proxy::start(host_port).await;
-    let via_proxy = format!("mysql://root@{}/{database}", proxy.addr);
+    let (proxy, via_proxy) = proxied(&db).await;
     let day = tempfile::tempdir().unwrap();
     let made = crate::support::passflow()
         .args(["simulate", "--out"])
@@ -98,6 +95,57 @@ async fn mysql_going_away_mid_replay_pauses_the_replay_and_loses_nothing() {
     assert_eq!(mysql.origin_counts().await.unwrap(), sqlite.origin_counts().await.unwrap());
     assert_eq!(mysql.top_n().await.unwrap(), sqlite.top_n().await.unwrap());
     assert_eq!(mysql.dead_letter_counts().await.unwrap(), sqlite.dead_letter_counts().await.unwrap());
+    db.drop_now().await;
+}
+
+/// The proxied URL of `db`'s database, through a proxy of its own.
+async fn proxied(db: &TestDatabase) -> (crate::support::Proxy, String) {
+    let server = db.url.trim_start_matches("mysql://").split_once('@').map(|(_, rest)| rest).unwrap();
+    let (host_port, database) = server.split_once('/').unwrap();
+    let proxy = crate::support::Proxy::start(host_port).await;
+    let url = format!("mysql://root@{}/{database}", proxy.addr);
+    (proxy, url)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mysql_store_that_cannot_be_reached_is_refused_with_its_cause() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let error = Store::open(&format!("mysql://root@{closed}/x")).await.err().expect("nothing listens there");
+    let error = format!("{error:#}");
+    assert!(error.contains("refused") && !error.contains("timed out"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_service_waits_for_a_mysql_store_it_cannot_reach_yet_and_starts_when_it_can() {
+    let db = TestDatabase::create("late_start").await;
+    let (proxy, url) = proxied(&db).await;
+    proxy.cut();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::support::service_config(dir.path());
+    config.store.url = url;
+    config.source.simulator.vehicles = 2_000;
+    config.source.simulator.speed = 600.0;
+    let starting = tokio::spawn(passflow::app::run(config, None));
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(!starting.is_finished(), "the service waits for MySQL instead of failing");
+    proxy.restore();
+    let handle = tokio::time::timeout(std::time::Duration::from_secs(60), starting)
+        .await
+        .expect("the service starts once MySQL can be reached")
+        .unwrap()
+        .unwrap();
+    let direct = Store::open(&db.url).await.unwrap();
+    let mut written = false;
+    for _ in 0..300 {
+        if !direct.flow_counts().await.unwrap().is_empty() {
+            written = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(written, "no flow count reached MySQL within 30 s of its coming");
+    handle.stop();
+    tokio::time::timeout(std::time::Duration::from_secs(30), handle.wait()).await.expect("stops").unwrap();
     db.drop_now().await;
 }
 

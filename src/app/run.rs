@@ -152,7 +152,7 @@ pub async fn run(config: Config, from_savepoint: Option<PathBuf>) -> anyhow::Res
     let signals = StopSignals::listen()?;
     let city =
         Arc::new(City::load(&config.city.dir).with_context(|| format!("loading city {}", config.city.dir.display()))?);
-    let store = Store::open(&config.store.url).await?;
+    let store = Store::open_waiting(&config.store.url).await?;
     let metrics = Arc::new(Metrics::new());
     let watchlist = super::replay::load_watchlist(&config)?;
     let scale_out = config.source.kind == SourceKind::Kafka && config.kafka.scale_out.enabled;

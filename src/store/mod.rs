@@ -19,6 +19,11 @@ pub enum Store {
     Null,
 }
 
+/// The first pause of [`Store::open_waiting`] before it tries again.
+const FIRST_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+/// The longest pause of [`Store::open_waiting`].
+const LONGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A stored flow count: (level, key_id, window_s, window_start, passes, revision).
 pub type StoredFlowCount = (String, String, i64, i64, i64, i64);
 
@@ -38,6 +43,27 @@ impl Store {
             return Ok(Store::Null);
         }
         anyhow::bail!("store URL `{url}`: expected sqlite://PATH, mysql://USER@HOST:PORT/DB or null://")
+    }
+
+    /// Opens a store as [`Store::open`] does, but waits for a MySQL server that cannot be
+    /// reached yet (one that starts after passflow, or is down for a while) instead of failing:
+    /// each failed attempt is logged with its cause and made again after a pause that doubles
+    /// up to [`LONGEST_WAIT`]. Any other failure (a bad URL, a migration refused, a SQLite file
+    /// that cannot be made) ends it at once.
+    pub async fn open_waiting(url: &str) -> anyhow::Result<Store> {
+        if url.starts_with("mysql://") {
+            let mut pause = FIRST_WAIT;
+            while let Err(e) = mysql::MySqlStore::reach(url).await {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    retry_in_s = pause.as_secs_f64(),
+                    "the MySQL store cannot be reached; waiting for it"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(LONGEST_WAIT);
+            }
+        }
+        Store::open(url).await
     }
 
     pub fn kind(&self) -> &'static str {

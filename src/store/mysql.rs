@@ -12,8 +12,26 @@ pub struct MySqlStore {
     pub(super) pool: MySqlPool,
 }
 
+/// How long one attempt to reach the server may take.
+const REACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl MySqlStore {
+    /// Connects to the server once and lets go: when it cannot, the error says why (refused,
+    /// denied, no such database). A pool that cannot connect only says it timed out waiting.
+    pub async fn reach(url: &str) -> anyhow::Result<()> {
+        use sqlx::Connection;
+        let connecting = sqlx::MySqlConnection::connect(url);
+        let connection = tokio::time::timeout(REACH_TIMEOUT, connecting)
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within {} s", REACH_TIMEOUT.as_secs()))?
+            // sqlx's message already ends with its cause's.
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        connection.close().await?;
+        Ok(())
+    }
+
     pub async fn open(url: &str) -> anyhow::Result<MySqlStore> {
+        MySqlStore::reach(url).await?;
         let pool = MySqlPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(std::time::Duration::from_secs(10))
