@@ -77,14 +77,7 @@ async fn mysql_going_away_mid_replay_pauses_the_replay_and_loses_nothing() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     proxy.cut();
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    assert!(!replaying.is_finished(), "the replay waits while MySQL is away");
-    proxy.restore();
-    let summary = tokio::time::timeout(std::time::Duration::from_secs(120), replaying)
-        .await
-        .expect("the replay finishes once MySQL is back")
-        .unwrap()
-        .unwrap();
+    let summary = waits_for(&proxy, replaying, "the replay", 120).await.unwrap();
     assert_eq!(summary.stats.records, labels(day.path()).records);
 
     let (mysql, sqlite) = (Store::open(&db.url).await.unwrap(), Store::open(&sqlite_url).await.unwrap());
@@ -96,6 +89,18 @@ async fn mysql_going_away_mid_replay_pauses_the_replay_and_loses_nothing() {
     assert_eq!(mysql.top_n().await.unwrap(), sqlite.top_n().await.unwrap());
     assert_eq!(mysql.dead_letter_counts().await.unwrap(), sqlite.dead_letter_counts().await.unwrap());
     db.drop_now().await;
+}
+
+/// What `task` gives: it must still be waiting 3 s into `proxy`'s cut, and end within
+/// `within_s` of its being restored. `what` names the task in failures.
+async fn waits_for<T>(proxy: &crate::support::Proxy, task: tokio::task::JoinHandle<T>, what: &str, within_s: u64) -> T {
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(!task.is_finished(), "{what} waits while MySQL cannot be reached");
+    proxy.restore();
+    tokio::time::timeout(std::time::Duration::from_secs(within_s), task)
+        .await
+        .unwrap_or_else(|_| panic!("{what} ends once MySQL is back"))
+        .unwrap()
 }
 
 /// The proxied URL of `db`'s database, through a proxy of its own.
@@ -126,14 +131,7 @@ async fn the_service_waits_for_a_mysql_store_it_cannot_reach_yet_and_starts_when
     config.source.simulator.vehicles = 2_000;
     config.source.simulator.speed = 600.0;
     let starting = tokio::spawn(passflow::app::run(config, None));
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    assert!(!starting.is_finished(), "the service waits for MySQL instead of failing");
-    proxy.restore();
-    let handle = tokio::time::timeout(std::time::Duration::from_secs(60), starting)
-        .await
-        .expect("the service starts once MySQL can be reached")
-        .unwrap()
-        .unwrap();
+    let handle = waits_for(&proxy, starting, "the service's start", 60).await.unwrap();
     let direct = Store::open(&db.url).await.unwrap();
     let mut written = false;
     for _ in 0..300 {
