@@ -41,9 +41,14 @@ pub struct Deliveries {
     outstanding: AtomicUsize,
     refused: Mutex<Vec<Refused>>,
     reported: tokio::sync::Notify,
+    errors: super::errors::ErrorThrottle,
 }
 
-impl ClientContext for Deliveries {}
+impl ClientContext for Deliveries {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.client_error("Kafka producer error", &error, reason);
+    }
+}
 
 impl ProducerContext for Deliveries {
     type DeliveryOpaque = ();

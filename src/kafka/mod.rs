@@ -14,10 +14,12 @@
 //!   time so that it moves with its partition to any instance.
 //! - `delivery.rs`: the producers: the outputs' counts delivery reports instead of awaiting a
 //!   future per message; the internal topics' awaits each delivery in order.
+//! - `errors.rs`: librdkafka's client errors, each kind logged at most once per 10 s.
 //! - `records.rs`: the messages: compactable keys, JSON values with a schema version, the epoch
 //!   (one per start of the service) and the row's revision.
 
 mod delivery;
+mod errors;
 mod partials;
 mod records;
 mod repartition;

@@ -20,8 +20,6 @@ const LAG_EVERY: Duration = Duration::from_secs(5);
 const CONTACT_FRESH: Duration = Duration::from_secs(10);
 /// A bounded run ends once its partitions have been at their ends this long.
 const END_QUIET: Duration = Duration::from_secs(1);
-/// Broker errors are logged at most this often.
-const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The source position kept in checkpoints: the next offset to read per partition.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -62,6 +60,7 @@ enum GroupEvent {
 struct GroupEvents {
     topic: String,
     events: Mutex<Vec<GroupEvent>>,
+    errors: super::errors::ErrorThrottle,
 }
 
 impl ClientContext for GroupEvents {
@@ -73,7 +72,7 @@ impl ClientContext for GroupEvents {
             KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF) => {
                 tracing::debug!(reason, "partition end reached")
             }
-            e => tracing::error!(error = %e, reason, "Kafka client error"),
+            e => self.errors.client_error("Kafka client error", &e, reason),
         }
     }
 }
@@ -117,7 +116,6 @@ pub struct KafkaSource {
     last_lag: Option<Instant>,
     /// When the broker last answered (a message, or a lag or metadata request).
     last_contact: Option<Instant>,
-    last_error_log: Option<Instant>,
     /// Partitions may go to another consumer of the group (scale-out).
     moves: bool,
     /// The group has given this consumer an assignment (perhaps of no partition).
@@ -162,7 +160,7 @@ impl KafkaSource {
     /// position) when given.
     pub fn open(config: &KafkaConfig, resume: Option<KafkaPosition>) -> anyhow::Result<KafkaSource> {
         let input = &config.input;
-        let context = GroupEvents { topic: input.topic.clone(), events: Mutex::new(Vec::new()) };
+        let context = GroupEvents { topic: input.topic.clone(), events: Mutex::new(Vec::new()), errors: Default::default() };
         let consumer: BaseConsumer<GroupEvents> = config
             .client_config(&[
                 ("group.id", &input.group_id),
@@ -205,7 +203,6 @@ impl KafkaSource {
             paused: false,
             last_lag: None,
             last_contact: None,
-            last_error_log: None,
             moves: false,
             joined: false,
             headers: false,
@@ -372,10 +369,10 @@ impl KafkaSource {
         Ok(())
     }
 
-    fn log_error(&mut self, e: &rdkafka::error::KafkaError) {
-        if self.last_error_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
-            self.last_error_log = Some(Instant::now());
-            tracing::warn!(brokers = %self.config.brokers, error = %e, "Kafka consumer error; waiting for the broker");
+    /// Logs a consumer error, each kind at most once per [`super::errors::EVERY`].
+    fn log_error(&self, e: &rdkafka::error::KafkaError) {
+        if let Some(unlogged) = self.consumer.context().errors.admit(&e.to_string(), Instant::now()) {
+            tracing::warn!(brokers = %self.config.brokers, error = %e, unlogged, "Kafka consumer error; waiting for the broker");
         }
     }
 
