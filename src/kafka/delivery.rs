@@ -17,7 +17,7 @@ use rdkafka::producer::{
 use rdkafka::{ClientConfig, ClientContext};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a full producer queue is waited on before trying again.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
@@ -101,6 +101,12 @@ impl CountingProducer {
                 e => return Err(e),
             }
         }
+    }
+
+    /// Whether an error of `kind` is logged now, each kind at most once per
+    /// [`super::errors::EVERY`]: `Some` with how many of its kind were not logged since.
+    pub fn admit_error(&self, kind: &str) -> Option<u64> {
+        self.deliveries().errors.admit(kind, Instant::now())
     }
 
     /// Whether every message sent so far has its report, and the refused ones (taken). A

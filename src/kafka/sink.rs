@@ -49,7 +49,9 @@ impl KafkaSink {
     async fn queue(&self, topic: &str, key: &[u8], value: Option<&[u8]>) {
         while let Err(e) = self.producer.send(topic, key, value).await {
             self.ready.set(0);
-            tracing::warn!(topic, error = %e, "producing to Kafka failed; retrying");
+            if let Some(unlogged) = self.producer.admit_error(&e.to_string()) {
+                tracing::warn!(topic, error = %e, unlogged, "producing to Kafka failed; retrying");
+            }
             tokio::time::sleep(RETRY_PAUSE).await;
         }
     }
