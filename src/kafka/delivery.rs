@@ -7,6 +7,7 @@
 //!   the internal topics (repartition, state), whose messages cannot be sent again out of their
 //!   place.
 
+use super::errors::QuietErrors;
 use super::KafkaConfig;
 use anyhow::Context as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -127,7 +128,7 @@ impl CountingProducer {
 /// every delivery: [`AckedProducer::flush`] returns once the broker has acknowledged everything
 /// queued, and fails if it refused anything.
 pub struct AckedProducer {
-    producer: FutureProducer,
+    producer: FutureProducer<QuietErrors>,
     in_flight: Vec<DeliveryFuture>,
     /// Which topic it writes, for messages: `repartition`, `partials`, `state`.
     what: &'static str,
@@ -135,9 +136,9 @@ pub struct AckedProducer {
 
 impl AckedProducer {
     pub fn open(config: &KafkaConfig, what: &'static str) -> anyhow::Result<AckedProducer> {
-        let producer: FutureProducer = config
+        let producer: FutureProducer<QuietErrors> = config
             .client_config(&[("enable.idempotence", "true"), ("message.timeout.ms", "0"), ("linger.ms", "5")])
-            .create()
+            .create_with_context(QuietErrors::default())
             .with_context(|| format!("creating the Kafka producer for {}", config.brokers))?;
         Ok(AckedProducer { producer, in_flight: Vec::new(), what })
     }

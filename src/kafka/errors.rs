@@ -47,6 +47,19 @@ impl ErrorThrottle {
     }
 }
 
+/// A client context that logs librdkafka's errors through an [`ErrorThrottle`], for clients
+/// that need no other callback.
+#[derive(Default)]
+pub(crate) struct QuietErrors(ErrorThrottle);
+
+impl rdkafka::ClientContext for QuietErrors {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.0.client_error("Kafka client error", &error, reason);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietErrors {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

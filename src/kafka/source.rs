@@ -160,7 +160,8 @@ impl KafkaSource {
     /// position) when given.
     pub fn open(config: &KafkaConfig, resume: Option<KafkaPosition>) -> anyhow::Result<KafkaSource> {
         let input = &config.input;
-        let context = GroupEvents { topic: input.topic.clone(), events: Mutex::new(Vec::new()), errors: Default::default() };
+        let context =
+            GroupEvents { topic: input.topic.clone(), events: Mutex::new(Vec::new()), errors: Default::default() };
         let consumer: BaseConsumer<GroupEvents> = config
             .client_config(&[
                 ("group.id", &input.group_id),

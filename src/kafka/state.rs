@@ -99,14 +99,14 @@ impl StateTopic {
     /// The newest published state of each of `keys` (those published at all), read from the
     /// beginning of the topic to its end.
     pub fn read(&mut self, keys: &[String]) -> anyhow::Result<BTreeMap<String, Checkpoint>> {
-        let consumer: BaseConsumer = self
+        let consumer: BaseConsumer<super::errors::QuietErrors> = self
             .config
             .client_config(&[
                 ("group.id", "passflow-state-reader"),
                 ("enable.auto.commit", "false"),
                 ("enable.partition.eof", "false"),
             ])
-            .create()
+            .create_with_context(Default::default())
             .with_context(|| format!("creating the Kafka consumer for {}", self.config.brokers))?;
         let started = Instant::now();
         let wait = |what: &str, e: &dyn std::fmt::Display| -> anyhow::Result<()> {
