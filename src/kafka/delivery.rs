@@ -7,7 +7,7 @@
 //!   the internal topics (repartition, state), whose messages cannot be sent again out of their
 //!   place.
 
-use super::errors::QuietErrors;
+use super::errors::{ErrorThrottle, QuietErrors};
 use super::KafkaConfig;
 use anyhow::Context as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -42,7 +42,7 @@ pub struct Deliveries {
     outstanding: AtomicUsize,
     refused: Mutex<Vec<Refused>>,
     reported: tokio::sync::Notify,
-    errors: super::errors::ErrorThrottle,
+    errors: ErrorThrottle,
 }
 
 impl ClientContext for Deliveries {

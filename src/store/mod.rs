@@ -19,11 +19,6 @@ pub enum Store {
     Null,
 }
 
-/// The first pause of [`Store::open_waiting`] before it tries again.
-const FIRST_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
-/// The longest pause of [`Store::open_waiting`].
-const LONGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// A stored flow count: (level, key_id, window_s, window_start, passes, revision).
 pub type StoredFlowCount = (String, String, i64, i64, i64, i64);
 
@@ -31,39 +26,32 @@ impl Store {
     /// Opens a store from its URL (`sqlite://PATH`, `mysql://…`, `null://`), creating the
     /// tables when they are missing.
     pub async fn open(url: &str) -> anyhow::Result<Store> {
+        Store::open_with(url, false).await
+    }
+
+    /// Opens a store as [`Store::open`] does, but waits for a MySQL server that cannot be
+    /// reached yet (one that starts after passflow, or is down for a while) instead of failing:
+    /// each failed attempt is logged with its cause and made again after a pause that doubles
+    /// up to 30 s. Any other failure (a bad URL, a migration refused, a SQLite file
+    /// that cannot be made) ends it at once.
+    pub async fn open_waiting(url: &str) -> anyhow::Result<Store> {
+        Store::open_with(url, true).await
+    }
+
+    /// [`Store::open`], or [`Store::open_waiting`] when `wait`.
+    async fn open_with(url: &str, wait: bool) -> anyhow::Result<Store> {
         if let Some(path) = url.strip_prefix("sqlite://") {
             return Ok(Store::Sqlite(
                 sqlite::SqliteStore::open(path).await.with_context(|| format!("opening SQLite store {path}"))?,
             ));
         }
         if url.starts_with("mysql://") {
-            return Ok(Store::MySql(mysql::MySqlStore::open(url).await.context("opening MySQL store")?));
+            return Ok(Store::MySql(mysql::MySqlStore::open(url, wait).await.context("opening MySQL store")?));
         }
         if url == "null://" || url == "null:" {
             return Ok(Store::Null);
         }
         anyhow::bail!("store URL `{url}`: expected sqlite://PATH, mysql://USER@HOST:PORT/DB or null://")
-    }
-
-    /// Opens a store as [`Store::open`] does, but waits for a MySQL server that cannot be
-    /// reached yet (one that starts after passflow, or is down for a while) instead of failing:
-    /// each failed attempt is logged with its cause and made again after a pause that doubles
-    /// up to [`LONGEST_WAIT`]. Any other failure (a bad URL, a migration refused, a SQLite file
-    /// that cannot be made) ends it at once.
-    pub async fn open_waiting(url: &str) -> anyhow::Result<Store> {
-        if url.starts_with("mysql://") {
-            let mut pause = FIRST_WAIT;
-            while let Err(e) = mysql::MySqlStore::reach(url).await {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    retry_in_s = pause.as_secs_f64(),
-                    "the MySQL store cannot be reached; waiting for it"
-                );
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(LONGEST_WAIT);
-            }
-        }
-        Store::open(url).await
     }
 
     pub fn kind(&self) -> &'static str {

@@ -14,11 +14,15 @@ pub struct MySqlStore {
 
 /// How long one attempt to reach the server may take.
 const REACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The first pause before the server is tried again, when opening waits for it.
+const FIRST_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+/// The longest pause before the server is tried again.
+const LONGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl MySqlStore {
     /// Connects to the server once and lets go: when it cannot, the error says why (refused,
     /// denied, no such database). A pool that cannot connect only says it timed out waiting.
-    pub async fn reach(url: &str) -> anyhow::Result<()> {
+    async fn reach(url: &str) -> anyhow::Result<()> {
         use sqlx::Connection;
         let connecting = sqlx::MySqlConnection::connect(url);
         let connection = tokio::time::timeout(REACH_TIMEOUT, connecting)
@@ -30,8 +34,23 @@ impl MySqlStore {
         Ok(())
     }
 
-    pub async fn open(url: &str) -> anyhow::Result<MySqlStore> {
-        MySqlStore::reach(url).await?;
+    /// Opens the store once the server can be reached; `wait`: while it cannot, each attempt
+    /// is logged with its cause and made again after a pause that doubles up to
+    /// [`LONGEST_WAIT`] (else the first failure is returned).
+    pub async fn open(url: &str, wait: bool) -> anyhow::Result<MySqlStore> {
+        let mut pause = FIRST_WAIT;
+        while let Err(e) = MySqlStore::reach(url).await {
+            if !wait {
+                return Err(e);
+            }
+            tracing::warn!(
+                error = format!("{e:#}"),
+                retry_in_s = pause.as_secs_f64(),
+                "the MySQL store cannot be reached; waiting for it"
+            );
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(LONGEST_WAIT);
+        }
         let pool = MySqlPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(std::time::Duration::from_secs(10))
