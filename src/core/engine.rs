@@ -2,7 +2,7 @@
 //! watermark, drives every operator through its lifecycle and snapshots the lot.
 
 use super::operator::{BatchMemo, Context, Operator, StateBlob, NO_BATCH};
-use super::parallel::{Parallel, Step};
+use super::parallel::{Parallel, Phase, Step};
 use super::watermark::WatermarkTracker;
 use crate::ingest::{Admitted, DeadLetter, Ingest, IngestStats, Judged, Validator};
 use crate::model::{Pass, Text};
@@ -335,7 +335,10 @@ impl Engine {
         self.run_operators(watermark, &passes, &raw, Vec::new(), clocks.processing_now);
     }
 
-    /// Runs the operators on a batch; `late` holds what its passes were already late for.
+    /// Runs the operators on a batch; `late` holds what its passes were already late for. The
+    /// watermark the batch moves to is known once its passes are admitted, so the operators
+    /// take the batch and then that watermark in one run on the engine's threads: a group goes
+    /// on to emit its windows without waiting for the other groups to finish the batch.
     fn run_operators(
         &mut self,
         watermark: i64,
@@ -344,56 +347,60 @@ impl Engine {
         mut late: Vec<(usize, &'static str)>,
         processing_now: i64,
     ) {
-        let batch = passes.len();
         self.processing_now = self.processing_now.max(processing_now);
         let memo = BatchMemo::new(passes);
-        late.extend(self.with_operators(watermark, batch, &memo, &|op, ctx| op.process_batch(passes, ctx)));
+        let moved = self.watermarks.advance(processing_now, self.settings.live);
+        let process = Phase { watermark, batch: &memo, step: &|op, ctx| op.process_batch(passes, ctx) };
+        let emit = Phase { watermark: moved, batch: &NO_BATCH, step: &|op, ctx| op.on_watermark(ctx) };
+        let phases = if moved > watermark { &[process, emit][..] } else { &[process][..] };
+        late.extend(self.with_operators(passes.len(), phases));
         self.record_late(late, passes, raw, processing_now);
-        self.advance(processing_now, batch);
     }
 
-    /// Runs `step` on every operator with a context at `watermark`, on the engine's threads
-    /// when the work is for a large `batch` of passes (`memo`'s); returns the passes they
-    /// marked late.
-    fn with_operators(
-        &mut self,
-        watermark: i64,
-        batch: usize,
-        memo: &BatchMemo<'_>,
-        step: Step<'_>,
-    ) -> Vec<(usize, &'static str)> {
+    /// Runs the `phases` on every operator, on the engine's threads when the work is for a
+    /// large `batch` of passes; returns the passes they marked late.
+    fn with_operators(&mut self, batch: usize, phases: &[Phase<'_>]) -> Vec<(usize, &'static str)> {
         let mut late = Vec::new();
         let mut ctx = Context {
-            watermark,
+            watermark: phases.first().map_or(self.watermarks.current(), |p| p.watermark),
             allowed_lateness_ms: self.settings.allowed_lateness_ms,
             processing_now: self.processing_now,
             out: &mut self.out,
             late: &mut late,
-            batch: memo,
+            batch: &NO_BATCH,
         };
         if self.parallel.takes(batch) {
-            self.parallel.run(&mut self.operators, &mut ctx, step);
+            self.parallel.run(&mut self.operators, &mut ctx, phases);
         } else {
-            for op in &mut self.operators {
-                step(op.as_mut(), &mut ctx);
+            for phase in phases {
+                (ctx.watermark, ctx.batch) = (phase.watermark, phase.batch);
+                for op in &mut self.operators {
+                    (phase.step)(op.as_mut(), &mut ctx);
+                }
             }
         }
         late
     }
 
+    /// One phase: `step` with a context at `watermark`, outside a batch.
+    fn step_at(watermark: i64, step: Step<'_>) -> Phase<'_> {
+        Phase { watermark, batch: &NO_BATCH, step }
+    }
+
     /// Moves the watermark without data (live: the wall clock).
     pub fn tick(&mut self, processing_now: i64) {
-        self.advance(processing_now, 0);
+        self.advance(processing_now);
     }
 
     /// End of input: the watermark goes to the end of time and every window is emitted.
     pub fn finish(&mut self) {
         let watermark = self.watermarks.finish();
         // Every open window is emitted: as much work as the largest batch.
-        self.with_operators(watermark, usize::MAX, &NO_BATCH, &|op, ctx| {
+        let close: Step<'_> = &|op, ctx| {
             op.on_watermark(ctx);
             op.on_close(ctx);
-        });
+        };
+        self.with_operators(usize::MAX, &[Self::step_at(watermark, close)]);
     }
 
     /// The rows emitted since the last call.
@@ -403,7 +410,8 @@ impl Engine {
 
     /// Tells the operators a checkpoint barrier passes.
     pub fn barrier(&mut self, id: u64) {
-        let late = self.with_operators(self.watermarks.current(), 0, &NO_BATCH, &|op, ctx| op.on_checkpoint(id, ctx));
+        let barrier: Step<'_> = &|op, ctx| op.on_checkpoint(id, ctx);
+        let late = self.with_operators(0, &[Self::step_at(self.watermarks.current(), barrier)]);
         debug_assert!(late.is_empty(), "a barrier carries no passes");
     }
 
@@ -507,13 +515,12 @@ impl Engine {
         Ok(())
     }
 
-    /// `batch`: the passes of the batch just taken (0 without one).
-    fn advance(&mut self, processing_now: i64, batch: usize) {
+    fn advance(&mut self, processing_now: i64) {
         self.processing_now = self.processing_now.max(processing_now);
         let before = self.watermarks.current();
         let watermark = self.watermarks.advance(processing_now, self.settings.live);
         if watermark > before {
-            self.with_operators(watermark, batch, &NO_BATCH, &|op, ctx| op.on_watermark(ctx));
+            self.with_operators(0, &[Self::step_at(watermark, &|op, ctx| op.on_watermark(ctx))]);
         }
     }
 

@@ -6,7 +6,7 @@
 //! allocator heap and give its memory back at its end, and the kernel would zero it again for
 //! the next.
 
-use super::operator::{Context, Operator};
+use super::operator::{BatchMemo, Context, Operator};
 use crate::results::ResultBatch;
 use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +19,14 @@ const MIN_PASSES: usize = 512;
 
 /// What the operators do: one call per operator, with its context.
 pub(super) type Step<'f> = &'f (dyn Fn(&mut dyn Operator, &mut Context<'_>) + Sync);
+
+/// One step of every operator, with the watermark and the batch its context gives.
+#[derive(Clone, Copy)]
+pub(super) struct Phase<'f> {
+    pub watermark: i64,
+    pub batch: &'f BatchMemo<'f>,
+    pub step: Step<'f>,
+}
 
 /// Runs groups of operators on up to `threads` threads, the slowest groups of the last run
 /// first (a long group started last would leave the other threads idle).
@@ -77,9 +85,11 @@ impl Parallel {
         out
     }
 
-    /// Runs `step` on every operator, each group with a context of its own like `ctx`; their
-    /// rows and late passes then go to `ctx`'s, in the order of the groups as listed.
-    pub fn run(&mut self, operators: &mut [Box<dyn Operator>], ctx: &mut Context<'_>, step: Step<'_>) {
+    /// Runs the `phases` on every operator in turn, each group with a context of its own like
+    /// `ctx` (its watermark and batch the phase's): a group takes each phase right after the
+    /// one before, without waiting for the other groups. Their rows and late passes then go to
+    /// `ctx`'s, in the order of the groups as listed.
+    pub fn run(&mut self, operators: &mut [Box<dyn Operator>], ctx: &mut Context<'_>, phases: &[Phase<'_>]) {
         let mut groups: Vec<Group<'_>> = Vec::new();
         for op in operators.iter_mut() {
             let name = op.thread_group();
@@ -98,17 +108,19 @@ impl Parallel {
         order.sort_by_key(|i| std::cmp::Reverse(self.cost.get(groups[*i].name).copied().unwrap_or(0)));
         let groups: Vec<Mutex<Group<'_>>> = groups.into_iter().map(Mutex::new).collect();
         let next = AtomicUsize::new(0);
-        let (watermark, allowed_lateness_ms, processing_now, batch) =
-            (ctx.watermark, ctx.allowed_lateness_ms, ctx.processing_now, ctx.batch);
+        let (allowed_lateness_ms, processing_now) = (ctx.allowed_lateness_ms, ctx.processing_now);
         let work = || loop {
             let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) else { return };
             let mut guard = groups[i].lock().expect("a group is run once");
             let group = &mut *guard;
             let started = Instant::now();
-            let (out, late) = (&mut group.out, &mut group.late);
-            let mut ctx = Context { watermark, allowed_lateness_ms, processing_now, out, late, batch };
-            for op in &mut group.operators {
-                step(op.as_mut(), &mut ctx);
+            for phase in phases {
+                let (out, late) = (&mut group.out, &mut group.late);
+                let (watermark, batch) = (phase.watermark, phase.batch);
+                let mut ctx = Context { watermark, allowed_lateness_ms, processing_now, out, late, batch };
+                for op in &mut group.operators {
+                    (phase.step)(op.as_mut(), &mut ctx);
+                }
             }
             group.nanos = started.elapsed().as_nanos() as u64;
         };
