@@ -162,6 +162,93 @@ impl Parallel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::operator::{StateBlob, NO_BATCH};
+    use crate::ingest::DeadLetter;
+    use crate::model::{Pass, RejectReason};
+
+    /// Writes down each call it gets, as a dead letter `name:what:watermark`, and marks the
+    /// first pass of a batch late.
+    struct Recorder {
+        name: &'static str,
+        group: &'static str,
+    }
+
+    impl Recorder {
+        fn note(&self, what: &str, ctx: &mut Context<'_>) {
+            let id = format!("{}:{what}:{}", self.name, ctx.watermark);
+            let reason = RejectReason::MalformedJson;
+            ctx.out.dead_letters.push(DeadLetter { id, reason, record: String::new(), received_at: 0 });
+        }
+    }
+
+    impl Operator for Recorder {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+        fn state_version(&self) -> u32 {
+            1
+        }
+        fn thread_group(&self) -> &'static str {
+            self.group
+        }
+        fn process_batch(&mut self, passes: &[Pass], ctx: &mut Context<'_>) {
+            self.note(&format!("batch of {}", passes.len()), ctx);
+            ctx.late.push((0, self.name));
+        }
+        fn on_watermark(&mut self, ctx: &mut Context<'_>) {
+            self.note("watermark", ctx);
+        }
+        fn snapshot(&self) -> anyhow::Result<StateBlob> {
+            Ok(StateBlob { version: 1, bytes: Vec::new() })
+        }
+        fn restore(&mut self, _blob: &StateBlob) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn each_group_takes_the_phases_in_turn_and_the_rows_come_in_the_order_of_the_groups() {
+        let recorder = |name, group| Box::new(Recorder { name, group }) as Box<dyn Operator>;
+        let mut operators =
+            vec![recorder("a", "one"), recorder("b", "two"), recorder("c", "one"), recorder("d", "three")];
+        let memo = BatchMemo::new(&[]);
+        let process: Step<'_> = &|op, ctx| op.process_batch(&[], ctx);
+        let emit: Step<'_> = &|op, ctx| op.on_watermark(ctx);
+        let phases = [
+            Phase { watermark: 10, batch: &memo, step: process },
+            Phase { watermark: 20, batch: &NO_BATCH, step: emit },
+        ];
+        let mut parallel = Parallel::new(3);
+        // The second run starts the groups in the order of their first run's cost.
+        for run in 0..2 {
+            let (mut out, mut late) = (ResultBatch::default(), Vec::new());
+            let mut ctx = Context {
+                watermark: 0,
+                allowed_lateness_ms: 0,
+                processing_now: 0,
+                out: &mut out,
+                late: &mut late,
+                batch: &NO_BATCH,
+            };
+            parallel.run(&mut operators, &mut ctx, &phases);
+            let ids: Vec<&str> = out.dead_letters.iter().map(|d| d.id.as_str()).collect();
+            assert_eq!(
+                ids,
+                [
+                    "a:batch of 0:10",
+                    "c:batch of 0:10",
+                    "a:watermark:20",
+                    "c:watermark:20",
+                    "b:batch of 0:10",
+                    "b:watermark:20",
+                    "d:batch of 0:10",
+                    "d:watermark:20",
+                ],
+                "run {run}"
+            );
+            assert_eq!(late, [(0, "a"), (0, "c"), (0, "b"), (0, "d")], "run {run}");
+        }
+    }
 
     #[test]
     fn a_parallel_map_of_runs_keeps_the_order_of_its_items_at_every_size() {
