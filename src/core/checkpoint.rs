@@ -302,12 +302,20 @@ pub fn read_savepoint(dir: &Path) -> anyhow::Result<Checkpoint> {
 /// Opens a RocksDB for passflow's state (with a handle on its default column family, for
 /// batched reads).
 pub fn open_state_db(path: &Path, dedup_cutoff: Arc<AtomicI64>) -> anyhow::Result<DB> {
-    Ok(DB::open_cf(&state_options(dedup_cutoff), path, [rocksdb::DEFAULT_COLUMN_FAMILY_NAME])?)
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.set_keep_log_file_num(2);
+    // The family is opened with its options given: `DB::open_cf` opens the families it names
+    // with default options, without the compaction filter (ids would never expire on disk).
+    let family =
+        rocksdb::ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, family_options(dedup_cutoff));
+    Ok(DB::open_cf_descriptors(&options, path, [family])?)
 }
 
-/// RocksDB options for passflow's state: bloom filters for fast misses, a block cache for hot
-/// keys, LZ4, and a compaction filter that drops deduplication ids older than `dedup_cutoff`.
-fn state_options(dedup_cutoff: Arc<AtomicI64>) -> Options {
+/// RocksDB options for the family of passflow's state: bloom filters for fast misses, a block
+/// cache for hot keys, LZ4, and a compaction filter that drops deduplication ids older than
+/// `dedup_cutoff`.
+fn family_options(dedup_cutoff: Arc<AtomicI64>) -> Options {
     use crate::ingest::{parse_dedup_value, DEDUP_ID_PREFIX};
     let mut options = Options::default();
     options.set_compaction_filter("passflow-dedup-expiry", move |_level: u32, key: &[u8], value: &[u8]| {
@@ -318,8 +326,6 @@ fn state_options(dedup_cutoff: Arc<AtomicI64>) -> Options {
         }
     });
     options.set_write_buffer_size(64 << 20);
-    options.create_if_missing(true);
-    options.set_keep_log_file_num(2);
     options.set_compression_type(rocksdb::DBCompressionType::Lz4);
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_bloom_filter(10.0, false);

@@ -3,7 +3,7 @@
 //! (bloom filters answer most misses). Pending ids reach RocksDB in the same atomic write as
 //! the checkpoint they belong to, so the stored set always matches the newest checkpoint.
 //! Each stored id carries its event time: one older than the horizon reads as absent, and
-//! compaction drops it (`crate::core::checkpoint::state_options` installs the filter), so the
+//! compaction drops it (`crate::core::checkpoint::open_state_db` installs the filter), so the
 //! set stays bounded without an index to maintain.
 //!
 //! A pass id is looked up in RocksDB only when it may be there: a Bloom filter of the ids
@@ -775,6 +775,30 @@ mod tests {
 
     fn open(dir: &std::path::Path) -> Arc<DB> {
         Arc::new(crate::core::checkpoint::open_state_db(dir, Arc::new(AtomicI64::new(i64::MIN))).expect("opens"))
+    }
+
+    fn stored_times(db: &DB) -> Vec<i64> {
+        let mut times = Vec::new();
+        for_each_stored(db, |_, _, ts| Ok(times.push(ts))).expect("reads");
+        times.sort_unstable();
+        times
+    }
+
+    #[test]
+    fn a_compaction_drops_the_ids_expired_before_the_cutoff_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let cutoff = Arc::new(AtomicI64::new(i64::MIN));
+        let db = crate::core::checkpoint::open_state_db(dir.path(), cutoff.clone()).expect("opens");
+        let ids: Vec<(Text, (u64, i64))> =
+            (0..1_000i64).map(|i| (Text::new(&format!("p{i:05}")), (i as u64, i * 1_000))).collect();
+        let mut writes = sorted_writes(ids.iter().map(|(id, v)| (id, v)), i64::MIN);
+        writes.push(StateWrite::Put(b"other/key".to_vec(), b"kept".to_vec()));
+        crate::core::apply_writes(&db, &writes, None).unwrap();
+        db.flush().unwrap();
+        cutoff.store(500_000, Ordering::Relaxed);
+        db.compact_range::<&[u8], &[u8]>(None, None);
+        assert_eq!(stored_times(&db), (500..1_000).map(|i| i * 1_000).collect::<Vec<_>>());
+        assert_eq!(db.get(b"other/key").unwrap().as_deref(), Some(&b"kept"[..]));
     }
 
     #[test]
