@@ -325,6 +325,10 @@ fn family_options(dedup_cutoff: Arc<AtomicI64>) -> Options {
             _ => rocksdb::CompactionDecision::Keep,
         }
     });
+    // Ids come in roughly in key order (pass ids grow with time), so a compaction seldom
+    // reaches the files of older ids again: the ids still within the horizon when their file
+    // was written would stay on disk. Files a day old are compacted again, through the filter.
+    options.set_periodic_compaction_seconds(24 * 3600);
     options.set_write_buffer_size(64 << 20);
     options.set_compression_type(rocksdb::DBCompressionType::Lz4);
     let mut table = rocksdb::BlockBasedOptions::default();
