@@ -383,6 +383,13 @@ fn by_region<T: Clone>(new: Vec<T>, region: impl Fn(&T) -> usize, fill: T) -> Ve
     out
 }
 
+/// A checkpoint taken and not yet saved: its ids, and the expiry it was taken at.
+struct Committing {
+    checkpoint_id: u64,
+    ids: IdSet,
+    oldest_kept: i64,
+}
+
 pub struct RocksDedup {
     db: Arc<DB>,
     /// Event time before which stored ids are expired (shared with the compaction filter).
@@ -393,8 +400,8 @@ pub struct RocksDedup {
     /// Ids accepted since the last checkpoint: (digest, ts).
     pending: IdSet,
     /// The ids of checkpoints taken and not yet saved (at most one while the driver saves in
-    /// the background), held in memory until [`DedupBackend::committed`]: (checkpoint, ids).
-    committing: Vec<(u64, IdSet)>,
+    /// the background), held in memory until [`DedupBackend::committed`].
+    committing: Vec<Committing>,
     max_ts: i64,
     /// Without checkpoints: write pending ids through once there are this many.
     autoflush: Option<usize>,
@@ -580,7 +587,7 @@ impl RocksDedup {
     fn in_memory(&self, id: &str, hash: u64) -> Option<u64> {
         self.pending
             .get(id, hash)
-            .or_else(|| self.committing.iter().find_map(|(_, ids)| ids.get(id, hash)))
+            .or_else(|| self.committing.iter().find_map(|c| c.ids.get(id, hash)))
             .or_else(|| self.flushing.as_ref().and_then(|f| f.ids.get(id, hash)))
             .filter(|(_, ts)| *ts >= self.oldest_kept())
             .map(|(digest, _)| *digest)
@@ -693,9 +700,10 @@ impl DedupBackend for RocksDedup {
         self.settle();
         let room = self.pending.len();
         let ids = std::mem::replace(&mut self.pending, IdSet::with_capacity(room));
-        let earlier = self.committing.iter().flat_map(|(_, ids)| ids.iter());
-        let mut writes = sorted_writes(ids.iter().chain(earlier), self.oldest_kept());
-        self.committing.push((checkpoint_id, ids));
+        let earlier = self.committing.iter().flat_map(|c| c.ids.iter());
+        let oldest_kept = self.oldest_kept();
+        let mut writes = sorted_writes(ids.iter().chain(earlier), oldest_kept);
+        self.committing.push(Committing { checkpoint_id, ids, oldest_kept });
         writes.push(StateWrite::Put(COMMITTED_KEY.to_vec(), checkpoint_id.to_le_bytes().to_vec()));
         let mut marker = vec![1u8];
         marker.extend_from_slice(&checkpoint_id.to_le_bytes());
@@ -745,7 +753,7 @@ impl DedupBackend for RocksDedup {
         })?;
         // Only the live ones, as from RocksDB: what is exported then does not depend on the
         // order ids are held in (expiry in `memory` follows the order they are checked in).
-        let held = self.committing.iter().flat_map(|(_, ids)| ids.iter()).chain(self.pending.iter());
+        let held = self.committing.iter().flat_map(|c| c.ids.iter()).chain(self.pending.iter());
         for (id, (digest, ts)) in live(held, oldest_kept) {
             memory.check(id, *digest, *ts);
         }
@@ -753,8 +761,13 @@ impl DedupBackend for RocksDedup {
     }
 
     fn committed(&mut self, checkpoint_id: u64) {
-        self.committing.retain(|(id, _)| *id > checkpoint_id);
-        self.cutoff.fetch_max(self.oldest_kept(), Ordering::Relaxed);
+        // The expiry moves to the saved checkpoint's, not to where the input has got to since:
+        // a restart resumes from that checkpoint and needs every id it holds as live.
+        let saved = self.committing.iter().filter(|c| c.checkpoint_id <= checkpoint_id).map(|c| c.oldest_kept).max();
+        self.committing.retain(|c| c.checkpoint_id > checkpoint_id);
+        if let Some(oldest_kept) = saved {
+            self.cutoff.fetch_max(oldest_kept, Ordering::Relaxed);
+        }
     }
 
     fn pending(&self) -> usize {
@@ -1098,6 +1111,26 @@ mod tests {
         dedup.check_batch(&items(&[("old", 1, 0), ("new", 2, 600_000)]));
         assert!(dedup.filter.may_hold(IdFilter::hash(b"new")));
         assert_eq!(dedup.check_batch(&items(&[("old", 1, 0)])), [DedupVerdict::First]);
+    }
+
+    #[test]
+    fn the_expiry_moves_to_the_horizon_of_the_checkpoint_saved_not_past_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = open(dir.path());
+        let cutoff = Arc::new(AtomicI64::new(i64::MIN));
+        let mut dedup = RocksDedup::new(db.clone(), cutoff.clone(), 1_000, None).expect("empty state");
+        dedup.check_batch(&items(&[("a", 1, 10_000)]));
+        let (_, writes) = dedup.checkpoint(1).expect("checkpoint 1");
+        // The input goes on while checkpoint 1 is saved: a restart would resume from 1, for
+        // which ids from 9 s on are live.
+        dedup.check_batch(&items(&[("b", 2, 50_000)]));
+        crate::core::apply_writes(&db, &writes, None).expect("checkpoint 1 saved");
+        dedup.committed(1);
+        assert_eq!(cutoff.load(Ordering::Relaxed), 9_000);
+        let (_, writes) = dedup.checkpoint(2).expect("checkpoint 2");
+        crate::core::apply_writes(&db, &writes, None).expect("checkpoint 2 saved");
+        dedup.committed(2);
+        assert_eq!(cutoff.load(Ordering::Relaxed), 49_000);
     }
 
     #[test]
