@@ -362,7 +362,8 @@ impl Engine {
     fn with_operators(&mut self, batch: usize, phases: &[Phase<'_>]) -> Vec<(usize, &'static str)> {
         let mut late = Vec::new();
         let mut ctx = Context {
-            watermark: phases.first().map_or(self.watermarks.current(), |p| p.watermark),
+            // Each phase gives its own watermark and batch.
+            watermark: self.watermarks.current(),
             allowed_lateness_ms: self.settings.allowed_lateness_ms,
             processing_now: self.processing_now,
             out: &mut self.out,
