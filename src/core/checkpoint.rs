@@ -348,6 +348,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_state_family_is_opened_with_its_filter_compression_and_bloom_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_state_db(dir.path(), Arc::new(AtomicI64::new(i64::MIN))).unwrap();
+        drop(db);
+        // RocksDB writes the options each family was opened with to an OPTIONS file.
+        let file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("OPTIONS-"))
+            .expect("an options file");
+        let text = std::fs::read_to_string(file).unwrap();
+        let family = &text[text.find("[CFOptions \"default\"]").expect("the default family")..];
+        for setting in [
+            "compaction_filter=passflow-dedup-expiry",
+            "compression=kLZ4Compression",
+            "periodic_compaction_seconds=86400",
+            "filter_policy=bloomfilter",
+        ] {
+            assert!(family.lines().any(|l| l.trim() == setting), "{setting} is not among\n{family}");
+        }
+    }
+
+    #[test]
     fn parts_digested_before_crc32_still_verify_and_any_change_is_caught() {
         let bytes = b"operator state".to_vec();
         let current = PartMeta::of("a", &StateBlob { version: 1, bytes: bytes.clone() });
