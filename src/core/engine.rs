@@ -390,7 +390,12 @@ impl Engine {
 
     /// Moves the watermark without data (live: the wall clock).
     pub fn tick(&mut self, processing_now: i64) {
-        self.advance(processing_now);
+        self.processing_now = self.processing_now.max(processing_now);
+        let before = self.watermarks.current();
+        let watermark = self.watermarks.advance(processing_now, self.settings.live);
+        if watermark > before {
+            self.with_operators(0, &[Self::step_at(watermark, &|op, ctx| op.on_watermark(ctx))]);
+        }
     }
 
     /// End of input: the watermark goes to the end of time and every window is emitted.
@@ -514,15 +519,6 @@ impl Engine {
             core.watermarks.with_settings(self.settings.out_of_orderness_ms, self.settings.idle_timeout_ms);
         self.ingest.stats = core.stats;
         Ok(())
-    }
-
-    fn advance(&mut self, processing_now: i64) {
-        self.processing_now = self.processing_now.max(processing_now);
-        let before = self.watermarks.current();
-        let watermark = self.watermarks.advance(processing_now, self.settings.live);
-        if watermark > before {
-            self.with_operators(0, &[Self::step_at(watermark, &|op, ctx| op.on_watermark(ctx))]);
-        }
     }
 
     /// One `late_passes` row per late pass, naming everything it missed.
